@@ -1,0 +1,25 @@
+"""Make the source tree importable as ansible_collections.confidential_ml.nitro.
+
+The Makefile links the checkout under collections/ansible_collections/...; tests
+and the subprocesses they start import from there, so they always run the
+source, not a stale installed copy.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COLLECTIONS = ROOT / "collections"
+_link = COLLECTIONS / "ansible_collections" / "confidential_ml" / "nitro"
+if not _link.exists():
+    _link.parent.mkdir(parents=True, exist_ok=True)
+    _link.symlink_to(ROOT)
+if str(COLLECTIONS) not in sys.path:
+    sys.path.insert(0, str(COLLECTIONS))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(COLLECTIONS), os.environ.get("PYTHONPATH")]))
+os.environ.setdefault("ANSIBLE_COLLECTIONS_PATH", str(COLLECTIONS))
+# boto3 must never reach for real AWS credentials or regions from the machine.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
