@@ -1,0 +1,276 @@
+"""The `enclave` command: a thin shell over the shared library.
+
+Each subcommand parses its flags, calls one library function and prints the
+result (human text, or JSON with --json). Imports are deferred to the
+subcommand that needs them so that `enclave --help` and job start stay fast.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ..plugins.module_utils.errors import EnclaveError
+
+LIB = "ansible_collections.confidential_ml.nitro.plugins.module_utils"
+
+
+def _print_json(data) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def _kms_client(args):
+    """A boto3 KMS client configured the boto3 way (env, profiles), unless a flag names the endpoint."""
+    import boto3
+
+    session = boto3.session.Session(profile_name=args.profile) if args.profile else boto3.session.Session()
+    return session.client("kms", endpoint_url=args.kms_endpoint, region_name=args.region)
+
+
+def _add_kms_flags(parser) -> None:
+    group = parser.add_argument_group("KMS (defaults come from boto3: AWS_ENDPOINT_URL_KMS, AWS_PROFILE, ...)")
+    group.add_argument("--kms-endpoint", metavar="URL", help="KMS endpoint URL (e.g. the local KMS)")
+    group.add_argument("--region", help="AWS region")
+    group.add_argument("--profile", help="AWS profile")
+
+
+def _parse_context(pairs) -> dict:
+    context = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise EnclaveError(f"--context {pair!r} is not KEY=VALUE")
+        context[key] = value
+    return context
+
+
+def _read_text(path: str) -> str:
+    return sys.stdin.read() if path == "-" else Path(path).read_text()
+
+
+# ---------------------------------------------------------------- package
+
+
+def cmd_package_seal(args) -> int:
+    from importlib import import_module
+
+    package = import_module(f"{LIB}.package")
+    src = Path(args.dir)
+    header = package.seal(
+        src,
+        Path(args.output),
+        kms_client=_kms_client(args),
+        key_id=args.key,
+        name=args.name or src.resolve().name,
+        version=args.version,
+        encryption_context=_parse_context(args.context),
+        progress=not args.json and sys.stderr.isatty(),
+    )
+    if args.json:
+        _print_json({"path": args.output, **header.to_json()})
+    else:
+        print(f"sealed {src} -> {args.output}: package {header.name!r} {header.version}, key {header.key_id}")
+    return 0
+
+
+def cmd_package_inspect(args) -> int:
+    from importlib import import_module
+
+    header = import_module(f"{LIB}.package").read_header(Path(args.file))
+    data = header.to_json()
+    if args.json:
+        _print_json(data)
+    else:
+        for key in sorted(data):
+            print(f"{key}: {data[key]}")
+    return 0
+
+
+# ---------------------------------------------------------------- kms
+
+
+def cmd_kms_serve(args) -> int:
+    from importlib import import_module
+
+    from cryptography import x509
+
+    settings = import_module(f"{LIB}.settings")
+    attestation = import_module(f"{LIB}.attestation")
+    kms = import_module("ansible_collections.confidential_ml.nitro.enclave_local.kms")
+    nsm_sim = import_module("ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim")
+
+    home = settings.state_home()
+    state = Path(args.state) if args.state else home / "kms"
+    if args.trust_root:
+        roots = [x509.load_pem_x509_certificate(Path(p).read_bytes()) for p in args.trust_root]
+    else:
+        # The local backend's enclaves attest with the local CA; real Nitro enclaves with AWS's root.
+        roots = [attestation.aws_nitro_root(), nsm_sim.LocalCA.load_or_create(home).root_certificate]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    server = kms.LocalKmsServer(kms.LocalKms(state, trusted_roots=roots), host=args.host, port=args.port)
+    print(f"local KMS listening on {server.endpoint_url} (state {state})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+# ---------------------------------------------------------------- attestation
+
+
+def cmd_attestation_verify(args) -> int:
+    from importlib import import_module
+
+    attestation = import_module(f"{LIB}.attestation")
+    roots = attestation.load_trusted_roots(args.root or (), include_aws=not args.root or args.include_aws)
+    expected = {0: args.expect_pcr0} if args.expect_pcr0 else None
+    doc = attestation.verify_document(
+        Path(args.file).read_bytes(),
+        trusted_roots=roots,
+        expected_pcrs=expected,
+        nonce=bytes.fromhex(args.nonce) if args.nonce else None,
+        max_age_s=args.max_age,
+        allow_debug=args.allow_debug,
+    )
+    if args.json:
+        _print_json(doc.to_json())
+    else:
+        print(f"attestation document verified: module {doc.module_id}, PCR0 {doc.pcr_hex(0)}")
+    return 0
+
+
+# ---------------------------------------------------------------- policy
+
+
+def cmd_policy_render(args) -> int:
+    from importlib import import_module
+
+    key_policy = import_module(f"{LIB}.key_policy")
+    existing = json.loads(_read_text(args.existing)) if args.existing else None
+    policy = key_policy.render_policy(
+        account_id=args.account_id,
+        user_principals=args.user_principal or [f"arn:aws:iam::{args.account_id}:root"],
+        pcr0=args.pcr0,
+        pcr8=args.pcr8 or (),
+        admin_principals=args.admin_principal or None,
+        existing=existing,
+    )
+    text = json.dumps(policy, indent=2, sort_keys=True) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_policy_lint(args) -> int:
+    from importlib import import_module
+
+    problems = import_module(f"{LIB}.key_policy").lint(_read_text(args.file), user_principals=args.user_principal or ())
+    if args.json:
+        _print_json({"sound": not problems, "problems": problems})
+    elif problems:
+        for problem in problems:
+            print(f"{args.file}: {problem}", file=sys.stderr)
+    else:
+        print(f"{args.file}: sound")
+    return 1 if problems else 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="enclave", description="Confidential ML in AWS Nitro Enclaves (and the local embedded backend)."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    package = commands.add_parser("package", help="seal and inspect encrypted application packages")
+    package_cmds = package.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    seal = package_cmds.add_parser("seal", help="seal a directory into an encrypted package")
+    seal.add_argument("dir", help="directory to seal")
+    seal.add_argument("-o", "--output", required=True, help="package file to write")
+    seal.add_argument("--key", required=True, help="KMS key id, ARN or alias")
+    seal.add_argument("--name", help="package name (default: the directory's name)")
+    seal.add_argument("--version", default="0.0.0", help="package version (default 0.0.0)")
+    seal.add_argument("--context", action="append", metavar="KEY=VALUE", help="extra KMS encryption context")
+    seal.add_argument("--json", action="store_true", help="print the header as JSON")
+    _add_kms_flags(seal)
+    seal.set_defaults(func=cmd_package_seal)
+    inspect = package_cmds.add_parser("inspect", help="print a package's header (needs no key)")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=cmd_package_inspect)
+
+    kms = commands.add_parser("kms", help="the local KMS (the embedded stand-in for AWS KMS)")
+    kms_cmds = kms.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    serve = kms_cmds.add_parser("serve", help="serve the KMS JSON protocol on loopback")
+    serve.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=0, help="port (default: any free port)")
+    serve.add_argument("--state", help="state directory (default: $ENCLAVE_HOME/kms)")
+    serve.add_argument(
+        "--trust-root", action="append", metavar="PEM", help="attestation roots to trust (default: AWS Nitro, local CA)"
+    )
+    serve.set_defaults(func=cmd_kms_serve)
+
+    att = commands.add_parser("attestation", help="verify attestation documents")
+    att_cmds = att.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    verify = att_cmds.add_parser("verify", help="verify a COSE_Sign1 attestation document")
+    verify.add_argument("file")
+    verify.add_argument("--expect-pcr0", metavar="HEX", help="required PCR0 (the image measurement)")
+    verify.add_argument("--nonce", metavar="HEX", help="required nonce")
+    verify.add_argument("--root", action="append", metavar="PEM", help="trusted root(s) (default: AWS Nitro root G1)")
+    verify.add_argument("--include-aws", action="store_true", help="trust the AWS Nitro root as well as --root")
+    verify.add_argument("--max-age", type=float, default=None, metavar="SECONDS", help="refuse older documents")
+    verify.add_argument("--allow-debug", action="store_true", help="accept all-zero PCRs (debug-mode enclaves)")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=cmd_attestation_verify)
+
+    policy = commands.add_parser("policy", help="render and lint KMS key policies")
+    policy_cmds = policy.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    render = policy_cmds.add_parser("render", help="render the owner's key policy for the allowed measurements")
+    render.add_argument("--pcr0", action="append", required=True, metavar="HEX", help="allowed PCR0 (repeatable)")
+    render.add_argument("--pcr8", action="append", metavar="HEX", help="required PCR8, the signing certificate")
+    render.add_argument("--account-id", required=True, help="the owner's AWS account id")
+    render.add_argument("--user-principal", action="append", metavar="ARN", help="principal of the enclave's host")
+    render.add_argument("--admin-principal", action="append", metavar="ARN", help="key administrators")
+    render.add_argument("--existing", metavar="FILE", help="existing policy to merge into ('-' for stdin)")
+    render.add_argument("-o", "--output", help="write to FILE instead of stdout")
+    render.set_defaults(func=cmd_policy_render)
+    lint = policy_cmds.add_parser("lint", help="check that a key policy releases keys only to attested enclaves")
+    lint.add_argument("file", help="policy JSON ('-' for stdin)")
+    lint.add_argument("--user-principal", action="append", metavar="ARN", help="principal of the enclave's host")
+    lint.add_argument("--json", action="store_true")
+    lint.set_defaults(func=cmd_policy_lint)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except EnclaveError as err:
+        print(f"enclave: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"enclave: error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        # boto3's ClientError carries KMS's error code: show it rather than a traceback.
+        code = getattr(err, "response", {}).get("Error", {}).get("Code") if hasattr(err, "response") else None
+        if code:
+            print(f"enclave: error: {code}: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Where the project keeps its state, and the settings every entry point shares.
+
+Nothing here is a constant of the protocol: ports, CIDs, regions and paths are
+settings with defaults, overridable by environment or flags.
+"""
+
+import os
+from pathlib import Path
+
+# The one directory that holds all local state (local KMS, local CA, enclaves).
+ENV_HOME = "ENCLAVE_HOME"
+
+
+def state_home() -> Path:
+    """$ENCLAVE_HOME, else $XDG_STATE_HOME/confidential-ml-nitro, else ~/.local/state/confidential-ml-nitro."""
+    if os.environ.get(ENV_HOME):
+        return Path(os.environ[ENV_HOME]).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "confidential-ml-nitro"
+
+
+def private_dir(path: Path) -> Path:
+    """Create path (and parents) with mode 0700 and return it."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
