@@ -1,0 +1,114 @@
+"""The share confines every host path to its root: no `..`, no links, no special files."""
+
+import errno
+import os
+import subprocess
+
+import pytest
+
+from ansible_collections.confidential_ml.nitro.enclave_server.share import TOP_LEVEL, Share, split_path
+
+
+@pytest.fixture
+def share(tmp_path):
+    return Share(tmp_path / "share")
+
+
+def test_layout_is_created(share):
+    assert sorted(e["name"] for e in share.listdir("/")) == sorted(TOP_LEVEL)
+
+
+def test_file_round_trip(share):
+    share.mkdir("/dataset/images")
+    share.create("/dataset/images/a.bin")
+    payload = os.urandom(3 << 20)
+    assert share.write("/dataset/images/a.bin", 0, payload) == len(payload)
+    assert share.read("/dataset/images/a.bin", 0, len(payload)) == payload
+    assert share.read("/dataset/images/a.bin", len(payload) - 5, 100) == payload[-5:]
+    assert share.stat("/dataset/images/a.bin")["size"] == len(payload)
+    share.truncate("/dataset/images/a.bin", 10)
+    assert share.read("/dataset/images/a.bin", 0, 100) == payload[:10]
+    share.rename("/dataset/images/a.bin", "/output/b.bin")
+    assert [e["name"] for e in share.listdir("/output")] == ["b.bin"]
+    share.chmod("/output/b.bin", 0o600)
+    assert share.stat("/output/b.bin")["mode"] & 0o777 == 0o600
+    share.utimens("/output/b.bin", 1_000_000_000, 2_000_000_000)
+    assert share.stat("/output/b.bin")["mtime_ns"] == 2_000_000_000
+    share.unlink("/output/b.bin")
+    share.rmdir("/dataset/images")
+    assert share.listdir("/dataset") == []
+    assert share.statfs()["bsize"] > 0
+
+
+@pytest.mark.parametrize(
+    "path", ["/dataset/../../etc/passwd", "../x", "/dataset/./x", "/a\0b", "x" * 5000, "/" + "n" * 300]
+)
+def test_hostile_paths_are_refused(share, path):
+    with pytest.raises(OSError) as caught:
+        share.stat(path)
+    assert caught.value.errno in (errno.EPERM, errno.EINVAL, errno.ENAMETOOLONG)
+
+
+def test_symlinks_are_never_followed(share, tmp_path):
+    secret = tmp_path / "plaintext"
+    secret.mkdir()
+    (secret / "model.py").write_text("secret")
+    root = tmp_path / "share"
+    # A job in the enclave could leave links behind in /output; the host must not pass through them.
+    os.symlink(secret, root / "output" / "dirlink")
+    os.symlink(secret / "model.py", root / "output" / "filelink")
+    for path in ("/output/dirlink/model.py", "/output/filelink"):
+        with pytest.raises(OSError) as caught:
+            share.read(path, 0, 10)
+        assert caught.value.errno in (errno.EPERM, errno.ENOTDIR)
+    with pytest.raises(OSError):
+        share.listdir("/output/dirlink")
+    with pytest.raises(OSError):
+        share.create("/output/filelink")
+    with pytest.raises(OSError):
+        share.write("/output/filelink", 0, b"x")
+    with pytest.raises(OSError):
+        share.chmod("/output/filelink", 0o777)
+    assert (secret / "model.py").read_text() == "secret"
+
+
+def test_special_files_are_refused(share, tmp_path):
+    os.mkfifo(tmp_path / "share" / "output" / "fifo")
+    with pytest.raises(OSError) as caught:
+        share.read("/output/fifo", 0, 10)  # must not block on the fifo either
+    assert caught.value.errno == errno.EPERM
+
+
+def test_layout_cannot_be_removed_or_renamed(share):
+    for call in (lambda: share.rmdir("/dataset"), lambda: share.rename("/output", "/out2")):
+        with pytest.raises(OSError) as caught:
+            call()
+        assert caught.value.errno == errno.EPERM
+    with pytest.raises(OSError):
+        share.unlink("/")
+
+
+def test_split_path():
+    assert split_path("/dataset//a/b.csv") == ["dataset", "a", "b.csv"]
+    assert split_path("/") == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
+def test_full_share_gives_enospc(tmp_path):
+    root = tmp_path / "share"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)], check=True)
+    try:
+        share = Share(root)
+        share.create("/dataset/big")
+        with pytest.raises(OSError) as caught:
+            for i in range(4):
+                share.write("/dataset/big", i << 20, b"\0" * (1 << 20))
+        assert caught.value.errno == errno.ENOSPC
+        # Nothing else is lost: the share still answers and earlier data is intact.
+        assert share.stat("/dataset/big")["size"] > 0
+        share.unlink("/dataset/big")
+        share.create("/dataset/small")
+        assert share.write("/dataset/small", 0, b"ok") == 2
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
