@@ -1,0 +1,482 @@
+"""Parse and verify Nitro attestation documents.
+
+A document is a COSE_Sign1 (untagged, or under tag 18):
+
+    [protected: bstr({1: -35}), unprotected: {}, payload: bstr, signature: 96 bytes r||s]
+
+signed with ES384 over ["Signature1", protected, b"", payload]. The payload map
+holds module_id, digest ("SHA384"), timestamp (ms), pcrs {index: 48 bytes},
+certificate (the signing leaf, DER), cabundle [root, ..., last intermediate],
+and the optional public_key, user_data and nonce.
+
+Trust comes only from verify_document: the leaf must chain through the
+cabundle to a pinned root (AWS Nitro root G1 on `nitro`, the local root on
+`local`) at the document's own timestamp, and must have signed the payload.
+parse_document checks structure only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import cbor2
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.x509 import verification
+
+from .errors import AttestationError
+
+COSE_SIGN1_TAG = 18
+COSE_HEADER_ALG = 1
+COSE_ALG_ES384 = -35
+PCR_LENGTH = 48
+PCR_COUNT = 32
+ES384_SIGNATURE_LENGTH = 96
+# The NSM answers through a 0x3000-byte buffer; anything far larger is not a document.
+MAX_DOCUMENT_SIZE = 64 * 1024
+# datetime cannot represent later instants; a larger timestamp is malformed.
+MAX_TIMESTAMP_MS = 253402300799999
+CLOCK_SKEW = timedelta(seconds=60)
+
+AWS_NITRO_ROOT_PEM = Path(__file__).resolve().parent / "data" / "aws_nitro_root_g1.pem"
+# Published by AWS: https://docs.aws.amazon.com/enclaves/latest/user/verify-root.html
+AWS_NITRO_ROOT_SHA256 = "641A0321A3E244EFE456463195D606317ED7CDCC3C1756E09893F3C68F79BB5B"
+
+_REQUIRED_CLAIMS = ("module_id", "digest", "timestamp", "pcrs", "certificate", "cabundle")
+_OPTIONAL_CLAIMS = ("public_key", "user_data", "nonce")
+
+
+@dataclass(frozen=True)
+class AttestationDocument:
+    """The claims of an attestation document. Trust them only after verify_document."""
+
+    module_id: str
+    digest: str
+    timestamp: int
+    pcrs: dict[int, bytes]
+    certificate: bytes
+    cabundle: tuple[bytes, ...]
+    public_key: bytes | None
+    user_data: bytes | None
+    nonce: bytes | None
+
+    @property
+    def time(self) -> datetime:
+        return datetime.fromtimestamp(self.timestamp / 1000, UTC)
+
+    @property
+    def debug_mode(self) -> bool:
+        """Nitro enclaves started with --debug-mode attest all-zero PCRs."""
+        return not any(self.pcrs.get(0, b""))
+
+    def pcr_hex(self, index: int) -> str:
+        try:
+            return self.pcrs[index].hex()
+        except KeyError:
+            raise AttestationError(
+                f"the document has no PCR{index} (it has {sorted(self.pcrs)}): check the PCR index"
+            ) from None
+
+    def to_json(self) -> dict[str, Any]:
+        leaf = x509.load_der_x509_certificate(self.certificate)
+        root = x509.load_der_x509_certificate(self.cabundle[0])
+        return {
+            "module_id": self.module_id,
+            "digest": self.digest,
+            "timestamp": self.timestamp,
+            "time": self.time.isoformat(),
+            "debug_mode": self.debug_mode,
+            "pcrs": {str(index): value.hex() for index, value in sorted(self.pcrs.items())},
+            "public_key": _hex_or_none(self.public_key),
+            "user_data": _hex_or_none(self.user_data),
+            "nonce": _hex_or_none(self.nonce),
+            "certificate": {
+                "subject": leaf.subject.rfc4514_string(),
+                "issuer": leaf.issuer.rfc4514_string(),
+                "serial_number": format(leaf.serial_number, "x"),
+                "not_valid_before": leaf.not_valid_before_utc.isoformat(),
+                "not_valid_after": leaf.not_valid_after_utc.isoformat(),
+                "sha256": leaf.fingerprint(hashes.SHA256()).hex(),
+            },
+            "root": {"subject": root.subject.rfc4514_string(), "sha256": root.fingerprint(hashes.SHA256()).hex()},
+        }
+
+
+def _hex_or_none(value: bytes | None) -> str | None:
+    return None if value is None else value.hex()
+
+
+@dataclass(frozen=True)
+class _Sign1:
+    protected: bytes
+    header: Mapping[Any, Any]
+    payload: bytes
+    signature: bytes
+
+
+def _decode_cbor(data: bytes, what: str) -> Any:
+    stream = io.BytesIO(data)
+    try:
+        value = cbor2.CBORDecoder(stream, allow_duplicate_keys=False, allow_indefinite=False, max_depth=8).decode()
+    # Hostile input makes cbor2 raise many types (CBORDecodeError, OverflowError,
+    # ValueError...); callers must only ever see AttestationError.
+    except Exception as exc:
+        raise AttestationError(f"{what} is not valid CBOR ({exc}): the document is corrupt or truncated") from exc
+    if stream.tell() != len(data):
+        raise AttestationError(
+            f"{what} has {len(data) - stream.tell()} bytes after its CBOR value: the document is corrupt"
+        )
+    return value
+
+
+def _split(document: bytes) -> _Sign1:
+    if not isinstance(document, bytes | bytearray | memoryview):
+        raise AttestationError(
+            f"an attestation document is bytes, not {type(document).__name__}: pass the raw document"
+        )
+    document = bytes(document)
+    if not document:
+        raise AttestationError("the attestation document is empty: the enclave returned no document")
+    if len(document) > MAX_DOCUMENT_SIZE:
+        raise AttestationError(
+            f"the attestation document is {len(document)} bytes, over {MAX_DOCUMENT_SIZE}: it is not an NSM document"
+        )
+    outer = _decode_cbor(document, "the attestation document")
+    if isinstance(outer, cbor2.CBORTag):
+        if outer.tag != COSE_SIGN1_TAG:
+            raise AttestationError(
+                f"the attestation document carries CBOR tag {outer.tag}; a COSE_Sign1 is untagged or tag 18"
+            )
+        outer = outer.value
+    # cbor2 6 decodes the contents of tags as tuples: accept both.
+    if not isinstance(outer, list | tuple) or len(outer) != 4:
+        raise AttestationError(
+            "the attestation document is not a COSE_Sign1 (a 4-element array): it is not an NSM document"
+        )
+    protected, unprotected, payload, signature = outer
+    if not isinstance(protected, bytes):
+        raise AttestationError("the COSE protected header is not a byte string: the document is malformed")
+    header = _decode_cbor(protected, "the COSE protected header") if protected else {}
+    if not isinstance(header, Mapping):
+        raise AttestationError("the COSE protected header is not a map: the document is malformed")
+    if not isinstance(unprotected, Mapping):
+        raise AttestationError("the COSE unprotected header is not a map: the document is malformed")
+    if not isinstance(payload, bytes):
+        raise AttestationError("the COSE payload is not a byte string: the document is malformed or detached")
+    if not isinstance(signature, bytes):
+        raise AttestationError("the COSE signature is not a byte string: the document is malformed")
+    return _Sign1(protected, header, payload, signature)
+
+
+def _load_certificate(der: Any, what: str) -> x509.Certificate:
+    if not isinstance(der, bytes) or not der:
+        raise AttestationError(f"{what} is not a non-empty byte string (DER certificate): the document is malformed")
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        # Names and validity decode lazily; touch them now so later use cannot fail.
+        cert.subject.rfc4514_string()
+        cert.issuer.rfc4514_string()
+        _ = cert.not_valid_before_utc, cert.not_valid_after_utc
+    # Warning: under -W error, cryptography's warnings about malformed fields are raised.
+    except (ValueError, TypeError, x509.InvalidVersion, Warning) as exc:
+        raise AttestationError(
+            f"{what} is not a valid X.509 DER certificate ({exc}): the document is malformed"
+        ) from exc
+    return cert
+
+
+def _optional_bytes(claims: Mapping[str, Any], name: str) -> bytes | None:
+    value = claims.get(name)
+    if value is not None and not isinstance(value, bytes):
+        raise AttestationError(f"the document's {name} is {type(value).__name__}, expected bytes or null")
+    return value
+
+
+def _claims(payload: bytes) -> AttestationDocument:
+    claims = _decode_cbor(payload, "the attestation payload")
+    if not isinstance(claims, Mapping):
+        raise AttestationError("the attestation payload is not a map: the document is malformed")
+    missing = [name for name in _REQUIRED_CLAIMS if name not in claims]
+    if missing:
+        raise AttestationError(f"the attestation payload lacks {', '.join(missing)}: it is not an NSM document")
+    # Unknown claims are ignored (they are signed, and AWS may add fields later).
+    module_id, digest, timestamp = claims["module_id"], claims["digest"], claims["timestamp"]
+    if not isinstance(module_id, str) or not module_id:
+        raise AttestationError("the document's module_id is not a non-empty string: the document is malformed")
+    if digest != "SHA384":
+        raise AttestationError(f"the document's digest is {digest!r:.40}; Nitro documents use 'SHA384'")
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int) or not 0 < timestamp <= MAX_TIMESTAMP_MS:
+        raise AttestationError(f"the document's timestamp {timestamp!r:.40} is not a time in milliseconds")
+    pcrs = claims["pcrs"]
+    if not isinstance(pcrs, Mapping) or not 0 < len(pcrs) <= PCR_COUNT:
+        raise AttestationError(f"the document's pcrs is not a map of 1 to {PCR_COUNT} PCRs: the document is malformed")
+    for index, value in pcrs.items():
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < PCR_COUNT:
+            raise AttestationError(f"the document has a PCR index {index!r:.40}: indices run from 0 to {PCR_COUNT - 1}")
+        if not isinstance(value, bytes) or len(value) != PCR_LENGTH:
+            raise AttestationError(f"the document's PCR{index} is not {PCR_LENGTH} bytes (a SHA-384 digest)")
+    if 0 not in pcrs:
+        raise AttestationError("the document has no PCR0 (the enclave image measurement): it is not an NSM document")
+    _load_certificate(claims["certificate"], "the document's certificate")
+    cabundle = claims["cabundle"]
+    if not isinstance(cabundle, list | tuple) or not cabundle:
+        raise AttestationError("the document's cabundle is not a non-empty array: the document is malformed")
+    for position, der in enumerate(cabundle):
+        _load_certificate(der, f"cabundle[{position}]")
+    return AttestationDocument(
+        module_id=module_id,
+        digest=digest,
+        timestamp=timestamp,
+        pcrs=dict(pcrs),
+        certificate=claims["certificate"],
+        cabundle=tuple(cabundle),
+        public_key=_optional_bytes(claims, "public_key"),
+        user_data=_optional_bytes(claims, "user_data"),
+        nonce=_optional_bytes(claims, "nonce"),
+    )
+
+
+def parse_document(document: bytes) -> AttestationDocument:
+    """Decode a document's claims, checking every field's type. No signature or trust check."""
+    return _claims(_split(document).payload)
+
+
+def _leaf_policy() -> verification.ExtensionPolicy:
+    # Nitro leaves carry neither SAN nor AKI; everything else keeps the WebPKI
+    # end-entity rules (a CA leaf, a wrong EKU or unknown critical extensions fail).
+    policy = verification.ExtensionPolicy.webpki_defaults_ee()
+    policy = policy.may_be_present(x509.SubjectAlternativeName, verification.Criticality.AGNOSTIC, None)
+    return policy.may_be_present(x509.AuthorityKeyIdentifier, verification.Criticality.AGNOSTIC, None)
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _describe(cert: x509.Certificate) -> str:
+    return f"{cert.subject.rfc4514_string()} (SHA-256 {cert.fingerprint(hashes.SHA256()).hex()})"
+
+
+def _verify_chain(doc: AttestationDocument, roots: Sequence[x509.Certificate]) -> x509.Certificate:
+    trusted = {_der(root): root for root in roots}
+    bundle_root = x509.load_der_x509_certificate(doc.cabundle[0])
+    if doc.cabundle[0] not in trusted:
+        raise AttestationError(
+            f"the document's root certificate {_describe(bundle_root)} is not a trusted root "
+            f"({'; '.join(_describe(r) for r in roots)}): the document was not issued by the pinned "
+            "NSM (AWS Nitro, or this host's local CA); pin the root of the backend that produced it"
+        )
+    leaf = x509.load_der_x509_certificate(doc.certificate)
+    intermediates = [x509.load_der_x509_certificate(der) for der in doc.cabundle[1:]]
+    verifier = (
+        verification.PolicyBuilder()
+        .store(verification.Store(list(trusted.values())))
+        .time(doc.time)
+        .extension_policies(ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(), ee_policy=_leaf_policy())
+        .build_client_verifier()
+    )
+    try:
+        chain = verifier.verify(leaf, intermediates).chain
+    except (verification.VerificationError, ValueError, TypeError) as exc:
+        raise AttestationError(
+            f"the signing certificate {leaf.subject.rfc4514_string()} does not chain to the trusted root at the "
+            f"document's time {doc.time.isoformat()}: {exc}. The document is forged or its certificates had "
+            "expired; ask the enclave for a fresh document"
+        ) from exc
+    if _der(chain[-1]) != doc.cabundle[0]:
+        raise AttestationError(
+            f"the chain ends at {_describe(chain[-1])}, not at the document's own root {_describe(bundle_root)}: "
+            "the cabundle is inconsistent"
+        )
+    return leaf
+
+
+def _verify_signature(signed: _Sign1, leaf: x509.Certificate) -> None:
+    if len(signed.signature) != ES384_SIGNATURE_LENGTH:
+        raise AttestationError(
+            f"the signature is {len(signed.signature)} bytes; ES384 signatures are {ES384_SIGNATURE_LENGTH} (r||s)"
+        )
+    try:
+        key = leaf.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise AttestationError(f"the signing certificate's public key is unusable ({exc})") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
+        raise AttestationError("the signing certificate does not hold a P-384 key, which ES384 requires")
+    half = ES384_SIGNATURE_LENGTH // 2
+    r = int.from_bytes(signed.signature[:half], "big")
+    s = int.from_bytes(signed.signature[half:], "big")
+    to_be_signed = cbor2.dumps(["Signature1", signed.protected, b"", signed.payload])
+    try:
+        key.verify(encode_dss_signature(r, s), to_be_signed, ec.ECDSA(hashes.SHA384()))
+    except InvalidSignature:
+        raise AttestationError(
+            "the document's signature does not verify with its signing certificate: the document was altered"
+        ) from None
+
+
+def _normalise_pcr(index: int, value: Any) -> bytes:
+    if isinstance(value, bytes) and len(value) == PCR_LENGTH:
+        return value.hex().encode()
+    if isinstance(value, str):
+        try:
+            digest = bytes.fromhex(value)
+        except ValueError:
+            digest = b""
+        if len(digest) == PCR_LENGTH:
+            return digest.hex().encode()  # canonical lowercase, whatever the input's case
+    raise AttestationError(
+        f"expected PCR{index} {value!r:.120} is not a SHA-384 digest (96 hex digits or 48 bytes): "
+        "copy it from the Measurements that nitro-cli build-enclave printed"
+    )
+
+
+_PCR_MISMATCH = {
+    0: "the enclave runs a different image than the owner's release",
+    1: "the enclave boots a different kernel than the owner's release",
+    2: "the enclave runs different application code than the owner's release",
+    8: "the enclave image was signed with a different certificate than the owner's",
+}
+
+
+def _pcr_index(key: Any) -> int:
+    # YAML and JSON hand over "0" where Python callers write 0.
+    if isinstance(key, str) and key.isdecimal():
+        key = int(key)
+    if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < PCR_COUNT:
+        raise AttestationError(f"expected PCR index {key!r:.40} is not an integer from 0 to {PCR_COUNT - 1}")
+    return key
+
+
+def _check_pcrs(doc: AttestationDocument, expected: Mapping[Any, Any]) -> None:
+    for key, wanted in expected.items():
+        index = _pcr_index(key)
+        candidates = list(wanted) if isinstance(wanted, Iterable) and not isinstance(wanted, str | bytes) else [wanted]
+        allowed = [_normalise_pcr(index, value) for value in candidates]
+        if not allowed:
+            raise AttestationError(f"no expected value given for PCR{index}: give at least one")
+        if index not in doc.pcrs:
+            raise AttestationError(f"the document has no PCR{index}, but PCR{index} is expected: check the index")
+        actual = doc.pcr_hex(index).encode()
+        matched = False
+        for value in allowed:  # no early exit: compare against every allowed value
+            matched |= hmac.compare_digest(actual, value)
+        if not matched:
+            reason = _PCR_MISMATCH.get(index, "the enclave's measurements differ from the expected ones")
+            raise AttestationError(
+                f"PCR{index} is {actual.decode()}, expected one of {', '.join(v.decode() for v in allowed)}: {reason}"
+            )
+
+
+def verify_document(
+    document: bytes,
+    *,
+    trusted_roots: Sequence[x509.Certificate],
+    expected_pcrs: Mapping[int, str | bytes | Iterable[str | bytes]] | None = None,
+    nonce: bytes | None = None,
+    max_age_s: float | None = 300,
+    allow_debug: bool = False,
+    now: datetime | None = None,
+) -> AttestationDocument:
+    """Verify a document end to end and return its claims; raise AttestationError on any doubt.
+
+    expected_pcrs maps a PCR index to one value or several allowed values
+    (hex, any case, or 48 raw bytes). max_age_s=None skips the freshness check;
+    certificates are always checked at the document's own timestamp.
+    """
+    signed = _split(document)
+    doc = _claims(signed.payload)
+    alg = signed.header.get(COSE_HEADER_ALG)
+    if isinstance(alg, bool) or alg != COSE_ALG_ES384:
+        raise AttestationError(
+            f"the COSE algorithm is {alg!r:.40}, expected {COSE_ALG_ES384} (ES384): it is not an NSM document"
+        )
+    roots = list(trusted_roots)
+    if not roots:
+        raise AttestationError(
+            "no trusted roots to verify against: pass aws_nitro_root() on Nitro or the local CA's root on local"
+        )
+    leaf = _verify_chain(doc, roots)
+    _verify_signature(signed, leaf)
+    if doc.debug_mode and not allow_debug:
+        raise AttestationError(
+            "PCR0 is all zeros: the enclave runs in debug mode, where the host can read its memory and console. "
+            "Run it without --debug-mode (allow_debug=True is for development only)"
+        )
+    if expected_pcrs:
+        _check_pcrs(doc, expected_pcrs)
+    if nonce is not None and (doc.nonce is None or not hmac.compare_digest(doc.nonce, bytes(nonce))):
+        got = "no nonce" if doc.nonce is None else f"nonce {doc.nonce.hex()}"
+        raise AttestationError(
+            f"the document carries {got}, expected {bytes(nonce).hex()}: it was made for another request (a replay?)"
+        )
+    if max_age_s is not None:
+        current = now or datetime.now(UTC)
+        if current.tzinfo is None:
+            current = current.replace(tzinfo=UTC)
+        age = (current - doc.time).total_seconds()
+        if age > max_age_s:
+            raise AttestationError(
+                f"the document was made at {doc.time.isoformat()}, {age:.0f} s ago, over the {max_age_s:g} s limit: "
+                "ask the enclave for a fresh document (or check this host's clock)"
+            )
+        if -age > CLOCK_SKEW.total_seconds():
+            raise AttestationError(
+                f"the document's time {doc.time.isoformat()} is {-age:.0f} s in the future: "
+                "this host's clock or the enclave's is wrong; fix the clock (NTP) and retry"
+            )
+    return doc
+
+
+@lru_cache(maxsize=1)
+def aws_nitro_root() -> x509.Certificate:
+    """The AWS Nitro Enclaves root G1 shipped with the project, checked against its published fingerprint."""
+    try:
+        cert = x509.load_pem_x509_certificate(AWS_NITRO_ROOT_PEM.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise AttestationError(
+            f"cannot load the AWS Nitro root from {AWS_NITRO_ROOT_PEM} ({exc}): reinstall the collection"
+        ) from exc
+    fingerprint = cert.fingerprint(hashes.SHA256()).hex().upper()
+    if fingerprint != AWS_NITRO_ROOT_SHA256:
+        raise AttestationError(
+            f"{AWS_NITRO_ROOT_PEM} has SHA-256 {fingerprint}, not AWS's {AWS_NITRO_ROOT_SHA256}: "
+            "the file was altered; reinstall the collection"
+        )
+    return cert
+
+
+def load_trusted_roots(pem_paths: Sequence[str] = (), *, include_aws: bool = True) -> list[x509.Certificate]:
+    """The AWS Nitro root (unless include_aws=False) plus every CA certificate in the given PEM files."""
+    roots = [aws_nitro_root()] if include_aws else []
+    for path in pem_paths:
+        try:
+            certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise AttestationError(
+                f"cannot read a trusted root from {path} ({exc}): give a PEM file holding the root certificate"
+            ) from exc
+        for cert in certs:
+            try:
+                is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+            except (x509.ExtensionNotFound, ValueError):
+                is_ca = False
+            if not is_ca:
+                raise AttestationError(
+                    f"{path} holds {cert.subject.rfc4514_string()}, which is not a CA certificate: "
+                    "give the root certificate of the NSM's chain"
+                )
+            roots.append(cert)
+    unique: dict[bytes, x509.Certificate] = {}
+    for cert in roots:
+        unique.setdefault(_der(cert), cert)
+    return list(unique.values())
