@@ -1,0 +1,915 @@
+"""The local KMS: AWS KMS's JSON 1.1 protocol on loopback, for the local backend and CI.
+
+Unmodified boto3 talks to it with ``endpoint_url``. It keeps symmetric keys,
+aliases and key policies in a state directory, evaluates every key operation
+against the key's policy (with the same condition keys AWS KMS sets, including
+``kms:RecipientAttestation:*`` from a verified attestation document), and answers
+attested requests with ``CiphertextForRecipient``, a CMS EnvelopedData in the
+shape AWS KMS sends. It is a development stand-in, so:
+
+* Identity is a label, not a secret. The caller is named by the access key id in
+  the SigV4 ``Authorization`` header (``Credential=<id>/...``); signatures are
+  not verified, since the server listens on loopback only and guards nothing a
+  local user could not read from the state directory anyway. ``<id>`` maps to
+  ``arn:aws:iam::<account>:role/<id>`` (so "owner" and "enclave-host" are two
+  parties), unless ``principals.json`` in the state directory, a JSON object
+  ``{access_key_id: principal_arn}``, names it otherwise.
+* CreateKey, ListKeys, ListAliases and GenerateRandom are IAM-only permissions
+  in AWS; there is no IAM here, so any caller may make them. Everything done to
+  a key is checked against that key's policy only.
+* One server per state directory: state is read at start and written
+  atomically (0600, directory 0700) after every change.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import logging
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from asn1crypto import algos, cms, core
+from cryptography import x509
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, padding, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.padding import MGF1, OAEP
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import attestation, key_policy
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import AttestationError, PolicyError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.kms_recipient import (
+    KEY_ENCRYPTION_ALGORITHM,
+    subject_key_identifier,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "kms-state.json"
+PRINCIPALS_FILE = "principals.json"
+ATTESTATION_MAX_AGE_S = 300
+MAX_REQUEST_BYTES = 1 << 20  # an attestation document is at most 256 KiB, 4/3 of that in base64
+MAX_POLICY_BYTES = 32768  # AWS's key policy size limit
+SYMMETRIC_DEFAULT = "SYMMETRIC_DEFAULT"
+_BLOB_VERSION = 1
+_BLOB_HEADER = 1 + 16  # version byte, key id (UUID bytes); then a 12-byte nonce and AES-256-GCM output
+_ALIAS_NAME = re.compile(r"^alias/[a-zA-Z0-9/_-]{1,250}$")
+_ACCESS_KEY_ID = re.compile(r"^[A-Za-z0-9+=,.@_-]{1,64}$")
+_POLL_S = 0.05  # how soon stop() takes effect
+_BER_CHUNK = 1024  # encrypted content is sent in chunks of this size, as a streaming CMS encoder does
+
+
+class KmsApiError(Exception):
+    """An error answer of the KMS API: boto3 raises it as ClientError (or the modeled subclass) with ``code``."""
+
+    def __init__(self, code: str, message: str, status: int = 400):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+# ---------------------------------------------------------------- CMS envelope
+
+
+def build_envelope(plaintext: bytes, recipient_public_key_der: bytes, *, ber: bool = True) -> bytes:
+    """CiphertextForRecipient: plaintext in a CMS EnvelopedData for the RSA key in recipient_public_key_der.
+
+    EnvelopedData v2, one KeyTransRecipientInfo v2 naming the key by its subjectKeyIdentifier, a fresh
+    AES-256 content key wrapped with RSAES-OAEP SHA-256/MGF1-SHA-256, content AES-256-CBC (PKCS#7
+    padding, IV in the algorithm parameters). With ber=True the outer structures use indefinite
+    lengths and the content is chunked, the BER that AWS KMS sends; ber=False gives plain DER.
+    """
+    public_key = serialization.load_der_public_key(recipient_public_key_der)
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        raise ValueError("the recipient's public key is not an RSA key; RSAES_OAEP_SHA_256 needs one")
+    cek, iv = os.urandom(32), os.urandom(16)
+    padder = padding.PKCS7(128).padder()
+    encryptor = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
+    content = encryptor.update(padder.update(plaintext) + padder.finalize()) + encryptor.finalize()
+    encrypted_key = public_key.encrypt(
+        cek, OAEP(mgf=MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    )
+
+    recipient_infos = cms.RecipientInfos(
+        [
+            cms.RecipientInfo(
+                name="ktri",
+                value=cms.KeyTransRecipientInfo(
+                    {
+                        "version": "v2",
+                        "rid": cms.RecipientIdentifier(
+                            name="subject_key_identifier", value=subject_key_identifier(recipient_public_key_der)
+                        ),
+                        "key_encryption_algorithm": {
+                            "algorithm": "rsaes_oaep",
+                            "parameters": {
+                                "hash_algorithm": {"algorithm": "sha256"},
+                                "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": "sha256"}},
+                            },
+                        },
+                        "encrypted_key": encrypted_key,
+                    }
+                ),
+            )
+        ]
+    )
+    content_algorithm = algos.EncryptionAlgorithm({"algorithm": "aes256_cbc", "parameters": iv})
+    if not ber:
+        return cms.ContentInfo(
+            {
+                "content_type": "enveloped_data",
+                "content": cms.EnvelopedData(
+                    {
+                        "version": "v2",
+                        "recipient_infos": recipient_infos,
+                        "encrypted_content_info": {
+                            "content_type": "data",
+                            "content_encryption_algorithm": content_algorithm,
+                            "encrypted_content": content,
+                        },
+                    }
+                ),
+            }
+        ).dump()
+    # asn1crypto writes DER only; the indefinite-length wrappers AWS uses are framed here by hand
+    # (tag, 0x80, contents, end-of-contents), with every inner element still encoded by asn1crypto.
+    chunks = [core.OctetString(content[i : i + _BER_CHUNK]).dump() for i in range(0, len(content), _BER_CHUNK)]
+    encrypted_content_info = _indefinite(
+        0x30,  # SEQUENCE
+        cms.ContentType("data").dump(),
+        content_algorithm.dump(),
+        _indefinite(0xA0, *chunks),  # [0] IMPLICIT OCTET STRING, constructed
+    )
+    enveloped = _indefinite(0x30, core.Integer(2).dump(), recipient_infos.dump(), encrypted_content_info)
+    return _indefinite(0x30, cms.ContentType("enveloped_data").dump(), _indefinite(0xA0, enveloped))
+
+
+def _indefinite(tag: int, *contents: bytes) -> bytes:
+    return bytes((tag, 0x80)) + b"".join(contents) + b"\x00\x00"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _read_json(path: Path, default: dict) -> dict:
+    if not path.exists():
+        return default
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): restore it from a backup, or move it away") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object: restore it from a backup, or move it away")
+    return data
+
+
+def _account_of(principal: str) -> str:
+    parts = principal.split(":")
+    return parts[4] if len(parts) > 5 and parts[0] == "arn" else ""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _canonical_context(context: Mapping[str, str]) -> bytes:
+    return json.dumps(dict(sorted(context.items())), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _default_policy(account_id: str) -> str:
+    """AWS's default key policy: the account (its IAM principals) may do anything with the key."""
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Id": "key-default-1",
+            "Statement": [
+                {
+                    "Sid": "Enable IAM User Permissions",
+                    "Effect": "Allow",
+                    "Principal": {"AWS": f"arn:aws:iam::{account_id}:root"},
+                    "Action": "kms:*",
+                    "Resource": "*",
+                }
+            ],
+        },
+        indent=2,
+    )
+
+
+class _Request:
+    """Typed access to a request's parameters; wrong types and ranges are ValidationException, as in AWS."""
+
+    def __init__(self, data: dict):
+        self.data = data
+
+    def typed(self, name: str, kind: type, required: bool):
+        value = self.data.get(name)
+        if value is None:
+            if required:
+                raise KmsApiError("ValidationException", f"1 validation error detected: {name} must not be null")
+            return None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise KmsApiError("ValidationException", f"{name} must be a {kind.__name__}")
+        return value
+
+    def text(self, name: str, *, required: bool = False, max_len: int = 2048) -> str | None:
+        value = self.typed(name, str, required)
+        if value is not None and not 1 <= len(value) <= max_len:
+            raise KmsApiError("ValidationException", f"{name} must be 1 to {max_len} characters long")
+        return value
+
+    def flag(self, name: str) -> bool:
+        return bool(self.typed(name, bool, False))
+
+    def number(self, name: str, *, low: int, high: int, required: bool = False) -> int | None:
+        value = self.typed(name, int, required)
+        if value is not None and not low <= value <= high:
+            raise KmsApiError("ValidationException", f"{name} must be between {low} and {high}, not {value}")
+        return value
+
+    def blob(self, name: str, *, required: bool = False, max_len: int = 6144) -> bytes | None:
+        value = self.typed(name, str, required)
+        if value is None:
+            return None
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except binascii.Error as err:
+            raise KmsApiError("ValidationException", f"{name} is not valid base64: {err}") from err
+        if not 1 <= len(raw) <= max_len:
+            raise KmsApiError("ValidationException", f"{name} must be 1 to {max_len} bytes long")
+        return raw
+
+    def context(self) -> dict[str, str]:
+        value = self.typed("EncryptionContext", dict, False) or {}
+        if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()):
+            raise KmsApiError("ValidationException", "EncryptionContext must map non-empty strings to strings")
+        return value
+
+
+# ---------------------------------------------------------------- the service
+
+
+class LocalKms:
+    """The KMS service logic, without HTTP: keys, aliases, policies, Recipient answers."""
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike,
+        *,
+        trusted_roots: Sequence[x509.Certificate] = (),
+        account_id: str = "111122223333",
+        region: str = "us-east-1",
+    ):
+        self.state_dir = Path(state_dir)
+        self.trusted_roots = list(trusted_roots)
+        self.account_id = account_id
+        self.region = region
+        self._lock = threading.RLock()
+        self._audit: dict[str, str] = {}
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.state_dir, 0o700)
+        state_path = self.state_dir / STATE_FILE
+        self._state = _read_json(state_path, {"keys": {}, "aliases": {}})
+        self._principals = _read_json(self.state_dir / PRINCIPALS_FILE, {})
+
+    # ------------------------------------------------------------ identity and state
+
+    def principal_for(self, access_key_id: str | None) -> str:
+        """The principal ARN that an access key id stands for (see the module docstring)."""
+        if not access_key_id:
+            raise KmsApiError(
+                "MissingAuthenticationTokenException",
+                "the request is not signed: configure AWS credentials; the access key id names the caller",
+            )
+        if access_key_id in self._principals:
+            return self._principals[access_key_id]
+        if not _ACCESS_KEY_ID.match(access_key_id):
+            raise KmsApiError(
+                "UnrecognizedClientException", f"the access key id {access_key_id!r} cannot name an IAM role"
+            )
+        return f"arn:aws:iam::{self.account_id}:role/{access_key_id}"
+
+    def _save(self) -> None:
+        # Write a private temporary file beside the state and rename it over: readers never see half a file.
+        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".kms-state.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump(self._state, out, indent=1, sort_keys=True)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.state_dir / STATE_FILE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _arn(self, kind: str, name: str) -> str:
+        return f"arn:aws:kms:{self.region}:{self.account_id}:{kind}/{name}"
+
+    def _resolve(self, key_ref: str) -> dict:
+        """The key a KeyId names: key id, key ARN, alias name or alias ARN."""
+        ref = key_ref
+        prefix = f"arn:aws:kms:{self.region}:{self.account_id}:"
+        if ref.startswith("arn:"):
+            if not ref.startswith(prefix):
+                raise KmsApiError(
+                    "NotFoundException", f"{key_ref} is not in this KMS ({self.region}, account {self.account_id})"
+                )
+            ref = ref[len(prefix) :]
+            if ref.startswith("key/"):
+                ref = ref[len("key/") :]
+        if ref.startswith("alias/"):
+            alias = self._state["aliases"].get(ref)
+            if alias is None:
+                raise KmsApiError("NotFoundException", f"Alias {self._arn('alias', ref[6:])} is not found.")
+            ref = alias["TargetKeyId"]
+        key = self._state["keys"].get(ref)
+        if key is None:
+            raise KmsApiError("NotFoundException", f"Key '{self._arn('key', ref)}' does not exist")
+        return key
+
+    # ------------------------------------------------------------ authorisation
+
+    def _authorize(self, key: dict, action: str, principal: str, context: Mapping | None = None) -> None:
+        full_context = {"kms:CallerAccount": _account_of(principal), **(context or {})}
+        try:
+            decision = key_policy.evaluate(
+                key["Policy"], action=f"kms:{action}", principal=principal, context=full_context, resource=key["Arn"]
+            )
+        except PolicyError as err:
+            raise KmsApiError(
+                "KMSInternalException", f"the stored policy of {key['Arn']} is unusable: {err}", 500
+            ) from err
+        self._audit.update(key=key["KeyId"], decision=f"{'allow' if decision.allowed else 'deny'} ({decision.reason})")
+        if not decision.allowed:
+            why = (
+                "with an explicit deny in a resource-based policy"
+                if decision.effect == "ExplicitDeny"
+                else f"because no resource-based policy allows the kms:{action} action"
+            )
+            raise KmsApiError(
+                "AccessDeniedException",
+                f"User: {principal} is not authorized to perform: kms:{action} on resource: {key['Arn']} {why} "
+                f"({decision.reason})",
+            )
+
+    @staticmethod
+    def _require_usable(key: dict) -> None:
+        if key["KeyState"] == "Disabled":
+            raise KmsApiError("DisabledException", f"{key['Arn']} is disabled.")
+        if key["KeyState"] != "Enabled":
+            raise KmsApiError("KMSInvalidStateException", f"{key['Arn']} is {key['KeyState']}.")
+
+    def _recipient(self, request: _Request) -> tuple[bytes, dict[str, str]] | None:
+        """(public key DER, policy condition keys) of a verified Recipient, or None without one."""
+        recipient = request.typed("Recipient", dict, False)
+        if recipient is None:
+            return None
+        algorithm = recipient.get("KeyEncryptionAlgorithm")
+        if algorithm != KEY_ENCRYPTION_ALGORITHM:
+            raise KmsApiError(
+                "ValidationException",
+                f"Recipient.KeyEncryptionAlgorithm must be {KEY_ENCRYPTION_ALGORITHM}, not {algorithm!r}",
+            )
+        document = _Request(recipient).blob("AttestationDocument", required=True, max_len=262144)
+        if not self.trusted_roots:
+            raise KmsApiError(
+                "ValidationException",
+                "this local KMS trusts no attestation root: restart it with the NSM's root CA (--trust-root)",
+            )
+        # Debug documents (all-zero PCRs) are valid here as in AWS KMS: refusing them is the key policy's job.
+        # AWS does not document its answer to a bad document; a ValidationException names the problem.
+        try:
+            doc = attestation.verify_document(
+                document, trusted_roots=self.trusted_roots, allow_debug=True, max_age_s=ATTESTATION_MAX_AGE_S
+            )
+        except AttestationError as err:
+            raise KmsApiError("ValidationException", f"The attestation document is not valid: {err}") from err
+        if not doc.public_key:
+            raise KmsApiError(
+                "ValidationException",
+                "The attestation document carries no public_key: attest with the recipient's RSA public key",
+            )
+        try:
+            public_key = serialization.load_der_public_key(doc.public_key)
+        except ValueError as err:
+            raise KmsApiError(
+                "ValidationException", f"The attestation document's public_key is unreadable: {err}"
+            ) from err
+        if not isinstance(public_key, rsa.RSAPublicKey) or public_key.key_size < 2048:
+            raise KmsApiError(
+                "ValidationException",
+                "The attestation document's public_key must be an RSA key of at least 2048 bits for RSAES_OAEP_SHA_256",
+            )
+        context = {f"kms:RecipientAttestation:PCR{index}": value.hex() for index, value in doc.pcrs.items()}
+        if 0 in doc.pcrs:
+            context["kms:RecipientAttestation:ImageSha384"] = doc.pcrs[0].hex()
+        self._audit["pcr0"] = context.get("kms:RecipientAttestation:ImageSha384", "-")
+        return doc.public_key, context
+
+    @staticmethod
+    def _context_keys(context: Mapping[str, str]) -> dict:
+        keys = {f"kms:EncryptionContext:{k}": v for k, v in context.items()}
+        if context:
+            keys["kms:EncryptionContextKeys"] = sorted(context)
+        return keys
+
+    def _validate_policy(self, text: str, principal: str, bypass: bool) -> None:
+        """MalformedPolicyDocumentException for a policy key_policy cannot read, or one that would lock out
+        its author: like AWS, the caller must still be allowed kms:PutKeyPolicy under the new policy,
+        unless BypassPolicyLockoutSafetyCheck is set."""
+        if len(text.encode()) > MAX_POLICY_BYTES:
+            raise KmsApiError(
+                "MalformedPolicyDocumentException",
+                f"The key policy is larger than {MAX_POLICY_BYTES} bytes: shorten it",
+            )
+        try:
+            # evaluate() parses the whole policy before deciding, so it also rejects any malformed statement.
+            decision = key_policy.evaluate(
+                text,
+                action="kms:PutKeyPolicy",
+                principal=principal,
+                context={"kms:CallerAccount": _account_of(principal)},
+            )
+        except PolicyError as err:
+            raise KmsApiError("MalformedPolicyDocumentException", f"The key policy is malformed: {err}") from err
+        if not decision.allowed and not bypass:
+            raise KmsApiError(
+                "MalformedPolicyDocumentException",
+                "The new key policy will not allow you to update the key policy in the future: "  # noqa: S608
+                f"{principal} would not be allowed kms:PutKeyPolicy; make it a key administrator, or set "
+                "BypassPolicyLockoutSafetyCheck if that is really meant",
+            )
+
+    # ------------------------------------------------------------ dispatch
+
+    def handle(self, operation: str, request: dict, *, principal: str) -> dict:
+        """Run one KMS operation for principal; raises KmsApiError with AWS's error code."""
+        method = getattr(self, f"_op_{operation}", None) if operation.isalnum() else None
+        with self._lock:
+            self._audit = {"key": "-", "decision": "-", "pcr0": "-"}
+            try:
+                if method is None:
+                    raise KmsApiError("UnsupportedOperationException", f"the local KMS does not implement {operation}")
+                if not isinstance(request, dict):
+                    raise KmsApiError("SerializationException", "the request body must be a JSON object")
+                response = method(_Request(request), principal)
+            except KmsApiError as err:
+                self._log(operation, principal, err.code)
+                raise
+            self._log(operation, principal, "ok")
+            return response
+
+    def _log(self, operation: str, principal: str, outcome: str) -> None:
+        audit = self._audit
+        log.info(
+            "%s by %s on key %s (PCR0 %s): %s -> %s",
+            operation,
+            principal,
+            audit["key"],
+            audit["pcr0"],
+            audit["decision"],
+            outcome,
+        )
+
+    # ------------------------------------------------------------ keys
+
+    def _metadata(self, key: dict) -> dict:
+        metadata = {
+            "AWSAccountId": self.account_id,
+            "KeyId": key["KeyId"],
+            "Arn": key["Arn"],
+            "CreationDate": key["CreationDate"],
+            "Enabled": key["KeyState"] == "Enabled",
+            "Description": key["Description"],
+            "KeyUsage": "ENCRYPT_DECRYPT",
+            "KeyState": key["KeyState"],
+            "Origin": "AWS_KMS",
+            "KeyManager": "CUSTOMER",
+            "CustomerMasterKeySpec": SYMMETRIC_DEFAULT,
+            "KeySpec": SYMMETRIC_DEFAULT,
+            "EncryptionAlgorithms": [SYMMETRIC_DEFAULT],
+            "MultiRegion": False,
+        }
+        if key.get("DeletionDate"):
+            metadata["DeletionDate"] = key["DeletionDate"]
+        return metadata
+
+    def _op_CreateKey(self, request: _Request, principal: str) -> dict:
+        for name, allowed in (
+            ("KeySpec", SYMMETRIC_DEFAULT),
+            ("CustomerMasterKeySpec", SYMMETRIC_DEFAULT),
+            ("KeyUsage", "ENCRYPT_DECRYPT"),
+            ("Origin", "AWS_KMS"),
+        ):
+            value = request.text(name)
+            if value not in (None, allowed):
+                raise KmsApiError(
+                    "UnsupportedOperationException", f"the local KMS makes only {name} {allowed} keys, not {value}"
+                )
+        if request.data.get("CustomKeyStoreId") or request.data.get("MultiRegion"):
+            raise KmsApiError("UnsupportedOperationException", "the local KMS has no custom key stores or replicas")
+        policy = request.text("Policy", max_len=131072)
+        if policy is None:
+            policy = _default_policy(self.account_id)
+        else:
+            self._validate_policy(policy, principal, request.flag("BypassPolicyLockoutSafetyCheck"))
+        tags = request.typed("Tags", list, False) or []
+        if not all(isinstance(t, dict) and {type(t.get("TagKey")), type(t.get("TagValue"))} == {str} for t in tags):
+            raise KmsApiError("TagException", "each tag needs a string TagKey and TagValue")
+        key_id = str(uuid.uuid4())
+        key = {
+            "KeyId": key_id,
+            "Arn": self._arn("key", key_id),
+            "CreationDate": time.time(),
+            "Description": request.text("Description", max_len=8192) or "",
+            "KeyState": "Enabled",
+            "Policy": policy,
+            "Tags": [{"TagKey": t["TagKey"], "TagValue": t["TagValue"]} for t in tags],
+            "Material": _b64(AESGCM.generate_key(bit_length=256)),
+        }
+        self._state["keys"][key_id] = key
+        self._save()
+        self._audit.update(key=key_id, decision="creator")
+        return {"KeyMetadata": self._metadata(key)}
+
+    def _op_DescribeKey(self, request: _Request, principal: str) -> dict:
+        key = self._resolve(request.text("KeyId", required=True))
+        self._authorize(key, "DescribeKey", principal)
+        return {"KeyMetadata": self._metadata(key)}
+
+    def _op_ListKeys(self, request: _Request, principal: str) -> dict:
+        keys = [{"KeyId": k["KeyId"], "KeyArn": k["Arn"]} for k in self._state["keys"].values()]
+        return self._page(request, sorted(keys, key=lambda k: k["KeyId"]), "Keys", default_limit=100)
+
+    def _set_state(self, request: _Request, principal: str, action: str, new_state: str, **extra) -> dict:
+        key = self._resolve(request.text("KeyId", required=True))
+        self._authorize(key, action, principal)
+        if key["KeyState"] == "PendingDeletion" and action != "CancelKeyDeletion":
+            raise KmsApiError("KMSInvalidStateException", f"{key['Arn']} is pending deletion.")
+        key.update(KeyState=new_state, **extra)
+        self._save()
+        return key
+
+    def _op_EnableKey(self, request: _Request, principal: str) -> dict:
+        self._set_state(request, principal, "EnableKey", "Enabled")
+        return {}
+
+    def _op_DisableKey(self, request: _Request, principal: str) -> dict:
+        self._set_state(request, principal, "DisableKey", "Disabled")
+        return {}
+
+    def _op_ScheduleKeyDeletion(self, request: _Request, principal: str) -> dict:
+        # Nothing is ever deleted here (the clock of a test does not run for days); the key only stops working.
+        days = request.number("PendingWindowInDays", low=7, high=30) or 30
+        key = self._set_state(
+            request, principal, "ScheduleKeyDeletion", "PendingDeletion", DeletionDate=time.time() + days * 86400
+        )
+        return {
+            "KeyId": key["Arn"],
+            "DeletionDate": key["DeletionDate"],
+            "KeyState": "PendingDeletion",
+            "PendingWindowInDays": days,
+        }
+
+    def _op_CancelKeyDeletion(self, request: _Request, principal: str) -> dict:
+        key = self._resolve(request.text("KeyId", required=True))
+        if key["KeyState"] != "PendingDeletion":
+            raise KmsApiError("KMSInvalidStateException", f"{key['Arn']} is not pending deletion.")
+        key = self._set_state(request, principal, "CancelKeyDeletion", "Disabled", DeletionDate=None)
+        return {"KeyId": key["Arn"]}
+
+    # ------------------------------------------------------------ policies
+
+    def _op_GetKeyPolicy(self, request: _Request, principal: str) -> dict:
+        key = self._resolve(request.text("KeyId", required=True))
+        self._authorize(key, "GetKeyPolicy", principal)
+        name = request.text("PolicyName") or "default"
+        if name != "default":
+            raise KmsApiError("NotFoundException", f"Key policy {name!r} does not exist: the only name is 'default'")
+        return {"Policy": key["Policy"], "PolicyName": "default"}
+
+    def _op_PutKeyPolicy(self, request: _Request, principal: str) -> dict:
+        key = self._resolve(request.text("KeyId", required=True))
+        self._authorize(key, "PutKeyPolicy", principal)
+        if (request.text("PolicyName") or "default") != "default":
+            raise KmsApiError("NotFoundException", "PolicyName must be 'default', the only key policy name")
+        policy = request.text("Policy", required=True, max_len=131072)
+        self._validate_policy(policy, principal, request.flag("BypassPolicyLockoutSafetyCheck"))
+        key["Policy"] = policy
+        self._save()
+        return {}
+
+    # ------------------------------------------------------------ aliases
+
+    def _alias_name(self, request: _Request, name: str = "AliasName") -> str:
+        alias = request.text(name, required=True, max_len=256)
+        if not _ALIAS_NAME.match(alias):
+            raise KmsApiError(
+                "InvalidAliasNameException", f"{alias!r} is not an alias name: use alias/ followed by [a-zA-Z0-9/_-]"
+            )
+        if alias.startswith("alias/aws/"):
+            raise KmsApiError("NotAuthorizedException", f"{alias}: the alias/aws/ prefix is reserved for AWS")
+        return alias
+
+    def _target_key(self, request: _Request) -> dict:
+        target = request.text("TargetKeyId", required=True)
+        if "alias/" in target:
+            raise KmsApiError("ValidationException", "TargetKeyId must be a key id or key ARN, not an alias")
+        return self._resolve(target)
+
+    def _op_CreateAlias(self, request: _Request, principal: str) -> dict:
+        alias = self._alias_name(request)
+        key = self._target_key(request)
+        self._authorize(key, "CreateAlias", principal)
+        if alias in self._state["aliases"]:
+            raise KmsApiError(
+                "AlreadyExistsException",
+                f"An alias with the name {self._arn('alias', alias[6:])} already exists: use UpdateAlias instead",
+            )
+        now = time.time()
+        self._state["aliases"][alias] = {"TargetKeyId": key["KeyId"], "CreationDate": now, "LastUpdatedDate": now}
+        self._save()
+        return {}
+
+    def _existing_alias(self, request: _Request) -> tuple[str, dict]:
+        alias = self._alias_name(request)
+        if alias not in self._state["aliases"]:
+            raise KmsApiError("NotFoundException", f"Alias {self._arn('alias', alias[6:])} is not found.")
+        return alias, self._state["aliases"][alias]
+
+    def _op_UpdateAlias(self, request: _Request, principal: str) -> dict:
+        alias, entry = self._existing_alias(request)
+        new_key = self._target_key(request)
+        self._authorize(self._state["keys"][entry["TargetKeyId"]], "UpdateAlias", principal)
+        self._authorize(new_key, "UpdateAlias", principal)
+        entry.update(TargetKeyId=new_key["KeyId"], LastUpdatedDate=time.time())
+        self._save()
+        return {}
+
+    def _op_DeleteAlias(self, request: _Request, principal: str) -> dict:
+        alias, entry = self._existing_alias(request)
+        self._authorize(self._state["keys"][entry["TargetKeyId"]], "DeleteAlias", principal)
+        del self._state["aliases"][alias]
+        self._save()
+        return {}
+
+    def _op_ListAliases(self, request: _Request, principal: str) -> dict:
+        key_ref = request.text("KeyId")
+        key_id = self._resolve(key_ref)["KeyId"] if key_ref else None
+        entries = [
+            {"AliasName": name, "AliasArn": self._arn("alias", name[6:]), **entry}
+            for name, entry in sorted(self._state["aliases"].items())
+            if key_id is None or entry["TargetKeyId"] == key_id
+        ]
+        return self._page(request, entries, "Aliases", default_limit=50)
+
+    @staticmethod
+    def _page(request: _Request, items: list, field: str, *, default_limit: int) -> dict:
+        limit = request.number("Limit", low=1, high=1000) or default_limit
+        marker = request.text("Marker", max_len=1024)
+        try:
+            start = int(marker) if marker else 0
+        except ValueError:
+            raise KmsApiError("InvalidMarkerException", f"Marker {marker!r} did not come from this KMS") from None
+        page = items[start : start + limit]
+        response = {field: page, "Truncated": start + limit < len(items)}
+        if response["Truncated"]:
+            response["NextMarker"] = str(start + limit)
+        return response
+
+    # ------------------------------------------------------------ cryptography
+
+    def _seal(self, key: dict, plaintext: bytes, context: Mapping[str, str]) -> bytes:
+        """Our ciphertext blob: version, key id, nonce, AES-256-GCM(plaintext) with header and context as AAD."""
+        header = bytes((_BLOB_VERSION,)) + uuid.UUID(key["KeyId"]).bytes
+        nonce = os.urandom(12)
+        material = base64.b64decode(key["Material"])
+        return header + nonce + AESGCM(material).encrypt(nonce, plaintext, header + _canonical_context(context))
+
+    def _blob_key(self, blob: bytes) -> dict:
+        if len(blob) < _BLOB_HEADER + 12 + 16 or blob[0] != _BLOB_VERSION:
+            raise KmsApiError("InvalidCiphertextException", "the ciphertext blob was not made by this KMS")
+        key = self._state["keys"].get(str(uuid.UUID(bytes=blob[1:_BLOB_HEADER])))
+        if key is None:
+            raise KmsApiError("InvalidCiphertextException", "the ciphertext blob names a key this KMS does not have")
+        return key
+
+    @staticmethod
+    def _open(key: dict, blob: bytes, context: Mapping[str, str]) -> bytes:
+        header, nonce, sealed = blob[:_BLOB_HEADER], blob[_BLOB_HEADER : _BLOB_HEADER + 12], blob[_BLOB_HEADER + 12 :]
+        try:
+            return AESGCM(base64.b64decode(key["Material"])).decrypt(
+                nonce, sealed, header + _canonical_context(context)
+            )
+        except InvalidTag:
+            raise KmsApiError(
+                "InvalidCiphertextException",
+                "the ciphertext blob does not decrypt under its key with this encryption context "
+                "(edited blob, or a different EncryptionContext)",
+            ) from None
+
+    @staticmethod
+    def _symmetric_only(request: _Request) -> None:
+        algorithm = request.text("EncryptionAlgorithm")
+        if algorithm not in (None, SYMMETRIC_DEFAULT):
+            raise KmsApiError(
+                "InvalidKeyUsageException", f"symmetric keys use {SYMMETRIC_DEFAULT}, not the {algorithm} algorithm"
+            )
+
+    @staticmethod
+    def _dry_run(request: _Request) -> None:
+        if request.flag("DryRun"):
+            raise KmsApiError(
+                "DryRunOperationException", "The request would have succeeded, but the DryRun flag is set."
+            )
+
+    def _release(self, plaintext: bytes, recipient: tuple[bytes, dict] | None) -> dict:
+        """Plaintext, or with a Recipient only CiphertextForRecipient (AWS leaves Plaintext out)."""
+        if recipient is None:
+            return {"Plaintext": _b64(plaintext)}
+        return {"CiphertextForRecipient": _b64(build_envelope(plaintext, recipient[0]))}
+
+    def _op_Encrypt(self, request: _Request, principal: str) -> dict:
+        key = self._resolve(request.text("KeyId", required=True))
+        plaintext = request.blob("Plaintext", required=True, max_len=4096)
+        context = request.context()
+        self._symmetric_only(request)
+        self._authorize(key, "Encrypt", principal, self._context_keys(context))
+        self._require_usable(key)
+        self._dry_run(request)
+        return {
+            "CiphertextBlob": _b64(self._seal(key, plaintext, context)),
+            "KeyId": key["Arn"],
+            "EncryptionAlgorithm": SYMMETRIC_DEFAULT,
+        }
+
+    def _op_Decrypt(self, request: _Request, principal: str) -> dict:
+        blob = request.blob("CiphertextBlob", required=True)
+        context = request.context()
+        self._symmetric_only(request)
+        key = self._blob_key(blob)
+        if request.text("KeyId") and self._resolve(request.text("KeyId"))["KeyId"] != key["KeyId"]:
+            raise KmsApiError(
+                "IncorrectKeyException",
+                "The key ID in the request does not identify the KMS key used to encrypt the ciphertext "
+                f"({key['Arn']}): pass that key, or no KeyId",
+            )
+        recipient = self._recipient(request)
+        self._authorize(
+            key, "Decrypt", principal, {**self._context_keys(context), **(recipient[1] if recipient else {})}
+        )
+        self._require_usable(key)
+        self._dry_run(request)
+        plaintext = self._open(key, blob, context)
+        return {"KeyId": key["Arn"], "EncryptionAlgorithm": SYMMETRIC_DEFAULT, **self._release(plaintext, recipient)}
+
+    def _op_GenerateDataKey(self, request: _Request, principal: str) -> dict:
+        key = self._resolve(request.text("KeyId", required=True))
+        spec = request.text("KeySpec")
+        count = request.number("NumberOfBytes", low=1, high=1024)
+        if (spec is None) == (count is None):
+            raise KmsApiError("ValidationException", "give exactly one of KeySpec (AES_256, AES_128) or NumberOfBytes")
+        if spec is not None:
+            if spec not in ("AES_256", "AES_128"):
+                raise KmsApiError("ValidationException", f"KeySpec must be AES_256 or AES_128, not {spec!r}")
+            count = 32 if spec == "AES_256" else 16
+        context = request.context()
+        recipient = self._recipient(request)
+        self._authorize(
+            key, "GenerateDataKey", principal, {**self._context_keys(context), **(recipient[1] if recipient else {})}
+        )
+        self._require_usable(key)
+        self._dry_run(request)
+        data_key = os.urandom(count)
+        return {
+            "CiphertextBlob": _b64(self._seal(key, data_key, context)),
+            "KeyId": key["Arn"],
+            **self._release(data_key, recipient),
+        }
+
+    def _op_GenerateRandom(self, request: _Request, principal: str) -> dict:
+        count = request.number("NumberOfBytes", low=1, high=1024, required=True)
+        if request.data.get("CustomKeyStoreId"):
+            raise KmsApiError("UnsupportedOperationException", "the local KMS has no custom key stores")
+        return self._release(os.urandom(count), self._recipient(request))
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+def _access_key_id(authorization: str | None) -> str | None:
+    """The access key id of a SigV4 Authorization header (Credential=<id>/<date>/<region>/kms/aws4_request)."""
+    match = re.search(r"Credential=([^/,\s]+)/", authorization or "")
+    return match.group(1) if match else None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as botocore's connection pool expects
+    server_version = "LocalKMS/1"
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        kms: LocalKms = self.server.kms
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            if not 0 <= length <= MAX_REQUEST_BYTES:
+                self.close_connection = True
+                raise KmsApiError("ValidationException", f"the request body must be at most {MAX_REQUEST_BYTES} bytes")
+            body = self.rfile.read(length)
+            service, _, operation = (self.headers.get("X-Amz-Target") or "").partition(".")
+            if service != "TrentService" or not operation:
+                raise KmsApiError("UnknownOperationException", "X-Amz-Target must be TrentService.<Operation>")
+            principal = kms.principal_for(_access_key_id(self.headers.get("Authorization")))
+            try:
+                request = json.loads(body or b"{}")
+            except ValueError as err:
+                raise KmsApiError("SerializationException", f"the request body is not JSON: {err}") from err
+            self._answer(200, kms.handle(operation, request, principal=principal))
+        except KmsApiError as err:
+            self._answer(err.status, {"__type": err.code, "message": err.message})
+        except Exception as err:  # noqa: BLE001 - answer like AWS would, and keep serving
+            log.exception("local KMS failed on %s", self.headers.get("X-Amz-Target"))
+            self._answer(500, {"__type": "KMSInternalException", "message": f"the local KMS failed: {err!r}"})
+
+    def _answer(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/x-amz-json-1.1")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):  # noqa: A002 - http.server's signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, kms: LocalKms, family):
+        self.address_family = family
+        self.kms = kms
+        super().__init__(address, _Handler)
+
+
+class LocalKmsServer:
+    """The local KMS on a loopback address, as an HTTP endpoint for boto3 (``endpoint_url``)."""
+
+    def __init__(self, kms: LocalKms, host: str = "127.0.0.1", port: int = 0):
+        try:
+            address = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+        except ValueError:
+            address = None
+        if address is None or not address.is_loopback:
+            raise ValueError(
+                f"the local KMS listens only on a loopback address, not {host!r}: it does not authenticate "
+                "callers; use 127.0.0.1 (enclaves reach it through the local vsock-proxy)"
+            )
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        self.kms = kms
+        self._httpd = _HttpServer((str(address), port), kms, family)
+        bound = self._httpd.server_address[1]
+        self.endpoint_url = f"http://[{address}]:{bound}" if address.version == 6 else f"http://{address}:{bound}"
+        self._thread: threading.Thread | None = None
+        self._serving = False
+
+    def start(self) -> LocalKmsServer:
+        """Serve in a background thread."""
+        self._serving = True
+        self._thread = threading.Thread(target=self.serve_forever, name="local-kms", daemon=True)
+        self._thread.start()
+        log.info("local KMS serving on %s (state %s)", self.endpoint_url, self.kms.state_dir)
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until stop() (from another thread) or KeyboardInterrupt."""
+        self._serving = True
+        self._httpd.serve_forever(poll_interval=_POLL_S)
+
+    def stop(self) -> None:
+        if self._serving:
+            self._httpd.shutdown()  # returns once serve_forever has left its loop
+            self._serving = False
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> LocalKmsServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

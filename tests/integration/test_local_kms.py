@@ -1,0 +1,567 @@
+"""The local KMS over real HTTP on loopback, driven by unmodified boto3 clients.
+
+Two parties, named by their access key ids: the owner (a key administrator)
+and the enclave's host (the user). Attested requests carry documents from the
+simulated NSM, in the exact Nitro format, signed by a local CA.
+"""
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import stat
+import urllib.request
+import uuid
+
+import boto3
+import pytest
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from ansible_collections.confidential_ml.nitro.enclave_local.kms import (
+    PRINCIPALS_FILE,
+    STATE_FILE,
+    KmsApiError,
+    LocalKms,
+    LocalKmsServer,
+)
+from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA, SimulatedNsm
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import kms_recipient
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import KmsError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
+
+ACCOUNT = "111122223333"
+OWNER, USER = "owner", "enclave-host"
+OWNER_ARN = f"arn:aws:iam::{ACCOUNT}:role/{OWNER}"
+USER_ARN = f"arn:aws:iam::{ACCOUNT}:role/{USER}"
+PCR0_GOOD = hashlib.sha384(b"the owner's image").digest()
+PCR0_EVIL = hashlib.sha384(b"the host's own image").digest()
+PCR8_OWNER = hashlib.sha384(b"the owner's signing certificate").digest()
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory):
+    return LocalCA.load_or_create(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture
+def state(tmp_path):
+    return tmp_path / "kms"
+
+
+@pytest.fixture
+def server(ca, state):
+    with LocalKmsServer(LocalKms(state, trusted_roots=[ca.root_certificate])) as running:
+        yield running
+
+
+def client(server, access_key, **config):
+    return boto3.client(
+        "kms",
+        endpoint_url=server.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=access_key,
+        aws_secret_access_key="not-checked-by-the-local-kms",
+        config=Config(retries={"max_attempts": 1}, **config),
+    )
+
+
+@pytest.fixture
+def owner(server):
+    return client(server, OWNER)
+
+
+@pytest.fixture
+def user(server):
+    return client(server, USER)
+
+
+def error_code(caught) -> str:
+    return caught.value.response["Error"]["Code"]
+
+
+@pytest.fixture
+def attested_key(owner):
+    """A key whose policy, rendered by key_policy, releases it only to PCR0_GOOD, and a data key under it."""
+    key_id = owner.create_key(Description="package key")["KeyMetadata"]["KeyId"]
+    policy = render_policy(
+        account_id=ACCOUNT, user_principals=[USER_ARN], admin_principals=[OWNER_ARN], pcr0=[PCR0_GOOD.hex()]
+    )
+    owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
+    data_key = owner.generate_data_key(KeyId=key_id, KeySpec="AES_256", EncryptionContext={"package": "app"})
+    return key_id, data_key
+
+
+# ---------------------------------------------------------------- keys, aliases, policies
+
+
+def test_create_describe_alias_and_list(owner):
+    created = owner.create_key(Description="models", Tags=[{"TagKey": "project", "TagValue": "ml"}])["KeyMetadata"]
+    key_id = created["KeyId"]
+    assert str(uuid.UUID(key_id)) == key_id
+    assert created["Arn"] == f"arn:aws:kms:us-east-1:{ACCOUNT}:key/{key_id}"
+    assert (created["Enabled"], created["KeyState"], created["KeySpec"], created["KeyUsage"]) == (
+        True,
+        "Enabled",
+        "SYMMETRIC_DEFAULT",
+        "ENCRYPT_DECRYPT",
+    )
+    assert created["Description"] == "models" and created["AWSAccountId"] == ACCOUNT
+
+    owner.create_alias(AliasName="alias/models", TargetKeyId=key_id)
+    for ref in (key_id, created["Arn"], "alias/models", f"arn:aws:kms:us-east-1:{ACCOUNT}:alias/models"):
+        assert owner.describe_key(KeyId=ref)["KeyMetadata"]["KeyId"] == key_id, ref
+
+    aliases = owner.list_aliases()["Aliases"]
+    assert [(a["AliasName"], a["TargetKeyId"]) for a in aliases] == [("alias/models", key_id)]
+    assert aliases[0]["AliasArn"] == f"arn:aws:kms:us-east-1:{ACCOUNT}:alias/models"
+    other = owner.create_key()["KeyMetadata"]["KeyId"]
+    assert owner.list_aliases(KeyId=other)["Aliases"] == []
+    assert {k["KeyId"] for k in owner.list_keys()["Keys"]} == {key_id, other}
+
+    with pytest.raises(owner.exceptions.AlreadyExistsException):
+        owner.create_alias(AliasName="alias/models", TargetKeyId=other)
+    with pytest.raises(owner.exceptions.InvalidAliasNameException):
+        owner.create_alias(AliasName="models", TargetKeyId=other)
+    owner.update_alias(AliasName="alias/models", TargetKeyId=other)
+    assert owner.describe_key(KeyId="alias/models")["KeyMetadata"]["KeyId"] == other
+    owner.delete_alias(AliasName="alias/models")
+    with pytest.raises(owner.exceptions.NotFoundException):
+        owner.describe_key(KeyId="alias/models")
+
+
+def test_pagination(owner):
+    made = {owner.create_key()["KeyMetadata"]["KeyId"] for _ in range(5)}
+    page = owner.list_keys(Limit=2)
+    assert page["Truncated"] and len(page["Keys"]) == 2
+    seen = [k["KeyId"] for k in page["Keys"]]
+    while page["Truncated"]:
+        page = owner.list_keys(Limit=2, Marker=page["NextMarker"])
+        seen += [k["KeyId"] for k in page["Keys"]]
+    assert sorted(seen) == sorted(made)
+    assert [k["KeyId"] for p in owner.get_paginator("list_keys").paginate(Limit=2) for k in p["Keys"]] == seen
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [str(uuid.uuid4()), "alias/missing", f"arn:aws:kms:eu-west-1:{ACCOUNT}:key/{uuid.uuid4()}", "not-a-key"],
+    ids=["unknown-id", "unknown-alias", "other-region", "garbage"],
+)
+def test_unknown_key_is_not_found(owner, ref):
+    with pytest.raises(owner.exceptions.NotFoundException) as caught:
+        owner.describe_key(KeyId=ref)
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    with pytest.raises(owner.exceptions.NotFoundException):
+        owner.encrypt(KeyId=ref, Plaintext=b"x")
+
+
+def test_default_policy_and_put_policy(owner):
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    got = owner.get_key_policy(KeyId=key_id, PolicyName="default")
+    default = json.loads(got["Policy"])
+    assert default["Statement"] == [
+        {
+            "Sid": "Enable IAM User Permissions",
+            "Effect": "Allow",
+            "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"},
+            "Action": "kms:*",
+            "Resource": "*",
+        }
+    ]
+    policy = json.dumps(
+        render_policy(
+            account_id=ACCOUNT, user_principals=[USER_ARN], admin_principals=[OWNER_ARN], pcr0=[PCR0_GOOD.hex()]
+        )
+    )
+    owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=policy)
+    assert owner.get_key_policy(KeyId=key_id)["Policy"] == policy
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "not json",
+        "[]",
+        json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "kms:*"}]}),
+        json.dumps({"Statement": [{"Effect": "Maybe", "Principal": "*", "Action": "kms:*", "Resource": "*"}]}),
+    ],
+    ids=["text", "array", "no-resource", "bad-effect"],
+)
+def test_malformed_policy_is_refused(owner, policy):
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    with pytest.raises(owner.exceptions.MalformedPolicyDocumentException):
+        owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=policy)
+    with pytest.raises(owner.exceptions.MalformedPolicyDocumentException):
+        owner.create_key(Policy=policy)
+    assert json.loads(owner.get_key_policy(KeyId=key_id)["Policy"])["Id"] == "key-default-1"
+
+
+def test_policy_that_locks_out_its_author_needs_the_bypass_flag(owner):
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    others_only = json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Principal": {"AWS": USER_ARN}, "Action": "kms:*", "Resource": "*"},
+            ],
+        }
+    )
+    with pytest.raises(owner.exceptions.MalformedPolicyDocumentException) as caught:
+        owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=others_only)
+    assert "will not allow you to update the key policy" in str(caught.value)
+    with pytest.raises(owner.exceptions.MalformedPolicyDocumentException):
+        owner.create_key(Policy=others_only)
+
+    owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=others_only, BypassPolicyLockoutSafetyCheck=True)
+    with pytest.raises(ClientError) as denied:
+        owner.get_key_policy(KeyId=key_id)
+    assert error_code(denied) == "AccessDeniedException"
+
+
+def test_key_policy_governs_every_operation(owner, user, attested_key):
+    key_id, _ = attested_key
+    owner.describe_key(KeyId=key_id)
+    owner.encrypt(KeyId=key_id, Plaintext=b"owner may encrypt")  # the admin statement grants kms:*
+    for call in (
+        lambda: user.describe_key(KeyId=key_id),
+        lambda: user.get_key_policy(KeyId=key_id),
+        lambda: user.encrypt(KeyId=key_id, Plaintext=b"x"),
+        lambda: user.generate_data_key(KeyId=key_id, KeySpec="AES_256"),
+        lambda: user.create_alias(AliasName="alias/mine", TargetKeyId=key_id),
+    ):
+        with pytest.raises(ClientError) as caught:
+            call()
+        assert error_code(caught) == "AccessDeniedException"
+        assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+        assert USER_ARN in caught.value.response["Error"]["Message"]
+
+
+def test_principals_file_maps_access_keys(ca, state):
+    state.mkdir(mode=0o700)
+    (state / PRINCIPALS_FILE).write_text(json.dumps({"AKIAOWNEREXAMPLE": OWNER_ARN}))
+    with LocalKmsServer(LocalKms(state, trusted_roots=[ca.root_certificate])) as running:
+        admin = client(running, "AKIAOWNEREXAMPLE")
+        key_id = admin.create_key()["KeyMetadata"]["KeyId"]
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Principal": {"AWS": OWNER_ARN}, "Action": "kms:*", "Resource": "*"}],
+        }
+        admin.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
+        admin.describe_key(KeyId=key_id)
+        with pytest.raises(ClientError) as caught:
+            client(running, "AKIASOMEONEELSE").describe_key(KeyId=key_id)
+        assert f"arn:aws:iam::{ACCOUNT}:role/AKIASOMEONEELSE" in caught.value.response["Error"]["Message"]
+
+
+def test_unsigned_request_is_refused(server):
+    anonymous = client(server, OWNER, signature_version=UNSIGNED)
+    with pytest.raises(ClientError) as caught:
+        anonymous.list_keys()
+    assert error_code(caught) == "MissingAuthenticationTokenException"
+
+
+def test_disable_enable_and_schedule_deletion(owner):
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    blob = owner.encrypt(KeyId=key_id, Plaintext=b"kept")["CiphertextBlob"]
+    owner.disable_key(KeyId=key_id)
+    assert owner.describe_key(KeyId=key_id)["KeyMetadata"]["Enabled"] is False
+    with pytest.raises(owner.exceptions.DisabledException):
+        owner.decrypt(CiphertextBlob=blob)
+    owner.enable_key(KeyId=key_id)
+    assert owner.decrypt(CiphertextBlob=blob)["Plaintext"] == b"kept"
+    scheduled = owner.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=7)
+    assert scheduled["KeyState"] == "PendingDeletion"
+    with pytest.raises(owner.exceptions.KMSInvalidStateException):
+        owner.decrypt(CiphertextBlob=blob)
+    owner.cancel_key_deletion(KeyId=key_id)
+    assert owner.describe_key(KeyId=key_id)["KeyMetadata"]["KeyState"] == "Disabled"
+
+
+def test_unsupported_operations_and_key_types(owner):
+    with pytest.raises(owner.exceptions.UnsupportedOperationException):
+        owner.create_key(KeySpec="RSA_2048", KeyUsage="ENCRYPT_DECRYPT")
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    blob = owner.encrypt(KeyId=key_id, Plaintext=b"x")["CiphertextBlob"]
+    with pytest.raises(owner.exceptions.UnsupportedOperationException):
+        owner.re_encrypt(CiphertextBlob=blob, DestinationKeyId=key_id)
+
+
+def test_raw_http_protocol(server):
+    """What boto3 relies on, seen on the wire: the JSON 1.1 content type and __type error bodies."""
+
+    def post(target, body):
+        request = urllib.request.Request(
+            server.endpoint_url,
+            data=json.dumps(body).encode(),
+            headers={
+                "X-Amz-Target": target,
+                "Content-Type": "application/x-amz-json-1.1",
+                "Authorization": "AWS4-HMAC-SHA256 Credential=owner/20240101/us-east-1/kms/aws4_request, Signature=x",
+            },
+        )
+        try:
+            with urllib.request.urlopen(request) as response:  # noqa: S310 - loopback test server
+                return response.status, response.headers["Content-Type"], json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers["Content-Type"], json.loads(err.read())
+
+    status, content_type, body = post("TrentService.GenerateRandom", {"NumberOfBytes": 8})
+    assert (status, content_type) == (200, "application/x-amz-json-1.1")
+    assert len(base64.b64decode(body["Plaintext"])) == 8
+    status, _, body = post("TrentService.NoSuchThing", {})
+    assert status == 400 and body["__type"] == "UnsupportedOperationException"
+    status, _, body = post("TrentService.GenerateRandom", {"NumberOfBytes": 5000})
+    assert status == 400 and body["__type"] == "ValidationException"
+
+
+def test_loopback_only(ca, state):
+    kms = LocalKms(state, trusted_roots=[ca.root_certificate])
+    for host in ("0.0.0.0", "192.0.2.10", "kms.example.com", "::"):
+        with pytest.raises(ValueError, match="loopback"):
+            LocalKmsServer(kms, host=host)
+
+
+def test_handle_without_http(ca, state):
+    kms = LocalKms(state, trusted_roots=[ca.root_certificate])
+    key = kms.handle("CreateKey", {}, principal=OWNER_ARN)["KeyMetadata"]
+    with pytest.raises(KmsApiError) as caught:
+        kms.handle("Encrypt", {"KeyId": key["KeyId"], "Plaintext": "!!"}, principal=OWNER_ARN)
+    assert (caught.value.code, caught.value.status) == ("ValidationException", 400)
+    with pytest.raises(KmsApiError) as caught:
+        kms.handle("Frobnicate", {}, principal=OWNER_ARN)
+    assert caught.value.code == "UnsupportedOperationException"
+
+
+# ---------------------------------------------------------------- encryption
+
+
+def test_encrypt_decrypt_with_encryption_context(owner):
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    context = {"package": "app", "version": "1.0"}
+    sealed = owner.encrypt(KeyId=key_id, Plaintext=b"model weights key", EncryptionContext=context)
+    assert sealed["KeyId"].endswith(key_id)
+    opened = owner.decrypt(CiphertextBlob=sealed["CiphertextBlob"], EncryptionContext=dict(reversed(context.items())))
+    assert opened["Plaintext"] == b"model weights key" and opened["KeyId"] == sealed["KeyId"]
+    assert "CiphertextForRecipient" not in opened
+
+    for wrong in ({"package": "app"}, {**context, "version": "2.0"}, {}):
+        with pytest.raises(owner.exceptions.InvalidCiphertextException):
+            owner.decrypt(CiphertextBlob=sealed["CiphertextBlob"], EncryptionContext=wrong)
+
+
+def test_edited_or_foreign_blobs_are_invalid(owner):
+    key_a = owner.create_key()["KeyMetadata"]["KeyId"]
+    key_b = owner.create_key()["KeyMetadata"]["KeyId"]
+    blob = owner.encrypt(KeyId=key_a, Plaintext=b"secret")["CiphertextBlob"]
+
+    edited = bytearray(blob)
+    edited[-1] ^= 1
+    relabelled = blob[:1] + uuid.UUID(key_b).bytes + blob[17:]  # the same sealed bytes, claimed by key B
+    for bad in (bytes(edited), relabelled, blob[:20], b"\x07" + blob[1:]):
+        with pytest.raises(owner.exceptions.InvalidCiphertextException):
+            owner.decrypt(CiphertextBlob=bad)
+    with pytest.raises(owner.exceptions.IncorrectKeyException):
+        owner.decrypt(CiphertextBlob=blob, KeyId=key_b)
+    assert owner.decrypt(CiphertextBlob=blob, KeyId=key_a)["Plaintext"] == b"secret"
+
+
+def test_generate_data_key_and_random(server, owner):
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    for kwargs, size in (({"KeySpec": "AES_256"}, 32), ({"KeySpec": "AES_128"}, 16), ({"NumberOfBytes": 24}, 24)):
+        made = owner.generate_data_key(KeyId=key_id, EncryptionContext={"k": "v"}, **kwargs)
+        assert len(made["Plaintext"]) == size and made["KeyId"].endswith(key_id)
+        again = owner.decrypt(CiphertextBlob=made["CiphertextBlob"], EncryptionContext={"k": "v"})
+        assert again["Plaintext"] == made["Plaintext"]
+    with pytest.raises(ClientError) as caught:
+        owner.generate_data_key(KeyId=key_id)
+    assert error_code(caught) == "ValidationException"
+
+    assert len(owner.generate_random(NumberOfBytes=1)["Plaintext"]) == 1
+    first, second = (owner.generate_random(NumberOfBytes=1024)["Plaintext"] for _ in range(2))
+    assert len(first) == 1024 and first != second
+    unchecked = client(server, OWNER, parameter_validation=False)  # let the server do the checking
+    for bad in (0, 1025):
+        with pytest.raises(ClientError) as caught:
+            unchecked.generate_random(NumberOfBytes=bad)
+        assert error_code(caught) == "ValidationException"
+
+
+# ---------------------------------------------------------------- persistence
+
+
+def test_state_survives_restart_and_is_private(ca, state):
+    with LocalKmsServer(LocalKms(state, trusted_roots=[ca.root_certificate])) as first:
+        kms = client(first, OWNER)
+        key_id = kms.create_key(Description="durable")["KeyMetadata"]["KeyId"]
+        kms.create_alias(AliasName="alias/durable", TargetKeyId=key_id)
+        blob = kms.encrypt(KeyId="alias/durable", Plaintext=b"still here", EncryptionContext={"a": "b"})
+
+    with LocalKmsServer(LocalKms(state, trusted_roots=[ca.root_certificate])) as second:
+        kms = client(second, OWNER)
+        opened = kms.decrypt(CiphertextBlob=blob["CiphertextBlob"], EncryptionContext={"a": "b"})
+        assert opened["Plaintext"] == b"still here"
+        assert kms.describe_key(KeyId="alias/durable")["KeyMetadata"]["Description"] == "durable"
+
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(state / STATE_FILE).st_mode) == 0o600
+    assert sorted(p.name for p in state.iterdir()) == [STATE_FILE]  # no temporary files left behind
+
+
+# ---------------------------------------------------------------- attested requests
+
+
+def nsm(ca, pcr0, **pcrs):
+    return SimulatedNsm(ca, {0: pcr0, **{int(k[3:]): v for k, v in pcrs.items()}})
+
+
+def test_attested_enclave_gets_the_key(ca, user, attested_key):
+    key_id, data_key = attested_key
+    released = kms_recipient.decrypt(
+        user, nsm(ca, PCR0_GOOD), data_key["CiphertextBlob"], encryption_context={"package": "app"}, key_id=key_id
+    )
+    assert released == data_key["Plaintext"]
+
+
+def test_attested_answer_has_no_plaintext(ca, user, attested_key):
+    _, data_key = attested_key
+    recipient = kms_recipient.Recipient()
+    document = nsm(ca, PCR0_GOOD).attest(public_key=recipient.public_key_der)
+    answer = user.decrypt(
+        CiphertextBlob=data_key["CiphertextBlob"],
+        EncryptionContext={"package": "app"},
+        Recipient=recipient.parameter(document),
+    )
+    assert "Plaintext" not in answer
+    assert recipient.unwrap(answer["CiphertextForRecipient"]) == data_key["Plaintext"]
+    assert kms_recipient.Recipient().public_key_der != recipient.public_key_der
+    with pytest.raises(KmsError, match="another key"):
+        kms_recipient.Recipient().unwrap(answer["CiphertextForRecipient"])
+
+
+def test_other_measurement_is_access_denied(ca, user, attested_key, caplog):
+    key_id, data_key = attested_key
+    caplog.set_level(logging.INFO, logger="ansible_collections.confidential_ml.nitro.enclave_local.kms")
+    with pytest.raises(KmsError) as caught:
+        kms_recipient.decrypt(
+            user, nsm(ca, PCR0_EVIL), data_key["CiphertextBlob"], encryption_context={"package": "app"}, key_id=key_id
+        )
+    assert caught.value.code == "AccessDeniedException"
+    assert isinstance(caught.value.__cause__, ClientError)
+    assert caught.value.__cause__.response["Error"]["Code"] == "AccessDeniedException"
+    assert PCR0_EVIL.hex() in str(caught.value) and "ask the key owner" in str(caught.value)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Decrypt by")]
+    assert any(USER_ARN in m and key_id in m and PCR0_EVIL.hex() in m and "deny" in m for m in logged), logged
+
+
+@pytest.mark.parametrize("party", [USER, OWNER, "someone-else"])
+def test_plain_decrypt_is_denied_to_everyone(server, attested_key, party):
+    _, data_key = attested_key
+    with pytest.raises(ClientError) as caught:
+        client(server, party).decrypt(CiphertextBlob=data_key["CiphertextBlob"], EncryptionContext={"package": "app"})
+    assert error_code(caught) == "AccessDeniedException"
+
+
+def test_debug_mode_enclave_is_denied_by_the_policy(ca, user, attested_key):
+    _, data_key = attested_key
+    debug = SimulatedNsm(ca, {0: PCR0_GOOD}, debug=True)
+    with pytest.raises(KmsError) as caught:
+        kms_recipient.decrypt(user, debug, data_key["CiphertextBlob"], encryption_context={"package": "app"})
+    assert caught.value.code == "AccessDeniedException"
+    assert bytes(48).hex() in str(caught.value)
+
+
+def test_document_from_another_ca_is_invalid(tmp_path, user, attested_key):
+    _, data_key = attested_key
+    rogue = SimulatedNsm(LocalCA.load_or_create(tmp_path / "rogue-ca"), {0: PCR0_GOOD})
+    with pytest.raises(KmsError) as caught:
+        kms_recipient.decrypt(user, rogue, data_key["CiphertextBlob"], encryption_context={"package": "app"})
+    assert caught.value.code == "ValidationException"
+    assert "attestation document is not valid" in caught.value.__cause__.response["Error"]["Message"]
+
+
+def test_recipient_parameter_is_checked(ca, user, attested_key):
+    _, data_key = attested_key
+    blob = data_key["CiphertextBlob"]
+    enclave = nsm(ca, PCR0_GOOD)
+    recipient = kms_recipient.Recipient()
+    bad_recipients = [
+        {"AttestationDocument": enclave.attest(), "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256"},  # no public key
+        {"AttestationDocument": enclave.attest(public_key=recipient.public_key_der), "KeyEncryptionAlgorithm": "X"},
+        {"AttestationDocument": b"\xa0not a document", "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256"},
+    ]
+    for bad in bad_recipients:
+        with pytest.raises(ClientError) as caught:
+            user.decrypt(CiphertextBlob=blob, EncryptionContext={"package": "app"}, Recipient=bad)
+        assert error_code(caught) == "ValidationException"
+
+
+def test_kms_without_trusted_roots_refuses_documents(ca, tmp_path, attested_key):
+    _, data_key = attested_key
+    with LocalKmsServer(LocalKms(tmp_path / "untrusting")) as untrusting, pytest.raises(KmsError) as caught:
+        kms_recipient.generate_random(client(untrusting, USER), nsm(ca, PCR0_GOOD), 16)
+    assert caught.value.code == "ValidationException"
+    assert "trusts no attestation root" in str(caught.value)
+
+
+def test_every_pcr_is_a_condition_key(ca, owner, user):
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    policy = render_policy(
+        account_id=ACCOUNT,
+        user_principals=[USER_ARN],
+        admin_principals=[OWNER_ARN],
+        pcr0=[PCR0_GOOD.hex()],
+        pcr8=[PCR8_OWNER.hex()],
+    )
+    owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
+    blob = owner.encrypt(KeyId=key_id, Plaintext=b"signed images only")["CiphertextBlob"]
+    signed = nsm(ca, PCR0_GOOD, PCR8=PCR8_OWNER)
+    assert kms_recipient.decrypt(user, signed, blob) == b"signed images only"
+    unsigned = nsm(ca, PCR0_GOOD, PCR8=hashlib.sha384(b"someone else's certificate").digest())
+    with pytest.raises(KmsError) as caught:
+        kms_recipient.decrypt(user, unsigned, blob)
+    assert caught.value.code == "AccessDeniedException"
+
+
+def test_generate_data_key_and_random_for_the_enclave(ca, owner, user):
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]  # default policy: the whole account
+    enclave = nsm(ca, PCR0_GOOD)
+    plaintext, blob = kms_recipient.generate_data_key(user, enclave, key_id, encryption_context={"job": "1"})
+    assert len(plaintext) == 32
+    assert owner.decrypt(CiphertextBlob=blob, EncryptionContext={"job": "1"})["Plaintext"] == plaintext
+    short, _ = kms_recipient.generate_data_key(user, enclave, key_id, key_spec="AES_128")
+    assert len(short) == 16
+    randoms = {kms_recipient.generate_random(user, enclave, 64) for _ in range(2)}
+    assert len(randoms) == 2 and all(len(r) == 64 for r in randoms)
+
+
+def test_plaintext_answer_is_refused(ca):
+    """An endpoint that ignores Recipient and answers Plaintext must not be believed."""
+
+    class Careless:
+        def decrypt(self, **kwargs):
+            return {"Plaintext": b"leaked", "KeyId": "k"}
+
+        def generate_random(self, **kwargs):
+            return {"Plaintext": b"x" * kwargs["NumberOfBytes"], "CiphertextForRecipient": b"..."}
+
+    with pytest.raises(KmsError, match="Plaintext instead of CiphertextForRecipient"):
+        kms_recipient.decrypt(Careless(), nsm(ca, PCR0_GOOD), b"blob")
+    with pytest.raises(KmsError, match="Plaintext instead of CiphertextForRecipient"):
+        kms_recipient.generate_random(Careless(), nsm(ca, PCR0_GOOD), 4)
+
+
+def test_unreachable_kms_is_a_kms_error(ca, server):
+    endpoint = server.endpoint_url
+    server.stop()
+    gone = boto3.client(
+        "kms",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=USER,
+        aws_secret_access_key="x",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=2),
+    )
+    with pytest.raises(KmsError, match="check the KMS endpoint"):
+        kms_recipient.generate_random(gone, nsm(ca, PCR0_GOOD), 8)
