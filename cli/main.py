@@ -154,7 +154,7 @@ def cmd_policy_render(args) -> int:
     existing = json.loads(_read_text(args.existing)) if args.existing else None
     policy = key_policy.render_policy(
         account_id=args.account_id,
-        user_principals=args.user_principal or [f"arn:aws:iam::{args.account_id}:root"],
+        user_principals=args.user_principal,
         pcr0=args.pcr0,
         pcr8=args.pcr8 or (),
         admin_principals=args.admin_principal or None,
@@ -239,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--pcr0", action="append", required=True, metavar="HEX", help="allowed PCR0 (repeatable)")
     render.add_argument("--pcr8", action="append", metavar="HEX", help="required PCR8, the signing certificate")
     render.add_argument("--account-id", required=True, help="the owner's AWS account id")
-    render.add_argument("--user-principal", action="append", metavar="ARN", help="principal of the enclave's host")
+    render.add_argument(
+        "--user-principal", action="append", required=True, metavar="ARN", help="principal of the enclave's host"
+    )
     render.add_argument("--admin-principal", action="append", metavar="ARN", help="key administrators")
     render.add_argument("--existing", metavar="FILE", help="existing policy to merge into ('-' for stdin)")
     render.add_argument("-o", "--output", help="write to FILE instead of stdout")
