@@ -649,7 +649,7 @@ def _open_body(
         plaintext = _CountingReader(_streaming_aead(data_key).new_decrypting_stream(package, header.raw))
         return _extract(plaintext, target, header, max_total_bytes, written)
     except tink.TinkError as exc:
-        cause = _authentication_failure(header, plaintext.count if plaintext else 0)
+        cause = _authentication_failure(header, plaintext, os.fstat(package.fileno()).st_size)
         raise PackageError(f"{where} {cause}") from exc
     except _Refused as exc:
         raise PackageError(f"{where} was refused: {exc}; {_RESEAL_ADVICE}") from None
@@ -672,30 +672,33 @@ def _unwrap(unwrap_key: Callable[[PackageHeader], bytes], header: PackageHeader,
         ) from exc
 
 
-def _authentication_failure(header: PackageHeader, plaintext_delivered: int) -> str:
-    # Tink yields plaintext one whole segment at a time, so the first byte not yet delivered starts the
-    # segment that failed; map it back to its place in the file.
-    first_plaintext = SEGMENT_BYTES - (1 + 32 + 7) - 16  # first segment shares its room with Tink's header
-    if plaintext_delivered < first_plaintext:
-        segment = 0
-    else:
-        segment = 1 + (plaintext_delivered - first_plaintext) // (SEGMENT_BYTES - 16)
+def _authentication_failure(header: PackageHeader, plaintext: _CountingReader | None, file_size: int) -> str:
+    # Tink authenticates a whole segment before it releases any of it, and a read fails as soon as it needs a
+    # segment that does not verify: the failing segment holds the last plaintext byte the failed read asked for
+    # (reads are smaller than a segment), or is the file's last segment if that read went past the end.
+    first_plaintext = SEGMENT_BYTES - (1 + 32 + 7) - 16  # the first segment shares its room with Tink's header
+    wanted = plaintext.wanted_end - 1 if plaintext else 0
+    segment = 0 if wanted < first_plaintext else 1 + (wanted - first_plaintext) // (SEGMENT_BYTES - 16)
+    last_segment = max(0, (file_size - len(header.raw) - 1) // SEGMENT_BYTES)
+    segment = min(segment, last_segment)
     start = len(header.raw) + segment * SEGMENT_BYTES
+    end = min(start + SEGMENT_BYTES, file_size) - 1
     return (
-        f"failed authentication in encrypted segment {segment} (file bytes {start}..{start + SEGMENT_BYTES - 1}): "
-        f"it was modified or truncated, its header belongs to another package, or the data key is wrong; "
-        f"{_OPEN_ADVICE}"
+        f"failed authentication in encrypted segment {segment} (file bytes {start}..{end}): it was modified or "
+        f"truncated, its header belongs to another package, or the data key is wrong; {_OPEN_ADVICE}"
     )
 
 
 class _CountingReader:
-    """Counts the plaintext handed to tarfile, to say where an authentication failure happened."""
+    """Tracks how far into the plaintext tarfile has asked, to say where an authentication failure happened."""
 
     def __init__(self, stream: BinaryIO):
         self._stream = stream
         self.count = 0
+        self.wanted_end = 0
 
     def read(self, size: int = -1) -> bytes:
+        self.wanted_end = self.count + (size if size >= 0 else SEGMENT_BYTES)
         data = self._stream.read(size)
         self.count += len(data)
         return data
@@ -754,7 +757,8 @@ def _extract(
         extra = tar.next()
         if extra is not None:
             raise _Refused(f"it holds {extra.name!r}, which its manifest does not list")
-    _drain_tail(plaintext)
+        # Read on through tarfile's own stream (it has buffered past the end-of-archive block) to the end.
+        _drain_tail(tar.fileobj)
     return entries
 
 
@@ -817,10 +821,10 @@ def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path, entry
         raise _Refused(f"the content of {entry.path!r} does not match its manifest entry")
 
 
-def _drain_tail(plaintext: _CountingReader) -> None:
+def _drain_tail(stream) -> None:
     # Tink authenticates the final segment only when it is read: read to the end, which must be tar padding.
     tail = 0
-    while chunk := plaintext.read(IO_BYTES):
+    while chunk := stream.read(IO_BYTES):
         tail += len(chunk)
         if chunk.count(0) != len(chunk) or tail > MAX_TAIL_BYTES:
             raise _Refused("it holds data after the end of its tar archive")

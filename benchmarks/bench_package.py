@@ -1,0 +1,196 @@
+"""Package format throughput and memory, side by side with the bare primitives it is built on.
+
+    python benchmarks/bench_package.py [--size-mib 1024] [--json]
+
+Creates a directory of random files totalling --size-mib on disk, seals it and opens it (each in a child
+process, to read its peak RSS), then pushes the same bytes through bare Tink streaming AEAD and through raw
+AES-256-GCM (cryptography, 1 MiB chunks). The data key comes from a stand-in for KMS: this measures the
+format, not KMS. Targets: open >= 50% of bare Tink decrypt; peak RSS < 150 MiB for 1 GiB.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COLLECTIONS = ROOT / "collections"
+_link = COLLECTIONS / "ansible_collections" / "confidential_ml" / "nitro"
+if not _link.exists():
+    _link.parent.mkdir(parents=True, exist_ok=True)
+    _link.symlink_to(ROOT)
+sys.path.insert(0, str(COLLECTIONS))
+
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import package  # noqa: E402
+
+CHUNK = 1 << 20
+MIB = 1 << 20
+
+
+class StandInKms:
+    """Hands out random data keys and 'wraps' them as themselves: for measuring the format only."""
+
+    def generate_data_key(self, KeyId, KeySpec, EncryptionContext):  # noqa: N803 (boto3's argument names)
+        key = os.urandom(32)
+        return {"KeyId": f"arn:aws:kms:us-east-1:000000000000:key/{KeyId}", "CiphertextBlob": key, "Plaintext": key}
+
+
+def make_tree(root: Path, size_mib: int) -> int:
+    """Random files totalling size_mib: a few big ones carrying most bytes, and some small ones in subdirectories."""
+    small = root / "src" / "small"
+    small.mkdir(parents=True)
+    for i in range(64):
+        (small / f"f{i:02d}.py").write_bytes(os.urandom(4096))
+    remaining = size_mib * MIB - 64 * 4096
+    big = root / "models"
+    big.mkdir()
+    index = 0
+    while remaining > 0:
+        size = min(remaining, 256 * MIB)
+        with open(big / f"part{index:03d}.bin", "wb") as out:
+            for offset in range(0, size, CHUNK):
+                out.write(os.urandom(min(CHUNK, size - offset)))
+        remaining -= size
+        index += 1
+    return size_mib * MIB
+
+
+def peak_rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one seal or open in this (fresh) process and print its time and peak RSS as JSON."""
+    start = time.perf_counter()
+    if args.child == "seal":
+        package.seal(args.src, args.pkg, kms_client=StandInKms(), key_id="bench", name="bench", version="1")
+    else:
+        package.open_package(args.pkg, args.out, unwrap_key=lambda header: header.wrapped_key)
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib()}))
+
+
+def run_child(*argv: str) -> dict:
+    result = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True)
+    return json.loads(result.stdout)
+
+
+def source_chunks(src: Path):
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        with open(path, "rb") as source:
+            while chunk := source.read(CHUNK):
+                yield chunk
+
+
+def bare_tink(src: Path, work: Path, open_dir: Path) -> tuple[float, float, float]:
+    """Seconds for Tink alone: encrypt the source bytes into one file, decrypt it to nowhere, decrypt it to a file."""
+    aead = package._streaming_aead(os.urandom(32))
+    ciphertext, plaintext = work / "bare.tink", open_dir / "bare.plain"
+    start = time.perf_counter()
+    with aead.new_encrypting_stream(open(ciphertext, "wb"), b"ad") as stream:
+        for chunk in source_chunks(src):
+            stream.write(chunk)
+    encrypt = time.perf_counter() - start
+    start = time.perf_counter()
+    with aead.new_decrypting_stream(open(ciphertext, "rb"), b"ad") as stream:
+        while stream.read(CHUNK):
+            pass
+    decrypt = time.perf_counter() - start
+    start = time.perf_counter()
+    with aead.new_decrypting_stream(open(ciphertext, "rb"), b"ad") as stream, open(plaintext, "wb") as out:
+        while chunk := stream.read(CHUNK):
+            out.write(chunk)
+    decrypt_to_file = time.perf_counter() - start
+    ciphertext.unlink()
+    plaintext.unlink()
+    return encrypt, decrypt, decrypt_to_file
+
+
+def raw_aes_gcm(src: Path) -> float:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aead = AESGCM(os.urandom(32))
+    start = time.perf_counter()
+    for counter, chunk in enumerate(source_chunks(src)):
+        aead.encrypt(counter.to_bytes(12, "big"), chunk, None)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024, help="total size of the random tree (default 1024)")
+    parser.add_argument("--dir", default=None, help="where to put the temporary tree (default: system temp)")
+    parser.add_argument(
+        "--open-dir",
+        default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+        help="where open writes the tree (default /dev/shm: the enclave opens into a tmpfs)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--child", choices=["seal", "open"], help=argparse.SUPPRESS)
+    parser.add_argument("--src", help=argparse.SUPPRESS)
+    parser.add_argument("--pkg", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="bench_package.", dir=args.dir))
+    open_dir = Path(tempfile.mkdtemp(prefix="bench_package.", dir=args.open_dir))
+    try:
+        src, pkg, out = work / "tree", work / "bench.pkg", open_dir / "opened"
+        total = make_tree(src, args.size_mib)
+        sealed = run_child("--child", "seal", "--src", str(src), "--pkg", str(pkg))
+        opened = run_child("--child", "open", "--pkg", str(pkg), "--out", str(out))
+        shutil.rmtree(out)
+        tink_encrypt, tink_decrypt, tink_decrypt_to_file = bare_tink(src, work, open_dir)
+        aes_gcm = raw_aes_gcm(src)
+    finally:
+        shutil.rmtree(work)
+        shutil.rmtree(open_dir)
+
+    def rate(seconds: float) -> float:
+        return round(total / seconds / 1e6, 1)
+
+    result = {
+        "size_mib": args.size_mib,
+        "open_dir": str(args.open_dir or tempfile.gettempdir()),
+        "seal_mb_s": rate(sealed["seconds"]),
+        "open_mb_s": rate(opened["seconds"]),
+        "tink_encrypt_mb_s": rate(tink_encrypt),
+        "tink_decrypt_mb_s": rate(tink_decrypt),
+        "tink_decrypt_to_file_mb_s": rate(tink_decrypt_to_file),
+        "aes_gcm_encrypt_mb_s": rate(aes_gcm),
+        "open_over_tink_decrypt": round(tink_decrypt / opened["seconds"], 2),
+        "open_over_tink_decrypt_to_file": round(tink_decrypt_to_file / opened["seconds"], 2),
+        "seal_over_tink_encrypt": round(tink_encrypt / sealed["seconds"], 2),
+        "seal_peak_rss_mib": round(sealed["peak_rss_mib"], 1),
+        "open_peak_rss_mib": round(opened["peak_rss_mib"], 1),
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"package format, {args.size_mib} MiB of random files, opened into {result['open_dir']}")
+    print("  (MB/s = 10^6 bytes of plaintext per second, wall clock; seal includes its hashing pass)")
+    print(f"  {'seal':<28}{result['seal_mb_s']:>8} MB/s   peak RSS {result['seal_peak_rss_mib']} MiB")
+    print(f"  {'open':<28}{result['open_mb_s']:>8} MB/s   peak RSS {result['open_peak_rss_mib']} MiB")
+    print(f"  {'bare Tink encrypt':<28}{result['tink_encrypt_mb_s']:>8} MB/s")
+    print(f"  {'bare Tink decrypt':<28}{result['tink_decrypt_mb_s']:>8} MB/s")
+    print(f"  {'bare Tink decrypt to a file':<28}{result['tink_decrypt_to_file_mb_s']:>8} MB/s")
+    print(f"  {'raw AES-256-GCM encrypt':<28}{result['aes_gcm_encrypt_mb_s']:>8} MB/s   (cryptography, 1 MiB chunks)")
+    print(f"  open / bare Tink decrypt     {result['open_over_tink_decrypt']:>8}     (target >= 0.5)")
+    print(f"  open / Tink decrypt to file  {result['open_over_tink_decrypt_to_file']:>8}")
+    print(f"  seal / bare Tink encrypt     {result['seal_over_tink_encrypt']:>8}")
+    print("  peak RSS target: < 150 MiB for 1 GiB")
+
+
+if __name__ == "__main__":
+    main()
