@@ -21,6 +21,8 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import socket
+import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -141,11 +143,15 @@ class NsmDevice:
             raise EnclaveError(f"cannot open {path}: {exc.strerror}; run the enclave server as root") from exc
 
     def _call(self, request: Any, operation: str) -> Mapping[str, Any]:
-        if self._fd is None:
-            raise EnclaveError(f"the NSM device {self.path} is closed: open a new NsmDevice")
         data = cbor2.dumps(request)
         if len(data) > NSM_REQUEST_MAX_SIZE:
             raise EnclaveError(f"the {operation} request is {len(data)} bytes, over the NSM's {NSM_REQUEST_MAX_SIZE}")
+        return decode_response(self._exchange(data, operation), operation)
+
+    def _exchange(self, data: bytes, operation: str) -> bytes:
+        """Send one raw request, return the raw response: the ioctl here, a socket in NsmSocket."""
+        if self._fd is None:
+            raise EnclaveError(f"the NSM device {self.path} is closed: open a new NsmDevice")
         # Fresh buffers per call: no state is shared between threads.
         request_buf = ctypes.create_string_buffer(data, len(data))
         response_buf = ctypes.create_string_buffer(NSM_RESPONSE_MAX_SIZE)
@@ -160,7 +166,7 @@ class NsmDevice:
         length = message.response.iov_len
         if length > NSM_RESPONSE_MAX_SIZE:
             raise EnclaveError(f"the NSM reported a {length}-byte answer for a {NSM_RESPONSE_MAX_SIZE}-byte buffer")
-        return decode_response(response_buf.raw[:length], operation)
+        return response_buf.raw[:length]
 
     def attest(
         self, *, user_data: bytes | None = None, nonce: bytes | None = None, public_key: bytes | None = None
@@ -194,3 +200,47 @@ class NsmDevice:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+NSM_SOCKET_FRAME = struct.Struct(">I")
+
+
+class NsmSocket(NsmDevice):
+    """The local backend's NSM: the same raw CBOR requests and responses as /dev/nsm,
+    carried over a Unix socket to the simulated NSM that the local runtime holds
+    (outside the enclave process, as the real NSM is outside the enclave's kernel).
+    Each request is a 4-byte big-endian length and the request bytes; so is each answer."""
+
+    def __init__(self, path: str, *, timeout: float = 10.0):
+        self.path = path
+        self.timeout = timeout
+        self._fd = None
+
+    def _exchange(self, data: bytes, operation: str) -> bytes:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.timeout)
+                sock.connect(self.path)
+                sock.sendall(NSM_SOCKET_FRAME.pack(len(data)) + data)
+                (length,) = NSM_SOCKET_FRAME.unpack(_recv_exactly(sock, NSM_SOCKET_FRAME.size))
+                if length > NSM_RESPONSE_MAX_SIZE:
+                    raise EnclaveError(f"the NSM at {self.path} announced a {length}-byte answer: it is misbehaving")
+                return _recv_exactly(sock, length)
+        except OSError as exc:
+            raise EnclaveError(
+                f"the simulated NSM at {self.path} did not answer {operation}: {exc.strerror or exc}; "
+                "is the local runtime that launched this enclave still running?"
+            ) from exc
+
+    def close(self) -> None:
+        pass
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EnclaveError("the NSM closed the connection mid-answer")
+        buf += chunk
+    return bytes(buf)

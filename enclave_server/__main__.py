@@ -1,0 +1,36 @@
+"""Start the enclave server: python -m ansible_collections.confidential_ml.nitro.enclave_server --listen ..."""
+
+import argparse
+import logging
+import sys
+
+from ..plugins.module_utils.endpoints import Endpoint
+from ..plugins.module_utils.errors import EnclaveError
+from ..plugins.module_utils.nsm import NsmDevice, NsmSocket
+from .server import EnclaveServer, serve
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="enclave-server", description="The server inside the enclave.")
+    parser.add_argument("--listen", required=True, help="vsock://-1:PORT (any CID) or unix:///path/CID_PORT.sock")
+    parser.add_argument("--share", required=True, help="the share's root (its own tmpfs)")
+    parser.add_argument("--work", required=True, help="private directory for decrypted packages (outside the share)")
+    parser.add_argument("--nsm", default="/dev/nsm", help="/dev/nsm, or unix:///path to the local runtime's NSM")
+    parser.add_argument("--kms-endpoint-url", help="KMS endpoint as seen from inside the enclave")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        nsm = NsmSocket(args.nsm.removeprefix("unix://")) if args.nsm.startswith("unix://") else NsmDevice(args.nsm)
+        server = EnclaveServer(
+            share_dir=args.share, work_dir=args.work, nsm=nsm, kms_endpoint_url=args.kms_endpoint_url
+        )
+        serve(Endpoint.parse(args.listen), server)
+    except EnclaveError as err:
+        print(f"enclave-server: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The enclave server: the share, attestation and the job runner behind one wire endpoint.
+
+It runs inside the enclave (a Nitro Enclave, or a local enclave started by
+the local runtime) and is the only code there that the host can talk to.
+Every handler takes hostile arguments; the share and the job runner check
+them, this module only routes. Same code on both backends: the NSM is
+/dev/nsm or the local runtime's socket, the listener AF_VSOCK or AF_UNIX.
+"""
+
+import errno
+import hashlib
+import logging
+import os
+import stat
+import threading
+
+import cbor2
+
+from ..plugins.module_utils import kms_recipient, wire
+from ..plugins.module_utils.endpoints import Endpoint
+from .jobs import JobRunner
+from .share import Share, split_path
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "confidential-ml-nitro-enclave"
+MAX_NONCE = 512
+
+
+def _bytes_arg(args: dict, name: str, limit: int) -> bytes | None:
+    value = args.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, bytes) or len(value) > limit:
+        raise OSError(errno.EINVAL, f"{name} must be at most {limit} bytes")
+    return value
+
+
+def _str_arg(args: dict, name: str) -> str:
+    value = args.get(name)
+    if not isinstance(value, str):
+        raise OSError(errno.EINVAL, f"argument {name!r} must be a string")
+    return value
+
+
+def _int_arg(args: dict, name: str, default: int | None = None) -> int:
+    value = args.get(name, default)
+    if type(value) is not int:
+        raise OSError(errno.EINVAL, f"argument {name!r} must be an integer")
+    return value
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class EnclaveServer:
+    def __init__(self, *, share_dir, work_dir, nsm, kms_endpoint_url: str | None = None):
+        self.share = Share(share_dir)
+        self.jobs = JobRunner(self.share, work_dir)
+        self.nsm = nsm
+        self.kms_endpoint_url = kms_endpoint_url
+
+    # -- share
+
+    def manifest(self, path: str) -> list[dict]:
+        """Every file and directory under a share directory with size and SHA-256, for push/pull.
+
+        Walks with the share's own confined listdir, so links and special files are
+        reported as such and never followed."""
+        parts = split_path(path)
+        out = []
+
+        def walk(rel: list[str]) -> None:
+            for entry in sorted(self.share.listdir("/" + "/".join(parts + rel)), key=lambda e: e["name"]):
+                child = [*rel, entry["name"]]
+                shown = "/".join(child)
+                mode = entry["mode"]
+                if stat.S_ISDIR(mode):
+                    out.append({"path": shown, "type": "dir", "mode": mode & 0o777})
+                    walk(child)
+                elif stat.S_ISREG(mode):
+                    real = os.path.join(self.share.root, *parts, *child)
+                    out.append(
+                        {"path": shown, "type": "file", "mode": mode & 0o777, "size": entry["size"],
+                         "sha256": _sha256_file(real)}
+                    )  # fmt: skip
+
+        walk([])
+        return out
+
+    def handlers(self) -> dict:
+        s = self.share
+        return {
+            "health": lambda a, c: self.health(),
+            "attest": self.attest,
+            "share.stat": lambda a, c: s.stat(_str_arg(a, "path")),
+            "share.list": lambda a, c: s.listdir(_str_arg(a, "path")),
+            "share.statfs": lambda a, c: s.statfs(),
+            "share.mkdir": lambda a, c: s.mkdir(_str_arg(a, "path"), _int_arg(a, "mode", 0o755)),
+            "share.rmdir": lambda a, c: s.rmdir(_str_arg(a, "path")),
+            "share.unlink": lambda a, c: s.unlink(_str_arg(a, "path")),
+            "share.rename": lambda a, c: s.rename(_str_arg(a, "old"), _str_arg(a, "new")),
+            "share.create": lambda a, c: s.create(
+                _str_arg(a, "path"), _int_arg(a, "mode", 0o644), bool(a.get("exclusive", False))
+            ),
+            "share.read": lambda a, c: s.read(_str_arg(a, "path"), _int_arg(a, "offset"), _int_arg(a, "size")),
+            "share.write": lambda a, c: s.write(
+                _str_arg(a, "path"), _int_arg(a, "offset"), _bytes_arg(a, "data", wire.MAX_FRAME) or b""
+            ),
+            "share.truncate": lambda a, c: s.truncate(_str_arg(a, "path"), _int_arg(a, "size")),
+            "share.chmod": lambda a, c: s.chmod(_str_arg(a, "path"), _int_arg(a, "mode")),
+            "share.utimens": lambda a, c: s.utimens(
+                _str_arg(a, "path"), _int_arg(a, "atime_ns"), _int_arg(a, "mtime_ns")
+            ),
+            "share.manifest": lambda a, c: self.manifest(_str_arg(a, "path")),
+            "job.run": self.run_job,
+        }
+
+    def health(self) -> dict:
+        job = self.jobs.current
+        return {"server": SERVER_NAME, "job": job.describe() if job else None, "share": self.share.statfs()}
+
+    def attest(self, args: dict, ctx) -> dict:
+        document = self.nsm.attest(
+            nonce=_bytes_arg(args, "nonce", MAX_NONCE), user_data=_bytes_arg(args, "user_data", MAX_NONCE)
+        )
+        return {"document": document}
+
+    # -- jobs
+
+    def _kms_client(self, kms: dict):
+        import boto3  # deferred: only jobs need it, and it costs ~100 ms to import
+
+        if not isinstance(kms, dict):
+            raise OSError(errno.EINVAL, "kms settings must be a map (region and credentials)")
+        credentials = {
+            key: kms[key] for key in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token") if kms.get(key)
+        }
+        if any(not isinstance(v, str) for v in credentials.values()):
+            raise OSError(errno.EINVAL, "KMS credentials must be strings")
+        region = kms.get("region")
+        if not isinstance(region, str) or not region:
+            raise OSError(errno.EINVAL, "the run request names no KMS region: pass --region or set AWS_REGION")
+        return boto3.client("kms", region_name=region, endpoint_url=self.kms_endpoint_url, **credentials)
+
+    def run_job(self, args: dict, ctx) -> dict:
+        timeout = args.get("timeout")
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+            raise OSError(errno.EINVAL, "timeout must be a positive number of seconds")
+        client = self._kms_client(args.get("kms", {}))
+
+        def unwrap_key(header):
+            return kms_recipient.decrypt(
+                client, self.nsm, header.wrapped_key, encryption_context=header.encryption_context,
+                key_id=header.key_id,
+            )  # fmt: skip
+
+        def emit(event):
+            try:
+                ctx.emit(event)
+            except wire.WireError:
+                ctx.cancelled.set()  # the client is gone: stop the job rather than run it blind
+
+        summary = self.jobs.run(
+            _str_arg(args, "package"),
+            _str_arg(args, "script"),
+            args.get("args", []),
+            unwrap_key=unwrap_key,
+            emit=emit,
+            cancelled=ctx.cancelled,
+            timeout=timeout,
+        )
+        # The job's attestation binds what ran and what it produced (a receipt the user can keep).
+        digest = hashlib.sha384(cbor2.dumps(summary, canonical=True)).digest()
+        summary["attestation"] = self.nsm.attest(user_data=digest)
+        return summary
+
+
+def serve(endpoint: Endpoint, server: EnclaveServer, *, ready: threading.Event | None = None) -> None:
+    """Listen on endpoint and serve until the process ends."""
+    listener = endpoint.listen()
+    wire_server = wire.Server(listener, server.handlers(), name=SERVER_NAME)
+    log.info("enclave server listening on %s", endpoint)
+    if ready is not None:
+        ready.set()
+    wire_server.serve_forever()
