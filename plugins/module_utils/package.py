@@ -9,7 +9,7 @@ the reasons each attack is detected are in docs/PACKAGE_FORMAT.md; keep the two 
              || Tink AES256_GCM_HKDF_1MB streaming ciphertext of a tar stream
     tar    = .package-manifest.cbor, then every manifest entry in manifest order
 
-Both directions stream in 1 MiB pieces: memory stays flat whatever the package size.
+Both directions stream in 256 KiB pieces: memory stays flat whatever the package size.
 """
 
 from __future__ import annotations
@@ -200,6 +200,13 @@ def _check_path(path) -> None:
 def _build_manifest(root: Path, bar: tqdm) -> list[ManifestEntry]:
     if not root.is_dir():
         raise PackageError(f"cannot seal {root}: it is not a directory; pass the directory that holds the package")
+    try:
+        return _walk(root, bar)
+    except OSError as exc:
+        raise PackageError(f"cannot read {root}: {exc}; make the whole directory readable and try again") from exc
+
+
+def _walk(root: Path, bar: tqdm) -> list[ManifestEntry]:
     entries: list[ManifestEntry] = []
     # Pre-order walk with an explicit stack (deep trees need no recursion): a directory's subtree comes right
     # after it, siblings in name order, which is exactly the manifest's canonical order.
@@ -338,8 +345,11 @@ def _check_header_fields(fields: dict) -> None:
 
 def read_header(path) -> PackageHeader:
     """Read and check a package's header; needs no key. Raises PackageError if it is not a well-formed package."""
-    with open(path, "rb") as stream:
-        return _read_header(stream, path)
+    try:
+        with open(path, "rb") as stream:
+            return _read_header(stream, path)
+    except OSError as exc:
+        raise PackageError(f"cannot read package {path}: {exc}; check the path and its permissions") from exc
 
 
 def _read_header(stream: BinaryIO, path) -> PackageHeader:
@@ -349,7 +359,7 @@ def _read_header(stream: BinaryIO, path) -> PackageHeader:
     prefix = stream.read(_HEADER_PREFIX.size)
     if len(prefix) < _HEADER_PREFIX.size or prefix[:8] != MAGIC:
         raise refuse("it does not start with the package magic (wrong file, or truncated)")
-    magic, length = _HEADER_PREFIX.unpack(prefix)
+    _, length = _HEADER_PREFIX.unpack(prefix)
     if length > MAX_HEADER_BYTES:
         raise refuse(f"its header claims {length} bytes, over the {MAX_HEADER_BYTES}-byte limit")
     body = stream.read(length)
@@ -359,14 +369,15 @@ def _read_header(stream: BinaryIO, path) -> PackageHeader:
         fields = cbor2.loads(body, allow_duplicate_keys=False, allow_indefinite=False)
     except (cbor2.CBORDecodeError, ValueError) as exc:
         raise refuse(f"its header is not valid CBOR ({exc})") from None
-    if not isinstance(fields, dict) or set(fields) != _HEADER_KEYS:
-        keys = sorted(map(str, fields)) if isinstance(fields, dict) else type(fields).__name__
-        raise refuse(f"its header has fields {keys}, expected {sorted(_HEADER_KEYS)}")
-    if fields["format_version"] != FORMAT_VERSION:
+    if not isinstance(fields, dict):
+        raise refuse(f"its header is a CBOR {type(fields).__name__}, not a map")
+    if fields.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:  # before the fields: a newer format may differ
         raise PackageError(
             f"{path} uses package format {fields['format_version']!r}; this confidential_ml.nitro reads format "
             f"{FORMAT_VERSION}: install the release that sealed it"
         )
+    if set(fields) != _HEADER_KEYS:
+        raise refuse(f"its header has fields {sorted(map(str, fields))}, expected {sorted(_HEADER_KEYS)}")
     try:
         _check_header_fields(fields)
     except ValueError as exc:
@@ -537,6 +548,11 @@ def _generate_data_key(kms_client, key_id: str, context: dict[str, str], what: s
 def _package_context(name: str, version: str, extra: dict | None) -> dict[str, str]:
     context = {CONTEXT_PACKAGE: name, CONTEXT_VERSION: version}
     for key, value in (extra or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise PackageError(
+                f"cannot seal package {name!r} {version}: encryption context entry {key!r}: {value!r} is not "
+                "text to text, as KMS requires; quote it"
+            )
         if context.get(key, value) != value:
             raise PackageError(
                 f"cannot seal package {name!r} {version}: encryption context key {key!r} is set from the package "
@@ -561,8 +577,9 @@ def _tar_info(path: str, kind: bytes, mode: int, size: int) -> tarfile.TarInfo:
 
 
 def _write_tar(body: BinaryIO, root: Path, entries: list[ManifestEntry], manifest: bytes, bar: tqdm) -> None:
-    with tarfile.open(fileobj=body, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8", bufsize=IO_BYTES) as tar:
-        tar.copybufsize = IO_BYTES
+    with tarfile.open(
+        fileobj=body, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8", bufsize=IO_BYTES, copybufsize=IO_BYTES
+    ) as tar:
         tar.addfile(_tar_info(MANIFEST_NAME, tarfile.REGTYPE, 0o644, len(manifest)), io.BytesIO(manifest))
         for entry in entries:
             if entry.type == "dir":
