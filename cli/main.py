@@ -182,6 +182,90 @@ def cmd_policy_lint(args) -> int:
     return 1 if problems else 0
 
 
+# ---------------------------------------------------------------- enclave client
+
+
+def _client(args, *, attest_first: bool = True):
+    from importlib import import_module
+
+    client = import_module(f"{LIB}.client")
+    settings = import_module(f"{LIB}.settings")
+    endpoint = settings.resolve_endpoint(args.endpoint, cid=args.cid, port=args.port)
+    expect = args.expect_pcr0 if attest_first else None
+    return client.EnclaveClient(endpoint, expect_pcr0=expect, allow_debug=args.allow_debug)
+
+
+def _add_enclave_flags(parser, *, attest: bool = True) -> None:
+    group = parser.add_argument_group("enclave")
+    group.add_argument(
+        "--endpoint", help="vsock://CID:PORT or unix:///PATH (default: $ENCLAVE_ENDPOINT, --cid, discovery)"
+    )
+    group.add_argument("--cid", type=int, help="enclave CID (nitro)")
+    group.add_argument("--port", type=int, help="enclave server port (default 5000)")
+    if attest:
+        group.add_argument("--expect-pcr0", metavar="HEX", help="send nothing unless the enclave attests this PCR0")
+    group.add_argument("--allow-debug", action="store_true", help="accept debug-mode (all-zero PCR) enclaves")
+
+
+def cmd_attest(args) -> int:
+    with _client(args, attest_first=False) as client:
+        doc = client.attest(nonce=bytes.fromhex(args.nonce) if args.nonce else None, expect_pcr0=args.expect_pcr0)
+    if args.json:
+        _print_json(doc.to_json())
+    else:
+        print(f"enclave attested: module {doc.module_id}, PCR0 {doc.pcr_hex(0)}")
+    return 0
+
+
+def _report_transfer(args, verb: str, result: dict) -> None:
+    if args.json:
+        _print_json(result)
+        return
+    for path in result["changed"]:
+        print(f"{verb} {path}")
+    print(f"{len(result['changed'])} changed ({result['bytes']} bytes), {result['unchanged']} unchanged")
+
+
+def cmd_push(args) -> int:
+    with _client(args) as client:
+        _report_transfer(args, "would push" if args.dry_run else "pushed",
+                         client.push(args.local_dir, args.remote_dir, dry_run=args.dry_run))  # fmt: skip
+    return 0
+
+
+def cmd_pull(args) -> int:
+    with _client(args) as client:
+        _report_transfer(args, "would pull" if args.dry_run else "pulled",
+                         client.pull(args.remote_dir, args.local_dir, dry_run=args.dry_run))  # fmt: skip
+    return 0
+
+
+def cmd_run(args) -> int:
+    from importlib import import_module
+
+    client_lib = import_module(f"{LIB}.client")
+    kms = client_lib.host_kms_settings(region=args.region, profile=args.profile)
+    streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+
+    def on_output(name: str, data: bytes) -> None:
+        streams[name].write(data)
+        streams[name].flush()
+
+    with _client(args) as client:
+        summary = client.run(
+            args.file, args.script, args.args or "", kms=kms, on_output=on_output, timeout=args.timeout
+        )
+    if args.json:
+        summary = dict(summary, attestation=summary["attestation"].hex())
+        _print_json(summary)
+    else:
+        for out in summary["outputs"]:
+            print(f"output {out['path']} {out['size']} bytes sha256 {out['sha256']}", file=sys.stderr)
+        if summary["ended_by"] != "exit":
+            print(f"enclave: job {summary['job']} ended by {summary['ended_by']}", file=sys.stderr)
+    return summary["rc"] if 0 <= summary["rc"] < 256 else 128 + abs(summary["rc"])
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -251,6 +335,34 @@ def build_parser() -> argparse.ArgumentParser:
     lint.add_argument("--user-principal", action="append", metavar="ARN", help="principal of the enclave's host")
     lint.add_argument("--json", action="store_true")
     lint.set_defaults(func=cmd_policy_lint)
+    attest = commands.add_parser("attest", help="fetch a fresh attestation document from the enclave and verify it")
+    attest.add_argument("--nonce", metavar="HEX", help="nonce to bind (default: 32 random bytes)")
+    attest.add_argument("--json", action="store_true")
+    _add_enclave_flags(attest)
+    attest.set_defaults(func=cmd_attest)
+
+    for name, func, first, second, helptext in (
+        ("push", cmd_push, "local_dir", "remote_dir", "copy a local directory into the share (changed files only)"),
+        ("pull", cmd_pull, "remote_dir", "local_dir", "copy a share directory to the host (changed files only)"),
+    ):
+        transfer = commands.add_parser(name, help=helptext)
+        transfer.add_argument(first)
+        transfer.add_argument(second)
+        transfer.add_argument("--dry-run", action="store_true", help="only list what would change")
+        transfer.add_argument("--json", action="store_true")
+        _add_enclave_flags(transfer)
+        transfer.set_defaults(func=func)
+
+    run = commands.add_parser("run", help="run a script from an encrypted package in the enclave")
+    run.add_argument("-f", "--file", required=True, help="package in the share's /encrypted (name or /encrypted/NAME)")
+    run.add_argument("-s", "--script", required=True, help="the .py file inside the package to run")
+    run.add_argument("-a", "--args", help="the script's arguments, split as a shell would")
+    run.add_argument("--timeout", type=float, help="seconds before the job is killed")
+    run.add_argument("--region", help="AWS region of the package's KMS key")
+    run.add_argument("--profile", help="AWS profile whose credentials travel with the job")
+    run.add_argument("--json", action="store_true", help="print the job summary as JSON")
+    _add_enclave_flags(run)
+    run.set_defaults(func=cmd_run)
     return parser
 
 

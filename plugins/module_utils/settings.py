@@ -24,3 +24,23 @@ def private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path, 0o700)
     return path
+
+
+DEFAULT_SERVER_PORT = 5000
+ENV_ENDPOINT = "ENCLAVE_ENDPOINT"
+
+
+def resolve_endpoint(endpoint: str | None = None, *, cid: int | None = None, port: int | None = None) -> str:
+    """Where the enclave server listens: an explicit endpoint, $ENCLAVE_ENDPOINT, a CID, or discovery."""
+    if endpoint:
+        return endpoint
+    if os.environ.get(ENV_ENDPOINT):
+        return os.environ[ENV_ENDPOINT]
+    port = port or DEFAULT_SERVER_PORT
+    if cid is not None:
+        return f"vsock://{cid}:{port}"
+    from .errors import EnclaveError
+
+    raise EnclaveError(
+        "no enclave given: pass --endpoint unix:///PATH or vsock://CID:PORT, --cid, or set ENCLAVE_ENDPOINT"
+    )

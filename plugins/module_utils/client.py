@@ -1,0 +1,276 @@
+"""The host's client of the enclave server: attest, push, pull, run.
+
+The CLI, the Ansible modules and the FUSE mount all use this one client.
+With expect_pcr0 set, the client proves the enclave's identity (a fresh
+attestation document with a random nonce, verified against a pinned root)
+before it sends anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import attestation, settings
+from .endpoints import Endpoint
+from .errors import AttestationError, EnclaveError
+from .wire import Connection
+
+CHUNK = 1 << 20
+IN_FLIGHT = 8  # concurrent chunk requests per transfer: keeps the pipe full without a big buffer
+
+
+def default_trusted_roots() -> list:
+    """AWS's Nitro root, plus the local backend's root when a local CA exists on this host."""
+    local_root = settings.state_home() / "ca" / "root.pem"
+    return attestation.load_trusted_roots([str(local_root)] if local_root.exists() else [])
+
+
+def _safe_parts(rel: str) -> list[str]:
+    parts = rel.split("/")
+    if not rel or any(p in ("", ".", "..") or "\0" in p for p in parts):
+        raise EnclaveError(f"the enclave listed an unsafe path {rel!r}; refusing to write it on the host")
+    return parts
+
+
+def local_manifest(root: Path) -> dict[str, dict]:
+    """Files and directories under root (symlinks and special files skipped, never followed)."""
+    out: dict[str, dict] = {}
+
+    def walk(directory: Path, prefix: str) -> None:
+        with os.scandir(directory) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                rel = f"{prefix}{entry.name}"
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    out[rel] = {"path": rel, "type": "dir", "mode": st.st_mode & 0o777}
+                    walk(Path(entry.path), rel + "/")
+                elif stat.S_ISREG(st.st_mode):
+                    out[rel] = {
+                        "path": rel,
+                        "type": "file",
+                        "mode": st.st_mode & 0o777,
+                        "size": st.st_size,
+                        "sha256": _sha256(Path(entry.path)),
+                    }
+
+    walk(root, "")
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _differs(src: dict, dst: dict | None) -> bool:
+    return dst is None or dst["type"] != src["type"] or (src["type"] == "file" and src["sha256"] != dst["sha256"])
+
+
+class EnclaveClient:
+    def __init__(
+        self,
+        endpoint: Endpoint | str,
+        *,
+        expect_pcr0: str | Sequence[str] | None = None,
+        trusted_roots: Sequence | None = None,
+        allow_debug: bool = False,
+        timeout: float | None = 10,
+    ):
+        self.endpoint = Endpoint.parse(endpoint) if isinstance(endpoint, str) else endpoint
+        self.connection = Connection.open(self.endpoint, timeout=timeout)
+        self.trusted_roots = trusted_roots
+        self.allow_debug = allow_debug
+        self.attested: attestation.AttestationDocument | None = None
+        if expect_pcr0:
+            try:
+                self.attested = self.attest(expect_pcr0=expect_pcr0)
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> EnclaveClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def call(self, op: str, args: dict | None = None, **kw):
+        return self.connection.call(op, args, **kw)
+
+    # -- attestation
+
+    def attest(self, *, nonce: bytes | None = None, expect_pcr0=None) -> attestation.AttestationDocument:
+        """A fresh document from the enclave, verified: signature, chain, nonce, age and PCR0 if given."""
+        nonce = nonce if nonce is not None else os.urandom(32)
+        document = self.call("attest", {"nonce": nonce})["document"]
+        roots = self.trusted_roots if self.trusted_roots is not None else default_trusted_roots()
+        try:
+            return attestation.verify_document(
+                document,
+                trusted_roots=roots,
+                expected_pcrs={0: expect_pcr0} if expect_pcr0 else None,
+                nonce=nonce,
+                allow_debug=self.allow_debug,
+            )
+        except AttestationError as err:
+            raise AttestationError(
+                f"the enclave at {self.endpoint} failed attestation, nothing was sent: {err}"
+            ) from err
+
+    # -- transfers
+
+    def push(self, local_dir, remote_dir: str, *, dry_run: bool = False) -> dict:
+        """Copy what differs from local_dir into the share's remote_dir (by SHA-256); nothing is deleted."""
+        local_dir = Path(local_dir)
+        if not local_dir.is_dir():
+            raise EnclaveError(f"{local_dir} is not a directory: push copies a directory's contents")
+        remote_root = "/" + remote_dir.strip("/")
+        ours = local_manifest(local_dir)
+        theirs = {e["path"]: e for e in self.call("share.manifest", {"path": remote_root})}
+        changed = [e for e in ours.values() if _differs(e, theirs.get(e["path"]))]
+        if not dry_run:
+            for entry in changed:
+                remote = f"{remote_root}/{entry['path']}"
+                if entry["type"] == "dir":
+                    self.call("share.mkdir", {"path": remote, "mode": entry["mode"] | 0o700})
+                else:
+                    self._upload(local_dir / entry["path"], remote, entry["mode"])
+        return {
+            "changed": [e["path"] for e in changed],
+            "unchanged": len(ours) - len(changed),
+            "bytes": sum(e.get("size", 0) for e in changed),
+        }
+
+    def _upload(self, src: Path, remote: str, mode: int) -> None:
+        self.call("share.create", {"path": remote, "mode": mode})
+        pending: deque = deque()
+        with open(src, "rb", buffering=0) as f:
+            offset = 0
+            while block := f.read(CHUNK):
+                pending.append(self.connection.submit("share.write", {"path": remote, "offset": offset, "data": block}))
+                offset += len(block)
+                if len(pending) >= IN_FLIGHT:
+                    pending.popleft().result()
+        while pending:
+            pending.popleft().result()
+
+    def pull(self, remote_dir: str, local_dir, *, dry_run: bool = False) -> dict:
+        """Copy what differs from the share's remote_dir into local_dir (by SHA-256); nothing is deleted."""
+        local_dir = Path(local_dir)
+        remote_root = "/" + remote_dir.strip("/")
+        theirs = self.call("share.manifest", {"path": remote_root})
+        for entry in theirs:
+            _safe_parts(entry["path"])
+        ours = local_manifest(local_dir) if local_dir.is_dir() else {}
+        changed = [e for e in theirs if _differs(e, ours.get(e["path"]))]
+        if not dry_run:
+            local_dir.mkdir(parents=True, exist_ok=True)
+            for entry in changed:
+                target = local_dir.joinpath(*_safe_parts(entry["path"]))
+                _refuse_links(local_dir, target)
+                if entry["type"] == "dir":
+                    target.mkdir(exist_ok=True)
+                else:
+                    self._download(f"{remote_root}/{entry['path']}", target, entry)
+        return {
+            "changed": [e["path"] for e in changed],
+            "unchanged": len(theirs) - len(changed),
+            "bytes": sum(e.get("size", 0) for e in changed),
+        }
+
+    def _download(self, remote: str, target: Path, entry: dict) -> None:
+        tmp = target.with_name(f".{target.name}.part")
+        digest = hashlib.sha256()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pending: deque = deque()
+                for offset in range(0, entry["size"], CHUNK):
+                    pending.append(
+                        self.connection.submit("share.read", {"path": remote, "offset": offset, "size": CHUNK})
+                    )
+                    if len(pending) >= IN_FLIGHT:
+                        _write_block(f, digest, pending.popleft().result())
+                while pending:
+                    _write_block(f, digest, pending.popleft().result())
+            if digest.hexdigest() != entry["sha256"]:
+                raise EnclaveError(f"{remote} changed while it was being pulled; pull again")
+            os.chmod(tmp, entry["mode"] & 0o755 | 0o600)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    # -- jobs
+
+    def run(
+        self,
+        package: str,
+        script: str,
+        args: str | Sequence[str] = (),
+        *,
+        kms: dict,
+        on_output: Callable[[str, bytes], None] | None = None,
+        timeout: float | None = None,
+    ) -> dict:
+        """Run script from package in the enclave; stdout/stderr reach on_output live; returns the job summary."""
+        request = {
+            "package": package if package.startswith("/") else f"/encrypted/{package}",
+            "script": script,
+            "args": args if isinstance(args, str) else list(args),
+            "kms": kms,
+        }
+        if timeout:
+            request["timeout"] = timeout
+
+        def on_event(event):
+            if on_output and isinstance(event, dict) and event.get("type") in ("stdout", "stderr"):
+                on_output(event["type"], event["data"])
+
+        return self.connection.stream("job.run", request, on_event=on_event)
+
+
+def _write_block(f, digest, block: bytes) -> None:
+    f.write(block)
+    digest.update(block)
+
+
+def _refuse_links(root: Path, target: Path) -> None:
+    """Refuse to write through a symlink anywhere between root and target on the host."""
+    current = root
+    for part in target.relative_to(root).parts:
+        current = current / part
+        if current.is_symlink():
+            raise EnclaveError(f"{current} is a symbolic link: refusing to write through it; remove it and pull again")
+
+
+def host_kms_settings(region: str | None = None, profile: str | None = None) -> dict:
+    """Region and credentials from the host's boto3 configuration (on nitro: the instance role via IMDSv2)."""
+    import boto3
+
+    session = boto3.session.Session(profile_name=profile, region_name=region)
+    credentials = session.get_credentials()
+    if credentials is None:
+        raise EnclaveError("no AWS credentials on this host for KMS: configure a profile or the instance role")
+    frozen = credentials.get_frozen_credentials()
+    out = {
+        "region": session.region_name,
+        "aws_access_key_id": frozen.access_key,
+        "aws_secret_access_key": frozen.secret_key,
+    }
+    if frozen.token:
+        out["aws_session_token"] = frozen.token
+    if not out["region"]:
+        raise EnclaveError("no AWS region configured: pass --region or set AWS_REGION")
+    return out

@@ -1,0 +1,219 @@
+"""The real enclave server (a subprocess on a unix socket) driven by the real `enclave` CLI.
+
+The owner's key is released through the local KMS only to the simulated NSM's
+attestation of the expected PCR0; the CLI pushes data, runs the owner's script,
+streams its output and pulls the results.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from ansible_collections.confidential_ml.nitro.enclave_local.kms import LocalKms, LocalKmsServer
+from ansible_collections.confidential_ml.nitro.enclave_local.nsm_service import NsmService
+from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA, SimulatedNsm
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient, host_kms_settings
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import Connection
+
+ACCOUNT = "111122223333"
+PCR0 = hashlib.sha384(b"enclave image under test").digest()
+ENCLAVE = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
+
+APP = {
+    "ml_algorithm.py": """
+        import argparse, os, sys
+        from model import predict
+        p = argparse.ArgumentParser()
+        p.add_argument("-m"); p.add_argument("-d"); p.add_argument("-o")
+        a = p.parse_args()
+        weights = open(a.m).read().strip()
+        with open(os.path.join(a.o, "results.csv"), "w") as out:
+            for name in sorted(os.listdir(a.d)):
+                label = predict(open(os.path.join(a.d, name)).read(), weights)
+                out.write(f"{name},{label}\\n")
+                print("classified", name, label, flush=True)
+        print("done", file=sys.stderr)
+    """,
+    "model.py": "def predict(text, weights):\n    return 'long' if len(text) > int(weights) else 'short'\n",
+    "model.h5": "5\n",
+    "spin.py": "import time\nprint('spinning', flush=True)\nwhile True: time.sleep(0.05)\n",
+}
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen) -> None:
+    for _ in range(300):
+        if path.exists():
+            return
+        assert proc.poll() is None, "the enclave server exited during start-up"
+        time.sleep(0.02)
+    raise AssertionError(f"{path} never appeared")
+
+
+@pytest.fixture
+def enclave(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("ENCLAVE_HOME", str(home))
+    ca = LocalCA.load_or_create(home)
+    kms_server = LocalKmsServer(LocalKms(tmp_path / "kms", trusted_roots=[ca.root_certificate])).start()
+    owner = boto3.client("kms", endpoint_url=kms_server.endpoint_url, region_name="us-east-1",
+                         aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    policy = render_policy(account_id=ACCOUNT, user_principals=[f"arn:aws:iam::{ACCOUNT}:role/enclave-host"],
+                           admin_principals=[f"arn:aws:iam::{ACCOUNT}:role/owner"], pcr0=[PCR0.hex()])  # fmt: skip
+    owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
+    app = tmp_path / "app"
+    app.mkdir()
+    for name, body in APP.items():
+        (app / name).write_text(textwrap.dedent(body))
+    sealed = tmp_path / "published" / "app.pkg"
+    sealed.parent.mkdir()
+    package.seal(app, sealed, kms_client=owner, key_id=key_id, name="app", version="1.0")
+
+    nsm = NsmService(SimulatedNsm(ca, {0: PCR0, 1: bytes(48), 2: bytes(48)}), tmp_path / "nsm.sock").start()
+    sock = tmp_path / "vsock" / "16_5000.sock"
+    sock.parent.mkdir()
+    (tmp_path / "work").mkdir()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.enclave_server",
+         "--listen", f"unix://{sock}", "--share", str(tmp_path / "share"), "--work", str(tmp_path / "work"),
+         "--nsm", f"unix://{tmp_path / 'nsm.sock'}", "--kms-endpoint-url", kms_server.endpoint_url],
+    )  # fmt: skip
+    wait_for_socket(sock, server)
+    monkeypatch.setenv("ENCLAVE_ENDPOINT", f"unix://{sock}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "enclave-host")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    yield {"tmp": tmp_path, "sock": sock, "sealed": sealed, "server": server, "work": tmp_path / "work"}
+    server.terminate()
+    server.wait(timeout=10)
+    nsm.stop()
+    kms_server.stop()
+
+
+def cli(*args, check=True):
+    result = subprocess.run([*ENCLAVE, *args], capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_push_run_pull_through_the_cli(enclave):
+    tmp = enclave["tmp"]
+    dataset = tmp / "dataset"
+    dataset.mkdir()
+    (dataset / "a.txt").write_text("hi")
+    (dataset / "b.txt").write_text("a much longer text")
+    pcr0 = PCR0.hex()
+
+    assert "enclave attested" in cli("attest", "--expect-pcr0", pcr0).stdout
+    pushed = json.loads(
+        cli("push", str(enclave["sealed"].parent), "/encrypted", "--expect-pcr0", pcr0, "--json").stdout
+    )
+    assert pushed["changed"] == ["app.pkg"]
+    assert "pushed a.txt" in cli("push", str(dataset), "/dataset", "--expect-pcr0", pcr0).stdout
+    again = json.loads(cli("push", str(dataset), "/dataset", "--json").stdout)
+    assert again["changed"] == [] and again["unchanged"] == 2
+
+    run = cli("run", "-f", "app.pkg", "-s", "ml_algorithm.py", "-a", "-m model.h5 -d /dataset/ -o /output/",
+              "--expect-pcr0", pcr0)  # fmt: skip
+    assert "classified a.txt short" in run.stdout and "classified b.txt long" in run.stdout
+    assert "done" in run.stderr and "output /output/results.csv" in run.stderr
+
+    out = tmp / "results"
+    assert "pulled results.csv" in cli("pull", "/output", str(out)).stdout
+    assert (out / "results.csv").read_text() == "a.txt,short\nb.txt,long\n"
+    assert list(enclave["work"].iterdir()) == []  # no plaintext left behind
+
+
+def test_wrong_measurement_gets_nothing_sent(enclave, tmp_path):
+    data = tmp_path / "secret-data"
+    data.mkdir()
+    (data / "x").write_text("user's data")
+    result = cli("push", str(data), "/dataset", "--expect-pcr0", "ab" * 48, check=False)
+    assert result.returncode == 1
+    assert "failed attestation, nothing was sent" in result.stderr
+    with EnclaveClient(f"unix://{enclave['sock']}") as client:
+        assert client.call("share.list", {"path": "/dataset"}) == []
+
+
+def test_script_exit_status_becomes_the_cli_exit_status(enclave):
+    cli("push", str(enclave["sealed"].parent), "/encrypted")
+    result = cli("run", "-f", "app.pkg", "-s", "ml_algorithm.py", "-a", "-m missing -d /dataset -o /output",
+                 check=False)  # fmt: skip
+    assert result.returncode == 1
+    assert "FileNotFoundError" in result.stderr
+
+
+def test_push_cannot_escape_the_share(enclave, tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "x").write_text("x")
+    os.symlink("/etc/passwd", data / "link")  # local links are not followed either
+    result = cli("push", str(data), "/dataset/../../etc", check=False)
+    assert result.returncode == 1 and "'..'" in result.stderr
+    pushed = json.loads(cli("push", str(data), "/dataset", "--json").stdout)
+    assert pushed["changed"] == ["x"]
+
+
+def read_until_closed(raw: socket.socket) -> bytes:
+    """What the server says before it closes the connection (it must close it, not hang)."""
+    raw.settimeout(10)
+    data = b""
+    try:
+        while chunk := raw.recv(1 << 16):
+            data += chunk
+    except ConnectionResetError:  # closed with our bytes still unread: closed all the same
+        pass
+    return data
+
+
+def test_hostile_frames_close_only_their_connection(enclave):
+    sock_path = str(enclave["sock"])
+    with EnclaveClient(f"unix://{sock_path}") as good:
+        for hostile in (struct.pack(">I", 0xFFFFFFFF), b"GET / HTTP/1.0\r\n\r\n" * 10, os.urandom(4096)):
+            with socket.socket(socket.AF_UNIX) as raw:
+                raw.connect(sock_path)
+                raw.sendall(hostile)
+                read_until_closed(raw)
+        assert good.call("health")["server"]  # the well-behaved connection is still served
+    assert enclave["server"].poll() is None
+
+
+def test_client_that_disconnects_mid_job_stops_the_job(enclave):
+    cli("push", str(enclave["sealed"].parent), "/encrypted")
+    conn = Connection.open(f"unix://{enclave['sock']}")
+    events = []
+    request = {"package": "/encrypted/app.pkg", "script": "spin.py", "args": [], "kms": host_kms_settings()}
+    call = conn.submit("job.run", request, on_event=events.append)
+    deadline = time.time() + 30
+    while not any(e.get("type") == "stdout" for e in events):
+        with contextlib.suppress(TimeoutError):
+            call.result(timeout=0.1)
+        assert time.time() < deadline, "the job never started"
+    conn.close()  # the client vanishes mid-job
+    with EnclaveClient(f"unix://{enclave['sock']}") as client:
+        while client.call("health")["job"] is not None:
+            assert time.time() < deadline + 30, "the job outlived its client"
+            time.sleep(0.05)
+    assert list(enclave["work"].iterdir()) == []  # the plaintext is gone
+    result = cli("run", "-f", "app.pkg", "-s", "ml_algorithm.py", "-a", "-m model.h5 -d /dataset -o /output")
+    assert result.returncode == 0
+
+
+def test_client_refuses_unverifiable_enclave(enclave):
+    with pytest.raises(EnclaveError):
+        EnclaveClient(f"unix://{enclave['sock']}", expect_pcr0=PCR0.hex(), trusted_roots=[])
