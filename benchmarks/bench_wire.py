@@ -1,0 +1,215 @@
+"""The wire protocol beside a raw AF_UNIX socket doing the same work.
+
+    python benchmarks/bench_wire.py [--calls 10000] [--bulk-mib 1024] [--json]
+
+small: request/reply round trips of a typical small request over one connection,
+from 1 thread and from 4 threads sharing it; raw is a ping-pong of messages of
+the same size (4 threads: 4 raw sockets, since a raw socket cannot multiplex).
+bulk: 1 MiB chunks; wire uploads with a request per chunk ("write") and downloads
+with a reply per chunk ("read"), each once in sequence and once with 4 threads;
+raw streams the same bytes with sendall / recv_into a preallocated buffer.
+
+--mallopt keeps freed MiB buffers in the process (glibc mallopt, the same as
+GLIBC_TUNABLES=glibc.malloc.mmap_threshold=16777216:glibc.malloc.trim_threshold=268435456):
+by default glibc hands them back to the kernel and every 1 MiB frame then
+page-faults its memory in again, which costs more than the copying.
+"""
+
+import argparse
+import ctypes
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+# Measure the checkout, not an installed copy (tests/conftest.py and the Makefile make this link).
+_CHECKOUT = Path(__file__).resolve().parents[1] / "collections"
+if (_CHECKOUT / "ansible_collections" / "confidential_ml" / "nitro").exists():
+    sys.path.insert(0, str(_CHECKOUT))
+
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire  # noqa: E402
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint  # noqa: E402
+
+CHUNK = 1024 * 1024
+SMALL_ARGS = {"path": "dataset/train/part-0001.csv", "offset": 0, "size": 4096}
+
+
+def _recv_exact_into(sock, buf):
+    view = memoryview(buf)
+    while view:
+        n = sock.recv_into(view)
+        if not n:
+            raise ConnectionError("peer closed")
+        view = view[n:]
+
+
+def _threads(n, target):
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
+# --- raw AF_UNIX ------------------------------------------------------------------------------
+
+
+def raw_pingpong(calls, threads, size):
+    """Seconds for `calls` round trips of `size`-byte messages, spread over `threads` socket pairs."""
+    pairs = [socket.socketpair() for _ in range(threads)]
+
+    def echo(sock, n):
+        buf = bytearray(size)
+        for _ in range(n):
+            _recv_exact_into(sock, buf)
+            sock.sendall(buf)
+
+    message = os.urandom(size)
+    per_thread = calls // threads
+    servers = [threading.Thread(target=echo, args=(b, per_thread)) for _, b in pairs]
+    for t in servers:
+        t.start()
+
+    def client(i):
+        sock = pairs[i][0]
+        buf = bytearray(size)
+        for _ in range(per_thread):
+            sock.sendall(message)
+            _recv_exact_into(sock, buf)
+
+    elapsed = _threads(threads, client)
+    for t in servers:
+        t.join()
+    for a, b in pairs:
+        a.close()
+        b.close()
+    return elapsed
+
+
+def raw_stream(total):
+    """Seconds to stream `total` bytes in 1 MiB sendall calls into a reused buffer, with a final ack."""
+    a, b = socket.socketpair()
+    chunk = os.urandom(CHUNK)
+
+    def sink():
+        buf = bytearray(CHUNK)
+        for _ in range(total // CHUNK):
+            _recv_exact_into(b, buf)
+        b.sendall(b"k")
+
+    t = threading.Thread(target=sink)
+    start = time.perf_counter()
+    t.start()
+    for _ in range(total // CHUNK):
+        a.sendall(chunk)
+    assert a.recv(1) == b"k"
+    elapsed = time.perf_counter() - start
+    t.join()
+    a.close()
+    b.close()
+    return elapsed
+
+
+# --- wire -------------------------------------------------------------------------------------
+
+
+def start_server(sockdir):
+    data = os.urandom(CHUNK)
+    handlers = {
+        "echo": lambda args, ctx: args,
+        "write": lambda args, ctx: len(args["data"]),
+        "read": lambda args, ctx: data,
+    }
+    endpoint = Endpoint.unix(os.path.join(sockdir, "bench.sock"))
+    server = wire.Server(endpoint.listen(), handlers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return endpoint, server, thread
+
+
+def wire_calls(conn, calls, threads, op, args):
+    per_thread = calls // threads
+
+    def client(i):
+        for _ in range(per_thread):
+            conn.call(op, args)
+
+    return _threads(threads, client)
+
+
+def keep_freed_memory():
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 16 << 20) and libc.mallopt(m_trim_threshold, 256 << 20)):
+        raise SystemExit("mallopt refused the settings (not glibc?)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=10_000, help="small round trips per measurement")
+    parser.add_argument("--bulk-mib", type=int, default=1024, help="MiB moved per bulk measurement")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--mallopt", action="store_true", help="keep freed memory in the process (see above)")
+    opts = parser.parse_args(argv)
+    if opts.mallopt:
+        keep_freed_memory()
+    total = opts.bulk_mib * CHUNK
+    small_size = len(wire.encode({"id": 1, "op": "echo", "args": SMALL_ARGS})) + wire.HEADER.size
+    results = {}
+
+    def record(name, unit, wire_value, raw_value, higher_is_better):
+        ratio = wire_value / raw_value if higher_is_better else raw_value / wire_value
+        results[name] = {
+            "unit": unit,
+            "wire": round(wire_value, 1),
+            "raw": round(raw_value, 1),
+            "ratio": round(ratio, 3),
+        }
+        if not opts.json:
+            print(f"{name:<24} wire {wire_value:>10.1f}  raw {raw_value:>10.1f}  {unit:<10} wire/raw speed {ratio:.2f}")
+
+    with tempfile.TemporaryDirectory(prefix="bench-wire-") as sockdir:
+        endpoint, server, thread = start_server(sockdir)
+        try:
+            with wire.Connection.open(endpoint) as conn:
+                # Warm up: threads, the pool and the allocator's handling of MiB buffers.
+                wire_calls(conn, 200, 1, "echo", SMALL_ARGS)
+                for _ in range(16):
+                    conn.call("write", {"data": b"\0" * CHUNK})
+                    conn.call("read")
+                raw_stream(16 * CHUNK)
+
+                for threads in (1, 4):
+                    w = wire_calls(conn, opts.calls, threads, "echo", SMALL_ARGS)
+                    r = raw_pingpong(opts.calls, threads, small_size)
+                    record(f"small x{threads} threads", "calls/s", opts.calls / w, opts.calls / r, True)
+
+                n = total // CHUNK
+                chunk = os.urandom(CHUNK)
+                raw = total / raw_stream(total) / 1e6
+                for threads in (1, 4):
+                    w = wire_calls(conn, n, threads, "write", {"data": chunk})
+                    record(f"upload 1 MiB x{threads}", "MB/s", total / w / 1e6, raw, True)
+                    w = wire_calls(conn, n, threads, "read", None)
+                    record(f"download 1 MiB x{threads}", "MB/s", total / w / 1e6, raw, True)
+        finally:
+            server.shutdown()
+            thread.join()
+    results["config"] = {
+        "calls": opts.calls,
+        "bulk_mib": opts.bulk_mib,
+        "small_message_bytes": small_size,
+        "mallopt": opts.mallopt,
+    }
+    if opts.json:
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

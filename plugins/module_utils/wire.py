@@ -1,0 +1,870 @@
+"""The wire protocol between the host and the enclave server (docs/PROTOCOL.md).
+
+Frames are a 4-byte big-endian length and one CBOR map holding plain data only
+(no CBOR tags but bignums: nothing on the wire can name a type to build, which
+is what made the original sample's pickle framing executable). One connection
+carries many concurrent requests, matched to their replies by id; a request may
+stream events before its reply and may be cancelled.
+
+The server and every client import this module; nothing else frames bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import decimal
+import errno
+import fractions
+import io
+import ipaddress
+import itertools
+import logging
+import queue
+import re
+import selectors
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+from .endpoints import Endpoint
+from .errors import EnclaveError
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "confidential-ml-nitro"
+VERSIONS = (1,)
+MAX_FRAME = 4 * 1024 * 1024
+"""Default frame limit: a 1 MiB data chunk plus its envelope fits with room to spare."""
+MIN_FRAME = 64 * 1024
+"""The smallest limit a peer may announce, and the limit on the hello frame."""
+MAX_ID = 2**63 - 1
+MAX_DEPTH = 64
+HEADER = struct.Struct(">I")
+
+
+class WireError(EnclaveError):
+    """The wire protocol failed: bad frames, closed connections, timeouts."""
+
+
+class ProtocolError(WireError):
+    """The peer broke the protocol (malformed or oversized frame, bad handshake)."""
+
+
+class FrameTooLarge(WireError):
+    """A message would exceed the peer's frame limit; nothing was sent."""
+
+    errno = errno.EMSGSIZE
+
+    def __init__(self, message: str, size: int, limit: int):
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
+class ConnectionClosed(WireError, ConnectionError):
+    """The connection is gone; every pending and later call on it fails with this."""
+
+
+class CallTimeout(WireError, TimeoutError):
+    """No reply within the caller's timeout."""
+
+
+class RemoteError(EnclaveError, OSError):
+    """The server answered a request with an error: .errno, .strerror (its message), .name, .op."""
+
+    def __init__(self, code: int, message: str, *, name: str | None = None, op: str | None = None):
+        super().__init__(code, message)
+        self.name = name or errno.errorcode.get(code, "EIO")
+        self.op = op
+
+    def __str__(self):
+        return f"{self.op}: {self.strerror} ({self.name})"
+
+
+# --- frames ---------------------------------------------------------------------------------
+
+
+def _refuse(encoder, value):
+    raise TypeError(
+        f"{type(value).__name__} cannot go on the wire: send plain data "
+        "(maps, lists, str, bytes, int, float, bool, None)"
+    )
+
+
+def _encode_memoryview(encoder, value):
+    # Left to cbor2, a memoryview becomes an array of ints.
+    encoder.encode_bytes(value.tobytes())
+
+
+# Types cbor2 would otherwise send as CBOR tags, which the decoder refuses: failing
+# here keeps a handler's mistake to its own request instead of killing the connection.
+_ENCODERS = {
+    t: _refuse
+    for t in (
+        datetime.datetime,
+        datetime.date,
+        decimal.Decimal,
+        fractions.Fraction,
+        uuid.UUID,
+        re.Pattern,
+        set,
+        frozenset,
+        complex,
+        cbor2.CBORTag,
+        ipaddress.IPv4Address,
+        ipaddress.IPv6Address,
+        ipaddress.IPv4Network,
+        ipaddress.IPv6Network,
+        ipaddress.IPv4Interface,
+        ipaddress.IPv6Interface,
+    )
+}
+_ENCODERS[memoryview] = _encode_memoryview
+
+
+def _refuse_tag(decoder, *_):
+    raise cbor2.CBORDecodeError("CBOR tags are not allowed on this wire")
+
+
+class _NoTags(Mapping):
+    """Every semantic tag maps to a refusal, except bignums (2, 3), left to cbor2."""
+
+    def __getitem__(self, tag):
+        if tag in (2, 3):
+            raise KeyError(tag)
+        return _refuse_tag
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self):
+        return 0
+
+
+_NO_TAGS = _NoTags()
+
+
+def encode(msg: Mapping) -> bytes:
+    """The CBOR body of a frame. Raises WireError if msg holds something other than plain data."""
+    try:
+        return cbor2.dumps(msg, encoders=_ENCODERS)
+    except (TypeError, ValueError, cbor2.CBOREncodeError) as e:
+        raise WireError(f"cannot encode a message: {e}") from e
+
+
+def decode(body: bytes, *, string_keys: bool = False) -> dict:
+    """The message in a frame body; ProtocolError for anything but exactly one CBOR map.
+
+    string_keys: refuse map keys other than text/byte strings (whose hashes are
+    randomised), so a hostile peer cannot flood a dict with colliding int keys."""
+    fp = io.BytesIO(body)
+    try:
+        msg = cbor2.CBORDecoder(
+            fp,
+            # One read of the whole body: cbor2's default small reads are several times slower on MiB frames.
+            read_size=max(len(body), 1),
+            semantic_decoders=_NO_TAGS,
+            max_depth=MAX_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            strict_hashable_types=string_keys,
+        ).decode()
+    except Exception as e:  # hostile bytes may trip any error inside cbor2: all mean a bad frame
+        raise ProtocolError(f"malformed CBOR in a frame of {len(body)} bytes: {e}") from None
+    if fp.tell() != len(body):
+        raise ProtocolError(f"{len(body) - fp.tell()} stray bytes after the CBOR map in a frame")
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"a frame must hold a CBOR map, not {type(msg).__name__}")
+    return msg
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    # MSG_WAITALL fills one bytes object in one call on a blocking socket: no join, no extra copy.
+    data = sock.recv(n, socket.MSG_WAITALL)
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        chunk = sock.recv(n - got, socket.MSG_WAITALL)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def recv_frame(sock: socket.socket, max_frame: int = MAX_FRAME, *, string_keys: bool = False) -> dict | None:
+    """The next message, or None if the peer closed the connection between frames.
+
+    The claimed length is checked against max_frame before anything is allocated."""
+    header = _recv_exact(sock, HEADER.size)
+    if not header:
+        return None
+    if len(header) < HEADER.size:
+        raise ProtocolError("the connection closed inside a frame header")
+    (length,) = HEADER.unpack(header)
+    if length > max_frame:
+        raise ProtocolError(
+            f"a frame claims {length} bytes, over the limit of {max_frame}: the peer is broken "
+            f"or does not speak {PROTOCOL}"
+        )
+    body = _recv_exact(sock, length)
+    if len(body) < length:
+        raise ProtocolError(f"the connection closed inside a frame ({len(body)} of {length} bytes)")
+    return decode(body, string_keys=string_keys)
+
+
+def _send_body(sock: socket.socket, body: bytes) -> None:
+    header = HEADER.pack(len(body))
+    # Header and body in one system call, without concatenating them.
+    sent = sock.sendmsg([header, body])
+    if sent < len(header):
+        sock.sendall(header[sent:])
+        sent = len(header)
+    if sent - len(header) < len(body):
+        sock.sendall(memoryview(body)[sent - len(header) :])
+
+
+def send_frame(sock: socket.socket, msg: Mapping, max_frame: int = MAX_FRAME) -> None:
+    """Encode and send one message. Not thread-safe: Server and Connection serialise their writers."""
+    body = encode(msg)
+    if len(body) > max_frame:
+        raise FrameTooLarge(
+            f"a message of {len(body)} bytes exceeds the peer's frame limit of {max_frame}", len(body), max_frame
+        )
+    _send_body(sock, body)
+
+
+class _Channel:
+    """A socket shared by one reader thread and any number of writer threads.
+
+    Writers hold a lock for a whole frame. Shutting down wakes everyone blocked on
+    the socket; the descriptor is closed only under the write lock, so no writer
+    can ever write to a recycled descriptor number."""
+
+    def __init__(self, sock: socket.socket, peer: str):
+        self.sock = sock
+        self.peer = peer
+        self.peer_max_frame = MIN_FRAME  # until the handshake says more
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._down = False
+        self._closed = False
+
+    def send(self, msg: Mapping) -> None:
+        """Raises WireError (FrameTooLarge, unencodable) with nothing sent, or ConnectionClosed."""
+        body = encode(msg)
+        if len(body) > self.peer_max_frame:
+            raise FrameTooLarge(
+                f"a message of {len(body)} bytes exceeds {self.peer}'s frame limit of {self.peer_max_frame}: "
+                "send less data per call",
+                len(body),
+                self.peer_max_frame,
+            )
+        with self._send_lock:
+            if self._down:
+                raise ConnectionClosed(f"the connection to {self.peer} is closed")
+            try:
+                _send_body(self.sock, body)
+            except OSError as e:
+                failure = e
+            else:
+                return
+        # A frame may be half written: the stream cannot be trusted any more.
+        self.shutdown()
+        raise ConnectionClosed(f"sending to {self.peer} failed: {failure.strerror or failure}") from failure
+
+    def shutdown(self) -> None:
+        with self._state_lock:
+            if self._down:
+                return
+            self._down = True
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.shutdown()
+        with self._state_lock, self._send_lock:
+            if not self._closed:
+                self._closed = True
+                self.sock.close()
+
+
+def _check_limit(value, what: str) -> int:
+    if type(value) is not int or not MIN_FRAME <= value <= 0xFFFFFFFF:
+        raise ProtocolError(f"{what} must be an integer from {MIN_FRAME} to {0xFFFFFFFF}, not {value!r}")
+    return value
+
+
+# --- errors on the wire ---------------------------------------------------------------------
+
+_ERRNO_OF_CLASS = {
+    FileNotFoundError: errno.ENOENT,
+    FileExistsError: errno.EEXIST,
+    PermissionError: errno.EACCES,
+    IsADirectoryError: errno.EISDIR,
+    NotADirectoryError: errno.ENOTDIR,
+    TimeoutError: errno.ETIMEDOUT,
+    InterruptedError: errno.EINTR,
+    BlockingIOError: errno.EAGAIN,
+    ProcessLookupError: errno.ESRCH,
+    ChildProcessError: errno.ECHILD,
+    BrokenPipeError: errno.EPIPE,
+    ConnectionRefusedError: errno.ECONNREFUSED,
+    ConnectionResetError: errno.ECONNRESET,
+    ConnectionAbortedError: errno.ECONNABORTED,
+}
+
+
+def _error_payload(code: int, message: str) -> dict:
+    return {"errno": code, "name": errno.errorcode.get(code, "EIO"), "message": message}
+
+
+def error_for(exc: BaseException, op: str) -> dict:
+    """The wire error for an exception raised by a handler."""
+    by_class = next((c for t, c in _ERRNO_OF_CLASS.items() if isinstance(exc, t)), errno.EIO)
+    if isinstance(exc, EnclaveError):
+        return _error_payload(getattr(exc, "errno", None) or by_class, str(exc))
+    if isinstance(exc, OSError):
+        code = exc.errno or by_class
+        # strerror, not str(exc): the filename part may name paths inside the enclave.
+        return _error_payload(code, exc.strerror or str(exc) or errno.errorcode.get(code, "error"))
+    log.error("%s failed with an unexpected error", op, exc_info=exc)
+    return _internal_error(op)
+
+
+def _internal_error(op: str) -> dict:
+    # Never the exception itself: its text or traceback could carry enclave secrets to the host.
+    return _error_payload(errno.EIO, f"internal error in {op}: see the enclave server log")
+
+
+def _remote_error(payload, op: str) -> RemoteError:
+    if not isinstance(payload, dict):
+        return RemoteError(errno.EIO, f"the server sent an unreadable error: {payload!r}", op=op)
+    name = payload.get("name")
+    name = name if isinstance(name, str) else None
+    code = payload.get("errno")
+    # Prefer the name: errno numbers differ between operating systems.
+    local = getattr(errno, name, None) if name and name.startswith("E") else None
+    if type(local) is not int:
+        local = code if type(code) is int else errno.EIO
+    message = payload.get("message")
+    return RemoteError(local, message if isinstance(message, str) else "error", name=name, op=op)
+
+
+# --- server ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestContext:
+    """What a handler gets besides its args."""
+
+    id: int
+    op: str
+    peer: str
+    cancelled: threading.Event  # set when the client cancels or disconnects
+    _emit: Callable[[Any], None] = field(repr=False)
+
+    def emit(self, event: Any) -> None:
+        """Stream an event to the client, ahead of the reply. Raises ConnectionClosed once the client is gone."""
+        self._emit(event)
+
+    def check_cancelled(self) -> None:
+        """Raise OSError(ECANCELED) if the client cancelled this request or went away."""
+        if self.cancelled.is_set():
+            raise OSError(errno.ECANCELED, f"{self.op} was cancelled by the client")
+
+
+Handler = Callable[[dict, RequestContext], Any]
+
+
+def _describe_peer(sock: socket.socket, address) -> str:
+    if sock.family == socket.AF_UNIX:
+        with contextlib.suppress(OSError):
+            pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            return f"unix peer pid={pid} uid={uid} gid={gid}"
+        return "unix peer"
+    if isinstance(address, tuple) and len(address) == 2:
+        return f"vsock peer cid={address[0]} port={address[1]}"
+    return repr(address)
+
+
+class Server:
+    """Serves handlers on a listening socket: a thread per connection reads frames,
+    a bounded pool of workers runs handlers, so one slow request holds up neither its
+    connection nor the others.
+
+    Handlers are called as handler(args, ctx) and return plain data, or raise:
+    OSError -> its errno; EnclaveError -> its .errno attribute or EIO, with str(e);
+    anything else -> EIO "internal error", logged here with its traceback."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        handlers: Mapping[str, Handler],
+        *,
+        max_frame: int = MAX_FRAME,
+        workers: int = 8,
+        name: str = "enclave-server",
+        max_inflight: int = 32,
+        handshake_timeout: float = 10.0,
+        send_timeout: float = 60.0,
+    ):
+        try:
+            self.max_frame = _check_limit(max_frame, "max_frame")
+        except ProtocolError as e:
+            raise ValueError(str(e)) from None
+        self.name = name
+        self.max_inflight = max_inflight
+        self.handshake_timeout = handshake_timeout
+        self.send_timeout = send_timeout
+        self._listener = listener
+        self._handlers = dict(handlers)
+        if not all(isinstance(op, str) for op in self._handlers):
+            raise TypeError("handler names (ops) must be strings")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-worker")
+        self._lock = threading.Lock()
+        self._connections: dict[_ServerConnection, threading.Thread] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = threading.Event()
+        self._serving = threading.Lock()
+        self._closed = False
+
+    def serve_forever(self) -> None:
+        """Accept and serve connections until shutdown() is called from another thread."""
+        with self._serving, selectors.DefaultSelector() as selector:
+            if self._stopping.is_set():
+                return
+            self._listener.setblocking(False)
+            selector.register(self._listener, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                for key, _ in selector.select():
+                    if key.fileobj is self._listener:
+                        self._accept()
+
+    def _accept(self):
+        try:
+            sock, address = self._listener.accept()
+        except BlockingIOError:
+            return
+        except OSError as e:
+            log.error("%s cannot accept a connection: %s", self.name, e)
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._stopping.wait(0.1)  # out of resources: back off instead of spinning
+            return
+        conn = _ServerConnection(self, sock, _describe_peer(sock, address))
+        thread = threading.Thread(target=conn.run, name=f"{self.name}-conn", daemon=True)
+        with self._lock:
+            self._connections[conn] = thread
+        thread.start()
+
+    def _forget(self, conn):
+        with self._lock:
+            self._connections.pop(conn, None)
+
+    def shutdown(self) -> None:
+        """Stop accepting, close every connection (their requests see ctx.cancelled), wait for the handlers."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+        with self._serving:  # wait for serve_forever to leave its loop
+            if self._closed:
+                return
+            self._closed = True
+        self._listener.close()
+        with self._lock:
+            connections = list(self._connections.items())
+        for conn, _ in connections:
+            conn.channel.shutdown()
+        for _, thread in connections:
+            thread.join()
+        self._pool.shutdown(wait=True)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+
+class _ServerConnection:
+    def __init__(self, server: Server, sock: socket.socket, peer: str):
+        self.server = server
+        self.channel = _Channel(sock, peer)
+        self.peer = peer
+        self.inflight: dict[int, threading.Event] = {}
+        self.lock = threading.Lock()
+        self.slots = threading.Semaphore(server.max_inflight)
+
+    def run(self):
+        sock = self.channel.sock
+        try:
+            if self.handshake():
+                while (msg := recv_frame(sock, self.server.max_frame, string_keys=True)) is not None:
+                    self.handle(msg)
+            log.debug("%s disconnected", self.peer)
+        except ProtocolError as e:
+            log.warning("closing the connection from %s: %s", self.peer, e)
+        except TimeoutError:
+            log.warning(
+                "closing the connection from %s: no hello within %s s", self.peer, self.server.handshake_timeout
+            )
+        except (OSError, WireError) as e:
+            log.info("the connection from %s failed: %s", self.peer, e)
+        except Exception:
+            log.exception("closing the connection from %s after an internal error", self.peer)
+        finally:
+            with self.lock:
+                for cancelled in self.inflight.values():
+                    cancelled.set()
+            self.channel.close()
+            self.server._forget(self)
+
+    def handshake(self) -> bool:
+        server = self.server
+        sock = self.channel.sock
+        sock.settimeout(server.handshake_timeout)
+        hello = recv_frame(sock, MIN_FRAME, string_keys=True)
+        if hello is None:
+            return False
+        if hello.get("hello") != PROTOCOL:
+            raise ProtocolError(f"the first frame is not a {PROTOCOL} hello")
+        versions = hello.get("versions")
+        if not isinstance(versions, list) or not versions or not all(type(v) is int for v in versions):
+            raise ProtocolError(f"the hello offers no list of protocol versions: {versions!r}")
+        self.channel.peer_max_frame = _check_limit(hello.get("max_frame"), "the client's max_frame")
+        log.debug("%s connected as %r", self.peer, hello.get("client"))
+        common = set(versions) & set(VERSIONS)
+        if not common:
+            message = (
+                f"this enclave server speaks protocol versions {list(VERSIONS)}, the client offered {versions}: "
+                "use a client and an enclave image from the same release"
+            )
+            self.channel.send({"hello": PROTOCOL, "error": _error_payload(errno.EPROTONOSUPPORT, message)})
+            raise ProtocolError(f"no common protocol version (client offered {versions})")
+        self.channel.send(
+            {
+                "hello": PROTOCOL,
+                "version": max(common),
+                "max_frame": server.max_frame,
+                "server": server.name,
+                "ops": sorted(server._handlers),
+            }
+        )
+        sock.settimeout(None)
+        # A client that stops reading must not pin a worker forever: sends give up after send_timeout.
+        seconds = int(server.send_timeout)
+        micros = int((server.send_timeout - seconds) * 1e6)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, micros))
+        return True
+
+    def handle(self, msg: dict):
+        rid = msg.get("id")
+        if type(rid) is not int or not 0 <= rid <= MAX_ID:
+            raise ProtocolError(f"a frame without a valid request id (got {rid!r})")
+        if "cancel" in msg:
+            if msg["cancel"] is not True:
+                raise ProtocolError(f"request {rid}: cancel must be true")
+            with self.lock:
+                cancelled = self.inflight.get(rid)
+            if cancelled is not None:  # else it already finished: nothing to do
+                cancelled.set()
+            return
+        op = msg.get("op")
+        args = msg.get("args", {})
+        if not isinstance(op, str):
+            raise ProtocolError(f"request {rid} has no op")
+        if not isinstance(args, dict):
+            raise ProtocolError(f"request {rid} ({op}): args must be a map")
+        with self.lock:
+            if rid in self.inflight:
+                raise ProtocolError(f"request id {rid} is already in flight")
+        handler = self.server._handlers.get(op)
+        if handler is None:
+            # A well-formed request for an op this server lacks (an older image?): the connection stays useful.
+            message = f"this enclave server has no operation {op!r}: update the enclave image or the client"
+            self.channel.send({"id": rid, "error": _error_payload(errno.ENOSYS, message)})
+            return
+        self.slots.acquire()  # back-pressure: stop reading while max_inflight requests are running
+        cancelled = threading.Event()
+        with self.lock:
+            self.inflight[rid] = cancelled
+        self.server._pool.submit(self.run_request, rid, op, handler, args, cancelled)
+
+    def run_request(self, rid: int, op: str, handler: Handler, args: dict, cancelled: threading.Event):
+        def emit(event):
+            self.channel.send({"id": rid, "event": event})
+
+        ctx = RequestContext(id=rid, op=op, peer=self.peer, cancelled=cancelled, _emit=emit)
+        try:
+            ctx.check_cancelled()  # the client left while this waited for a worker
+            reply = {"id": rid, "ok": handler(args, ctx)}
+        except BaseException as e:  # even SystemExit: the client must get a reply, not wait forever
+            reply = {"id": rid, "error": error_for(e, op)}
+        finally:
+            # Before the reply goes out: the client may reuse the id as soon as it has it.
+            with self.lock:
+                del self.inflight[rid]
+            self.slots.release()
+        try:
+            self.channel.send(reply)
+        except ConnectionClosed:
+            log.debug("the reply to %s %d for %s is lost: the connection is closed", op, rid, self.peer)
+        except FrameTooLarge as e:
+            message = (
+                f"the result of {op} ({e.size} bytes) exceeds this client's frame limit of {e.limit}: "
+                "ask for less data per call"
+            )
+            self.send_quietly({"id": rid, "error": _error_payload(errno.EMSGSIZE, message)})
+        except WireError:
+            log.exception("the result of %s cannot be sent", op)
+            self.send_quietly({"id": rid, "error": _internal_error(op)})
+
+    def send_quietly(self, msg: dict):
+        with contextlib.suppress(WireError):
+            self.channel.send(msg)
+
+
+# --- client ---------------------------------------------------------------------------------
+
+_EVENT, _OK, _ERROR = "event", "ok", "error"
+
+
+class Call:
+    """One request in flight: its id, and its outcome when it comes."""
+
+    def __init__(self, connection: Connection, rid: int, op: str, on_event: Callable[[Any], None] | None):
+        self.id = rid
+        self.op = op
+        self._connection = connection
+        self._on_event = on_event
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._outcome: tuple[str, Any] | None = None
+
+    def done(self) -> bool:
+        return self._outcome is not None
+
+    def cancel(self) -> None:
+        """Ask the server to cancel; the final reply still comes (wait for it with result())."""
+        if self._outcome is None:
+            self._connection.cancel(self.id)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the reply, passing events to on_event in this thread as they arrive.
+
+        Ctrl-C (KeyboardInterrupt) sends a cancel, then propagates; call result() again
+        to wait for what the server makes of the cancellation."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._outcome is None:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                kind, value = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                raise CallTimeout(
+                    f"{self.op} got no reply within {timeout} s: the enclave may be busy; retry with a longer timeout"
+                ) from None
+            except KeyboardInterrupt:
+                self.cancel()
+                raise
+            if kind is _EVENT:
+                if self._on_event is not None:
+                    self._on_event(value)
+            else:
+                self._outcome = (kind, value)
+        kind, value = self._outcome
+        if kind is _ERROR:
+            raise value
+        return value
+
+
+class Connection:
+    """A client connection to an enclave server. Thread-safe: any number of threads
+    may call at once; a background thread routes replies to their callers by id."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        timeout: float | None = 10,
+        name: str = "enclave-client",
+        max_frame: int = MAX_FRAME,
+        peer: str = "the enclave server",
+    ):
+        """Handshake over a connected socket, which the Connection owns from now on."""
+        self._channel = _Channel(sock, peer)
+        self._max_frame = max_frame
+        self._ids = itertools.count(1)  # never reused, so a late reply cannot reach a newer call
+        self._lock = threading.Lock()
+        self._pending: dict[int, Call] = {}
+        self._closed_reason: str | None = None
+        self._closing = False
+        try:
+            self._handshake(timeout, name)
+        except BaseException:
+            self._channel.close()
+            raise
+        self._reader = threading.Thread(target=self._read_loop, name=f"{name}-reader", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def open(cls, endpoint: Endpoint | str, *, timeout: float | None = 10, **kwargs) -> Connection:
+        """Connect to an endpoint and handshake."""
+        if isinstance(endpoint, str):
+            endpoint = Endpoint.parse(endpoint)
+        return cls(endpoint.connect(timeout), timeout=timeout, peer=f"the enclave server at {endpoint}", **kwargs)
+
+    def _handshake(self, timeout, name):
+        peer = self._channel.peer
+        sock = self._channel.sock
+        sock.settimeout(timeout)
+        hello = {"hello": PROTOCOL, "versions": list(VERSIONS), "max_frame": self._max_frame, "client": name}
+        try:
+            send_frame(sock, hello, MIN_FRAME)
+            reply = recv_frame(sock, self._max_frame)
+        except TimeoutError:
+            raise CallTimeout(
+                f"{peer} did not answer the handshake within {timeout} s: is it the enclave server?"
+            ) from None
+        except OSError as e:
+            raise ConnectionClosed(f"the handshake with {peer} failed: {e.strerror or e}") from e
+        if reply is None:
+            raise ConnectionClosed(f"{peer} closed the connection during the handshake: see the enclave server log")
+        if reply.get("hello") != PROTOCOL:
+            raise ProtocolError(f"{peer} does not speak {PROTOCOL}")
+        if "error" in reply:
+            raise _remote_error(reply["error"], "handshake")
+        if reply.get("version") not in VERSIONS:
+            raise ProtocolError(f"{peer} chose protocol version {reply.get('version')!r}, not one of {list(VERSIONS)}")
+        self.version: int = reply["version"]
+        self.max_frame: int = _check_limit(reply.get("max_frame"), f"{peer}'s max_frame")
+        self.server: str = str(reply.get("server", ""))
+        ops = reply.get("ops")
+        self.ops: tuple[str, ...] = tuple(op for op in ops if isinstance(op, str)) if isinstance(ops, list) else ()
+        self._channel.peer_max_frame = self.max_frame
+        sock.settimeout(None)
+
+    def _read_loop(self):
+        peer = self._channel.peer
+        try:
+            while (msg := recv_frame(self._channel.sock, self._max_frame)) is not None:
+                self._dispatch(msg)
+            reason = f"{peer} closed the connection"
+        except ConnectionResetError:
+            reason = f"{peer} closed the connection abruptly (did it stop or crash?)"
+        except ProtocolError as e:
+            reason = f"{peer} broke the protocol ({e}); the connection is closed"
+        except OSError as e:
+            reason = f"the connection to {peer} failed: {e.strerror or e}"
+        except Exception:  # a bug here must still fail the callers rather than leave them waiting
+            log.exception("the reader of the connection to %s failed", peer)
+            reason = f"the connection to {peer} failed: internal error in the client (see its log)"
+        if self._closing:
+            reason = f"the connection to {peer} was closed by this client"
+        self._channel.shutdown()
+        with self._lock:
+            self._closed_reason = reason
+            pending, self._pending = self._pending, {}
+        for call in pending.values():
+            call._queue.put((_ERROR, ConnectionClosed(reason)))
+
+    def _dispatch(self, msg: dict):
+        rid = msg.get("id")
+        if type(rid) is not int:
+            raise ProtocolError(f"a reply without a valid request id (got {rid!r})")
+        for kind in (_EVENT, _OK, _ERROR):
+            if kind in msg:
+                break
+        else:
+            raise ProtocolError(f"the reply to request {rid} has no ok, error or event")
+        with self._lock:
+            call = self._pending.get(rid)
+            if call is not None and kind is not _EVENT:
+                del self._pending[rid]
+        if call is None:
+            log.debug("dropping a reply to request %d, which nobody waits for any more", rid)
+            return
+        value = msg[kind]
+        call._queue.put((kind, _remote_error(value, call.op) if kind is _ERROR else value))
+
+    def submit(self, op: str, args: Mapping | None = None, *, on_event: Callable[[Any], None] | None = None) -> Call:
+        """Send a request and return at once; Call.result() waits for the reply."""
+        if not isinstance(op, str):
+            raise TypeError(f"op must be a str, not {type(op).__name__}")
+        call = Call(self, next(self._ids), op, on_event)
+        with self._lock:
+            if self._closed_reason is not None:
+                raise ConnectionClosed(self._closed_reason)
+            self._pending[call.id] = call
+        try:
+            self._channel.send({"id": call.id, "op": op, "args": {} if args is None else args})
+        except BaseException:
+            self._forget(call)
+            raise
+        return call
+
+    def call(self, op: str, args: Mapping | None = None, *, timeout: float | None = None) -> Any:
+        """Send a request and return its result; RemoteError if the server refused it."""
+        return self._wait(self.submit(op, args), timeout)
+
+    def stream(
+        self,
+        op: str,
+        args: Mapping | None = None,
+        *,
+        on_event: Callable[[Any], None],
+        timeout: float | None = None,
+    ) -> Any:
+        """Like call(), passing each streamed event to on_event (in this thread, in order) before returning."""
+        return self._wait(self.submit(op, args, on_event=on_event), timeout)
+
+    def _wait(self, call: Call, timeout):
+        try:
+            return call.result(timeout)
+        except BaseException:
+            if not call.done():  # timeout, Ctrl-C or on_event failed: stop the server's work and move on
+                call.cancel()
+                self._forget(call)
+            raise
+
+    def _forget(self, call: Call):
+        with self._lock:
+            self._pending.pop(call.id, None)
+
+    def cancel(self, request_id: int) -> None:
+        """Ask the server to cancel a request in flight (its handler sees ctx.cancelled)."""
+        with self._lock:
+            if request_id not in self._pending:
+                return
+        with contextlib.suppress(ConnectionClosed):
+            self._channel.send({"id": request_id, "cancel": True})
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_reason is not None
+
+    def close(self) -> None:
+        """Close the connection; pending calls fail with ConnectionClosed."""
+        self._closing = True
+        self._channel.shutdown()
+        if threading.current_thread() is not self._reader:
+            self._reader.join()
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,677 @@
+import contextlib
+import datetime
+import errno
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import cbor2
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError, PackageError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import (
+    MAX_FRAME,
+    MIN_FRAME,
+    PROTOCOL,
+    CallTimeout,
+    Connection,
+    ConnectionClosed,
+    FrameTooLarge,
+    ProtocolError,
+    RemoteError,
+    Server,
+    WireError,
+    decode,
+    encode,
+    recv_frame,
+    send_frame,
+)
+
+WIRE_LOGGER = wire.log.name
+WAIT = 30  # generous bound on waits that should end at once; never asserted on
+
+
+# --- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sockdir():
+    # Short paths: sun_path holds 107 bytes, pytest's tmp_path can be longer.
+    with tempfile.TemporaryDirectory(prefix="wire-") as d:
+        yield d
+
+
+class Probe:
+    """Lets a test see inside handlers running in the server's workers."""
+
+    def __init__(self):
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.saw_cancel = threading.Event()
+        self.saw_closed = threading.Event()
+
+
+@pytest.fixture
+def probe():
+    return Probe()
+
+
+class Oops(EnclaveError):
+    errno = errno.EKEYREJECTED
+
+
+def make_handlers(probe):
+    def echo(args, ctx):
+        return args
+
+    def delayed(args, ctx):
+        time.sleep(args["delay"])
+        return {"token": args["token"], "thread": threading.get_ident()}
+
+    def events(args, ctx):
+        for i in range(args["n"]):
+            ctx.emit(i)
+        return "done"
+
+    def wait_cancel(args, ctx):
+        probe.started.set()
+        if ctx.cancelled.wait(WAIT):
+            probe.saw_cancel.set()
+            ctx.check_cancelled()
+        return "not cancelled"
+
+    def emit_then_wait(args, ctx):
+        ctx.emit("first")
+        return wait_cancel(args, ctx)
+
+    def wait_release(args, ctx):
+        probe.started.set()
+        probe.release.wait(WAIT)
+        return "released"
+
+    def release(args, ctx):
+        probe.release.set()
+        return "releasing"
+
+    def flood(args, ctx):
+        chunk = b"x" * (256 * 1024)
+        try:
+            while True:
+                ctx.emit(chunk)
+        except ConnectionClosed:
+            probe.saw_closed.set()
+            raise
+
+    def fail(args, ctx):
+        kind = args["kind"]
+        if kind == "enoent":
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/enclave/secret/model.h5")
+        if kind == "enoent-bare":
+            raise FileNotFoundError("no such file in the share: dataset/x.csv")
+        if kind == "eacces":
+            raise PermissionError(errno.EACCES, "scripts may only write under /output")
+        if kind == "enclave":
+            raise PackageError("the package is damaged: download it again")
+        if kind == "enclave-errno":
+            raise Oops("the key was refused: check the key policy")
+        if kind == "bug":
+            raise ValueError("secret plaintext must not leak")
+        if kind == "unencodable":
+            return {"when": datetime.datetime.now()}
+        if kind == "exit":
+            raise SystemExit(3)
+        raise AssertionError(kind)
+
+    def big(args, ctx):
+        return b"\x01" * args["size"]
+
+    return {
+        "echo": echo,
+        "delayed": delayed,
+        "events": events,
+        "wait_cancel": wait_cancel,
+        "emit_then_wait": emit_then_wait,
+        "wait_release": wait_release,
+        "release": release,
+        "flood": flood,
+        "fail": fail,
+        "big": big,
+    }
+
+
+@pytest.fixture
+def serve(sockdir, probe):
+    """serve(**server_kwargs) -> (endpoint, server), a real server on an AF_UNIX socket."""
+    running = []
+
+    def start(handlers=None, **kwargs):
+        endpoint = Endpoint.unix(os.path.join(sockdir, f"{len(running)}.sock"))
+        server = Server(endpoint.listen(), handlers or make_handlers(probe), **kwargs)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        running.append((server, thread))
+        return endpoint, server
+
+    yield start
+    probe.release.set()
+    for server, thread in running:
+        server.shutdown()
+        thread.join()
+
+
+def raw_hello(endpoint, **overrides):
+    """A raw socket past the handshake, for sending hand-made frames."""
+    sock = endpoint.connect(timeout=WAIT)
+    hello = {"hello": PROTOCOL, "versions": [1], "max_frame": MAX_FRAME} | overrides
+    send_frame(sock, hello)
+    reply = recv_frame(sock)
+    assert reply["hello"] == PROTOCOL
+    return sock, reply
+
+
+def read_until_closed(sock):
+    """Read until the server closes the connection; returns what came.
+
+    A reset counts as closed: closing with unread input makes the kernel reset."""
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+# --- frames ---------------------------------------------------------------------------------
+
+
+def test_encode_decode_plain_data():
+    msg = {"id": 7, "ok": {"data": b"\x00\xff" * 10, "n": -(2**63), "big": 2**80, "f": 1.5, "l": [None, True]}}
+    assert decode(encode(msg)) == msg
+
+
+def test_memoryview_goes_as_bytes():
+    assert decode(encode({"data": memoryview(b"abc")[1:]})) == {"data": b"bc"}
+
+
+@pytest.mark.parametrize("value", [datetime.datetime.now(), {1, 2}, frozenset(), cbor2.CBORTag(99, 1), 1j, object()])
+def test_encode_refuses_anything_but_plain_data(value):
+    with pytest.raises(WireError, match="cannot encode"):
+        encode({"value": value})
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (cbor2.dumps([1, 2]), "must hold a CBOR map, not list"),
+        (cbor2.dumps("hello"), "must hold a CBOR map"),
+        (b"", "malformed CBOR"),
+        (b"\xff", "malformed CBOR"),
+        (b"\xa1\x61a", "malformed CBOR"),  # truncated
+        (cbor2.dumps({}) + b"\x00", "1 stray bytes"),
+        (bytes.fromhex("a16161c11a514b67b0"), "tags are not allowed"),  # {"a": epoch datetime}
+        (bytes.fromhex("a16161d81c80"), "tags are not allowed"),  # shared reference
+        (bytes.fromhex("a161615f41614162ff"), "malformed CBOR"),  # indefinite-length byte string
+        (bytes.fromhex("a2616101616102"), "malformed CBOR"),  # duplicate key
+        (b"\xa1\x61a" + b"\x81" * 100 + b"\x00", "malformed CBOR"),  # nested too deep
+    ],
+)
+def test_decode_rejects(body, words):
+    with pytest.raises(ProtocolError, match=words):
+        decode(body)
+
+
+def test_decode_string_keys():
+    body = cbor2.dumps({1: "a"})
+    assert decode(body) == {1: "a"}
+    with pytest.raises(ProtocolError, match="map key"):
+        decode(body, string_keys=True)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=512))
+def test_fuzz_decode(data):
+    """Fuzz target: random bytes decode to a map or raise ProtocolError, nothing else."""
+    with contextlib.suppress(ProtocolError):
+        assert isinstance(decode(data), dict)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=512), st.booleans())
+def test_fuzz_recv_frame(data, well_formed_prefix):
+    """Fuzz target: a byte stream on a real socket yields frames, EOF or ProtocolError, nothing else."""
+    a, b = socket.socketpair()
+    try:
+        if well_formed_prefix:
+            send_frame(a, {"id": 1, "op": "echo"})
+        a.sendall(data)
+        a.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ProtocolError):
+            while (msg := recv_frame(b, max_frame=1024)) is not None:
+                assert isinstance(msg, dict)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_recv_frame_checks_length_before_reading():
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(struct.pack(">I", 0xFFFFFFFF))  # and no body at all: the check cannot wait for one
+        with pytest.raises(ProtocolError, match="claims 4294967295 bytes, over the limit of 4194304"):
+            recv_frame(b)
+
+
+def test_send_frame_refuses_oversize_messages():
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(FrameTooLarge) as info:
+        send_frame(a, {"data": b"x" * MIN_FRAME}, max_frame=MIN_FRAME)
+    assert info.value.errno == errno.EMSGSIZE
+
+
+# --- handshake ------------------------------------------------------------------------------
+
+
+def test_handshake(serve):
+    endpoint, server = serve(name="test-server/1.0", max_frame=2 * MAX_FRAME)
+    with Connection.open(str(endpoint)) as conn:
+        assert conn.version == 1
+        assert conn.max_frame == 2 * MAX_FRAME
+        assert conn.server == "test-server/1.0"
+        assert "echo" in conn.ops and "events" in conn.ops
+        assert conn.call("echo", {"a": 1}) == {"a": 1}
+
+
+def test_handshake_without_common_version(serve, caplog):
+    endpoint, _ = serve()
+    with caplog.at_level(logging.WARNING, logger=WIRE_LOGGER):
+        sock = endpoint.connect(timeout=WAIT)
+        with sock:
+            send_frame(sock, {"hello": PROTOCOL, "versions": [7, 8], "max_frame": MAX_FRAME})
+            reply = recv_frame(sock)
+            assert reply["error"]["name"] == "EPROTONOSUPPORT"
+            assert "client offered [7, 8]" in reply["error"]["message"]
+            assert read_until_closed(sock) == b""
+    assert "no common protocol version" in caplog.text
+
+
+def fake_server(sockdir, respond):
+    """A one-connection server that answers the hello with respond(hello)."""
+    endpoint = Endpoint.unix(os.path.join(sockdir, "fake.sock"))
+    listener = endpoint.listen()
+
+    def run():
+        sock, _ = listener.accept()
+        with sock:
+            send_frame(sock, respond(recv_frame(sock)))
+            read_until_closed(sock)
+        listener.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    return endpoint
+
+
+def test_client_reports_version_refusal(sockdir):
+    def refuse(hello):
+        assert hello["versions"] == [1]
+        message = "this enclave server speaks protocol versions [2], the client offered [1]: upgrade"
+        return {
+            "hello": PROTOCOL,
+            "error": {"errno": errno.EPROTONOSUPPORT, "name": "EPROTONOSUPPORT", "message": message},
+        }
+
+    with pytest.raises(RemoteError) as info:
+        Connection.open(fake_server(sockdir, refuse), timeout=WAIT)
+    assert info.value.errno == errno.EPROTONOSUPPORT
+    assert "speaks protocol versions [2]" in str(info.value)
+
+
+def test_client_refuses_a_version_it_did_not_offer(sockdir):
+    endpoint = fake_server(sockdir, lambda hello: {"hello": PROTOCOL, "version": 9, "max_frame": MAX_FRAME})
+    with pytest.raises(ProtocolError, match="chose protocol version 9"):
+        Connection.open(endpoint, timeout=WAIT)
+
+
+def test_client_refuses_a_stranger(sockdir):
+    endpoint = fake_server(sockdir, lambda hello: {"hello": "something-else"})
+    with pytest.raises(ProtocolError, match="does not speak confidential-ml-nitro"):
+        Connection.open(endpoint, timeout=WAIT)
+
+
+def test_silent_client_is_dropped_after_the_handshake_timeout(serve, caplog):
+    endpoint, _ = serve(handshake_timeout=0.2)
+    with caplog.at_level(logging.WARNING, logger=WIRE_LOGGER), endpoint.connect(timeout=WAIT) as sock:
+        assert read_until_closed(sock) == b""
+    assert "no hello within 0.2 s" in caplog.text
+
+
+# --- calls ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 100, 1024 * 1024, 3 * 1024 * 1024])
+def test_round_trip(serve, size):
+    endpoint, _ = serve()
+    data = os.urandom(size)
+    with Connection.open(endpoint) as conn:
+        result = conn.call("echo", {"data": data, "name": "chunk"}, timeout=WAIT)
+        assert result == {"data": data, "name": "chunk"}
+        assert type(result["data"]) is bytes
+
+
+def test_concurrent_calls_on_one_connection(serve):
+    endpoint, _ = serve(workers=8, max_inflight=4)  # fewer slots than callers: back-pressure too
+    results = {}
+    errors = []
+
+    def caller(t):
+        try:
+            for k in range(t, 50, 8):
+                delay = (k * 7 % 10) / 1000
+                results[k] = conn.call("delayed", {"delay": delay, "token": k}, timeout=WAIT)["token"]
+        except Exception as e:  # reported below, with the thread's own traceback lost otherwise
+            errors.append(e)
+
+    with Connection.open(endpoint) as conn:
+        threads = [threading.Thread(target=caller, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert results == {k: k for k in range(50)}
+
+
+def test_slow_request_does_not_block_a_later_one(serve, probe):
+    endpoint, _ = serve()
+    with Connection.open(endpoint) as conn:
+        slow = conn.submit("wait_release")
+        assert probe.started.wait(WAIT)
+        # The later request completes first, on the same connection, and lets the first finish.
+        assert conn.call("release", timeout=WAIT) == "releasing"
+        assert slow.result(WAIT) == "released"
+        assert slow.id < conn.submit("echo").id
+
+
+def test_events_arrive_in_order_before_the_result(serve):
+    endpoint, _ = serve()
+    seen = []
+    with Connection.open(endpoint) as conn:
+        result = conn.stream("events", {"n": 200}, on_event=seen.append, timeout=WAIT)
+        assert seen == list(range(200))
+        assert result == "done"
+        # call() on a streaming op drops the events and returns the result.
+        assert conn.call("events", {"n": 3}, timeout=WAIT) == "done"
+
+
+def test_cancel_sets_ctx_cancelled(serve, probe):
+    endpoint, _ = serve()
+    with Connection.open(endpoint) as conn:
+        call = conn.submit("wait_cancel")
+        assert probe.started.wait(WAIT)
+        conn.cancel(call.id)
+        with pytest.raises(RemoteError) as info:
+            call.result(WAIT)
+        assert info.value.errno == errno.ECANCELED
+        assert probe.saw_cancel.is_set()
+        assert conn.call("echo", {"still": "works"}, timeout=WAIT) == {"still": "works"}
+
+
+def test_failing_event_consumer_cancels_the_request(serve, probe):
+    endpoint, _ = serve()
+
+    def on_event(event):
+        raise KeyError(f"consumer broke on {event}")
+
+    with Connection.open(endpoint) as conn:
+        with pytest.raises(KeyError, match="consumer broke on first"):
+            conn.stream("emit_then_wait", on_event=on_event, timeout=WAIT)
+        assert probe.saw_cancel.wait(WAIT)
+        assert conn.call("echo", {"x": 1}, timeout=WAIT) == {"x": 1}
+
+
+def test_call_timeout_names_the_op_and_cancels(serve, probe):
+    endpoint, _ = serve()
+    with Connection.open(endpoint) as conn:
+        with pytest.raises(CallTimeout, match="wait_cancel got no reply within 0.2 s") as info:
+            conn.call("wait_cancel", timeout=0.2)
+        assert isinstance(info.value, TimeoutError)
+        assert probe.saw_cancel.wait(WAIT)
+        assert conn.call("echo", {"after": "timeout"}, timeout=WAIT) == {"after": "timeout"}
+
+
+def test_client_disconnect_sets_ctx_cancelled(serve, probe):
+    endpoint, _ = serve()
+    conn = Connection.open(endpoint)
+    call = conn.submit("wait_cancel")
+    assert probe.started.wait(WAIT)
+    conn.close()
+    with pytest.raises(ConnectionClosed, match="closed by this client"):
+        call.result(WAIT)
+    assert probe.saw_cancel.wait(WAIT)
+    with pytest.raises(ConnectionClosed):
+        conn.call("echo")
+
+
+def test_unknown_op_gets_enosys_and_the_connection_lives(serve):
+    endpoint, _ = serve()
+    with Connection.open(endpoint) as conn:
+        with pytest.raises(RemoteError) as info:
+            conn.call("no.such.op", timeout=WAIT)
+        assert info.value.errno == errno.ENOSYS
+        assert "no operation 'no.such.op'" in str(info.value)
+        assert conn.call("echo", {"x": 1}, timeout=WAIT) == {"x": 1}
+
+
+@pytest.mark.parametrize(
+    "kind, code, words",
+    [
+        ("enoent", errno.ENOENT, "No such file or directory"),
+        ("enoent-bare", errno.ENOENT, "no such file in the share: dataset/x.csv"),
+        ("eacces", errno.EACCES, "scripts may only write under /output"),
+        ("enclave", errno.EIO, "the package is damaged: download it again"),
+        ("enclave-errno", errno.EKEYREJECTED, "the key was refused: check the key policy"),
+        ("bug", errno.EIO, "internal error in fail: see the enclave server log"),
+        ("unencodable", errno.EIO, "internal error in fail: see the enclave server log"),
+        ("exit", errno.EIO, "internal error in fail"),
+    ],
+)
+def test_errno_mapping(serve, caplog, kind, code, words):
+    endpoint, _ = serve()
+    with caplog.at_level(logging.ERROR, logger=WIRE_LOGGER), Connection.open(endpoint) as conn:
+        with pytest.raises(RemoteError) as info:
+            conn.call("fail", {"kind": kind}, timeout=WAIT)
+        error = info.value
+        assert isinstance(error, OSError) and isinstance(error, EnclaveError)
+        assert error.errno == code
+        assert error.name == errno.errorcode[code]
+        assert error.op == "fail"
+        assert words in str(error)
+        assert "/enclave/secret" not in str(error)  # an OSError's filename stays inside
+        assert "secret plaintext" not in str(error)
+        assert conn.call("echo", {"ok": 1}, timeout=WAIT) == {"ok": 1}
+    if kind in ("bug", "unencodable"):
+        assert any(record.exc_info for record in caplog.records)  # the traceback is in the server log
+
+
+def test_request_over_the_server_limit_is_refused_locally(serve):
+    endpoint, _ = serve(max_frame=MIN_FRAME)
+    with Connection.open(endpoint) as conn:
+        with pytest.raises(FrameTooLarge, match="frame limit of 65536"):
+            conn.call("echo", {"data": b"x" * MIN_FRAME})
+        assert conn.call("echo", {"data": b"x" * 1000}, timeout=WAIT) == {"data": b"x" * 1000}
+
+
+def test_result_over_the_client_limit_becomes_emsgsize(serve):
+    endpoint, _ = serve()
+    with Connection.open(endpoint, max_frame=MIN_FRAME) as conn:
+        with pytest.raises(RemoteError) as info:
+            conn.call("big", {"size": MIN_FRAME}, timeout=WAIT)
+        assert info.value.errno == errno.EMSGSIZE
+        assert "ask for less data per call" in str(info.value)
+        assert conn.call("big", {"size": 10}, timeout=WAIT) == b"\x01" * 10
+
+
+# --- broken peers ---------------------------------------------------------------------------
+
+
+def _frame(body):
+    return struct.pack(">I", len(body)) + body
+
+
+BAD_INPUTS = {
+    "4 GiB claim": (True, struct.pack(">I", 0xFFFFFFFF), "claims 4294967295 bytes"),
+    "garbage before hello": (False, b"GET / HTTP/1.1\r\nHost: enclave\r\n\r\n", "claims 1195725856 bytes"),
+    "not a hello": (False, _frame(cbor2.dumps({"id": 1, "op": "echo"})), "not a confidential-ml-nitro hello"),
+    "non-map frame": (True, _frame(cbor2.dumps([1, 2, 3])), "must hold a CBOR map, not list"),
+    "malformed CBOR": (True, _frame(b"\xff\xfe"), "malformed CBOR"),
+    "truncated frame": (True, struct.pack(">I", 100) + b"0123456789", "closed inside a frame (10 of 100 bytes)"),
+    "truncated header": (True, b"\x00\x00", "closed inside a frame header"),
+    "missing id": (True, _frame(cbor2.dumps({"op": "echo"})), "without a valid request id (got None)"),
+    "bad id": (True, _frame(cbor2.dumps({"id": "7", "op": "echo"})), "without a valid request id (got '7')"),
+    "negative id": (True, _frame(cbor2.dumps({"id": -1, "op": "echo"})), "without a valid request id"),
+    "no op": (True, _frame(cbor2.dumps({"id": 1})), "request 1 has no op"),
+    "args not a map": (True, _frame(cbor2.dumps({"id": 1, "op": "echo", "args": [1]})), "args must be a map"),
+    "int keys": (True, _frame(cbor2.dumps({"id": 1, "op": "echo", "args": {1: 2}})), "map key"),
+    "tagged value": (
+        True,
+        _frame(cbor2.dumps({"id": 1, "op": "echo", "args": {"t": cbor2.CBORTag(1, 0)}})),
+        "tags are not allowed",
+    ),
+    "bad cancel": (True, _frame(cbor2.dumps({"id": 1, "cancel": 1})), "cancel must be true"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_closes_only_that_connection(serve, caplog, name):
+    after_hello, data, reason = BAD_INPUTS[name]
+    endpoint, _ = serve()
+    with caplog.at_level(logging.WARNING, logger=WIRE_LOGGER), Connection.open(endpoint) as good:
+        assert good.call("echo", {"n": 1}, timeout=WAIT) == {"n": 1}
+        if after_hello:
+            sock, _ = raw_hello(endpoint)
+        else:
+            sock = endpoint.connect(timeout=WAIT)
+        with sock:
+            sock.sendall(data)
+            if "truncated" in name:
+                sock.shutdown(socket.SHUT_WR)
+            assert read_until_closed(sock) == b""  # the server closed it
+        assert good.call("echo", {"n": 2}, timeout=WAIT) == {"n": 2}
+    assert "closing the connection from unix peer" in caplog.text
+    assert reason in caplog.text
+
+
+def test_duplicate_in_flight_id_closes_the_connection(serve, probe, caplog):
+    endpoint, _ = serve()
+    with caplog.at_level(logging.WARNING, logger=WIRE_LOGGER):
+        sock, _ = raw_hello(endpoint)
+        with sock:
+            send_frame(sock, {"id": 5, "op": "wait_release"})
+            assert probe.started.wait(WAIT)
+            send_frame(sock, {"id": 5, "op": "echo"})
+            assert read_until_closed(sock) == b""
+    assert "request id 5 is already in flight" in caplog.text
+
+
+def test_ids_may_be_reused_once_answered(serve):
+    endpoint, _ = serve()
+    sock, _ = raw_hello(endpoint)
+    with sock:
+        for n in range(3):
+            send_frame(sock, {"id": 1, "op": "echo", "args": {"n": n}})
+            assert recv_frame(sock) == {"id": 1, "ok": {"n": n}}
+
+
+def test_client_that_stops_reading_frees_its_worker(serve, probe, caplog):
+    endpoint, _ = serve(workers=1, send_timeout=0.5)
+    sock, _ = raw_hello(endpoint)
+    with sock:
+        send_frame(sock, {"id": 1, "op": "flood"})  # and never read what it sends back
+        assert probe.saw_closed.wait(WAIT)
+        # The only worker is free again for everyone else.
+        with Connection.open(endpoint) as conn:
+            assert conn.call("echo", {"n": 1}, timeout=WAIT) == {"n": 1}
+
+
+def test_server_shutdown_mid_call_fails_the_call(serve, probe):
+    endpoint, server = serve()
+    with Connection.open(endpoint) as conn:
+        call = conn.submit("wait_release")
+        assert probe.started.wait(WAIT)
+        threading.Thread(target=server.shutdown).start()
+        with pytest.raises(ConnectionClosed, match="closed the connection"):
+            call.result(WAIT)
+        probe.release.set()
+        with pytest.raises(ConnectionClosed):
+            conn.call("echo")
+
+
+SERVER_SCRIPT = """
+import os, sys, threading
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import Server
+
+def hang(args, ctx):
+    os.write(1, b"hanging\\n")  # one atomic write: three of these run at once
+    threading.Event().wait()
+
+server = Server(Endpoint.parse(sys.argv[1]).listen(), {"hang": hang, "echo": lambda args, ctx: args})
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+
+def test_server_death_mid_call_fails_every_call_at_once(sockdir):
+    endpoint = Endpoint.unix(os.path.join(sockdir, "dying.sock"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT, str(endpoint)], stdout=subprocess.PIPE, text=True, env=os.environ
+    )
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        with Connection.open(endpoint, timeout=WAIT) as conn:
+            assert conn.call("echo", {"alive": True}, timeout=WAIT) == {"alive": True}
+            calls = [conn.submit("hang") for _ in range(3)]
+            assert proc.stdout.readline() == "hanging\n"
+            proc.send_signal(signal.SIGKILL)
+            for call in calls:
+                # A timeout here would be a CallTimeout, not ConnectionClosed: the test tells a hang from a drop.
+                with pytest.raises(ConnectionClosed, match="closed the connection"):
+                    call.result(WAIT)
+            with pytest.raises(ConnectionClosed, match="closed the connection"):
+                conn.call("echo", timeout=WAIT)
+            assert conn.closed
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_client_drops_a_server_that_breaks_the_protocol(sockdir):
+    endpoint = Endpoint.unix(os.path.join(sockdir, "rogue.sock"))
+    listener = endpoint.listen()
+
+    def rogue():
+        sock, _ = listener.accept()
+        with sock:
+            recv_frame(sock)
+            send_frame(sock, {"hello": PROTOCOL, "version": 1, "max_frame": MAX_FRAME, "server": "rogue"})
+            recv_frame(sock)
+            sock.sendall(struct.pack(">I", 0xFFFFFFFF))
+            read_until_closed(sock)
+        listener.close()
+
+    threading.Thread(target=rogue, daemon=True).start()
+    with (
+        Connection.open(endpoint, timeout=WAIT) as conn,
+        pytest.raises(ConnectionClosed, match="broke the protocol .*claims 4294967295 bytes"),
+    ):
+        conn.call("anything", timeout=WAIT)
