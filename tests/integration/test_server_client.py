@@ -6,102 +6,21 @@ streams its output and pulls the results.
 """
 
 import contextlib
-import hashlib
 import json
 import os
 import socket
 import struct
 import subprocess
 import sys
-import textwrap
 import time
-from pathlib import Path
 
-import boto3
 import pytest
 
-from ansible_collections.confidential_ml.nitro.enclave_local.kms import LocalKms, LocalKmsServer
-from ansible_collections.confidential_ml.nitro.enclave_local.nsm_service import NsmService
-from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA, SimulatedNsm
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient, host_kms_settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import Connection
 
-ACCOUNT = "111122223333"
-PCR0 = hashlib.sha384(b"enclave image under test").digest()
 ENCLAVE = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
-
-APP = {
-    "ml_algorithm.py": """
-        import argparse, os, sys
-        from model import predict
-        p = argparse.ArgumentParser()
-        p.add_argument("-m"); p.add_argument("-d"); p.add_argument("-o")
-        a = p.parse_args()
-        weights = open(a.m).read().strip()
-        with open(os.path.join(a.o, "results.csv"), "w") as out:
-            for name in sorted(os.listdir(a.d)):
-                label = predict(open(os.path.join(a.d, name)).read(), weights)
-                out.write(f"{name},{label}\\n")
-                print("classified", name, label, flush=True)
-        print("done", file=sys.stderr)
-    """,
-    "model.py": "def predict(text, weights):\n    return 'long' if len(text) > int(weights) else 'short'\n",
-    "model.h5": "5\n",
-    "spin.py": "import time\nprint('spinning', flush=True)\nwhile True: time.sleep(0.05)\n",
-}
-
-
-def wait_for_socket(path: Path, proc: subprocess.Popen) -> None:
-    for _ in range(300):
-        if path.exists():
-            return
-        assert proc.poll() is None, "the enclave server exited during start-up"
-        time.sleep(0.02)
-    raise AssertionError(f"{path} never appeared")
-
-
-@pytest.fixture
-def enclave(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    monkeypatch.setenv("ENCLAVE_HOME", str(home))
-    ca = LocalCA.load_or_create(home)
-    kms_server = LocalKmsServer(LocalKms(tmp_path / "kms", trusted_roots=[ca.root_certificate])).start()
-    owner = boto3.client("kms", endpoint_url=kms_server.endpoint_url, region_name="us-east-1",
-                         aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
-    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
-    policy = render_policy(account_id=ACCOUNT, user_principals=[f"arn:aws:iam::{ACCOUNT}:role/enclave-host"],
-                           admin_principals=[f"arn:aws:iam::{ACCOUNT}:role/owner"], pcr0=[PCR0.hex()])  # fmt: skip
-    owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
-    app = tmp_path / "app"
-    app.mkdir()
-    for name, body in APP.items():
-        (app / name).write_text(textwrap.dedent(body))
-    sealed = tmp_path / "published" / "app.pkg"
-    sealed.parent.mkdir()
-    package.seal(app, sealed, kms_client=owner, key_id=key_id, name="app", version="1.0")
-
-    nsm = NsmService(SimulatedNsm(ca, {0: PCR0, 1: bytes(48), 2: bytes(48)}), tmp_path / "nsm.sock").start()
-    sock = tmp_path / "vsock" / "16_5000.sock"
-    sock.parent.mkdir()
-    (tmp_path / "work").mkdir()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.enclave_server",
-         "--listen", f"unix://{sock}", "--share", str(tmp_path / "share"), "--work", str(tmp_path / "work"),
-         "--nsm", f"unix://{tmp_path / 'nsm.sock'}", "--kms-endpoint-url", kms_server.endpoint_url],
-    )  # fmt: skip
-    wait_for_socket(sock, server)
-    monkeypatch.setenv("ENCLAVE_ENDPOINT", f"unix://{sock}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "enclave-host")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    yield {"tmp": tmp_path, "sock": sock, "sealed": sealed, "server": server, "work": tmp_path / "work"}
-    server.terminate()
-    server.wait(timeout=10)
-    nsm.stop()
-    kms_server.stop()
 
 
 def cli(*args, check=True):
@@ -117,7 +36,7 @@ def test_push_run_pull_through_the_cli(enclave):
     dataset.mkdir()
     (dataset / "a.txt").write_text("hi")
     (dataset / "b.txt").write_text("a much longer text")
-    pcr0 = PCR0.hex()
+    pcr0 = enclave["pcr0"]
 
     assert "enclave attested" in cli("attest", "--expect-pcr0", pcr0).stdout
     pushed = json.loads(
@@ -216,4 +135,4 @@ def test_client_that_disconnects_mid_job_stops_the_job(enclave):
 
 def test_client_refuses_unverifiable_enclave(enclave):
     with pytest.raises(EnclaveError):
-        EnclaveClient(f"unix://{enclave['sock']}", expect_pcr0=PCR0.hex(), trusted_roots=[])
+        EnclaveClient(f"unix://{enclave['sock']}", expect_pcr0=enclave["pcr0"], trusted_roots=[])
