@@ -762,7 +762,7 @@ def _extract(
             member = tar.next()
             if member is None:
                 raise _Refused(f"the archive ends before {entry.path!r}, which its manifest lists")
-            _check_member(member, entry)
+            _check_member(tar, member, entry)
             if "/" not in entry.path:
                 written.append(entry.path)  # before creating it: a half-written file must go too
             if entry.type == "dir":
@@ -781,6 +781,8 @@ def _extract(
 
 def _read_manifest(tar: tarfile.TarFile, header: PackageHeader, max_total_bytes: int) -> list[ManifestEntry]:
     member = tar.next()
+    if member is not None:
+        _check_no_global_header(tar, member)
     if member is None or member.name != MANIFEST_NAME or member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
         raise _Refused(f"its first member is {member.name if member else None!r}, not the manifest {MANIFEST_NAME!r}")
     if member.size > MAX_MANIFEST_BYTES:
@@ -801,7 +803,8 @@ def _read_manifest(tar: tarfile.TarFile, header: PackageHeader, max_total_bytes:
     return entries
 
 
-def _check_member(member: tarfile.TarInfo, entry: ManifestEntry) -> None:
+def _check_member(tar: tarfile.TarFile, member: tarfile.TarInfo, entry: ManifestEntry) -> None:
+    _check_no_global_header(tar, member)
     kind = _REFUSED_MEMBER_KINDS.get(member.type)
     if kind is None and member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE):
         kind = f"a tar member of type {member.type!r}"
@@ -824,6 +827,11 @@ def _check_member(member: tarfile.TarInfo, entry: ManifestEntry) -> None:
         )
     if member.size != entry.size:
         raise _Refused(f"member {member.name!r} claims {member.size} bytes; its manifest says {entry.size}")
+
+
+def _check_no_global_header(tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    if tar.pax_headers:  # a global pax header applies to every member after it, renames included
+        raise _Refused(f"it carries a global pax header before {member.name!r}")
 
 
 def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path, entry: ManifestEntry) -> None:

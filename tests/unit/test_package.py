@@ -624,6 +624,18 @@ def test_first_member_must_be_the_manifest(tmp_path):
     assert_refused(path, tmp_path / "out", known_key, "first member is 'a', not the manifest")
 
 
+@pytest.mark.parametrize("records", [{"comment": "hidden"}, {"path": "a"}])
+def test_global_pax_header_is_refused(tmp_path, records):
+    entries = [file_entry("a", b"a")]
+    manifest = encode_manifest(entries)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT, pax_headers=records) as tar:
+        tar.addfile(member(package.MANIFEST_NAME, size=len(manifest)), io.BytesIO(manifest))
+        tar.addfile(member("a", size=1), io.BytesIO(b"a"))
+    path = hostile_package(tmp_path, entries, None, manifest=manifest, tail=buffer.getvalue())
+    assert_refused(path, tmp_path / "out", known_key, "global pax header")
+
+
 @pytest.mark.parametrize("where", ["after the last record", "inside the end padding", "in the second zero block"])
 def test_data_after_the_archive_is_refused(tmp_path, where):
     entries, members = [file_entry("a", b"a")], [(member("a", size=1), b"a")]
