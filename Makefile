@@ -24,7 +24,7 @@ deps:
 $(BIN)/enclave: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q '.[test]'
+	$(BIN)/pip install -q '.[test,examples]'
 	@touch $@
 
 venv: deps $(BIN)/enclave link

@@ -1,0 +1,50 @@
+"""The example app: a deterministic, pickle-free model that classifies the shipped dataset well."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def build(tmp_path, name):
+    out = tmp_path / name
+    subprocess.run([sys.executable, str(ROOT / "examples/train_model.py"), str(out)], check=True, capture_output=True)
+    return out
+
+
+def test_training_is_deterministic_and_pickle_free(tmp_path):
+    first, second = build(tmp_path, "a"), build(tmp_path, "b")
+    model = (first / "model/digits.npz").read_bytes()
+    assert model == (second / "model/digits.npz").read_bytes()
+    assert b"pickle" not in model and b"\x80\x04" not in model[:64]  # arrays only, no pickle stream
+    assert hashlib.sha256(model).hexdigest()
+
+
+def test_app_classifies_the_user_dataset(tmp_path):
+    app = build(tmp_path, "app")
+    out = tmp_path / "output"
+    result = subprocess.run(
+        [sys.executable, str(app / "ml_algorithm.py"), "-m", str(app / "model/digits.npz"),
+         "-d", str(ROOT / "examples/dataset"), "-o", str(out)],
+        cwd=app, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rows"] == 180 and metrics["labelled_rows"] == 180
+    assert metrics["accuracy"] > 0.9
+    lines = (out / "results.csv").read_text().splitlines()
+    assert lines[0] == "file,row,prediction,label" and len(lines) == 181
+    assert "180 rows classified" in result.stdout
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path):
+    app = build(tmp_path, "app")
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run(
+        [sys.executable, str(app / "ml_algorithm.py"), "-m", str(app / "model/digits.npz"),
+         "-d", str(tmp_path / "empty"), "-o", str(tmp_path / "out")],
+        cwd=app, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2 and "no CSV files" in result.stderr
