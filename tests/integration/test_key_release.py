@@ -218,3 +218,24 @@ def test_cli_seal_inspect_and_lint(tmp_path):
     )
     assert lint_bad.returncode == 1
     assert "Deny" in lint_bad.stderr
+
+
+def test_cli_attestation_verify(tmp_path):
+    ca = LocalCA.load_or_create(tmp_path / "state")
+    nonce = os.urandom(16)
+    doc = tmp_path / "doc.cose"
+    doc.write_bytes(SimulatedNsm(ca, {0: PCR0_GOOD}).attest(nonce=nonce))
+    root = tmp_path / "root.pem"
+    root.write_bytes(ca.root_pem)
+    enclave = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main", "attestation", "verify"]
+    good = subprocess.run(
+        [*enclave, str(doc), "--root", str(root), "--expect-pcr0", PCR0_GOOD.hex(), "--nonce", nonce.hex(), "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["pcrs"]["0"] == PCR0_GOOD.hex()
+    wrong = subprocess.run([*enclave, str(doc), "--root", str(root), "--expect-pcr0", PCR0_EVIL.hex()],
+                           capture_output=True, text=True)  # fmt: skip
+    assert wrong.returncode == 1 and PCR0_EVIL.hex() in wrong.stderr
+    untrusted = subprocess.run([*enclave, str(doc)], capture_output=True, text=True)  # AWS root only
+    assert untrusted.returncode == 1 and "error" in untrusted.stderr
