@@ -1,0 +1,221 @@
+#!/usr/bin/python
+# Copyright: confidential_ml.nitro developers
+# Apache License 2.0 (see LICENSE or https://www.apache.org/licenses/LICENSE-2.0)
+# ruff: noqa: E402  (Ansible modules put DOCUMENTATION, EXAMPLES and RETURN before the imports)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: enclave_instance
+short_description: Keep an enclave running from a given image with given resources, or absent
+version_added: 0.1.0
+description:
+  - Runs the enclave image O(image) as the enclave named O(name), through the backend's runtime (C(nitro-cli) on
+    V(nitro), the local runtime on V(local)).
+  - Idempotent. An enclave of that name that runs the same image (by SHA-256 of the image file) with the same
+    CPU count, memory, CID (when given) and debug mode is left alone; otherwise it is terminated and started
+    again, so the enclave restarts only when its image or its resources changed.
+  - The image an enclave was started from is recorded under the project's state directory
+    (C($ENCLAVE_HOME/instances/NAME.json)), because neither runtime reports it.
+author:
+  - confidential_ml.nitro developers
+options:
+  name:
+    description: The enclave's name.
+    type: str
+    required: true
+  image:
+    description: The enclave image file (an EIF on V(nitro)). Required with O(state=running).
+    type: path
+  backend:
+    description: The runtime. Defaults to the E(ENCLAVE_BACKEND) environment variable, else V(local).
+    type: str
+    choices: [local, nitro]
+  cpu_count:
+    description: vCPUs for the enclave.
+    type: int
+    default: 2
+  memory_mib:
+    description: Memory for the enclave in MiB (on V(nitro) at least 4x the EIF).
+    type: int
+    default: 1024
+  cid:
+    description: The enclave's CID; assigned by the runtime when not given.
+    type: int
+  debug_mode:
+    description:
+      - Start in debug mode. Debug enclaves attest all-zero PCRs, so no sound key policy releases a package key
+        to them; use it only to read the console while developing.
+    type: bool
+    default: false
+  state:
+    description: V(running) starts (or restarts) the enclave as described; V(absent) terminates it.
+    type: str
+    choices: [running, absent]
+    default: running
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+attributes:
+  check_mode:
+    support: full
+    details: Reports whether the enclave would be started, restarted or terminated; changes nothing.
+  diff_mode:
+    support: full
+    details: The enclave's image digest and resources before and after.
+  platform:
+    platforms: posix
+requirements:
+  - python >= 3.11
+  - On V(nitro), C(nitro-cli) on the host.
+seealso:
+  - module: confidential_ml.nitro.enclave_image
+  - module: confidential_ml.nitro.enclave_info
+"""
+
+EXAMPLES = r"""
+- name: Run the owner's enclave image
+  confidential_ml.nitro.enclave_instance:
+    name: confidential-ml
+    image: /srv/release/enclave.eif
+    cpu_count: 2
+    memory_mib: 4096
+    backend: nitro
+
+- name: Stop it
+  confidential_ml.nitro.enclave_instance:
+    name: confidential-ml
+    state: absent
+"""
+
+RETURN = r"""
+enclave:
+  description: The enclave as C(nitro-cli describe-enclaves) shows it, plus its server's C(Endpoint).
+  returned: when state is running and not in check mode, or when it already ran as asked
+  type: dict
+  sample:
+    EnclaveName: confidential-ml
+    EnclaveID: i-0123456789abcdef0-enc0123456789abcdef
+    EnclaveCID: 16
+    NumberOfCPUs: 2
+    MemoryMiB: 4096
+    State: RUNNING
+    Flags: NONE
+    Endpoint: vsock://16:5000
+action:
+  description: What the module did (or would do in check mode).
+  returned: always
+  type: str
+  sample: started
+"""
+
+import hashlib
+import json
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import get_runtime
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.settings import private_dir, state_home
+
+
+def image_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_path(name: str):
+    return state_home() / "instances" / f"{name}.json"
+
+
+def wanted(params: dict, digest: str) -> dict:
+    return {
+        "image_sha256": digest,
+        "cpu_count": params["cpu_count"],
+        "memory_mib": params["memory_mib"],
+        "debug_mode": params["debug_mode"],
+        **({"cid": params["cid"]} if params["cid"] is not None else {}),
+    }
+
+
+def current(info, record: dict | None) -> dict:
+    if info is None:
+        return {}
+    return {
+        "image_sha256": (record or {}).get("image_sha256")
+        if (record or {}).get("enclave_id") == info.enclave_id
+        else None,
+        "cpu_count": info.cpu_count,
+        "memory_mib": info.memory_mib,
+        "debug_mode": info.debug_mode,
+        "cid": info.cid,
+    }
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "name": {"type": "str", "required": True},
+            "image": {"type": "path"},
+            "backend": {"type": "str", "choices": ["local", "nitro"]},
+            "cpu_count": {"type": "int", "default": 2},
+            "memory_mib": {"type": "int", "default": 1024},
+            "cid": {"type": "int"},
+            "debug_mode": {"type": "bool", "default": False},
+            "state": {"type": "str", "choices": ["running", "absent"], "default": "running"},
+        },
+        required_if=[("state", "running", ["image"])],
+        supports_check_mode=True,
+    )
+    params = module.params
+    name = params["name"]
+    try:
+        runtime = get_runtime(params["backend"])
+        info = next((e for e in runtime.describe() if e.name == name), None)
+        path = record_path(name)
+        record = json.loads(path.read_text()) if path.exists() else None
+        before = current(info, record)
+
+        if params["state"] == "absent":
+            if info is None:
+                module.exit_json(changed=False, action="none")
+            if not module.check_mode:
+                runtime.terminate(info.enclave_id)
+                path.unlink(missing_ok=True)
+            module.exit_json(changed=True, action="terminated", diff={"before": before, "after": {}})
+
+        if not os.path.isfile(params["image"]):
+            module.fail_json(
+                msg=f"image {params['image']} does not exist: build it (enclave_image) or fetch the release"
+            )
+        after = wanted(params, image_digest(params["image"]))
+        same = info is not None and all(before.get(k) == v for k, v in after.items())
+        if same:
+            module.exit_json(changed=False, action="none", enclave=info.to_json())
+        action = "restarted" if info is not None else "started"
+        if module.check_mode:
+            module.exit_json(changed=True, action=action, diff={"before": before, "after": after})
+        if info is not None:
+            runtime.terminate(info.enclave_id)
+        started = runtime.run(
+            params["image"],
+            cpu_count=params["cpu_count"],
+            memory_mib=params["memory_mib"],
+            cid=params["cid"],
+            name=name,
+            debug_mode=params["debug_mode"],
+        )
+        private_dir(path.parent)
+        path.write_text(json.dumps({"enclave_id": started.enclave_id, **after}, sort_keys=True))
+        module.exit_json(
+            changed=True, action=action, enclave=started.to_json(), diff={"before": before, "after": after}
+        )
+    except EnclaveError as err:
+        module.fail_json(msg=str(err))
+
+
+if __name__ == "__main__":
+    main()
