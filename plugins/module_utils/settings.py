@@ -28,6 +28,22 @@ def private_dir(path: Path) -> Path:
 
 DEFAULT_SERVER_PORT = 5000
 ENV_ENDPOINT = "ENCLAVE_ENDPOINT"
+ENV_BACKEND = "ENCLAVE_BACKEND"
+BACKENDS = ("local", "nitro")
+
+
+def backend(name: str | None = None) -> str:
+    """The enclave backend: name if given, else $ENCLAVE_BACKEND, else "local" (the embedded default)."""
+    chosen = name or os.environ.get(ENV_BACKEND) or "local"
+    if chosen not in BACKENDS:
+        from .errors import EnclaveError
+
+        source = "backend" if name else f"${ENV_BACKEND}"
+        raise EnclaveError(
+            f'unknown enclave backend {chosen!r} (from {source}): use "local" (the default, no Nitro hardware) '
+            'or "nitro" (a Nitro parent instance with nitro-cli)'
+        )
+    return chosen
 
 
 def resolve_endpoint(endpoint: str | None = None, *, cid: int | None = None, port: int | None = None) -> str:
@@ -39,6 +55,11 @@ def resolve_endpoint(endpoint: str | None = None, *, cid: int | None = None, por
     port = port or DEFAULT_SERVER_PORT
     if cid is not None:
         return f"vsock://{cid}:{port}"
+    if backend() == "nitro":
+        # Lazy: runtime imports this module. The one RUNNING enclave of `nitro-cli describe-enclaves`.
+        from .runtime import NitroRuntime, discover_endpoint
+
+        return discover_endpoint(NitroRuntime(port=port))
     from .errors import EnclaveError
 
     raise EnclaveError(

@@ -1,0 +1,675 @@
+"""The runtime interface and the nitro backend, against a strict fake nitro-cli on PATH.
+
+tests/fixtures/fake-nitro-cli accepts only nitro-cli's own spelling of the
+options this project uses, prints nitro-cli's JSON, keeps enclaves in a state
+directory and records every call, so these tests check the exact command lines
+NitroRuntime sends and how it reads the answers.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import runtime, settings
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import (
+    BuildResult,
+    EnclaveInfo,
+    EnclaveNotFound,
+    Measurements,
+    NitroRuntime,
+    Runtime,
+    RuntimeFailure,
+    get_runtime,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKE = ROOT / "tests" / "fixtures" / "fake-nitro-cli"
+DOCKERFILE = ROOT / "enclave_server" / "Dockerfile"
+REQUIREMENTS = ROOT / "enclave_server" / "requirements.txt"
+REQUIREMENTS_IN = ROOT / "enclave_server" / "requirements.in"
+ENTRYPOINT = ROOT / "enclave_server" / "entrypoint.sh"
+SERVER_MODULE = "ansible_collections.confidential_ml.nitro.enclave_server"
+
+P0, P1, P2, P8 = (f"{n:096x}" for n in (0xA0, 0xA1, 0xA2, 0xA8))
+
+
+class FakeNitroCli:
+    def __init__(self, state: Path):
+        self.state = state
+
+    def calls(self) -> list[dict]:
+        log = self.state / "calls.jsonl"
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    def argvs(self) -> list[list[str]]:
+        return [c["argv"] for c in self.calls()]
+
+    def enclaves(self) -> list[dict]:
+        path = self.state / "enclaves.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def seed(self, *enclaves: dict) -> None:
+        (self.state / "enclaves.json").write_text(json.dumps(list(enclaves)))
+
+    def set_console(self, enclave_id: str, text: str) -> None:
+        (self.state / "console").mkdir(exist_ok=True)
+        (self.state / "console" / f"{enclave_id}.log").write_text(text)
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """The fake nitro-cli first on PATH, with its own state directory."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nitro-cli").symlink_to(FAKE)
+    state = tmp_path / "nitro-state"
+    state.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_NITRO_CLI_STATE", str(state))
+    monkeypatch.delenv("FAKE_NITRO_CLI_FAIL", raising=False)
+    return FakeNitroCli(state)
+
+
+@pytest.fixture
+def eif(tmp_path):
+    path = tmp_path / "enclave.eif"
+    path.write_bytes(b"FAKE-EIF\0image")
+    return path
+
+
+def described(name, cid, *, state="RUNNING", flags="NONE", enclave_id=None):
+    return {
+        "EnclaveName": name,
+        "EnclaveID": enclave_id or f"i-0123456789abcdef0-enc{cid:016x}",
+        "ProcessID": 1000 + cid,
+        "EnclaveCID": cid,
+        "NumberOfCPUs": 2,
+        "CPUIDs": [1, 3],
+        "MemoryMiB": 1024,
+        "State": state,
+        "Flags": flags,
+    }
+
+
+# ---------------------------------------------------------------- data types
+
+
+def test_measurements_round_trip_in_nitro_cli_shape():
+    signed = Measurements(P0, P1, P2, P8)
+    assert signed.to_json() == {"HashAlgorithm": "Sha384 { ... }", "PCR0": P0, "PCR1": P1, "PCR2": P2, "PCR8": P8}
+    assert Measurements.from_json(signed.to_json()) == signed
+    unsigned = Measurements(P0, P1, P2)
+    assert "PCR8" not in unsigned.to_json()
+    # The whole build-enclave output is accepted too, and upper-case hex is stored lowercase.
+    wrapped = {"Measurements": {"HashAlgorithm": "Sha384 { ... }", "PCR0": P0.upper(), "PCR1": P1, "PCR2": P2}}
+    assert Measurements.from_json(wrapped) == unsigned
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ((P0[:-2], P1, P2), "PCR0 must be 96 lowercase hex"),
+        ((P0.upper(), P1, P2), "PCR0 must be 96 lowercase hex"),
+        ((P0, P1, "zz" * 48), "PCR2 must be 96 lowercase hex"),
+        ((P0, P1, P2, "00"), "PCR8 must be 96 lowercase hex"),
+    ],
+)
+def test_measurements_are_validated(fields, message):
+    with pytest.raises(RuntimeFailure, match=message):
+        Measurements(*fields)
+
+
+def test_measurements_from_json_refuses_other_shapes():
+    with pytest.raises(RuntimeFailure, match="lack PCR1, PCR2"):
+        Measurements.from_json({"PCR0": P0})
+    with pytest.raises(RuntimeFailure, match="only SHA-384"):
+        Measurements.from_json({"HashAlgorithm": "Sha256 { ... }", "PCR0": P0, "PCR1": P1, "PCR2": P2})
+
+
+def test_enclave_info_round_trip_in_describe_shape():
+    data = described("ml", 16, flags="DEBUG_MODE")
+    info = EnclaveInfo.from_json(data, port=5005)
+    assert info == EnclaveInfo(
+        name="ml",
+        enclave_id=data["EnclaveID"],
+        cid=16,
+        state="RUNNING",
+        memory_mib=1024,
+        cpu_count=2,
+        debug_mode=True,
+        endpoint="vsock://16:5005",
+        process_id=1016,
+        cpu_ids=(1, 3),
+    )
+    assert info.to_json() == {**data, "Endpoint": "vsock://16:5005"}
+    # An explicit Endpoint (the local backend's unix socket) wins over the CID.
+    local = EnclaveInfo.from_json({**data, "Endpoint": "unix:///run/enclave/16_5000.sock"})
+    assert local.endpoint == "unix:///run/enclave/16_5000.sock"
+    assert EnclaveInfo.from_json(local.to_json()) == local
+    assert EnclaveInfo.from_json(described("x", 17)).debug_mode is False
+
+
+def test_enclave_info_reports_a_missing_field():
+    data = described("ml", 16)
+    del data["EnclaveCID"]
+    with pytest.raises(RuntimeFailure, match="lacks EnclaveCID.*nitro-cli version"):
+        EnclaveInfo.from_json(data)
+
+
+def test_nitro_runtime_satisfies_the_protocol():
+    assert isinstance(NitroRuntime(), Runtime)
+
+
+# ---------------------------------------------------------------- the fake itself
+
+
+def test_fake_refuses_what_nitro_cli_refuses(fake):
+    def fake_run(*args):
+        return subprocess.run(["nitro-cli", *args], capture_output=True, text=True)
+
+    unknown = fake_run("describe-enclaves", "--json")
+    assert unknown.returncode == 1 and "Found argument '--json' which wasn't expected" in unknown.stderr
+    missing = fake_run("run-enclave", "--eif-path", "x.eif", "--cpu-count", "2")
+    assert missing.returncode == 1 and "--memory <memory>" in missing.stderr
+    both = fake_run("terminate-enclave", "--all", "--enclave-id", "i-1")
+    assert both.returncode == 1 and "cannot be used with" in both.stderr
+    typo = fake_run("run-enclave", "--eif-path", "x.eif", "--cpu-count", "two", "--memory", "512")
+    assert typo.returncode == 1 and typo.stderr.startswith("[ E03 ]")
+    assert [c["exit"] for c in fake.calls()] == [1, 1, 1, 1]
+
+
+# ---------------------------------------------------------------- build
+
+
+def test_build_default_source_stages_the_project_image(fake, tmp_path):
+    result = NitroRuntime().build(output=str(tmp_path / "out" / ".." / "enclave.eif"))
+    assert isinstance(result, BuildResult)
+    assert result.image == str(tmp_path / "enclave.eif")
+    (call,) = fake.calls()
+    argv = call["argv"]
+    assert argv[0] == "build-enclave"
+    assert argv[1] == "--docker-uri" and re.fullmatch(r"confidential-ml-nitro-enclave:[0-9a-f]{20}", argv[2])
+    assert argv[3] == "--docker-dir" and argv[5:] == ["--output-file", result.image]
+    files = call["docker_dir_files"]
+    assert "Dockerfile" in files and "enclave_server/server.py" in files
+    assert "plugins/module_utils/runtime.py" in files and "enclave_server/requirements.txt" in files
+    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
+    assert not [f for f in files if f.split("/")[0] not in ("Dockerfile", "enclave_server", "plugins")]
+    assert not Path(argv[4]).exists(), "the staged context is removed after the build"
+    # The fake's PCR0 is the SHA-384 of the EIF it wrote, as nitro-cli's is of the image.
+    assert result.measurements.pcr0 == hashlib.sha384(Path(result.image).read_bytes()).hexdigest()
+    assert result.measurements.pcr8 is None
+
+    again = NitroRuntime().build(output=str(tmp_path / "again.eif"))
+    assert again.measurements == result.measurements, "the same sources give the same measurements"
+    assert fake.argvs()[1][2] == argv[2], "and the same image tag"
+
+
+def test_build_signed_image_reports_pcr8(fake, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("certificate")
+    key.write_text("key")
+    docker_dir = tmp_path / "app"
+    docker_dir.mkdir()
+    (docker_dir / "Dockerfile").write_text("FROM scratch\n")
+    result = NitroRuntime().build(
+        output=str(tmp_path / "signed.eif"),
+        source=str(docker_dir),
+        signing_certificate=str(cert),
+        private_key=str(key),
+    )
+    assert result.measurements.pcr8 == hashlib.sha384(b"certificate").hexdigest()
+    (argv,) = fake.argvs()
+    assert argv[3:] == [
+        "--docker-dir",
+        str(docker_dir),
+        "--output-file",
+        str(tmp_path / "signed.eif"),
+        "--signing-certificate",
+        str(cert),
+        "--private-key",
+        str(key),
+    ]
+
+
+def test_build_from_an_image_uri(fake, tmp_path):
+    result = NitroRuntime().build(output=str(tmp_path / "u.eif"), source="public.ecr.aws/acme/enclave:1.2")
+    assert fake.argvs() == [
+        ["build-enclave", "--docker-uri", "public.ecr.aws/acme/enclave:1.2", "--output-file", str(tmp_path / "u.eif")]
+    ]
+    assert Path(result.image).read_bytes() == b"FAKE-EIF\0public.ecr.aws/acme/enclave:1.2"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"signing_certificate": "c.pem"}, "both signing_certificate and private_key"),
+        ({"source": "./no-such-dir"}, "is not a directory"),
+        ({"output": "/no/such/dir/x.eif"}, "create the directory /no/such/dir first"),
+    ],
+)
+def test_build_refuses_bad_arguments_before_calling_nitro_cli(fake, tmp_path, kwargs, message):
+    kwargs = {"output": str(tmp_path / "x.eif"), **kwargs}
+    with pytest.raises(RuntimeFailure, match=message):
+        NitroRuntime().build(**kwargs)
+    assert fake.calls() == []
+
+
+def test_build_failure_carries_stderr_and_hint(fake, tmp_path, monkeypatch):
+    docker_dir = tmp_path / "app"
+    docker_dir.mkdir()
+    with pytest.raises(RuntimeFailure, match="has no Dockerfile"):
+        NitroRuntime().build(output=str(tmp_path / "x.eif"), source=str(docker_dir))
+    assert fake.calls() == []
+    (docker_dir / "Dockerfile").write_text("FROM scratch\n")
+    monkeypatch.setenv("FAKE_NITRO_CLI_FAIL", "build-enclave:E49")
+    with pytest.raises(RuntimeFailure) as caught:
+        NitroRuntime().build(output=str(tmp_path / "x.eif"), source=str(docker_dir))
+    assert caught.value.code == "E49" and caught.value.returncode == 1
+    assert caught.value.stderr.startswith("[ E49 ] Docker image build error")
+    assert "What to do: docker could not build the image: is docker running" in str(caught.value)
+
+
+# ---------------------------------------------------------------- run, describe
+
+
+def test_run_passes_nitro_cli_options_and_reads_its_answer(fake, eif):
+    info = NitroRuntime().run(str(eif), cpu_count=2, memory_mib=1024, cid=21, name="ml", debug_mode=True)
+    assert fake.argvs() == [
+        [
+            "run-enclave",
+            "--eif-path",
+            str(eif),
+            "--cpu-count",
+            "2",
+            "--memory",
+            "1024",
+            "--enclave-cid",
+            "21",
+            "--enclave-name",
+            "ml",
+            "--debug-mode",
+        ]
+    ]
+    (stored,) = fake.enclaves()
+    assert info == EnclaveInfo(
+        name="ml",
+        enclave_id=stored["EnclaveID"],
+        cid=21,
+        state="RUNNING",
+        memory_mib=1024,
+        cpu_count=2,
+        debug_mode=True,
+        endpoint="vsock://21:5000",
+        process_id=stored["ProcessID"],
+        cpu_ids=(1, 3),
+    )
+
+
+def test_run_defaults_and_port_setting(fake, eif):
+    info = NitroRuntime(port=6000).run(str(eif))
+    assert fake.argvs() == [["run-enclave", "--eif-path", str(eif), "--cpu-count", "2", "--memory", "512"]]
+    assert info.name == "enclave" and info.cid == 16 and info.debug_mode is False
+    assert info.endpoint == "vsock://16:6000"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"cpu_count": 0}, "cpu_count must be a positive integer"),
+        ({"memory_mib": 16}, "memory_mib must be an integer of at least 64"),
+        ({"cid": 3}, "0-3 are reserved"),
+    ],
+)
+def test_run_refuses_bad_arguments_before_calling_nitro_cli(fake, eif, kwargs, message):
+    with pytest.raises(RuntimeFailure, match=message):
+        NitroRuntime().run(str(eif), **kwargs)
+    with pytest.raises(RuntimeFailure, match="no enclave image at"):
+        NitroRuntime().run(str(eif) + ".missing")
+    assert fake.calls() == []
+
+
+def test_run_failure_carries_stderr_code_and_what_to_do(fake, eif, monkeypatch):
+    monkeypatch.setenv("FAKE_NITRO_CLI_FAIL", "run-enclave:E26")
+    with pytest.raises(RuntimeFailure) as caught:
+        NitroRuntime().run(str(eif), memory_mib=128)
+    failure = caught.value
+    assert failure.returncode == 1 and failure.code == "E26"
+    assert failure.stderr.startswith("[ E26 ] Insufficient memory requested")
+    assert failure.command[:2] == ["nitro-cli", "run-enclave"]
+    message = str(failure)
+    assert "`nitro-cli run-enclave` failed (exit 1): [ E26 ]" in message
+    assert "What to do: memory_mib is too small" in message
+    assert "nitro-cli explain --error-code E26" in message and "cli-errors.html#E26" in message
+    assert fake.enclaves() == []
+
+
+def test_run_reports_nitro_cli_refusals_from_its_own_checks(fake, eif, monkeypatch):
+    monkeypatch.setenv("FAKE_NITRO_CLI_CPUS", "2")
+    with pytest.raises(RuntimeFailure, match=r"(?s)\[ E22 \].*What to do: not enough CPUs") as caught:
+        NitroRuntime().run(str(eif), cpu_count=3)
+    assert caught.value.code == "E22"
+
+
+def test_missing_nitro_cli_says_what_to_install(tmp_path):
+    with pytest.raises(RuntimeFailure, match="not found: install the AWS Nitro Enclaves CLI"):
+        NitroRuntime(nitro_cli=str(tmp_path / "nitro-cli")).describe()
+
+
+def test_describe_lists_enclaves(fake, eif):
+    rt = NitroRuntime()
+    assert rt.describe() == []
+    first = rt.run(str(eif), name="a")
+    second = rt.run(str(eif), name="b", debug_mode=True)
+    assert rt.describe() == [first, second]
+    assert fake.argvs()[-1] == ["describe-enclaves"]
+
+
+def test_a_slow_nitro_cli_is_stopped(tmp_path):
+    slow = tmp_path / "nitro-cli"
+    slow.write_text("#!/bin/sh\necho 'Start allocating memory...' >&2\nexec sleep 30\n")
+    slow.chmod(0o755)
+    with pytest.raises(RuntimeFailure, match="did not finish within 0.5 s.*Start allocating memory"):
+        NitroRuntime(nitro_cli=str(slow), timeout=0.5).describe()
+
+
+# ---------------------------------------------------------------- terminate, console
+
+
+def test_terminate_by_name_maps_to_the_enclave_id(fake):
+    a, b = described("a", 16), described("b", 17)
+    fake.seed(a, b)
+    assert NitroRuntime().terminate("b") == [b["EnclaveID"]]
+    assert fake.argvs() == [["describe-enclaves"], ["terminate-enclave", "--enclave-id", b["EnclaveID"]]]
+    assert fake.enclaves() == [a]
+    assert NitroRuntime().terminate(a["EnclaveID"]) == [a["EnclaveID"]]
+    assert fake.argvs()[-1] == ["terminate-enclave", "--enclave-id", a["EnclaveID"]]
+
+
+def test_terminate_all(fake):
+    a, b = described("a", 16), described("b", 17)
+    fake.seed(a, b)
+    assert NitroRuntime().terminate(all=True) == [a["EnclaveID"], b["EnclaveID"]]
+    assert fake.argvs() == [["terminate-enclave", "--all"]]
+    assert NitroRuntime().terminate(all=True) == []
+
+
+def test_terminate_refuses_unknown_ambiguous_and_unclear_requests(fake):
+    fake.seed(described("twin", 16), described("twin", 17))
+    with pytest.raises(EnclaveNotFound, match="no enclave has the ID or name 'ghost'; running: twin"):
+        NitroRuntime().terminate("ghost")
+    with pytest.raises(RuntimeFailure, match="2 enclaves are named 'twin': give its EnclaveID"):
+        NitroRuntime().terminate("twin")
+    with pytest.raises(RuntimeFailure, match="either an enclave"):
+        NitroRuntime().terminate()
+    with pytest.raises(RuntimeFailure, match="either an enclave"):
+        NitroRuntime().terminate("twin", all=True)
+    assert not [argv for argv in fake.argvs() if argv[0] == "terminate-enclave"]
+    assert len(fake.enclaves()) == 2
+
+
+def test_console_reads_a_debug_enclave_until_idle(fake):
+    debug = described("dbg", 16, flags="DEBUG_MODE")
+    fake.seed(debug)
+    fake.set_console(debug["EnclaveID"], "[    0.000000] Linux version 4.14\nenclave-server: listening\n")
+    text = NitroRuntime(console_timeout=3).console("dbg")
+    assert text == "[    0.000000] Linux version 4.14\nenclave-server: listening\n"
+    assert fake.argvs()[-1] == ["console", "--enclave-id", debug["EnclaveID"], "--disconnect-timeout", "3"]
+    NitroRuntime().console(debug["EnclaveID"], disconnect_timeout=1)
+    assert fake.argvs()[-1][-1] == "1"
+
+
+def test_console_of_a_production_enclave_is_refused(fake):
+    fake.seed(described("prod", 16))
+    with pytest.raises(RuntimeFailure, match="not started in debug mode"):
+        NitroRuntime().console("prod")
+    assert fake.argvs() == [["describe-enclaves"]]
+
+
+# ---------------------------------------------------------------- selection and settings
+
+
+def test_get_runtime_selects_the_backend(monkeypatch, tmp_path):
+    rt = get_runtime("nitro", nitro_cli=str(tmp_path / "nitro-cli"), port=7000)
+    assert isinstance(rt, NitroRuntime) and rt.nitro_cli == str(tmp_path / "nitro-cli") and rt.port == 7000
+    monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
+    assert isinstance(get_runtime(), NitroRuntime)
+    monkeypatch.setenv("ENCLAVE_BACKEND", "qemu")
+    with pytest.raises(EnclaveError, match=r"unknown enclave backend 'qemu' \(from \$ENCLAVE_BACKEND\)"):
+        get_runtime()
+    with pytest.raises(EnclaveError, match="unknown enclave backend 'sgx'"):
+        get_runtime("sgx")
+
+
+def test_get_runtime_local_is_the_local_runtime(monkeypatch):
+    monkeypatch.delenv("ENCLAVE_BACKEND", raising=False)
+    if (ROOT / "enclave_local" / "runtime.py").exists():
+        assert type(get_runtime()).__name__ == "LocalRuntime"
+        assert type(get_runtime()).__module__.endswith("enclave_local.runtime")
+    else:
+        # Until the local runtime lands, the error says so (and what to do).
+        with pytest.raises(RuntimeFailure, match="the local backend is not installed"):
+            get_runtime()
+
+
+def test_settings_backend(monkeypatch):
+    monkeypatch.delenv("ENCLAVE_BACKEND", raising=False)
+    assert settings.backend() == "local"
+    monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
+    assert settings.backend() == "nitro"
+    assert settings.backend("local") == "local"
+    monkeypatch.setenv("ENCLAVE_BACKEND", "Nitro")
+    with pytest.raises(EnclaveError, match='use "local".*or "nitro"'):
+        settings.backend()
+
+
+def test_resolve_endpoint_discovers_the_one_running_enclave(fake, monkeypatch):
+    monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
+    monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
+    fake.seed(described("ml", 19), described("old", 20, state="TERMINATING"))
+    assert settings.resolve_endpoint() == "vsock://19:5000"
+    assert settings.resolve_endpoint(port=5100) == "vsock://19:5100"
+    assert fake.argvs() == [["describe-enclaves"], ["describe-enclaves"]]
+
+
+def test_resolve_endpoint_explicit_choices_do_not_ask_nitro_cli(fake, monkeypatch):
+    monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
+    monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
+    fake.seed(described("a", 16), described("b", 17))
+    assert settings.resolve_endpoint("vsock://30:5000") == "vsock://30:5000"
+    assert settings.resolve_endpoint(cid=17) == "vsock://17:5000"
+    monkeypatch.setenv("ENCLAVE_ENDPOINT", "vsock://31:5000")
+    assert settings.resolve_endpoint() == "vsock://31:5000"
+    assert fake.calls() == []
+
+
+def test_resolve_endpoint_with_no_running_enclave(fake, monkeypatch):
+    monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
+    monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
+    with pytest.raises(EnclaveError, match="no running enclave found on the nitro backend: start one first"):
+        settings.resolve_endpoint()
+
+
+def test_resolve_endpoint_with_two_running_enclaves_asks_for_cid(fake, monkeypatch):
+    monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
+    monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
+    fake.seed(described("a", 16), described("b", 17))
+    with pytest.raises(
+        EnclaveError, match=r"2 enclaves are running \(a \(CID 16\), b \(CID 17\)\): choose one with --cid"
+    ):
+        settings.resolve_endpoint()
+
+
+def test_resolve_endpoint_passes_nitro_cli_failures_on(fake, monkeypatch):
+    monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
+    monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
+    monkeypatch.setenv("FAKE_NITRO_CLI_FAIL", "describe-enclaves:E36")
+    with pytest.raises(RuntimeFailure, match=r"\[ E36 \]"):
+        settings.resolve_endpoint()
+
+
+def test_instance_credentials_come_from_boto3s_chain(monkeypatch):
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never reach for a real metadata service
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "token")
+    creds = runtime.instance_credentials(region="eu-west-1")
+    assert creds == {
+        "region": "eu-west-1",
+        "aws_access_key_id": "AKIAEXAMPLE",
+        "aws_secret_access_key": "secret",
+        "aws_session_token": "token",
+    }
+
+
+# ---------------------------------------------------------------- the image
+
+
+def test_staged_context_is_fixed_and_reproducible(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    first = runtime.stage_image_context(tmp_path / "one")
+    second = runtime.stage_image_context(tmp_path / "two")
+    assert (first / "Dockerfile").read_bytes() == DOCKERFILE.read_bytes()
+    paths = sorted(p.relative_to(first).as_posix() for p in first.rglob("*"))
+    assert "enclave_server/__main__.py" in paths and "plugins/module_utils/endpoints.py" in paths
+    assert not [p for p in paths if "__pycache__" in p]
+    assert {p.stat().st_mtime for p in first.rglob("*")} == {1700000000}
+    assert (first / "enclave_server" / "entrypoint.sh").stat().st_mode & 0o777 == 0o755
+    assert (first / "enclave_server" / "server.py").stat().st_mode & 0o777 == 0o644
+    assert runtime.context_digest(first) == runtime.context_digest(second)
+    (second / "enclave_server" / "server.py").write_text("# changed\n")
+    assert runtime.context_digest(first) != runtime.context_digest(second)
+    with pytest.raises(RuntimeFailure, match="is not empty"):
+        runtime.stage_image_context(first)
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(
+        r"\\\n", " ", "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.startswith("#"))
+    )
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in text.splitlines() if line.strip()]
+
+
+def test_dockerfile_base_is_pinned_by_digest():
+    froms = [args for op, args in _dockerfile_instructions() if op == "FROM"]
+    assert froms, "the Dockerfile has a FROM"
+    for image in froms:
+        assert re.fullmatch(r"[a-z0-9./_-]+:[\w.-]+@sha256:[0-9a-f]{64}", image.split()[0]), image
+
+
+def test_dockerfile_installs_only_hashed_pins_without_upgrades():
+    instructions = _dockerfile_instructions()
+    runs = [args for op, args in instructions if op == "RUN"]
+    pip_installs = [r for r in runs if "pip install" in r]
+    assert pip_installs, "the image installs its requirements with pip"
+    for command in pip_installs:
+        words = shlex.split(command)
+        for option in ("--require-hashes", "--no-deps", "--only-binary=:all:", "--no-compile"):
+            assert option in words, (option, command)
+        assert "-r" in words and words[words.index("-r") + 1].endswith("requirements.txt")
+        assert not {"-U", "--upgrade", "--pre", "--index-url", "--extra-index-url"} & set(words)
+    everything = DOCKERFILE.read_text()
+    for forbidden in (
+        r"apt-get\s+(dist-)?upgrade",
+        r"yum\s+(update|upgrade)",
+        r"dnf\s+(update|upgrade)",
+        r"apk\s+upgrade",
+    ):
+        assert not re.search(forbidden, everything), forbidden
+    assert not re.search(r"\blatest\b", everything, re.IGNORECASE)
+    assert "PYTHONDONTWRITEBYTECODE=1" in everything and "SOURCE_DATE_EPOCH" in everything
+
+
+def test_dockerfile_copies_only_the_enclave_code():
+    copies = [args.split() for op, args in _dockerfile_instructions() if op in ("COPY", "ADD")]
+    assert {op for op, _ in _dockerfile_instructions()} & {"ADD"} == set()
+    sources = {words[0] for words in copies}
+    assert sources == {"enclave_server/requirements.txt", "enclave_server/", "plugins/module_utils/"}
+    destinations = {words[0]: words[1] for words in copies}
+    assert destinations["enclave_server/"] == "/opt/enclave/ansible_collections/confidential_ml/nitro/enclave_server/"
+    assert (
+        destinations["plugins/module_utils/"]
+        == "/opt/enclave/ansible_collections/confidential_ml/nitro/plugins/module_utils/"
+    )
+
+
+def test_dockerfile_starts_the_server_with_flags_it_accepts():
+    instructions = dict(_dockerfile_instructions())
+    entrypoint = json.loads(instructions["ENTRYPOINT"])
+    assert entrypoint[-1].endswith("/enclave_server/entrypoint.sh")
+    cmd = json.loads(instructions["CMD"])
+    assert cmd == ["--listen", "vsock://any:5000", "--nsm", "/dev/nsm", "--share", "/share", "--work", "/work"]
+    usage = subprocess.run(
+        [sys.executable, "-m", SERVER_MODULE, "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in (word for word in cmd if word.startswith("--")):
+        assert flag in usage, f"the enclave server does not accept {flag}"
+
+
+def _requirement_entries(path: Path) -> list[str]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
+
+
+def test_every_requirement_is_pinned_with_hashes():
+    entries = _requirement_entries(REQUIREMENTS)
+    assert len(entries) >= 10
+    for entry in entries:
+        assert re.match(r"^[A-Za-z0-9._-]+==[A-Za-z0-9.+!-]+ ", entry), f"not pinned: {entry}"
+        hashes = re.findall(r"--hash=sha256:([0-9a-f]+)", entry)
+        assert hashes and all(len(h) == 64 for h in hashes), f"no sha256 hash: {entry}"
+    pinned = {re.split(r"==", e)[0].lower().replace("_", "-") for e in entries}
+    wanted = {re.split(r"[<>=!~\[ ]", e)[0].lower().replace("_", "-") for e in _requirement_entries(REQUIREMENTS_IN)}
+    assert wanted <= pinned, wanted - pinned
+    # What the server imports, and the example app's runtime.
+    assert {"cbor2", "cryptography", "asn1crypto", "boto3", "tink", "tqdm", "numpy", "scikit-learn"} <= wanted
+
+
+# ---------------------------------------------------------------- the entrypoint
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"), reason="mounting a tmpfs needs root and unshare(1)"
+)
+def test_entrypoint_mounts_the_share_and_work_then_execs_the_server(tmp_path):
+    # A python3 stand-in first on PATH shows what the server would get: its arguments and the mounts.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    probe = bin_dir / "python3"
+    probe.write_text('#!/bin/sh\necho "ARGS $*"\ngrep " tmpfs " /proc/mounts\n')
+    probe.chmod(0o755)
+    share, work = tmp_path / "share", tmp_path / "work"
+    args = ["--listen", "vsock://any:5000", "--share", str(share), f"--work={work}", "--nsm", "/dev/nsm"]
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ENCLAVE_SHARE_SIZE": "8m"}
+    env.pop("ENCLAVE_WORK_SIZE", None)
+    # Twice in one private mount namespace: a restart keeps the existing mounts.
+    script = f'sh {shlex.quote(str(ENTRYPOINT))} "$@" && sh {shlex.quote(str(ENTRYPOINT))} "$@"'
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "entrypoint", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    outputs = proc.stdout.split("ARGS ")[1:]
+    assert len(outputs) == 2
+    for output in outputs:
+        assert output.startswith(f"-m {SERVER_MODULE} {' '.join(args)}\n")
+        mounts = [line.split() for line in output.splitlines()[1:]]
+        share_mounts = [m for m in mounts if m[1] == str(share)]
+        work_mounts = [m for m in mounts if m[1] == str(work)]
+        assert len(share_mounts) == 1 and len(work_mounts) == 1, mounts
+        assert "size=8192k" in share_mounts[0][3] and "mode=700" in share_mounts[0][3]
+        assert "nosuid" in work_mounts[0][3] and "nodev" in work_mounts[0][3]
+    assert not os.path.ismount(share), "the mounts stayed in the private namespace"
