@@ -4,9 +4,10 @@ import argparse
 import logging
 import sys
 
-from ..plugins.module_utils.endpoints import Endpoint
+from ..plugins.module_utils.endpoints import KMS_PROXY_PORT, Endpoint
 from ..plugins.module_utils.errors import EnclaveError
 from ..plugins.module_utils.nsm import NsmDevice, NsmSocket
+from . import kms_forwarder
 from .server import EnclaveServer, serve
 
 
@@ -17,6 +18,12 @@ def main(argv=None) -> int:
     parser.add_argument("--work", required=True, help="private directory for decrypted packages (outside the share)")
     parser.add_argument("--nsm", default="/dev/nsm", help="/dev/nsm, or unix:///path to the local runtime's NSM")
     parser.add_argument("--kms-endpoint-url", help="KMS endpoint as seen from inside the enclave")
+    parser.add_argument(
+        "--kms-proxy", metavar="ENDPOINT", help="the parent's KMS proxy (vsock://3:8000, or the local unix socket)"
+    )
+    parser.add_argument(
+        "--kms-listen", type=int, default=KMS_PROXY_PORT, metavar="PORT", help="loopback port relayed to --kms-proxy"
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -25,6 +32,8 @@ def main(argv=None) -> int:
         server = EnclaveServer(
             share_dir=args.share, work_dir=args.work, nsm=nsm, kms_endpoint_url=args.kms_endpoint_url
         )
+        if args.kms_proxy:
+            kms_forwarder.start(args.kms_proxy, port=args.kms_listen)
         serve(Endpoint.parse(args.listen), server)
     except EnclaveError as err:
         print(f"enclave-server: error: {err}", file=sys.stderr)

@@ -1,0 +1,141 @@
+"""The local cloud: what AWS provides on the nitro backend, on this host (`enclave local up/down`).
+
+`up` starts the local KMS as a daemon on loopback, trusting the local CA's root (created
+under state_home()/ca/ if missing; the simulated NSM of every local enclave signs with it)
+and AWS's Nitro root, with its keys in state_home()/kms/. It writes
+
+    state_home()/cloud.json         where the KMS listens (kms_endpoint_url) and its process
+    state_home()/vsock-proxy.yaml   the allowlist of the enclaves' vsock-proxies: this KMS only
+
+and is idempotent: when the cloud already runs, it says where. `down` terminates every local
+enclave (supervisors, namespaces, mounts, sockets) and stops the KMS; keys and the CA stay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ..plugins.module_utils import settings
+from ..plugins.module_utils.runtime import RuntimeFailure
+from .runtime import LocalRuntime, Proc, Ready, locked, spawn_daemon, write_json
+
+log = logging.getLogger(__name__)
+
+MODULE = "ansible_collections.confidential_ml.nitro.enclave_local.cloud"
+CLOUD_FILE = "cloud.json"
+VSOCK_PROXY_CONFIG = "vsock-proxy.yaml"
+KMS_LOG = "kms.log"
+KMS_HOST = "127.0.0.1"
+
+
+def _home(home) -> Path:
+    return Path(home) if home is not None else settings.state_home()
+
+
+def status(home: str | Path | None = None) -> dict | None:
+    """The running local cloud's description (cloud.json), or None when it is not running."""
+    try:
+        cloud = json.loads((_home(home) / CLOUD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    process = Proc.from_json(cloud.get("process"))
+    return cloud if process is not None and process.alive() else None
+
+
+def up(kms_port: int = 0, *, home: str | Path | None = None) -> dict:
+    """Start the local cloud unless it runs; its description, with "started" telling which."""
+    home = settings.private_dir(_home(home))
+    with locked(home / ".cloud.lock"):
+        running = status(home)
+        if running is not None:
+            if kms_port and kms_port != running["kms_port"]:
+                raise RuntimeFailure(
+                    f"the local cloud already runs with its KMS on port {running['kms_port']}, not {kms_port}: "
+                    "run `enclave local down` first to move it"
+                )
+            return dict(running, started=False)
+        report = spawn_daemon(
+            [sys.executable, "-m", MODULE, "serve", "--home", str(home.absolute()), "--port", str(kms_port)],
+            what="the local KMS",
+            log_path=home / KMS_LOG,
+        )
+    return dict(report["cloud"], started=True)
+
+
+def down(*, home: str | Path | None = None) -> dict:
+    """Terminate every local enclave and stop the local KMS. What was stopped."""
+    home = _home(home)
+    stopped = {"enclaves": LocalRuntime(home).terminate(all=True), "kms": None}
+    with locked(home / ".cloud.lock"):
+        running = status(home)
+        if running is not None:
+            Proc.from_json(running["process"]).stop()
+            stopped["kms"] = running["kms_endpoint_url"]
+        for name in (CLOUD_FILE, VSOCK_PROXY_CONFIG):
+            (home / name).unlink(missing_ok=True)
+    return stopped
+
+
+def serve(home: Path, port: int, ready_fd: int) -> int:
+    """The local KMS daemon: serve until SIGTERM or SIGINT."""
+    ready = Ready(ready_fd)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s local-kms %(levelname)s %(message)s")
+    # Every thread inherits this mask, so only sigwait below sees the stop signals.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    from ..plugins.module_utils.attestation import aws_nitro_root
+    from .kms import LocalKms, LocalKmsServer
+    from .nsm_sim import LocalCA
+    from .vsock_proxy import render_allowlist
+
+    try:
+        ca = LocalCA.load_or_create(home)
+        roots = [aws_nitro_root(), ca.root_certificate]
+        server = LocalKmsServer(LocalKms(home / "kms", trusted_roots=roots), host=KMS_HOST, port=port)
+        bound = int(server.endpoint_url.rsplit(":", 1)[1])
+        (home / VSOCK_PROXY_CONFIG).write_text(render_allowlist([(KMS_HOST, bound)]))
+        cloud = {
+            "kms_endpoint_url": server.endpoint_url,
+            "kms_host": KMS_HOST,
+            "kms_port": bound,
+            "kms_state": str(home / "kms"),
+            "ca_root": str(home / "ca" / "root.pem"),
+            "vsock_proxy_config": str(home / VSOCK_PROXY_CONFIG),
+            "process": Proc.of(os.getpid()).to_json(),
+        }
+        write_json(home / CLOUD_FILE, cloud)
+        server.start()
+    except Exception as err:
+        log.exception("the local KMS did not start")
+        ready.fail(f"the local KMS did not start: {err}")
+        return 1
+    ready.ok({"cloud": cloud})
+    signal.sigwait(stop_signals)
+    log.info("stopping the local KMS")
+    server.stop()
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads((home / CLOUD_FILE).read_text()).get("process") == cloud["process"]:
+            (home / CLOUD_FILE).unlink()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description="(internal) the local KMS daemon")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve")
+    serve_cmd.add_argument("--home", required=True)
+    serve_cmd.add_argument("--port", type=int, default=0)
+    serve_cmd.add_argument("--ready-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    return serve(Path(args.home), args.port, args.ready_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

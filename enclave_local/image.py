@@ -1,0 +1,384 @@
+"""The local enclave image: a reproducible archive of the enclave server, and its measurement.
+
+An image is an uncompressed POSIX tar (pax) holding
+
+    runtime.json   what the code runs on: the Python interpreter's identity and a lock of
+                   the installed distributions the enclave code imports (name, version,
+                   SHA-256 of the distribution's RECORD, which lists a hash of every file)
+    app/...        the enclave code: enclave_server/ and plugins/module_utils/, under
+                   app/ansible_collections/confidential_ml/nitro/ so it imports as in the project
+
+Entries are sorted, regular files only, mode 0644, uid/gid 0, no owner names, mtime 0, and
+nothing is compressed, so the same inputs give the same bytes on any machine and at any time.
+
+Measurements, all SHA-384 in lowercase hex, as Nitro's PCRs are:
+
+    PCR0  the image file:           sha384sum image.eif
+    PCR1  the runtime ("kernel"):   sha384 of runtime.json as stored in the image
+    PCR2  the application:          sha384 of the sha384sum listing of app/, sorted by path:
+                                    (cd app && find . -type f -printf '%P\\n' | LC_ALL=C sort \\
+                                        | xargs sha384sum) | sha384sum
+
+PCR0 covers the other two, so any change to the code, the interpreter or a locked
+dependency gives another PCR0. The dependencies themselves are not copied into the
+image: the local runtime runs the host's installed copies, and refuses to launch an
+image whose lock no longer matches them (see Image.check_host).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.metadata
+import io
+import json
+import os
+import platform
+import sys
+import sysconfig
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..plugins.module_utils.errors import EnclaveError
+from ..plugins.module_utils.runtime import BuildResult, Measurements
+
+IMAGE_FORMAT = "confidential-ml-nitro/local-image/1"
+RUNTIME_ENTRY = "runtime.json"
+APP_PREFIX = "app/"
+PACKAGE_PATH = "ansible_collections/confidential_ml/nitro"
+PACKAGE_NAME = PACKAGE_PATH.replace("/", ".")
+ENTRYPOINT = f"{PACKAGE_NAME}.enclave_server"
+# The enclave's own code; the image carries it and the project modules it imports, never host-side code.
+ENCLAVE_DIR = "enclave_server"
+HOST_SIDE = ("cli/", "enclave_local/")
+SKIPPED_DIRS = {"__pycache__"}
+SKIPPED_SUFFIXES = (".pyc", ".pyo")
+PROJECT_DISTRIBUTION = "confidential-ml-nitro"
+MAX_IMAGE_BYTES = 256 << 20
+
+
+class ImageError(EnclaveError):
+    """An image cannot be built, read, or run on this host."""
+
+
+def sha384_hex(data: bytes) -> str:
+    return hashlib.sha384(data).hexdigest()
+
+
+def project_root() -> Path:
+    """The directory holding enclave_server/ and plugins/ (this checkout, or the installed collection)."""
+    return Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _read_file(path: Path) -> bytes:
+    if path.is_symlink() or not path.is_file():
+        raise ImageError(f"{path} is not a regular file: an image holds only regular files; replace it")
+    return path.read_bytes()
+
+
+def _imports(path: str, content: bytes) -> set[str]:
+    """Module names a Python file imports, absolute; for `from X import y`, both X and X.y
+    (y may be a submodule). Imports inside functions count: they run in the enclave too."""
+    try:
+        tree = ast.parse(content, filename=path)
+    except SyntaxError as err:
+        raise ImageError(f"{path} is not valid Python ({err.msg}, line {err.lineno}): fix it before building") from None
+    # Relative imports start from the file's package: its directory (for __init__.py, the package itself).
+    package = f"{PACKAGE_NAME}.{Path(path).parent.as_posix().replace('/', '.')}"
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _project_file(source: Path, module: str) -> str | None:
+    """The file under source that defines a module of this project, if any."""
+    rel = module[len(PACKAGE_NAME) + 1 :].replace(".", "/")
+    for candidate in (f"{rel}.py", f"{rel}/__init__.py"):
+        if (source / candidate).is_file():
+            return candidate
+    return None
+
+
+def enclave_sources(source: Path) -> dict[str, bytes]:
+    """{path under the package: content}: every file of enclave_server/, and the project's
+    Python modules it imports, directly or not (with their packages' __init__.py), sorted."""
+    top = source / ENCLAVE_DIR
+    if not top.is_dir():
+        raise ImageError(f"{top} is not a directory: --source must be a project tree holding {ENCLAVE_DIR}/")
+    files: dict[str, bytes] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = [d for d in dirnames if d not in SKIPPED_DIRS]
+        for name in filenames:
+            if not name.endswith(SKIPPED_SUFFIXES):
+                path = Path(dirpath, name)
+                files[path.relative_to(source).as_posix()] = _read_file(path)
+    todo = [path for path in files if path.endswith(".py")]
+    while todo:
+        path = todo.pop()
+        for module in _imports(path, files[path]):
+            if not module.startswith(PACKAGE_NAME + "."):
+                continue
+            found = _project_file(source, module)
+            if found is None or found in files:
+                continue
+            if found.startswith(HOST_SIDE):
+                raise ImageError(
+                    f"the enclave code imports {module} ({found} in {source}), which is host-side code: "
+                    "move what the enclave needs into plugins/module_utils"
+                )
+            parts = found.split("/")
+            for depth in range(1, len(parts)):  # the packages on the way must import too
+                init = "/".join(parts[:depth]) + "/__init__.py"
+                if init not in files and (source / init).is_file():
+                    files[init] = _read_file(source / init)
+                    todo.append(init)
+            files[found] = _read_file(source / found)
+            todo.append(found)
+    return dict(sorted(files.items()))
+
+
+# ---------------------------------------------------------------- runtime: interpreter and dependency lock
+
+
+def python_identity() -> dict:
+    """The interpreter the enclave runs on: version, platform and the SHA-256 of its binaries."""
+    binaries = [Path(sys.executable).resolve()]
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        binaries.append(Path(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")).resolve())
+    return {
+        "implementation": sys.implementation.name,
+        "version": platform.python_version(),
+        "cache_tag": sys.implementation.cache_tag,
+        "machine": platform.machine(),
+        "binaries": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in binaries},
+    }
+
+
+def _canonical(name: str) -> str:
+    from packaging.utils import canonicalize_name
+
+    return canonicalize_name(name)
+
+
+def _requirements(dist: importlib.metadata.Distribution) -> list[str]:
+    """Names of the distributions dist needs here (markers evaluated, extras left out)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    names = []
+    for text in dist.requires or ():
+        try:
+            requirement = Requirement(text)
+        except InvalidRequirement as err:
+            raise ImageError(f"{dist.metadata['Name']} declares an unreadable requirement {text!r}: {err}") from None
+        if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+            names.append(requirement.name)
+    return names
+
+
+def dependency_lock(imported: set[str]) -> list[dict]:
+    """Every installed distribution the imported modules come from, and what those need in turn."""
+    # ansible_collections is the project's own namespace (other distributions, such as ansible, share it).
+    top_level = {name.split(".")[0] for name in imported} - {"ansible_collections", "__future__"}
+    providers = importlib.metadata.packages_distributions()
+    todo = sorted({dist for name in top_level - set(sys.stdlib_module_names) for dist in providers.get(name, ())})
+    lock: dict[str, dict] = {}
+    while todo:
+        wanted = todo.pop()
+        name = _canonical(wanted)
+        if name in lock or name == PROJECT_DISTRIBUTION:
+            continue
+        try:
+            dist = importlib.metadata.distribution(wanted)
+        except importlib.metadata.PackageNotFoundError:
+            raise ImageError(
+                f"the enclave code needs the distribution {wanted!r}, which is not installed here: install it "
+                "(pip install the project) and build again"
+            ) from None
+        record = dist.read_text("RECORD")
+        if record is None:
+            raise ImageError(
+                f"{dist.metadata['Name']} {dist.version} has no RECORD, so its files cannot be locked: "
+                "reinstall it with pip"
+            )
+        lock[name] = {
+            "name": name,
+            "version": dist.version,
+            "record_sha256": hashlib.sha256(record.encode()).hexdigest(),
+        }
+        todo.extend(_requirements(dist))
+    return [lock[name] for name in sorted(lock)]
+
+
+def runtime_description(files: dict[str, bytes]) -> dict:
+    imported: set[str] = set()
+    for path, content in files.items():
+        if path.endswith(".py"):
+            imported |= _imports(path, content)
+    return {
+        "format": IMAGE_FORMAT,
+        "entrypoint": ENTRYPOINT,
+        "python": python_identity(),
+        "dependencies": dependency_lock(imported),
+    }
+
+
+def _canonical_json(data) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
+
+
+# ---------------------------------------------------------------- the archive
+
+
+def _entry(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def archive(runtime: bytes, files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(_entry(RUNTIME_ENTRY, len(runtime)), io.BytesIO(runtime))
+        for path in sorted(files):
+            content = files[path]
+            tar.addfile(_entry(f"{APP_PREFIX}{PACKAGE_PATH}/{path}", len(content)), io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def application_digest(app: dict[str, bytes]) -> str:
+    """PCR2: SHA-384 of the sha384sum listing of the app files (paths relative to app/, sorted)."""
+    listing = "".join(f"{sha384_hex(app[path])}  {path}\n" for path in sorted(app))
+    return sha384_hex(listing.encode())
+
+
+@dataclass(frozen=True)
+class Image:
+    """A parsed image: its bytes, its runtime description, its app files and their measurements."""
+
+    data: bytes
+    runtime: dict
+    app: dict[str, bytes]  # paths relative to app/
+    measurements: Measurements
+
+    @classmethod
+    def parse(cls, data: bytes, *, origin: str = "the image") -> Image:
+        runtime_bytes = None
+        app: dict[str, bytes] = {}
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        raise ImageError(f"{origin} holds {member.name!r}, which is not a regular file")
+                    content = tar.extractfile(member).read()
+                    if member.name == RUNTIME_ENTRY and runtime_bytes is None:
+                        runtime_bytes = content
+                    elif member.name.startswith(APP_PREFIX) and member.name[len(APP_PREFIX) :] not in app:
+                        app[member.name[len(APP_PREFIX) :]] = content
+                    else:
+                        raise ImageError(f"{origin} holds an unexpected or repeated entry {member.name!r}")
+        except tarfile.TarError as err:
+            raise ImageError(
+                f"{origin} is not a local enclave image ({err}): build one with `enclave local build`"
+            ) from None
+        if runtime_bytes is None:
+            raise ImageError(f"{origin} has no {RUNTIME_ENTRY}: build it with `enclave local build`")
+        try:
+            runtime = json.loads(runtime_bytes)
+        except ValueError as err:
+            raise ImageError(f"{origin} has an unreadable {RUNTIME_ENTRY}: {err}") from None
+        if not isinstance(runtime, dict) or runtime.get("format") != IMAGE_FORMAT:
+            raise ImageError(
+                f"{origin} is not in the format this runtime runs ({IMAGE_FORMAT}): "
+                "rebuild it with `enclave local build`"
+            )
+        measurements = Measurements(pcr0=sha384_hex(data), pcr1=sha384_hex(runtime_bytes), pcr2=application_digest(app))
+        return cls(data, runtime, app, measurements)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Image:
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+            if size > MAX_IMAGE_BYTES:
+                raise ImageError(f"{path} is {size} bytes, more than a local image can be ({MAX_IMAGE_BYTES})")
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ImageError(f"no image at {path}: build one with `enclave local build --output {path}`") from None
+        except OSError as err:
+            raise ImageError(f"cannot read the image {path}: {err.strerror or err}") from None
+        return cls.parse(data, origin=str(path))
+
+    def check_host(self) -> None:
+        """Refuse to run an image whose interpreter or locked dependencies differ from this host's."""
+        problems = []
+        built_for, here = self.runtime.get("python"), python_identity()
+        if built_for != here:
+            problems.append(
+                f"it was built for Python {_describe_python(built_for)}, this host runs {_describe_python(here)}"
+            )
+        for entry in self.runtime.get("dependencies", ()):
+            try:
+                dist = importlib.metadata.distribution(entry["name"])
+            except importlib.metadata.PackageNotFoundError:
+                problems.append(f"{entry['name']} {entry['version']} is not installed")
+                continue
+            record = dist.read_text("RECORD") or ""
+            if (
+                dist.version != entry["version"]
+                or hashlib.sha256(record.encode()).hexdigest() != entry["record_sha256"]
+            ):
+                problems.append(
+                    f"{entry['name']} {entry['version']} is installed here as another build ({dist.version})"
+                )
+        if problems:
+            raise ImageError(
+                "this image does not match this host, so it would not run the code it measured: "
+                + "; ".join(problems)
+                + ". Rebuild it here with `enclave local build` (and publish its new PCR0 in the key policy)"
+            )
+
+
+def _describe_python(identity) -> str:
+    if not isinstance(identity, dict):
+        return "(unknown)"
+    return f"{identity.get('implementation')} {identity.get('version')} on {identity.get('machine')}"
+
+
+def build(output: str | os.PathLike, *, source: str | os.PathLike | None = None) -> BuildResult:
+    """Write the image of the enclave code under source (default: this project) to output."""
+    source_dir = Path(source) if source is not None else project_root()
+    files = enclave_sources(source_dir)
+    runtime = _canonical_json(runtime_description(files))
+    data = archive(runtime, files)
+    image = Image.parse(data)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename: a crash never leaves half an image where a good one was.
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return BuildResult(image=str(output), measurements=image.measurements)

@@ -1,0 +1,800 @@
+"""The local runtime: enclaves on this host, without Nitro hardware (the embedded default).
+
+Each enclave is three processes, started by `run`:
+
+    supervisor   a daemon on the host (it outlives the CLI). It measures the image file,
+                 holds the simulated NSM with those PCRs (served on the enclave's /dev/nsm)
+                 and the host side of the enclave's vsock port 8000 (vsock-proxy to the
+                 local KMS), launches the enclave and cleans up after it.
+    init         PID 1 of the enclave, in new mount, network, PID, IPC and UTS namespaces
+                 (`unshare`). It builds the enclave's world from nothing: a tmpfs root with
+                 the image unpacked into it, read-only binds of the interpreter and the
+                 libraries it needs, the enclave's vsock directory and NSM socket, a tmpfs for
+                 the share (60% of the memory) and a private tmpfs for decrypted packages
+                 (30%), loopback only; then pivots into it, starts the server and reaps.
+    server       the enclave server from the image, on unix:///run/vsock/<cid>_5000.sock inside,
+                 which is state_home()/enclaves/<id>/vsock/<cid>_5000.sock on the host.
+
+When the server ends, init ends, and the kernel kills everything left in the enclave's PID
+namespace; its mount namespace, and with it the share and the plaintext, goes with the last
+process. When the supervisor dies, the kernel kills the enclave (parent-death signal); when
+the enclave dies, the supervisor removes its sockets and state. Enclaves are found through
+state_home()/enclaves/<id>/enclave.json; allocation (CIDs, the limit of MAX_ENCLAVES) is
+serialised by a lock file there.
+
+Without root there are no namespaces: the server runs as a plain process with its share and
+plaintext in ordinary directories, and every run says so loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import fcntl
+import json
+import logging
+import os
+import platform
+import secrets
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..plugins.module_utils import settings
+from ..plugins.module_utils.endpoints import DEFAULT_PORT, KMS_PROXY_PORT, PARENT_CID, Endpoint, local_socket_path
+from ..plugins.module_utils.errors import EnclaveError
+from ..plugins.module_utils.runtime import (
+    BuildResult,
+    EnclaveInfo,
+    EnclaveNotFound,
+    RuntimeFailure,
+    discover_endpoint,
+)
+
+log = logging.getLogger(__name__)
+
+MODULE = "ansible_collections.confidential_ml.nitro.enclave_local.runtime"
+MAX_ENCLAVES = 4
+FIRST_CID = 16  # auto-assigned CIDs start here, as nitro-cli's do
+MIN_CID = 4  # 0-2 are reserved, 3 is the parent
+MAX_CID = 0xFFFFFFFE
+MIN_MEMORY_MIB = 64
+SHARE_PERCENT = 60  # of the enclave's memory: the share the host fills
+WORK_PERCENT = 30  # decrypted packages
+SYSTEM_PERCENT = 10  # the root (image, /tmp) and /dev/shm each, at least MIN_SYSTEM_MIB
+MIN_SYSTEM_MIB = 16
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+NON_ROOT_WARNING = (
+    "NOT ISOLATED: the local runtime is not running as root, so this enclave is a plain process: the host "
+    "can read its share and the decrypted packages on disk, and it can reach the network. Run as root for "
+    "namespaces and private memory."
+)
+
+ENCLAVE_FILE = "enclave.json"  # written once the enclave serves; marks it as running
+LAUNCH_FILE = "launch.json"
+SUPERVISOR_LOG = "supervisor.log"
+CONSOLE_LOG = "console.log"
+
+# Where things are inside an isolated enclave.
+INSIDE = {
+    "image": "/enclave/image",
+    "share": "/enclave/share",
+    "work": "/enclave/work",
+    "vsock": "/run/vsock",
+    "nsm": "/dev/nsm",
+}
+# The host's directories the interpreter needs, bound read-only (plus sys.prefix and sys.base_prefix).
+SYSTEM_DIRS = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin")
+DEVICES = ("null", "zero", "random", "urandom")
+SERVER_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/tmp",
+    # Keep freed buffers: the server moves MiB chunks, see docs/PROTOCOL.md section 9.
+    "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=16777216:glibc.malloc.trim_threshold=268435456",
+}
+
+
+# ---------------------------------------------------------------- processes that are not our children
+
+
+def _start_time(pid: int) -> int | None:
+    """When a live process started (clock ticks since boot); None if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])  # field 22, starttime
+
+
+@dataclass(frozen=True)
+class Proc:
+    """A process named by pid and start time, so a reused pid is never mistaken for it."""
+
+    pid: int
+    start_time: int
+
+    @classmethod
+    def of(cls, pid: int) -> Proc | None:
+        started = _start_time(pid)
+        return cls(pid, started) if started is not None else None
+
+    @classmethod
+    def from_json(cls, data) -> Proc | None:
+        if not isinstance(data, dict) or type(data.get("pid")) is not int or type(data.get("start_time")) is not int:
+            return None
+        return cls(data["pid"], data["start_time"])
+
+    def to_json(self) -> dict:
+        return {"pid": self.pid, "start_time": self.start_time}
+
+    def alive(self) -> bool:
+        return _start_time(self.pid) == self.start_time
+
+    def wait(self, timeout: float) -> bool:
+        """True once the process has ended (within timeout)."""
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return True
+        try:
+            if not self.alive():
+                return True
+            # A pidfd becomes readable when its process ends, whoever its parent is.
+            return bool(select.select([fd], [], [], timeout)[0]) or not self.alive()
+        finally:
+            os.close(fd)
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM, then SIGKILL if it is still there after timeout."""
+        self.signal(signal.SIGTERM)
+        if not self.wait(timeout):
+            self.signal(signal.SIGKILL)
+            self.wait(timeout)
+
+
+# ---------------------------------------------------------------- daemons (the supervisor, the local KMS)
+
+
+def _import_root() -> str:
+    """The directory that holds ansible_collections/, for the daemons' PYTHONPATH."""
+    return str(Path(__file__).absolute().parents[4])
+
+
+def daemon_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_import_root(), env.get("PYTHONPATH")]))
+    return env
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:]) or "(empty log)"
+
+
+def spawn_daemon(argv: list[str], *, what: str, log_path: Path, timeout: float = START_TIMEOUT) -> dict:
+    """Start argv as a daemon that reports on a pipe (see Ready); its final report, or a RuntimeFailure.
+
+    The daemon forks away from the process started here, so it outlives the caller and is
+    nobody's zombie; it tells its pid first, so a daemon that hangs in start-up can be stopped."""
+    read_fd, write_fd = os.pipe()
+    try:
+        with open(log_path, "ab") as log_file:
+            first = subprocess.Popen(
+                [*argv, "--ready-fd", str(write_fd)],
+                pass_fds=(write_fd,),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                start_new_session=True,
+                env=daemon_env(),
+                cwd="/",
+            )
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    first.wait()
+    reports, buffer, daemon = [], b"", None
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if not select.select([read_fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                if daemon:
+                    daemon.stop()
+                raise RuntimeFailure(
+                    f"{what} did not start within {timeout:g} s and was stopped; its log ({log_path}):\n"
+                    f"{log_tail(log_path)}"
+                )
+            chunk = os.read(read_fd, 65536)
+            if not chunk:
+                break
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                report = json.loads(line)
+                if "pid" in report:
+                    daemon = Proc.from_json(report)
+                reports.append(report)
+    finally:
+        os.close(read_fd)
+    final = reports[-1] if reports and "pid" not in reports[-1] else None
+    if final is None:
+        raise RuntimeFailure(f"{what} exited during start-up; its log ({log_path}):\n{log_tail(log_path)}")
+    if "error" in final:
+        raise RuntimeFailure(final["error"])
+    return final
+
+
+class Ready:
+    """The daemon's side of spawn_daemon: fork away, then report the pid, then success or failure."""
+
+    def __init__(self, fd: int):
+        if os.fork():
+            os._exit(0)  # the process the caller started; the daemon is its child, now an orphan
+        self._pipe = os.fdopen(fd, "w")
+        self._send({"pid": os.getpid(), "start_time": _start_time(os.getpid())})
+
+    def _send(self, report: dict) -> None:
+        self._pipe.write(json.dumps(report) + "\n")
+        self._pipe.flush()
+
+    def ok(self, report: dict) -> None:
+        self._send(report)
+        self._pipe.close()
+
+    def fail(self, message: str) -> None:
+        self._send({"error": message})
+        self._pipe.close()
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the runtime
+
+
+def _info(record: dict) -> EnclaveInfo:
+    return EnclaveInfo(
+        name=record["name"],
+        enclave_id=record["id"],
+        cid=record["cid"],
+        state="RUNNING",
+        memory_mib=record["memory_mib"],
+        cpu_count=len(record["cpu_ids"]),
+        debug_mode=record["debug_mode"],
+        endpoint=record["endpoint"],
+        process_id=record["supervisor"]["pid"],
+        cpu_ids=tuple(record["cpu_ids"]),
+    )
+
+
+class LocalRuntime:
+    """The Runtime of the local backend (see plugins/module_utils/runtime.py); state under home."""
+
+    backend = "local"
+
+    def __init__(self, home: str | os.PathLike | None = None):
+        self.home = Path(home) if home is not None else settings.state_home()
+        self.enclaves_dir = self.home / "enclaves"
+
+    # -- build
+
+    def build(
+        self,
+        *,
+        output: str,
+        source: str | None = None,
+        signing_certificate: str | None = None,
+        private_key: str | None = None,
+    ) -> BuildResult:
+        """A reproducible local image of the enclave server (see enclave_local/image.py)."""
+        if signing_certificate is not None or private_key is not None:
+            raise RuntimeFailure(
+                "the local backend does not sign images (PCR8): build without a signing certificate, "
+                "or sign on the nitro backend with nitro-cli"
+            )
+        from . import image
+
+        return image.build(output, source=source)
+
+    # -- bookkeeping
+
+    def _lock(self):
+        settings.private_dir(self.enclaves_dir)
+        return locked(self.enclaves_dir / ".lock")
+
+    def _records(self) -> list[tuple[Path, dict | None]]:
+        if not self.enclaves_dir.is_dir():
+            return []
+        out = []
+        for path in sorted(self.enclaves_dir.iterdir()):
+            if not path.is_dir():
+                continue
+            try:
+                out.append((path, json.loads((path / ENCLAVE_FILE).read_text())))
+            except (OSError, ValueError):
+                out.append((path, None))
+        return out
+
+    @staticmethod
+    def _alive(record: dict) -> bool:
+        procs = [Proc.from_json(record.get("supervisor")), Proc.from_json(record.get("enclave"))]
+        return all(p is not None and p.alive() for p in procs)
+
+    @staticmethod
+    def _reap(path: Path, record: dict | None) -> None:
+        """Stop whatever is left of an enclave and remove its state."""
+        if record:
+            for key in ("supervisor", "enclave"):
+                proc = Proc.from_json(record.get(key))
+                if proc is not None:
+                    proc.stop()
+        shutil.rmtree(path, ignore_errors=True)
+
+    def _running(self) -> list[dict]:
+        """The live enclaves' records; dead ones (and leftovers of failed starts) are reaped. Call under the lock."""
+        live = []
+        for path, record in self._records():
+            if record is not None and self._alive(record):
+                live.append(record)
+            else:
+                if record is not None:
+                    log.warning("reaping local enclave %s: its supervisor or server has ended", path.name)
+                self._reap(path, record)
+        return sorted(live, key=lambda r: r["cid"])
+
+    def _find(self, enclave: str, running: list[dict]) -> dict:
+        for record in running:
+            if record["id"] == enclave:
+                return record
+        named = [r for r in running if r["name"] == enclave]
+        if len(named) == 1:
+            return named[0]
+        listed = ", ".join(f"{r['name']} ({r['id']})" for r in running) or "none"
+        raise EnclaveNotFound(f"no local enclave has the ID or name {enclave!r}; running: {listed}")
+
+    # -- Runtime
+
+    def run(
+        self,
+        image: str,
+        *,
+        cpu_count: int = 2,
+        memory_mib: int = 512,
+        cid: int | None = None,
+        name: str | None = None,
+        debug_mode: bool = False,
+    ) -> EnclaveInfo:
+        """Start an enclave from a local image; returns once its server answers."""
+        image_path = Path(image).absolute()
+        if not image_path.is_file():
+            raise RuntimeFailure(f"no enclave image at {image_path}: build one with `enclave local build`")
+        cpus = sorted(os.sched_getaffinity(0))
+        if type(cpu_count) is not int or not 1 <= cpu_count <= len(cpus):
+            raise RuntimeFailure(
+                f"cpu_count must be from 1 to {len(cpus)} (the CPUs this host can give an enclave), not {cpu_count!r}"
+            )
+        if type(memory_mib) is not int or memory_mib < MIN_MEMORY_MIB:
+            raise RuntimeFailure(f"memory_mib must be an integer of at least {MIN_MEMORY_MIB}, not {memory_mib!r}")
+        if cid is not None and (type(cid) is not int or not MIN_CID <= cid <= MAX_CID):
+            raise RuntimeFailure(f"an enclave CID is an integer from {MIN_CID} to {MAX_CID} (0-3 are reserved)")
+        if os.geteuid() != 0:
+            log.warning(NON_ROOT_WARNING)
+        with self._lock():
+            running = self._running()
+            if len(running) >= MAX_ENCLAVES:
+                listed = ", ".join(f"{r['name']} ({r['id']}, CID {r['cid']})" for r in running)
+                raise RuntimeFailure(
+                    f"this host already runs {MAX_ENCLAVES} local enclaves, the most it allows ({listed}): "
+                    "terminate one with `enclave local terminate-enclave --enclave-id ID` first"
+                )
+            used = {r["cid"] for r in running}
+            if cid is None:
+                cid = next(c for c in range(FIRST_CID, FIRST_CID + MAX_ENCLAVES + 1) if c not in used)
+            elif cid in used:
+                raise RuntimeFailure(f"CID {cid} is taken by another local enclave: choose another or leave it out")
+            name = name or image_path.stem
+            if any(r["name"] == name for r in running):
+                raise RuntimeFailure(
+                    f"a local enclave named {name!r} is already running: choose another --enclave-name"
+                )
+            enclave_id = f"i-local-enc{secrets.token_hex(8)}"
+            path = self.enclaves_dir / enclave_id
+            vsock = path / "vsock"
+            endpoint = Endpoint.unix(local_socket_path(vsock, cid, DEFAULT_PORT))  # checks the path's length
+            start = len(running) * cpu_count  # spread enclaves over the CPUs
+            launch = {
+                "id": enclave_id,
+                "name": name,
+                "cid": cid,
+                "cpu_ids": [cpus[(start + i) % len(cpus)] for i in range(cpu_count)],
+                "memory_mib": memory_mib,
+                "debug_mode": bool(debug_mode),
+                "image": str(image_path),
+                "home": str(self.home.absolute()),
+                "endpoint": str(endpoint),
+            }
+            settings.private_dir(path)
+            write_json(path / LAUNCH_FILE, launch)
+            try:
+                report = spawn_daemon(
+                    [sys.executable, "-m", MODULE, "supervise", str(path)],
+                    what=f"the supervisor of local enclave {name}",
+                    log_path=path / SUPERVISOR_LOG,
+                )
+            except BaseException:
+                shutil.rmtree(path, ignore_errors=True)
+                raise
+        for warning in report.get("warnings", ()):
+            log.warning("%s", warning)
+        return _info(report["enclave"])
+
+    def describe(self) -> list[EnclaveInfo]:
+        with self._lock():
+            return [_info(r) for r in self._running()]
+
+    def terminate(self, enclave: str | None = None, *, all: bool = False) -> list[str]:  # noqa: A002
+        """Stop an enclave (ID or name), or all, with everything that belongs to it. The IDs stopped."""
+        if all == (enclave is not None):
+            raise RuntimeFailure("terminate needs either an enclave (ID or name) or all=True")
+        with self._lock():
+            running = self._running()
+            targets = running if all else [self._find(enclave, running)]
+            for record in targets:
+                self._reap(self.enclaves_dir / record["id"], record)
+        return [r["id"] for r in targets]
+
+    def console(self, enclave: str) -> str:
+        with self._lock():
+            record = self._find(enclave, self._running())
+        if not record["debug_mode"]:
+            raise RuntimeFailure(
+                f"enclave {record['name']} ({record['id']}) was not started in debug mode, so it keeps no console "
+                "(as on Nitro): start it with --debug-mode to read its log (it then attests all-zero PCRs)"
+            )
+        try:
+            return (self.enclaves_dir / record["id"] / CONSOLE_LOG).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+def discover_local_endpoint() -> str:
+    """The endpoint of the one running local enclave; an EnclaveError when there are none or several."""
+    return discover_endpoint(LocalRuntime())
+
+
+# ---------------------------------------------------------------- supervisor
+
+
+def _start_kms_proxy(home: Path, listen: Path):
+    """The enclave's vsock port 8000 on the host, relayed to the local KMS if the local cloud is up."""
+    from . import cloud
+    from .vsock_proxy import VsockProxy, load_allowlist
+
+    running = cloud.status(home)
+    if running is None:
+        return None, [
+            f"the local cloud is not running, so this enclave cannot reach KMS: start it with `enclave local up` "
+            f"(ENCLAVE_HOME={home}) and run the enclave again"
+        ]
+    allowlist = load_allowlist(home / cloud.VSOCK_PROXY_CONFIG)
+    proxy = VsockProxy(Endpoint.unix(listen), running["kms_host"], running["kms_port"], allowlist)
+    return proxy.start(), []
+
+
+def _wait_until_serving(endpoint: Endpoint, enclave: subprocess.Popen, deadline: float) -> None:
+    from ..plugins.module_utils.wire import Connection
+
+    while True:
+        if enclave.poll() is not None:
+            raise RuntimeFailure(f"the enclave stopped during start-up (exit status {enclave.returncode})")
+        if os.path.exists(endpoint.path):
+            try:
+                with Connection.open(endpoint, timeout=5) as connection:
+                    connection.call("health", timeout=5)
+                return
+            except EnclaveError:
+                pass  # bound but not listening yet
+        if time.monotonic() > deadline:
+            raise RuntimeFailure(f"the enclave server did not answer on {endpoint} within {START_TIMEOUT:g} s")
+        time.sleep(0.005)
+
+
+def _enclave_paths(path: Path, isolated: bool) -> dict:
+    """Where the server finds its parts: fixed paths inside an isolated enclave, host paths otherwise."""
+    if isolated:
+        return dict(INSIDE)
+    root = path / "root"
+    return {
+        "image": str(root / "image"),
+        "share": str(root / "share"),
+        "work": str(root / "work"),
+        "vsock": str(path / "vsock"),
+        "nsm": str(path / "nsm.sock"),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def supervise(path: Path, ready_fd: int) -> int:
+    ready = Ready(ready_fd)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s %(message)s")
+    from .image import Image
+    from .nsm_service import NsmService
+    from .nsm_sim import LocalCA, SimulatedNsm
+
+    launch = json.loads((path / LAUNCH_FILE).read_text())
+    isolated = os.geteuid() == 0
+    cleanup = contextlib.ExitStack()
+    enclave = None
+    try:
+        image = Image.load(launch["image"])
+        image.check_host()
+        measured = image.measurements
+        pcrs = {0: measured.pcr0, 1: measured.pcr1, 2: measured.pcr2}
+        nsm = SimulatedNsm(
+            LocalCA.load_or_create(launch["home"]),
+            {index: bytes.fromhex(value) for index, value in pcrs.items()},
+            module_id=launch["id"],
+            debug=launch["debug_mode"],  # all-zero PCRs, as on Nitro
+        )
+        vsock = settings.private_dir(path / "vsock")
+        cleanup.callback(NsmService(nsm, path / "nsm.sock").start().stop)
+        proxy, warnings = _start_kms_proxy(Path(launch["home"]), vsock / f"{PARENT_CID}_{KMS_PROXY_PORT}.sock")
+        if proxy is not None:
+            cleanup.callback(proxy.stop)
+        if not isolated:
+            warnings.append(NON_ROOT_WARNING)
+            log.warning(NON_ROOT_WARNING)
+        config = {
+            "isolated": isolated,
+            "root": str(path / "root"),
+            "host_vsock": str(vsock),
+            "host_nsm": str(path / "nsm.sock"),
+            "console": str(path / CONSOLE_LOG) if launch["debug_mode"] else os.devnull,
+            "paths": _enclave_paths(path, isolated),
+            "cid": launch["cid"],
+            "cpu_ids": launch["cpu_ids"],
+            "memory_mib": launch["memory_mib"],
+            "kms_port": KMS_PROXY_PORT if isolated else _free_port(),
+        }
+        (path / "root").mkdir(mode=0o700)
+        argv = [sys.executable, "-m", MODULE, "init", json.dumps(config)]
+        if isolated:
+            namespaces = ["--mount", "--net", "--pid", "--ipc", "--uts", "--propagation", "private"]
+            argv = ["unshare", *namespaces, "--fork", "--kill-child", *argv]
+        # The enclave dies with its supervisor, however the supervisor ends.
+        enclave = subprocess.Popen(
+            ["setpriv", "--pdeathsig", "KILL", *argv], stdin=subprocess.PIPE, stdout=sys.stderr, stderr=sys.stderr
+        )
+        cleanup.callback(enclave.wait)
+        cleanup.callback(enclave.kill)
+        with contextlib.suppress(BrokenPipeError):  # init failed: its log says why
+            enclave.stdin.write(image.data)  # init unpacks these very bytes, the ones measured above
+            enclave.stdin.close()
+        endpoint = Endpoint.parse(launch["endpoint"])
+        _wait_until_serving(endpoint, enclave, time.monotonic() + START_TIMEOUT)
+        record = dict(
+            launch,
+            measurements=measured.to_json(),
+            supervisor=Proc.of(os.getpid()).to_json(),
+            enclave=Proc.of(enclave.pid).to_json(),
+            isolated=isolated,
+        )
+        write_json(path / ENCLAVE_FILE, record)
+    except Exception as err:
+        log.exception("the enclave did not start")
+        cleanup.close()
+        message = str(err) if isinstance(err, EnclaveError | OSError) else f"{type(err).__name__}: {err}"
+        tail = log_tail(path / SUPERVISOR_LOG)
+        ready.fail(f"local enclave {launch['name']} did not start: {message}\nsupervisor log:\n{tail}")
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: enclave.kill())
+    log.info("enclave %s (CID %d) serving on %s", launch["id"], launch["cid"], endpoint)
+    ready.ok({"enclave": record, "warnings": warnings})
+    enclave.wait()
+    log.info("enclave %s ended (status %s); cleaning up", launch["id"], enclave.returncode)
+    cleanup.close()
+    shutil.rmtree(path, ignore_errors=True)
+    return 0
+
+
+# ---------------------------------------------------------------- init: PID 1 of the enclave
+
+_libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_REMOUNT, MS_BIND, MS_REC = 0x20, 0x1000, 0x4000
+MNT_DETACH = 0x2
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+    def c(text):
+        return text.encode() if text is not None else None
+
+    _check(_libc.mount(c(source), c(target), c(fstype), flags, c(data)), f"mount {source or fstype} on {target}")
+
+
+def _bind(source: str, target: str, *, readonly: bool = True) -> None:
+    _mount(source, target, None, MS_BIND | MS_REC)
+    if readonly:  # a bind mount takes its flags only from a remount
+        _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _tmpfs(target: str, size_mib: int, mode: int, flags: int = MS_NOSUID | MS_NODEV) -> None:
+    os.makedirs(target, exist_ok=True)
+    _mount("tmpfs", target, "tmpfs", flags, f"size={size_mib}m,mode={mode:o}")
+
+
+def _host_binds() -> list[str]:
+    """The host paths the interpreter needs, outermost first, without ones inside another."""
+    wanted = [*SYSTEM_DIRS, sys.base_prefix, sys.prefix, "/etc/ld.so.cache"]
+    paths = []
+    for path in wanted:
+        if os.path.lexists(path) and not any(path.startswith(p.rstrip("/") + "/") for p in wanted if p != path):
+            paths.append(path)
+    return list(dict.fromkeys(paths))
+
+
+def _build_root(config: dict) -> None:
+    """Mount the enclave's world under config["root"] and make it the root."""
+    root, paths, memory = config["root"], config["paths"], config["memory_mib"]
+    system_mib = max(MIN_SYSTEM_MIB, memory * SYSTEM_PERCENT // 100)
+    _tmpfs(root, system_mib, 0o755)
+    binds = _host_binds()
+    for host in binds:
+        for inside in paths.values():
+            if os.path.commonpath([host, inside]) in (host, inside):
+                raise EnclaveError(
+                    f"the enclave needs the host's {host} at the path where it keeps {inside}: install Python "
+                    "(or its virtual environment) elsewhere"
+                )
+    for host in binds:
+        target = root + host
+        if os.path.islink(host):  # /bin -> usr/bin on merged-/usr systems
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.symlink(os.readlink(host), target)
+            continue
+        if os.path.isdir(host):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            Path(target).touch()
+        _bind(host, target)
+    # The host's installed copy of this project (if any) must not shadow the image's code.
+    for site in {p for p in sys.path if p.startswith(sys.prefix) and p.endswith("site-packages")}:
+        if os.path.isdir(os.path.join(site, "ansible_collections")):
+            _mount("tmpfs", root + site + "/ansible_collections", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k")
+    dev = root + "/dev"
+    _tmpfs(dev, 1, 0o755, MS_NOSUID | MS_NOEXEC)
+    for name in DEVICES:
+        Path(dev, name).touch()
+        _bind(f"/dev/{name}", f"{dev}/{name}", readonly=False)
+    Path(root + paths["nsm"]).touch()
+    _bind(config["host_nsm"], root + paths["nsm"], readonly=False)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):  # fmt: skip
+        os.symlink(target, f"{dev}/{name}")
+    _tmpfs(dev + "/shm", system_mib, 0o1777)
+    _tmpfs(root + paths["share"], max(1, memory * SHARE_PERCENT // 100), 0o755)
+    _tmpfs(root + paths["work"], max(1, memory * WORK_PERCENT // 100), 0o700)
+    os.makedirs(root + paths["vsock"])
+    _bind(config["host_vsock"], root + paths["vsock"], readonly=False)
+    for name in ("proc", "tmp", "etc"):
+        os.makedirs(f"{root}/{name}", exist_ok=True)
+    Path(root, "etc/hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
+    Path(root, "etc/passwd").write_text("root:x:0:0:root:/tmp:/bin/sh\n")
+    Path(root, "etc/group").write_text("root:x:0:\n")
+    number = SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise EnclaveError(f"the local runtime does not know pivot_root's system call number on {platform.machine()}")
+    os.chdir(root)
+    os.makedirs(".old-root")
+    _check(_libc.syscall(number, b".", b".old-root"), "pivot_root")
+    os.chdir("/")
+    _check(_libc.umount2(b"/.old-root", MNT_DETACH), "unmount the host's root")
+    os.rmdir("/.old-root")
+    # /proc of the enclave's own PID namespace: it sees only its own processes.
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def init(config: dict) -> int:
+    """PID 1 of an enclave: build its root, unpack the image from stdin, run the server, reap orphans."""
+    paths = config["paths"]
+    console = os.open(config["console"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    if config["isolated"]:
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True, env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"})
+        _build_root(config)
+    for key in ("image", "share", "work"):
+        os.makedirs(paths[key], mode=0o700, exist_ok=True)
+    with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
+        tar.extractall(paths["image"], filter="data")
+    if config["isolated"]:
+        _bind(paths["image"], paths["image"])  # the code is read-only from here on
+    os.sched_setaffinity(0, config["cpu_ids"])
+    vsock, cid, port = paths["vsock"], config["cid"], config["kms_port"]
+    argv = [
+        sys.executable, "-s", "-P", "-m", "ansible_collections.confidential_ml.nitro.enclave_server",
+        "--listen", f"unix://{vsock}/{cid}_{DEFAULT_PORT}.sock",
+        "--share", paths["share"], "--work", paths["work"], "--nsm", f"unix://{paths['nsm']}",
+        "--kms-proxy", f"unix://{vsock}/{PARENT_CID}_{KMS_PROXY_PORT}.sock",
+        "--kms-listen", str(port), "--kms-endpoint-url", f"http://127.0.0.1:{port}",
+    ]  # fmt: skip
+    # The environment is built from nothing, so -s -P (no user site, no cwd on sys.path) isolate
+    # the server as -I would, except for the one variable set here: the image's code on sys.path.
+    env = dict(SERVER_ENV, PYTHONPATH=f"{paths['image']}/app")
+    if not config["isolated"]:
+        argv = ["setpriv", "--pdeathsig", "KILL", *argv]  # without a PID namespace, tie the server to init
+    server = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=console, stderr=console, cwd="/")
+    os.close(console)
+    while True:  # PID 1 reaps every orphan in the enclave
+        pid, status = os.wait()
+        if pid == server.pid:
+            server.returncode = os.waitstatus_to_exitcode(status)
+            print(f"enclave init: the server ended with status {server.returncode}", file=sys.stderr, flush=True)
+            return 1 if server.returncode else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description="The local runtime's own processes.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sup = commands.add_parser("supervise", help="(internal) supervise one enclave")
+    sup.add_argument("path")
+    sup.add_argument("--ready-fd", type=int, required=True)
+    ini = commands.add_parser("init", help="(internal) PID 1 inside an enclave")
+    ini.add_argument("config")
+    args = parser.parse_args(argv)
+    if args.command == "supervise":
+        return supervise(Path(args.path), args.ready_fd)
+    return init(json.loads(args.config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Inside the enclave: KMS on loopback, relayed to the parent's KMS proxy over vsock.
+
+An enclave has no network, only its vsock. boto3 needs an HTTP(S) endpoint, so the
+enclave server listens on 127.0.0.1:8000 and relays every connection, byte for byte,
+to the parent's vsock-proxy (vsock://3:8000 on Nitro, the enclave's 3_8000.sock on the
+local backend), which forwards it to KMS. TLS, where KMS is reached over HTTPS, ends
+inside the enclave: the parent relays only ciphertext. The same code runs on both
+backends; the local runtime's vsock-proxy (enclave_local/vsock_proxy.py) uses this
+module's Relay for the host side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Callable
+
+from ..plugins.module_utils.endpoints import KMS_PROXY_PORT, Endpoint
+from ..plugins.module_utils.errors import EnclaveError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+CONNECT_TIMEOUT = 10
+
+
+class Relay:
+    """Accept connections on a listening socket; relay each to a fresh upstream connection.
+
+    Bytes are copied both ways until each side has closed its half, so request/response
+    protocols (HTTP, TLS) pass through unchanged. One thread per direction and connection:
+    KMS traffic is a few small requests at a time."""
+
+    def __init__(self, listener: socket.socket, connect: Callable[[], socket.socket], *, name: str):
+        self.listener = listener
+        self.connect = connect
+        self.name = name
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self.serve_forever, name=name, daemon=True)
+
+    def start(self) -> Relay:
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # the listener was closed by stop()
+            threading.Thread(target=self._session, args=(client,), name=f"{self.name}-session", daemon=True).start()
+
+    def _track(self, sock: socket.socket, add: bool) -> None:
+        with self._lock:
+            (self._open.add if add else self._open.discard)(sock)
+
+    def _session(self, client: socket.socket) -> None:
+        self._track(client, True)
+        try:
+            try:
+                upstream = self.connect()
+            except Exception as err:  # noqa: BLE001 - any failure to reach upstream ends this connection only
+                log.warning("%s: cannot reach the upstream, dropping a connection: %s", self.name, err)
+                return
+            self._track(upstream, True)
+            try:
+                back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
+                back.start()
+                _pump(client, upstream)
+                back.join()
+            finally:
+                self._track(upstream, False)
+                upstream.close()
+        finally:
+            self._track(client, False)
+            client.close()
+
+    def stop(self) -> None:
+        """Stop accepting and cut every relayed connection."""
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        with self._lock:
+            for sock in list(self._open):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    """Copy src to dst until src ends, then pass the end on (half-close), so the peer sees EOF too."""
+    try:
+        while data := src.recv(CHUNK):
+            dst.sendall(data)
+    except OSError:
+        pass  # a reset on either side ends this direction; the other one sees it too
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def connector(endpoint: Endpoint) -> Callable[[], socket.socket]:
+    """Open a blocking connection to endpoint (vsock or unix) for each relayed connection."""
+
+    def connect() -> socket.socket:
+        sock = endpoint.connect(timeout=CONNECT_TIMEOUT)
+        sock.settimeout(None)  # relayed connections live as long as their peers keep them
+        return sock
+
+    return connect
+
+
+def start(proxy: Endpoint | str, *, port: int = KMS_PROXY_PORT, host: str = "127.0.0.1") -> Relay:
+    """Listen on host:port inside the enclave and relay each connection to the parent's KMS proxy."""
+    endpoint = Endpoint.parse(proxy) if isinstance(proxy, str) else proxy
+    try:
+        listener = socket.create_server((host, port))
+    except OSError as err:
+        raise EnclaveError(
+            f"the KMS forwarder cannot listen on {host}:{port}: {err.strerror or err}; choose another --kms-listen "
+            "port (and the matching --kms-endpoint-url)"
+        ) from err
+    log.info("KMS forwarder: %s:%d -> %s", host, listener.getsockname()[1], endpoint)
+    return Relay(listener, connector(endpoint), name="kms-forwarder").start()
