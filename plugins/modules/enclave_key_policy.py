@@ -1,0 +1,332 @@
+#!/usr/bin/python
+# Copyright: confidential_ml.nitro developers
+# Apache License 2.0 (see LICENSE or https://www.apache.org/licenses/LICENSE-2.0)
+# ruff: noqa: E402  (Ansible modules put DOCUMENTATION, EXAMPLES and RETURN before the imports)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: enclave_key_policy
+short_description: Allow attested Nitro Enclave images to decrypt with a KMS key
+version_added: 0.1.0
+description:
+  - Writes into the key policy of a KMS key the statements that let an attested AWS Nitro Enclave, and only it,
+    decrypt packages sealed under that key (see M(confidential_ml.nitro.enclave_package)).
+  - Three statements, each recognised by its C(Sid) and replaced in place; every other statement of the policy
+    (the owner's own) is kept unchanged and in order.
+  - C(OwnerAdministers) gives O(admin_principals) C(kms:*).
+  - C(EnclaveDecryptWithAttestation) allows O(user_principals) C(kms:Decrypt) only with an attestation document
+    whose PCR0 (C(kms:RecipientAttestation:ImageSha384)) is an allowed value, and whose PCR8 is one of O(pcr8)
+    when O(pcr8) is given.
+  - C(DenyDecryptWithoutAttestation) denies C(kms:Decrypt) and C(kms:ReEncrypt*) to everyone without such an
+    attestation, so that no other statement can hand the key to the parent host. With O(pcr8), a second Deny,
+    C(DenyDecryptWithoutOwnerSignedImage), does the same for PCR8.
+  - The allowed PCR0 values are O(pcr0) plus the values the policy already allows, limited by O(keep_newest).
+  - Before writing, the whole resulting policy is checked (the same lint as C(enclave policy lint)); when it is
+    unsound (for example another statement lets the parent host decrypt without an attestation) the module fails,
+    names every problem and writes nothing.
+  - The policy is read with C(DescribeKey) and C(GetKeyPolicy) and written with C(PutKeyPolicy) only when it
+    differs from the current one as data (formatting and key order do not count).
+author:
+  - confidential_ml.nitro developers (@confidential-ml)
+options:
+  key_id:
+    description:
+      - The KMS key, as a key id, key ARN, alias name (V(alias/...)) or alias ARN.
+    type: str
+    required: true
+  account_id:
+    description:
+      - The 12-digit AWS account that owns the key.
+      - Required with O(state=present).
+    type: str
+  user_principals:
+    description:
+      - IAM principal ARNs (or 12-digit account ids) of the parent hosts that run the enclave; they may call
+        C(kms:Decrypt) only from an attested enclave.
+      - Must not overlap O(admin_principals), since an administrator could remove the Deny.
+      - Required with O(state=present).
+    type: list
+    elements: str
+  admin_principals:
+    description:
+      - IAM principal ARNs (or 12-digit account ids) that administer the key (C(kms:*)).
+      - When not set, the account's root, C(arn:aws:iam::<account_id>:root), so that the account's IAM policies
+        decide who administers the key. Keep the principal that runs this module among them, or KMS refuses the
+        new policy (it would lock that principal out).
+    type: list
+    elements: str
+  pcr0:
+    description:
+      - PCR0 values (the enclave image measurement, 96 hex characters as printed by C(nitro-cli build-enclave))
+        to allow, newest first. Case and surrounding white space do not matter.
+      - They are added to the values the policy already allows; with O(keep_newest), older values drop out.
+      - All-zero values (debug-mode enclaves) are refused.
+      - Required with O(state=present).
+    type: list
+    elements: str
+  pcr8:
+    description:
+      - PCR8 values (hash of the certificate that signed the enclave image) that the enclave must also attest.
+      - Unlike O(pcr0), this list replaces the current one; an empty list removes the PCR8 requirement.
+    type: list
+    elements: str
+    default: []
+  keep_newest:
+    description:
+      - The rotation window, the number of PCR0 values the policy keeps allowing.
+      - The candidates, newest first, are O(pcr0) in the order given, followed by the values the current policy
+        already allows that are not in O(pcr0), in the order the policy lists them. Duplicates (ignoring case)
+        count once, at their first place. The first O(keep_newest) candidates are allowed, the rest are removed.
+      - The policy lists its values as C(render_policy) writes them, which is currently ascending hex order; KMS
+        records no age for them, so to control exactly which older values stay, pass the whole window in O(pcr0),
+        newest first (for example the new image's PCR0 and then the previous one, with O(keep_newest=2)).
+      - When not set, every value already allowed stays allowed.
+    type: int
+  state:
+    description:
+      - V(present) writes the statements described above.
+      - V(absent) removes those statements (by C(Sid)) and keeps all others. KMS refuses the result if it would no
+        longer let the caller change the policy; keep another statement that does.
+    type: str
+    choices: [present, absent]
+    default: present
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - confidential_ml.nitro.kms
+attributes:
+  check_mode:
+    support: full
+    details: Reads the current policy and reports the policy that would be written; writes nothing.
+  diff_mode:
+    support: full
+    details: The policy before and after, as JSON with sorted keys.
+  platform:
+    platforms: posix
+requirements:
+  - python >= 3.11
+seealso:
+  - module: confidential_ml.nitro.enclave_package
+  - name: Key policy condition keys for Nitro Enclaves
+    description: The condition keys AWS KMS sets from an attestation document.
+    link: https://docs.aws.amazon.com/kms/latest/developerguide/conditions-nitro-enclaves.html
+"""
+
+EXAMPLES = r"""
+- name: Allow the new enclave image and keep the previous one during the rollout
+  confidential_ml.nitro.enclave_key_policy:
+    key_id: alias/confidential-ml
+    account_id: "111122223333"
+    user_principals:
+      - arn:aws:iam::111122223333:role/enclave-host
+    pcr0:
+      - "{{ new_image.measurements.PCR0 }}"
+    keep_newest: 2
+
+- name: Pin the image signing certificate too, against the local KMS of the local backend
+  confidential_ml.nitro.enclave_key_policy:
+    key_id: "{{ key_arn }}"
+    account_id: "111122223333"
+    admin_principals:
+      - arn:aws:iam::111122223333:role/owner
+    user_principals:
+      - arn:aws:iam::111122223333:role/enclave-host
+    pcr0: ["{{ pcr0 }}"]
+    pcr8: ["{{ pcr8 }}"]
+    kms_endpoint_url: http://127.0.0.1:4566
+    region: us-east-1
+    access_key: owner
+    secret_key: "{{ local_kms_secret }}"
+
+- name: Take the enclave statements out of the key policy
+  confidential_ml.nitro.enclave_key_policy:
+    key_id: alias/confidential-ml
+    state: absent
+"""
+
+RETURN = r"""
+key_arn:
+  description: ARN of the key whose policy was read (and written).
+  returned: always
+  type: str
+  sample: arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab
+policy:
+  description: The key policy after the run (in check mode, the policy that would be written).
+  returned: always
+  type: dict
+  sample:
+    Version: "2012-10-17"
+    Statement:
+      - Sid: OwnerAdministers
+        Effect: Allow
+        Principal: {AWS: ["arn:aws:iam::111122223333:root"]}
+        Action: ["kms:*"]
+        Resource: "*"
+allowed_pcr0:
+  description: The PCR0 values the policy allows after the run, lowercase and sorted.
+  returned: always
+  type: list
+  elements: str
+  sample: ["5f1b...e3a9"]
+"""
+
+import json
+import traceback
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import PolicyError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import (
+    OUR_SIDS,
+    allowed_pcr0,
+    lint,
+    merge_statements,
+    normalize_pcr,
+    policy_diff,
+    render_policy,
+)
+
+try:
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+except ImportError:
+    BOTO3_ERROR = traceback.format_exc()
+else:
+    BOTO3_ERROR = None
+
+KMS_ARGUMENT_SPEC = {
+    "kms_endpoint_url": {"type": "str", "aliases": ["endpoint_url"]},
+    "region": {"type": "str", "aliases": ["aws_region"]},
+    "profile": {"type": "str", "aliases": ["aws_profile"]},
+    "access_key": {"type": "str", "aliases": ["aws_access_key_id", "aws_access_key"], "no_log": False},
+    "secret_key": {"type": "str", "aliases": ["aws_secret_access_key", "aws_secret_key"], "no_log": True},
+    "session_token": {"type": "str", "aliases": ["aws_session_token"], "no_log": True},
+}
+KMS_MUTUALLY_EXCLUSIVE = [("profile", "access_key"), ("profile", "secret_key"), ("profile", "session_token")]
+
+
+def kms_client(module):
+    """A boto3 KMS client from the module's connection options; boto3 finds whatever they leave unset."""
+    params = module.params
+    try:
+        session = boto3.session.Session(
+            profile_name=params["profile"],
+            aws_access_key_id=params["access_key"],
+            aws_secret_access_key=params["secret_key"],
+            aws_session_token=params["session_token"],
+            region_name=params["region"],
+        )
+        return session.client("kms", endpoint_url=params["kms_endpoint_url"])
+    except (BotoCoreError, ValueError) as err:
+        module.fail_json(
+            msg=f"cannot set up a KMS client: {err}; set region (or AWS_DEFAULT_REGION), a valid profile or"
+            " credentials, and a valid kms_endpoint_url"
+        )
+
+
+def fail_kms(module, err, operation, key_id):
+    code = err.response.get("Error", {}).get("Code", "") if isinstance(err, ClientError) else ""
+    advice = {
+        "AccessDeniedException": "the caller is not allowed to do this; run as one of the key's administrators",
+        "NotFoundException": "check key_id, region and kms_endpoint_url",
+        "MalformedPolicyDocumentException": "KMS refused the policy; keep the caller among admin_principals (or in"
+        " another statement that allows kms:PutKeyPolicy)",
+    }.get(code, "check the KMS connection options and the key")
+    module.fail_json(msg=f"KMS {operation} on {key_id} failed: {err}; {advice}", error_code=code or None)
+
+
+def window(module, pcr0, current, keep_newest):
+    """Newest first: the values given now, then the ones the current policy allows; the first keep_newest."""
+    candidates = [normalize_pcr(value) for value in pcr0]
+    for value in current:
+        try:
+            candidates.append(normalize_pcr(value))
+        except PolicyError as err:  # e.g. a debug (all-zero) PCR0: make the policy sound rather than carry it over
+            module.warn(f"the current key policy allows a PCR0 that is not carried over: {err}")
+    ordered = list(dict.fromkeys(candidates))
+    return ordered if keep_newest is None else ordered[:keep_newest]
+
+
+def desired_policy(module, current):
+    params = module.params
+    if params["state"] == "absent":
+        return merge_statements(current, [], drop=OUR_SIDS)
+    pcr0 = window(module, params["pcr0"], allowed_pcr0(current), params["keep_newest"])
+    policy = render_policy(
+        account_id=params["account_id"],
+        user_principals=params["user_principals"],
+        admin_principals=params["admin_principals"],
+        pcr0=pcr0,
+        pcr8=params["pcr8"],
+        existing=current,
+    )
+    problems = lint(policy, user_principals=params["user_principals"])
+    if problems:
+        module.fail_json(
+            msg="refusing to write an unsound key policy for "
+            f"{params['key_id']}: {' '.join(problems)} Nothing was written; fix the statements named above.",
+            problems=problems,
+            policy=policy,
+        )
+    return policy
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "key_id": {"type": "str", "required": True},
+            "account_id": {"type": "str"},
+            "user_principals": {"type": "list", "elements": "str"},
+            "admin_principals": {"type": "list", "elements": "str"},
+            "pcr0": {"type": "list", "elements": "str"},
+            "pcr8": {"type": "list", "elements": "str", "default": []},
+            "keep_newest": {"type": "int"},
+            "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
+            **KMS_ARGUMENT_SPEC,
+        },
+        required_if=[("state", "present", ("account_id", "user_principals", "pcr0"))],
+        mutually_exclusive=KMS_MUTUALLY_EXCLUSIVE,
+        supports_check_mode=True,
+    )
+    if BOTO3_ERROR:
+        module.fail_json(msg=missing_required_lib("boto3"), exception=BOTO3_ERROR)
+    params = module.params
+    if params["keep_newest"] is not None and params["keep_newest"] < 1:
+        module.fail_json(msg=f"keep_newest is {params['keep_newest']}; give 1 or more, or leave it unset.")
+
+    client = kms_client(module)
+    key_id = params["key_id"]
+    try:
+        # GetKeyPolicy and PutKeyPolicy take no alias: resolve it first.
+        key_arn = client.describe_key(KeyId=key_id)["KeyMetadata"]["Arn"]
+    except (BotoCoreError, ClientError) as err:
+        fail_kms(module, err, "DescribeKey", key_id)
+    try:
+        text = client.get_key_policy(KeyId=key_arn, PolicyName="default")["Policy"]
+    except (BotoCoreError, ClientError) as err:
+        fail_kms(module, err, "GetKeyPolicy", key_arn)
+    try:
+        current = json.loads(text)
+    except ValueError as err:
+        module.fail_json(msg=f"the key policy of {key_arn} is not JSON ({err}); fix it in KMS first.")
+
+    try:
+        policy = desired_policy(module, current)
+    except PolicyError as err:
+        module.fail_json(msg=f"cannot compute the key policy of {key_arn}: {err}")
+
+    changed = policy != current
+    if changed and not module.check_mode:
+        try:
+            client.put_key_policy(KeyId=key_arn, PolicyName="default", Policy=json.dumps(policy, indent=2))
+        except (BotoCoreError, ClientError) as err:
+            fail_kms(module, err, "PutKeyPolicy", key_arn)
+
+    result = {"changed": changed, "key_arn": key_arn, "policy": policy, "allowed_pcr0": allowed_pcr0(policy)}
+    if module._diff:
+        result["diff"] = policy_diff(current, policy)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

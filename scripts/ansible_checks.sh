@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The collection's quality gates, offline: ansible-lint --profile production on the tree, then
+# `ansible-test sanity` on a copy of it. Run from anywhere; idempotent; `make test` calls it.
+#
+#   scripts/ansible_checks.sh                   # both
+#   scripts/ansible_checks.sh lint              # ansible-lint only
+#   scripts/ansible_checks.sh sanity [ARGS...]  # ansible-test sanity only (ARGS go to ansible-test, e.g. --test pep8)
+#
+# ansible-test insists on running from a directory whose real path ends in
+# ansible_collections/<namespace>/<name>, inside git, with tests/output/ ignored. The checkout's own
+# path does not end so (collections/ holds only a symbolic link to it, and ansible-test resolves
+# links), so the files git knows (tracked, or new and not ignored: what ansible-test itself would
+# check) are mirrored into a work directory of that shape that is its own git repository.
+#
+# ansible-test --requirements bootstraps pip in each sanity virtual environment with a script it
+# downloads from a host that cannot be reached here; it uses a cached copy when there is one, so a
+# stand-in is written there that installs pip from the package index pip is configured with.
+#
+# Environment: VENV (default <repo>/.venv), ANSIBLE_CHECKS_WORK (default ~/.cache/confidential_ml.nitro/ansible-checks).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+VENV=${VENV:-$ROOT/.venv}
+case $VENV in /*) ;; *) VENV=$ROOT/$VENV ;; esac
+BIN=$VENV/bin
+PYTHON_VERSION=3.11
+NAMESPACE=confidential_ml
+NAME=nitro
+WORK=${ANSIBLE_CHECKS_WORK:-${XDG_CACHE_HOME:-$HOME/.cache}/$NAMESPACE.$NAME/ansible-checks}
+COPY=$WORK/ansible_collections/$NAMESPACE/$NAME
+GET_PIP=$HOME/.ansible/test/cache/get_pip_24_2.py
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'ansible_checks.sh: %s\n' "$*" >&2; exit 1; }
+
+for tool in ansible-lint ansible-test; do
+    [ -x "$BIN/$tool" ] || die "$BIN/$tool is missing: install the test extra first (make venv, or $BIN/pip install '.[test]')"
+done
+command -v git >/dev/null || die "git is missing: apt-get install git"
+export PATH="$BIN:$PATH"
+export ANSIBLE_COLLECTIONS_PATH=$ROOT/collections
+# Neither tool may reach for Galaxy or the network for metadata.
+export ANSIBLE_LINT_SKIP_SCHEMA_UPDATE=1 ANSIBLE_LINT_NODEPS=0 ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 PY_COLORS=0
+
+link_collection() {
+    # The same link the Makefile and tests/conftest.py make, for ansible-lint's collection lookups.
+    mkdir -p "$ROOT/collections/ansible_collections/$NAMESPACE"
+    ln -sfn "$ROOT" "$ROOT/collections/ansible_collections/$NAMESPACE/$NAME"
+}
+
+run_lint() {
+    link_collection
+    say "ansible-lint --profile production ($ROOT)"
+    (cd "$ROOT" && ansible-lint --profile production --offline --nocolor)
+}
+
+write_get_pip_stand_in() {
+    local marker="confidential_ml.nitro get-pip stand-in v1"
+    if [ -f "$GET_PIP" ] && grep -q "$marker" "$GET_PIP"; then
+        return
+    fi
+    [ -f "$GET_PIP" ] && say "keeping the existing $GET_PIP (not ours; ansible-test will use it)" && return
+    mkdir -p "$(dirname "$GET_PIP")"
+    cat >"$GET_PIP.tmp" <<EOF
+# $marker (written by scripts/ansible_checks.sh).
+# ansible-test runs get-pip.py as: python get_pip_24_2.py [pip options] pip==24.2 [setuptools==...] [--no-setuptools] [--no-wheel]
+# Here: bootstrap pip with ensurepip, then let that pip install the requested versions from the configured index.
+import os
+import subprocess
+import sys
+
+subprocess.run([sys.executable, "-m", "ensurepip", "--upgrade", "--default-pip"], check=True, stdout=subprocess.DEVNULL)
+# ensurepip points PIP_CONFIG_FILE at /dev/null while it runs, which would hide this machine's index settings.
+env = {key: value for key, value in os.environ.items() if key != "PIP_CONFIG_FILE"}
+args = [arg for arg in sys.argv[1:] if arg not in ("--no-setuptools", "--no-wheel")]
+sys.exit(subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--upgrade", *args], env=env).returncode)
+EOF
+    mv "$GET_PIP.tmp" "$GET_PIP"
+}
+
+mirror_tree() {
+    # Mirror what git sees in the checkout (tracked and new files, without ignored ones) into $COPY.
+    mkdir -p "$COPY"
+    if [ ! -d "$COPY/.git" ]; then
+        git -C "$COPY" init -q
+    fi
+    find "$COPY" -mindepth 1 -maxdepth 1 ! -name .git ! -name tests -exec rm -rf {} +
+    if [ -d "$COPY/tests" ]; then
+        find "$COPY/tests" -mindepth 1 -maxdepth 1 ! -name output -exec rm -rf {} +
+    fi
+    (
+        cd "$ROOT"
+        git ls-files -z --cached --others --exclude-standard |
+            while IFS= read -r -d '' path; do
+                if [ -e "$path" ] || [ -L "$path" ]; then printf '%s\0' "$path"; fi
+            done |
+            tar --null --no-recursion --files-from=- -cf -
+    ) | tar -xf - -C "$COPY"
+    # ansible-test must not check its own work area, nor copies of the tree.
+    grep -qx 'tests/output/' "$COPY/.gitignore" 2>/dev/null || printf 'tests/output/\n' >>"$COPY/.gitignore"
+}
+
+install_shellcheck() {
+    # Without shellcheck, ansible-test skips its shellcheck test with a warning: results would depend on the machine.
+    command -v shellcheck >/dev/null && return
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        say "installing shellcheck (Debian package)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null
+    else
+        say "warning: shellcheck is missing (sudo apt-get install shellcheck); ansible-test will skip that test"
+    fi
+}
+
+run_sanity() {
+    install_shellcheck
+    write_get_pip_stand_in
+    mirror_tree
+    say "ansible-test sanity --python $PYTHON_VERSION ($COPY)"
+    (cd "$COPY" && ansible-test sanity --python "$PYTHON_VERSION" --requirements --color no "$@")
+}
+
+started=$(date +%s)
+case ${1:-all} in
+    lint) run_lint ;;
+    sanity) shift; run_sanity "$@" ;;
+    all) run_lint; run_sanity ;;
+    *) die "unknown command ${1}; use lint, sanity [ansible-test args] or nothing for both" ;;
+esac
+say "ansible checks passed in $(($(date +%s) - started)) s"
