@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..plugins.module_utils.errors import EnclaveError
+from . import local as local_cmd
 
 LIB = "ansible_collections.confidential_ml.nitro.plugins.module_utils"
 
@@ -363,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the job summary as JSON")
     _add_enclave_flags(run)
     run.set_defaults(func=cmd_run)
+    local_cmd.register(commands)
     return parser
 
 

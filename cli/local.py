@@ -1,0 +1,138 @@
+"""`enclave local ...`: the local backend, with nitro-cli's commands, options and JSON.
+
+    enclave local up [--kms-port P]          start the local cloud (KMS), idempotent
+    enclave local down                       stop every local enclave and the local cloud
+    enclave local build [--output FILE]      build-enclave: a reproducible image and its PCRs
+    enclave local run-enclave --eif-path FILE --cpu-count N --memory MIB [--enclave-cid C]
+                              [--enclave-name NAME] [--debug-mode]
+    enclave local describe-enclaves
+    enclave local terminate-enclave (--enclave-id ID | --all)
+    enclave local console --enclave-id ID    debug-mode enclaves only
+
+Imports are deferred to the command that runs, so `enclave --help` stays fast.
+"""
+
+import json
+import sys
+
+LOCAL = "ansible_collections.confidential_ml.nitro.enclave_local"
+
+
+def _print_json(data) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _runtime():
+    from importlib import import_module
+
+    return import_module(f"{LOCAL}.runtime").LocalRuntime()
+
+
+def cmd_up(args) -> int:
+    from importlib import import_module
+
+    cloud = import_module(f"{LOCAL}.cloud").up(args.kms_port)
+    if args.json:
+        _print_json(cloud)
+    else:
+        verb = "started" if cloud["started"] else "already running"
+        print(f"local cloud {verb}: KMS at {cloud['kms_endpoint_url']} (keys in {cloud['kms_state']})")
+        print(f"attestation root: {cloud['ca_root']}; vsock-proxy allowlist: {cloud['vsock_proxy_config']}")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from importlib import import_module
+
+    stopped = import_module(f"{LOCAL}.cloud").down()
+    if args.json:
+        _print_json(stopped)
+    else:
+        for enclave_id in stopped["enclaves"]:
+            print(f"terminated local enclave {enclave_id}")
+        print(f"stopped the local KMS at {stopped['kms']}" if stopped["kms"] else "the local KMS was not running")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from importlib import import_module
+
+    settings = import_module("ansible_collections.confidential_ml.nitro.plugins.module_utils.settings")
+    output = args.output or str(settings.state_home() / "images" / "enclave.eif")
+    result = _runtime().build(output=output, source=args.source)
+    print(f"built {result.image}", file=sys.stderr)
+    _print_json({"Measurements": result.measurements.to_json()})
+    return 0
+
+
+def cmd_run_enclave(args) -> int:
+    info = _runtime().run(
+        args.eif_path,
+        cpu_count=args.cpu_count,
+        memory_mib=args.memory,
+        cid=args.enclave_cid,
+        name=args.enclave_name,
+        debug_mode=args.debug_mode,
+    )
+    _print_json(info.to_json())
+    return 0
+
+
+def cmd_describe(args) -> int:
+    _print_json([info.to_json() for info in _runtime().describe()])
+    return 0
+
+
+def cmd_terminate(args) -> int:
+    runtime = _runtime()
+    stopped = runtime.terminate(all=True) if args.all else runtime.terminate(args.enclave_id)
+    results = [{"EnclaveID": enclave_id, "Terminated": True} for enclave_id in stopped]
+    _print_json(results if args.all else results[0])
+    return 0
+
+
+def cmd_console(args) -> int:
+    sys.stdout.write(_runtime().console(args.enclave_id))
+    return 0
+
+
+def register(commands) -> None:
+    """Add `local` and its subcommands to the `enclave` parser's subcommands."""
+    local = commands.add_parser("local", help="the local backend: local cloud, images and enclaves (nitro-cli style)")
+    sub = local.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+
+    up = sub.add_parser("up", help="start the local cloud (the local KMS); does nothing if it runs")
+    up.add_argument("--kms-port", type=int, default=0, help="KMS port on 127.0.0.1 (default: any free port)")
+    up.add_argument("--json", action="store_true")
+    up.set_defaults(func=cmd_up)
+    down = sub.add_parser("down", help="terminate every local enclave and stop the local cloud")
+    down.add_argument("--json", action="store_true")
+    down.set_defaults(func=cmd_down)
+
+    build = sub.add_parser("build", help="build the enclave image reproducibly and print its measurements")
+    build.add_argument("--output", help="image file to write (default: $ENCLAVE_HOME/images/enclave.eif)")
+    build.add_argument("--source", help="project tree to build from (default: this installation)")
+    build.set_defaults(func=cmd_build)
+
+    run = sub.add_parser("run-enclave", help="start an enclave from an image")
+    run.add_argument("--eif-path", required=True, help="the image (from `enclave local build`)")
+    run.add_argument("--cpu-count", type=int, required=True, help="CPUs the enclave may use")
+    run.add_argument("--memory", type=int, required=True, help="memory in MiB (share 60%%, decrypted packages 30%%)")
+    run.add_argument("--enclave-cid", type=int, help="the enclave's CID (default: the first free from 16)")
+    run.add_argument("--enclave-name", help="a name (default: the image file's name)")
+    run.add_argument("--debug-mode", action="store_true", help="keep a console; attests all-zero PCRs")
+    run.set_defaults(func=cmd_run_enclave)
+
+    describe = sub.add_parser("describe-enclaves", help="list the running local enclaves")
+    describe.set_defaults(func=cmd_describe)
+
+    terminate = sub.add_parser("terminate-enclave", help="stop an enclave and remove everything it had")
+    which = terminate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--enclave-id", help="the enclave's ID (or name)")
+    which.add_argument("--all", action="store_true", help="every local enclave")
+    terminate.set_defaults(func=cmd_terminate)
+
+    console = sub.add_parser("console", help="print a debug-mode enclave's log")
+    console.add_argument("--enclave-id", required=True, help="the enclave's ID (or name)")
+    console.set_defaults(func=cmd_console)
