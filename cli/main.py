@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..plugins.module_utils.errors import EnclaveError
 from . import local as local_cmd
+from . import sync as sync_cmd
 
 LIB = "ansible_collections.confidential_ml.nitro.plugins.module_utils"
 
@@ -364,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the job summary as JSON")
     _add_enclave_flags(run)
     run.set_defaults(func=cmd_run)
+    sync_cmd.add_parser(commands, _add_enclave_flags, _client)
     local_cmd.register(commands)
     return parser
 

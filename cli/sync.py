@@ -1,0 +1,48 @@
+"""`enclave sync -d DIR`: the enclave's share as a folder on the host (FUSE), as in the original sample.
+
+enclave sync -d synced_folder               # mount in the background, return once it works
+cp app.pkg synced_folder/encrypted/
+enclave sync -d synced_folder --unmount     # unmount and stop the mount's process
+"""
+
+import sys
+from importlib import import_module
+from pathlib import Path
+
+LIB = "ansible_collections.confidential_ml.nitro.plugins.module_utils"
+
+
+def cmd_sync(args) -> int:
+    fusefs = import_module(f"{LIB}.fusefs")
+    folder = Path(args.dir).expanduser()
+    if args.unmount:
+        fusefs.unmount(folder, lazy=args.lazy)
+        print(f"unmounted the enclave share from {folder}")
+        return 0
+    settings = import_module(f"{LIB}.settings")
+    endpoint = settings.resolve_endpoint(args.endpoint, cid=args.cid, port=args.port)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not args.foreground:
+        fusefs.mount(endpoint, folder, expect_pcr0=args.expect_pcr0, allow_debug=args.allow_debug)
+        state = fusefs.mount_state(folder) or {}
+        print(
+            f"mounted the enclave share ({endpoint}) on {folder} (process {state.get('pid')}, log {state.get('log')})\n"
+            f"unmount with: enclave sync -d {folder} --unmount"
+        )
+        return 0
+    print(f"serving the enclave share ({endpoint}) on {folder}; Ctrl-C or `enclave sync -d {folder} --unmount` ends it",
+          file=sys.stderr, flush=True)  # fmt: skip
+    fusefs.mount(endpoint, folder, foreground=True, expect_pcr0=args.expect_pcr0, allow_debug=args.allow_debug)
+    return 0
+
+
+def add_parser(commands, add_enclave_flags, make_client) -> None:
+    """Register `enclave sync`. The mount opens and attests its own long-lived connection, so make_client,
+    which builds a short-lived one, is not used."""
+    sync = commands.add_parser("sync", help="mount the enclave's share on a local folder (FUSE)")
+    sync.add_argument("-d", "--dir", required=True, help="folder to mount the share on (created if missing)")
+    sync.add_argument("--unmount", action="store_true", help="unmount the folder and stop its mount process")
+    sync.add_argument("--lazy", action="store_true", help="with --unmount: detach now even if the folder is in use")
+    sync.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
+    add_enclave_flags(sync)
+    sync.set_defaults(func=cmd_sync)

@@ -1,0 +1,781 @@
+"""`enclave sync`: the enclave's share mounted on a host folder with FUSE.
+
+The original sample's everyday loop: mount a folder that mirrors the enclave's
+in-memory share (encrypted/, dataset/, model/, output/), `cp` packages and
+data in, run a job, read /output. Every file operation becomes one wire
+request on one connection; libfuse's worker threads issue them concurrently.
+
+Kept cheap:
+- 1 MiB reads and writes (fuse3 negotiates max_write / max_read / readahead of
+  1 MiB; st_blksize tells cp to use 1 MiB buffers).
+- readdir is one `share.list` round trip; the listed stats answer the lookups
+  of the `ls -l` that follows, and the listing answers "no such file" for the
+  lookup that precedes every create, for about a second.
+- flush, release, fsync, access, opendir: not implemented, so libfuse and the
+  kernel answer them without a Python call (the server is stateless and writes
+  through at once, so there is nothing to flush).
+
+Coherence: the host is the only writer of the share except the running job,
+which writes /output. Kernel attribute and entry caches last 1 s; this
+module's own cache lasts 1 s, is updated by every mutation made through the
+mount, and never answers "no such file" under /output.
+
+Failure: a server error comes back as its errno; a lost connection makes
+every operation fail at once with ENOTCONN ("Transport endpoint is not
+connected"), never a hang; a server that stops answering gives ETIMEDOUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from . import settings
+from .errors import EnclaveError
+from .wire import CallTimeout, ConnectionClosed, RemoteError, WireError
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+ATTR_TIMEOUT = 1.0
+"""Seconds the kernel and this module trust attributes and listings they have seen."""
+CALL_TIMEOUT = 120.0
+"""A request unanswered this long fails with ETIMEDOUT (the server is alive but stuck)."""
+READY_TIMEOUT = 60.0
+"""How long `mount` waits for the background mount to come up (attestation included)."""
+EXIT_TIMEOUT = 30.0
+"""How long `unmount` waits for the mount's process to exit."""
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=16777216:glibc.malloc.trim_threshold=268435456"
+OUTPUT = "/output"
+"""Where the running job writes: never answered from a cached listing."""
+
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+RENAME_NOREPLACE = 1
+
+
+def _load_mfusepy():
+    try:
+        import mfusepy
+    except (ImportError, OSError) as err:
+        raise EnclaveError(
+            f"FUSE is not available ({err}): install libfuse 3 (apt-get install fuse3 libfuse3-3, "
+            "or `make deps`) and the mfusepy package"
+        ) from err
+    if mfusepy.fuse_version_major != 3:
+        raise EnclaveError(
+            f"mfusepy loaded libfuse {mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor} "
+            f"({mfusepy._libfuse_path}); `enclave sync` needs libfuse 3 for 1 MiB writes: "
+            "install fuse3 and libfuse3-3, or point FUSE_LIBRARY_PATH at libfuse3.so.3"
+        )
+    return mfusepy
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] or "/"
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[1]
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top + "/")
+
+
+class _Cache:
+    """Attributes and directory listings seen recently, for ATTR_TIMEOUT seconds.
+
+    Own mutations update it exactly (a created name joins its directory's
+    listing), so a copy into a fresh directory does not ask the server about
+    names it knows are absent. /output listings are kept for attributes only:
+    the job adds files there behind our back."""
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._attrs: dict[str, tuple[float, dict]] = {}
+        self._dirs: dict[str, tuple[float, set[str]]] = {}
+
+    def attrs(self, path: str) -> dict | None:
+        hit = self._attrs.get(path)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        return None
+
+    def absent(self, path: str) -> bool:
+        """True when a fresh listing of path's directory says it does not exist."""
+        parent = _parent(path)
+        if _under(parent, OUTPUT):
+            return False
+        hit = self._dirs.get(parent)
+        return hit is not None and hit[0] > time.monotonic() and _name(path) not in hit[1]
+
+    def put_attrs(self, path: str, attrs: dict) -> None:
+        with self._lock:
+            self._attrs[path] = (time.monotonic() + self.ttl, attrs)
+
+    def put_listing(self, path: str, entries: dict[str, dict]) -> None:
+        deadline = time.monotonic() + self.ttl
+        prefix = path.rstrip("/") + "/"
+        with self._lock:
+            self._dirs[path] = (deadline, set(entries))
+            for name, attrs in entries.items():
+                self._attrs[prefix + name] = (deadline, attrs)
+
+    def changed(self, *paths: str) -> None:
+        """Contents or metadata of paths changed: forget their attributes."""
+        with self._lock:
+            for path in paths:
+                self._attrs.pop(path, None)
+
+    def added(self, path: str, *, empty_dir: bool = False) -> None:
+        with self._lock:
+            parent = _parent(path)
+            self._attrs.pop(path, None)
+            self._attrs.pop(parent, None)
+            hit = self._dirs.get(parent)
+            if hit is not None:
+                hit[1].add(_name(path))
+                self._dirs[parent] = (time.monotonic() + self.ttl, hit[1])
+            if empty_dir:
+                self._dirs[path] = (time.monotonic() + self.ttl, set())
+
+    def removed(self, path: str) -> None:
+        with self._lock:
+            parent = _parent(path)
+            self._attrs.pop(path, None)
+            self._attrs.pop(parent, None)
+            self._dirs.pop(path, None)
+            hit = self._dirs.get(parent)
+            if hit is not None:
+                hit[1].discard(_name(path))
+
+    def moved(self, old: str, new: str) -> None:
+        self.removed(old)
+        self.removed(new)
+        self.added(new)
+        with self._lock:  # whatever lived under a renamed directory now has other names
+            for table in (self._attrs, self._dirs):
+                for key in [k for k in table if k.startswith(old + "/") or k.startswith(new + "/")]:
+                    del table[key]
+
+
+class ShareOperations:
+    """mfusepy operations over the wire connection (built by `operations()`, which subclasses mfusepy's base)."""
+
+    use_ns = True  # times as integer nanoseconds, as the server keeps them
+
+    def __init__(self, connection, mountpoint: str, *, ttl: float = ATTR_TIMEOUT, on_ready=None):
+        self.connection = connection
+        self.mountpoint = mountpoint
+        self.cache = _Cache(ttl)
+        self.on_ready = on_ready
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self._count_lock = threading.Lock()
+        self.stats: collections.Counter = collections.Counter()
+        self.write_sizes: collections.Counter = collections.Counter()
+        self.read_sizes: collections.Counter = collections.Counter()
+        self.negotiated: dict = {}
+        self._lost = threading.Event()
+
+    # -- plumbing
+
+    def _fail(self, code: int):
+        return self.fuse_error(code)
+
+    def _count(self, counter: collections.Counter, key) -> None:
+        with self._count_lock:
+            counter[key] += 1
+
+    def _call(self, op: str, args: dict):
+        self._count(self.stats, op)
+        try:
+            return self.connection.call(op, args, timeout=CALL_TIMEOUT)
+        except RemoteError as err:
+            raise self._fail(err.errno or errno.EIO) from None
+        except ConnectionClosed as err:
+            if not self._lost.is_set():
+                self._lost.set()
+                log.error(
+                    "the connection to the enclave is lost (%s): every operation on the mount now fails with "
+                    "ENOTCONN; unmount it (enclave sync -d DIR --unmount) and mount again once the enclave runs",
+                    err,
+                )
+            raise self._fail(errno.ENOTCONN) from None
+        except CallTimeout:
+            log.error("%s got no answer from the enclave within %s s: is the enclave server stuck?", op, CALL_TIMEOUT)
+            raise self._fail(errno.ETIMEDOUT) from None
+        except (WireError, OSError) as err:
+            log.error("%s failed on the client side: %s", op, err)
+            raise self._fail(getattr(err, "errno", None) or errno.EIO) from None
+
+    def _attrs(self, st: dict) -> dict:
+        return {
+            "st_mode": st["mode"],
+            "st_nlink": st["nlink"],
+            "st_size": st["size"],
+            "st_blocks": st["blocks"],
+            "st_blksize": MIB,  # cp and friends size their buffers from this: 1 MiB requests
+            "st_uid": self.uid,  # the enclave's owners mean nothing here: the files are the mounting user's
+            "st_gid": self.gid,
+            "st_atime": st["atime_ns"],
+            "st_mtime": st["mtime_ns"],
+            "st_ctime": st["ctime_ns"],
+        }
+
+    # -- lifecycle
+
+    def init_with_config(self, conn, config):
+        if conn is not None:
+            # libfuse 3 always allows big writes; it caps them at its 1 MiB buffer (max_pages 256).
+            conn.max_write = MIB
+            conn.max_readahead = MIB
+            conn.max_read = MIB  # must equal the max_read mount option
+            self.negotiated = {
+                "max_write": conn.max_write,
+                "max_read": conn.max_read,
+                "max_readahead": conn.max_readahead,
+            }
+        log.info("kernel connection: %s", self.negotiated)
+        if self.on_ready is not None:
+            # Requests wait until init has returned and libfuse has accepted it: a stat of the root from
+            # another thread then proves the whole path (kernel, libfuse, wire, server) before we say ready.
+            threading.Thread(target=self._probe, name="mount-probe", daemon=True).start()
+
+    def _probe(self) -> None:
+        _raise_readahead(self.mountpoint)
+        try:
+            os.stat(self.mountpoint)
+        except OSError as err:
+            self.on_ready(f"the new mount does not answer: {err.strerror}")
+        else:
+            self.on_ready(None)
+
+    # -- metadata
+
+    def getattr(self, path, fh=None):
+        cached = self.cache.attrs(path)
+        if cached is not None:
+            self._count(self.stats, "cached getattr")
+            return cached
+        if self.cache.absent(path):
+            self._count(self.stats, "cached ENOENT")
+            raise self._fail(errno.ENOENT)
+        attrs = self._attrs(self._call("share.stat", {"path": path}))
+        self.cache.put_attrs(path, attrs)
+        return attrs
+
+    def readdir(self, path, fh):
+        entries = {e["name"]: self._attrs(e) for e in self._call("share.list", {"path": path})}
+        self.cache.put_listing(path, entries)
+        return [".", "..", *((name, attrs, 0) for name, attrs in entries.items())]
+
+    def statfs(self, path):
+        st = self._call("share.statfs", {})
+        return {
+            "f_bsize": st["bsize"],
+            "f_frsize": st["frsize"],
+            "f_blocks": st["blocks"],
+            "f_bfree": st["bfree"],
+            "f_bavail": st["bavail"],
+            "f_files": st["files"],
+            "f_ffree": st["ffree"],
+            "f_favail": st["ffree"],
+            "f_namemax": st["namemax"],
+        }
+
+    def chmod(self, path, mode):
+        self._call("share.chmod", {"path": path, "mode": mode & 0o7777})
+        self.cache.changed(path)
+        return 0
+
+    def chown(self, path, uid, gid):
+        # Ownership is not carried into the enclave: accept only what it already is.
+        if uid not in (-1, self.uid) or gid not in (-1, self.gid):
+            raise self._fail(errno.EPERM)
+        return 0
+
+    def utimens(self, path, times=None):
+        now = time.time_ns()
+        atime, mtime = times if times is not None else (UTIME_NOW, UTIME_NOW)
+        if UTIME_OMIT in (atime, mtime):
+            current = self._call("share.stat", {"path": path})
+            atime = current["atime_ns"] if atime == UTIME_OMIT else atime
+            mtime = current["mtime_ns"] if mtime == UTIME_OMIT else mtime
+        atime = now if atime == UTIME_NOW else atime
+        mtime = now if mtime == UTIME_NOW else mtime
+        self._call("share.utimens", {"path": path, "atime_ns": atime, "mtime_ns": mtime})
+        self.cache.changed(path)
+        return 0
+
+    # -- namespace
+
+    def mkdir(self, path, mode):
+        self._added(path, self._call("share.mkdir", {"path": path, "mode": mode & 0o7777}), empty_dir=True)
+        return 0
+
+    def rmdir(self, path):
+        self._call("share.rmdir", {"path": path})
+        self.cache.removed(path)
+        return 0
+
+    def unlink(self, path):
+        self._call("share.unlink", {"path": path})
+        self.cache.removed(path)
+        return 0
+
+    def rename(self, old, new, flags=0):
+        if flags & ~RENAME_NOREPLACE:
+            raise self._fail(errno.EINVAL)  # RENAME_EXCHANGE / WHITEOUT: the share has no atomic swap
+        if flags & RENAME_NOREPLACE:
+            try:
+                self._call("share.stat", {"path": new})
+            except OSError as err:
+                if err.errno != errno.ENOENT:
+                    raise
+            else:
+                raise self._fail(errno.EEXIST)
+        self._call("share.rename", {"old": old, "new": new})
+        self.cache.moved(old, new)
+        return 0
+
+    def symlink(self, target, source):
+        raise self._fail(errno.EPERM)  # the share holds only files and directories
+
+    def link(self, target, source):
+        raise self._fail(errno.EPERM)
+
+    def mknod(self, path, mode, dev):
+        raise self._fail(errno.EPERM)
+
+    def readlink(self, path):
+        # A link a job planted in the share would be followed on the host, not in the enclave.
+        raise self._fail(errno.EPERM)
+
+    # -- files (stateless on the server: no handles to open or close)
+
+    def create(self, path, mode, flags):
+        exclusive = bool(flags & os.O_EXCL)
+        try:
+            created = self._call("share.create", {"path": path, "mode": mode & 0o7777, "exclusive": True})
+        except OSError as err:
+            # It appeared since the kernel looked (the job, in /output): open it as O_CREAT without O_EXCL would.
+            if err.errno != errno.EEXIST or exclusive:
+                raise
+            self.open(path, flags)
+            created = None
+        self._added(path, created)
+        return 0
+
+    def _added(self, path: str, st, *, empty_dir: bool = False) -> None:
+        self.cache.added(path, empty_dir=empty_dir)
+        if isinstance(st, dict) and "mode" in st:  # a server that answers create/mkdir with the new stat
+            self.cache.put_attrs(path, self._attrs(st))
+
+    def open(self, path, flags):
+        if flags & os.O_TRUNC:  # fuse3 passes O_TRUNC to open (atomic_o_trunc) rather than a separate truncate
+            self.truncate(path, 0)
+        return 0
+
+    def read(self, path, size, offset, fh):
+        self._count(self.read_sizes, size)
+        return self._call("share.read", {"path": path, "offset": offset, "size": size})
+
+    def write(self, path, data, offset, fh):
+        self._count(self.write_sizes, len(data))
+        written = self._call("share.write", {"path": path, "offset": offset, "data": data})
+        self.cache.changed(path)
+        return written
+
+    def truncate(self, path, length, fh=None):
+        self._call("share.truncate", {"path": path, "size": length})
+        self.cache.changed(path)
+        return 0
+
+    def report(self) -> dict:
+        """What the mount did: requests per op, and the sizes the kernel read and wrote in."""
+        return {
+            "ops": dict(self.stats),
+            "write_sizes": {str(k): v for k, v in sorted(self.write_sizes.items())},
+            "read_sizes": {str(k): v for k, v in sorted(self.read_sizes.items())},
+            "negotiated": self.negotiated,
+        }
+
+
+def operations(connection, mountpoint, **kwargs):
+    """A ShareOperations that is also an mfusepy.Operations (mfusepy is imported only when mounting)."""
+    mfusepy = _load_mfusepy()
+
+    class Ops(ShareOperations, mfusepy.Operations):
+        fuse_error = mfusepy.FuseOSError
+
+    return Ops(connection, mountpoint, **kwargs)
+
+
+def _fuse_class():
+    mfusepy = _load_mfusepy()
+
+    class FUSE(mfusepy.FUSE):
+        def rename_fuse_3(self, old, new, flags):
+            # mfusepy drops renameat2's flags: RENAME_NOREPLACE taken as a plain rename would overwrite.
+            decode = lambda b: b.decode(self.encoding, self.errors)  # noqa: E731
+            return self.operations.rename(decode(old), decode(new), flags)
+
+    return FUSE
+
+
+FUSE_OPTIONS = {
+    "fsname": "enclave",
+    "subtype": "enclave",
+    "noexec": True,  # /output is written by the enclave's job: nothing there runs on the host by accident
+    "max_read": MIB,  # a mount option; max_write and max_readahead are set in init (libfuse 3 has no -o for them)
+    "attr_timeout": ATTR_TIMEOUT,
+    "entry_timeout": ATTR_TIMEOUT,
+    "negative_timeout": 0,
+}
+
+
+def _raise_readahead(mountpoint: str) -> None:
+    """Let the kernel read ahead 1 MiB, so sequential reads arrive as 1 MiB requests.
+
+    FUSE caps a mount's readahead at the kernel default (128 KiB) whatever max_readahead says;
+    only root may raise it (/sys/class/bdi/MAJOR:MINOR/read_ahead_kb). Others keep 128 KiB reads."""
+    device = _mount_devices().get(mountpoint)
+    if device is None:
+        return
+    try:
+        Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(str(MIB // 1024))
+    except OSError as err:
+        log.info("reads stay at the kernel's default readahead (could not raise it: %s)", err.strerror)
+
+
+def _keep_freed_memory() -> None:
+    # glibc would give each freed 1 MiB frame back to the kernel and fault it in again (docs/PROTOCOL.md §9).
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def serve(connection, mountpoint, *, on_ready=None) -> dict:
+    """Mount the share at mountpoint over connection and serve it in this process until it is unmounted.
+
+    on_ready(None) is called once the mount answers, on_ready(reason) if it does not.
+    Returns what the mount did (ShareOperations.report())."""
+    _keep_freed_memory()
+    ops = operations(connection, os.fspath(mountpoint), on_ready=on_ready)
+    try:
+        _fuse_class()(ops, os.fspath(mountpoint), foreground=True, **FUSE_OPTIONS)
+    except RuntimeError as err:
+        raise EnclaveError(
+            f"libfuse could not mount {mountpoint} (error {err}): see the messages above or in the mount's log; "
+            "is /dev/fuse there and is fusermount3 installed?"
+        ) from None
+    return ops.report()
+
+
+# ---------------------------------------------------------------- mount table and state
+
+
+def _unescape(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as \ooo
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def _mountinfo() -> list[tuple[str, str, str]]:
+    """(mount point, MAJOR:MINOR, filesystem type) of every mount, from /proc/self/mountinfo."""
+    rows = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) >= 5 and right:
+                rows.append((_unescape(fields[4]), fields[2], right.split()[0]))
+    return rows
+
+
+def _mounts() -> dict[str, str]:
+    """Mount point -> filesystem type (the last mount on a point wins)."""
+    return {point: fstype for point, _, fstype in _mountinfo()}
+
+
+def _mount_devices() -> dict[str, str]:
+    return {point: device for point, device, _ in _mountinfo()}
+
+
+def _canonical(mountpoint) -> str:
+    return os.path.realpath(os.path.abspath(os.fspath(mountpoint)))
+
+
+def is_mounted(mountpoint) -> bool:
+    """Whether a filesystem is mounted exactly at mountpoint."""
+    return _canonical(mountpoint) in _mounts()
+
+
+def _state_paths(mountpoint: str) -> dict[str, Path]:
+    key = hashlib.sha256(mountpoint.encode()).hexdigest()[:16]
+    base = settings.state_home() / "mounts"
+    return {"state": base / f"{key}.json", "log": base / f"{key}.log", "stats": base / f"{key}.stats.json"}
+
+
+def mount_state(mountpoint) -> dict | None:
+    """The state file of the mount at mountpoint (pid, endpoint, log, ...), if this host made one."""
+    try:
+        return json.loads(_state_paths(_canonical(mountpoint))["state"].read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot): tells a live pid from a reused one."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def _alive(state: dict) -> bool:
+    ticks = _start_ticks(state["pid"])
+    return ticks is not None and ticks == state.get("start_ticks")
+
+
+def _write_state(paths: dict, state: dict) -> None:
+    settings.private_dir(paths["state"].parent)
+    tmp = paths["state"].with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(paths["state"])
+
+
+def _check_mountpoint(mountpoint: str) -> None:
+    if is_mounted(mountpoint):
+        state = mount_state(mountpoint)
+        owner = f" by process {state['pid']}" if state and _alive(state) else ""
+        raise EnclaveError(
+            f"{mountpoint} is already a mount point{owner}: unmount it first (enclave sync -d {mountpoint} --unmount)"
+        )
+    if not os.path.isdir(mountpoint):
+        raise EnclaveError(f"{mountpoint} is not a directory: give a folder to mount the share on")
+    if os.listdir(mountpoint):
+        raise EnclaveError(f"{mountpoint} is not empty: mounting would hide its files; choose an empty or new folder")
+
+
+# ---------------------------------------------------------------- mount / unmount
+
+
+def mount(
+    endpoint: str,
+    mountpoint,
+    *,
+    foreground: bool = False,
+    expect_pcr0: str | None = None,
+    allow_debug: bool = False,
+) -> None:
+    """Mount the enclave share at mountpoint.
+
+    In the background (the default) a mount process is started and this returns
+    once the mount works, or raises with the reason it did not (attestation
+    included); its pid is in the state file (mount_state()). In the foreground
+    this serves until the share is unmounted (Ctrl-C or unmount() elsewhere)."""
+    mountpoint = _canonical(mountpoint)
+    _check_mountpoint(mountpoint)
+    if foreground:
+        _serve_here(endpoint, mountpoint, expect_pcr0=expect_pcr0, allow_debug=allow_debug, ready_fd=None)
+        return
+    _load_mfusepy()  # fail here, with the reason, rather than in the background
+    paths = _state_paths(mountpoint)
+    settings.private_dir(paths["log"].parent)
+    read_end, write_end = os.pipe()
+    # Module of the package root, so the child imports this same tree however we were imported.
+    root = Path(__file__).parents[len(__name__.split(".")) - 1]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        # Keep freed 1 MiB buffers from the first allocation on (docs/PROTOCOL.md section 9).
+        GLIBC_TUNABLES=":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), MALLOC_TUNABLES])),
+    )
+    argv = [sys.executable, "-m", __name__, "--endpoint", endpoint, "--mountpoint", mountpoint,
+            "--ready-fd", str(write_end)]  # fmt: skip
+    if expect_pcr0:
+        argv += ["--expect-pcr0", expect_pcr0]
+    if allow_debug:
+        argv.append("--allow-debug")
+    with open(paths["log"], "ab") as logfile:
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=logfile,
+            pass_fds=(write_end,),
+            start_new_session=True,  # not killed with the shell that started it, as the sample's client
+            env=env,
+            cwd="/",
+        )
+    os.close(write_end)
+    try:
+        answer = _read_answer(read_end, child)
+    finally:
+        os.close(read_end)
+    if answer != "ready":
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        raise EnclaveError(f"mounting the enclave share at {mountpoint} failed: {answer} (log: {paths['log']})")
+    state = {
+        "pid": child.pid,
+        "start_ticks": _start_ticks(child.pid),
+        "mountpoint": mountpoint,
+        "endpoint": endpoint,
+        "log": str(paths["log"]),
+        "stats": str(paths["stats"]),
+        "started": time.time(),
+    }
+    _write_state(paths, state)
+
+
+def _read_answer(fd: int, child: subprocess.Popen) -> str:
+    """The mount process's first line on the ready pipe: "ready" or "error: why"."""
+    data = b""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return f"the mount process did not report ready within {READY_TIMEOUT:.0f} s"
+        if not select.select([fd], [], [], left)[0]:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            child.wait(timeout=EXIT_TIMEOUT)
+            return f"the mount process exited (status {child.returncode}) before the mount was ready"
+        data += chunk
+    line = data.split(b"\n", 1)[0].decode(errors="replace")
+    return "ready" if line == "ready" else line.removeprefix("error: ")
+
+
+def _serve_here(endpoint, mountpoint, *, expect_pcr0, allow_debug, ready_fd) -> int:
+    """Connect (attesting first when asked), mount and serve in this process; the mount process's body."""
+    from .client import EnclaveClient
+
+    paths = _state_paths(mountpoint)
+
+    answered = []
+
+    def answer(text: str) -> None:
+        """Tell the parent, once: "ready" or "error: why" (the fd is closed after, its number may be reused)."""
+        if ready_fd is None or answered:
+            return
+        answered.append(text)
+        try:
+            os.write(ready_fd, (text + "\n").encode())
+            os.close(ready_fd)
+        except OSError:
+            pass
+
+    try:
+        client = EnclaveClient(endpoint, expect_pcr0=expect_pcr0, allow_debug=allow_debug)
+    except (EnclaveError, OSError) as err:
+        answer(f"error: {err}")
+        raise
+
+    def ready(problem: str | None) -> None:
+        if problem is not None:
+            answer(f"error: {problem}")
+            return
+        if ready_fd is None:  # foreground: we are the mount's process
+            _write_state(paths, {"pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()),
+                                 "mountpoint": mountpoint, "endpoint": endpoint, "log": None,
+                                 "stats": str(paths["stats"]), "started": time.time()})  # fmt: skip
+        answer("ready")
+
+    try:
+        report = serve(client.connection, mountpoint, on_ready=ready)
+        paths["stats"].write_text(json.dumps(report, indent=2) + "\n")
+        log.info("unmounted %s; %s", mountpoint, json.dumps(report["ops"]))
+    except EnclaveError as err:
+        answer(f"error: {err}")
+        raise
+    finally:
+        client.close()
+        state = mount_state(mountpoint)
+        if state and state.get("pid") == os.getpid():
+            paths["state"].unlink(missing_ok=True)
+    return 0
+
+
+def unmount(mountpoint, *, lazy: bool = False) -> None:
+    """Unmount the share at mountpoint and wait for its mount process to exit."""
+    mountpoint = _canonical(mountpoint)
+    paths = _state_paths(mountpoint)
+    state = mount_state(mountpoint)
+    if not is_mounted(mountpoint):
+        if state is not None and not _alive(state):
+            paths["state"].unlink(missing_ok=True)
+        raise EnclaveError(f"nothing is mounted at {mountpoint}: there is nothing to unmount")
+    if _mounts().get(mountpoint, "").split(".")[0] not in ("fuse", "fuseblk"):
+        raise EnclaveError(f"{mountpoint} is a {_mounts()[mountpoint]} mount, not an enclave share: not touching it")
+    command = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise EnclaveError("fusermount3 is not installed: apt-get install fuse3") from None
+    if result.returncode != 0:
+        why = result.stderr.strip() or f"exit status {result.returncode}"
+        hint = (
+            "a process still uses it (an open file or a shell inside it; `fuser -vm` shows which): "
+            "close it and retry, or unmount lazily"
+            if "busy" in why.lower()
+            else "see the message"
+        )
+        raise EnclaveError(f"could not unmount {mountpoint}: {why}; {hint}")
+    if state is not None:
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while _alive(state):
+            if time.monotonic() > deadline:
+                os.kill(state["pid"], signal.SIGTERM)
+                raise EnclaveError(
+                    f"{mountpoint} is unmounted but its process {state['pid']} did not exit within "
+                    f"{EXIT_TIMEOUT:.0f} s; it was sent SIGTERM (log: {state.get('log')})"
+                )
+            time.sleep(0.02)
+        paths["state"].unlink(missing_ok=True)
+
+
+def _daemon_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="enclave-mount", description="The background process of `enclave sync`.")
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--mountpoint", required=True)
+    parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--expect-pcr0")
+    parser.add_argument("--allow-debug", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s enclave-mount[%(process)d] %(levelname)s %(message)s")
+    try:
+        return _serve_here(args.endpoint, args.mountpoint, expect_pcr0=args.expect_pcr0,
+                           allow_debug=args.allow_debug, ready_fd=args.ready_fd)  # fmt: skip
+    except (EnclaveError, OSError) as err:
+        log.error("%s", err)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(_daemon_main())

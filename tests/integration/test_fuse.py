@@ -1,0 +1,366 @@
+"""`enclave sync`: the share mounted with FUSE, driven by real shell commands.
+
+Each test mounts a real enclave server's share through the CLI in the
+background (as the original sample's `client sync -d synced_folder` did),
+works on it with cp, ls, mv, rm, cat, truncate, chmod, touch, df, dd and
+sha256sum, checks what landed in the server's share directory on disk, and
+unmounts through the CLI. Mounts are cleaned up even when a test fails.
+"""
+
+import contextlib
+import datetime
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import fusefs
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import Connection
+
+ENCLAVE = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
+TOP_LEVEL = ["dataset", "encrypted", "model", "output"]
+MIB = 1 << 20
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+    reason="needs /dev/fuse and fusermount3 (make deps)",
+)
+
+
+def cli(*args, check=True, timeout=120):
+    result = subprocess.run([*ENCLAVE, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def sh(command, *, check=True, timeout=300, cwd=None, env=None):
+    """A shell command line; a hang fails the test at the timeout instead of blocking the run."""
+    result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                            env=None if env is None else {**os.environ, **env})  # fmt: skip
+    if check:
+        assert result.returncode == 0, f"{command}: {result.stderr}"
+    return result
+
+
+def sha256(path) -> str:
+    return sh(f"sha256sum '{path}'").stdout.split()[0]
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (it may linger as a zombie until its new parent reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def force_unmount(mnt: Path) -> None:
+    """Teardown of last resort: whatever state the test left, no mount and no mount process remain."""
+    state = fusefs.mount_state(mnt)
+    if fusefs.is_mounted(mnt) and cli("sync", "-d", mnt, "--unmount", check=False).returncode != 0:
+        for command in (["fusermount3", "-u", "-z", str(mnt)], ["umount", "-l", str(mnt)]):
+            if not fusefs.is_mounted(mnt):
+                break
+            subprocess.run(command, capture_output=True)
+    if state and not gone(state["pid"]):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(state["pid"], 9)
+
+
+def mount(mnt: Path, *flags) -> dict:
+    result = cli("sync", "-d", mnt, *flags)
+    assert f"on {mnt}" in result.stdout
+    state = fusefs.mount_state(mnt)
+    assert state and fusefs.is_mounted(mnt)
+    return state
+
+
+@pytest.fixture
+def synced(enclave, tmp_path_factory):
+    """The enclave's share mounted (attested) on a folder that does not exist yet, away from the server's files."""
+    mnt = tmp_path_factory.mktemp("host") / "synced_folder"
+    try:
+        state = mount(mnt, "--expect-pcr0", enclave["pcr0"])
+        yield {**enclave, "mnt": mnt, "state": state, "src": tmp_path_factory.mktemp("src")}
+    finally:
+        force_unmount(mnt)
+
+
+def unmount_and_stats(synced) -> dict:
+    """Unmount through the CLI, check nothing is left, and return what the mount did."""
+    mnt, state = synced["mnt"], synced["state"]
+    assert "unmounted" in cli("sync", "-d", mnt, "--unmount").stdout
+    assert not fusefs.is_mounted(mnt)
+    assert gone(state["pid"])
+    return json.loads(Path(state["stats"]).read_text())
+
+
+# ---------------------------------------------------------------- the everyday loop
+
+
+def test_layout_copy_in_and_checksums_on_both_sides(synced):
+    mnt, share, src = synced["mnt"], synced["share"], synced["src"]
+    assert sh(f"ls '{mnt}'").stdout.split() == TOP_LEVEL
+    (src / "data.csv").write_bytes(os.urandom(300_000))
+    sh(f"cp '{src}/data.csv' '{mnt}/dataset/'")
+    digest = sha256(src / "data.csv")
+    assert sha256(mnt / "dataset" / "data.csv") == digest
+    assert hashlib.sha256((share / "dataset" / "data.csv").read_bytes()).hexdigest() == digest
+    # What the enclave writes is readable as it is.
+    (share / "output" / "results.csv").write_text("a.txt,short\n")
+    assert sh(f"cat '{mnt}/output/results.csv'").stdout == "a.txt,short\n"
+
+
+def test_original_workflow_through_the_mount(synced):
+    """client sync; cp package and dataset in; client run; read the output: as in the AWS sample."""
+    mnt, src = synced["mnt"], synced["src"]
+    (src / "a.txt").write_text("hi")
+    (src / "b.txt").write_text("a much longer text")
+    sh(f"cp '{synced['sealed']}' '{mnt}/encrypted/' && cp -r '{src}'/* '{mnt}/dataset/'")
+    run = cli("run", "-f", "app.pkg", "-s", "ml_algorithm.py", "-a", "-m model.h5 -d /dataset/ -o /output/",
+              "--expect-pcr0", synced["pcr0"])  # fmt: skip
+    assert "classified b.txt long" in run.stdout
+    assert sh(f"cat '{mnt}/output/results.csv'").stdout == "a.txt,short\nb.txt,long\n"
+
+
+def test_tree_of_small_files_cp_ls_mv_rm(synced):
+    mnt, share, src = synced["mnt"], synced["share"], synced["src"]
+    tree = src / "tree"
+    expected = {}
+    for d in range(6):
+        for f in range(40):
+            path = tree / f"dir{d}" / ("sub" if f % 2 else "") / f"f{f:03}.bin"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(os.urandom(100 + 37 * f))
+            expected[str(path.relative_to(tree))] = path.stat().st_size
+    sh(f"cp -r '{tree}' '{mnt}/dataset/'")
+    sh(f"diff -r '{tree}' '{mnt}/dataset/tree'")
+    sh(f"diff -r '{tree}' '{share}/dataset/tree'")
+
+    # ls -lR lists every file with its size.
+    listed, directory = {}, None
+    for line in sh(f"cd '{mnt}/dataset/tree' && ls -lR").stdout.splitlines():
+        if line.endswith(":"):
+            directory = line[:-1].removeprefix("./").removeprefix(".")
+        elif line.startswith("-"):
+            fields = line.split()
+            listed[os.path.join(directory, fields[-1])] = int(fields[4])
+    assert listed == expected
+
+    sh(f"mv '{mnt}/dataset/tree/dir0' '{mnt}/model/moved'")
+    sh(f"mv '{mnt}/model/moved/f000.bin' '{mnt}/model/first.bin'")
+    assert sorted(os.listdir(share / "model")) == ["first.bin", "moved"]
+    assert not (share / "dataset" / "tree" / "dir0").exists()
+    assert sh(f"ls '{mnt}/model/moved/sub'").stdout.split() == [f"f{f:03}.bin" for f in range(1, 40, 2)]
+    (src / "other").write_text("keep me")
+    sh(f"cp '{src}/other' '{mnt}/model/other'")
+    sh(f"mv -n '{mnt}/model/first.bin' '{mnt}/model/other'")  # no clobbering
+    assert (share / "model" / "other").read_text() == "keep me" and (share / "model" / "first.bin").exists()
+
+    sh(f"rm -r '{mnt}/dataset/tree' '{mnt}/model/moved'")
+    assert os.listdir(share / "dataset") == []
+    assert sorted(os.listdir(share / "model")) == ["first.bin", "other"]
+    assert sh(f"ls -A '{mnt}/dataset'").stdout == ""
+    # The layout of the share stays: its top-level folders cannot be removed or renamed.
+    assert sh(f"rmdir '{mnt}/output'", check=False).returncode != 0
+    assert sh(f"mv '{mnt}/model' '{mnt}/models'", check=False).returncode != 0
+    assert sh(f"ls '{mnt}'").stdout.split() == TOP_LEVEL
+
+
+def test_truncate_chmod_touch_df(synced):
+    mnt, share = synced["mnt"], synced["share"]
+    target = mnt / "dataset" / "f.txt"
+    sh(f"printf 'hello world' > '{target}'")
+    sh(f"truncate -s 5 '{target}'")
+    assert sh(f"cat '{target}'").stdout == "hello"
+    sh(f"truncate -s 1M '{target}'")
+    assert (share / "dataset" / "f.txt").read_bytes() == b"hello" + bytes(MIB - 5)
+    sh(f"printf 'new' > '{target}'")  # O_TRUNC on an existing file
+    assert (share / "dataset" / "f.txt").read_bytes() == b"new"
+
+    sh(f"chmod 640 '{target}'")
+    assert (share / "dataset" / "f.txt").stat().st_mode & 0o777 == 0o640
+    assert sh(f"stat -c %a '{target}'").stdout.strip() == "640"
+
+    sh(f"touch -d '2001-02-03 04:05:06' '{target}'", env={"TZ": "UTC"})
+    when = datetime.datetime(2001, 2, 3, 4, 5, 6, tzinfo=datetime.UTC).timestamp()
+    assert (share / "dataset" / "f.txt").stat().st_mtime == when
+    assert int(sh(f"stat -c %Y '{target}'").stdout) == int(when)
+    sh(f"touch -m -d '2002-01-01 00:00:00' '{target}'", env={"TZ": "UTC"})  # atime left as it was
+    assert (share / "dataset" / "f.txt").stat().st_atime == when
+
+    df = sh(f"df -P -B1 '{mnt}'").stdout.splitlines()[1].split()
+    vfs = os.statvfs(share)
+    assert df[0] == "enclave" and df[-1] == str(mnt)
+    assert int(df[1]) == vfs.f_blocks * vfs.f_frsize
+
+
+@pytest.mark.slow
+def test_500_mb_round_trip_in_1_mib_requests(synced):
+    mnt, share = synced["mnt"], synced["share"]
+    source = synced["src"] / "big.bin"
+    sh(f"head -c 500M /dev/urandom > '{source}'")
+    digest = sha256(source)
+    sh(f"cp '{source}' '{mnt}/dataset/big.bin'")
+    assert sha256(share / "dataset" / "big.bin") == digest
+    assert sh(f"dd if='{mnt}/dataset/big.bin' bs=1M status=none | sha256sum").stdout.split()[0] == digest
+    assert sha256(mnt / "dataset" / "big.bin") == digest
+    source.unlink()
+    stats = unmount_and_stats(synced)
+    # cp was not split into small requests: every write carried 1 MiB.
+    assert stats["write_sizes"] == {str(MIB): 500}
+    assert stats["negotiated"]["max_write"] == MIB
+
+
+def test_reader_and_writer_at_once(synced):
+    mnt, src = synced["mnt"], synced["src"]
+    sh(f"head -c 48M /dev/urandom > '{src}/a' && head -c 48M /dev/urandom > '{src}/b'")
+    sh(f"cp '{src}/a' '{mnt}/dataset/a'")
+    reader = subprocess.Popen(f"cat '{mnt}/dataset/a' > '{src}/a.back'", shell=True)
+    writer = subprocess.Popen(f"cp '{src}/b' '{mnt}/dataset/b'", shell=True)
+    assert reader.wait(timeout=300) == 0 and writer.wait(timeout=300) == 0
+    assert sha256(src / "a.back") == sha256(src / "a")
+    assert sha256(mnt / "dataset" / "b") == sha256(src / "b")
+    assert sha256(synced["share"] / "dataset" / "b") == sha256(src / "b")
+
+
+# ---------------------------------------------------------------- confinement
+
+
+def test_dot_dot_stays_on_the_host_side(synced):
+    """The kernel resolves `..` before FUSE sees a path: climbing out of the mount lands in the
+    host's own folders, never in the enclave's files beside the share."""
+    mnt, share = synced["mnt"], synced["share"]
+    (share.parent / "enclave-secret.txt").write_text("must not be visible")
+    assert sh(f"ls '{mnt}/dataset/../..'").stdout.split() == ["synced_folder"]
+    result = sh(f"cat '{mnt}/dataset/../../enclave-secret.txt'", check=False)
+    assert result.returncode != 0 and "No such file" in result.stderr
+    assert "must not be visible" not in sh(f"grep -rs . '{mnt}' || true").stdout
+    # A path that still carries `..` (only a raw client can send one) is refused by the server, EPERM.
+    with Connection.open(synced["endpoint"]) as connection:
+        ops = fusefs.operations(connection, str(mnt))
+        with pytest.raises(OSError) as refused:
+            ops.getattr("/dataset/../../enclave-secret.txt")
+        assert refused.value.errno == errno.EPERM
+
+
+def test_links_cannot_be_made_or_followed(synced):
+    mnt, share = synced["mnt"], synced["share"]
+    sh(f"printf x > '{mnt}/model/f'")
+    for command in (f"ln -s /etc/passwd '{mnt}/dataset/x'", f"ln '{mnt}/model/f' '{mnt}/model/hard'",
+                    f"mkfifo '{mnt}/dataset/fifo'"):  # fmt: skip
+        result = sh(command, check=False)
+        assert result.returncode != 0 and "Operation not permitted" in result.stderr, command
+    assert os.listdir(share / "dataset") == [] and os.listdir(share / "model") == ["f"]
+    # A link planted in the share (as a job could) is neither followed on the host nor inside the enclave.
+    os.symlink("/etc/passwd", share / "output" / "passwd")
+    os.symlink("../dataset", share / "output" / "up")
+    for path in ("output/passwd", "output/up/anything"):
+        result = sh(f"cat '{mnt}/{path}'", check=False)
+        assert result.returncode != 0 and "root:" not in result.stdout, path
+    assert "Operation not permitted" in sh(f"cat '{mnt}/output/passwd'", check=False).stderr
+    assert sh(f"cp '{mnt}/output/passwd' '{synced['src']}/copied'", check=False).returncode != 0
+
+
+def test_full_share_gives_enospc(tmp_path, tmp_path_factory, monkeypatch):
+    """A server whose share is a 4 MiB tmpfs (as the enclave's share is a tmpfs of its own)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs for the small share needs root")
+    share = tmp_path / "share"
+    share.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(share)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    monkeypatch.setenv("ENCLAVE_HOME", str(tmp_path / "home"))
+    sock = tmp_path / "16_5000.sock"
+    (tmp_path / "work").mkdir()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.enclave_server", "--listen", f"unix://{sock}",
+         "--share", str(share), "--work", str(tmp_path / "work"), "--nsm", f"unix://{tmp_path / 'no-nsm.sock'}"]
+    )  # fmt: skip
+    mnt = tmp_path_factory.mktemp("host") / "small"
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert server.poll() is None and time.monotonic() < deadline, "the enclave server did not start"
+            time.sleep(0.02)
+        mount(mnt, "--endpoint", f"unix://{sock}")
+        sh(f"head -c 8M /dev/urandom > '{tmp_path}/big'")
+        result = sh(f"cp '{tmp_path}/big' '{mnt}/dataset/'", check=False)
+        assert result.returncode != 0 and "No space left on device" in result.stderr
+        assert (share / "dataset" / "big").stat().st_size <= 4 * MIB  # what fitted, not the 8 MiB
+        sh(f"rm '{mnt}/dataset/big'")  # and the share recovers
+        sh(f"head -c 1M /dev/urandom > '{tmp_path}/small' && cp '{tmp_path}/small' '{mnt}/dataset/'")
+        assert sha256(share / "dataset" / "small") == sha256(tmp_path / "small")
+    finally:
+        force_unmount(mnt)
+        server.kill()
+        server.wait(timeout=10)
+        subprocess.run(["umount", "-l", str(share)])
+
+
+# ---------------------------------------------------------------- failure and lifecycle
+
+
+def test_killed_server_fails_operations_at_once(synced):
+    mnt = synced["mnt"]
+    sh(f"printf data > '{mnt}/dataset/f'")
+    assert sh(f"cat '{mnt}/dataset/f'").stdout == "data"
+    synced["server"].kill()
+    synced["server"].wait(timeout=10)
+    for command in (f"ls '{mnt}/dataset'", f"cat '{mnt}/dataset/f'", f"cp /etc/hostname '{mnt}/model/'"):
+        result = sh(command, check=False, timeout=30)  # a hang fails here
+        assert result.returncode != 0, command
+        assert "Transport endpoint is not connected" in result.stderr, command
+    # The mount still ends cleanly.
+    unmount_and_stats(synced)
+    assert "the connection to the enclave is lost" in Path(synced["state"]["log"]).read_text()
+
+
+def test_unmount_leaves_no_process_and_no_mount(synced):
+    mnt, pid = synced["mnt"], synced["state"]["pid"]
+    assert not gone(pid)
+    again = cli("sync", "-d", mnt, check=False)
+    assert again.returncode == 1 and "already a mount point" in again.stderr
+    unmount_and_stats(synced)
+    assert fusefs.mount_state(mnt) is None
+    assert os.listdir(mnt) == []
+    second = cli("sync", "-d", mnt, "--unmount", check=False)
+    assert second.returncode == 1 and "nothing is mounted" in second.stderr
+
+
+def test_unattested_enclave_gets_no_mount(enclave, tmp_path_factory):
+    mnt = tmp_path_factory.mktemp("host") / "synced_folder"
+    try:
+        result = cli("sync", "-d", mnt, "--expect-pcr0", "ab" * 48, check=False)
+        assert result.returncode == 1 and "failed attestation" in result.stderr
+        assert not fusefs.is_mounted(mnt) and fusefs.mount_state(mnt) is None
+    finally:
+        force_unmount(mnt)
+
+
+def test_foreground_mount_serves_until_unmounted(enclave, tmp_path_factory):
+    mnt = tmp_path_factory.mktemp("host") / "fg"
+    proc = subprocess.Popen([*ENCLAVE, "sync", "-d", str(mnt), "--foreground"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while fusefs.mount_state(mnt) is None:  # written once the mount answers
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the foreground mount never came up"
+            time.sleep(0.05)
+        assert fusefs.mount_state(mnt)["pid"] == proc.pid
+        assert sh(f"ls '{mnt}'").stdout.split() == TOP_LEVEL
+        cli("sync", "-d", mnt, "--unmount")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        force_unmount(mnt)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
