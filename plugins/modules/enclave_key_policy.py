@@ -62,7 +62,8 @@ options:
         to allow, newest first. Case and surrounding white space do not matter.
       - They are added to the values the policy already allows; with O(keep_newest), older values drop out.
       - All-zero values (debug-mode enclaves) are refused.
-      - Required with O(state=present).
+      - Required with O(state=present); may be empty to keep the values already allowed (for example to narrow
+        them with O(keep_newest)).
     type: list
     elements: str
   pcr8:

@@ -310,6 +310,9 @@ def main():
     src, dest = params["src"], params["dest"]
     if not os.path.isdir(src):
         module.fail_json(msg=f"src {src} is not a directory; give the directory to seal.")
+    nested = sorted(str(key) for key, value in params["encryption_context"].items() if isinstance(value, (dict, list)))
+    if nested:
+        module.fail_json(msg=f"encryption_context maps {nested} to lists or dicts; KMS takes only text values.")
     context = {str(key): str(value) for key, value in params["encryption_context"].items()}
 
     try:

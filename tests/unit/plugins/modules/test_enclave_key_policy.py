@@ -153,6 +153,15 @@ def test_rotation_window_keeps_the_newest_values(run_module, args):
     assert allow_condition(single["policy"])["kms:RecipientAttestation:ImageSha384"] == [B]
 
 
+def test_no_new_pcr0_keeps_the_allowed_ones(run_module, args):
+    run_module(enclave_key_policy.main, dict(args, pcr0=[A, B]))
+    kept = run_module(enclave_key_policy.main, dict(args, pcr0=[]))
+    assert kept["changed"] is False
+    assert kept["allowed_pcr0"] == [A, B]
+    narrowed = run_module(enclave_key_policy.main, dict(args, pcr0=[], keep_newest=1))
+    assert narrowed["allowed_pcr0"] == [A]
+
+
 def test_pcr8_is_pinned_and_unpinned(run_module, args):
     pinned = run_module(enclave_key_policy.main, dict(args, pcr8=[PCR8]))
     assert pinned["changed"] is True

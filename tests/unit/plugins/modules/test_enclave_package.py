@@ -223,6 +223,10 @@ def test_bad_inputs_fail_clearly(run_module, args, src, tmp_path):
     assert reserved["failed"] is True
     assert "drop it from encryption_context" in reserved["msg"]
 
+    nested = run_module(enclave_package.main, dict(args, encryption_context={"customer": {"id": 1}}))
+    assert nested["failed"] is True
+    assert "encryption_context maps ['customer'] to lists or dicts" in nested["msg"]
+
     nodir = run_module(enclave_package.main, dict(args, dest=str(tmp_path / "no" / "such" / "app.pkg")))
     assert nodir["failed"] is True
     assert "cannot seal" in nodir["msg"]
