@@ -1,0 +1,454 @@
+"""The local runtime for real: measured images, enclaves in their own namespaces, the local cloud.
+
+Every test gets its own ENCLAVE_HOME (short, so socket paths fit in sun_path) and ends with
+`enclave local down` for that home, then checks that no process mentioning it is left.
+Enclaves are real: supervisor, unshare'd init and enclave server, tmpfs share and plaintext,
+KMS through the in-enclave forwarder and the host's vsock-proxy.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import boto3
+import pytest
+
+from ansible_collections.confidential_ml.nitro.enclave_local import cloud
+from ansible_collections.confidential_ml.nitro.enclave_local.runtime import (
+    MAX_ENCLAVES,
+    LocalRuntime,
+    Proc,
+    discover_local_endpoint,
+)
+from ansible_collections.confidential_ml.nitro.enclave_local.vsock_proxy import (
+    VsockProxy,
+    VsockProxyError,
+    parse_allowlist,
+)
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import RuntimeFailure
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import ConnectionClosed, RemoteError
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the local runtime's namespaces and mounts need root")
+
+ROOT = Path(__file__).resolve().parents[2]
+ENCLAVE_CLI = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
+ACCOUNT = "111122223333"
+USER_KMS = {"region": "us-east-1", "aws_access_key_id": "enclave-host", "aws_secret_access_key": "x"}
+ZERO_PCR = "0" * 96
+
+APP = {
+    "hello.py": "print('hello from the enclave', flush=True)\n",
+    "spin.py": "import time\nprint('spinning', flush=True)\nwhile True:\n    time.sleep(0.05)\n",
+    # Tries to leave the enclave, and reports what it sees of processes and of its own plaintext.
+    "probe.py": """
+        import json, os, socket, sys
+
+        def tcp(host, port):
+            try:
+                socket.create_connection((host, port), timeout=5).close()
+                return "connected"
+            except OSError as err:
+                return type(err).__name__
+
+        def cmdline(pid):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read().replace(b"\\0", b" ").decode()
+
+        cwd = os.getcwd()
+        st = os.stat(cwd)
+        report = {
+            "tcp": {target: tcp(target.rsplit(":", 1)[0], int(target.rsplit(":", 1)[1])) for target in sys.argv[1:]},
+            "processes": {pid: cmdline(pid) for pid in os.listdir("/proc") if pid.isdigit()},
+            "plaintext": cwd,
+            "plaintext_device": f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}",
+        }
+        print(json.dumps(report), flush=True)
+    """,
+}
+
+
+def processes_mentioning(text: str) -> dict[int, str]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found[int(entry.name)] = cmdline
+    return found
+
+
+def holders_of_namespace(ns: str) -> list[int]:
+    holders = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with_ns = entry / "ns" / "mnt"
+            try:
+                if os.readlink(with_ns) == ns:
+                    holders.append(int(entry.name))
+            except OSError:
+                continue
+    return holders
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """The project's image, built twice, and one built from a copy with one byte changed in enclave_server."""
+    out = tmp_path_factory.mktemp("images")
+    runtime = LocalRuntime(out / "home")
+    good = runtime.build(output=str(out / "good.eif"))
+    again = runtime.build(output=str(out / "again.eif"))
+    src = out / "src"
+    for tree in ("enclave_server", "plugins/module_utils"):
+        shutil.copytree(ROOT / tree, src / tree, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    server = src / "enclave_server" / "server.py"
+    original = server.read_bytes()
+    changed = original.replace(b'"""The enclave server', b'"""the enclave server', 1)
+    assert sum(a != b for a, b in zip(original, changed, strict=True)) == 1
+    server.write_bytes(changed)
+    evil = runtime.build(output=str(out / "evil.eif"), source=str(src))
+    return {"good": good, "again": again, "evil": evil, "dir": out}
+
+
+@pytest.fixture
+def home(tmp_path_factory, monkeypatch):
+    """A fresh ENCLAVE_HOME; afterwards `down` for it, and nothing of it may be left running."""
+    home = tmp_path_factory.mktemp("eh")  # short: socket paths must fit in 107 bytes
+    monkeypatch.setenv("ENCLAVE_HOME", str(home))
+    yield home
+    cloud.down(home=home)
+    left = processes_mentioning(str(home))
+    for pid in left:  # never leave anything behind, even when the assertion below fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture
+def cloud_up(home, images, tmp_path):
+    """The local cloud, an owner key that releases to the good image's PCR0 only, and a sealed package."""
+    running = cloud.up(home=home)
+    owner = boto3.client("kms", endpoint_url=running["kms_endpoint_url"], region_name="us-east-1",
+                         aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    policy = render_policy(
+        account_id=ACCOUNT,
+        user_principals=[f"arn:aws:iam::{ACCOUNT}:role/enclave-host"],
+        admin_principals=[f"arn:aws:iam::{ACCOUNT}:role/owner"],
+        pcr0=[images["good"].measurements.pcr0],
+    )
+    owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
+    app = tmp_path / "app"
+    app.mkdir()
+    for name, body in APP.items():
+        (app / name).write_text(textwrap.dedent(body))
+    published = tmp_path / "published"
+    published.mkdir()
+    package.seal(app, published / "app.pkg", kms_client=owner, key_id=key_id, name="app", version="1.0")
+    return {**running, "published": published}
+
+
+def start(images, which="good", **options) -> tuple:
+    info = LocalRuntime().run(images[which].image, cpu_count=1, memory_mib=128, **options)
+    return info, images[which].measurements.pcr0
+
+
+def run_job(info, pcr0, published, script, args=()):
+    """Push the package and run script; (summary, stdout text)."""
+    out = []
+    with EnclaveClient(info.endpoint, expect_pcr0=pcr0) as client:
+        client.push(published, "/encrypted")
+        summary = client.run("app.pkg", script, list(args), kms=USER_KMS, on_output=lambda n, d: out.append(d))
+    return summary, b"".join(out).decode()
+
+
+# ---------------------------------------------------------------- images
+
+
+def test_build_is_reproducible_and_measures_the_code(images, home):
+    good, again, evil = images["good"], images["again"], images["evil"]
+    assert Path(good.image).read_bytes() == Path(again.image).read_bytes()
+    assert good.measurements == again.measurements
+    assert evil.measurements.pcr0 != good.measurements.pcr0
+    assert evil.measurements.pcr2 != good.measurements.pcr2  # the application changed...
+    assert evil.measurements.pcr1 == good.measurements.pcr1  # ...not the interpreter or the dependencies
+
+    # The CLI prints nitro-cli's shape, and another process builds the same bytes.
+    output = images["dir"] / "cli.eif"
+    run = subprocess.run([*ENCLAVE_CLI, "local", "build", "--output", str(output)],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    printed = json.loads(run.stdout)
+    assert printed == {"Measurements": good.measurements.to_json()}
+    assert printed["Measurements"]["HashAlgorithm"].startswith("Sha384")
+    assert output.read_bytes() == Path(good.image).read_bytes()
+
+    # The documented definitions, checked with the standard tools.
+    def sha384sum(*args, **kw):
+        return subprocess.run(["sha384sum", *args], capture_output=True, text=True, check=True, **kw).stdout
+
+    unpacked = images["dir"] / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(["tar", "-xf", good.image, "-C", str(unpacked)], check=True)
+    assert sha384sum(good.image).split()[0] == good.measurements.pcr0
+    assert sha384sum(str(unpacked / "runtime.json")).split()[0] == good.measurements.pcr1
+    files = sorted(p.relative_to(unpacked / "app").as_posix() for p in (unpacked / "app").rglob("*") if p.is_file())
+    listing = sha384sum(*files, cwd=unpacked / "app")
+    assert sha384sum(input=listing).split()[0] == good.measurements.pcr2
+    # The image carries the enclave code, never the host-side CLI or local runtime.
+    assert any(f.endswith("enclave_server/server.py") for f in files)
+    assert not any("/cli/" in f or "/enclave_local/" in f for f in files)
+    runtime = json.loads((unpacked / "runtime.json").read_text())
+    assert {"cryptography", "cbor2", "boto3", "botocore", "tink", "protobuf"} <= {
+        d["name"] for d in runtime["dependencies"]
+    }
+
+
+# ---------------------------------------------------------------- key release
+
+
+def test_only_the_measured_image_gets_the_key(images, cloud_up):
+    good, good_pcr0 = start(images, "good", name="good")
+    evil, evil_pcr0 = start(images, "evil", name="evil")
+    assert good.cid != evil.cid
+
+    summary, stdout = run_job(good, good_pcr0, cloud_up["published"], "hello.py")
+    assert summary["rc"] == 0 and summary["ended_by"] == "exit"
+    assert stdout == "hello from the enclave\n"
+
+    with pytest.raises(RemoteError) as denied:
+        run_job(evil, evil_pcr0, cloud_up["published"], "hello.py")
+    message = str(denied.value)
+    assert "AccessDeniedException" in message and evil_pcr0 in message, message
+
+
+# ---------------------------------------------------------------- isolation
+
+
+def host_address() -> str | None:
+    out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    for link in json.loads(out):
+        for addr in link.get("addr_info", ()):
+            if addr.get("scope") == "global":
+                return addr["local"]
+    return None
+
+
+def test_enclave_is_isolated_from_the_host(images, cloud_up, home):
+    info, pcr0 = start(images)
+    listener = socket.create_server(("0.0.0.0", 0))  # something on the host that the host itself can reach
+    port = listener.getsockname()[1]
+    targets = [f"127.0.0.1:{port}", f"127.0.0.1:{cloud_up['kms_port']}"]
+    address = host_address()
+    if address:
+        targets.append(f"{address}:{port}")
+    for target in targets:
+        host, target_port = target.rsplit(":", 1)
+        socket.create_connection((host, int(target_port)), timeout=5).close()  # reachable from the host
+    try:
+        summary, stdout = run_job(info, pcr0, cloud_up["published"], "probe.py", targets)
+    finally:
+        listener.close()
+    assert summary["rc"] == 0, stdout
+    report = json.loads(stdout)
+
+    # No TCP path out: the enclave's loopback is its own, and it has no other network.
+    assert report["tcp"][f"127.0.0.1:{port}"] == "ConnectionRefusedError"
+    assert report["tcp"][f"127.0.0.1:{cloud_up['kms_port']}"] == "ConnectionRefusedError"
+    if address:
+        assert report["tcp"][f"{address}:{port}"] == "OSError"  # ENETUNREACH: no route at all
+
+    # Its /proc shows its own PID namespace only: init, the server, the job.
+    processes = report["processes"]
+    assert "enclave_local.runtime init" in processes["1"]
+    assert all(
+        "enclave_local.runtime init" in cmd or "enclave_server" in cmd or "runpy" in cmd for cmd in processes.values()
+    ), processes
+    assert str(os.getpid()) not in processes or "pytest" not in processes[str(os.getpid())]
+
+    # The plaintext lives on a tmpfs the host's mount namespace does not have.
+    assert report["plaintext"].startswith("/enclave/work/")
+    host_mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    assert not any(line.split()[2] == report["plaintext_device"] for line in host_mounts)
+    assert not any("/enclave/work" in line.split()[4] for line in host_mounts)
+    assert not Path(report["plaintext"]).exists()
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+def enclave_init(info, home) -> int:
+    """The enclave's PID 1, seen from the host: the child of its unshare process."""
+    unshare = json.loads((home / "enclaves" / info.enclave_id / "enclave.json").read_text())["enclave"]["pid"]
+    children = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if entry.name.isdigit() and int(stat[stat.rindex(")") + 2 :].split()[1]) == unshare:
+            children.append(int(entry.name))
+    (child,) = children
+    return child
+
+
+def test_killing_the_enclave_mid_job(images, cloud_up, home):
+    runtime = LocalRuntime()
+    info, pcr0 = start(images)
+    record = json.loads((home / "enclaves" / info.enclave_id / "enclave.json").read_text())
+    supervisor = Proc.from_json(record["supervisor"])
+    client = EnclaveClient(info.endpoint, expect_pcr0=pcr0)
+    client.push(cloud_up["published"], "/encrypted")
+    spinning, outcome = threading.Event(), {}
+
+    def job():
+        try:
+            outcome["summary"] = client.run("app.pkg", "spin.py", kms=USER_KMS, on_output=lambda n, d: spinning.set())
+        except EnclaveError as err:
+            outcome["error"] = err
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    try:
+        assert spinning.wait(60), "the job never started"
+        init = enclave_init(info, home)
+        namespace = os.readlink(f"/proc/{init}/ns/mnt")
+        assert namespace != os.readlink("/proc/self/ns/mnt")
+        os.kill(init, signal.SIGKILL)
+        worker.join(60)
+    finally:
+        client.close()
+    assert isinstance(outcome.get("error"), ConnectionClosed), outcome
+    assert "closed the connection" in str(outcome["error"])
+
+    assert supervisor.wait(30), "the supervisor did not notice its enclave died"
+    assert runtime.describe() == []
+    assert not (home / "enclaves" / info.enclave_id).exists()
+    # Nothing holds the enclave's mount namespace any more: its share and plaintext tmpfs are gone.
+    assert holders_of_namespace(namespace) == []
+
+    again, pcr0 = start(images)
+    summary, stdout = run_job(again, pcr0, cloud_up["published"], "hello.py")
+    assert stdout == "hello from the enclave\n"
+
+
+def test_four_enclaves_and_not_a_fifth(images, home):
+    runtime = LocalRuntime()
+    started = [runtime.run(images["good"].image, cpu_count=1, memory_mib=64, name=f"e{i}") for i in range(MAX_ENCLAVES)]
+    assert sorted(info.cid for info in started) == list(range(16, 16 + MAX_ENCLAVES))
+    assert len({info.endpoint for info in started}) == MAX_ENCLAVES
+    for info in started:
+        with EnclaveClient(info.endpoint) as client:
+            assert client.call("health")["server"]
+
+    image = images["good"].image
+    fifth = subprocess.run(
+        [*ENCLAVE_CLI, "local", "run-enclave", "--eif-path", image, "--cpu-count", "1", "--memory", "64"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert fifth.returncode == 1
+    assert f"already runs {MAX_ENCLAVES} local enclaves" in fifth.stderr and "terminate" in fifth.stderr
+
+    described = json.loads(
+        subprocess.run([*ENCLAVE_CLI, "local", "describe-enclaves"], capture_output=True, text=True, check=True).stdout
+    )
+    assert sorted(d["EnclaveCID"] for d in described) == list(range(16, 16 + MAX_ENCLAVES))
+    assert {d["State"] for d in described} == {"RUNNING"} and {d["Flags"] for d in described} == {"NONE"}
+    with pytest.raises(EnclaveError, match="4 enclaves are running"):
+        discover_local_endpoint()
+
+    one = subprocess.run(
+        [*ENCLAVE_CLI, "local", "terminate-enclave", "--enclave-id", started[0].enclave_id],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert json.loads(one.stdout) == {"EnclaveID": started[0].enclave_id, "Terminated": True}
+    assert not (home / "enclaves" / started[0].enclave_id).exists()
+    rest = subprocess.run([*ENCLAVE_CLI, "local", "terminate-enclave", "--all"], capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    assert sorted(r["EnclaveID"] for r in json.loads(rest.stdout)) == sorted(i.enclave_id for i in started[1:])
+    assert runtime.describe() == []
+    assert list((home / "enclaves").iterdir()) == [home / "enclaves" / ".lock"]
+
+
+def test_debug_mode_attests_zero_pcrs_and_keeps_a_console(images, home):
+    runtime = LocalRuntime()
+    debug = runtime.run(images["good"].image, cpu_count=1, memory_mib=64, debug_mode=True, name="debug")
+    assert debug.debug_mode and debug.to_json()["Flags"] == "DEBUG_MODE"
+    assert discover_local_endpoint() == debug.endpoint
+    with EnclaveClient(debug.endpoint, allow_debug=True) as client:
+        document = client.attest()
+    assert document.debug_mode
+    assert [document.pcr_hex(i) for i in (0, 1, 2)] == [ZERO_PCR] * 3
+    assert "enclave server listening" in runtime.console("debug")
+
+    production = runtime.run(images["good"].image, cpu_count=1, memory_mib=64, name="production")
+    with EnclaveClient(production.endpoint, expect_pcr0=images["good"].measurements.pcr0) as client:
+        assert client.attested.pcr_hex(0) == images["good"].measurements.pcr0
+    with pytest.raises(RuntimeFailure, match="not started in debug mode"):
+        runtime.console(production.enclave_id)
+
+
+def test_local_up_is_idempotent_and_down_leaves_nothing(home):
+    def enclave(*args):
+        return subprocess.run([*ENCLAVE_CLI, "local", *args], capture_output=True, text=True, check=True).stdout
+
+    first = json.loads(enclave("up", "--json"))
+    second = json.loads(enclave("up", "--json"))
+    assert first["started"] and not second["started"]
+    assert second["kms_endpoint_url"] == first["kms_endpoint_url"]
+    assert json.loads((home / "cloud.json").read_text())["kms_endpoint_url"] == first["kms_endpoint_url"]
+    assert (home / "ca" / "root.pem").is_file()
+    assert parse_allowlist((home / "vsock-proxy.yaml").read_text()) == [("127.0.0.1", first["kms_port"])]
+    kms = boto3.client("kms", endpoint_url=first["kms_endpoint_url"], region_name="us-east-1",
+                       aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
+    assert kms.list_keys()["Keys"] == []
+
+    moved = subprocess.run([*ENCLAVE_CLI, "local", "up", "--kms-port", str(first["kms_port"] + 1)],
+                           capture_output=True, text=True)  # fmt: skip
+    assert moved.returncode == 1 and "enclave local down" in moved.stderr
+
+    assert "stopped the local KMS" in enclave("down")
+    assert processes_mentioning(str(home)) == {}
+    assert not (home / "cloud.json").exists()
+    assert "not running" in enclave("down")
+
+
+# ---------------------------------------------------------------- vsock-proxy
+
+
+def test_vsock_proxy_relays_only_to_allowed_destinations(tmp_path, caplog):
+    upstream = socket.create_server(("127.0.0.1", 0))
+    port = upstream.getsockname()[1]
+
+    def echo_once():
+        conn, _ = upstream.accept()
+        with conn:
+            while data := conn.recv(4096):
+                conn.sendall(data.upper())
+
+    echo = threading.Thread(target=echo_once, daemon=True)
+    echo.start()
+    listen = f"unix://{tmp_path}/3_8000.sock"
+    with VsockProxy(listen, "127.0.0.1", port, [("127.0.0.1", port)]), socket.socket(socket.AF_UNIX) as client:
+        client.connect(f"{tmp_path}/3_8000.sock")
+        client.sendall(b"kms request")
+        client.shutdown(socket.SHUT_WR)
+        assert b"".join(iter(lambda: client.recv(4096), b"")) == b"KMS REQUEST"
+    echo.join(10)
+    upstream.close()
+
+    with pytest.raises(VsockProxyError, match="not in the allowlist"):
+        VsockProxy(listen, "kms.us-east-1.amazonaws.com", 443, [("127.0.0.1", port)])
+    assert any("refused" in r.getMessage() and "kms.us-east-1.amazonaws.com" in r.getMessage() for r in caplog.records)
+    assert not Path(f"{tmp_path}/3_8000.sock").exists()
