@@ -5,8 +5,12 @@ An image is an uncompressed POSIX tar (pax) holding
     runtime.json   what the code runs on: the Python interpreter's identity and a lock of
                    the installed distributions the enclave code imports (name, version,
                    SHA-256 of the distribution's RECORD, which lists a hash of every file)
-    app/...        the enclave code: enclave_server/ and plugins/module_utils/, under
-                   app/ansible_collections/confidential_ml/nitro/ so it imports as in the project
+    app/...        the enclave code: every file of enclave_server/, and the project modules it
+                   imports, directly or not (in practice a part of plugins/module_utils/), under
+                   app/ansible_collections/confidential_ml/nitro/ so it imports as in the project.
+                   Host-side code (cli/, enclave_local/) is never carried: importing it from the
+                   enclave code fails the build. Imports are read from the source (ast), so a change
+                   to host-only modules leaves the measurement alone.
 
 Entries are sorted, regular files only, mode 0644, uid/gid 0, no owner names, mtime 0, and
 nothing is compressed, so the same inputs give the same bytes on any machine and at any time.
@@ -22,7 +26,8 @@ Measurements, all SHA-384 in lowercase hex, as Nitro's PCRs are:
 PCR0 covers the other two, so any change to the code, the interpreter or a locked
 dependency gives another PCR0. The dependencies themselves are not copied into the
 image: the local runtime runs the host's installed copies, and refuses to launch an
-image whose lock no longer matches them (see Image.check_host).
+image whose lock no longer matches them (see Image.check_host). The lock holds what the
+enclave code imports (found the same way) and, from their metadata, what those need in turn.
 """
 
 from __future__ import annotations

@@ -770,7 +770,11 @@ def init(config: dict) -> int:
     # The environment is built from nothing, so -s -P (no user site, no cwd on sys.path) isolate
     # the server as -I would, except for the one variable set here: the image's code on sys.path.
     env = dict(SERVER_ENV, PYTHONPATH=f"{paths['image']}/app")
-    if not config["isolated"]:
+    if config["isolated"]:
+        # Root without capabilities: the server and its jobs own their files and sockets, but cannot
+        # mount, create device nodes or otherwise reach past the namespaces to the host.
+        argv = ["setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", *argv]
+    else:
         argv = ["setpriv", "--pdeathsig", "KILL", *argv]  # without a PID namespace, tie the server to init
     server = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=console, stderr=console, cwd="/")
     os.close(console)

@@ -52,7 +52,7 @@ APP = {
     "spin.py": "import time\nprint('spinning', flush=True)\nwhile True:\n    time.sleep(0.05)\n",
     # Tries to leave the enclave, and reports what it sees of processes and of its own plaintext.
     "probe.py": """
-        import json, os, socket, sys
+        import json, os, socket, stat, sys
 
         def tcp(host, port):
             try:
@@ -65,9 +65,17 @@ APP = {
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 return f.read().replace(b"\\0", b" ").decode()
 
+        def mknod():
+            try:
+                os.mknod("/tmp/disk", stat.S_IFBLK | 0o600, os.makedev(8, 0))
+                return "created"
+            except OSError as err:
+                return type(err).__name__
+
         cwd = os.getcwd()
         st = os.stat(cwd)
         report = {
+            "mknod": mknod(),
             "tcp": {target: tcp(target.rsplit(":", 1)[0], int(target.rsplit(":", 1)[1])) for target in sys.argv[1:]},
             "processes": {pid: cmdline(pid) for pid in os.listdir("/proc") if pid.isdigit()},
             "plaintext": cwd,
@@ -276,6 +284,9 @@ def test_enclave_is_isolated_from_the_host(images, cloud_up, home):
         "enclave_local.runtime init" in cmd or "enclave_server" in cmd or "runpy" in cmd for cmd in processes.values()
     ), processes
     assert str(os.getpid()) not in processes or "pytest" not in processes[str(os.getpid())]
+
+    # It runs without capabilities: no device nodes (such as the host's disk) to open.
+    assert report["mknod"] == "PermissionError"
 
     # The plaintext lives on a tmpfs the host's mount namespace does not have.
     assert report["plaintext"].startswith("/enclave/work/")
