@@ -116,7 +116,10 @@ run_sanity() {
     write_get_pip_stand_in
     mirror_tree
     say "ansible-test sanity --python $PYTHON_VERSION ($COPY)"
-    (cd "$COPY" && ansible-test sanity --python "$PYTHON_VERSION" --requirements --color no "$@")
+    # The copy alone is the collection under test: nothing may import the checkout instead (the Makefile
+    # exports PYTHONPATH and ANSIBLE_COLLECTIONS_PATH pointing at it).
+    (cd "$COPY" && env -u PYTHONPATH -u ANSIBLE_COLLECTIONS_PATH \
+        ansible-test sanity --python "$PYTHON_VERSION" --requirements --color no "$@")
 }
 
 started=$(date +%s)
