@@ -450,15 +450,21 @@ def test_get_runtime_selects_the_backend(monkeypatch, tmp_path):
         get_runtime("sgx")
 
 
-def test_get_runtime_local_is_the_local_runtime(monkeypatch):
+def test_get_runtime_local_is_the_default(monkeypatch, tmp_path):
+    from ansible_collections.confidential_ml.nitro.enclave_local.runtime import LocalRuntime
+
     monkeypatch.delenv("ENCLAVE_BACKEND", raising=False)
-    if (ROOT / "enclave_local" / "runtime.py").exists():
-        assert type(get_runtime()).__name__ == "LocalRuntime"
-        assert type(get_runtime()).__module__.endswith("enclave_local.runtime")
-    else:
-        # Until the local runtime lands, the error says so (and what to do).
-        with pytest.raises(RuntimeFailure, match="the local backend is not installed"):
-            get_runtime()
+    assert isinstance(get_runtime(), LocalRuntime)
+    local = get_runtime("local", home=str(tmp_path))
+    assert isinstance(local, LocalRuntime) and local.home == tmp_path
+    assert isinstance(local, Runtime)
+
+
+def test_get_runtime_says_when_the_local_backend_is_missing(monkeypatch):
+    # A None entry in sys.modules makes the import fail as an uninstalled module does.
+    monkeypatch.setitem(sys.modules, "ansible_collections.confidential_ml.nitro.enclave_local.runtime", None)
+    with pytest.raises(RuntimeFailure, match="the local backend is not installed.*ENCLAVE_BACKEND=nitro"):
+        get_runtime("local")
 
 
 def test_settings_backend(monkeypatch):
@@ -608,7 +614,8 @@ def test_dockerfile_starts_the_server_with_flags_it_accepts():
     entrypoint = json.loads(instructions["ENTRYPOINT"])
     assert entrypoint[-1].endswith("/enclave_server/entrypoint.sh")
     cmd = json.loads(instructions["CMD"])
-    assert cmd == ["--listen", "vsock://any:5000", "--nsm", "/dev/nsm", "--share", "/share", "--work", "/work"]
+    assert cmd[:8] == ["--listen", "vsock://any:5000", "--nsm", "/dev/nsm", "--share", "/share", "--work", "/work"]
+    assert cmd[8:] == ["--kms-proxy", "vsock://3:8000", "--kms-listen", "8000"]
     usage = subprocess.run(
         [sys.executable, "-m", SERVER_MODULE, "--help"], capture_output=True, text=True, check=True
     ).stdout
