@@ -244,6 +244,8 @@ def spawn_daemon(argv: list[str], *, what: str, log_path: Path, timeout: float =
     if final is None:
         raise RuntimeFailure(f"{what} exited during start-up; its log ({log_path}):\n{log_tail(log_path)}")
     if "error" in final:
+        if daemon and not daemon.wait(STOP_TIMEOUT):  # it exits after reporting: nothing may be left behind
+            daemon.stop()
         raise RuntimeFailure(final["error"])
     return final
 

@@ -223,6 +223,33 @@ def test_build_is_reproducible_and_measures_the_code(images, home):
     }
 
 
+def test_a_dependency_change_changes_the_measurement(images, home, tmp_path):
+    """Another build of a locked distribution (here cbor2, shadowed on sys.path) changes PCR1 and PCR0,
+    and an image built against the old one is refused on a host that has the new one."""
+    shadow = tmp_path / "shadow"
+    dist_info = shadow / "cbor2-6.3.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: cbor2\nVersion: 6.3.0\n")
+    (dist_info / "RECORD").write_text("cbor2/__init__.py,sha256=another-build,1\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shadow), os.environ["PYTHONPATH"]]))
+    output = tmp_path / "shadowed.eif"
+    build = subprocess.run([*ENCLAVE_CLI, "local", "build", "--output", str(output)],
+                           capture_output=True, text=True, check=True, env=env)  # fmt: skip
+    shadowed = json.loads(build.stdout)["Measurements"]
+    good = images["good"].measurements
+    assert shadowed["PCR2"] == good.pcr2  # same code...
+    assert shadowed["PCR1"] != good.pcr1 and shadowed["PCR0"] != good.pcr0  # ...on another dependency
+
+    refused = subprocess.run(
+        [*ENCLAVE_CLI, "local", "run-enclave", "--eif-path", images["good"].image, "--cpu-count", "1",
+         "--memory", "64"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert "does not match this host" in refused.stderr and "cbor2" in refused.stderr, refused.stderr
+    assert LocalRuntime().describe() == []
+
+
 # ---------------------------------------------------------------- key release
 
 
