@@ -12,6 +12,7 @@
 Imports are deferred to the command that runs, so `enclave --help` stays fast.
 """
 
+import argparse
 import json
 import sys
 
@@ -135,4 +136,6 @@ def register(commands) -> None:
 
     console = sub.add_parser("console", help="print a debug-mode enclave's log")
     console.add_argument("--enclave-id", required=True, help="the enclave's ID (or name)")
+    # nitro-cli's option, accepted so both backends are driven alike; the local log is printed, not followed.
+    console.add_argument("--disconnect-timeout", type=int, help=argparse.SUPPRESS)
     console.set_defaults(func=cmd_console)

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from .endpoints import DEFAULT_PORT, Endpoint
 from .errors import EnclaveError
 
 HASH_ALGORITHM = "Sha384 { ... }"
+LOCAL_CLI = "ansible_collections.confidential_ml.nitro.cli.main"
 """What nitro-cli prints as Measurements.HashAlgorithm."""
 
 _PCR_HEX = re.compile(r"[0-9a-f]{96}")
@@ -227,22 +229,14 @@ class Runtime(Protocol):
 
 
 def get_runtime(backend: str | None = None, **options) -> Runtime:
-    """The runtime of `backend` (default: settings.backend(), i.e. $ENCLAVE_BACKEND or "local")."""
+    """The runtime of `backend` (default: settings.backend(), i.e. $ENCLAVE_BACKEND or "local").
+
+    Both are driven through their command line, nitro-cli or `enclave local`, which speak the same
+    options and JSON: enclaves outlive the calling process, and an Ansible module (which carries only
+    module_utils) reaches the local backend through the installed `enclave` command as it reaches
+    nitro-cli on a parent instance."""
     name = settings.backend(backend)
-    if name == "nitro":
-        return NitroRuntime(**options)
-    local_module = "ansible_collections.confidential_ml.nitro.enclave_local.runtime"
-    try:
-        from ansible_collections.confidential_ml.nitro.enclave_local.runtime import LocalRuntime
-    except ModuleNotFoundError as err:
-        # Only a missing local backend is reported as such; a broken import inside it propagates.
-        if err.name and local_module.startswith(err.name):
-            raise RuntimeFailure(
-                f"the local backend is not installed ({err}): install the confidential-ml-nitro package, "
-                "or use the nitro backend on a Nitro parent instance (ENCLAVE_BACKEND=nitro)"
-            ) from err
-        raise
-    return LocalRuntime(**options)
+    return NitroRuntime(**options) if name == "nitro" else LocalCliRuntime(**options)
 
 
 def discover_endpoint(runtime: Runtime) -> str:
@@ -454,7 +448,7 @@ class NitroRuntime:
             proc.kill()
             stdout, stderr = proc.communicate()
             raise RuntimeFailure(
-                f"`nitro-cli {subcommand}` did not finish within {timeout:g} s and was stopped; "
+                f"`{self.nitro_cli} {subcommand}` did not finish within {timeout:g} s and was stopped; "
                 f"its output so far: {(stderr or stdout).strip() or 'none'}",
                 command=command,
                 stdout=stdout,
@@ -637,3 +631,45 @@ class NitroRuntime:
         while lines and lines[0].startswith(("Connecting to the console", "Successfully connected to the console")):
             lines.pop(0)
         return "".join(lines)
+
+
+class LocalCliRuntime(NitroRuntime):
+    """The local backend through `enclave local`, driven exactly as NitroRuntime drives nitro-cli.
+
+    home: the local state directory for the commands (default: $ENCLAVE_HOME / settings.state_home())."""
+
+    backend = "local"
+
+    def __init__(self, *, home: str | os.PathLike | None = None, **options):
+        super().__init__(nitro_cli="enclave local", **options)
+        self.home = Path(home) if home is not None else None
+
+    def _command(self, subcommand: str, args: list[str]) -> list[str]:
+        # The Python running this code has the project installed (a module's interpreter does too).
+        return [sys.executable, "-m", LOCAL_CLI, "local", subcommand, *args]
+
+    def _spawn(self, command: list[str]) -> subprocess.Popen:
+        env = dict(os.environ, **({settings.ENV_HOME: str(self.home)} if self.home is not None else {}))
+        try:
+            return subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, errors="replace", env=env,
+            )  # fmt: skip
+        except OSError as err:
+            raise RuntimeFailure(f"cannot start `enclave local`: {err}", command=command) from err
+
+    def build(
+        self,
+        *,
+        output: str,
+        source: str | None = None,
+        signing_certificate: str | None = None,
+        private_key: str | None = None,
+    ) -> BuildResult:
+        """`enclave local build`: a reproducible image of this installation (or of the project tree `source`)."""
+        if signing_certificate is not None or private_key is not None:
+            raise RuntimeFailure("the local backend does not sign images (PCR8 exists on nitro only): drop the key")
+        output = os.path.abspath(output)
+        args = ["--output", output, *(["--source", str(source)] if source else [])]
+        stdout = self._call("build", args, timeout=self.build_timeout)
+        return BuildResult(image=output, measurements=Measurements.from_json(self._one_json("build", stdout, dict)))

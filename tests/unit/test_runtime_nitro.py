@@ -24,6 +24,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime impo
     BuildResult,
     EnclaveInfo,
     EnclaveNotFound,
+    LocalCliRuntime,
     Measurements,
     NitroRuntime,
     Runtime,
@@ -450,21 +451,18 @@ def test_get_runtime_selects_the_backend(monkeypatch, tmp_path):
         get_runtime("sgx")
 
 
-def test_get_runtime_local_is_the_default(monkeypatch, tmp_path):
-    from ansible_collections.confidential_ml.nitro.enclave_local.runtime import LocalRuntime
-
+def test_get_runtime_local_is_the_default_and_drives_enclave_local(monkeypatch, tmp_path):
     monkeypatch.delenv("ENCLAVE_BACKEND", raising=False)
-    assert isinstance(get_runtime(), LocalRuntime)
+    assert isinstance(get_runtime(), LocalCliRuntime)
     local = get_runtime("local", home=str(tmp_path))
-    assert isinstance(local, LocalRuntime) and local.home == tmp_path
+    assert isinstance(local, LocalCliRuntime) and local.home == tmp_path
     assert isinstance(local, Runtime)
-
-
-def test_get_runtime_says_when_the_local_backend_is_missing(monkeypatch):
-    # A None entry in sys.modules makes the import fail as an uninstalled module does.
-    monkeypatch.setitem(sys.modules, "ansible_collections.confidential_ml.nitro.enclave_local.runtime", None)
-    with pytest.raises(RuntimeFailure, match="the local backend is not installed.*ENCLAVE_BACKEND=nitro"):
-        get_runtime("local")
+    # The same nitro-cli style commands, through the installed `enclave local`, with its own state directory.
+    assert local.describe() == []
+    with pytest.raises(RuntimeFailure, match="does not sign images"):
+        local.build(output=str(tmp_path / "x.eif"), signing_certificate="c", private_key="k")
+    with pytest.raises(RuntimeFailure, match="no enclave has the ID or name 'nope'"):
+        local.terminate("nope")
 
 
 def test_settings_backend(monkeypatch):
