@@ -80,6 +80,9 @@ NON_ROOT_WARNING = (
     "namespaces and private memory."
 )
 
+# An enclave's processes in its enclave.json: when init is gone, so is everything in the enclave
+# (the kernel empties a PID namespace before its init exits).
+PROCESSES = ("supervisor", "enclave", "init")
 ENCLAVE_FILE = "enclave.json"  # written once the enclave serves; marks it as running
 LAUNCH_FILE = "launch.json"
 SUPERVISOR_LOG = "supervisor.log"
@@ -167,8 +170,23 @@ class Proc:
         """SIGTERM, then SIGKILL if it is still there after timeout."""
         self.signal(signal.SIGTERM)
         if not self.wait(timeout):
-            self.signal(signal.SIGKILL)
-            self.wait(timeout)
+            self.kill(timeout)
+
+    def kill(self, timeout: float = STOP_TIMEOUT) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait(timeout)
+
+    def children(self) -> list[Proc]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if entry.name.isdigit() and int(stat[stat.rindex(")") + 2 :].split()[1]) == self.pid:
+                child = Proc.of(int(entry.name))
+                found += [child] if child else []
+        return found
 
 
 # ---------------------------------------------------------------- daemons (the supervisor, the local KMS)
@@ -357,17 +375,18 @@ class LocalRuntime:
 
     @staticmethod
     def _alive(record: dict) -> bool:
-        procs = [Proc.from_json(record.get("supervisor")), Proc.from_json(record.get("enclave"))]
+        procs = [Proc.from_json(record.get(key)) for key in PROCESSES]
         return all(p is not None and p.alive() for p in procs)
 
     @staticmethod
     def _reap(path: Path, record: dict | None) -> None:
         """Stop whatever is left of an enclave and remove its state."""
-        if record:
-            for key in ("supervisor", "enclave"):
-                proc = Proc.from_json(record.get(key))
-                if proc is not None:
-                    proc.stop()
+        procs = {key: Proc.from_json((record or {}).get(key)) for key in PROCESSES}
+        if procs["supervisor"]:
+            procs["supervisor"].stop()  # it stops the enclave and cleans up
+        for key in ("enclave", "init"):  # if it could not: terminate is abrupt, as on Nitro
+            if procs[key]:
+                procs[key].kill()
         shutil.rmtree(path, ignore_errors=True)
 
     def _running(self) -> list[dict]:
@@ -610,18 +629,31 @@ def supervise(path: Path, ready_fd: int) -> int:
         enclave = subprocess.Popen(
             ["setpriv", "--pdeathsig", "KILL", *argv], stdin=subprocess.PIPE, stdout=sys.stderr, stderr=sys.stderr
         )
-        cleanup.callback(enclave.wait)
-        cleanup.callback(enclave.kill)
+        inits: list[Proc] = []
+
+        def stop_enclave() -> None:
+            enclave.kill()
+            enclave.wait()
+            for init_proc in inits:  # everything in the enclave is gone once its PID 1 is
+                init_proc.kill()
+
+        cleanup.callback(stop_enclave)
         with contextlib.suppress(BrokenPipeError):  # init failed: its log says why
             enclave.stdin.write(image.data)  # init unpacks these very bytes, the ones measured above
             enclave.stdin.close()
         endpoint = Endpoint.parse(launch["endpoint"])
         _wait_until_serving(endpoint, enclave, time.monotonic() + START_TIMEOUT)
+        launched = Proc.of(enclave.pid)
+        # Isolated, the enclave's PID 1 is the child of unshare; plain, init is the process launched.
+        inits.extend((launched.children() if isolated else [launched]) if launched else [])
+        if len(inits) != 1:
+            raise RuntimeFailure("the enclave stopped during start-up (its init is gone)")
         record = dict(
             launch,
             measurements=measured.to_json(),
             supervisor=Proc.of(os.getpid()).to_json(),
-            enclave=Proc.of(enclave.pid).to_json(),
+            enclave=launched.to_json(),
+            init=inits[0].to_json(),
             isolated=isolated,
         )
         write_json(path / ENCLAVE_FILE, record)

@@ -327,18 +327,8 @@ def test_enclave_is_isolated_from_the_host(images, cloud_up, home):
 
 
 def enclave_init(info, home) -> int:
-    """The enclave's PID 1, seen from the host: the child of its unshare process."""
-    unshare = json.loads((home / "enclaves" / info.enclave_id / "enclave.json").read_text())["enclave"]["pid"]
-    children = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if entry.name.isdigit() and int(stat[stat.rindex(")") + 2 :].split()[1]) == unshare:
-            children.append(int(entry.name))
-    (child,) = children
-    return child
+    """The enclave's PID 1, seen from the host."""
+    return json.loads((home / "enclaves" / info.enclave_id / "enclave.json").read_text())["init"]["pid"]
 
 
 def test_killing_the_enclave_mid_job(images, cloud_up, home):
@@ -412,9 +402,20 @@ def test_four_enclaves_and_not_a_fifth(images, home):
     )  # fmt: skip
     assert json.loads(one.stdout) == {"EnclaveID": started[0].enclave_id, "Terminated": True}
     assert not (home / "enclaves" / started[0].enclave_id).exists()
+
+    # A supervisor that dies takes its enclave with it, and is reaped: not listed, nothing left.
+    crashed = started[1]
+    record = json.loads((home / "enclaves" / crashed.enclave_id / "enclave.json").read_text())
+    supervisor = Proc.from_json(record["supervisor"])
+    os.kill(supervisor.pid, signal.SIGKILL)
+    assert supervisor.wait(30)
+    assert [i.enclave_id for i in runtime.describe()] == [i.enclave_id for i in started[2:]]
+    assert not (home / "enclaves" / crashed.enclave_id).exists()
+    assert processes_mentioning(crashed.enclave_id) == {}
+
     rest = subprocess.run([*ENCLAVE_CLI, "local", "terminate-enclave", "--all"], capture_output=True, text=True,
                           check=True)  # fmt: skip
-    assert sorted(r["EnclaveID"] for r in json.loads(rest.stdout)) == sorted(i.enclave_id for i in started[1:])
+    assert sorted(r["EnclaveID"] for r in json.loads(rest.stdout)) == sorted(i.enclave_id for i in started[2:])
     assert runtime.describe() == []
     assert list((home / "enclaves").iterdir()) == [home / "enclaves" / ".lock"]
 
