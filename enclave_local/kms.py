@@ -19,6 +19,17 @@ shape AWS KMS sends. It is a development stand-in, so:
   a key is checked against that key's policy only.
 * One server per state directory: state is read at start and written
   atomically (0600, directory 0700) after every change.
+* Key management is complete enough for ``amazon.aws.kms_key`` to run the same
+  tasks here as against AWS: descriptions, tags (also as ``aws:ResourceTag/*``,
+  ``aws:RequestTag/*`` and ``aws:TagKeys`` condition keys), the rotation flag and
+  period (recorded and reported; like deletion, rotation never comes due here, so
+  the key material is never rotated), key policy names, and each operation
+  refused in the key states where AWS refuses it.
+* Grants are not implemented. ListGrants and ListRetirableGrants answer an empty
+  list; CreateGrant, RetireGrant and RevokeGrant answer
+  UnsupportedOperationException. A grant is a second way into a key that the key
+  policy (and its lint, which checks the attestation conditions) never shows;
+  here, everything that may use a key is written in its key policy.
 """
 
 from __future__ import annotations
@@ -67,6 +78,23 @@ _BLOB_VERSION = 1
 _BLOB_HEADER = 1 + 16  # version byte, key id (UUID bytes); then a 12-byte nonce and AES-256-GCM output
 _ALIAS_NAME = re.compile(r"^alias/[a-zA-Z0-9/_-]{1,250}$")
 _ACCESS_KEY_ID = re.compile(r"^[A-Za-z0-9+=,.@_-]{1,64}$")
+MAX_TAGS = 50  # AWS's quota of tags per KMS key
+ROTATION_PERIOD_DAYS = 365  # AWS's default for EnableKeyRotation
+# Key states in which AWS refuses an operation on a key (the key-state table of the KMS Developer Guide);
+# an operation named in neither set works in every state. Encrypt, Decrypt and GenerateDataKey have their
+# own rule (_require_usable), EnableKey, DisableKey and the deletion operations theirs (_set_state).
+_REFUSED_WHEN_DISABLED = frozenset({"EnableKeyRotation", "DisableKeyRotation"})
+_REFUSED_PENDING_DELETION = _REFUSED_WHEN_DISABLED | {
+    "CreateAlias",
+    "TagResource",
+    "UntagResource",
+    "UpdateKeyDescription",
+}
+_NO_GRANTS = (
+    "the local KMS does not implement grants (CreateGrant, RetireGrant, RevokeGrant): it authorises every use "
+    "of a key through the key policy alone, so that the policy shows everyone who can use the key. Put the "
+    "permission in the key policy instead (key_policy.merge_statements, by Sid), or use AWS KMS for grants"
+)
 _POLL_S = 0.05  # how soon stop() takes effect
 _BER_CHUNK = 1024  # encrypted content is sent in chunks of this size, as a streaming CMS encoder does
 
@@ -225,10 +253,10 @@ class _Request:
             raise KmsApiError("ValidationException", f"{name} must be a {kind.__name__}")
         return value
 
-    def text(self, name: str, *, required: bool = False, max_len: int = 2048) -> str | None:
+    def text(self, name: str, *, required: bool = False, max_len: int = 2048, min_len: int = 1) -> str | None:
         value = self.typed(name, str, required)
-        if value is not None and not 1 <= len(value) <= max_len:
-            raise KmsApiError("ValidationException", f"{name} must be 1 to {max_len} characters long")
+        if value is not None and not min_len <= len(value) <= max_len:
+            raise KmsApiError("ValidationException", f"{name} must be {min_len} to {max_len} characters long")
         return value
 
     def flag(self, name: str) -> bool:
@@ -251,6 +279,31 @@ class _Request:
         if not 1 <= len(raw) <= max_len:
             raise KmsApiError("ValidationException", f"{name} must be 1 to {max_len} bytes long")
         return raw
+
+    def tags(self, *, required: bool = False) -> list[dict[str, str]]:
+        """Tags as AWS takes them: [{TagKey: 1-128 characters, TagValue: 0-256}], no aws: prefix, no key twice."""
+        tags = self.typed("Tags", list, required) or []
+        seen = set()
+        for tag in tags:
+            if not (
+                isinstance(tag, dict)
+                and isinstance(tag.get("TagKey"), str)
+                and isinstance(tag.get("TagValue"), str)
+                and 1 <= len(tag["TagKey"]) <= 128
+                and len(tag["TagValue"]) <= 256
+            ):
+                raise KmsApiError(
+                    "TagException",
+                    f"{tag!r} is not a tag: each needs a TagKey of 1 to 128 characters and a TagValue of at most 256",
+                )
+            if tag["TagKey"].lower().startswith("aws:"):
+                raise KmsApiError(
+                    "TagException", f"the tag key {tag['TagKey']!r} uses the aws: prefix, reserved for AWS"
+                )
+            if tag["TagKey"] in seen:
+                raise KmsApiError("TagException", f"the tag key {tag['TagKey']!r} appears twice: give each key once")
+            seen.add(tag["TagKey"])
+        return [{"TagKey": t["TagKey"], "TagValue": t["TagValue"]} for t in tags]
 
     def context(self) -> dict[str, str]:
         value = self.typed("EncryptionContext", dict, False) or {}
@@ -343,7 +396,11 @@ class LocalKms:
     # ------------------------------------------------------------ authorisation
 
     def _authorize(self, key: dict, action: str, principal: str, context: Mapping | None = None) -> None:
-        full_context = {"kms:CallerAccount": _account_of(principal), **(context or {})}
+        full_context = {
+            "kms:CallerAccount": _account_of(principal),
+            **{f"aws:ResourceTag/{tag['TagKey']}": tag["TagValue"] for tag in key.get("Tags", ())},
+            **(context or {}),
+        }
         try:
             decision = key_policy.evaluate(
                 key["Policy"], action=f"kms:{action}", principal=principal, context=full_context, resource=key["Arn"]
@@ -363,6 +420,23 @@ class LocalKms:
                 "AccessDeniedException",
                 f"User: {principal} is not authorized to perform: kms:{action} on resource: {key['Arn']} {why} "
                 f"({decision.reason})",
+            )
+
+    def _key(self, request: _Request, principal: str, action: str, context: Mapping | None = None) -> dict:
+        """The key that KeyId names, once the key policy allows principal the action in the key's state."""
+        key = self._resolve(request.text("KeyId", required=True))
+        self._authorize(key, action, principal, context)
+        self._check_state(key, action)
+        return key
+
+    @staticmethod
+    def _check_state(key: dict, action: str) -> None:
+        if key["KeyState"] == "Disabled" and action in _REFUSED_WHEN_DISABLED:
+            raise KmsApiError("DisabledException", f"{key['Arn']} is disabled: enable it (EnableKey) first.")
+        if key["KeyState"] == "PendingDeletion" and action in _REFUSED_PENDING_DELETION:
+            raise KmsApiError(
+                "KMSInvalidStateException",
+                f"{key['Arn']} is pending deletion: cancel the deletion (CancelKeyDeletion) first.",
             )
 
     @staticmethod
@@ -526,18 +600,19 @@ class LocalKms:
             policy = _default_policy(self.account_id)
         else:
             self._validate_policy(policy, principal, request.flag("BypassPolicyLockoutSafetyCheck"))
-        tags = request.typed("Tags", list, False) or []
-        if not all(isinstance(t, dict) and {type(t.get("TagKey")), type(t.get("TagValue"))} == {str} for t in tags):
-            raise KmsApiError("TagException", "each tag needs a string TagKey and TagValue")
+        tags = request.tags()
+        if len(tags) > MAX_TAGS:
+            raise KmsApiError("LimitExceededException", f"a key may have at most {MAX_TAGS} tags, not {len(tags)}")
+        description = request.text("Description", max_len=8192, min_len=0) or ""
         key_id = str(uuid.uuid4())
         key = {
             "KeyId": key_id,
             "Arn": self._arn("key", key_id),
             "CreationDate": time.time(),
-            "Description": request.text("Description", max_len=8192) or "",
+            "Description": description,
             "KeyState": "Enabled",
             "Policy": policy,
-            "Tags": [{"TagKey": t["TagKey"], "TagValue": t["TagValue"]} for t in tags],
+            "Tags": tags,
             "Material": _b64(AESGCM.generate_key(bit_length=256)),
         }
         self._state["keys"][key_id] = key
@@ -553,6 +628,12 @@ class LocalKms:
     def _op_ListKeys(self, request: _Request, principal: str) -> dict:
         keys = [{"KeyId": k["KeyId"], "KeyArn": k["Arn"]} for k in self._state["keys"].values()]
         return self._page(request, sorted(keys, key=lambda k: k["KeyId"]), "Keys", default_limit=100)
+
+    def _op_UpdateKeyDescription(self, request: _Request, principal: str) -> dict:
+        description = request.text("Description", required=True, max_len=8192, min_len=0)
+        self._key(request, principal, "UpdateKeyDescription")["Description"] = description
+        self._save()
+        return {}
 
     def _set_state(self, request: _Request, principal: str, action: str, new_state: str, **extra) -> dict:
         key = self._resolve(request.text("KeyId", required=True))
@@ -612,6 +693,83 @@ class LocalKms:
         self._save()
         return {}
 
+    def _op_ListKeyPolicies(self, request: _Request, principal: str) -> dict:
+        self._key(request, principal, "ListKeyPolicies")
+        return self._page(request, ["default"], "PolicyNames", default_limit=100)
+
+    # ------------------------------------------------------------ tags
+
+    def _op_ListResourceTags(self, request: _Request, principal: str) -> dict:
+        key = self._key(request, principal, "ListResourceTags")
+        return self._page(request, key["Tags"], "Tags", default_limit=50)
+
+    def _op_TagResource(self, request: _Request, principal: str) -> dict:
+        tags = request.tags(required=True)
+        context = {f"aws:RequestTag/{t['TagKey']}": t["TagValue"] for t in tags}
+        key = self._key(request, principal, "TagResource", {**context, "aws:TagKeys": [t["TagKey"] for t in tags]})
+        merged = {t["TagKey"]: t["TagValue"] for t in key["Tags"]} | {t["TagKey"]: t["TagValue"] for t in tags}
+        if len(merged) > MAX_TAGS:
+            raise KmsApiError(
+                "LimitExceededException",
+                f"{key['Arn']} would have {len(merged)} tags, more than the {MAX_TAGS} allowed: remove some first",
+            )
+        key["Tags"] = [{"TagKey": k, "TagValue": v} for k, v in merged.items()]
+        self._save()
+        return {}
+
+    def _op_UntagResource(self, request: _Request, principal: str) -> dict:
+        names = request.typed("TagKeys", list, True)
+        if not all(isinstance(name, str) and 1 <= len(name) <= 128 for name in names):
+            raise KmsApiError("TagException", "TagKeys must list tag keys of 1 to 128 characters")
+        key = self._key(request, principal, "UntagResource", {"aws:TagKeys": names})
+        key["Tags"] = [t for t in key["Tags"] if t["TagKey"] not in names]  # absent keys are no error, as in AWS
+        self._save()
+        return {}
+
+    # ------------------------------------------------------------ rotation
+
+    def _op_GetKeyRotationStatus(self, request: _Request, principal: str) -> dict:
+        key = self._key(request, principal, "GetKeyRotationStatus")
+        # While a key is pending deletion AWS reports rotation off; cancelling the deletion brings it back.
+        period = key.get("RotationPeriodInDays") if key["KeyState"] != "PendingDeletion" else None
+        status = {"KeyId": key["Arn"], "KeyRotationEnabled": period is not None}
+        if period is not None:
+            status.update(RotationPeriodInDays=period, NextRotationDate=key["RotationEnabledDate"] + period * 86400)
+        return status
+
+    def _op_EnableKeyRotation(self, request: _Request, principal: str) -> dict:
+        period = request.number("RotationPeriodInDays", low=90, high=2560) or ROTATION_PERIOD_DAYS
+        key = self._key(request, principal, "EnableKeyRotation", {"kms:RotationPeriodInDays": str(period)})
+        if key.get("RotationPeriodInDays") is None:
+            key["RotationEnabledDate"] = time.time()
+        key["RotationPeriodInDays"] = period
+        self._save()
+        return {}
+
+    def _op_DisableKeyRotation(self, request: _Request, principal: str) -> dict:
+        key = self._key(request, principal, "DisableKeyRotation")
+        key.update(RotationPeriodInDays=None, RotationEnabledDate=None)
+        self._save()
+        return {}
+
+    # ------------------------------------------------------------ grants (none: see the module docstring)
+
+    def _op_ListGrants(self, request: _Request, principal: str) -> dict:
+        for name, max_len in (("GrantId", 128), ("GranteePrincipal", 256), ("GranteeServicePrincipal", 128)):
+            request.text(name, max_len=max_len)
+        self._key(request, principal, "ListGrants")
+        return self._page(request, [], "Grants", default_limit=50)
+
+    def _op_ListRetirableGrants(self, request: _Request, principal: str) -> dict:
+        # An IAM-only permission in AWS, about no key in particular: anyone may ask, as for ListKeys.
+        request.text("RetiringPrincipal", max_len=256)
+        return self._page(request, [], "Grants", default_limit=50)
+
+    def _op_CreateGrant(self, request: _Request, principal: str) -> dict:
+        raise KmsApiError("UnsupportedOperationException", _NO_GRANTS)
+
+    _op_RetireGrant = _op_RevokeGrant = _op_CreateGrant
+
     # ------------------------------------------------------------ aliases
 
     def _alias_name(self, request: _Request, name: str = "AliasName") -> str:
@@ -634,6 +792,7 @@ class LocalKms:
         alias = self._alias_name(request)
         key = self._target_key(request)
         self._authorize(key, "CreateAlias", principal)
+        self._check_state(key, "CreateAlias")
         if alias in self._state["aliases"]:
             raise KmsApiError(
                 "AlreadyExistsException",

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import stat
+import time
 import urllib.request
 import uuid
 
@@ -332,6 +333,294 @@ def test_handle_without_http(ca, state):
     with pytest.raises(KmsApiError) as caught:
         kms.handle("Frobnicate", {}, principal=OWNER_ARN)
     assert caught.value.code == "UnsupportedOperationException"
+
+
+# ---------------------------------------------------------------- key management (what amazon.aws.kms_key calls)
+
+
+def unchecked(server, access_key=OWNER):
+    """A client that sends what it is given, so that the server's own checks are the ones tested."""
+    return client(server, access_key, parameter_validation=False)
+
+
+def tags_of(kms, key_id) -> dict:
+    pages = kms.get_paginator("list_resource_tags").paginate(KeyId=key_id)
+    return {t["TagKey"]: t["TagValue"] for t in pages.build_full_result()["Tags"]}
+
+
+def test_tags_add_replace_remove_and_page(owner):
+    key_id = owner.create_key(Tags=[{"TagKey": "project", "TagValue": "ml"}])["KeyMetadata"]["KeyId"]
+    listed = owner.list_resource_tags(KeyId=key_id)
+    assert (listed["Tags"], listed["Truncated"]) == ([{"TagKey": "project", "TagValue": "ml"}], False)
+    assert "NextMarker" not in listed
+    owner.tag_resource(
+        KeyId=f"arn:aws:kms:us-east-1:{ACCOUNT}:key/{key_id}",
+        Tags=[{"TagKey": "project", "TagValue": "vision"}, {"TagKey": "stage", "TagValue": ""}],
+    )
+    assert tags_of(owner, key_id) == {"project": "vision", "stage": ""}
+    owner.untag_resource(KeyId=key_id, TagKeys=["stage", "never-set"])  # an absent key is no error, as in AWS
+    assert tags_of(owner, key_id) == {"project": "vision"}
+
+    owner.tag_resource(KeyId=key_id, Tags=[{"TagKey": f"t{i}", "TagValue": str(i)} for i in range(4)])
+    first = owner.list_resource_tags(KeyId=key_id, Limit=2)
+    assert first["Truncated"] and len(first["Tags"]) == 2 and first["NextMarker"]
+    rest = owner.list_resource_tags(KeyId=key_id, Limit=10, Marker=first["NextMarker"])
+    assert not rest["Truncated"] and "NextMarker" not in rest
+    assert [t["TagKey"] for t in first["Tags"] + rest["Tags"]] == ["project", "t0", "t1", "t2", "t3"]
+    with pytest.raises(owner.exceptions.InvalidMarkerException):
+        owner.list_resource_tags(KeyId=key_id, Marker="not-ours")
+
+
+@pytest.mark.parametrize(
+    ("tags", "code"),
+    [
+        ([{"TagKey": "aws:owner", "TagValue": "x"}], "TagException"),
+        ([{"TagKey": "", "TagValue": "x"}], "TagException"),
+        ([{"TagKey": "k" * 129, "TagValue": "x"}], "TagException"),
+        ([{"TagKey": "k", "TagValue": "v" * 257}], "TagException"),
+        ([{"TagKey": "k"}], "TagException"),
+        ([{"TagKey": "k", "TagValue": "1"}, {"TagKey": "k", "TagValue": "2"}], "TagException"),
+        ([{"TagKey": f"k{i}", "TagValue": ""} for i in range(51)], "LimitExceededException"),
+    ],
+    ids=["aws-prefix", "empty-key", "long-key", "long-value", "no-value", "twice", "too-many"],
+)
+def test_bad_tags_are_refused(server, tags, code):
+    kms = unchecked(server)
+    key_id = kms.create_key(Tags=[{"TagKey": "kept", "TagValue": "yes"}])["KeyMetadata"]["KeyId"]
+    with pytest.raises(ClientError) as caught:
+        kms.tag_resource(KeyId=key_id, Tags=tags)
+    assert error_code(caught) == code
+    with pytest.raises(ClientError) as caught:
+        kms.create_key(Tags=tags)
+    assert error_code(caught) == code
+    assert tags_of(kms, key_id) == {"kept": "yes"}
+    assert len(kms.list_keys()["Keys"]) == 1  # the refused CreateKey made no key
+
+
+def test_tag_quota_counts_the_tags_a_key_already_has(owner):
+    key_id = owner.create_key(Tags=[{"TagKey": f"k{i}", "TagValue": ""} for i in range(50)])["KeyMetadata"]["KeyId"]
+    owner.tag_resource(KeyId=key_id, Tags=[{"TagKey": "k0", "TagValue": "replaced"}])  # still 50
+    with pytest.raises(owner.exceptions.LimitExceededException) as caught:
+        owner.tag_resource(KeyId=key_id, Tags=[{"TagKey": "one-more", "TagValue": ""}])
+    assert "remove some first" in str(caught.value)
+    assert len(tags_of(owner, key_id)) == 50 and tags_of(owner, key_id)["k0"] == "replaced"
+
+
+def test_update_key_description(server, owner):
+    key_id = owner.create_key(Description="first")["KeyMetadata"]["KeyId"]
+    owner.update_key_description(KeyId=key_id, Description="second")
+    assert owner.describe_key(KeyId=key_id)["KeyMetadata"]["Description"] == "second"
+    owner.update_key_description(KeyId=key_id, Description="")  # AWS allows an empty description
+    assert owner.describe_key(KeyId=key_id)["KeyMetadata"]["Description"] == ""
+    assert owner.create_key(Description="")["KeyMetadata"]["Description"] == ""
+    kms = unchecked(server)
+    for bad in ({"Description": "d" * 8193}, {"Description": None}, {"Description": 7}):
+        with pytest.raises(ClientError) as caught:
+            kms.update_key_description(KeyId=key_id, **bad)
+        assert error_code(caught) == "ValidationException", bad
+    assert owner.describe_key(KeyId=key_id)["KeyMetadata"]["Description"] == ""
+
+
+def test_key_rotation_flag_and_period(server, owner):
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    arn = f"arn:aws:kms:us-east-1:{ACCOUNT}:key/{key_id}"
+    status = owner.get_key_rotation_status(KeyId=key_id)
+    assert (status["KeyRotationEnabled"], status["KeyId"]) == (False, arn)
+    assert "RotationPeriodInDays" not in status and "NextRotationDate" not in status
+
+    before = time.time()
+    owner.enable_key_rotation(KeyId=key_id)
+    status = owner.get_key_rotation_status(KeyId=key_id)
+    assert status["KeyRotationEnabled"] is True and status["RotationPeriodInDays"] == 365
+    assert before + 365 * 86400 - 5 <= status["NextRotationDate"].timestamp() <= time.time() + 365 * 86400 + 5
+    owner.enable_key_rotation(KeyId=key_id, RotationPeriodInDays=90)
+    assert owner.get_key_rotation_status(KeyId=key_id)["RotationPeriodInDays"] == 90
+    kms = unchecked(server)
+    for bad in (89, 2561):
+        with pytest.raises(ClientError) as caught:
+            kms.enable_key_rotation(KeyId=key_id, RotationPeriodInDays=bad)
+        assert error_code(caught) == "ValidationException"
+    assert owner.get_key_rotation_status(KeyId=key_id)["RotationPeriodInDays"] == 90
+
+    owner.disable_key_rotation(KeyId=key_id)
+    assert owner.get_key_rotation_status(KeyId=key_id)["KeyRotationEnabled"] is False
+    owner.disable_key_rotation(KeyId=key_id)  # already off: no error
+
+
+def test_rotation_and_key_states(owner):
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    owner.enable_key_rotation(KeyId=key_id)
+    owner.disable_key(KeyId=key_id)
+    for call in (owner.enable_key_rotation, owner.disable_key_rotation):
+        with pytest.raises(owner.exceptions.DisabledException) as caught:
+            call(KeyId=key_id)
+        assert "enable it (EnableKey) first" in str(caught.value)
+    assert owner.get_key_rotation_status(KeyId=key_id)["KeyRotationEnabled"] is True  # kept while disabled
+
+    owner.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=7)
+    assert owner.get_key_rotation_status(KeyId=key_id)["KeyRotationEnabled"] is False  # as AWS reports it
+    with pytest.raises(owner.exceptions.KMSInvalidStateException):
+        owner.disable_key_rotation(KeyId=key_id)
+    owner.cancel_key_deletion(KeyId=key_id)
+    assert owner.get_key_rotation_status(KeyId=key_id)["KeyRotationEnabled"] is True  # and back after cancelling
+
+
+def test_pending_deletion_refuses_changes_but_not_reads(owner):
+    key_id = owner.create_key(Description="doomed", Tags=[{"TagKey": "a", "TagValue": "b"}])["KeyMetadata"]["KeyId"]
+    owner.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=7)
+    for call in (
+        lambda: owner.tag_resource(KeyId=key_id, Tags=[{"TagKey": "c", "TagValue": "d"}]),
+        lambda: owner.untag_resource(KeyId=key_id, TagKeys=["a"]),
+        lambda: owner.update_key_description(KeyId=key_id, Description="saved"),
+        lambda: owner.enable_key_rotation(KeyId=key_id),
+        lambda: owner.create_alias(AliasName="alias/doomed", TargetKeyId=key_id),
+    ):
+        with pytest.raises(owner.exceptions.KMSInvalidStateException) as caught:
+            call()
+        assert "cancel the deletion (CancelKeyDeletion) first" in str(caught.value)
+    # What amazon.aws.kms_key reads after scheduling the deletion still answers.
+    assert owner.describe_key(KeyId=key_id)["KeyMetadata"]["Description"] == "doomed"
+    assert tags_of(owner, key_id) == {"a": "b"}
+    assert owner.list_key_policies(KeyId=key_id)["PolicyNames"] == ["default"]
+    assert owner.list_grants(KeyId=key_id)["Grants"] == []
+    assert owner.list_aliases(KeyId=key_id)["Aliases"] == []
+
+
+def test_list_key_policies(owner):
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    listed = owner.list_key_policies(KeyId=key_id)
+    assert (listed["PolicyNames"], listed["Truncated"]) == (["default"], False)
+    pages = owner.get_paginator("list_key_policies").paginate(KeyId=key_id, PaginationConfig={"PageSize": 1})
+    assert pages.build_full_result()["PolicyNames"] == ["default"]
+    with pytest.raises(owner.exceptions.NotFoundException):
+        owner.list_key_policies(KeyId=str(uuid.uuid4()))
+
+
+def test_grants_are_listed_empty_and_refused(owner):
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    listed = owner.list_grants(KeyId=key_id)
+    assert (listed["Grants"], listed["Truncated"]) == ([], False)
+    assert owner.get_paginator("list_grants").paginate(KeyId=key_id).build_full_result()["Grants"] == []
+    assert owner.list_grants(KeyId=key_id, GranteePrincipal=USER_ARN)["Grants"] == []
+    assert owner.list_retirable_grants(RetiringPrincipal=OWNER_ARN)["Grants"] == []
+    with pytest.raises(owner.exceptions.NotFoundException):
+        owner.list_grants(KeyId=str(uuid.uuid4()))
+    for call in (
+        lambda: owner.create_grant(KeyId=key_id, GranteePrincipal=USER_ARN, Operations=["Decrypt"]),
+        lambda: owner.retire_grant(KeyId=key_id, GrantId="0" * 64),
+        lambda: owner.revoke_grant(KeyId=key_id, GrantId="0" * 64),
+    ):
+        with pytest.raises(owner.exceptions.UnsupportedOperationException) as caught:
+            call()
+        assert "does not implement grants" in str(caught.value) and "key policy" in str(caught.value)
+    assert owner.list_grants(KeyId=key_id)["Grants"] == []
+
+
+def test_key_management_is_governed_by_the_key_policy(owner, user):
+    """Each new operation asks the key policy for its own kms: action, and a refusal changes nothing."""
+    key_id = owner.create_key(Description="kept", Tags=[{"TagKey": "a", "TagValue": "b"}])["KeyMetadata"]["KeyId"]
+    reader = {
+        "Sid": "UserMayListTags",
+        "Effect": "Allow",
+        "Principal": {"AWS": USER_ARN},
+        "Action": "kms:ListResourceTags",
+        "Resource": "*",
+    }
+    policy = render_policy(
+        account_id=ACCOUNT, user_principals=[USER_ARN], admin_principals=[OWNER_ARN], pcr0=[PCR0_GOOD.hex()]
+    )
+    policy["Statement"].append(reader)
+    owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
+
+    assert tags_of(user, key_id) == {"a": "b"}
+    denied = {
+        "kms:TagResource": lambda: user.tag_resource(KeyId=key_id, Tags=[{"TagKey": "a", "TagValue": "evil"}]),
+        "kms:UntagResource": lambda: user.untag_resource(KeyId=key_id, TagKeys=["a"]),
+        "kms:UpdateKeyDescription": lambda: user.update_key_description(KeyId=key_id, Description="evil"),
+        "kms:GetKeyRotationStatus": lambda: user.get_key_rotation_status(KeyId=key_id),
+        "kms:EnableKeyRotation": lambda: user.enable_key_rotation(KeyId=key_id),
+        "kms:DisableKeyRotation": lambda: user.disable_key_rotation(KeyId=key_id),
+        "kms:ListKeyPolicies": lambda: user.list_key_policies(KeyId=key_id),
+        "kms:ListGrants": lambda: user.list_grants(KeyId=key_id),
+    }
+    for action, call in denied.items():
+        with pytest.raises(ClientError) as caught:
+            call()
+        assert error_code(caught) == "AccessDeniedException", action
+        assert f"{USER_ARN} is not authorized to perform: {action}" in caught.value.response["Error"]["Message"]
+    assert tags_of(owner, key_id) == {"a": "b"}
+    assert owner.describe_key(KeyId=key_id)["KeyMetadata"]["Description"] == "kept"
+    assert owner.get_key_rotation_status(KeyId=key_id)["KeyRotationEnabled"] is False
+
+
+def test_tags_are_condition_keys(owner, user):
+    """aws:ResourceTag/* on every key operation, aws:RequestTag/* and aws:TagKeys on tagging, as in AWS."""
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Sid": "Admin", "Effect": "Allow", "Principal": {"AWS": OWNER_ARN}, "Action": "kms:*", "Resource": "*"},
+            {
+                "Sid": "TeamMayEncrypt",
+                "Effect": "Allow",
+                "Principal": {"AWS": USER_ARN},
+                "Action": "kms:Encrypt",
+                "Resource": "*",
+                "Condition": {"StringEquals": {"aws:ResourceTag/team": "ml"}},
+            },
+            {
+                "Sid": "NobodyMarksKeysPublic",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "kms:TagResource",
+                "Resource": "*",
+                "Condition": {"StringEquals": {"aws:RequestTag/visibility": "public"}},
+            },
+            {
+                "Sid": "TeamTagStays",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "kms:UntagResource",
+                "Resource": "*",
+                "Condition": {"ForAnyValue:StringEquals": {"aws:TagKeys": "team"}},
+            },
+        ],
+    }
+    owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
+    with pytest.raises(ClientError) as caught:
+        user.encrypt(KeyId=key_id, Plaintext=b"x")
+    assert error_code(caught) == "AccessDeniedException"
+    owner.tag_resource(KeyId=key_id, Tags=[{"TagKey": "team", "TagValue": "ml"}])
+    user.encrypt(KeyId=key_id, Plaintext=b"now allowed by the tag")
+
+    for call in (
+        lambda: owner.tag_resource(KeyId=key_id, Tags=[{"TagKey": "visibility", "TagValue": "public"}]),
+        lambda: owner.untag_resource(KeyId=key_id, TagKeys=["other", "team"]),
+    ):
+        with pytest.raises(ClientError) as caught:
+            call()
+        assert error_code(caught) == "AccessDeniedException"
+        assert "explicit deny" in caught.value.response["Error"]["Message"]
+    owner.tag_resource(KeyId=key_id, Tags=[{"TagKey": "visibility", "TagValue": "internal"}])
+    assert tags_of(owner, key_id) == {"team": "ml", "visibility": "internal"}
+
+
+def test_key_management_state_survives_restart(ca, state):
+    with LocalKmsServer(LocalKms(state, trusted_roots=[ca.root_certificate])) as first:
+        kms = client(first, OWNER)
+        key_id = kms.create_key(Tags=[{"TagKey": "a", "TagValue": "b"}])["KeyMetadata"]["KeyId"]
+        kms.tag_resource(KeyId=key_id, Tags=[{"TagKey": "c", "TagValue": "d"}])
+        kms.update_key_description(KeyId=key_id, Description="described")
+        kms.enable_key_rotation(KeyId=key_id, RotationPeriodInDays=180)
+        next_rotation = kms.get_key_rotation_status(KeyId=key_id)["NextRotationDate"]
+
+    with LocalKmsServer(LocalKms(state, trusted_roots=[ca.root_certificate])) as second:
+        kms = client(second, OWNER)
+        assert tags_of(kms, key_id) == {"a": "b", "c": "d"}
+        assert kms.describe_key(KeyId=key_id)["KeyMetadata"]["Description"] == "described"
+        status = kms.get_key_rotation_status(KeyId=key_id)
+        assert (status["KeyRotationEnabled"], status["RotationPeriodInDays"]) == (True, 180)
+        assert status["NextRotationDate"] == next_rotation
 
 
 # ---------------------------------------------------------------- encryption
