@@ -438,6 +438,7 @@ class LocalRuntime:
             raise RuntimeFailure(f"an enclave CID is an integer from {MIN_CID} to {MAX_CID} (0-3 are reserved)")
         if os.geteuid() != 0:
             log.warning(NON_ROOT_WARNING)
+        _require_tools(isolated=os.geteuid() == 0)
         with self._lock():
             running = self._running()
             if len(running) >= MAX_ENCLAVES:
@@ -516,6 +517,21 @@ class LocalRuntime:
             return ""
 
 
+def _require_tools(*, isolated: bool) -> None:
+    tools = (
+        {"setpriv": "util-linux", "unshare": "util-linux", "ip": "iproute2"} if isolated else {"setpriv": "util-linux"}
+    )
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin:/sbin"])
+    missing = sorted(
+        {f"{tool} ({package})" for tool, package in tools.items() if shutil.which(tool, path=path) is None}
+    )
+    if missing:
+        packages = " ".join(sorted({tools[m.split()[0]] for m in missing}))
+        raise RuntimeFailure(
+            f"the local runtime needs {', '.join(missing)}, which this host lacks: apt-get install {packages}"
+        )
+
+
 def discover_local_endpoint() -> str:
     """The endpoint of the one running local enclave; an EnclaveError when there are none or several."""
     return discover_endpoint(LocalRuntime())
@@ -588,7 +604,6 @@ def supervise(path: Path, ready_fd: int) -> int:
     launch = json.loads((path / LAUNCH_FILE).read_text())
     isolated = os.geteuid() == 0
     cleanup = contextlib.ExitStack()
-    enclave = None
     try:
         image = Image.load(launch["image"])
         image.check_host()
