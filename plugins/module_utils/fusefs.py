@@ -10,10 +10,15 @@ Kept cheap:
   1 MiB; st_blksize tells cp to use 1 MiB buffers).
 - readdir is one `share.list` round trip; the listed stats answer the lookups
   of the `ls -l` that follows, and the listing answers "no such file" for the
-  lookup that precedes every create, for about a second.
-- flush, release, fsync, access, opendir: not implemented, so libfuse and the
-  kernel answer them without a Python call (the server is stateless and writes
-  through at once, so there is nothing to flush).
+  lookup that precedes every create, for about a second. The stat libfuse
+  wants right after a create is known without asking (see _new_file_attrs):
+  a small file costs two round trips, create and write.
+- Writes are pipelined: write() returns once its request is sent, up to
+  WRITE_WINDOW of a file in flight; flush (every close) and fsync wait for them
+  and report a failure (ENOSPC...), as network file systems do. Whatever must
+  see the data (read, stat, truncate, rename...) waits for it first.
+- release, access, opendir: not implemented, so libfuse and the kernel answer
+  them without a Python call (the server keeps no handles to release).
 
 Coherence: the host is the only writer of the share except the running job,
 which writes /output. Kernel attribute and entry caches last 1 s; this
@@ -39,15 +44,17 @@ import os
 import re
 import select
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from . import settings
 from .errors import EnclaveError
-from .wire import CallTimeout, ConnectionClosed, RemoteError, WireError
+from .wire import CallTimeout, ConnectionClosed, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +74,14 @@ OUTPUT = "/output"
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 RENAME_NOREPLACE = 1
+WRITE_WINDOW = 4
+"""1 MiB writes of one file in flight at once."""
 
 
 def _load_mfusepy():
+    # mfusepy looks for libfuse 2 first; where both are installed, libfuse 3 is the one that moves 1 MiB.
+    if "mfusepy" not in sys.modules and not os.environ.get("FUSE_LIBRARY_PATH"):
+        os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
     try:
         import mfusepy
     except (ImportError, OSError) as err:
@@ -176,6 +188,77 @@ class _Cache:
                     del table[key]
 
 
+class _WriteBehind:
+    """Writes in flight: write() returns once its request is sent, so several 1 MiB writes of a file
+    travel at once (the kernel sends the next only when the last is answered). A write that fails
+    later is reported by the next write, flush (close) or fsync of that file, as network file
+    systems report asynchronous write errors. Requests that must see the data (reads, stats,
+    truncates, renames...) wait for the writes of their path first; overlapping writes never race."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self._lock = threading.Lock()
+        self._pending: dict[str, list[tuple[int, int, Future]]] = {}
+        self._failed: dict[str, OSError] = {}
+        self._pool = ThreadPoolExecutor(max_workers=4 * window, thread_name_prefix="write-reply")
+
+    def _collect(self, path: str) -> list[tuple[int, int, Future]]:
+        """Forget finished writes of path (keeping the first failure) and return those still running."""
+        running = []
+        for start, end, future in self._pending.get(path, ()):
+            if not future.done():
+                running.append((start, end, future))
+            elif future.exception() is not None and path not in self._failed:
+                self._failed[path] = future.exception()
+        if running:
+            self._pending[path] = running
+        else:
+            self._pending.pop(path, None)
+        return running
+
+    def forget(self, *paths: str) -> None:
+        """A failure of an earlier file at these paths is no business of the next one."""
+        with self._lock:
+            for path in paths:
+                self._failed.pop(path, None)
+
+    def raise_failure(self, path: str) -> None:
+        with self._lock:
+            self._collect(path)
+            failure = self._failed.pop(path, None)
+        if failure is not None:
+            raise failure
+
+    def add(self, path: str, offset: int, size: int, submit, finish) -> None:
+        """Send a write (submit() -> call) once nothing in flight overlaps it and the window has room;
+        finish(call) waits for its answer in the background. The kernel sends one write per file at a time."""
+        end = offset + size
+        while True:
+            with self._lock:
+                running = self._collect(path)
+                if path in self._failed:
+                    raise self._failed.pop(path)
+                blocking = [f for start, stop, f in running if start < end and offset < stop]
+                if not blocking and len(running) < self.window:
+                    break
+                blocking = blocking or [running[0][2]]
+            wait(blocking)
+        future = self._pool.submit(finish, submit())
+        with self._lock:
+            self._pending.setdefault(path, []).append((offset, end, future))
+
+    def drain(self, path: str | None = None) -> None:
+        """Wait for the writes of path (of every path when None); errors stay for raise_failure()."""
+        with self._lock:
+            futures = [f for p in ([path] if path else list(self._pending)) for _, _, f in self._pending.get(p, ())]
+        if futures:
+            wait(futures)
+
+    def shutdown(self) -> None:
+        self.drain()
+        self._pool.shutdown()
+
+
 class ShareOperations:
     """mfusepy operations over the wire connection (built by `operations()`, which subclasses mfusepy's base)."""
 
@@ -194,6 +277,9 @@ class ShareOperations:
         self.read_sizes: collections.Counter = collections.Counter()
         self.negotiated: dict = {}
         self._lost = threading.Event()
+        self.writes = _WriteBehind(WRITE_WINDOW)
+        self._mode_bits_seen = 0  # permission bits creates have asked for ...
+        self._mode_bits_removed = 0  # ... and those of them the server's umask took away
 
     # -- plumbing
 
@@ -205,12 +291,29 @@ class ShareOperations:
             counter[key] += 1
 
     def _call(self, op: str, args: dict):
+        return self._result(op, self._submit(op, args))
+
+    def _submit(self, op: str, args: dict):
         self._count(self.stats, op)
         try:
-            return self.connection.call(op, args, timeout=CALL_TIMEOUT)
-        except RemoteError as err:
-            raise self._fail(err.errno or errno.EIO) from None
-        except ConnectionClosed as err:
+            return self.connection.submit(op, args)
+        except Exception as err:  # every failure becomes an errno for the kernel
+            raise self._as_errno(op, err) from None
+
+    def _result(self, op: str, call):
+        try:
+            return call.result(CALL_TIMEOUT)
+        except CallTimeout:
+            call.cancel()
+            log.error("%s got no answer from the enclave within %s s: is the enclave server stuck?", op, CALL_TIMEOUT)
+            raise self._fail(errno.ETIMEDOUT) from None
+        except Exception as err:
+            raise self._as_errno(op, err) from None
+
+    def _as_errno(self, op: str, err: Exception) -> OSError:
+        if isinstance(err, RemoteError):
+            return self._fail(err.errno or errno.EIO)
+        if isinstance(err, ConnectionClosed):
             if not self._lost.is_set():
                 self._lost.set()
                 log.error(
@@ -218,13 +321,9 @@ class ShareOperations:
                     "ENOTCONN; unmount it (enclave sync -d DIR --unmount) and mount again once the enclave runs",
                     err,
                 )
-            raise self._fail(errno.ENOTCONN) from None
-        except CallTimeout:
-            log.error("%s got no answer from the enclave within %s s: is the enclave server stuck?", op, CALL_TIMEOUT)
-            raise self._fail(errno.ETIMEDOUT) from None
-        except (WireError, OSError) as err:
-            log.error("%s failed on the client side: %s", op, err)
-            raise self._fail(getattr(err, "errno", None) or errno.EIO) from None
+            return self._fail(errno.ENOTCONN)
+        log.error("%s failed on the client side: %s", op, err)
+        return self._fail(getattr(err, "errno", None) or errno.EIO)
 
     def _attrs(self, st: dict) -> dict:
         return {
@@ -260,7 +359,7 @@ class ShareOperations:
             threading.Thread(target=self._probe, name="mount-probe", daemon=True).start()
 
     def _probe(self) -> None:
-        _raise_readahead(self.mountpoint)
+        raise_readahead(self.mountpoint)
         try:
             os.stat(self.mountpoint)
         except OSError as err:
@@ -271,6 +370,7 @@ class ShareOperations:
     # -- metadata
 
     def getattr(self, path, fh=None):
+        self.writes.drain(path)
         cached = self.cache.attrs(path)
         if cached is not None:
             self._count(self.stats, "cached getattr")
@@ -283,6 +383,7 @@ class ShareOperations:
         return attrs
 
     def readdir(self, path, fh):
+        self.writes.drain()
         entries = {e["name"]: self._attrs(e) for e in self._call("share.list", {"path": path})}
         self.cache.put_listing(path, entries)
         return [".", "..", *((name, attrs, 0) for name, attrs in entries.items())]
@@ -302,6 +403,7 @@ class ShareOperations:
         }
 
     def chmod(self, path, mode):
+        self.writes.drain(path)
         self._call("share.chmod", {"path": path, "mode": mode & 0o7777})
         self.cache.changed(path)
         return 0
@@ -313,6 +415,7 @@ class ShareOperations:
         return 0
 
     def utimens(self, path, times=None):
+        self.writes.drain(path)  # a write landing after would move mtime again (cp -p sets times last)
         now = time.time_ns()
         atime, mtime = times if times is not None else (UTIME_NOW, UTIME_NOW)
         if UTIME_OMIT in (atime, mtime):
@@ -332,16 +435,20 @@ class ShareOperations:
         return 0
 
     def rmdir(self, path):
+        self.writes.drain()
         self._call("share.rmdir", {"path": path})
         self.cache.removed(path)
         return 0
 
     def unlink(self, path):
+        self.writes.drain(path)
         self._call("share.unlink", {"path": path})
+        self.writes.forget(path)
         self.cache.removed(path)
         return 0
 
     def rename(self, old, new, flags=0):
+        self.writes.drain()  # writes in flight name the old path (or one under it)
         if flags & ~RENAME_NOREPLACE:
             raise self._fail(errno.EINVAL)  # RENAME_EXCHANGE / WHITEOUT: the share has no atomic swap
         if flags & RENAME_NOREPLACE:
@@ -353,6 +460,7 @@ class ShareOperations:
             else:
                 raise self._fail(errno.EEXIST)
         self._call("share.rename", {"old": old, "new": new})
+        self.writes.forget(old, new)
         self.cache.moved(old, new)
         return 0
 
@@ -373,6 +481,7 @@ class ShareOperations:
 
     def create(self, path, mode, flags):
         exclusive = bool(flags & os.O_EXCL)
+        self.writes.forget(path)
         try:
             created = self._call("share.create", {"path": path, "mode": mode & 0o7777, "exclusive": True})
         except OSError as err:
@@ -380,34 +489,77 @@ class ShareOperations:
             if err.errno != errno.EEXIST or exclusive:
                 raise
             self.open(path, flags)
-            created = None
-        self._added(path, created)
+            self._added(path, None)
+            return 0
+        self._added(path, created if isinstance(created, dict) else self._new_file_attrs(path, mode))
         return 0
+
+    def _new_file_attrs(self, path: str, mode: int) -> dict:
+        """The stat of a file this mount just created, which libfuse asks for at once.
+
+        Known without asking, once the server's umask is known for the requested permission bits
+        (learned from the real stat of earlier creates): saves a round trip per file of a `cp -r`.
+        The kernel keeps these until the file's first write or for ATTR_TIMEOUT at most."""
+        wanted = mode & 0o777
+        if wanted & ~self._mode_bits_seen:
+            st = self._call("share.stat", {"path": path})
+            self._mode_bits_seen |= wanted
+            self._mode_bits_removed |= wanted & ~st["mode"]
+            return st
+        now = time.time_ns()
+        return {"mode": stat.S_IFREG | (wanted & ~self._mode_bits_removed), "size": 0, "nlink": 1, "blocks": 0,
+                "atime_ns": now, "mtime_ns": now, "ctime_ns": now}  # fmt: skip
 
     def _added(self, path: str, st, *, empty_dir: bool = False) -> None:
         self.cache.added(path, empty_dir=empty_dir)
-        if isinstance(st, dict) and "mode" in st:  # a server that answers create/mkdir with the new stat
+        if isinstance(st, dict) and "mode" in st:  # also a server that answers create/mkdir with the new stat
             self.cache.put_attrs(path, self._attrs(st))
 
     def open(self, path, flags):
+        self.writes.forget(path)
         if flags & os.O_TRUNC:  # fuse3 passes O_TRUNC to open (atomic_o_trunc) rather than a separate truncate
             self.truncate(path, 0)
         return 0
 
     def read(self, path, size, offset, fh):
+        self.writes.drain(path)
         self._count(self.read_sizes, size)
         return self._call("share.read", {"path": path, "offset": offset, "size": size})
 
     def write(self, path, data, offset, fh):
         self._count(self.write_sizes, len(data))
-        written = self._call("share.write", {"path": path, "offset": offset, "data": data})
         self.cache.changed(path)
-        return written
+        if len(data) < MIB:  # a small file, or a file's tail: nothing to overlap with, skip the hand-off
+            self.writes.drain(path)
+            self.writes.raise_failure(path)
+            return self._call("share.write", {"path": path, "offset": offset, "data": data})
+        self.writes.add(
+            path,
+            offset,
+            len(data),
+            lambda: self._submit("share.write", {"path": path, "offset": offset, "data": data}),
+            lambda call: self._result("share.write", call),
+        )
+        return len(data)
+
+    def flush(self, path, fh):
+        # close(2) waits here: the file's writes have landed, or close reports why not.
+        self.writes.drain(path)
+        self.writes.raise_failure(path)
+        self.cache.changed(path)
+        return 0
+
+    def fsync(self, path, datasync, fh):
+        return self.flush(path, fh)
 
     def truncate(self, path, length, fh=None):
+        self.writes.drain(path)
         self._call("share.truncate", {"path": path, "size": length})
         self.cache.changed(path)
         return 0
+
+    def destroy(self, path):
+        self.writes.shutdown()
 
     def report(self) -> dict:
         """What the mount did: requests per op, and the sizes the kernel read and wrote in."""
@@ -452,7 +604,7 @@ FUSE_OPTIONS = {
 }
 
 
-def _raise_readahead(mountpoint: str) -> None:
+def raise_readahead(mountpoint: str) -> None:
     """Let the kernel read ahead 1 MiB, so sequential reads arrive as 1 MiB requests.
 
     FUSE caps a mount's readahead at the kernel default (128 KiB) whatever max_readahead says;

@@ -232,6 +232,31 @@ def test_reader_and_writer_at_once(synced):
     assert sha256(synced["share"] / "dataset" / "b") == sha256(src / "b")
 
 
+def test_writes_in_flight_land_in_order(synced):
+    """Writes travel several at a time; overlapping ones still land in the order they were made,
+    and times set after writing (cp -p) are not undone by a write landing late."""
+    mnt, share, src = synced["mnt"], synced["share"], synced["src"]
+    rewrite = (
+        "import os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)\n"
+        "for i in range(12):\n"
+        "    os.pwrite(fd, bytes([65 + i]) * (1 << 20), (i % 3) << 19)\n"
+        "os.close(fd)\n"
+    )
+    sh(f"{sys.executable} -c '{rewrite}' '{mnt}/dataset/rewritten'")
+    expected = bytearray()
+    for i in range(12):
+        offset = (i % 3) << 19
+        expected[offset : offset + MIB] = bytes([65 + i]) * MIB
+    assert (share / "dataset" / "rewritten").read_bytes() == expected
+
+    (src / "t.bin").write_bytes(os.urandom(5 * MIB + 123))
+    os.utime(src / "t.bin", ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+    sh(f"cp -p '{src}/t.bin' '{mnt}/model/'")
+    assert (share / "model" / "t.bin").stat().st_mtime_ns == 1_000_000_000_000_000_000
+    assert sha256(share / "model" / "t.bin") == sha256(src / "t.bin")
+
+
 # ---------------------------------------------------------------- confinement
 
 
@@ -270,7 +295,32 @@ def test_links_cannot_be_made_or_followed(synced):
     assert sh(f"cp '{mnt}/output/passwd' '{synced['src']}/copied'", check=False).returncode != 0
 
 
-def test_full_share_gives_enospc(tmp_path, tmp_path_factory, monkeypatch):
+@contextlib.contextmanager
+def own_server(tmp_path, share, *, umask=-1):
+    """An enclave server of this test's own (no attestation: the share is what is under test),
+    mounted in the background; yields the mount point."""
+    sock = tmp_path / "16_5000.sock"
+    (tmp_path / "work").mkdir()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.enclave_server", "--listen", f"unix://{sock}",
+         "--share", str(share), "--work", str(tmp_path / "work"), "--nsm", f"unix://{tmp_path / 'no-nsm.sock'}"],
+        umask=umask,
+    )  # fmt: skip
+    mnt = tmp_path / "host" / "synced_folder"
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert server.poll() is None and time.monotonic() < deadline, "the enclave server did not start"
+            time.sleep(0.02)
+        mount(mnt, "--endpoint", f"unix://{sock}")
+        yield mnt
+    finally:
+        force_unmount(mnt)
+        server.kill()
+        server.wait(timeout=10)
+
+
+def test_full_share_gives_enospc(tmp_path, monkeypatch):
     """A server whose share is a 4 MiB tmpfs (as the enclave's share is a tmpfs of its own)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs for the small share needs root")
@@ -279,31 +329,30 @@ def test_full_share_gives_enospc(tmp_path, tmp_path_factory, monkeypatch):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(share)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     monkeypatch.setenv("ENCLAVE_HOME", str(tmp_path / "home"))
-    sock = tmp_path / "16_5000.sock"
-    (tmp_path / "work").mkdir()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.enclave_server", "--listen", f"unix://{sock}",
-         "--share", str(share), "--work", str(tmp_path / "work"), "--nsm", f"unix://{tmp_path / 'no-nsm.sock'}"]
-    )  # fmt: skip
-    mnt = tmp_path_factory.mktemp("host") / "small"
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert server.poll() is None and time.monotonic() < deadline, "the enclave server did not start"
-            time.sleep(0.02)
-        mount(mnt, "--endpoint", f"unix://{sock}")
-        sh(f"head -c 8M /dev/urandom > '{tmp_path}/big'")
-        result = sh(f"cp '{tmp_path}/big' '{mnt}/dataset/'", check=False)
-        assert result.returncode != 0 and "No space left on device" in result.stderr
-        assert (share / "dataset" / "big").stat().st_size <= 4 * MIB  # what fitted, not the 8 MiB
-        sh(f"rm '{mnt}/dataset/big'")  # and the share recovers
-        sh(f"head -c 1M /dev/urandom > '{tmp_path}/small' && cp '{tmp_path}/small' '{mnt}/dataset/'")
-        assert sha256(share / "dataset" / "small") == sha256(tmp_path / "small")
+        with own_server(tmp_path, share) as mnt:
+            sh(f"head -c 8M /dev/urandom > '{tmp_path}/big'")
+            result = sh(f"cp '{tmp_path}/big' '{mnt}/dataset/'", check=False)
+            assert result.returncode != 0 and "No space left on device" in result.stderr
+            assert (share / "dataset" / "big").stat().st_size <= 4 * MIB  # what fitted, not the 8 MiB
+            sh(f"rm '{mnt}/dataset/big'")  # and the share recovers
+            sh(f"head -c 1M /dev/urandom > '{tmp_path}/small' && cp '{tmp_path}/small' '{mnt}/dataset/'")
+            assert sha256(share / "dataset" / "small") == sha256(tmp_path / "small")
     finally:
-        force_unmount(mnt)
-        server.kill()
-        server.wait(timeout=10)
         subprocess.run(["umount", "-l", str(share)])
+
+
+def test_new_files_show_the_mode_the_server_gave_them(tmp_path, monkeypatch):
+    """The mount tells the kernel a new file's stat without asking the server, once it has seen what
+    the server's umask (here 027, not the host's) does to the bits asked for."""
+    monkeypatch.setenv("ENCLAVE_HOME", str(tmp_path / "home"))
+    share = tmp_path / "share"
+    with own_server(tmp_path, share, umask=0o027) as mnt:
+        for i, mode in enumerate((0o644, 0o666, 0o644, 0o755, 0o600, 0o777, 0o755, 0o664)):
+            sh(f"umask 0 && {sys.executable} -c 'import os; os.open(\"{mnt}/dataset/f{i}\", os.O_CREAT, {mode})'")
+            on_disk = (share / "dataset" / f"f{i}").stat().st_mode & 0o777
+            assert on_disk == mode & ~0o027
+            assert sh(f"stat -c %a '{mnt}/dataset/f{i}'").stdout.strip() == f"{on_disk:o}"
 
 
 # ---------------------------------------------------------------- failure and lifecycle
