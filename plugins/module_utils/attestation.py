@@ -48,7 +48,24 @@ MAX_DOCUMENT_SIZE = 64 * 1024
 MAX_TIMESTAMP_MS = 253402300799999
 CLOCK_SKEW = timedelta(seconds=60)
 
-AWS_NITRO_ROOT_PEM = Path(__file__).resolve().parent / "data" / "aws_nitro_root_g1.pem"
+# The AWS Nitro Enclaves root G1, as AWS publishes it. Kept in the source rather than a data
+# file because Ansible ships only the .py files of module_utils to a managed node.
+AWS_NITRO_ROOT_PEM = b"""\
+-----BEGIN CERTIFICATE-----
+MIICETCCAZagAwIBAgIRAPkxdWgbkK/hHUbMtOTn+FYwCgYIKoZIzj0EAwMwSTEL
+MAkGA1UEBhMCVVMxDzANBgNVBAoMBkFtYXpvbjEMMAoGA1UECwwDQVdTMRswGQYD
+VQQDDBJhd3Mubml0cm8tZW5jbGF2ZXMwHhcNMTkxMDI4MTMyODA1WhcNNDkxMDI4
+MTQyODA1WjBJMQswCQYDVQQGEwJVUzEPMA0GA1UECgwGQW1hem9uMQwwCgYDVQQL
+DANBV1MxGzAZBgNVBAMMEmF3cy5uaXRyby1lbmNsYXZlczB2MBAGByqGSM49AgEG
+BSuBBAAiA2IABPwCVOumCMHzaHDimtqQvkY4MpJzbolL//Zy2YlES1BR5TSksfbb
+48C8WBoyt7F2Bw7eEtaaP+ohG2bnUs990d0JX28TcPQXCEPZ3BABIeTPYwEoCWZE
+h8l5YoQwTcU/9KNCMEAwDwYDVR0TAQH/BAUwAwEB/zAdBgNVHQ4EFgQUkCW1DdkF
+R+eWw5b6cp3PmanfS5YwDgYDVR0PAQH/BAQDAgGGMAoGCCqGSM49BAMDA2kAMGYC
+MQCjfy+Rocm9Xue4YnwWmNJVA44fA0P5W2OpYow9OYCVRaEevL8uO1XYru5xtMPW
+rfMCMQCi85sWBbJwKKXdS6BptQFuZbT73o/gBh1qUxl/nNr12UO8Yfwr6wPLb+6N
+IwLz3/Y=
+-----END CERTIFICATE-----
+"""
 # Published by AWS: https://docs.aws.amazon.com/enclaves/latest/user/verify-root.html
 AWS_NITRO_ROOT_SHA256 = "641A0321A3E244EFE456463195D606317ED7CDCC3C1756E09893F3C68F79BB5B"
 
@@ -441,16 +458,14 @@ def verify_document(
 def aws_nitro_root() -> x509.Certificate:
     """The AWS Nitro Enclaves root G1 shipped with the project, checked against its published fingerprint."""
     try:
-        cert = x509.load_pem_x509_certificate(AWS_NITRO_ROOT_PEM.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise AttestationError(
-            f"cannot load the AWS Nitro root from {AWS_NITRO_ROOT_PEM} ({exc}): reinstall the collection"
-        ) from exc
+        cert = x509.load_pem_x509_certificate(AWS_NITRO_ROOT_PEM)
+    except ValueError as exc:
+        raise AttestationError(f"cannot load the shipped AWS Nitro root ({exc}): reinstall the collection") from exc
     fingerprint = cert.fingerprint(hashes.SHA256()).hex().upper()
     if fingerprint != AWS_NITRO_ROOT_SHA256:
         raise AttestationError(
-            f"{AWS_NITRO_ROOT_PEM} has SHA-256 {fingerprint}, not AWS's {AWS_NITRO_ROOT_SHA256}: "
-            "the file was altered; reinstall the collection"
+            f"the shipped AWS Nitro root has SHA-256 {fingerprint}, not AWS's {AWS_NITRO_ROOT_SHA256}: "
+            "attestation.py was altered; reinstall the collection"
         )
     return cert
 
