@@ -257,6 +257,10 @@ def cmd_run(args) -> int:
         summary = client.run(
             args.file, args.script, args.args or "", kms=kms, on_output=on_output, timeout=args.timeout
         )
+    if args.receipt:
+        receipt = import_module(f"{LIB}.receipt")
+        signed = {k: v for k, v in summary.items() if k != "attestation"}
+        Path(args.receipt).write_text(json.dumps(receipt.make_receipt(signed, summary["attestation"]), indent=2) + "\n")
     if args.json:
         summary = dict(summary, attestation=summary["attestation"].hex())
         _print_json(summary)
@@ -266,6 +270,32 @@ def cmd_run(args) -> int:
         if summary["ended_by"] != "exit":
             print(f"enclave: job {summary['job']} ended by {summary['ended_by']}", file=sys.stderr)
     return summary["rc"] if 0 <= summary["rc"] < 256 else 128 + abs(summary["rc"])
+
+
+def cmd_receipt_verify(args) -> int:
+    from importlib import import_module
+
+    receipt = import_module(f"{LIB}.receipt")
+    client = import_module(f"{LIB}.client")
+    attestation = import_module(f"{LIB}.attestation")
+    roots = attestation.load_trusted_roots(args.root) if args.root else client.default_trusted_roots()
+    proof = receipt.verify_receipt(
+        receipt.load_json(args.file),
+        release=receipt.load_json(args.release),
+        trusted_roots=roots,
+        outputs_dir=args.outputs,
+        allow_debug=args.allow_debug,
+    )
+    if args.json:
+        _print_json(proof)
+    else:
+        print(
+            f"receipt verified: {proof['script']} from {proof['package']} ran in an enclave with PCR0 {proof['pcr0']}"
+        )
+        print(f"  arguments {proof['args']}, exit status {proof['rc']}, {proof['inputs']} input files")
+        for path in proof["outputs_checked"]:
+            print(f"  output matches: {path}")
+    return 0
 
 
 # ---------------------------------------------------------------- parser
@@ -363,10 +393,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--region", help="AWS region of the package's KMS key")
     run.add_argument("--profile", help="AWS profile whose credentials travel with the job")
     run.add_argument("--json", action="store_true", help="print the job summary as JSON")
+    run.add_argument("--receipt", metavar="FILE", help="save the job's signed receipt (see `enclave receipt verify`)")
     _add_enclave_flags(run)
     run.set_defaults(func=cmd_run)
     sync_cmd.add_parser(commands, _add_enclave_flags, _client)
     local_cmd.register(commands)
+    receipt = commands.add_parser("receipt", help="check a job's receipt")
+    receipt_cmds = receipt.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    verify_receipt = receipt_cmds.add_parser("verify", help="verify a receipt offline against a release and outputs")
+    verify_receipt.add_argument("file", help="the receipt (from `enclave run --receipt` or run_job.yml)")
+    verify_receipt.add_argument("--release", required=True, help="the owner's release manifest (release.json)")
+    verify_receipt.add_argument("--outputs", help="the pulled /output directory to check against the receipt")
+    verify_receipt.add_argument("--root", action="append", metavar="PEM", help="trusted roots (default: AWS + local)")
+    verify_receipt.add_argument("--allow-debug", action="store_true", help="accept debug-mode enclaves")
+    verify_receipt.add_argument("--json", action="store_true")
+    verify_receipt.set_defaults(func=cmd_receipt_verify)
     return parser
 
 

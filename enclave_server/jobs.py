@@ -127,7 +127,8 @@ class JobRunner:
         timeout: float | None = None,
     ) -> dict:
         script_parts = self._script_parts(script)
-        argv = [self._map_arg(a) for a in parse_args(args)]
+        given = parse_args(args)
+        argv = [self._map_arg(a) for a in given]
         package_file = self._package_path(package)
         job = Job(uuid.uuid4().hex[:12], package, script, argv)
         if not self._lock.acquire(blocking=False):
@@ -138,11 +139,20 @@ class JobRunner:
         try:
             os.makedirs(workdir, mode=0o700)
             tree = os.path.join(workdir, "app")
+            header = package_format.read_header(package_file)
             package_format.open_package(package_file, tree, unwrap_key=unwrap_key)
             script_path = os.path.join(tree, *script_parts)
             if not os.path.isfile(script_path) or os.path.islink(script_path):
                 raise JobError(errno.ENOENT, f"script {script!r} is not in package {package}")
-            return self._execute(job, tree, script_path, argv, emit, cancelled, timeout)
+            # What the receipt binds: which package (by content), how it was called, on what inputs.
+            identity = {
+                "package_name": header.name,
+                "package_version": header.version,
+                "package_digest": header.manifest_digest.hex(),
+                "args": given,
+                "inputs": self.digests("dataset") + self.digests("model"),
+            }
+            return identity | self._execute(job, tree, script_path, argv, emit, cancelled, timeout)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
             self.current = None
@@ -189,7 +199,7 @@ class JobRunner:
             "ended_by": ended_by or "exit",
             "start": started,
             "end": ended,
-            "outputs": self.outputs(),
+            "outputs": self.digests("output"),
         }
 
     @staticmethod
@@ -203,9 +213,9 @@ class JobRunner:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
 
-    def outputs(self) -> list[dict]:
-        """Every regular file under /output with its size and SHA-256."""
-        root = os.path.join(self.share.root, "output")
+    def digests(self, top: str) -> list[dict]:
+        """Every regular file under a top-level share directory with its size and SHA-256 (links skipped)."""
+        root = os.path.join(self.share.root, top)
         out = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()

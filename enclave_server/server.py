@@ -14,9 +14,7 @@ import os
 import stat
 import threading
 
-import cbor2
-
-from ..plugins.module_utils import kms_recipient, wire
+from ..plugins.module_utils import kms_recipient, receipt, wire
 from ..plugins.module_utils.endpoints import Endpoint
 from .jobs import JobRunner
 from .share import Share, split_path
@@ -177,8 +175,7 @@ class EnclaveServer:
             timeout=timeout,
         )
         # The job's attestation binds what ran and what it produced (a receipt the user can keep).
-        digest = hashlib.sha384(cbor2.dumps(summary, canonical=True)).digest()
-        summary["attestation"] = self.nsm.attest(user_data=digest)
+        summary["attestation"] = self.nsm.attest(user_data=receipt.job_digest(summary))
         return summary
 
 

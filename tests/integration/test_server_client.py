@@ -136,3 +136,45 @@ def test_client_that_disconnects_mid_job_stops_the_job(enclave):
 def test_client_refuses_unverifiable_enclave(enclave):
     with pytest.raises(EnclaveError):
         EnclaveClient(f"unix://{enclave['sock']}", expect_pcr0=enclave["pcr0"], trusted_roots=[])
+
+
+def test_receipt_proves_what_ran_and_what_it_produced(enclave, tmp_path):
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import read_header
+
+    header = read_header(enclave["sealed"])
+    release = {
+        "allowed_pcr0": [enclave["pcr0"]],
+        "packages": [{"name": "app", "version": "1.0", "manifest_digest": header.manifest_digest.hex()}],
+    }
+    (tmp_path / "release.json").write_text(json.dumps(release))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("some input")
+    cli("push", str(enclave["sealed"].parent), "/encrypted")
+    cli("push", str(data), "/dataset")
+    receipt_file = tmp_path / "receipt.json"
+    cli("run", "-f", "app.pkg", "-s", "ml_algorithm.py", "-a", "-m model.h5 -d /dataset -o /output",
+        "--receipt", str(receipt_file))  # fmt: skip
+    outputs = tmp_path / "out"
+    cli("pull", "/output", str(outputs))
+
+    verify = ["receipt", "verify", str(receipt_file), "--release", str(tmp_path / "release.json")]
+    proof = json.loads(cli(*verify, "--outputs", str(outputs), "--json").stdout)
+    assert proof["pcr0"] == enclave["pcr0"] and proof["package"] == "app 1.0" and proof["rc"] == 0
+    assert proof["args"] == ["-m", "model.h5", "-d", "/dataset", "-o", "/output"] and proof["inputs"] == 1
+    assert proof["outputs_checked"] == [str(outputs / "results.csv")]
+
+    # An edited output, an edited summary, or another release: each is refused, naming what is wrong.
+    (outputs / "results.csv").write_text("a.txt,short\n")  # the enclave said long
+    result = cli(*verify, "--outputs", str(outputs), check=False)
+    assert result.returncode == 1 and "differs from the /output/results.csv" in result.stderr
+    forged = json.loads(receipt_file.read_text())
+    forged["summary"]["rc"] = 0 if forged["summary"]["rc"] else 1
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    result = cli("receipt", "verify", str(tmp_path / "forged.json"), "--release", str(tmp_path / "release.json"),
+                 check=False)  # fmt: skip
+    assert result.returncode == 1 and "receipt was edited" in result.stderr
+    release["packages"][0]["manifest_digest"] = "00" * 32
+    (tmp_path / "release.json").write_text(json.dumps(release))
+    result = cli(*verify, check=False)
+    assert result.returncode == 1 and "not in this release" in result.stderr
