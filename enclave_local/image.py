@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..plugins.module_utils.errors import EnclaveError
-from ..plugins.module_utils.runtime import BuildResult, Measurements
+from ..plugins.module_utils.runtime import COLLECTION_ROOT, BuildResult, Measurements
 
 IMAGE_FORMAT = "confidential-ml-nitro/local-image/1"
 RUNTIME_ENTRY = "runtime.json"
@@ -70,11 +70,6 @@ class ImageError(EnclaveError):
 
 def sha384_hex(data: bytes) -> str:
     return hashlib.sha384(data).hexdigest()
-
-
-def project_root() -> Path:
-    """The directory holding enclave_server/ and plugins/ (this checkout, or the installed collection)."""
-    return Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- sources
@@ -369,7 +364,7 @@ def _describe_python(identity) -> str:
 
 def build(output: str | os.PathLike, *, source: str | os.PathLike | None = None) -> BuildResult:
     """Write the image of the enclave code under source (default: this project) to output."""
-    source_dir = Path(source) if source is not None else project_root()
+    source_dir = Path(source) if source is not None else COLLECTION_ROOT
     files = enclave_sources(source_dir)
     runtime = _canonical_json(runtime_description(files))
     data = archive(runtime, files)

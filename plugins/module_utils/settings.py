@@ -60,6 +60,11 @@ def resolve_endpoint(endpoint: str | None = None, *, cid: int | None = None, por
         from .runtime import NitroRuntime, discover_endpoint
 
         return discover_endpoint(NitroRuntime(port=port))
+    if backend() == "local":
+        # Lazy: the local backend's state directory names its running enclaves.
+        from ...enclave_local.runtime import discover_local_endpoint
+
+        return discover_local_endpoint()
     from .errors import EnclaveError
 
     raise EnclaveError(

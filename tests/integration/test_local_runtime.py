@@ -32,7 +32,7 @@ from ansible_collections.confidential_ml.nitro.enclave_local.vsock_proxy import 
     VsockProxyError,
     parse_allowlist,
 )
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import package, settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
@@ -420,15 +420,21 @@ def test_four_enclaves_and_not_a_fifth(images, home):
     assert list((home / "enclaves").iterdir()) == [home / "enclaves" / ".lock"]
 
 
-def test_debug_mode_attests_zero_pcrs_and_keeps_a_console(images, home):
+def test_debug_mode_attests_zero_pcrs_and_keeps_a_console(images, home, monkeypatch):
     runtime = LocalRuntime()
     debug = runtime.run(images["good"].image, cpu_count=1, memory_mib=64, debug_mode=True, name="debug")
     assert debug.debug_mode and debug.to_json()["Flags"] == "DEBUG_MODE"
-    assert discover_local_endpoint() == debug.endpoint
+    monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
+    monkeypatch.delenv("ENCLAVE_BACKEND", raising=False)
+    assert settings.resolve_endpoint() == discover_local_endpoint() == debug.endpoint
     with EnclaveClient(debug.endpoint, allow_debug=True) as client:
         document = client.attest()
     assert document.debug_mode
     assert [document.pcr_hex(i) for i in (0, 1, 2)] == [ZERO_PCR] * 3
+    # The CLI finds the one local enclave by itself.
+    attested = subprocess.run([*ENCLAVE_CLI, "attest", "--allow-debug", "--json"],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+    assert set(json.loads(attested.stdout)["pcrs"].values()) == {ZERO_PCR}
     assert "enclave server listening" in runtime.console("debug")
 
     production = runtime.run(images["good"].image, cpu_count=1, memory_mib=64, name="production")
