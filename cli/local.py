@@ -88,8 +88,8 @@ def cmd_describe(args) -> int:
 def cmd_terminate(args) -> int:
     runtime = _runtime()
     stopped = runtime.terminate(all=True) if args.all else runtime.terminate(args.enclave_id)
-    results = [{"EnclaveID": enclave_id, "Terminated": True} for enclave_id in stopped]
-    _print_json(results if args.all else results[0])
+    for enclave_id in stopped:  # one object per enclave, as nitro-cli prints them
+        _print_json({"EnclaveID": enclave_id, "Terminated": True})
     return 0
 
 
