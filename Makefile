@@ -41,8 +41,29 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The main job end to end on the local backend: the owner's pipeline, then the
+# user's confidential ML job, its predictions and its verified receipt. Leaves
+# nothing running (cleanup.yml, also on failure). State lives under build/.
+DEMO_ENV := ENCLAVE_HOME=$(CURDIR)/build/demo-home AWS_SECRET_ACCESS_KEY=local-only AWS_DEFAULT_REGION=us-east-1
+JOB := build/jobs/localhost
+demo: venv
+	@rm -rf build/jobs
+	@trap '$(DEMO_ENV) $(BIN)/ansible-playbook playbooks/cleanup.yml >/dev/null 2>&1 || true' EXIT; set -e; \
+	echo "== owner: build and measure the enclave image, allow its PCR0 in the key policy, train, seal, publish"; \
+	$(DEMO_ENV) AWS_ACCESS_KEY_ID=owner $(BIN)/ansible-playbook playbooks/owner.yml; \
+	echo "== user: host ready, package and dataset into the enclave, run ml_algorithm.py, outputs back"; \
+	$(DEMO_ENV) AWS_ACCESS_KEY_ID=enclave-host $(BIN)/ansible-playbook playbooks/run_job.yml -e script=ml_algorithm.py; \
+	echo "== predictions (first rows of $(JOB)/output/results.csv)"; \
+	head -n 11 $(JOB)/output/results.csv; \
+	echo "== metrics ($(JOB)/output/metrics.json)"; \
+	cat $(JOB)/output/metrics.json; \
+	echo "== receipt ($(JOB)/receipt.json), verified offline against the release and the outputs"; \
+	$(DEMO_ENV) $(BIN)/enclave receipt verify $(JOB)/receipt.json --release build/owner/release/release.json \
+	  --outputs $(JOB)/output; \
+	echo "== stopping the local enclave and the local cloud"
+
 bench: venv
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) $(COLLECTIONS) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(COLLECTIONS) build .pytest_cache .ruff_cache

@@ -215,11 +215,16 @@ attestation:
       chain, its age, that PCR0 is one of O(expect_pcr0) when given, and that the enclave is not in debug mode
       unless O(allow_debug). A document that fails any check fails the task.
     - C(user_data) is the SHA-384 of RV(attestation.summary) in canonical CBOR (RFC 8949 core deterministic
-      encoding), as the enclave server computed it. The module returns both without checking that they match;
-      keep them together as the job's receipt.
+      encoding); the module checks that it matches. RV(attestation.format), RV(attestation.summary) and
+      RV(attestation.document) together are the job's receipt: save them as JSON and check it later with
+      C(enclave receipt verify RECEIPT --release release.json --outputs DIR).
   returned: when the job ran
   type: dict
   contains:
+    format:
+      description: The receipt format.
+      type: int
+      sample: 1
     document:
       description: The COSE_Sign1 document, base64; C(enclave attestation verify) verifies it again later.
       type: str
@@ -280,7 +285,6 @@ msg:
   sample: non-zero return code
 """
 
-import base64
 import errno
 import stat
 import traceback
@@ -304,6 +308,7 @@ try:
         default_trusted_roots,
         host_kms_settings,
     )
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import job_digest, make_receipt
     from ansible_collections.confidential_ml.nitro.plugins.module_utils.settings import resolve_endpoint
 except ImportError:
     CLIENT_LIBS_ERROR = traceback.format_exc()
@@ -416,7 +421,11 @@ def receipt(module, client, summary, result):
             **result,
         )
     signed = {key: value for key, value in summary.items() if key != "attestation"}
-    return {"document": base64.b64encode(document).decode(), "summary": signed, **claims}
+    if bytes.fromhex(claims["user_data"] or "") != job_digest(signed):
+        module.fail_json(
+            msg="the job summary does not match what the enclave signed; do not trust its results", **result
+        )
+    return {**make_receipt(signed, document), **claims}
 
 
 def main():
