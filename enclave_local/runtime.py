@@ -12,8 +12,13 @@ Each enclave is three processes, started by `run`:
                  libraries it needs, the enclave's vsock directory and NSM socket, a tmpfs for
                  the share (60% of the memory) and a private tmpfs for decrypted packages
                  (30%), loopback only; then pivots into it, starts the server and reaps.
-    server       the enclave server from the image, on unix:///run/vsock/<cid>_5000.sock inside,
-                 which is state_home()/enclaves/<id>/vsock/<cid>_5000.sock on the host.
+    server       the enclave server from the image, as root without capabilities, with the
+                 image at /enclave/image (read-only), the share at /enclave/share, decrypted
+                 packages under /enclave/work, the NSM at /dev/nsm and its vsock at /run/vsock:
+                 it listens on /run/vsock/<cid>_5000.sock, which is
+                 state_home()/enclaves/<id>/vsock/<cid>_5000.sock on the host, and reaches KMS at
+                 http://127.0.0.1:8000, relayed (kms_forwarder) to /run/vsock/3_8000.sock, where the
+                 supervisor's vsock-proxy listens.
 
 When the server ends, init ends, and the kernel kills everything left in the enclave's PID
 namespace; its mount namespace, and with it the share and the plaintext, goes with the last
