@@ -5,6 +5,7 @@ cp app.pkg synced_folder/encrypted/
 enclave sync -d synced_folder --unmount     # unmount and stop the mount's process
 """
 
+import argparse
 import sys
 from importlib import import_module
 from pathlib import Path
@@ -21,7 +22,8 @@ def cmd_sync(args) -> int:
         return 0
     settings = import_module(f"{LIB}.settings")
     endpoint = settings.resolve_endpoint(args.endpoint, cid=args.cid, port=args.port)
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.exists():
+        folder.mkdir(parents=True)
     if not args.foreground:
         fusefs.mount(endpoint, folder, expect_pcr0=args.expect_pcr0, allow_debug=args.allow_debug)
         state = fusefs.mount_state(folder) or {}
@@ -39,7 +41,12 @@ def cmd_sync(args) -> int:
 def add_parser(commands, add_enclave_flags, make_client) -> None:
     """Register `enclave sync`. The mount opens and attests its own long-lived connection, so make_client,
     which builds a short-lived one, is not used."""
-    sync = commands.add_parser("sync", help="mount the enclave's share on a local folder (FUSE)")
+    sync = commands.add_parser(
+        "sync",
+        help="mount the enclave's share on a local folder (FUSE)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sync.add_argument("-d", "--dir", required=True, help="folder to mount the share on (created if missing)")
     sync.add_argument("--unmount", action="store_true", help="unmount the folder and stop its mount process")
     sync.add_argument("--lazy", action="store_true", help="with --unmount: detach now even if the folder is in use")

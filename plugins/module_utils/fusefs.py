@@ -875,7 +875,9 @@ def _serve_here(endpoint, mountpoint, *, expect_pcr0, allow_debug, ready_fd) -> 
 
 
 def unmount(mountpoint, *, lazy: bool = False) -> None:
-    """Unmount the share at mountpoint and wait for its mount process to exit."""
+    """Unmount the share at mountpoint and wait for its mount process to exit.
+
+    lazy detaches it even while in use (fusermount3 -z): the process then exits once nothing uses it."""
     mountpoint = _canonical(mountpoint)
     paths = _state_paths(mountpoint)
     state = mount_state(mountpoint)
@@ -894,12 +896,12 @@ def unmount(mountpoint, *, lazy: bool = False) -> None:
         why = result.stderr.strip() or f"exit status {result.returncode}"
         hint = (
             "a process still uses it (an open file or a shell inside it; `fuser -vm` shows which): "
-            "close it and retry, or unmount lazily"
+            "close it and retry, or detach it now and let it go when unused (enclave sync --unmount --lazy)"
             if "busy" in why.lower()
             else "see the message"
         )
         raise EnclaveError(f"could not unmount {mountpoint}: {why}; {hint}")
-    if state is not None:
+    if state is not None and not lazy:  # lazily detached, the process serves what is still open, then exits
         deadline = time.monotonic() + EXIT_TIMEOUT
         while _alive(state):
             if time.monotonic() > deadline:

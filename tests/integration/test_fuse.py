@@ -385,6 +385,39 @@ def test_unmount_leaves_no_process_and_no_mount(synced):
     assert second.returncode == 1 and "nothing is mounted" in second.stderr
 
 
+def test_busy_mount_says_so_and_unmounts_once_free(synced):
+    mnt = synced["mnt"]
+    shell = subprocess.Popen(["sleep", "300"], cwd=mnt / "dataset")
+    try:
+        result = cli("sync", "-d", mnt, "--unmount", check=False)
+        assert result.returncode == 1 and "a process still uses it" in result.stderr
+        assert fusefs.is_mounted(mnt)
+        cli("sync", "-d", mnt, "--unmount", "--lazy")  # detached now; the process serves the user until it leaves
+        assert not fusefs.is_mounted(mnt) and not gone(synced["state"]["pid"])
+    finally:
+        shell.kill()
+        shell.wait()
+    deadline = time.monotonic() + 60
+    while not gone(synced["state"]["pid"]):
+        assert time.monotonic() < deadline, "the mount process did not exit once its last user left"
+        time.sleep(0.05)
+    assert fusefs.mount_state(mnt) is None
+
+
+def test_killed_mount_process_can_still_be_unmounted(synced):
+    mnt = synced["mnt"]
+    os.kill(synced["state"]["pid"], 9)
+    for _ in range(500):  # the kernel notices at once; the process may take a moment to die
+        if gone(synced["state"]["pid"]):
+            break
+        time.sleep(0.01)
+    result = sh(f"ls '{mnt}'", check=False, timeout=30)  # the kernel answers for the dead process
+    assert result.returncode != 0
+    assert "Software caused connection abort" in result.stderr or "not connected" in result.stderr
+    cli("sync", "-d", mnt, "--unmount")
+    assert not fusefs.is_mounted(mnt) and fusefs.mount_state(mnt) is None
+
+
 def test_unattested_enclave_gets_no_mount(enclave, tmp_path_factory):
     mnt = tmp_path_factory.mktemp("host") / "synced_folder"
     try:
