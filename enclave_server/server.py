@@ -63,7 +63,7 @@ class EnclaveServer:
         self.jobs = JobRunner(self.share, work_dir)
         self.nsm = nsm
         self.kms_endpoint_url = kms_endpoint_url
-        self._kms_client: tuple[tuple, object] | None = None  # (region and credentials, client)
+        self._kms_cached: tuple[tuple, object] | None = None  # (region and credentials, client)
         # Off the first job's path: its single-use RSA key, and boto3's ~300 ms import.
         kms_recipient.prepare()
         threading.Thread(target=lambda: __import__("boto3"), name="import-boto3", daemon=True).start()
@@ -152,10 +152,10 @@ class EnclaveServer:
         # The last client is reused while region and credentials stay the same: making one costs 5-10 ms
         # of a job's start. Only one is kept, so rotated credentials don't pile up.
         key = (region, *sorted(credentials.items()))
-        if self._kms_client is None or self._kms_client[0] != key:
+        if self._kms_cached is None or self._kms_cached[0] != key:
             client = boto3.client("kms", region_name=region, endpoint_url=self.kms_endpoint_url, **credentials)
-            self._kms_client = (key, client)
-        return self._kms_client[1]
+            self._kms_cached = (key, client)
+        return self._kms_cached[1]
 
     def run_job(self, args: dict, ctx) -> dict:
         timeout = args.get("timeout")
