@@ -18,7 +18,7 @@ description:
   - The image an enclave was started from is recorded under the project's state directory
     (C($ENCLAVE_HOME/instances/NAME.json)), because neither runtime reports it.
 author:
-  - confidential_ml.nitro developers
+  - confidential_ml.nitro developers (@confidential-ml)
 options:
   name:
     description: The enclave's name.

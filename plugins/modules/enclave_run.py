@@ -216,7 +216,7 @@ attestation:
       unless O(allow_debug). A document that fails any check fails the task.
     - C(user_data) is the SHA-384 of RV(attestation.summary) in canonical CBOR (RFC 8949 core deterministic
       encoding); the module checks that it matches. RV(attestation.format), RV(attestation.summary) and
-      RV(attestation.document) together are the job's receipt: save them as JSON and check it later with
+      RV(attestation.document) together are the job's receipt; save them as JSON and check it later with
       C(enclave receipt verify RECEIPT --release release.json --outputs DIR).
   returned: when the job ran
   type: dict
