@@ -64,7 +64,8 @@ def serve_memfs(mountpoint: str) -> None:
     import mfusepy
 
     class Chunks:
-        """File contents as 1 MiB chunks: an aligned 1 MiB write is stored as it came, never copied again."""
+        """File contents as 1 MiB chunks: an aligned 1 MiB write is kept as it came, never copied again;
+        a partial chunk is only as long as what was written into it."""
 
         def __init__(self):
             self.chunks: dict[int, bytes | bytearray] = {}
@@ -77,23 +78,26 @@ def serve_memfs(mountpoint: str) -> None:
                 view, pos = memoryview(data), offset
                 while view:
                     index, start = divmod(pos, MIB)
-                    chunk = self.chunks.get(index)
-                    if not isinstance(chunk, bytearray):
-                        chunk = self.chunks[index] = bytearray(chunk or bytes(MIB))
                     n = min(len(view), MIB - start)
+                    chunk = self.chunks.get(index, b"")
+                    if not isinstance(chunk, bytearray):
+                        chunk = self.chunks[index] = bytearray(chunk)
+                    if len(chunk) < start:
+                        chunk.extend(bytes(start - len(chunk)))
                     chunk[start : start + n] = view[:n]
                     view, pos = view[n:], pos + n
             self.size = max(self.size, offset + len(data))
 
         def read(self, offset, size):
             end = min(offset + size, self.size)
-            if offset % MIB == 0 and end - offset == MIB:
-                return bytes(self.chunks.get(offset // MIB) or bytes(MIB))
+            if offset % MIB == 0 and end - offset == MIB and len(self.chunks.get(offset // MIB, b"")) == MIB:
+                return bytes(self.chunks[offset // MIB])
             out = bytearray()
             while offset < end:
                 index, start = divmod(offset, MIB)
                 n = min(end - offset, MIB - start)
-                out += (self.chunks.get(index) or bytes(MIB))[start : start + n]
+                piece = self.chunks.get(index, b"")[start : start + n]
+                out += piece + bytes(n - len(piece))
                 offset += n
             return bytes(out)
 
@@ -103,9 +107,7 @@ def serve_memfs(mountpoint: str) -> None:
                 del self.chunks[index]
             tail = length % MIB
             if tail and length // MIB in self.chunks:
-                chunk = bytearray(self.chunks[length // MIB])
-                chunk[tail:] = bytes(MIB - tail)
-                self.chunks[length // MIB] = chunk
+                self.chunks[length // MIB] = bytearray(self.chunks[length // MIB][:tail])
 
     class MemFS(mfusepy.Operations):
         use_ns = True
