@@ -250,7 +250,8 @@ class _WriteBehind:
     def drain(self, path: str | None = None) -> None:
         """Wait for the writes of path (of every path when None); errors stay for raise_failure()."""
         with self._lock:
-            futures = [f for p in ([path] if path else list(self._pending)) for _, _, f in self._pending.get(p, ())]
+            paths = [path] if path else list(self._pending)
+            futures = [entry[2] for p in paths for entry in self._pending.get(p, ())]
         if futures:
             wait(futures)
 
@@ -587,8 +588,9 @@ def _fuse_class():
     class FUSE(mfusepy.FUSE):
         def rename_fuse_3(self, old, new, flags):
             # mfusepy drops renameat2's flags: RENAME_NOREPLACE taken as a plain rename would overwrite.
-            decode = lambda b: b.decode(self.encoding, self.errors)  # noqa: E731
-            return self.operations.rename(decode(old), decode(new), flags)
+            return self.operations.rename(
+                old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags
+            )
 
     return FUSE
 
@@ -658,7 +660,7 @@ def _mountinfo() -> list[tuple[str, str, str]]:
     rows = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            left, _, right = line.partition(" - ")
+            left, right = line.partition(" - ")[::2]
             fields = left.split()
             if len(fields) >= 5 and right:
                 rows.append((_unescape(fields[4]), fields[2], right.split()[0]))
@@ -667,11 +669,11 @@ def _mountinfo() -> list[tuple[str, str, str]]:
 
 def _mounts() -> dict[str, str]:
     """Mount point -> filesystem type (the last mount on a point wins)."""
-    return {point: fstype for point, _, fstype in _mountinfo()}
+    return {row[0]: row[2] for row in _mountinfo()}
 
 
 def _mount_devices() -> dict[str, str]:
-    return {point: device for point, device, _ in _mountinfo()}
+    return {row[0]: row[1] for row in _mountinfo()}
 
 
 def _canonical(mountpoint) -> str:
@@ -889,7 +891,7 @@ def unmount(mountpoint, *, lazy: bool = False) -> None:
         raise EnclaveError(f"{mountpoint} is a {_mounts()[mountpoint]} mount, not an enclave share: not touching it")
     command = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
     try:
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
     except FileNotFoundError:
         raise EnclaveError("fusermount3 is not installed: apt-get install fuse3") from None
     if result.returncode != 0:
@@ -932,4 +934,4 @@ def _daemon_main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_daemon_main())
+    raise SystemExit(_daemon_main())
