@@ -157,15 +157,15 @@ def main() -> int:
             package.seal(app, published / "hello.pkg", kms_client=owner, key_id=key_id, name="hello", version="1")
 
             results = {"runs": args.runs, "target_job_start_ms": TARGET_JOB_START_MS}
-            results["python_pass_ms"] = median_ms([python_pass() for _ in range(args.runs)])
-            results["run_enclave_ms"] = median_ms([run_enclave(built.image) for _ in range(args.runs)])
+            results["python_pass_ms"] = median_ms([python_pass() for _run in range(args.runs)])
+            results["run_enclave_ms"] = median_ms([run_enclave(built.image) for _run in range(args.runs)])
 
             info = LocalRuntime().run(built.image, cpu_count=1, memory_mib=256)
             with EnclaveClient(info.endpoint, expect_pcr0=pcr0) as client:
                 client.push(published, "/encrypted")
             results["first_job_start_ms"] = job_start(info.endpoint, pcr0) * 1000
-            results["job_start_ms"] = median_ms([job_start(info.endpoint, pcr0) for _ in range(args.runs)])
-            results["enclave_run_cli_ms"] = median_ms([cli_job_start(info.endpoint, pcr0) for _ in range(args.runs)])
+            results["job_start_ms"] = median_ms([job_start(info.endpoint, pcr0) for _run in range(args.runs)])
+            results["enclave_run_cli_ms"] = median_ms([cli_job_start(info.endpoint, pcr0) for _run in range(args.runs)])
             if args.profile:
                 results["job_breakdown_ms"] = profile_job(info.endpoint, pcr0)
         finally:

@@ -62,24 +62,24 @@ def _threads(n, target):
 
 def raw_pingpong(calls, threads, size):
     """Seconds for `calls` round trips of `size`-byte messages, spread over `threads` socket pairs."""
-    pairs = [socket.socketpair() for _ in range(threads)]
+    pairs = [socket.socketpair() for _i in range(threads)]
 
     def echo(sock, n):
         buf = bytearray(size)
-        for _ in range(n):
+        for _i in range(n):
             _recv_exact_into(sock, buf)
             sock.sendall(buf)
 
     message = os.urandom(size)
     per_thread = calls // threads
-    servers = [threading.Thread(target=echo, args=(b, per_thread)) for _, b in pairs]
+    servers = [threading.Thread(target=echo, args=(b, per_thread)) for _a, b in pairs]
     for t in servers:
         t.start()
 
     def client(i):
         sock = pairs[i][0]
         buf = bytearray(size)
-        for _ in range(per_thread):
+        for _i in range(per_thread):
             sock.sendall(message)
             _recv_exact_into(sock, buf)
 
@@ -99,14 +99,14 @@ def raw_stream(total):
 
     def sink():
         buf = bytearray(CHUNK)
-        for _ in range(total // CHUNK):
+        for _i in range(total // CHUNK):
             _recv_exact_into(b, buf)
         b.sendall(b"k")
 
     t = threading.Thread(target=sink)
     start = time.perf_counter()
     t.start()
-    for _ in range(total // CHUNK):
+    for _i in range(total // CHUNK):
         a.sendall(chunk)
     assert a.recv(1) == b"k"
     elapsed = time.perf_counter() - start
@@ -137,7 +137,7 @@ def wire_calls(conn, calls, threads, op, args):
     per_thread = calls // threads
 
     def client(i):
-        for _ in range(per_thread):
+        for _i in range(per_thread):
             conn.call(op, args)
 
     return _threads(threads, client)
@@ -180,7 +180,7 @@ def main(argv=None):
             with wire.Connection.open(endpoint) as conn:
                 # Warm up: threads, the pool and the allocator's handling of MiB buffers.
                 wire_calls(conn, 200, 1, "echo", SMALL_ARGS)
-                for _ in range(16):
+                for _i in range(16):
                     conn.call("write", {"data": b"\0" * CHUNK})
                     conn.call("read")
                 raw_stream(16 * CHUNK)

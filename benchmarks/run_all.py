@@ -42,7 +42,9 @@ def flatten(data, prefix: str = "") -> dict:
 
 def run(script: str, args: list[str]) -> dict:
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, str(HERE / script), *args, "--json"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / script), *args, "--json"], capture_output=True, text=True, check=False
+    )
     elapsed = time.monotonic() - started
     if proc.returncode != 0:
         return {"error": f"exit status {proc.returncode}: {proc.stderr.strip()[-2000:]}", "seconds": elapsed}

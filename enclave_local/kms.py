@@ -987,7 +987,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise KmsApiError("ValidationException", f"the request body must be at most {MAX_REQUEST_BYTES} bytes")
             body = self.rfile.read(length)
-            service, _, operation = (self.headers.get("X-Amz-Target") or "").partition(".")
+            service, _dot, operation = (self.headers.get("X-Amz-Target") or "").partition(".")
             if service != "TrentService" or not operation:
                 raise KmsApiError("UnknownOperationException", "X-Amz-Target must be TrentService.<Operation>")
             principal = kms.principal_for(_access_key_id(self.headers.get("Authorization")))

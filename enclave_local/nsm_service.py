@@ -39,7 +39,7 @@ class NsmService:
     def _serve(self) -> None:
         while True:
             try:
-                conn, _ = self._sock.accept()
+                conn, _address = self._sock.accept()
             except OSError:
                 return  # closed by stop()
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()

@@ -142,7 +142,8 @@ class Proc:
 
     @classmethod
     def from_json(cls, data) -> Proc | None:
-        if not isinstance(data, dict) or type(data.get("pid")) is not int or type(data.get("start_time")) is not int:
+        fields = (data.get("pid"), data.get("start_time")) if isinstance(data, dict) else (None,)
+        if not all(isinstance(value, int) and not isinstance(value, bool) for value in fields):
             return None
         return cls(data["pid"], data["start_time"])
 
@@ -433,13 +434,13 @@ class LocalRuntime:
         if not image_path.is_file():
             raise RuntimeFailure(f"no enclave image at {image_path}: build one with `enclave local build`")
         cpus = sorted(os.sched_getaffinity(0))
-        if type(cpu_count) is not int or not 1 <= cpu_count <= len(cpus):
+        if not isinstance(cpu_count, int) or isinstance(cpu_count, bool) or not 1 <= cpu_count <= len(cpus):
             raise RuntimeFailure(
                 f"cpu_count must be from 1 to {len(cpus)} (the CPUs this host can give an enclave), not {cpu_count!r}"
             )
-        if type(memory_mib) is not int or memory_mib < MIN_MEMORY_MIB:
+        if not isinstance(memory_mib, int) or isinstance(memory_mib, bool) or memory_mib < MIN_MEMORY_MIB:
             raise RuntimeFailure(f"memory_mib must be an integer of at least {MIN_MEMORY_MIB}, not {memory_mib!r}")
-        if cid is not None and (type(cid) is not int or not MIN_CID <= cid <= MAX_CID):
+        if cid is not None and (not isinstance(cid, int) or isinstance(cid, bool) or not MIN_CID <= cid <= MAX_CID):
             raise RuntimeFailure(f"an enclave CID is an integer from {MIN_CID} to {MAX_CID} (0-3 are reserved)")
         if os.geteuid() != 0:
             log.warning(NON_ROOT_WARNING)

@@ -46,7 +46,8 @@ def parse_allowlist(text: str, *, origin: str = "the vsock-proxy configuration")
     for entry in entries:
         address = entry.get("address") if isinstance(entry, dict) else None
         port = entry.get("port") if isinstance(entry, dict) else None
-        if not isinstance(address, str) or not address or type(port) is not int or not 0 < port < 65536:
+        port_ok = isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
+        if not isinstance(address, str) or not address or not port_ok:
             raise VsockProxyError(
                 f"{origin} has a bad allowlist entry {entry!r}: each is {{address: HOST, port: 1-65535}}"
             )

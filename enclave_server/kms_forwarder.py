@@ -48,7 +48,7 @@ class Relay:
     def serve_forever(self) -> None:
         while True:
             try:
-                client, _ = self.listener.accept()
+                client, _address = self.listener.accept()
             except OSError:
                 return  # the listener was closed by stop()
             threading.Thread(target=self._session, args=(client,), name=f"{self.name}-session", daemon=True).start()

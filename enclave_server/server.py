@@ -43,7 +43,7 @@ def _str_arg(args: dict, name: str) -> str:
 
 def _int_arg(args: dict, name: str, default: int | None = None) -> int:
     value = args.get(name, default)
-    if type(value) is not int:
+    if not isinstance(value, int) or isinstance(value, bool):
         raise OSError(errno.EINVAL, f"argument {name!r} must be an integer")
     return value
 

@@ -203,7 +203,7 @@ def _load_certificate(der: Any, what: str) -> x509.Certificate:
         # Names and validity decode lazily; touch them now so later use cannot fail.
         cert.subject.rfc4514_string()
         cert.issuer.rfc4514_string()
-        _ = cert.not_valid_before_utc, cert.not_valid_after_utc
+        _validity = cert.not_valid_before_utc, cert.not_valid_after_utc
     # Warning: under -W error, cryptography's warnings about malformed fields are raised.
     except (ValueError, TypeError, x509.InvalidVersion, Warning) as exc:
         raise AttestationError(

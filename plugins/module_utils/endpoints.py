@@ -229,12 +229,12 @@ def local_socket_path(base_dir: str | os.PathLike, cid: int, port: int) -> str:
 
 
 def _check_cid(cid):
-    if type(cid) is not int or not 0 <= cid <= MAX_CID:
+    if not isinstance(cid, int) or isinstance(cid, bool) or not 0 <= cid <= MAX_CID:
         raise EndpointError(f"bad vsock CID {cid!r}: a CID is an integer from 0 to {MAX_CID} (enclaves get 4 and up)")
 
 
 def _check_port(port):
-    if type(port) is not int or not 1 <= port <= MAX_PORT:
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= MAX_PORT:
         raise EndpointError(f"bad vsock port {port!r}: a port is an integer from 1 to {MAX_PORT}")
 
 

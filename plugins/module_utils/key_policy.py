@@ -9,6 +9,8 @@ as AWS KMS does, or a test that passes locally would prove nothing.
 Key policies are edited as data, by statement Sid, never as text.
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import re
@@ -214,7 +216,7 @@ def _condition_values(value, where: str) -> tuple[str, ...]:
     for item in items:
         if isinstance(item, bool):
             out.append("true" if item else "false")
-        elif isinstance(item, str | int | float):
+        elif isinstance(item, (str, int, float)):
             out.append(str(item))
         else:
             raise PolicyError(f"{where} has the value {item!r}, which is not a string, number or boolean; fix it.")
@@ -222,7 +224,7 @@ def _condition_values(value, where: str) -> tuple[str, ...]:
 
 
 def _parse_operator(name: str, where: str) -> _Operator:
-    qualifier, _, base = name.rpartition(":")
+    qualifier, _colon, base = name.rpartition(":")
     if_exists = base.endswith("IfExists") and base != "IfExists"
     if if_exists:
         base = base[: -len("IfExists")]
@@ -297,7 +299,7 @@ def _parse_statement(raw, index: int) -> _Statement:
 
 
 def _no_duplicate_keys(pairs):
-    keys = [key for key, _ in pairs]
+    keys = [key for key, _value in pairs]
     duplicates = sorted({key for key in keys if keys.count(key) > 1})
     if duplicates:  # json keeps the last one silently; a duplicated operator would drop a condition
         raise PolicyError(f"the key policy repeats the JSON keys {duplicates} in one object; merge them into one.")
@@ -340,12 +342,12 @@ def _request(context: Mapping | None) -> dict[str, tuple[str, ...]]:
     """Condition keys are case-insensitive; None or an empty list means absent."""
     request: dict[str, tuple[str, ...]] = {}
     for key, value in (context or {}).items():
-        items = value if isinstance(value, list | tuple | set | frozenset) else [] if value is None else [value]
+        items = value if isinstance(value, (list, tuple, set, frozenset)) else [] if value is None else [value]
         strings = []
         for item in items:
             if isinstance(item, bool):
                 strings.append("true" if item else "false")
-            elif isinstance(item, str | int | float):
+            elif isinstance(item, (str, int, float)):
                 strings.append(str(item))
             else:
                 raise TypeError(f"request context value for {key!r} must be str, bool or a list of str, got {item!r}")

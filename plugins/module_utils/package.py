@@ -166,7 +166,8 @@ def _check_entry(entry: ManifestEntry) -> None:
     _check_path(entry.path)
     if entry.path == MANIFEST_NAME:
         raise ValueError(f"{MANIFEST_NAME!r} is reserved for the manifest itself")
-    if type(entry.size) is not int or type(entry.mode) is not int or not isinstance(entry.sha256, str):
+    ints = all(isinstance(value, int) and not isinstance(value, bool) for value in (entry.size, entry.mode))
+    if not ints or not isinstance(entry.sha256, str):
         raise ValueError(f"manifest entry {entry.path!r} has fields of the wrong type")
     if entry.type == "dir":
         if entry.mode != DIR_MODE or entry.size != 0 or entry.sha256 != "":
@@ -197,16 +198,16 @@ def _check_path(path) -> None:
             raise ValueError(f"path {path!r} is absolute, has an empty, '.' or '..' part, or a part over 255 bytes")
 
 
-def _build_manifest(root: Path, bar: tqdm) -> list[ManifestEntry]:
+def _build_manifest(root: Path, meter: tqdm) -> list[ManifestEntry]:
     if not root.is_dir():
         raise PackageError(f"cannot seal {root}: it is not a directory; pass the directory that holds the package")
     try:
-        return _walk(root, bar)
+        return _walk(root, meter)
     except OSError as exc:
         raise PackageError(f"cannot read {root}: {exc}; make the whole directory readable and try again") from exc
 
 
-def _walk(root: Path, bar: tqdm) -> list[ManifestEntry]:
+def _walk(root: Path, meter: tqdm) -> list[ManifestEntry]:
     entries: list[ManifestEntry] = []
     # Pre-order walk with an explicit stack (deep trees need no recursion): a directory's subtree comes right
     # after it, siblings in name order, which is exactly the manifest's canonical order.
@@ -228,7 +229,7 @@ def _walk(root: Path, bar: tqdm) -> list[ManifestEntry]:
             pending.append(iter(_sorted_children(root, path)))
         elif stat.S_ISREG(mode):
             with _open_source(root, path) as source:
-                reader = _HashingReader(source, bar)
+                reader = _HashingReader(source, meter)
                 while reader.read(IO_BYTES):
                     pass
             entries.append(ManifestEntry(path, "file", _file_mode(mode), reader.count, reader.hexdigest()))
@@ -271,11 +272,11 @@ def _open_source(root: Path, path: str) -> BinaryIO:
 
 
 class _HashingReader:
-    """Wraps a binary stream: hashes and counts what passes through, and drives a progress bar."""
+    """Wraps a binary stream: hashes and counts what passes through, and drives a progress meter."""
 
-    def __init__(self, stream, bar: tqdm):
+    def __init__(self, stream, meter: tqdm):
         self._stream = stream
-        self._bar = bar
+        self._meter = meter
         self._sha = hashlib.sha256()
         self.count = 0
         self.at_eof = False
@@ -285,7 +286,7 @@ class _HashingReader:
         self.at_eof = len(data) < size or size < 0
         self._sha.update(data)
         self.count += len(data)
-        self._bar.update(len(data))
+        self._meter.update(len(data))
         return data
 
     def hexdigest(self) -> str:
@@ -359,7 +360,7 @@ def _read_header(stream: BinaryIO, path) -> PackageHeader:
     prefix = stream.read(_HEADER_PREFIX.size)
     if len(prefix) < _HEADER_PREFIX.size or prefix[:8] != MAGIC:
         raise refuse("it does not start with the package magic (wrong file, or truncated)")
-    _, length = _HEADER_PREFIX.unpack(prefix)
+    _magic, length = _HEADER_PREFIX.unpack(prefix)
     if length > MAX_HEADER_BYTES:
         raise refuse(f"its header claims {length} bytes, over the {MAX_HEADER_BYTES}-byte limit")
     body = stream.read(length)
@@ -507,8 +508,8 @@ def seal(
     root = Path(src_dir)
     context = _package_context(name, version, encryption_context)
     try:
-        with _progress("hashing", None, progress) as bar:
-            entries = _build_manifest(root, bar)
+        with _progress("hashing", None, progress) as meter:
+            entries = _build_manifest(root, meter)
         manifest = encode_manifest(entries)
         response = _generate_data_key(kms_client, key_id, context, f"package {name!r} {version}")
         header = _make_header(
@@ -521,10 +522,10 @@ def seal(
         )
         total = sum(entry.size for entry in entries)
         with (
-            _progress("sealing", total, progress) as bar,
+            _progress("sealing", total, progress) as meter,
             _package_writer(out_path, header, response["Plaintext"]) as body,
         ):
-            _write_tar(body, root, entries, manifest, bar)
+            _write_tar(body, root, entries, manifest, meter)
     except OSError as exc:
         raise PackageError(
             f"cannot seal {root} into {out_path}: {exc}; check that the directory is readable, the output "
@@ -576,7 +577,7 @@ def _tar_info(path: str, kind: bytes, mode: int, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _write_tar(body: BinaryIO, root: Path, entries: list[ManifestEntry], manifest: bytes, bar: tqdm) -> None:
+def _write_tar(body: BinaryIO, root: Path, entries: list[ManifestEntry], manifest: bytes, meter: tqdm) -> None:
     with tarfile.open(
         fileobj=body, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8", bufsize=IO_BYTES, copybufsize=IO_BYTES
     ) as tar:
@@ -585,11 +586,11 @@ def _write_tar(body: BinaryIO, root: Path, entries: list[ManifestEntry], manifes
             if entry.type == "dir":
                 tar.addfile(_tar_info(entry.path, tarfile.DIRTYPE, entry.mode, 0))
             else:
-                _add_file(tar, root, entry, bar)
+                _add_file(tar, root, entry, meter)
             tar.members.clear()  # tarfile remembers every member; a package may hold very many
 
 
-def _add_file(tar: tarfile.TarFile, root: Path, entry: ManifestEntry, bar: tqdm) -> None:
+def _add_file(tar: tarfile.TarFile, root: Path, entry: ManifestEntry, meter: tqdm) -> None:
     def changed(cause: str) -> PackageError:
         return PackageError(
             f"cannot seal {root}: {entry.path!r} changed while it was being sealed ({cause}); "
@@ -601,7 +602,7 @@ def _add_file(tar: tarfile.TarFile, root: Path, entry: ManifestEntry, bar: tqdm)
     except OSError as exc:  # removed, or replaced by a link, since the first pass
         raise changed(str(exc)) from exc
     with source:
-        reader = _HashingReader(source, bar)
+        reader = _HashingReader(source, meter)
         try:
             tar.addfile(_tar_info(entry.path, tarfile.REGTYPE, entry.mode, entry.size), reader)
         except OSError as exc:

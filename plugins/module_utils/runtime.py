@@ -543,11 +543,11 @@ class NitroRuntime:
         all-zero PCRs: KMS key policies keyed on PCR0 release nothing to it."""
         if not os.path.isfile(image):
             raise RuntimeFailure(f"no enclave image at {image}: build one first")
-        if type(cpu_count) is not int or cpu_count < 1:
+        if not isinstance(cpu_count, int) or isinstance(cpu_count, bool) or cpu_count < 1:
             raise RuntimeFailure(f"cpu_count must be a positive integer, not {cpu_count!r}")
-        if type(memory_mib) is not int or memory_mib < 64:
+        if not isinstance(memory_mib, int) or isinstance(memory_mib, bool) or memory_mib < 64:
             raise RuntimeFailure(f"memory_mib must be an integer of at least 64, not {memory_mib!r}")
-        if cid is not None and (type(cid) is not int or not 4 <= cid < 0xFFFFFFFF):
+        if cid is not None and (not isinstance(cid, int) or isinstance(cid, bool) or not 4 <= cid < 0xFFFFFFFF):
             raise RuntimeFailure(f"an enclave CID is an integer from 4 up (0-3 are reserved), not {cid!r}")
         args = ["--eif-path", os.path.abspath(image), "--cpu-count", str(cpu_count), "--memory", str(memory_mib)]
         if cid is not None:

@@ -4,6 +4,8 @@ Nothing here is a constant of the protocol: ports, CIDs, regions and paths are
 settings with defaults, overridable by environment or flags.
 """
 
+from __future__ import annotations
+
 import os
 from pathlib import Path
 

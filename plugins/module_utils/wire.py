@@ -131,7 +131,7 @@ _ENCODERS = {
 _ENCODERS[memoryview] = _encode_memoryview
 
 
-def _refuse_tag(decoder, *_):
+def _refuse_tag(decoder, *_args):
     raise cbor2.CBORDecodeError("CBOR tags are not allowed on this wire")
 
 
@@ -301,7 +301,7 @@ class _Channel:
 
 
 def _check_limit(value, what: str) -> int:
-    if type(value) is not int or not MIN_FRAME <= value <= 0xFFFFFFFF:
+    if not isinstance(value, int) or isinstance(value, bool) or not MIN_FRAME <= value <= 0xFFFFFFFF:
         raise ProtocolError(f"{what} must be an integer from {MIN_FRAME} to {0xFFFFFFFF}, not {value!r}")
     return value
 
@@ -356,8 +356,8 @@ def _remote_error(payload, op: str) -> RemoteError:
     code = payload.get("errno")
     # Prefer the name: errno numbers differ between operating systems.
     local = getattr(errno, name, None) if name and name.startswith("E") else None
-    if type(local) is not int:
-        local = code if type(code) is int else errno.EIO
+    if not isinstance(local, int) or isinstance(local, bool):
+        local = code if isinstance(code, int) and not isinstance(code, bool) else errno.EIO
     message = payload.get("message")
     return RemoteError(local, message if isinstance(message, str) else "error", name=name, op=op)
 
@@ -449,7 +449,7 @@ class Server:
             selector.register(self._listener, selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
             while not self._stopping.is_set():
-                for key, _ in selector.select():
+                for key, _events in selector.select():
                     if key.fileobj is self._listener:
                         self._accept()
 
@@ -485,9 +485,9 @@ class Server:
         self._listener.close()
         with self._lock:
             connections = list(self._connections.items())
-        for conn, _ in connections:
+        for conn, _thread in connections:
             conn.channel.shutdown()
-        for _, thread in connections:
+        for _conn, thread in connections:
             thread.join()
         self._pool.shutdown(wait=True)
         self._wake_r.close()
@@ -543,7 +543,11 @@ class _ServerConnection:
         if hello.get("hello") != PROTOCOL:
             raise ProtocolError(f"the first frame is not a {PROTOCOL} hello")
         versions = hello.get("versions")
-        if not isinstance(versions, list) or not versions or not all(type(v) is int for v in versions):
+        if (
+            not isinstance(versions, list)
+            or not versions
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in versions)
+        ):
             raise ProtocolError(f"the hello offers no list of protocol versions: {versions!r}")
         self.channel.peer_max_frame = _check_limit(hello.get("max_frame"), "the client's max_frame")
         log.debug("%s connected as %r", self.peer, hello.get("client"))
@@ -573,7 +577,7 @@ class _ServerConnection:
 
     def handle(self, msg: dict):
         rid = msg.get("id")
-        if type(rid) is not int or not 0 <= rid <= MAX_ID:
+        if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= MAX_ID:
             raise ProtocolError(f"a frame without a valid request id (got {rid!r})")
         if "cancel" in msg:
             if msg["cancel"] is not True:
@@ -782,7 +786,7 @@ class Connection:
 
     def _dispatch(self, msg: dict):
         rid = msg.get("id")
-        if type(rid) is not int:
+        if not isinstance(rid, int) or isinstance(rid, bool):
             raise ProtocolError(f"a reply without a valid request id (got {rid!r})")
         for kind in (_EVENT, _OK, _ERROR):
             if kind in msg:

@@ -46,7 +46,7 @@ APP = {
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen) -> None:
-    for _ in range(500):
+    for _attempt in range(500):
         if path.exists():
             return
         assert proc.poll() is None, "the enclave server exited during start-up"

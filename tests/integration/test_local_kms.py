@@ -134,7 +134,7 @@ def test_create_describe_alias_and_list(owner):
 
 
 def test_pagination(owner):
-    made = {owner.create_key()["KeyMetadata"]["KeyId"] for _ in range(5)}
+    made = {owner.create_key()["KeyMetadata"]["KeyId"] for _i in range(5)}
     page = owner.list_keys(Limit=2)
     assert page["Truncated"] and len(page["Keys"]) == 2
     seen = [k["KeyId"] for k in page["Keys"]]
@@ -222,7 +222,7 @@ def test_policy_that_locks_out_its_author_needs_the_bypass_flag(owner):
 
 
 def test_key_policy_governs_every_operation(owner, user, attested_key):
-    key_id, _ = attested_key
+    key_id, _data_key = attested_key
     owner.describe_key(KeyId=key_id)
     owner.encrypt(KeyId=key_id, Plaintext=b"owner may encrypt")  # the admin statement grants kms:*
     for call in (
@@ -311,9 +311,9 @@ def test_raw_http_protocol(server):
     status, content_type, body = post("TrentService.GenerateRandom", {"NumberOfBytes": 8})
     assert (status, content_type) == (200, "application/x-amz-json-1.1")
     assert len(base64.b64decode(body["Plaintext"])) == 8
-    status, _, body = post("TrentService.NoSuchThing", {})
+    status, _headers, body = post("TrentService.NoSuchThing", {})
     assert status == 400 and body["__type"] == "UnsupportedOperationException"
-    status, _, body = post("TrentService.GenerateRandom", {"NumberOfBytes": 5000})
+    status, _headers, body = post("TrentService.GenerateRandom", {"NumberOfBytes": 5000})
     assert status == 400 and body["__type"] == "ValidationException"
 
 
@@ -668,7 +668,7 @@ def test_generate_data_key_and_random(server, owner):
     assert error_code(caught) == "ValidationException"
 
     assert len(owner.generate_random(NumberOfBytes=1)["Plaintext"]) == 1
-    first, second = (owner.generate_random(NumberOfBytes=1024)["Plaintext"] for _ in range(2))
+    first, second = (owner.generate_random(NumberOfBytes=1024)["Plaintext"] for _i in range(2))
     assert len(first) == 1024 and first != second
     unchecked = client(server, OWNER, parameter_validation=False)  # let the server do the checking
     for bad in (0, 1025):
@@ -714,7 +714,7 @@ def test_attested_enclave_gets_the_key(ca, user, attested_key):
 
 
 def test_attested_answer_has_no_plaintext(ca, user, attested_key):
-    _, data_key = attested_key
+    _key_id, data_key = attested_key
     recipient = kms_recipient.Recipient()
     document = nsm(ca, PCR0_GOOD).attest(public_key=recipient.public_key_der)
     answer = user.decrypt(
@@ -746,14 +746,14 @@ def test_other_measurement_is_access_denied(ca, user, attested_key, caplog):
 
 @pytest.mark.parametrize("party", [USER, OWNER, "someone-else"])
 def test_plain_decrypt_is_denied_to_everyone(server, attested_key, party):
-    _, data_key = attested_key
+    _key_id, data_key = attested_key
     with pytest.raises(ClientError) as caught:
         client(server, party).decrypt(CiphertextBlob=data_key["CiphertextBlob"], EncryptionContext={"package": "app"})
     assert error_code(caught) == "AccessDeniedException"
 
 
 def test_debug_mode_enclave_is_denied_by_the_policy(ca, user, attested_key):
-    _, data_key = attested_key
+    _key_id, data_key = attested_key
     debug = SimulatedNsm(ca, {0: PCR0_GOOD}, debug=True)
     with pytest.raises(KmsError) as caught:
         kms_recipient.decrypt(user, debug, data_key["CiphertextBlob"], encryption_context={"package": "app"})
@@ -762,7 +762,7 @@ def test_debug_mode_enclave_is_denied_by_the_policy(ca, user, attested_key):
 
 
 def test_document_from_another_ca_is_invalid(tmp_path, user, attested_key):
-    _, data_key = attested_key
+    _key_id, data_key = attested_key
     rogue = SimulatedNsm(LocalCA.load_or_create(tmp_path / "rogue-ca"), {0: PCR0_GOOD})
     with pytest.raises(KmsError) as caught:
         kms_recipient.decrypt(user, rogue, data_key["CiphertextBlob"], encryption_context={"package": "app"})
@@ -771,7 +771,7 @@ def test_document_from_another_ca_is_invalid(tmp_path, user, attested_key):
 
 
 def test_recipient_parameter_is_checked(ca, user, attested_key):
-    _, data_key = attested_key
+    _key_id, data_key = attested_key
     blob = data_key["CiphertextBlob"]
     enclave = nsm(ca, PCR0_GOOD)
     recipient = kms_recipient.Recipient()
@@ -787,7 +787,7 @@ def test_recipient_parameter_is_checked(ca, user, attested_key):
 
 
 def test_kms_without_trusted_roots_refuses_documents(ca, tmp_path, attested_key):
-    _, data_key = attested_key
+    _key_id, data_key = attested_key
     with LocalKmsServer(LocalKms(tmp_path / "untrusting")) as untrusting, pytest.raises(KmsError) as caught:
         kms_recipient.generate_random(client(untrusting, USER), nsm(ca, PCR0_GOOD), 16)
     assert caught.value.code == "ValidationException"
@@ -819,9 +819,9 @@ def test_generate_data_key_and_random_for_the_enclave(ca, owner, user):
     plaintext, blob = kms_recipient.generate_data_key(user, enclave, key_id, encryption_context={"job": "1"})
     assert len(plaintext) == 32
     assert owner.decrypt(CiphertextBlob=blob, EncryptionContext={"job": "1"})["Plaintext"] == plaintext
-    short, _ = kms_recipient.generate_data_key(user, enclave, key_id, key_spec="AES_128")
+    short, _wrapped = kms_recipient.generate_data_key(user, enclave, key_id, key_spec="AES_128")
     assert len(short) == 16
-    randoms = {kms_recipient.generate_random(user, enclave, 64) for _ in range(2)}
+    randoms = {kms_recipient.generate_random(user, enclave, 64) for _i in range(2)}
     assert len(randoms) == 2 and all(len(r) == 64 for r in randoms)
 
 

@@ -147,7 +147,7 @@ def test_kms_key_create_idempotence_update_and_delete(run, owner, caplog):
     calls = kms_calls(caplog)
     # The module looks the alias up first (not found), then everything it asks for is answered.
     assert calls[0] == ("DescribeKey", "NotFoundException") and {c[1] for c in calls[1:]} == {"ok"}, calls
-    assert {"CreateKey", "CreateAlias", "EnableKeyRotation"} <= {op for op, _ in calls}
+    assert {"CreateKey", "CreateAlias", "EnableKeyRotation"} <= {op for op, _outcome in calls}
     assert (stats["changed"], stats["failures"]) == (1, 0)
     assert created["changed"] is True
     key_id = created["key_id"]
@@ -170,7 +170,7 @@ def test_kms_key_create_idempotence_update_and_delete(run, owner, caplog):
     assert (stats["changed"], stats["failures"]) == (0, 0)
     assert again["changed"] is False and again["key_id"] == key_id
     calls = kms_calls(caplog)
-    assert {op for op, _ in calls} <= READS and {outcome for _, outcome in calls} == {"ok"}, calls
+    assert {op for op, _outcome in calls} <= READS and {outcome for _op, outcome in calls} == {"ok"}, calls
     assert len(owner.list_keys()["Keys"]) == 1
 
     # 3. A new description and tags (one dropped, one changed, one added); the policy stays as it was.
@@ -180,8 +180,8 @@ def test_kms_key_create_idempotence_update_and_delete(run, owner, caplog):
     assert updated["key_id"] == key_id and updated["changed"] is True
     assert updated["description"] == "package key, v2" and updated["tags"] == new_tags
     calls = kms_calls(caplog)
-    assert {op for op, _ in calls} - READS == {"UpdateKeyDescription", "UntagResource", "TagResource"}, calls
-    assert {outcome for _, outcome in calls} == {"ok"}, calls
+    assert {op for op, _outcome in calls} - READS == {"UpdateKeyDescription", "UntagResource", "TagResource"}, calls
+    assert {outcome for _op, outcome in calls} == {"ok"}, calls
     assert owner.describe_key(KeyId=key_id)["KeyMetadata"]["Description"] == "package key, v2"
     assert {t["TagKey"]: t["TagValue"] for t in owner.list_resource_tags(KeyId=key_id)["Tags"]} == new_tags
     assert json.loads(owner.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"]) == POLICY
@@ -193,7 +193,7 @@ def test_kms_key_create_idempotence_update_and_delete(run, owner, caplog):
     assert deleted["changed"] is True and deleted["key_state"] == "PendingDeletion"
     assert deleted_again["changed"] is False and deleted_again["key_state"] == "PendingDeletion"
     calls = kms_calls(caplog)
-    assert [op for op, _ in calls if op not in READS] == ["ScheduleKeyDeletion"], calls
-    assert {outcome for _, outcome in calls} == {"ok"}, calls
+    assert [op for op, _outcome in calls if op not in READS] == ["ScheduleKeyDeletion"], calls
+    assert {outcome for _op, outcome in calls} == {"ok"}, calls
     metadata = owner.describe_key(KeyId=key_id)["KeyMetadata"]
     assert metadata["KeyState"] == "PendingDeletion" and "DeletionDate" in metadata

@@ -220,7 +220,7 @@ def test_real_aws_document_verifies_against_the_aws_root_at_its_time():
 
 def test_real_aws_document_fails_against_the_local_root_and_when_altered(roots):
     fails(REAL_AWS_DOCUMENT, "not a trusted root", trusted_roots=roots)
-    _, payload, _ = parts(REAL_AWS_DOCUMENT)
+    _protected, payload, _signature = parts(REAL_AWS_DOCUMENT)
     at = REAL_AWS_DOCUMENT.index(payload) + payload.index(bytes.fromhex(REAL_AWS_PCR0))
     fails(flip(REAL_AWS_DOCUMENT, at), "signature does not verify", trusted_roots=[aws_nitro_root()])
     # Three hours later its leaf has expired, but validity is judged at the document's own time:
@@ -290,14 +290,14 @@ def test_leaf_that_is_a_ca_fails(ca, roots):
 
 def test_flipped_bit_in_payload_fails(nsm, roots):
     document = nsm.attest()
-    _, payload, _ = parts(document)
+    _protected, payload, _signature = parts(document)
     at = document.index(payload) + payload.index(PCR0)
     fails(flip(document, at), "signature does not verify", trusted_roots=roots)
 
 
 def test_flipped_bit_in_signature_fails(nsm, roots):
     document = nsm.attest()
-    _, _, signature = parts(document)
+    _protected, _payload, signature = parts(document)
     fails(flip(document, document.index(signature) + 50), "signature does not verify", trusted_roots=roots)
 
 

@@ -118,7 +118,7 @@ def test_unix_listen_connect_and_mode(sockdir):
     try:
         assert stat.S_IMODE(os.stat(endpoint.path).st_mode) == DEFAULT_SOCKET_MODE == 0o600
         client = endpoint.connect(timeout=5)
-        server_side, _ = listener.accept()
+        server_side, _address = listener.accept()
         client.sendall(b"ping")
         assert server_side.recv(4) == b"ping"
         client.close()

@@ -46,5 +46,6 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
         [sys.executable, str(app / "ml_algorithm.py"), "-m", str(app / "model/digits.npz"),
          "-d", str(tmp_path / "empty"), "-o", str(tmp_path / "out")],
         cwd=app, capture_output=True, text=True,
+        check=False,
     )  # fmt: skip
     assert result.returncode == 2 and "no CSV files" in result.stderr

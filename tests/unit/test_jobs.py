@@ -88,14 +88,14 @@ def test_runs_script_with_share_paths_and_cleans_up(env, tmp_path):
 
 
 def test_nonzero_exit_status_comes_back(env):
-    _, runner, work = env
-    summary, _ = run(runner, "ml_algorithm.py", ["-d", "/dataset", "-o", "/output", "--rc", "3"])
+    _share, runner, work = env
+    summary, _events = run(runner, "ml_algorithm.py", ["-d", "/dataset", "-o", "/output", "--rc", "3"])
     assert summary["rc"] == 3
     assert list(work.iterdir()) == []
 
 
 def test_share_cannot_shadow_modules_or_inject_site_code(env, tmp_path, monkeypatch):
-    share, runner, _ = env
+    share, runner, _work = env
     marker = tmp_path / "pwned"
     for name in ("json.py", "sitecustomize.py", "usercustomize.py", "helper.py"):
         (tmp_path / "share/dataset" / name).write_text(f"open({str(marker)!r}, 'w').write('x')\n")
@@ -125,7 +125,7 @@ def test_script_must_be_a_py_file_in_the_package(env, script):
 
 @pytest.mark.parametrize("pkg", ["/dataset/app.pkg", "/encrypted/../dataset/app.pkg", "/encrypted", "/etc/passwd"])
 def test_package_must_be_under_encrypted(env, pkg):
-    share, runner, _ = env
+    share, runner, _work = env
     share.create("/dataset/app.pkg")
     with pytest.raises(OSError) as caught:
         run(runner, "ml_algorithm.py", [], package=pkg)
@@ -134,13 +134,13 @@ def test_package_must_be_under_encrypted(env, pkg):
 
 @pytest.mark.parametrize("arg", ["/etc/passwd", "--out=/root/x", "/dataset/../../etc", "'unbalanced"])
 def test_arguments_outside_the_share_are_refused(env, arg):
-    _, runner, _ = env
+    _share, runner, _work = env
     with pytest.raises(OSError):
         run(runner, "ml_algorithm.py", arg)
 
 
 def test_second_job_is_busy_and_names_the_first(env, tmp_path):
-    _, runner, work = env
+    _share, runner, work = env
     release = tmp_path / "release"
     first = threading.Thread(target=run, args=(runner, "wait.py", [str(release.name)]), daemon=True)
     first.start()
@@ -158,19 +158,19 @@ def test_second_job_is_busy_and_names_the_first(env, tmp_path):
 
 
 def test_timeout_and_cancel_kill_the_script_and_clean_up(env):
-    _, runner, work = env
+    _share, runner, work = env
     summary, events = run(runner, "spin.py", [], timeout=0.5)
     assert summary["ended_by"] == "timeout" and summary["rc"] != 0
     assert "spinning" in output_of(events, "stdout")
     cancelled = threading.Event()
     threading.Timer(0.3, cancelled.set).start()
-    summary, _ = run(runner, "spin.py", [], cancelled=cancelled)
+    summary, _events = run(runner, "spin.py", [], cancelled=cancelled)
     assert summary["ended_by"] == "cancelled"
     assert list(work.iterdir()) == []
 
 
 def test_tampered_package_runs_nothing_and_leaves_nothing(env, tmp_path):
-    _, runner, work = env
+    _share, runner, work = env
     path = tmp_path / "share/encrypted/app.pkg"
     data = bytearray(path.read_bytes())
     data[-40] ^= 1

@@ -143,7 +143,7 @@ CONDITION_CASES = [
 @pytest.mark.parametrize(
     ("operator", "values", "context", "expected"),
     CONDITION_CASES,
-    ids=[f"{op}-{vals}-{ctx}" for op, vals, ctx, _ in CONDITION_CASES],
+    ids=[f"{op}-{vals}-{ctx}" for op, vals, ctx, _expected in CONDITION_CASES],
 )
 def test_condition_operator(operator, values, context, expected):
     decision = decide(policy(allow({operator: {K: values}})), context)

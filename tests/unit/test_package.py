@@ -304,7 +304,7 @@ def test_caller_cannot_override_the_package_context(kms, tmp_path):
 
 
 def test_kms_failure_is_a_kms_error_and_writes_nothing(kms, tmp_path):
-    client, _ = kms
+    client, _key_id = kms
     (tmp_path / "src").mkdir()
     with pytest.raises(KmsError, match="GenerateDataKey") as raised:
         seal(tmp_path / "src", tmp_path / "a.pkg", kms_client=client, key_id="alias/missing", name="n", version="1")
@@ -733,8 +733,8 @@ def test_seal_fails_cleanly_if_a_file_changes_between_the_passes(kms, tmp_path, 
     victim.write_bytes(os.urandom(400_000))
     first_pass = package._build_manifest
 
-    def first_pass_then_change(root, bar):
-        entries = first_pass(root, bar)
+    def first_pass_then_change(root, meter):
+        entries = first_pass(root, meter)
         change(victim)
         return entries
 
@@ -857,6 +857,6 @@ def test_multi_segment_package_decrypts_by_the_spec_alone(tmp_path):
     content = os.urandom(2 * SEGMENT + 999)
     entries, members = [file_entry("big", content)], [(member("big", size=len(content)), content)]
     path = hostile_package(tmp_path, entries, members)
-    _, plaintext = decrypt_per_spec(path, KEY)
+    _raw, plaintext = decrypt_per_spec(path, KEY)
     with tarfile.open(fileobj=io.BytesIO(plaintext), mode="r:") as tar:
         assert tar.extractfile("big").read() == content

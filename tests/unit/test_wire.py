@@ -292,7 +292,7 @@ def test_handshake(serve):
 
 
 def test_handshake_without_common_version(serve, caplog):
-    endpoint, _ = serve()
+    endpoint, _server = serve()
     with caplog.at_level(logging.WARNING, logger=WIRE_LOGGER):
         sock = endpoint.connect(timeout=WAIT)
         with sock:
@@ -310,7 +310,7 @@ def fake_server(sockdir, respond):
     listener = endpoint.listen()
 
     def run():
-        sock, _ = listener.accept()
+        sock, _address = listener.accept()
         with sock:
             send_frame(sock, respond(recv_frame(sock)))
             read_until_closed(sock)
@@ -348,7 +348,7 @@ def test_client_refuses_a_stranger(sockdir):
 
 
 def test_silent_client_is_dropped_after_the_handshake_timeout(serve, caplog):
-    endpoint, _ = serve(handshake_timeout=0.2)
+    endpoint, _server = serve(handshake_timeout=0.2)
     with caplog.at_level(logging.WARNING, logger=WIRE_LOGGER), endpoint.connect(timeout=WAIT) as sock:
         assert read_until_closed(sock) == b""
     assert "no hello within 0.2 s" in caplog.text
@@ -359,16 +359,16 @@ def test_silent_client_is_dropped_after_the_handshake_timeout(serve, caplog):
 
 @pytest.mark.parametrize("size", [0, 100, 1024 * 1024, 3 * 1024 * 1024])
 def test_round_trip(serve, size):
-    endpoint, _ = serve()
+    endpoint, _server = serve()
     data = os.urandom(size)
     with Connection.open(endpoint) as conn:
         result = conn.call("echo", {"data": data, "name": "chunk"}, timeout=WAIT)
         assert result == {"data": data, "name": "chunk"}
-        assert type(result["data"]) is bytes
+        assert isinstance(result["data"], bytes)  # not a bytearray or memoryview
 
 
 def test_concurrent_calls_on_one_connection(serve):
-    endpoint, _ = serve(workers=8, max_inflight=4)  # fewer slots than callers: back-pressure too
+    endpoint, _server = serve(workers=8, max_inflight=4)  # fewer slots than callers: back-pressure too
     results = {}
     errors = []
 
@@ -391,7 +391,7 @@ def test_concurrent_calls_on_one_connection(serve):
 
 
 def test_slow_request_does_not_block_a_later_one(serve, probe):
-    endpoint, _ = serve()
+    endpoint, _server = serve()
     with Connection.open(endpoint) as conn:
         slow = conn.submit("wait_release")
         assert probe.started.wait(WAIT)
@@ -402,7 +402,7 @@ def test_slow_request_does_not_block_a_later_one(serve, probe):
 
 
 def test_events_arrive_in_order_before_the_result(serve):
-    endpoint, _ = serve()
+    endpoint, _server = serve()
     seen = []
     with Connection.open(endpoint) as conn:
         result = conn.stream("events", {"n": 200}, on_event=seen.append, timeout=WAIT)
@@ -413,7 +413,7 @@ def test_events_arrive_in_order_before_the_result(serve):
 
 
 def test_cancel_sets_ctx_cancelled(serve, probe):
-    endpoint, _ = serve()
+    endpoint, _server = serve()
     with Connection.open(endpoint) as conn:
         call = conn.submit("wait_cancel")
         assert probe.started.wait(WAIT)
@@ -426,7 +426,7 @@ def test_cancel_sets_ctx_cancelled(serve, probe):
 
 
 def test_failing_event_consumer_cancels_the_request(serve, probe):
-    endpoint, _ = serve()
+    endpoint, _server = serve()
 
     def on_event(event):
         raise KeyError(f"consumer broke on {event}")
@@ -439,7 +439,7 @@ def test_failing_event_consumer_cancels_the_request(serve, probe):
 
 
 def test_call_timeout_names_the_op_and_cancels(serve, probe):
-    endpoint, _ = serve()
+    endpoint, _server = serve()
     with Connection.open(endpoint) as conn:
         with pytest.raises(CallTimeout, match="wait_cancel got no reply within 0.2 s") as info:
             conn.call("wait_cancel", timeout=0.2)
@@ -449,7 +449,7 @@ def test_call_timeout_names_the_op_and_cancels(serve, probe):
 
 
 def test_client_disconnect_sets_ctx_cancelled(serve, probe):
-    endpoint, _ = serve()
+    endpoint, _server = serve()
     conn = Connection.open(endpoint)
     call = conn.submit("wait_cancel")
     assert probe.started.wait(WAIT)
@@ -462,7 +462,7 @@ def test_client_disconnect_sets_ctx_cancelled(serve, probe):
 
 
 def test_unknown_op_gets_enosys_and_the_connection_lives(serve):
-    endpoint, _ = serve()
+    endpoint, _server = serve()
     with Connection.open(endpoint) as conn:
         with pytest.raises(RemoteError) as info:
             conn.call("no.such.op", timeout=WAIT)
@@ -485,7 +485,7 @@ def test_unknown_op_gets_enosys_and_the_connection_lives(serve):
     ],
 )
 def test_errno_mapping(serve, caplog, kind, code, words):
-    endpoint, _ = serve()
+    endpoint, _server = serve()
     with caplog.at_level(logging.ERROR, logger=WIRE_LOGGER), Connection.open(endpoint) as conn:
         with pytest.raises(RemoteError) as info:
             conn.call("fail", {"kind": kind}, timeout=WAIT)
@@ -503,7 +503,7 @@ def test_errno_mapping(serve, caplog, kind, code, words):
 
 
 def test_request_over_the_server_limit_is_refused_locally(serve):
-    endpoint, _ = serve(max_frame=MIN_FRAME)
+    endpoint, _server = serve(max_frame=MIN_FRAME)
     with Connection.open(endpoint) as conn:
         with pytest.raises(FrameTooLarge, match="frame limit of 65536"):
             conn.call("echo", {"data": b"x" * MIN_FRAME})
@@ -511,7 +511,7 @@ def test_request_over_the_server_limit_is_refused_locally(serve):
 
 
 def test_result_over_the_client_limit_becomes_emsgsize(serve):
-    endpoint, _ = serve()
+    endpoint, _server = serve()
     with Connection.open(endpoint, max_frame=MIN_FRAME) as conn:
         with pytest.raises(RemoteError) as info:
             conn.call("big", {"size": MIN_FRAME}, timeout=WAIT)
@@ -553,11 +553,11 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_closes_only_that_connection(serve, caplog, name):
     after_hello, data, reason = BAD_INPUTS[name]
-    endpoint, _ = serve()
+    endpoint, _server = serve()
     with caplog.at_level(logging.WARNING, logger=WIRE_LOGGER), Connection.open(endpoint) as good:
         assert good.call("echo", {"n": 1}, timeout=WAIT) == {"n": 1}
         if after_hello:
-            sock, _ = raw_hello(endpoint)
+            sock, _reply = raw_hello(endpoint)
         else:
             sock = endpoint.connect(timeout=WAIT)
         with sock:
@@ -571,9 +571,9 @@ def test_bad_input_closes_only_that_connection(serve, caplog, name):
 
 
 def test_duplicate_in_flight_id_closes_the_connection(serve, probe, caplog):
-    endpoint, _ = serve()
+    endpoint, _server = serve()
     with caplog.at_level(logging.WARNING, logger=WIRE_LOGGER):
-        sock, _ = raw_hello(endpoint)
+        sock, _reply = raw_hello(endpoint)
         with sock:
             send_frame(sock, {"id": 5, "op": "wait_release"})
             assert probe.started.wait(WAIT)
@@ -583,8 +583,8 @@ def test_duplicate_in_flight_id_closes_the_connection(serve, probe, caplog):
 
 
 def test_ids_may_be_reused_once_answered(serve):
-    endpoint, _ = serve()
-    sock, _ = raw_hello(endpoint)
+    endpoint, _server = serve()
+    sock, _reply = raw_hello(endpoint)
     with sock:
         for n in range(3):
             send_frame(sock, {"id": 1, "op": "echo", "args": {"n": n}})
@@ -592,8 +592,8 @@ def test_ids_may_be_reused_once_answered(serve):
 
 
 def test_client_that_stops_reading_frees_its_worker(serve, probe, caplog):
-    endpoint, _ = serve(workers=1, send_timeout=0.5)
-    sock, _ = raw_hello(endpoint)
+    endpoint, _server = serve(workers=1, send_timeout=0.5)
+    sock, _reply = raw_hello(endpoint)
     with sock:
         send_frame(sock, {"id": 1, "op": "flood"})  # and never read what it sends back
         assert probe.saw_closed.wait(WAIT)
@@ -639,7 +639,7 @@ def test_server_death_mid_call_fails_every_call_at_once(sockdir):
         assert proc.stdout.readline() == "ready\n"
         with Connection.open(endpoint, timeout=WAIT) as conn:
             assert conn.call("echo", {"alive": True}, timeout=WAIT) == {"alive": True}
-            calls = [conn.submit("hang") for _ in range(3)]
+            calls = [conn.submit("hang") for _i in range(3)]
             assert proc.stdout.readline() == "hanging\n"
             proc.send_signal(signal.SIGKILL)
             for call in calls:
@@ -660,7 +660,7 @@ def test_client_drops_a_server_that_breaks_the_protocol(sockdir):
     listener = endpoint.listen()
 
     def rogue():
-        sock, _ = listener.accept()
+        sock, _address = listener.accept()
         with sock:
             recv_frame(sock)
             send_frame(sock, {"hello": PROTOCOL, "version": 1, "max_frame": MAX_FRAME, "server": "rogue"})

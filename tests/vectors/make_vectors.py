@@ -72,7 +72,7 @@ def main() -> None:
         "header": header.to_json(),
         "header_raw_hex": header.raw.hex(),
         "manifest": [entry.__dict__ for entry in entries],
-        "tree": {path: content.decode() if content is not None else None for path, (_, content) in TREE.items()},
+        "tree": {path: content.decode() if content is not None else None for path, (_mode, content) in TREE.items()},
     }
     EXPECTED.write_text(json.dumps(expected, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {VECTOR} ({len(data)} bytes) and {EXPECTED}")
