@@ -178,3 +178,21 @@ def test_receipt_proves_what_ran_and_what_it_produced(enclave, tmp_path):
     (tmp_path / "release.json").write_text(json.dumps(release))
     result = cli(*verify, check=False)
     assert result.returncode == 1 and "not in this release" in result.stderr
+
+
+def test_client_that_disconnects_mid_write_leaves_the_share_consistent(enclave):
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire
+
+    with EnclaveClient(enclave["endpoint"]) as client:
+        client.call("share.create", {"path": "/dataset/f.bin"})
+        client.call("share.write", {"path": "/dataset/f.bin", "offset": 0, "data": b"a" * 1000})
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.connect(str(enclave["sock"]))
+        wire.send_frame(raw, {"hello": wire.PROTOCOL, "versions": [1], "max_frame": wire.MAX_FRAME}, wire.MIN_FRAME)
+        assert wire.recv_frame(raw)["version"] == 1
+        frame = wire.encode({"id": 1, "op": "share.write", "args": {"path": "/dataset/f.bin", "offset": 0,
+                                                                      "data": b"b" * (1 << 20)}})  # fmt: skip
+        raw.sendall(wire.HEADER.pack(len(frame)) + frame[: len(frame) // 2])  # half a frame, then gone
+    with EnclaveClient(enclave["endpoint"]) as client:
+        assert client.call("share.read", {"path": "/dataset/f.bin", "offset": 0, "size": 1 << 20}) == b"a" * 1000
+        assert client.call("health")["job"] is None
