@@ -26,13 +26,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import cbor2
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.x509 import verification
+try:
+    import cbor2
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+    from cryptography.x509 import verification
+except ImportError as exc:  # the modules report it: module_options.require_libraries
+    IMPORT_ERROR = exc
+else:
+    IMPORT_ERROR = None
 
 from .errors import AttestationError
 

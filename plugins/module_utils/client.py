@@ -15,10 +15,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import attestation, settings
+from . import attestation, settings, wire
 from .endpoints import Endpoint
 from .errors import AttestationError, EnclaveError
 from .wire import Connection
+
+# What the client needs (cbor2, cryptography) and could not import, or None; the modules report it.
+IMPORT_ERROR = attestation.IMPORT_ERROR or wire.IMPORT_ERROR
 
 CHUNK = 1 << 20
 IN_FLIGHT = 8  # concurrent chunk requests per transfer: keeps the pipe full without a big buffer

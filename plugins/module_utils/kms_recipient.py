@@ -13,13 +13,18 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 
-import cbor2
-from asn1crypto import cms
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, padding, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.asymmetric.padding import MGF1, OAEP
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+try:
+    import cbor2
+    from asn1crypto import cms
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, padding, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.asymmetric.padding import MGF1, OAEP
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+except ImportError as exc:  # the modules report it: module_options.require_libraries
+    IMPORT_ERROR = exc
+else:
+    IMPORT_ERROR = None
 
 from .errors import KmsError
 

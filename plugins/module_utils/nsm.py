@@ -26,7 +26,12 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import cbor2
+try:
+    import cbor2
+except ImportError as exc:  # the modules report it: module_options.require_libraries
+    IMPORT_ERROR = exc
+else:
+    IMPORT_ERROR = None
 
 from .errors import AttestationError, EnclaveError
 

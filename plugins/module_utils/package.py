@@ -30,11 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import cbor2
-import tink
-from tink import secret_key_access, streaming_aead
-from tink.proto import aes_gcm_hkdf_streaming_pb2, common_pb2, tink_pb2
-from tqdm import tqdm
+try:
+    import cbor2
+    import tink
+    from tink import secret_key_access, streaming_aead
+    from tink.proto import aes_gcm_hkdf_streaming_pb2, common_pb2, tink_pb2
+    from tqdm import tqdm
+except ImportError as exc:  # the modules report it: module_options.require_libraries
+    IMPORT_ERROR = exc
+else:
+    IMPORT_ERROR = None
+    streaming_aead.register()
 
 from .errors import EnclaveError, KmsError, PackageError
 
@@ -73,8 +79,6 @@ _REFUSED_MEMBER_KINDS = {
 }
 _OPEN_ADVICE = "obtain a fresh copy from the owner"
 _RESEAL_ADVICE = "do not use it; ask the owner to re-seal the directory with confidential_ml.nitro"
-
-streaming_aead.register()
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,15 @@ import hashlib
 import json
 from pathlib import Path
 
-import cbor2
-
 from . import attestation
 from .errors import EnclaveError
+
+try:
+    import cbor2
+except ImportError as exc:  # the modules report it: module_options.require_libraries
+    IMPORT_ERROR = exc
+else:
+    IMPORT_ERROR = attestation.IMPORT_ERROR  # and what attestation needs
 
 FORMAT = 1
 

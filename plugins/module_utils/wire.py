@@ -33,7 +33,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import cbor2
+try:
+    import cbor2
+except ImportError as exc:  # the modules report it: module_options.require_libraries
+    IMPORT_ERROR = exc
+else:
+    IMPORT_ERROR = None
 
 from .endpoints import Endpoint
 from .errors import EnclaveError
@@ -119,7 +124,6 @@ _ENCODERS = {
         set,
         frozenset,
         complex,
-        cbor2.CBORTag,
         ipaddress.IPv4Address,
         ipaddress.IPv6Address,
         ipaddress.IPv4Network,
@@ -129,6 +133,8 @@ _ENCODERS = {
     )
 }
 _ENCODERS[memoryview] = _encode_memoryview
+if IMPORT_ERROR is None:  # cbor2's own tag type; without cbor2 nothing is encoded at all
+    _ENCODERS[cbor2.CBORTag] = _refuse
 
 
 def _refuse_tag(decoder, *_args):

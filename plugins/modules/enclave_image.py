@@ -151,7 +151,6 @@ measurements:
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -160,17 +159,10 @@ import tempfile
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import BACKEND_OPTIONS, image_sha256
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import get_runtime
 
 RECORD_FORMAT = 1
-
-
-def sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def recorded(module, output, record):
@@ -180,7 +172,7 @@ def recorded(module, output, record):
     try:
         with open(record) as f:
             data = json.load(f)
-        if data.get("format") != RECORD_FORMAT or data.get("image_sha256") != sha256_file(output):
+        if data.get("format") != RECORD_FORMAT or data.get("image_sha256") != image_sha256(output):
             return None
         return data["measurements"]
     except (ValueError, KeyError, AttributeError):
@@ -193,7 +185,7 @@ def write_record(output, record, backend, measurements):
     data = {
         "format": RECORD_FORMAT,
         "image": os.path.basename(output),
-        "image_sha256": sha256_file(output),
+        "image_sha256": image_sha256(output),
         "backend": backend,
         "measurements": measurements,
     }
@@ -215,7 +207,7 @@ def main():
             "source": {"type": "str"},
             "signing_certificate": {"type": "path"},
             "private_key": {"type": "path", "no_log": False},
-            "backend": {"type": "str", "choices": ["local", "nitro"]},
+            **BACKEND_OPTIONS,
         },
         required_together=[("signing_certificate", "private_key")],
         supports_check_mode=True,

@@ -186,33 +186,21 @@ attestation:
       sample: {"subject": "CN=aws.nitro-enclaves,C=US,O=Amazon,OU=AWS", "sha256": "641a0321..."}
 """
 
-import traceback
+from ansible.module_utils.basic import AnsibleModule
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import IMPORT_ERROR as CLIENT_IMPORT_ERROR
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import AttestationError, EnclaveError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import (
+    BACKEND_OPTIONS,
+    ENCLAVE_MUTUALLY_EXCLUSIVE,
+    ENCLAVE_OPTIONS,
+    ENCLAVE_REQUIRED_BY,
+    enclave_client,
+    enclave_endpoint,
+    require_libraries,
+)
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import get_runtime
 
-try:
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import (
-        EnclaveClient,
-        default_trusted_roots,
-    )
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import get_runtime
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils.settings import resolve_endpoint
-except ImportError:
-    CLIENT_LIBS_ERROR = traceback.format_exc()
-else:
-    CLIENT_LIBS_ERROR = None
-
-ENCLAVE_ARGUMENT_SPEC = {
-    "endpoint": {"type": "str"},
-    "cid": {"type": "int"},
-    "port": {"type": "int"},
-    "expect_pcr0": {"type": "list", "elements": "str"},
-    "allow_debug": {"type": "bool", "default": False},
-}
-ENCLAVE_MUTUALLY_EXCLUSIVE = [("endpoint", "cid"), ("endpoint", "port")]
-ENCLAVE_REQUIRED_BY = {"port": ("cid",)}
 SECTIONS = ["enclaves", "health", "attestation"]
 
 
@@ -227,17 +215,11 @@ def enclaves(module):
 
 def server(module, gather):
     """Health and attestation of the enclave server, or nulls and the reason it could not be reached."""
-    params = module.params
     result = {"endpoint": None, "reachable": False}
     result.update({section: None for section in ("health", "attestation") if section in gather})
     try:
-        result["endpoint"] = resolve_endpoint(params["endpoint"], cid=params["cid"], port=params["port"])
-        client = EnclaveClient(
-            result["endpoint"],
-            expect_pcr0=params["expect_pcr0"] or None,
-            trusted_roots=default_trusted_roots(),
-            allow_debug=params["allow_debug"],
-        )
+        result["endpoint"] = enclave_endpoint(module)
+        client = enclave_client(module, result["endpoint"])
     except AttestationError as err:
         module.fail_json(msg=str(err), **result)
     except EnclaveError as err:
@@ -259,15 +241,14 @@ def main():
     module = AnsibleModule(
         argument_spec={
             "gather": {"type": "list", "elements": "str", "choices": SECTIONS, "default": SECTIONS},
-            "backend": {"type": "str", "choices": ["local", "nitro"]},
-            **ENCLAVE_ARGUMENT_SPEC,
+            **BACKEND_OPTIONS,
+            **ENCLAVE_OPTIONS,
         },
         mutually_exclusive=ENCLAVE_MUTUALLY_EXCLUSIVE,
         required_by=ENCLAVE_REQUIRED_BY,
         supports_check_mode=True,
     )
-    if CLIENT_LIBS_ERROR:
-        module.fail_json(msg=missing_required_lib("cbor2 and cryptography"), exception=CLIENT_LIBS_ERROR)
+    require_libraries(module, CLIENT_IMPORT_ERROR)
     gather = module.params["gather"]
     result = {"changed": False}
     if "enclaves" in gather:

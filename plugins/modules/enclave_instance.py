@@ -108,23 +108,15 @@ action:
   sample: started
 """
 
-import hashlib
 import json
 import os
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import BACKEND_OPTIONS, image_sha256
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import get_runtime
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.settings import private_dir, state_home
-
-
-def image_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def record_path(name: str):
@@ -160,7 +152,7 @@ def main():
         argument_spec={
             "name": {"type": "str", "required": True},
             "image": {"type": "path"},
-            "backend": {"type": "str", "choices": ["local", "nitro"]},
+            **BACKEND_OPTIONS,
             "cpu_count": {"type": "int", "default": 2},
             "memory_mib": {"type": "int", "default": 1024},
             "cid": {"type": "int"},
@@ -191,7 +183,7 @@ def main():
             module.fail_json(
                 msg=f"image {params['image']} does not exist: build it (enclave_image) or fetch the release"
             )
-        after = wanted(params, image_digest(params["image"]))
+        after = wanted(params, image_sha256(params["image"]))
         same = info is not None and all(before.get(k) == v for k, v in after.items())
         if same:
             module.exit_json(changed=False, action="none", enclave=info.to_json())

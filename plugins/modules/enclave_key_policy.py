@@ -171,10 +171,10 @@ allowed_pcr0:
   sample: ["5f1b...e3a9"]
 """
 
+import contextlib
 import json
-import traceback
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import PolicyError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import (
@@ -186,43 +186,16 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy i
     policy_diff,
     render_policy,
 )
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import (
+    BOTO3_IMPORT_ERROR,
+    KMS_MUTUALLY_EXCLUSIVE,
+    KMS_OPTIONS,
+    kms_client,
+    require_libraries,
+)
 
-try:
-    import boto3
+with contextlib.suppress(ImportError):  # require_libraries(module, BOTO3_IMPORT_ERROR) reports it
     from botocore.exceptions import BotoCoreError, ClientError
-except ImportError:
-    BOTO3_ERROR = traceback.format_exc()
-else:
-    BOTO3_ERROR = None
-
-KMS_ARGUMENT_SPEC = {
-    "kms_endpoint_url": {"type": "str", "aliases": ["endpoint_url"]},
-    "region": {"type": "str", "aliases": ["aws_region"]},
-    "profile": {"type": "str", "aliases": ["aws_profile"]},
-    "access_key": {"type": "str", "aliases": ["aws_access_key_id", "aws_access_key"], "no_log": False},
-    "secret_key": {"type": "str", "aliases": ["aws_secret_access_key", "aws_secret_key"], "no_log": True},
-    "session_token": {"type": "str", "aliases": ["aws_session_token"], "no_log": True},
-}
-KMS_MUTUALLY_EXCLUSIVE = [("profile", "access_key"), ("profile", "secret_key"), ("profile", "session_token")]
-
-
-def kms_client(module):
-    """A boto3 KMS client from the module's connection options; boto3 finds whatever they leave unset."""
-    params = module.params
-    try:
-        session = boto3.session.Session(
-            profile_name=params["profile"],
-            aws_access_key_id=params["access_key"],
-            aws_secret_access_key=params["secret_key"],
-            aws_session_token=params["session_token"],
-            region_name=params["region"],
-        )
-        return session.client("kms", endpoint_url=params["kms_endpoint_url"])
-    except (BotoCoreError, ValueError) as err:
-        module.fail_json(
-            msg=f"cannot set up a KMS client: {err}; set region (or AWS_DEFAULT_REGION), a valid profile or"
-            " credentials, and a valid kms_endpoint_url"
-        )
 
 
 def fail_kms(module, err, operation, key_id):
@@ -283,14 +256,13 @@ def main():
             "pcr8": {"type": "list", "elements": "str", "default": []},
             "keep_newest": {"type": "int"},
             "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
-            **KMS_ARGUMENT_SPEC,
+            **KMS_OPTIONS,
         },
         required_if=[("state", "present", ("account_id", "user_principals", "pcr0"))],
         mutually_exclusive=KMS_MUTUALLY_EXCLUSIVE,
         supports_check_mode=True,
     )
-    if BOTO3_ERROR:
-        module.fail_json(msg=missing_required_lib("boto3"), exception=BOTO3_ERROR)
+    require_libraries(module, BOTO3_IMPORT_ERROR)
     params = module.params
     if params["keep_newest"] is not None and params["keep_newest"] < 1:
         module.fail_json(msg=f"keep_newest is {params['keep_newest']}; give 1 or more, or leave it unset.")

@@ -171,64 +171,34 @@ header:
       sample: 9f2c0d3b1e5a7c4f8d6b2a1e0c9f7d5b3a1e9c7f5d3b1a9e7c5f3d1b9a7e5c3f
 """
 
+import contextlib
 import json
 import os
-import traceback
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError, PackageError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import (
+    BOTO3_IMPORT_ERROR,
+    KMS_MUTUALLY_EXCLUSIVE,
+    KMS_OPTIONS,
+    kms_client,
+    require_libraries,
+)
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import (
+    FORMAT_VERSION,
+    _package_context,
+    build_manifest,
+    manifest_digest,
+    read_header,
+    seal,
+)
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import (
+    IMPORT_ERROR as PACKAGE_IMPORT_ERROR,
+)
 
-try:
-    import boto3
+with contextlib.suppress(ImportError):  # require_libraries(module, BOTO3_IMPORT_ERROR) reports it
     from botocore.exceptions import BotoCoreError, ClientError
-except ImportError:
-    BOTO3_ERROR = traceback.format_exc()
-else:
-    BOTO3_ERROR = None
-
-try:
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import (
-        FORMAT_VERSION,
-        _package_context,
-        build_manifest,
-        manifest_digest,
-        read_header,
-        seal,
-    )
-except ImportError:
-    PACKAGE_LIBS_ERROR = traceback.format_exc()
-else:
-    PACKAGE_LIBS_ERROR = None
-
-KMS_ARGUMENT_SPEC = {
-    "kms_endpoint_url": {"type": "str", "aliases": ["endpoint_url"]},
-    "region": {"type": "str", "aliases": ["aws_region"]},
-    "profile": {"type": "str", "aliases": ["aws_profile"]},
-    "access_key": {"type": "str", "aliases": ["aws_access_key_id", "aws_access_key"], "no_log": False},
-    "secret_key": {"type": "str", "aliases": ["aws_secret_access_key", "aws_secret_key"], "no_log": True},
-    "session_token": {"type": "str", "aliases": ["aws_session_token"], "no_log": True},
-}
-KMS_MUTUALLY_EXCLUSIVE = [("profile", "access_key"), ("profile", "secret_key"), ("profile", "session_token")]
-
-
-def kms_client(module):
-    """A boto3 KMS client from the module's connection options; boto3 finds whatever they leave unset."""
-    params = module.params
-    try:
-        session = boto3.session.Session(
-            profile_name=params["profile"],
-            aws_access_key_id=params["access_key"],
-            aws_secret_access_key=params["secret_key"],
-            aws_session_token=params["session_token"],
-            region_name=params["region"],
-        )
-        return session.client("kms", endpoint_url=params["kms_endpoint_url"])
-    except (BotoCoreError, ValueError) as err:
-        module.fail_json(
-            msg=f"cannot set up a KMS client: {err}; set region (or AWS_DEFAULT_REGION), a valid profile or"
-            " credentials, and a valid kms_endpoint_url"
-        )
 
 
 def summary(header):
@@ -297,15 +267,12 @@ def main():
             "version": {"type": "str", "required": True},
             "encryption_context": {"type": "dict", "default": {}},
             "force": {"type": "bool", "default": False},
-            **KMS_ARGUMENT_SPEC,
+            **KMS_OPTIONS,
         },
         mutually_exclusive=KMS_MUTUALLY_EXCLUSIVE,
         supports_check_mode=True,
     )
-    if BOTO3_ERROR:
-        module.fail_json(msg=missing_required_lib("boto3"), exception=BOTO3_ERROR)
-    if PACKAGE_LIBS_ERROR:
-        module.fail_json(msg=missing_required_lib("cbor2, tink and tqdm"), exception=PACKAGE_LIBS_ERROR)
+    require_libraries(module, BOTO3_IMPORT_ERROR, PACKAGE_IMPORT_ERROR)
     params = module.params
     src, dest = params["src"], params["dest"]
     if not os.path.isdir(src):

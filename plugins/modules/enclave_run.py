@@ -285,62 +285,32 @@ msg:
   sample: non-zero return code
 """
 
+import contextlib
 import errno
 import stat
-import traceback
 from datetime import datetime, timedelta
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import attestation
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import IMPORT_ERROR as CLIENT_IMPORT_ERROR
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import host_kms_settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import AttestationError, EnclaveError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import (
+    BOTO3_IMPORT_ERROR,
+    ENCLAVE_MUTUALLY_EXCLUSIVE,
+    ENCLAVE_OPTIONS,
+    ENCLAVE_REQUIRED_BY,
+    connect,
+    require_libraries,
+)
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import IMPORT_ERROR as RECEIPT_IMPORT_ERROR
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import job_digest, make_receipt
 
-try:
+with contextlib.suppress(ImportError):  # require_libraries(module, BOTO3_IMPORT_ERROR) reports it
     from botocore.exceptions import BotoCoreError
-except ImportError:
-    BOTO3_ERROR = traceback.format_exc()
-else:
-    BOTO3_ERROR = None
-
-try:
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils import attestation
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import (
-        EnclaveClient,
-        default_trusted_roots,
-        host_kms_settings,
-    )
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import job_digest, make_receipt
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils.settings import resolve_endpoint
-except ImportError:
-    CLIENT_LIBS_ERROR = traceback.format_exc()
-else:
-    CLIENT_LIBS_ERROR = None
-
-ENCLAVE_ARGUMENT_SPEC = {
-    "endpoint": {"type": "str"},
-    "cid": {"type": "int"},
-    "port": {"type": "int"},
-    "expect_pcr0": {"type": "list", "elements": "str"},
-    "allow_debug": {"type": "bool", "default": False},
-}
-ENCLAVE_MUTUALLY_EXCLUSIVE = [("endpoint", "cid"), ("endpoint", "port")]
-ENCLAVE_REQUIRED_BY = {"port": ("cid",)}
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
-
-
-def connect(module):
-    """A client of the enclave server the options name, attested first when expect_pcr0 is set."""
-    params = module.params
-    try:
-        endpoint = resolve_endpoint(params["endpoint"], cid=params["cid"], port=params["port"])
-        return EnclaveClient(
-            endpoint,
-            expect_pcr0=params["expect_pcr0"] or None,
-            trusted_roots=default_trusted_roots(),
-            allow_debug=params["allow_debug"],
-        )
-    except EnclaveError as err:
-        module.fail_json(msg=str(err))
 
 
 def script_args(module):
@@ -350,7 +320,7 @@ def script_args(module):
         return []
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and all(isinstance(a, str | int | float) and not isinstance(a, bool) for a in value):
+    if isinstance(value, list) and all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in value):
         return [str(a) for a in value]
     module.fail_json(
         msg=f"args must be a string or a list of strings, not {value!r:.200}; quote values that YAML reads as "
@@ -437,16 +407,13 @@ def main():
             "timeout": {"type": "float"},
             "region": {"type": "str", "aliases": ["aws_region"]},
             "profile": {"type": "str", "aliases": ["aws_profile"]},
-            **ENCLAVE_ARGUMENT_SPEC,
+            **ENCLAVE_OPTIONS,
         },
         mutually_exclusive=ENCLAVE_MUTUALLY_EXCLUSIVE,
         required_by=ENCLAVE_REQUIRED_BY,
         supports_check_mode=True,
     )
-    if BOTO3_ERROR:
-        module.fail_json(msg=missing_required_lib("boto3"), exception=BOTO3_ERROR)
-    if CLIENT_LIBS_ERROR:
-        module.fail_json(msg=missing_required_lib("cbor2 and cryptography"), exception=CLIENT_LIBS_ERROR)
+    require_libraries(module, BOTO3_IMPORT_ERROR, CLIENT_IMPORT_ERROR, RECEIPT_IMPORT_ERROR)
     params = module.params
     if params["timeout"] is not None and params["timeout"] <= 0:
         module.fail_json(msg=f"timeout must be a positive number of seconds, not {params['timeout']:g}")

@@ -164,55 +164,20 @@ endpoint:
 """
 
 import os
-import traceback
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import fusefs
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import IMPORT_ERROR as CLIENT_IMPORT_ERROR
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
-
-try:
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils import fusefs
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import (
-        EnclaveClient,
-        default_trusted_roots,
-    )
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils.settings import resolve_endpoint
-except ImportError:
-    CLIENT_LIBS_ERROR = traceback.format_exc()
-else:
-    CLIENT_LIBS_ERROR = None
-
-ENCLAVE_ARGUMENT_SPEC = {
-    "endpoint": {"type": "str"},
-    "cid": {"type": "int"},
-    "port": {"type": "int"},
-    "expect_pcr0": {"type": "list", "elements": "str"},
-    "allow_debug": {"type": "bool", "default": False},
-}
-ENCLAVE_MUTUALLY_EXCLUSIVE = [("endpoint", "cid"), ("endpoint", "port")]
-ENCLAVE_REQUIRED_BY = {"port": ("cid",)}
-
-
-def endpoint_of(module):
-    params = module.params
-    try:
-        return resolve_endpoint(params["endpoint"], cid=params["cid"], port=params["port"])
-    except EnclaveError as err:
-        module.fail_json(msg=str(err))
-
-
-def connect(module):
-    """A client of the enclave server the options name, attested first when expect_pcr0 is set."""
-    params = module.params
-    try:
-        return EnclaveClient(
-            endpoint_of(module),
-            expect_pcr0=params["expect_pcr0"] or None,
-            trusted_roots=default_trusted_roots(),
-            allow_debug=params["allow_debug"],
-        )
-    except EnclaveError as err:
-        module.fail_json(msg=str(err))
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import (
+    ENCLAVE_MUTUALLY_EXCLUSIVE,
+    ENCLAVE_OPTIONS,
+    ENCLAVE_REQUIRED_BY,
+    connect,
+    enclave_endpoint,
+    require_libraries,
+)
 
 
 def transfer(module):
@@ -264,7 +229,10 @@ def mount_point(module):
     result = {"changed": False, "path": path, "mounted": mounted}
 
     if params["state"] == "mounted":
-        endpoint = endpoint_of(module)
+        try:
+            endpoint = enclave_endpoint(module)
+        except EnclaveError as err:
+            module.fail_json(msg=str(err))
         result["endpoint"] = endpoint
         pcr0 = params["expect_pcr0"] or []
         if len(pcr0) > 1:
@@ -321,7 +289,7 @@ def main():
             "dest": {"type": "path"},
             "state": {"type": "str", "choices": ["mounted", "unmounted"]},
             "path": {"type": "path"},
-            **ENCLAVE_ARGUMENT_SPEC,
+            **ENCLAVE_OPTIONS,
         },
         required_one_of=[("mode", "state")],
         mutually_exclusive=[("mode", "state"), ("mode", "path"), ("state", "src"), ("state", "dest")]
@@ -335,8 +303,7 @@ def main():
         required_by=ENCLAVE_REQUIRED_BY,
         supports_check_mode=True,
     )
-    if CLIENT_LIBS_ERROR:
-        module.fail_json(msg=missing_required_lib("cbor2 and cryptography"), exception=CLIENT_LIBS_ERROR)
+    require_libraries(module, CLIENT_IMPORT_ERROR)
     if module.params["mode"]:
         transfer(module)
     mount_point(module)

@@ -235,3 +235,16 @@ def test_bad_inputs_fail_clearly(run_module, args, src, tmp_path):
     assert wrong_key["failed"] is True
     assert "alias/does-not-exist" in wrong_key["msg"]
     assert not (tmp_path / "app.pkg").exists()
+
+
+@pytest.mark.parametrize("variable", ["BOTO3_IMPORT_ERROR", "PACKAGE_IMPORT_ERROR"])
+def test_a_missing_library_fails_the_task_and_names_it(run_module, args, monkeypatch, tmp_path, variable):
+    # module_utils import their third-party libraries guarded; the module reports what one could not import.
+    try:
+        import tink_is_not_installed  # noqa: F401
+    except ImportError as exc:
+        monkeypatch.setattr(enclave_package, variable, exc)
+    result = run_module(enclave_package.main, args)
+    assert result["failed"] is True
+    assert "Failed to import the required Python library (tink_is_not_installed)" in result["msg"]
+    assert not (tmp_path / "app.pkg").exists()

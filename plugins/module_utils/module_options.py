@@ -1,0 +1,125 @@
+"""What the collection's modules share: option specs, the clients made from them, library checks.
+
+The options are documented once, in the doc fragments: KMS_OPTIONS in
+plugins/doc_fragments/kms.py, ENCLAVE_OPTIONS in plugins/doc_fragments/enclave.py.
+BACKEND_OPTIONS is documented by each module that takes it. Only modules import
+this file; the CLI and the enclave server do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import traceback
+
+from ansible.module_utils.basic import missing_required_lib
+
+from .client import EnclaveClient, default_trusted_roots
+from .errors import EnclaveError
+from .settings import resolve_endpoint
+
+try:
+    import boto3
+    from botocore.exceptions import BotoCoreError
+except ImportError as exc:  # the modules report it: require_libraries(module, BOTO3_IMPORT_ERROR)
+    BOTO3_IMPORT_ERROR = exc
+else:
+    BOTO3_IMPORT_ERROR = None
+
+
+def require_libraries(module, *import_errors):
+    """Fail the task, naming the library, when a module_utils file could not import one it needs.
+
+    import_errors: the IMPORT_ERROR of each module_utils file the module uses (None when all was found).
+    """
+    for error in import_errors:
+        if error is not None:
+            module.fail_json(
+                msg=missing_required_lib(error.name or str(error)),
+                exception="".join(traceback.format_exception(error)),
+            )
+
+
+# --- KMS (doc fragment confidential_ml.nitro.kms) ---------------------------------------------
+
+KMS_OPTIONS = {
+    "kms_endpoint_url": {"type": "str", "aliases": ["endpoint_url"]},
+    "region": {"type": "str", "aliases": ["aws_region"]},
+    "profile": {"type": "str", "aliases": ["aws_profile"]},
+    "access_key": {"type": "str", "aliases": ["aws_access_key_id", "aws_access_key"], "no_log": False},
+    "secret_key": {"type": "str", "aliases": ["aws_secret_access_key", "aws_secret_key"], "no_log": True},
+    "session_token": {"type": "str", "aliases": ["aws_session_token"], "no_log": True},
+}
+KMS_MUTUALLY_EXCLUSIVE = [("profile", "access_key"), ("profile", "secret_key"), ("profile", "session_token")]
+
+
+def kms_client(module):
+    """A boto3 KMS client from the module's KMS options; boto3 finds whatever they leave unset."""
+    params = module.params
+    try:
+        session = boto3.session.Session(
+            profile_name=params["profile"],
+            aws_access_key_id=params["access_key"],
+            aws_secret_access_key=params["secret_key"],
+            aws_session_token=params["session_token"],
+            region_name=params["region"],
+        )
+        return session.client("kms", endpoint_url=params["kms_endpoint_url"])
+    except (BotoCoreError, ValueError) as err:
+        module.fail_json(
+            msg=f"cannot set up a KMS client: {err}; set region (or AWS_DEFAULT_REGION), a valid profile or"
+            " credentials, and a valid kms_endpoint_url"
+        )
+
+
+# --- the enclave server (doc fragment confidential_ml.nitro.enclave) --------------------------
+
+ENCLAVE_OPTIONS = {
+    "endpoint": {"type": "str"},
+    "cid": {"type": "int"},
+    "port": {"type": "int"},
+    "expect_pcr0": {"type": "list", "elements": "str"},
+    "allow_debug": {"type": "bool", "default": False},
+}
+ENCLAVE_MUTUALLY_EXCLUSIVE = [("endpoint", "cid"), ("endpoint", "port")]
+ENCLAVE_REQUIRED_BY = {"port": ("cid",)}
+
+
+def enclave_endpoint(module) -> str:
+    """The enclave server's address the options name (else ENCLAVE_ENDPOINT); EnclaveError when none does."""
+    params = module.params
+    return resolve_endpoint(params["endpoint"], cid=params["cid"], port=params["port"])
+
+
+def enclave_client(module, endpoint: str) -> EnclaveClient:
+    """A client of the enclave server at endpoint, attested first when expect_pcr0 is set.
+
+    Raises EnclaveError when nobody answers there, AttestationError when the enclave is not one expected."""
+    params = module.params
+    return EnclaveClient(
+        endpoint,
+        expect_pcr0=params["expect_pcr0"] or None,
+        trusted_roots=default_trusted_roots(),
+        allow_debug=params["allow_debug"],
+    )
+
+
+def connect(module) -> EnclaveClient:
+    """enclave_client at enclave_endpoint; fails the task with the reason when either fails."""
+    try:
+        return enclave_client(module, enclave_endpoint(module))
+    except EnclaveError as err:
+        module.fail_json(msg=str(err))
+
+
+# --- the runtime (documented by each module) ---------------------------------------------------
+
+BACKEND_OPTIONS = {"backend": {"type": "str", "choices": ["local", "nitro"]}}
+
+
+def image_sha256(path: str) -> str:
+    """SHA-256 (hex) of an enclave image file: what enclave_image records and enclave_instance compares."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
