@@ -510,7 +510,7 @@ def seal(
     streams the tar through the encryption and fails if any file no longer matches the first pass.
     """
     root = Path(src_dir)
-    context = _package_context(name, version, encryption_context)
+    context = package_context(name, version, encryption_context)
     try:
         with _progress("hashing", None, progress) as meter:
             entries = _build_manifest(root, meter)
@@ -550,7 +550,10 @@ def _generate_data_key(kms_client, key_id: str, context: dict[str, str], what: s
         ) from exc
 
 
-def _package_context(name: str, version: str, extra: dict | None) -> dict[str, str]:
+def package_context(name: str, version: str, extra: dict | None) -> dict[str, str]:
+    """The KMS encryption context a package is sealed under: extra plus the package's name and version.
+
+    Raises PackageError when extra is not text to text or sets those two keys to anything else."""
     context = {CONTEXT_PACKAGE: name, CONTEXT_VERSION: version}
     for key, value in (extra or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):

@@ -187,9 +187,9 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_optio
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import (
     FORMAT_VERSION,
-    _package_context,
     build_manifest,
     manifest_digest,
+    package_context,
     read_header,
     seal,
 )
@@ -289,7 +289,7 @@ def main():
             "name": params["name"],
             "version": params["version"],
             "key_id": params["key_id"],
-            "encryption_context": _package_context(params["name"], params["version"], context),
+            "encryption_context": package_context(params["name"], params["version"], context),
             "manifest_digest": digest,
         }
     except EnclaveError as err:
