@@ -424,10 +424,11 @@ def normalize_pcr(value: str, *, allow_debug: bool = False) -> str:
 
 
 def _pcrs(values: Sequence[str], name: str, allow_debug: bool) -> list[str]:
+    """Normalized PCR values in the order given, each once (case and surrounding white space do not count)."""
     if isinstance(values, str):  # a lone string would otherwise be read character by character
         values = [values]
     try:
-        return sorted({normalize_pcr(value, allow_debug=allow_debug) for value in values})
+        return list(dict.fromkeys(normalize_pcr(value, allow_debug=allow_debug) for value in values))
     except PolicyError as err:
         raise PolicyError(f"{name}: {err}") from err
 
@@ -476,9 +477,11 @@ def render_policy(
 ) -> dict:
     """The owner's key policy: admin, attested Allow for the user, Deny without attestation.
 
-    Deterministic (principals and PCRs sorted, deduplicated, lowercase), so rendering
-    again gives an equal dict. With `existing`, foreign statements are kept as they are
-    and ours are replaced by Sid in place (see merge_statements).
+    Deterministic, so rendering again gives an equal dict: principals and PCR8 values are
+    sorted; PCR0 values keep the order given (newest first, by convention: the policy is
+    the only record of which values are newest, see allowed_pcr0). All are deduplicated
+    and lowercase. With `existing`, foreign statements are kept as they are and ours are
+    replaced by Sid in place (see merge_statements).
 
     PCR8 gets its own Deny statement: two keys under one negated operator AND
     together, so a single Deny would fire only when PCR0 *and* PCR8 both mismatch.
@@ -496,7 +499,7 @@ def render_policy(
             f"{both} would be both key administrator and enclave user, and an administrator can remove the Deny;"
             " give the parent host its own role."
         )
-    pcr0s, pcr8s = _pcrs(pcr0, "pcr0", allow_debug), _pcrs(pcr8, "pcr8", allow_debug)
+    pcr0s, pcr8s = _pcrs(pcr0, "pcr0", allow_debug), sorted(_pcrs(pcr8, "pcr8", allow_debug))
     if not pcr0s:
         raise PolicyError("pcr0 is empty; give the PCR0 of at least one enclave image, or nothing could decrypt.")
     attestation = {IMAGE_SHA384: pcr0s} | ({PCR8: pcr8s} if pcr8s else {})
@@ -553,15 +556,17 @@ def merge_statements(existing: dict | str, statements: Sequence[dict], *, drop: 
 
 
 def allowed_pcr0(policy: dict | str) -> list[str]:
-    """The PCR0 values our Allow statement carries now (sorted, lowercase); [] if it is absent."""
-    values = set()
+    """The PCR0 values our Allow statement carries now, lowercase, each once, in the policy's order; [] if absent.
+
+    render_policy writes them in the order given, newest first, so this is newest first too."""
+    values = {}
     for statement in _statement_list(_load(policy)):
         if not isinstance(statement, dict) or statement.get("Sid") != SID_ALLOW:
             continue
         for condition in _parse_statement(statement, 0).conditions:
             if condition.key.lower() == IMAGE_SHA384.lower() and not condition.operator.negated:
-                values.update(value.strip().lower() for value in condition.values)
-    return sorted(values)
+                values.update(dict.fromkeys(value.strip().lower() for value in condition.values))
+    return list(values)
 
 
 def _pretty(policy: dict | str | None) -> str:

@@ -79,9 +79,9 @@ options:
       - The candidates, newest first, are O(pcr0) in the order given, followed by the values the current policy
         already allows that are not in O(pcr0), in the order the policy lists them. Duplicates (ignoring case)
         count once, at their first place. The first O(keep_newest) candidates are allowed, the rest are removed.
-      - The policy lists its values as C(render_policy) writes them, which is currently ascending hex order; KMS
-        records no age for them, so to control exactly which older values stay, pass the whole window in O(pcr0),
-        newest first (for example the new image's PCR0 and then the previous one, with O(keep_newest=2)).
+      - The policy lists the values it allows newest first, as the module wrote them; KMS records no age for them,
+        so that order is what tells the newest from the oldest. Allowing a new image with O(pcr0) and
+        O(keep_newest=2) keeps it and the value allowed most recently before it.
       - When not set, every value already allowed stays allowed.
     type: int
   state:
@@ -164,7 +164,7 @@ policy:
         Action: ["kms:*"]
         Resource: "*"
 allowed_pcr0:
-  description: The PCR0 values the policy allows after the run, lowercase and sorted.
+  description: The PCR0 values the policy allows after the run, lowercase, newest first (the order the policy lists them).
   returned: always
   type: list
   elements: str

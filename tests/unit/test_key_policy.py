@@ -372,16 +372,20 @@ def test_rendered_policy_shape():
     assert list(by_sid) == [kp.SID_ADMIN, kp.SID_ALLOW, kp.SID_DENY]
     assert by_sid[kp.SID_ADMIN]["Principal"] == {"AWS": [ROOT]}
     assert by_sid[kp.SID_ALLOW]["Principal"] == {"AWS": [USER]}
-    assert by_sid[kp.SID_ALLOW]["Condition"] == {"StringEqualsIgnoreCase": {KEY: sorted([PCR0, PCR0_NEXT])}}
+    # PCR0 values keep the order given (newest first), lowercase, each once.
+    assert by_sid[kp.SID_ALLOW]["Condition"] == {"StringEqualsIgnoreCase": {KEY: [PCR0_NEXT, PCR0]}}
     assert by_sid[kp.SID_DENY]["Principal"] == "*"
-    assert by_sid[kp.SID_DENY]["Condition"] == {"StringNotEqualsIgnoreCase": {KEY: sorted([PCR0, PCR0_NEXT])}}
+    assert by_sid[kp.SID_DENY]["Condition"] == {"StringNotEqualsIgnoreCase": {KEY: [PCR0_NEXT, PCR0]}}
     assert doc["Version"] == "2012-10-17"
 
 
 def test_render_is_deterministic_and_idempotent():
     first = render(pcr0=[PCR0_NEXT, PCR0], pcr8=[PCR8], user_principals=[USER, USER_ACCOUNT_ROLE])
-    again = render(pcr0=[PCR0.upper(), PCR0_NEXT], pcr8=[PCR8], user_principals=[USER_ACCOUNT_ROLE, USER])
+    again = render(pcr0=[PCR0_NEXT.upper(), PCR0, PCR0_NEXT], pcr8=[PCR8], user_principals=[USER_ACCOUNT_ROLE, USER])
     assert first == again
+    # The PCR0 order is the caller's (newest first): the other order is another policy.
+    assert kp.allowed_pcr0(render(pcr0=[PCR0, PCR0_NEXT])) == [PCR0, PCR0_NEXT]
+    assert kp.allowed_pcr0(first) == [PCR0_NEXT, PCR0]
     assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
     remerged = render(
         pcr0=[PCR0_NEXT, PCR0], pcr8=[PCR8], user_principals=[USER, USER_ACCOUNT_ROLE], existing=json.dumps(first)
@@ -510,8 +514,8 @@ def test_merge_statements_directly():
 def test_allowed_pcr0_gives_a_rotation_window():
     old = render(pcr0=[PCR0])
     assert kp.allowed_pcr0(json.dumps(old)) == [PCR0]
-    rotated = render(pcr0=[*kp.allowed_pcr0(old), PCR0_NEXT], existing=old)
-    assert kp.allowed_pcr0(rotated) == sorted([PCR0, PCR0_NEXT])
+    rotated = render(pcr0=[PCR0_NEXT, *kp.allowed_pcr0(old)], existing=old)
+    assert kp.allowed_pcr0(rotated) == [PCR0_NEXT, PCR0]  # newest first, as given
     assert decide(rotated, {KEY: PCR0}).allowed and decide(rotated, {KEY: PCR0_NEXT}).allowed
     assert kp.allowed_pcr0(AWS_DEFAULT | {"Statement": AWS_DEFAULT["Statement"][:1]}) == []
 
@@ -533,7 +537,7 @@ def test_rendered_policy_allows_exactly_its_pcr0s(pcrs, probe):
     values = [p.hex() for p in pcrs]
     doc = render(pcr0=[v.upper() for v in values])
     assert render(pcr0=values, existing=doc) == doc
-    assert kp.allowed_pcr0(doc) == sorted(set(values))
+    assert kp.allowed_pcr0(doc) == list(dict.fromkeys(values))  # in the order given, each once
     for value in values:
         assert decide(doc, {KEY: value}).allowed
         assert decide(doc, {KEY: value.upper()}).allowed

@@ -96,7 +96,7 @@ def test_check_mode_reports_the_change_and_writes_nothing(run_module, args, owne
     written = stored(owner, key)
     rotated = run_module(enclave_key_policy.main, dict(args, pcr0=[B]), check_mode=True)
     assert rotated["changed"] is True
-    assert rotated["allowed_pcr0"] == [A, B]
+    assert rotated["allowed_pcr0"] == [B, A]
     assert stored(owner, key) == written
 
 
@@ -128,10 +128,10 @@ def test_without_keep_newest_every_allowed_value_stays(run_module, args):
     run_module(enclave_key_policy.main, args)
     result = run_module(enclave_key_policy.main, dict(args, pcr0=[B]))
     assert result["changed"] is True
-    assert result["allowed_pcr0"] == [A, B]
+    assert result["allowed_pcr0"] == [B, A]  # newest first
     # The Deny lets through exactly the allowed values.
     (deny,) = [s for s in result["policy"]["Statement"] if s["Sid"] == SID_DENY]
-    assert deny["Condition"]["StringNotEqualsIgnoreCase"]["kms:RecipientAttestation:ImageSha384"] == [A, B]
+    assert deny["Condition"]["StringNotEqualsIgnoreCase"]["kms:RecipientAttestation:ImageSha384"] == [B, A]
 
 
 def test_rotation_window_keeps_the_newest_values(run_module, args):
@@ -139,14 +139,17 @@ def test_rotation_window_keeps_the_newest_values(run_module, args):
     # Candidates newest first: C (given now), then A and B in the policy's order; the window keeps two.
     rotated = run_module(enclave_key_policy.main, dict(args, pcr0=[C], keep_newest=2))
     assert rotated["changed"] is True
-    assert rotated["allowed_pcr0"] == [A, C]
+    assert rotated["allowed_pcr0"] == [C, A]
     # Applying the same rotation again is not a change.
     again = run_module(enclave_key_policy.main, dict(args, pcr0=[C], keep_newest=2))
     assert again["changed"] is False
-    assert again["allowed_pcr0"] == [A, C]
+    assert again["allowed_pcr0"] == [C, A]
+    # The next image: the policy's order says A is older than C, so A drops out.
+    newer = run_module(enclave_key_policy.main, dict(args, pcr0=[D], keep_newest=2))
+    assert newer["allowed_pcr0"] == [D, C]
     # Values given now come first, in the order given (uppercase and spaces are the same value).
     given = run_module(enclave_key_policy.main, dict(args, pcr0=[f" {E.upper()} ", D, B], keep_newest=2))
-    assert given["allowed_pcr0"] == [D, E]
+    assert given["allowed_pcr0"] == [E, D]
     # keep_newest=1 leaves the newest only.
     single = run_module(enclave_key_policy.main, dict(args, pcr0=[B], keep_newest=1))
     assert single["allowed_pcr0"] == [B]
