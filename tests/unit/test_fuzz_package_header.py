@@ -50,7 +50,7 @@ def test_random_bytes_after_the_magic(tmp_path, body, claimed):
 @given(data=st.data())
 def test_mutations_of_a_valid_header(tmp_path, data):
     body = bytearray(VALID)
-    for _ in range(data.draw(st.integers(min_value=1, max_value=8))):
+    for _i in range(data.draw(st.integers(min_value=1, max_value=8))):
         position = data.draw(st.integers(min_value=0, max_value=len(body) - 1))
         body[position] = data.draw(st.integers(min_value=0, max_value=255))
     cut = data.draw(st.integers(min_value=0, max_value=len(body)))
