@@ -9,7 +9,7 @@ COLLECTIONS := $(CURDIR)/collections
 export PYTHONPATH := $(COLLECTIONS)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 
-.PHONY: all deps venv link test lint demo bench clean
+.PHONY: all deps venv link test ansible-checks lint demo bench clean
 
 all: test
 
@@ -33,9 +33,15 @@ link:
 	@mkdir -p $(COLLECTIONS)/ansible_collections/confidential_ml
 	@ln -sfn $(CURDIR) $(COLLECTIONS)/ansible_collections/confidential_ml/nitro
 
-test: venv
+# The collection's gates before the tests: ansible-lint --profile production and ansible-test
+# sanity (scripts/ansible_checks.sh installs shellcheck from Debian when run as root; ansible-test
+# builds its own virtual environments from PyPI on the first run).
+test: venv ansible-checks
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+ansible-checks: venv
+	VENV=$(VENV) scripts/ansible_checks.sh
 
 lint: venv
 	$(BIN)/ruff check .

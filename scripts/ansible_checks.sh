@@ -103,9 +103,14 @@ mirror_tree() {
 install_shellcheck() {
     # Without shellcheck, ansible-test skips its shellcheck test with a warning: results would depend on the machine.
     command -v shellcheck >/dev/null && return
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    local as_root=()  # root itself, or sudo when it needs no password
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then as_root=(sudo -n); else as_root=(false); fi
+    fi
+    if [ "${as_root[*]}" != false ] && command -v apt-get >/dev/null; then
         say "installing shellcheck (Debian package)"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null
+        "${as_root[@]}" apt-get update -qq
+        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null
     else
         say "warning: shellcheck is missing (sudo apt-get install shellcheck); ansible-test will skip that test"
     fi
