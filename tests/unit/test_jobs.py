@@ -150,8 +150,13 @@ def test_second_job_is_busy_and_names_the_first(env, tmp_path):
         run(runner, "ml_algorithm.py", "-d /dataset -o /output")
     assert caught.value.errno == errno.EBUSY
     assert "wait.py" in str(caught.value) and runner.current.id in str(caught.value)
-    # wait.py polls a path relative to its cwd (the package): create it there to let it finish.
-    (work / runner.current.id / "app" / release.name).write_text("go")
+    # wait.py polls a path relative to its cwd (the package): create it there to let it finish,
+    # once the package is open (the runner names its job before it opens the package).
+    app = work / runner.current.id / "app"
+    deadline = time.monotonic() + 30
+    while not app.is_dir() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (app / release.name).write_text("go")
     first.join(timeout=30)
     assert not first.is_alive()
     assert list(work.iterdir()) == []
