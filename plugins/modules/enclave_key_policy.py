@@ -164,7 +164,7 @@ policy:
         Action: ["kms:*"]
         Resource: "*"
 allowed_pcr0:
-  description: The PCR0 values the policy allows after the run, lowercase, newest first (the order the policy lists them).
+  description: The PCR0 values the policy allows after the run, lowercase, newest first (as the policy lists them).
   returned: always
   type: list
   elements: str

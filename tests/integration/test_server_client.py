@@ -190,8 +190,8 @@ def test_client_that_disconnects_mid_write_leaves_the_share_consistent(enclave):
         raw.connect(str(enclave["sock"]))
         wire.send_frame(raw, {"hello": wire.PROTOCOL, "versions": [1], "max_frame": wire.MAX_FRAME}, wire.MIN_FRAME)
         assert wire.recv_frame(raw)["version"] == 1
-        frame = wire.encode({"id": 1, "op": "share.write", "args": {"path": "/dataset/f.bin", "offset": 0,
-                                                                      "data": b"b" * (1 << 20)}})  # fmt: skip
+        write = {"path": "/dataset/f.bin", "offset": 0, "data": b"b" * (1 << 20)}
+        frame = wire.encode({"id": 1, "op": "share.write", "args": write})
         raw.sendall(wire.HEADER.pack(len(frame)) + frame[: len(frame) // 2])  # half a frame, then gone
     with EnclaveClient(enclave["endpoint"]) as client:
         assert client.call("share.read", {"path": "/dataset/f.bin", "offset": 0, "size": 1 << 20}) == b"a" * 1000
