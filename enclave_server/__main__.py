@@ -7,6 +7,7 @@ import sys
 from ..plugins.module_utils.endpoints import KMS_PROXY_PORT, Endpoint
 from ..plugins.module_utils.errors import EnclaveError
 from ..plugins.module_utils.nsm import NsmDevice, NsmSocket
+from ..plugins.module_utils.wire import keep_freed_memory
 from . import kms_forwarder
 from .server import EnclaveServer, serve
 
@@ -26,6 +27,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    # Every share.write and share.read moves a 1 MiB frame: with glibc's defaults each one is a fresh
+    # mmap, page-faulted in and handed back, which halves bulk throughput (docs/PROTOCOL.md section 9).
+    # The enclave's init does not set GLIBC_TUNABLES for us, so the server sets the same at start.
+    keep_freed_memory()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         nsm = NsmSocket(args.nsm.removeprefix("unix://")) if args.nsm.startswith("unix://") else NsmDevice(args.nsm)

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -54,7 +52,7 @@ from pathlib import Path
 
 from . import settings
 from .errors import EnclaveError
-from .wire import CallTimeout, ConnectionClosed, RemoteError
+from .wire import CallTimeout, ConnectionClosed, RemoteError, keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -620,22 +618,12 @@ def raise_readahead(mountpoint: str) -> None:
         log.info("reads stay at the kernel's default readahead (could not raise it: %s)", err.strerror)
 
 
-def _keep_freed_memory() -> None:
-    # glibc would give each freed 1 MiB frame back to the kernel and fault it in again (docs/PROTOCOL.md §9).
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def serve(connection, mountpoint, *, on_ready=None) -> dict:
     """Mount the share at mountpoint over connection and serve it in this process until it is unmounted.
 
     on_ready(None) is called once the mount answers, on_ready(reason) if it does not.
     Returns what the mount did (ShareOperations.report())."""
-    _keep_freed_memory()
+    keep_freed_memory()  # 1 MiB frames without a page fault each (docs/PROTOCOL.md section 9)
     ops = operations(connection, os.fspath(mountpoint), on_ready=on_ready)
     try:
         _fuse_class()(ops, os.fspath(mountpoint), foreground=True, **FUSE_OPTIONS)

@@ -12,6 +12,8 @@ The server and every client import this module; nothing else frames bytes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import datetime
 import decimal
 import errno
@@ -93,6 +95,34 @@ class RemoteError(EnclaveError, OSError):
 
     def __str__(self):
         return f"{self.op}: {self.strerror} ({self.name})"
+
+
+# --- memory -------------------------------------------------------------------------------
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+KEEP_MMAP_THRESHOLD = 16 << 20
+KEEP_TRIM_THRESHOLD = 256 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc to keep freed MiB buffers in the process (docs/PROTOCOL.md section 9).
+
+    By default glibc serves each 1 MiB frame with its own mmap and hands it back to
+    the kernel when freed (and trims the heap), so every new frame page-faults its
+    memory in again: that costs more than copying the bytes and halves bulk
+    throughput. Raising M_MMAP_THRESHOLD to 16 MiB keeps frames on the heap, and
+    M_TRIM_THRESHOLD to 256 MiB keeps the freed heap for the next frame. The same
+    as GLIBC_TUNABLES=glibc.malloc.mmap_threshold=16777216:glibc.malloc.trim_threshold=268435456,
+    for processes whose environment we do not choose (the enclave server). Called at
+    start-up by the enclave server and the FUSE mount process. False where it is not
+    glibc (nothing changes then)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD))
 
 
 # --- frames ---------------------------------------------------------------------------------
