@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTIONS = ROOT / "collections"
@@ -228,7 +229,7 @@ def raw_socket(size_mib: int) -> float:
 
     def sink():
         buf = memoryview(bytearray(MIB))
-        for _ in range(size_mib):
+        for _i in range(size_mib):
             view = buf
             while view:
                 view = view[b.recv_into(view) :]
@@ -237,7 +238,7 @@ def raw_socket(size_mib: int) -> float:
     thread = threading.Thread(target=sink)
     start = time.perf_counter()
     thread.start()
-    for _ in range(size_mib):
+    for _i in range(size_mib):
         a.sendall(chunk)
     assert a.recv(1) == b"k"
     elapsed = time.perf_counter() - start
@@ -263,9 +264,14 @@ def wait_until(predicate, what: str, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
+class Served(NamedTuple):
+    endpoint: str
+    pcr0: str  # hex
+
+
 @contextlib.contextmanager
 def enclave_server(base: Path, share: Path, *, tunables: bool):
-    """The enclave server as the integration fixture starts it; yields (endpoint, PCR0 hex)."""
+    """The enclave server as the integration fixture starts it; yields its Served (endpoint, PCR0 hex)."""
     from ansible_collections.confidential_ml.nitro.enclave_local.nsm_service import NsmService
     from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA, SimulatedNsm
 
@@ -285,7 +291,7 @@ def enclave_server(base: Path, share: Path, *, tunables: bool):
         wait_until(lambda: sock.exists() or server.poll() is not None, "the enclave server's start")
         if server.poll() is not None:
             raise SystemExit("bench_fuse: the enclave server exited during start-up")
-        yield f"unix://{sock}", pcr0.hex()
+        yield Served(f"unix://{sock}", pcr0.hex())
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -391,17 +397,18 @@ def main(argv=None) -> int:
         targets = {"tmpfs": shm / "tmpfs"}
         runs = {name: {"sequential": [], "small_files": []} for name in ("tmpfs", "memfs", "mount")}
         with (
-            enclave_server(base, shm / "share", tunables=not opts.server_default_malloc) as (endpoint, pcr0),
+            enclave_server(base, shm / "share", tunables=not opts.server_default_malloc) as served,
             memfs_mount(base / "memfs") as memfs,
-            enclave_mount(endpoint, base / "synced_folder", pcr0) as mount_report,
+            # One name, not (endpoint, pcr0): pylint takes names unpacked in a with item as unset in the next.
+            enclave_mount(served.endpoint, base / "synced_folder", served.pcr0) as mount_report,
         ):
             targets["memfs"] = memfs
             targets["mount"] = base / "synced_folder" / "dataset"
-            for _ in range(opts.repeat):
+            for _i in range(opts.repeat):
                 for name, directory in targets.items():
                     runs[name]["sequential"].append(sequential(directory, opts.size_mib))
                     runs[name]["small_files"].append(small_files(directory, source))
-            raw = max(raw_socket(opts.size_mib) for _ in range(opts.repeat))
+            raw = max(raw_socket(opts.size_mib) for _i in range(opts.repeat))
     finally:
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)

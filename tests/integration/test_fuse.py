@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def cli(*args, check=True, timeout=120):
-    result = subprocess.run([*ENCLAVE, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([*ENCLAVE, *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -44,7 +44,7 @@ def cli(*args, check=True, timeout=120):
 def sh(command, *, check=True, timeout=300, cwd=None, env=None):
     """A shell command line; a hang fails the test at the timeout instead of blocking the run."""
     result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                            env=None if env is None else {**os.environ, **env})  # fmt: skip
+                            env=None if env is None else {**os.environ, **env}, check=False)  # fmt: skip
     if check:
         assert result.returncode == 0, f"{command}: {result.stderr}"
     return result
@@ -69,7 +69,7 @@ def force_unmount(mnt: Path) -> None:
         for command in (["fusermount3", "-u", "-z", str(mnt)], ["umount", "-l", str(mnt)]):
             if not fusefs.is_mounted(mnt):
                 break
-            subprocess.run(command, capture_output=True)
+            subprocess.run(command, capture_output=True, check=False)
     if state and not gone(state["pid"]):
         with contextlib.suppress(ProcessLookupError):
             os.kill(state["pid"], 9)
@@ -326,7 +326,7 @@ def test_full_share_gives_enospc(tmp_path, monkeypatch):
         pytest.skip("mounting a tmpfs for the small share needs root")
     share = tmp_path / "share"
     share.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(share)]).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(share)], check=False).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     monkeypatch.setenv("ENCLAVE_HOME", str(tmp_path / "home"))
     try:
@@ -339,7 +339,7 @@ def test_full_share_gives_enospc(tmp_path, monkeypatch):
             sh(f"head -c 1M /dev/urandom > '{tmp_path}/small' && cp '{tmp_path}/small' '{mnt}/dataset/'")
             assert sha256(share / "dataset" / "small") == sha256(tmp_path / "small")
     finally:
-        subprocess.run(["umount", "-l", str(share)])
+        subprocess.run(["umount", "-l", str(share)], check=False)
 
 
 def test_new_files_show_the_mode_the_server_gave_them(tmp_path, monkeypatch):
@@ -407,7 +407,7 @@ def test_busy_mount_says_so_and_unmounts_once_free(synced):
 def test_killed_mount_process_can_still_be_unmounted(synced):
     mnt = synced["mnt"]
     os.kill(synced["state"]["pid"], 9)
-    for _ in range(500):  # the kernel notices at once; the process may take a moment to die
+    for _attempt in range(500):  # the kernel notices at once; the process may take a moment to die
         if gone(synced["state"]["pid"]):
             break
         time.sleep(0.01)
