@@ -24,13 +24,14 @@ import itertools
 import logging
 import queue
 import re
+import select
 import selectors
 import socket
 import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -442,7 +443,12 @@ class Server:
 
     Handlers are called as handler(args, ctx) and return plain data, or raise:
     OSError -> its errno; EnclaveError -> its .errno attribute or EIO, with str(e);
-    anything else -> EIO "internal error", logged here with its traceback."""
+    anything else -> EIO "internal error", logged here with its traceback.
+
+    inline: ops short enough to run on the connection's reader thread itself (file
+    metadata, small reads and writes): a round trip then skips two thread hand-offs.
+    Their connection reads nothing else while one runs, so an op that may block
+    (a job, a hash of a whole tree) belongs on the pool."""
 
     def __init__(
         self,
@@ -455,6 +461,7 @@ class Server:
         max_inflight: int = 32,
         handshake_timeout: float = 10.0,
         send_timeout: float = 60.0,
+        inline: Iterable[str] = (),
     ):
         try:
             self.max_frame = _check_limit(max_frame, "max_frame")
@@ -468,6 +475,8 @@ class Server:
         self._handlers = dict(handlers)
         if not all(isinstance(op, str) for op in self._handlers):
             raise TypeError("handler names (ops) must be strings")
+        # Short ops run on the connection's reader thread: no hand-off to a worker and back.
+        self._inline = frozenset(inline)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-worker")
         self._lock = threading.Lock()
         self._connections: dict[_ServerConnection, threading.Thread] = {}
@@ -642,7 +651,11 @@ class _ServerConnection:
         cancelled = threading.Event()
         with self.lock:
             self.inflight[rid] = cancelled
-        self.server._pool.submit(self.run_request, rid, op, handler, args, cancelled)
+        if op in self.server._inline:
+            # A short op: answered from this reader thread, which reads nothing else meanwhile.
+            self.run_request(rid, op, handler, args, cancelled)
+        else:
+            self.server._pool.submit(self.run_request, rid, op, handler, args, cancelled)
 
     def run_request(self, rid: int, op: str, handler: Handler, args: dict, cancelled: threading.Event):
         def emit(event):
@@ -711,7 +724,7 @@ class Call:
         while self._outcome is None:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                kind, value = self._queue.get(timeout=remaining)
+                kind, value = self._connection._next(self, remaining)
             except queue.Empty:
                 raise CallTimeout(
                     f"{self.op} got no reply within {timeout} s: the enclave may be busy; retry with a longer timeout"
@@ -751,6 +764,11 @@ class Connection:
         self._pending: dict[int, Call] = {}
         self._closed_reason: str | None = None
         self._closing = False
+        # Whoever holds it reads the socket: a waiting caller (its own reply, without a hand-off)
+        # or the background reader (replies nobody is reading for: other calls' replies, a close).
+        self._read_lock = threading.Lock()
+        # Set while the background reader is needed: calls are waiting and no caller reads for them.
+        self._watch = threading.Event()
         try:
             self._handshake(timeout, name)
         except BaseException:
@@ -796,11 +814,25 @@ class Connection:
         self._channel.peer_max_frame = self.max_frame
         sock.settimeout(None)
 
-    def _read_loop(self):
+    def _readable(self, timeout: float | None) -> bool:
+        """Whether a frame (or the end of the stream) waits on the socket; timeout None waits for ever."""
+        poller = select.poll()
+        try:
+            poller.register(self._channel.sock, select.POLLIN)
+        except (OSError, ValueError):  # closed under us: let the read find out and report it
+            return True
+        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+
+    def _read_one(self) -> bool:
+        """Read one frame and route it; on the end of the stream or any failure fail every call and return False.
+
+        Only with _read_lock held, and only when the socket is readable (a frame is arriving)."""
         peer = self._channel.peer
         try:
-            while (msg := recv_frame(self._channel.sock, self._max_frame)) is not None:
+            msg = recv_frame(self._channel.sock, self._max_frame)
+            if msg is not None:
                 self._dispatch(msg)
+                return True
             reason = f"{peer} closed the connection"
         except ConnectionResetError:
             reason = f"{peer} closed the connection abruptly (did it stop or crash?)"
@@ -811,14 +843,72 @@ class Connection:
         except Exception:  # a bug here must still fail the callers rather than leave them waiting
             log.exception("the reader of the connection to %s failed", peer)
             reason = f"the connection to {peer} failed: internal error in the client (see its log)"
+        except BaseException:  # Ctrl-C inside a frame: the stream cannot be trusted any more
+            self._fail_all(f"the connection to {peer} was interrupted inside a frame")
+            raise
+        self._fail_all(reason)
+        return False
+
+    def _fail_all(self, reason: str) -> None:
         if self._closing:
-            reason = f"the connection to {peer} was closed by this client"
+            reason = f"the connection to {self._channel.peer} was closed by this client"
         self._channel.shutdown()
         with self._lock:
-            self._closed_reason = reason
+            if self._closed_reason is None:
+                self._closed_reason = reason
+            reason = self._closed_reason
             pending, self._pending = self._pending, {}
         for call in pending.values():
             call._queue.put((_ERROR, ConnectionClosed(reason)))
+        self._watch.set()  # the background reader ends
+
+    def _read_loop(self):
+        """The background reader: reads for the calls that wait while no caller reads for itself.
+
+        Idle while the only caller reads its own reply, so a lone call wakes no other thread."""
+        while True:
+            self._watch.wait()
+            if self._closed_reason is not None:
+                return
+            try:
+                self._readable(None)
+            except OSError:  # the descriptor is gone (closed): treat as the end
+                self._fail_all(f"the connection to {self._channel.peer} failed")
+                return
+            with self._read_lock:
+                # A caller may have read the frame that woke us: never block in recv on an empty socket.
+                if self._closed_reason is None and self._readable(0) and not self._read_one():
+                    return
+                with self._lock:
+                    if not self._pending and not self._closing:
+                        self._watch.clear()  # the next caller reads for itself
+
+    def _next(self, call: Call, timeout: float | None):
+        """The next event or outcome of call: read off the socket by this thread when no one else is
+        reading (no hand-off through the background reader), else handed over by whoever reads.
+        Raises queue.Empty after timeout seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(queue.Empty):
+                return call._queue.get_nowait()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise queue.Empty
+            if not self._read_lock.acquire(blocking=False):
+                # Another thread reads: it routes our reply to us, or leaves the socket to the background reader.
+                return call._queue.get(timeout=remaining)
+            try:
+                if not call._queue.empty():
+                    continue
+                if self._closed_reason is not None:  # nothing more will come: a call already forgotten
+                    return (_ERROR, ConnectionClosed(self._closed_reason))
+                if self._readable(remaining):
+                    self._read_one()
+            finally:
+                self._read_lock.release()
+                with self._lock:
+                    if len(self._pending) > (call.id in self._pending):
+                        self._watch.set()  # others wait for replies: leave the socket to the background reader
 
     def _dispatch(self, msg: dict):
         rid = msg.get("id")
@@ -848,6 +938,10 @@ class Connection:
             if self._closed_reason is not None:
                 raise ConnectionClosed(self._closed_reason)
             self._pending[call.id] = call
+            if len(self._pending) > 1:
+                # Several calls in flight: someone must read even while their callers send, or a big
+                # request and a big reply could each wait for the other to be read.
+                self._watch.set()
         try:
             self._channel.send({"id": call.id, "op": op, "args": {} if args is None else args})
         except BaseException:
@@ -899,6 +993,7 @@ class Connection:
         """Close the connection; pending calls fail with ConnectionClosed."""
         self._closing = True
         self._channel.shutdown()
+        self._watch.set()
         if threading.current_thread() is not self._reader:
             self._reader.join()
         self._channel.close()

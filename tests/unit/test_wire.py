@@ -675,3 +675,78 @@ def test_client_drops_a_server_that_breaks_the_protocol(sockdir):
         pytest.raises(ConnectionClosed, match="broke the protocol .*claims 4294967295 bytes"),
     ):
         conn.call("anything", timeout=WAIT)
+
+
+# --- inline ops and callers reading their own replies -------------------------------------------
+
+
+def test_inline_ops_run_on_the_reader_thread_and_pool_ops_stay_concurrent(serve, probe):
+    handlers = make_handlers(probe)
+
+    def where(args, ctx):
+        return threading.current_thread().name
+
+    handlers["where"] = where
+    endpoint, _server = serve(handlers, inline={"where", "echo", "fail"}, name="inl")
+    with Connection.open(endpoint) as conn:
+        assert conn.call("where", timeout=WAIT) == "inl-conn"
+        # A pool op still runs beside the inline ones: they are answered while it waits.
+        slow = conn.submit("wait_release")
+        assert probe.started.wait(WAIT)
+        assert conn.call("echo", {"n": 1}, timeout=WAIT) == {"n": 1}
+        with pytest.raises(RemoteError) as info:
+            conn.call("fail", {"kind": "enoent"}, timeout=WAIT)
+        assert info.value.errno == errno.ENOENT
+        assert conn.call("release", timeout=WAIT) == "releasing"
+        assert slow.result(WAIT) == "released"
+
+
+def test_many_threads_with_inline_ops_share_one_connection(serve):
+    endpoint, _server = serve(inline={"echo"}, max_inflight=2)
+    errors = []
+
+    def caller(t):
+        try:
+            for k in range(200):
+                assert conn.call("echo", {"t": t, "k": k}, timeout=WAIT) == {"t": t, "k": k}
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    with Connection.open(endpoint) as conn:
+        threads = [threading.Thread(target=caller, args=(t,)) for t in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+
+
+def test_lone_caller_reads_its_own_reply(serve):
+    endpoint, _server = serve(inline={"echo"})
+    with Connection.open(endpoint) as conn:
+        assert conn.call("echo", {"n": 1}, timeout=WAIT) == {"n": 1}
+        # The background reader stays idle while the only caller reads for itself.
+        assert not conn._watch.is_set()
+        for n in range(50):
+            assert conn.call("echo", {"n": n}, timeout=WAIT) == {"n": n}
+        assert not conn._watch.is_set()
+
+
+def test_call_timeout_while_reading_for_itself(serve, probe):
+    endpoint, _server = serve()
+    with Connection.open(endpoint) as conn:
+        with pytest.raises(CallTimeout):
+            conn.call("wait_cancel", timeout=0.2)
+        assert probe.saw_cancel.wait(WAIT)
+        assert conn.call("echo", {"after": "timeout"}, timeout=WAIT) == {"after": "timeout"}
+
+
+def test_big_request_while_a_big_reply_is_unread(serve):
+    # The caller sends a MiB while the server, answering on its reader thread, sends a MiB back:
+    # the background reader takes the reply, so neither side waits for the other for ever.
+    endpoint, _server = serve(inline={"big", "echo"}, send_timeout=WAIT)
+    with Connection.open(endpoint) as conn:
+        pending = conn.submit("big", {"size": 3 << 20})
+        data = os.urandom(3 << 20)
+        assert conn.call("echo", {"data": data}, timeout=WAIT) == {"data": data}
+        assert pending.result(WAIT) == b"\x01" * (3 << 20)
