@@ -156,10 +156,17 @@ class EnclaveClient:
         }
 
     def _upload(self, src: Path, remote: str, mode: int) -> None:
-        self.call("share.create", {"path": remote, "mode": mode})
         pending: deque = deque()
         with open(src, "rb", buffering=0) as f:
-            offset = 0
+            first = f.read(CHUNK)
+            # A small file goes whole with its create: one round trip. A server that does not know create's
+            # data (an older image answers None, or a stat without it) gets it as a write after all.
+            created = self.call("share.create", {"path": remote, "mode": mode, "data": first})
+            if isinstance(created, dict) and created.get("size") == len(first):
+                offset = len(first)
+            else:
+                offset = 0
+                f.seek(0)
             while block := f.read(CHUNK):
                 pending.append(self.connection.submit("share.write", {"path": remote, "offset": offset, "data": block}))
                 offset += len(block)

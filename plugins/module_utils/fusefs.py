@@ -11,8 +11,12 @@ Kept cheap:
 - readdir is one `share.list` round trip; the listed stats answer the lookups
   of the `ls -l` that follows, and the listing answers "no such file" for the
   lookup that precedes every create, for about a second. The stat libfuse
-  wants right after a create is known without asking (see _new_file_attrs):
-  a small file costs two round trips, create and write.
+  wants right after a create is known without asking (see _new_file_attrs).
+  Outside /output the create itself waits for the file's first write and
+  carries its data when that write is the whole file (under 1 MiB from offset
+  0), or is sent at its close: a small file costs one round trip. Anything else
+  that touches the new name first (stat after the cache expires, listing,
+  rename, read...) sends the create before it goes on.
 - Writes are pipelined: write() returns once its request is sent, up to
   WRITE_WINDOW of a file in flight; flush (every close) and fsync wait for them
   and report a failure (ENOSPC...), as network file systems do. Whatever must
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import errno
 import hashlib
 import json
@@ -258,6 +263,16 @@ class _WriteBehind:
         self._pool.shutdown()
 
 
+class _Deferred:
+    """A file created through the mount whose share.create is not sent yet (see ShareOperations.create)."""
+
+    def __init__(self, mode: int, exclusive: bool):
+        self.mode = mode
+        self.exclusive = exclusive
+        self.lock = threading.Lock()  # held while its create is sent: others wait for it to land
+        self.sent = False
+
+
 class ShareOperations:
     """mfusepy operations over the wire connection (built by `operations()`, which subclasses mfusepy's base)."""
 
@@ -279,6 +294,8 @@ class ShareOperations:
         self.writes = _WriteBehind(WRITE_WINDOW)
         self._mode_bits_seen = 0  # permission bits creates have asked for ...
         self._mode_bits_removed = 0  # ... and those of them the server's umask took away
+        self._deferred_lock = threading.Lock()
+        self._deferred: dict[str, _Deferred] = {}  # new files whose create waits for their first write or close
 
     # -- plumbing
 
@@ -374,6 +391,7 @@ class ShareOperations:
         if cached is not None:
             self._count(self.stats, "cached getattr")
             return cached
+        self._materialize(path)
         if self.cache.absent(path):
             self._count(self.stats, "cached ENOENT")
             raise self._fail(errno.ENOENT)
@@ -382,6 +400,7 @@ class ShareOperations:
         return attrs
 
     def readdir(self, path, fh):
+        self._materialize_all()
         self.writes.drain()
         entries = {e["name"]: self._attrs(e) for e in self._call("share.list", {"path": path})}
         self.cache.put_listing(path, entries)
@@ -402,6 +421,7 @@ class ShareOperations:
         }
 
     def chmod(self, path, mode):
+        self._materialize(path)
         self.writes.drain(path)
         self._call("share.chmod", {"path": path, "mode": mode & 0o7777})
         self.cache.changed(path)
@@ -414,6 +434,7 @@ class ShareOperations:
         return 0
 
     def utimens(self, path, times=None):
+        self._materialize(path)
         self.writes.drain(path)  # a write landing after would move mtime again (cp -p sets times last)
         now = time.time_ns()
         atime, mtime = times if times is not None else (UTIME_NOW, UTIME_NOW)
@@ -434,12 +455,14 @@ class ShareOperations:
         return 0
 
     def rmdir(self, path):
+        self._materialize_all()
         self.writes.drain()
         self._call("share.rmdir", {"path": path})
         self.cache.removed(path)
         return 0
 
     def unlink(self, path):
+        self._materialize(path)
         self.writes.drain(path)
         self._call("share.unlink", {"path": path})
         self.writes.forget(path)
@@ -447,6 +470,7 @@ class ShareOperations:
         return 0
 
     def rename(self, old, new, flags=0):
+        self._materialize_all()
         self.writes.drain()  # writes in flight name the old path (or one under it)
         if flags & ~RENAME_NOREPLACE:
             raise self._fail(errno.EINVAL)  # RENAME_EXCHANGE / WHITEOUT: the share has no atomic swap
@@ -481,6 +505,16 @@ class ShareOperations:
     def create(self, path, mode, flags):
         exclusive = bool(flags & os.O_EXCL)
         self.writes.forget(path)
+        self._materialize(path)  # an earlier file of that name still waiting for its create
+        if not _under(path, OUTPUT) and not (mode & 0o777 & ~self._mode_bits_seen):
+            # Deferred until the file's first write (sent with the data when it is the whole file) or its
+            # close: a small file costs one round trip. Safe outside /output, where only this mount creates
+            # files, and the kernel holds the directory while it creates (no second create of the name can
+            # slip in: the cache now lists it). Whatever else touches the name first sends the create.
+            with self._deferred_lock:
+                self._deferred[path] = _Deferred(mode & 0o7777, exclusive)
+            self._added(path, self._new_file_attrs(path, mode))
+            return 0
         try:
             created = self._call("share.create", {"path": path, "mode": mode & 0o7777, "exclusive": True})
         except OSError as err:
@@ -490,8 +524,60 @@ class ShareOperations:
             self.open(path, flags)
             self._added(path, None)
             return 0
+        if isinstance(created, dict) and "mode" in created:  # a server that answers with the new stat
+            self._learn_mode_bits(mode, created["mode"])
         self._added(path, created if isinstance(created, dict) else self._new_file_attrs(path, mode))
         return 0
+
+    def _learn_mode_bits(self, asked: int, got: int) -> None:
+        wanted = asked & 0o777
+        self._mode_bits_seen |= wanted
+        self._mode_bits_removed |= wanted & ~got
+
+    def _send_create(self, path: str, entry: _Deferred, data: bytes | None) -> bool:
+        """Send a deferred create, with the file's data if given; True if the data went with it."""
+        args = {"path": path, "mode": entry.mode, "exclusive": True}
+        if data is not None:
+            args["data"] = data
+        try:
+            created = self._call("share.create", args)
+        except OSError as err:
+            # It appeared since (not through this mount): open it as O_CREAT without O_EXCL would.
+            if err.errno != errno.EEXIST or entry.exclusive:
+                raise
+            return False
+        if not (isinstance(created, dict) and "mode" in created):
+            return False  # an older server: no stat, and the data (if any) was not written
+        if data is not None and created.get("size") != len(data):
+            return False
+        self.cache.put_attrs(path, self._attrs(created))
+        return data is not None
+
+    def _take_deferred(self, path: str):
+        with self._deferred_lock:
+            return self._deferred.get(path)
+
+    def _materialize(self, path: str, data: bytes | None = None) -> bool:
+        """Send path's create if it is deferred (and wait for one being sent); True if data went with it."""
+        entry = self._take_deferred(path)
+        if entry is None:
+            return False
+        with entry.lock:
+            if entry.sent:
+                return False
+            try:
+                return self._send_create(path, entry, data)
+            finally:
+                entry.sent = True  # failed or not: the next operation asks the server as usual
+                with self._deferred_lock:
+                    if self._deferred.get(path) is entry:
+                        del self._deferred[path]
+
+    def _materialize_all(self) -> None:
+        with self._deferred_lock:
+            paths = list(self._deferred)
+        for path in paths:
+            self._materialize(path)
 
     def _new_file_attrs(self, path: str, mode: int) -> dict:
         """The stat of a file this mount just created, which libfuse asks for at once.
@@ -502,8 +588,7 @@ class ShareOperations:
         wanted = mode & 0o777
         if wanted & ~self._mode_bits_seen:
             st = self._call("share.stat", {"path": path})
-            self._mode_bits_seen |= wanted
-            self._mode_bits_removed |= wanted & ~st["mode"]
+            self._learn_mode_bits(mode, st["mode"])
             return st
         now = time.time_ns()
         return {"mode": stat.S_IFREG | (wanted & ~self._mode_bits_removed), "size": 0, "nlink": 1, "blocks": 0,
@@ -515,18 +600,22 @@ class ShareOperations:
             self.cache.put_attrs(path, self._attrs(st))
 
     def open(self, path, flags):
+        self._materialize(path)
         self.writes.forget(path)
         if flags & os.O_TRUNC:  # fuse3 passes O_TRUNC to open (atomic_o_trunc) rather than a separate truncate
             self.truncate(path, 0)
         return 0
 
     def read(self, path, size, offset, fh):
+        self._materialize(path)
         self.writes.drain(path)
         self._count(self.read_sizes, size)
         return self._call("share.read", {"path": path, "offset": offset, "size": size})
 
     def write(self, path, data, offset, fh):
         self._count(self.write_sizes, len(data))
+        if self._materialize(path, data if offset == 0 and len(data) < MIB else None):
+            return len(data)  # a small new file: its data went with its create (and its stat came back)
         self.cache.changed(path)
         if len(data) < MIB:  # a small file, or a file's tail: nothing to overlap with, skip the hand-off
             self.writes.drain(path)
@@ -543,6 +632,7 @@ class ShareOperations:
 
     def flush(self, path, fh):
         # close(2) waits here: the file's writes have landed, or close reports why not.
+        self._materialize(path)  # created and closed without a write: an empty file
         self.writes.drain(path)
         self.writes.raise_failure(path)
         self.cache.changed(path)
@@ -552,12 +642,15 @@ class ShareOperations:
         return self.flush(path, fh)
 
     def truncate(self, path, length, fh=None):
+        self._materialize(path)
         self.writes.drain(path)
         self._call("share.truncate", {"path": path, "size": length})
         self.cache.changed(path)
         return 0
 
     def destroy(self, path):
+        with contextlib.suppress(OSError):
+            self._materialize_all()
         self.writes.shutdown()
 
     def report(self) -> dict:

@@ -196,3 +196,53 @@ def test_client_that_disconnects_mid_write_leaves_the_share_consistent(enclave):
     with EnclaveClient(enclave["endpoint"]) as client:
         assert client.call("share.read", {"path": "/dataset/f.bin", "offset": 0, "size": 1 << 20}) == b"a" * 1000
         assert client.call("health")["job"] is None
+
+
+def test_push_sends_small_files_with_their_create(enclave, tmp_path):
+    src = tmp_path / "small"
+    src.mkdir()
+    for i in range(5):
+        (src / f"f{i}").write_bytes(os.urandom(100 * i))
+    (src / "big").write_bytes(os.urandom((1 << 20) + 5))
+    with EnclaveClient(enclave["endpoint"]) as client:
+        client.call("share.mkdir", {"path": "/dataset/small"})
+        assert sorted(client.push(src, "/dataset/small")["changed"]) == ["big"] + [f"f{i}" for i in range(5)]
+        assert client.push(src, "/dataset/small")["changed"] == []
+        st = client.call("share.create", {"path": "/dataset/small/one", "mode": 0o600, "data": b"one call"})
+        assert st["size"] == 8 and client.call("share.read", {"path": "/dataset/small/one", "offset": 0,
+                                                              "size": 100}) == b"one call"  # fmt: skip
+
+
+def test_push_to_a_server_whose_create_takes_no_data(tmp_path):
+    """An older enclave image ignores create's data and answers None: push writes the data after all."""
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint
+
+    files: dict[str, bytearray] = {}
+
+    def create(args, ctx):
+        files[args["path"]] = bytearray()
+
+    def write(args, ctx):
+        data = files[args["path"]]
+        data[args["offset"] : args["offset"] + len(args["data"])] = args["data"]
+        return len(args["data"])
+
+    handlers = {"share.manifest": lambda a, c: [], "share.create": create, "share.write": write,
+                "share.mkdir": lambda a, c: None}  # fmt: skip
+    endpoint = Endpoint.unix(str(tmp_path / "old.sock"))
+    server = wire.Server(endpoint.listen(), handlers)
+    thread = __import__("threading").Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    src = tmp_path / "src"
+    src.mkdir()
+    payload = {"a": os.urandom(10), "b": os.urandom((2 << 20) + 3), "c": b""}
+    for name, data in payload.items():
+        (src / name).write_bytes(data)
+    try:
+        with EnclaveClient(str(endpoint)) as client:
+            client.push(src, "/dataset")
+    finally:
+        server.shutdown()
+        thread.join()
+    assert {path: bytes(data) for path, data in files.items()} == {f"/dataset/{k}": v for k, v in payload.items()}

@@ -112,3 +112,33 @@ def test_full_share_gives_enospc(tmp_path):
         assert share.write("/dataset/small", 0, b"ok") == 2
     finally:
         subprocess.run(["umount", str(root)], check=True)
+
+
+def test_create_with_data_returns_the_new_stat(share):
+    st = share.create("/dataset/small.bin", 0o640, True, b"hello")
+    assert st["size"] == 5 and st["mode"] & 0o777 == 0o640 & ~current_umask()
+    assert share.read("/dataset/small.bin", 0, 100) == b"hello"
+    with pytest.raises(FileExistsError):
+        share.create("/dataset/small.bin", 0o640, True, b"again")
+    assert share.read("/dataset/small.bin", 0, 100) == b"hello"
+    # Not exclusive: the file is emptied, then takes the new data.
+    assert share.create("/dataset/small.bin", 0o640, False, b"hi")["size"] == 2
+    assert share.read("/dataset/small.bin", 0, 100) == b"hi"
+    assert share.create("/dataset/empty.bin")["size"] == 0
+
+
+def test_create_with_data_is_confined_like_every_path(share, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, os.path.join(share.root, "dataset", "link"))
+    for path in ("/dataset/link/x", "/../outside/x", "/dataset/../../outside/x"):
+        with pytest.raises(OSError) as info:
+            share.create(path, 0o644, True, b"escape")
+        assert info.value.errno in (errno.ENOTDIR, errno.EPERM)
+    assert os.listdir(outside) == []
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
