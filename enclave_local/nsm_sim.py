@@ -334,7 +334,9 @@ class SimulatedNsm:
     def _signing_leaf(self, now: datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         with self._lock:
             if self._leaf is None or self._leaf[1].not_valid_after_utc - now < LEAF_RENEW_BEFORE:
-                self._leaf = self.ca.issue_leaf(self.module_id)
+                # Valid from the document's own time: a leaf dated by the clock after the timestamp was
+                # taken could start a second later than the document it signs.
+                self._leaf = self.ca.issue_leaf(self.module_id, not_before=now)
             return self._leaf
 
     def attest(

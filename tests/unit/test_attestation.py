@@ -3,6 +3,7 @@
 import base64
 import os
 import stat
+import time
 import zlib
 from datetime import UTC, datetime, timedelta
 
@@ -13,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ansible_collections.confidential_ml.nitro.enclave_local import nsm_sim
 from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA, SimulatedNsm, cose_sign1
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.attestation import (
     AttestationDocument,
@@ -556,6 +558,14 @@ def test_local_ca_renews_an_intermediate_from_another_root(tmp_path, other_ca):
 def test_simulator_refuses_bad_launch_pcrs(ca, pcrs):
     with pytest.raises(AttestationError):
         SimulatedNsm(ca, pcrs)
+
+
+def test_simulator_leaf_is_valid_at_a_timestamp_just_before_a_second(ca, monkeypatch):
+    # The leaf is issued after the timestamp is taken; the clock may have crossed into the next second.
+    late_in_a_second = (time.time_ns() // 1_000_000_000 - 30) * 1_000_000_000 + 999_000_000
+    monkeypatch.setattr(nsm_sim.time, "time_ns", lambda: late_in_a_second)
+    document = SimulatedNsm(ca, {0: PCR0}).attest()
+    assert verify_document(document, trusted_roots=[ca.root_certificate]).timestamp == late_in_a_second // 1_000_000
 
 
 def test_simulator_limits_inputs_to_1024_bytes(nsm):
