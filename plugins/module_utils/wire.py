@@ -55,6 +55,8 @@ MAX_FRAME = 4 * 1024 * 1024
 MIN_FRAME = 64 * 1024
 """The smallest limit a peer may announce, and the limit on the hello frame."""
 MAX_ID = 2**63 - 1
+INLINE_MAX_BYTES = 64 * 1024
+"""An inline op carrying or asking for more bytes than this runs on the pool all the same."""
 MAX_DEPTH = 64
 HEADER = struct.Struct(">I")
 
@@ -425,6 +427,17 @@ class RequestContext:
 Handler = Callable[[dict, RequestContext], Any]
 
 
+def _bulk(args: dict) -> bool:
+    """Whether a request moves more than INLINE_MAX_BYTES (data it carries, or a "size" it asks for).
+
+    Bulk requests go to the pool even when their op is inline: the reader then reads the next
+    MiB while a worker copies this one, which streams faster than one thread doing both."""
+    size = args.get("size")
+    if isinstance(size, int) and not isinstance(size, bool) and size > INLINE_MAX_BYTES:
+        return True
+    return any(isinstance(value, bytes) and len(value) > INLINE_MAX_BYTES for value in args.values())
+
+
 def _describe_peer(sock: socket.socket, address) -> str:
     if sock.family == socket.AF_UNIX:
         with contextlib.suppress(OSError):
@@ -448,7 +461,8 @@ class Server:
     inline: ops short enough to run on the connection's reader thread itself (file
     metadata, small reads and writes): a round trip then skips two thread hand-offs.
     Their connection reads nothing else while one runs, so an op that may block
-    (a job, a hash of a whole tree) belongs on the pool."""
+    (a job, a hash of a whole tree) belongs on the pool. A request of an inline op
+    that moves more than INLINE_MAX_BYTES (a 1 MiB write or read) runs on the pool too."""
 
     def __init__(
         self,
@@ -651,7 +665,7 @@ class _ServerConnection:
         cancelled = threading.Event()
         with self.lock:
             self.inflight[rid] = cancelled
-        if op in self.server._inline:
+        if op in self.server._inline and not _bulk(args):
             # A short op: answered from this reader thread, which reads nothing else meanwhile.
             self.run_request(rid, op, handler, args, cancelled)
         else:

@@ -750,3 +750,18 @@ def test_big_request_while_a_big_reply_is_unread(serve):
         data = os.urandom(3 << 20)
         assert conn.call("echo", {"data": data}, timeout=WAIT) == {"data": data}
         assert pending.result(WAIT) == b"\x01" * (3 << 20)
+
+
+def test_bulk_requests_of_inline_ops_run_on_the_pool(serve, probe):
+    handlers = make_handlers(probe)
+
+    def where(args, ctx):
+        return threading.current_thread().name
+
+    handlers["where"] = where
+    endpoint, _server = serve(handlers, inline={"where"}, name="inl")
+    with Connection.open(endpoint) as conn:
+        assert conn.call("where", {"data": b"x" * wire.INLINE_MAX_BYTES}, timeout=WAIT) == "inl-conn"
+        assert conn.call("where", {"size": wire.INLINE_MAX_BYTES}, timeout=WAIT) == "inl-conn"
+        assert conn.call("where", {"data": b"x" * (wire.INLINE_MAX_BYTES + 1)}, timeout=WAIT).startswith("inl-worker")
+        assert conn.call("where", {"size": 1 << 20}, timeout=WAIT).startswith("inl-worker")
