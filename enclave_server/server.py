@@ -115,7 +115,9 @@ class EnclaveServer:
             "share.unlink": lambda a, c: s.unlink(_str_arg(a, "path")),
             "share.rename": lambda a, c: s.rename(_str_arg(a, "old"), _str_arg(a, "new")),
             "share.create": lambda a, c: s.create(
-                _str_arg(a, "path"), _int_arg(a, "mode", 0o644), bool(a.get("exclusive", False)),
+                _str_arg(a, "path"),
+                _int_arg(a, "mode", 0o644),
+                bool(a.get("exclusive", False)),
                 _bytes_arg(a, "data", wire.MAX_FRAME),
             ),
             "share.read": lambda a, c: s.read(_str_arg(a, "path"), _int_arg(a, "offset"), _int_arg(a, "size")),

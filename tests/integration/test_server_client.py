@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -232,7 +233,7 @@ def test_push_to_a_server_whose_create_takes_no_data(tmp_path):
                 "share.mkdir": lambda a, c: None}  # fmt: skip
     endpoint = Endpoint.unix(str(tmp_path / "old.sock"))
     server = wire.Server(endpoint.listen(), handlers)
-    thread = __import__("threading").Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     src = tmp_path / "src"
     src.mkdir()
