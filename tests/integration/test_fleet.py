@@ -56,12 +56,18 @@ def fleet_env():
     cleanup = subprocess.run(
         [str(BIN / "ansible-playbook"), "-i", str(FLEET), "playbooks/cleanup.yml"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        check=False,
     )  # fmt: skip
     left = subprocess.run(
-        [str(BIN / "enclave"), "local", "describe-enclaves"], env=env, capture_output=True, text=True, timeout=60
+        [str(BIN / "enclave"), "local", "describe-enclaves"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     if left.stdout.strip() not in ("", "[]"):
-        subprocess.run([str(BIN / "enclave"), "local", "down"], env=env, capture_output=True, timeout=120)
+        subprocess.run([str(BIN / "enclave"), "local", "down"], env=env, capture_output=True, timeout=120, check=False)
     shutil.rmtree(work, ignore_errors=True)
     assert cleanup.returncode == 0, f"cleanup.yml failed:\n{cleanup.stdout[-3000:]}{cleanup.stderr[-2000:]}"
     assert left.stdout.strip() in ("", "[]"), f"cleanup.yml left local enclaves running: {left.stdout}"
@@ -71,6 +77,7 @@ def playbook(env: dict, *args: str, principal: str) -> subprocess.CompletedProce
     proc = subprocess.run(
         [str(BIN / "ansible-playbook"), "-i", str(FLEET), *args],
         cwd=ROOT, env={**env, "AWS_ACCESS_KEY_ID": principal}, capture_output=True, text=True, timeout=600,
+        check=False,
     )  # fmt: skip
     assert proc.returncode == 0, (
         f"ansible-playbook {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
@@ -99,7 +106,12 @@ def test_fleet_runs_the_job_in_parallel_each_host_on_its_own_enclave(fleet_env):
         assert counters[host]["changed"] > 0, f"{host} ran nothing: {counters[host]}"
 
     described = subprocess.run(
-        [str(BIN / "enclave"), "local", "describe-enclaves"], env=env, capture_output=True, text=True, timeout=60
+        [str(BIN / "enclave"), "local", "describe-enclaves"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert described.returncode == 0, described.stderr
     enclaves = {e["EnclaveName"]: e for e in json.loads(described.stdout)}
@@ -121,6 +133,7 @@ def test_fleet_runs_the_job_in_parallel_each_host_on_its_own_enclave(fleet_env):
             [str(BIN / "enclave"), "receipt", "verify", str(job_dir / "receipt.json"),
              "--release", str(release / "release.json"), "--outputs", str(job_dir / "output"), "--json"],
             env=env, capture_output=True, text=True, timeout=60,
+            check=False,
         )  # fmt: skip
         assert verified.returncode == 0, f"{host}'s receipt does not verify: {verified.stderr}{verified.stdout}"
         receipt = json.loads(verified.stdout)

@@ -85,6 +85,7 @@ def test_molecule_scenario(scenario):
             capture_output=True,
             text=True,
             timeout=TIMEOUT,
+            check=False,
         )
         output = ANSI.sub("", proc.stdout + proc.stderr)
         took = time.monotonic() - started
@@ -104,6 +105,7 @@ def test_molecule_scenario(scenario):
                 env={**env, "ENCLAVE_HOME": str(ephemeral / "home")},
                 capture_output=True,
                 timeout=60,
+                check=False,
             )
         leftovers = processes_mentioning(str(ephemeral))
         for pid in leftovers:  # started by this scenario: stop them so nothing outlives the test
