@@ -20,40 +20,11 @@ from ansible_collections.confidential_ml.nitro.enclave_local.kms import LocalKms
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import read_header
 
 BIN = Path(sys.executable).parent
+CALLBACK_PLUGINS = Path(__file__).resolve().parent / "callback_plugins"
 ACCOUNT = "111122223333"
 USER_ARN = f"arn:aws:iam::{ACCOUNT}:role/enclave-host"
 PCR0 = hashlib.sha384(b"the owner's enclave image").hexdigest()
 MODULES = ("confidential_ml.nitro.enclave_key_policy", "confidential_ml.nitro.enclave_package")
-
-# ansible-core has no JSON stdout callback (that one is ansible.posix's): this notification callback
-# writes every task result and the recap to the file named by TEST_RESULTS_FILE.
-CALLBACK = """\
-import json
-import os
-
-from ansible.plugins.callback import CallbackBase
-
-
-class CallbackModule(CallbackBase):
-    CALLBACK_VERSION = 2.0
-    CALLBACK_TYPE = "notification"
-    CALLBACK_NAME = "record_results"
-    CALLBACK_NEEDS_ENABLED = True
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.tasks = {}
-
-    def _record(self, result):
-        self.tasks[result.task_name] = dict(result._result)
-
-    v2_runner_on_ok = v2_runner_on_failed = v2_runner_on_skipped = _record
-
-    def v2_playbook_on_stats(self, stats):
-        recap = {host: stats.summarize(host) for host in stats.processed}
-        with open(os.environ["TEST_RESULTS_FILE"], "w") as out:
-            json.dump({"tasks": self.tasks, "stats": recap}, out, default=str)
-"""
 
 PLAYBOOK = """\
 - name: Owner publishes an application for an attested enclave
@@ -115,14 +86,12 @@ def workspace(tmp_path, kms_server):
     src.mkdir()
     (src / "ml_algorithm.py").write_text("print('hello from the enclave')\n")
     (tmp_path / "owner.yml").write_text(PLAYBOOK)
-    (tmp_path / "callbacks").mkdir()
-    (tmp_path / "callbacks" / "record_results.py").write_text(CALLBACK)
     (tmp_path / "inventory.ini").write_text(
         f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n"
     )
     env = dict(
         os.environ,
-        ANSIBLE_CALLBACK_PLUGINS=str(tmp_path / "callbacks"),
+        ANSIBLE_CALLBACK_PLUGINS=str(CALLBACK_PLUGINS),  # record_results.py: results as JSON
         ANSIBLE_CALLBACKS_ENABLED="record_results",
         TEST_RESULTS_FILE=str(tmp_path / "results.json"),
         ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-local"),

@@ -16,42 +16,13 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
+CALLBACK_PLUGINS = Path(__file__).resolve().parent / "callback_plugins"
 MODULES = (
     "confidential_ml.nitro.enclave_run",
     "confidential_ml.nitro.enclave_sync",
     "confidential_ml.nitro.enclave_info",
     "confidential_ml.nitro.enclave_image",
 )
-
-# ansible-core has no JSON stdout callback (that one is ansible.posix's): this notification callback
-# writes every task result and the recap to the file named by TEST_RESULTS_FILE.
-CALLBACK = """\
-import json
-import os
-
-from ansible.plugins.callback import CallbackBase
-
-
-class CallbackModule(CallbackBase):
-    CALLBACK_VERSION = 2.0
-    CALLBACK_TYPE = "notification"
-    CALLBACK_NAME = "record_results"
-    CALLBACK_NEEDS_ENABLED = True
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.tasks = {}
-
-    def _record(self, result, *args, **kwargs):
-        self.tasks[result.task_name] = dict(result._result)
-
-    v2_runner_on_ok = v2_runner_on_failed = v2_runner_on_skipped = _record
-
-    def v2_playbook_on_stats(self, stats):
-        recap = {host: stats.summarize(host) for host in stats.processed}
-        with open(os.environ["TEST_RESULTS_FILE"], "w") as out:
-            json.dump({"tasks": self.tasks, "stats": recap}, out, default=str)
-"""
 
 PLAYBOOK = """\
 - name: User runs the owner's algorithm on their dataset in the enclave
@@ -123,15 +94,13 @@ def workspace(enclave, tmp_path):
     (dataset / "a.txt").write_text("hi")
     (dataset / "b.txt").write_text("a much longer text")
     (tmp_path / "user.yml").write_text(PLAYBOOK)
-    (tmp_path / "callbacks").mkdir()
-    (tmp_path / "callbacks" / "record_results.py").write_text(CALLBACK)
     (tmp_path / "inventory.ini").write_text(
         f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n"
     )
     # The enclave fixture exported ENCLAVE_ENDPOINT, ENCLAVE_HOME (the local root) and the user's AWS variables.
     env = dict(
         os.environ,
-        ANSIBLE_CALLBACK_PLUGINS=str(tmp_path / "callbacks"),
+        ANSIBLE_CALLBACK_PLUGINS=str(CALLBACK_PLUGINS),  # record_results.py: results as JSON
         ANSIBLE_CALLBACKS_ENABLED="record_results",
         TEST_RESULTS_FILE=str(tmp_path / "results.json"),
         ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-local"),
