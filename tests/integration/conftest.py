@@ -6,8 +6,12 @@ allows LOCAL_PCR0 only, and a sealed app package (APP) ready to push.
 
 import hashlib
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -43,6 +47,78 @@ APP = {
     "model.h5": "5\n",
     "spin.py": "import time\nprint('spinning', flush=True)\nwhile True: time.sleep(0.05)\n",
 }
+
+
+BIN = Path(sys.executable).parent
+CALLBACK_PLUGINS = Path(__file__).resolve().parent / "callback_plugins"
+
+
+@pytest.fixture
+def ansible_playbook(tmp_path):
+    """Runs a test's own playbook on localhost; returns (stats, tasks by name, stdout) for a run that failed nothing.
+
+    callback_plugins/record_results.py records each task's result as JSON; Ansible's temporary and async
+    directories stay under tmp_path. The environment is read at each call, after other fixtures set theirs:
+    ansible_playbook(playbook, extra_vars, *args, env={...}).
+    """
+    inventory = tmp_path / "inventory.ini"
+    inventory.write_text(f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n")
+    results = tmp_path / "results.json"
+
+    def run(playbook: Path, extra_vars: dict, *args: str, env: dict | None = None):
+        environment = dict(
+            os.environ,
+            ANSIBLE_CALLBACK_PLUGINS=str(CALLBACK_PLUGINS),
+            ANSIBLE_CALLBACKS_ENABLED="record_results",
+            TEST_RESULTS_FILE=str(results),
+            ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-local"),
+            ANSIBLE_REMOTE_TMP=str(tmp_path / "ansible-remote"),
+            ANSIBLE_ASYNC_DIR=str(tmp_path / "ansible-async"),
+            ANSIBLE_NOCOLOR="1",
+            ANSIBLE_RETRY_FILES_ENABLED="0",
+            **(env or {}),
+        )
+        command = [str(BIN / "ansible-playbook"), "-i", str(inventory), str(playbook), "-e", json.dumps(extra_vars)]
+        results.unlink(missing_ok=True)
+        done = subprocess.run(
+            [*command, *args], env=environment, capture_output=True, text=True, timeout=300, check=False
+        )
+        output = f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+        assert done.returncode == 0, output
+        assert re.search(r"^localhost +: ok=\d+ +changed=\d+ +unreachable=0 +failed=0 ", done.stdout, re.M), output
+        recorded = json.loads(results.read_text())
+        stats = recorded["stats"]["localhost"]
+        # The recap printed by the default callback says the same as the recorded one.
+        assert re.search(rf"^localhost +: ok={stats['ok']} +changed={stats['changed']} ", done.stdout, re.M), output
+        return stats, recorded["tasks"], done.stdout
+
+    return run
+
+
+@pytest.fixture
+def local_cloud():
+    """(work, env) for running the project's playbooks and CLI against local enclaves of their own.
+
+    work is a fresh short directory (the enclaves' unix sockets live under its ENCLAVE_HOME, and a socket
+    path fits in 107 bytes); env names it, puts this venv's tools first on PATH and sets a region and a secret
+    (the local KMS takes the access key id, which each test sets, as the principal). Afterwards whatever was
+    started there is stopped and the directory removed.
+    """
+    work = Path(tempfile.mkdtemp(prefix="cloud-", dir="/tmp"))
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "ENCLAVE_HOME": str(work / "home"),
+        "AWS_SECRET_ACCESS_KEY": "local-only",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+    }
+    env.pop("ENCLAVE_ENDPOINT", None)  # each play finds its own enclave
+    yield work, env
+    subprocess.run([str(BIN / "enclave"), "local", "down", "--json"], env=env, capture_output=True, timeout=120,
+                   check=False)  # fmt: skip
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen) -> None:

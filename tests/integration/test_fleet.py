@@ -7,12 +7,9 @@ and verifying offline against the release and that host's outputs. cleanup.yml t
 """
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,19 +36,8 @@ def recap(output: str) -> dict[str, dict[str, int]]:
 
 
 @pytest.fixture
-def fleet_env():
-    # A short ENCLAVE_HOME: the local enclaves' sockets live under it (107 bytes of path at most).
-    work = Path(tempfile.mkdtemp(prefix="fleet-", dir="/tmp"))
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "ENCLAVE_HOME": str(work / "home"),
-        "AWS_SECRET_ACCESS_KEY": "local-only",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_FORCE_COLOR": "0",
-    }
-    env.pop("ENCLAVE_ENDPOINT", None)
+def fleet_env(local_cloud):
+    work, env = local_cloud
     yield work, env
     cleanup = subprocess.run(
         [str(BIN / "ansible-playbook"), "-i", str(FLEET), "playbooks/cleanup.yml"],
@@ -66,9 +52,6 @@ def fleet_env():
         timeout=60,
         check=False,
     )
-    if left.stdout.strip() not in ("", "[]"):
-        subprocess.run([str(BIN / "enclave"), "local", "down"], env=env, capture_output=True, timeout=120, check=False)
-    shutil.rmtree(work, ignore_errors=True)
     assert cleanup.returncode == 0, f"cleanup.yml failed:\n{cleanup.stdout[-3000:]}{cleanup.stderr[-2000:]}"
     assert left.stdout.strip() in ("", "[]"), f"cleanup.yml left local enclaves running: {left.stdout}"
 

@@ -11,13 +11,11 @@ while the checkout is being edited: the second run then has nothing to upload.
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -65,27 +63,6 @@ def moto_s3(tmp_path):
     log.close()
 
 
-@pytest.fixture
-def owner_env():
-    # A short ENCLAVE_HOME: the local cloud keeps its state and sockets there.
-    work = Path(tempfile.mkdtemp(prefix="s3-", dir="/tmp"))
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "ENCLAVE_HOME": str(work / "home"),
-        "AWS_ACCESS_KEY_ID": "owner",
-        "AWS_SECRET_ACCESS_KEY": "local-only",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_FORCE_COLOR": "0",
-    }
-    yield work, env
-    subprocess.run(
-        [str(BIN / "enclave"), "local", "down", "--json"], env=env, capture_output=True, timeout=120, check=False
-    )
-    shutil.rmtree(work, ignore_errors=True)
-
-
 def snapshot_enclave_sources(dest: Path) -> Path:
     """The part of the tree the local image is built from (enclave_server/ and what it imports)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -116,8 +93,9 @@ def changed_count(output: str) -> int:
     return int(found.group(1))
 
 
-def test_owner_publishes_the_release_to_s3_and_a_second_run_uploads_nothing(moto_s3, owner_env):
-    work, env = owner_env
+def test_owner_publishes_the_release_to_s3_and_a_second_run_uploads_nothing(moto_s3, local_cloud):
+    work, env = local_cloud
+    env["AWS_ACCESS_KEY_ID"] = "owner"
     snapshot_enclave_sources(work / "src")
     first = owner_playbook(env, work, moto_s3)
     assert changed_count(first) > 0
