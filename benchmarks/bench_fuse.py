@@ -39,14 +39,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-ROOT = Path(__file__).resolve().parents[1]
-COLLECTIONS = ROOT / "collections"
-_link = COLLECTIONS / "ansible_collections" / "confidential_ml" / "nitro"
-if not _link.exists():
-    _link.parent.mkdir(parents=True, exist_ok=True)
-    _link.symlink_to(ROOT)
-sys.path.insert(0, str(COLLECTIONS))
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(COLLECTIONS), os.environ.get("PYTHONPATH")]))
+import checkout
+
+checkout.use()  # the imports below come from this tree
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import fusefs  # noqa: E402
 

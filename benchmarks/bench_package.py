@@ -23,13 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-COLLECTIONS = ROOT / "collections"
-_link = COLLECTIONS / "ansible_collections" / "confidential_ml" / "nitro"
-if not _link.exists():
-    _link.parent.mkdir(parents=True, exist_ok=True)
-    _link.symlink_to(ROOT)
-sys.path.insert(0, str(COLLECTIONS))
+import checkout
+
+checkout.use()  # the imports below come from this tree
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import package  # noqa: E402
 
@@ -91,7 +87,7 @@ def run_child(*argv: str) -> dict:
 def best_child(repeat: int, *argv: str, cleanup=None) -> dict:
     """The fastest of `repeat` child runs, with the highest peak RSS any of them reached."""
     runs = []
-    for _ in range(repeat):
+    for _i in range(repeat):
         if cleanup:
             cleanup()
         runs.append(run_child(*argv))
@@ -132,19 +128,19 @@ def bare_tink(src: Path, total: int, work: Path, open_dir: Path, repeat: int) ->
 
     def sha256():
         digest = hashlib.sha256()
-        for _ in range(pieces):
+        for _i in range(pieces):
             digest.update(piece)
 
     def write():
         with open(plaintext, "wb") as out:
-            for _ in range(pieces):
+            for _i in range(pieces):
                 out.write(piece)
         plaintext.unlink()
 
     timings = {}
     for name, step in (("encrypt", encrypt), ("decrypt", decrypt), ("decrypt_to_file", decrypt_to_file),
                        ("sha256", sha256), ("write", write)):  # fmt: skip
-        timings[name] = min(timed(step) for _ in range(repeat))
+        timings[name] = min(timed(step) for _i in range(repeat))
     ciphertext.unlink()
     return timings
 
@@ -197,7 +193,7 @@ def main() -> None:
         )  # fmt: skip
         shutil.rmtree(out)
         bare = bare_tink(src, total, work, open_dir, args.repeat)
-        aes_gcm = min(raw_aes_gcm(src) for _ in range(args.repeat))
+        aes_gcm = min(raw_aes_gcm(src) for _i in range(args.repeat))
     finally:
         shutil.rmtree(work)
         shutil.rmtree(open_dir)

@@ -31,14 +31,9 @@ import textwrap
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-COLLECTIONS = ROOT / "collections"
-_link = COLLECTIONS / "ansible_collections" / "confidential_ml" / "nitro"
-if not _link.exists():
-    _link.parent.mkdir(parents=True, exist_ok=True)
-    _link.symlink_to(ROOT)
-sys.path.insert(0, str(COLLECTIONS))
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(COLLECTIONS), os.environ.get("PYTHONPATH")]))
+import checkout
+
+checkout.use()  # the imports below come from this tree
 
 import boto3  # noqa: E402
 

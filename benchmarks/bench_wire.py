@@ -20,16 +20,13 @@ import ctypes
 import json
 import os
 import socket
-import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
-# Measure the checkout, not an installed copy (tests/conftest.py and the Makefile make this link).
-_CHECKOUT = Path(__file__).resolve().parents[1] / "collections"
-if (_CHECKOUT / "ansible_collections" / "confidential_ml" / "nitro").exists():
-    sys.path.insert(0, str(_CHECKOUT))
+import checkout
+
+checkout.use()  # the imports below come from this tree
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire  # noqa: E402
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint  # noqa: E402
