@@ -174,16 +174,21 @@ class Share:
 
     # -- files
 
-    def _open_existing(self, path: str, flags: int) -> int:
+    def _open_in_parent(self, path: str, flags: int, mode: int = 0o600) -> int:
+        """Open path's last component inside its confined parent: never through a link, never blocking on a
+        fifo (O_NONBLOCK; callers check the type and make the descriptor blocking)."""
         dirfd, name = self._parent(path)
         try:
-            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dirfd)
+            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode, dir_fd=dirfd)
         except OSError as err:
             if err.errno == errno.ELOOP:
                 raise _not_a_link(path) from None
             raise
         finally:
             os.close(dirfd)
+
+    def _open_existing(self, path: str, flags: int) -> int:
+        fd = self._open_in_parent(path, flags)
         try:
             mode = os.fstat(fd).st_mode
             if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
@@ -201,17 +206,8 @@ class Share:
         The file is created even if writing the data then fails (ENOSPC...), as a create and a write would."""
         if data is not None and len(data) > MAX_IO:
             raise _fail(errno.EINVAL, f"create takes at most {MAX_IO} bytes of data")
-        dirfd, name = self._parent(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-        flags |= os.O_EXCL if exclusive else os.O_TRUNC
-        try:
-            fd = os.open(name, flags, mode & _FILE_MODE_MASK, dir_fd=dirfd)
-        except OSError as err:
-            if err.errno == errno.ELOOP:
-                raise _not_a_link(path) from None
-            raise
-        finally:
-            os.close(dirfd)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+        fd = self._open_in_parent(path, flags, mode & _FILE_MODE_MASK)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise _fail(errno.EPERM, f"{path} is not a regular file")
