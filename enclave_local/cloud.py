@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..plugins.module_utils import settings
 from ..plugins.module_utils.runtime import RuntimeFailure
-from .runtime import LocalRuntime, Proc, Ready, locked, spawn_daemon, write_json
+from .runtime import LocalRuntime, Proc, Ready, spawn_daemon, write_json
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def status(home: str | Path | None = None) -> dict | None:
 def up(kms_port: int = 0, *, home: str | Path | None = None) -> dict:
     """Start the local cloud unless it runs; its description, with "started" telling which."""
     home = settings.private_dir(_home(home))
-    with locked(home / ".cloud.lock"):
+    with settings.locked(home / ".cloud.lock"):
         running = status(home)
         if running is not None:
             if kms_port and kms_port != running["kms_port"]:
@@ -73,7 +73,7 @@ def down(*, home: str | Path | None = None) -> dict:
     """Terminate every local enclave and stop the local KMS. What was stopped."""
     home = _home(home)
     stopped = {"enclaves": LocalRuntime(home).terminate(all=True), "kms": None}
-    with locked(home / ".cloud.lock"):
+    with settings.locked(home / ".cloud.lock"):
         running = status(home)
         if running is not None:
             Proc.from_json(running["process"]).stop()

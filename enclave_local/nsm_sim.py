@@ -14,13 +14,11 @@ real enclave reaches /dev/nsm.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import AttestationError, EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.nsm import (
     MAX_ATTESTATION_INPUT,
@@ -183,16 +182,6 @@ def _load_pair(ca_dir: Path, name: str) -> tuple[ec.EllipticCurvePrivateKey, x50
     return key, cert
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 class LocalCA:
     """The local root and intermediate that stand in for AWS's Nitro PKI."""
 
@@ -212,9 +201,8 @@ class LocalCA:
     def load_or_create(cls, state_dir: str | os.PathLike[str]) -> LocalCA:
         """Load the CA under ``state_dir/ca/``, creating it (or renewing the intermediate) when needed."""
         ca_dir = Path(state_dir) / "ca"
-        ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(ca_dir, 0o700)
-        with _locked(ca_dir / ".lock"):  # concurrent first runs must agree on one root
+        settings.private_dir(ca_dir)
+        with settings.locked(ca_dir / ".lock"):  # concurrent first runs must agree on one root
             root_pair = _load_pair(ca_dir, "root")
             if root_pair is None:
                 root_key = _new_key()

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import fcntl
 import json
 import logging
 import os
@@ -50,7 +49,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,17 +294,6 @@ class Ready:
         self._pipe.close()
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -364,7 +351,7 @@ class LocalRuntime:
 
     def _lock(self):
         settings.private_dir(self.enclaves_dir)
-        return locked(self.enclaves_dir / ".lock")
+        return settings.locked(self.enclaves_dir / ".lock")
 
     def _records(self) -> list[tuple[Path, dict | None]]:
         if not self.enclaves_dir.is_dir():
