@@ -9,10 +9,12 @@ an enclave), mounts its share with `fusefs.mount` (attested, in the background, 
 
 - sequential write and read of --size-mib through the mount with dd bs=1M, beside
   a plain tmpfs (/dev/shm), an in-process FUSE memory file system (the minimal
-  mfusepy file system below: the same libfuse, options and Python, no RPC) and a
-  raw AF_UNIX socket stream of the same bytes in 1 MiB chunks;
+  mfusepy file system below: the same libfuse, options and Python, no RPC), an
+  in-process FUSE passthrough to a tmpfs directory (the same, plus the tmpfs
+  write the enclave's share pays) and a raw AF_UNIX socket stream of the same
+  bytes in 1 MiB chunks;
 - `cp -r` of --files files of 4 KiB, then `ls -lR` and `rm -r` of them, beside the
-  same on tmpfs and on the memory file system.
+  same on tmpfs and on the two in-process file systems.
 
 Targets: mount write >= 60% of the in-process FUSE write and >= 250 MB/s; the
 small-file copy >= 4x faster than the original sample's 1.08 s per 1,000 files of
@@ -180,6 +182,60 @@ def serve_memfs(mountpoint: str) -> None:
     mfusepy.FUSE(MemFS(), mountpoint, foreground=True, **options)
 
 
+def serve_passthrough(mountpoint: str, backing: str) -> None:
+    """A minimal mfusepy file system passing every call to a directory on tmpfs: the FUSE cost plus the
+    tmpfs write the enclave's share also pays, without any RPC."""
+    import mfusepy
+
+    def real(path):
+        return os.path.join(backing, path.lstrip("/"))
+
+    class Passthrough(mfusepy.Operations):
+        use_ns = True
+
+        def init_with_config(self, conn, config):
+            conn.max_write = conn.max_readahead = conn.max_read = MIB  # as fusefs does
+            threading.Thread(target=fusefs.raise_readahead, args=(mountpoint,), daemon=True).start()
+
+        def getattr(self, path, fh=None):
+            st = os.lstat(real(path))
+            return {key: getattr(st, key) for key in ("st_mode", "st_nlink", "st_size", "st_uid", "st_gid",
+                                                      "st_atime_ns", "st_mtime_ns", "st_ctime_ns")}  # fmt: skip
+
+        def readdir(self, path, fh):
+            return [".", "..", *os.listdir(real(path))]
+
+        def mkdir(self, path, mode):
+            os.mkdir(real(path), mode)
+
+        def rmdir(self, path):
+            os.rmdir(real(path))
+
+        def create(self, path, mode, flags):
+            return os.open(real(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+
+        def open(self, path, flags):
+            return os.open(real(path), flags & ~os.O_CREAT)
+
+        def read(self, path, size, offset, fh):
+            return os.pread(fh, size, offset)
+
+        def write(self, path, data, offset, fh):
+            return os.pwrite(fh, data, offset)
+
+        def truncate(self, path, length, fh=None):
+            os.truncate(real(path), length)
+
+        def release(self, path, fh):
+            os.close(fh)
+
+        def unlink(self, path):
+            os.unlink(real(path))
+
+    options = dict(fusefs.FUSE_OPTIONS, fsname="passthrough", subtype="passthrough")
+    mfusepy.FUSE(Passthrough(), mountpoint, foreground=True, **options)
+
+
 # ---------------------------------------------------------------- measurements
 
 
@@ -294,12 +350,15 @@ def enclave_server(base: Path, share: Path, *, tunables: bool):
 
 
 @contextlib.contextmanager
-def memfs_mount(mountpoint: Path):
+def reference_mount(mountpoint: Path, backing: Path | None = None):
+    """The in-process memory file system, or with backing the passthrough to that directory."""
     mountpoint.mkdir()
     env = dict(os.environ, GLIBC_TUNABLES=fusefs.MALLOC_TUNABLES)  # as the mount process runs
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-memfs", str(mountpoint)], env=env)
+    serve = ["--serve-passthrough", str(mountpoint), "--backing", str(backing)] if backing else \
+        ["--serve-memfs", str(mountpoint)]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, __file__, *serve], env=env)
     try:
-        wait_until(lambda: fusefs.is_mounted(mountpoint) or proc.poll() is not None, "the memory file system's mount")
+        wait_until(lambda: fusefs.is_mounted(mountpoint) or proc.poll() is not None, f"the mount at {mountpoint}")
         os.stat(mountpoint)
         yield mountpoint
     finally:
@@ -340,6 +399,7 @@ def print_report(r: dict) -> None:
     seq, small, o = r["sequential"], r["small_files"], r["options"]
     print(f"sequential {o['size_mib']} MiB, dd bs=1M (best of {o['repeat']})      write MB/s   read MB/s")
     for name, label in (("tmpfs", "tmpfs (/dev/shm)"), ("memfs", "in-process FUSE memory fs (no RPC)"),
+                        ("passthrough", "in-process FUSE passthrough to tmpfs"),
                         ("mount", "enclave mount (FUSE + wire + server)")):  # fmt: skip
         print(f"  {label:<44} {seq[name]['write_mbs']:>10.0f} {seq[name]['read_mbs']:>11.0f}")
     print(f"  {'raw AF_UNIX socket stream (1 MiB sends)':<44} {r['raw_socket_mbs']:>10.0f} {'':>11}")
@@ -347,17 +407,19 @@ def print_report(r: dict) -> None:
     print(f"  mount / in-process FUSE: write {ratios['write_vs_memfs']:.2f} (target >= {TARGET_WRITE_RATIO}), "
           f"read {ratios['read_vs_memfs']:.2f}; mount write {seq['mount']['write_mbs']:.0f} MB/s "
           f"(target >= {TARGET_WRITE_MBS})")  # fmt: skip
+    print(f"  mount / in-process FUSE passthrough to tmpfs: write {ratios['write_vs_passthrough']:.2f}")
     print(f"  mount / raw socket: write {ratios['write_vs_socket']:.2f}, read {ratios['read_vs_socket']:.2f}")
     print(f"  mount requests: writes {summarise_sizes(r['mount_requests']['write_sizes'])}; "
           f"reads {summarise_sizes(r['mount_requests']['read_sizes'])}")  # fmt: skip
     print(f"small files: {o['files']} x {o['file_kib']} KiB              cp -r s    ls -lR s    rm -r s")
     for name, label in (("tmpfs", "tmpfs (/dev/shm)"), ("memfs", "in-process FUSE memory fs"),
-                        ("mount", "enclave mount")):  # fmt: skip
+                        ("passthrough", "in-process FUSE passthrough"), ("mount", "enclave mount")):  # fmt: skip
         s = small[name]
         print(f"  {label:<36} {s['cp_s']:>9.2f} {s['ls_s']:>11.2f} {s['rm_s']:>10.2f}")
     print(f"  original sample: {r['original_cp_s']:.2f} s for {o['files']} files; mount is "
           f"{ratios['small_speedup_vs_original']:.2f}x faster (target >= {TARGET_SMALL_SPEEDUP}); "
-          f"in-process FUSE is {ratios['memfs_small_speedup_vs_original']:.2f}x")  # fmt: skip
+          f"in-process FUSE is {ratios['memfs_small_speedup_vs_original']:.2f}x; mount cp / passthrough cp "
+          f"{ratios['small_cp_vs_passthrough']:.2f}")  # fmt: skip
     ops = r["mount_requests"]["ops"]
     print(f"  mount round trips: {json.dumps({k: v for k, v in sorted(ops.items()) if k.startswith('share.')})}")
     verdicts = r["targets"]
@@ -373,9 +435,14 @@ def main(argv=None) -> int:
     parser.add_argument("--server-default-malloc", action="store_true", help="run the server without the tunables")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--serve-memfs", metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-passthrough", metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--backing", metavar="DIR", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.serve_memfs:
         serve_memfs(opts.serve_memfs)
+        return 0
+    if opts.serve_passthrough:
+        serve_passthrough(opts.serve_passthrough, opts.backing)
         return 0
     if not os.path.isdir("/dev/shm"):
         raise SystemExit("bench_fuse: /dev/shm (a tmpfs) is needed for the baseline and the share")
@@ -389,15 +456,18 @@ def main(argv=None) -> int:
         for i in range(opts.files):
             (source / f"file{i:05}.bin").write_bytes(os.urandom(opts.file_kib * 1024))
         (shm / "tmpfs").mkdir()
+        (shm / "backing").mkdir()
         targets = {"tmpfs": shm / "tmpfs"}
-        runs = {name: {"sequential": [], "small_files": []} for name in ("tmpfs", "memfs", "mount")}
+        runs = {name: {"sequential": [], "small_files": []} for name in ("tmpfs", "memfs", "passthrough", "mount")}
         with (
             enclave_server(base, shm / "share", tunables=not opts.server_default_malloc) as served,
-            memfs_mount(base / "memfs") as memfs,
+            reference_mount(base / "memfs") as memfs,
+            reference_mount(base / "passthrough", shm / "backing") as passthrough,
             # One name, not (endpoint, pcr0): pylint takes names unpacked in a with item as unset in the next.
             enclave_mount(served.endpoint, base / "synced_folder", served.pcr0) as mount_report,
         ):
             targets["memfs"] = memfs
+            targets["passthrough"] = passthrough
             targets["mount"] = base / "synced_folder" / "dataset"
             for _i in range(opts.repeat):
                 for name, directory in targets.items():
@@ -413,6 +483,8 @@ def main(argv=None) -> int:
     original = ORIGINAL_S_PER_1000_FILES * opts.files / 1000
     ratios = {
         "write_vs_memfs": seq["mount"]["write_mbs"] / seq["memfs"]["write_mbs"],
+        "write_vs_passthrough": seq["mount"]["write_mbs"] / seq["passthrough"]["write_mbs"],
+        "small_cp_vs_passthrough": small["mount"]["cp_s"] / small["passthrough"]["cp_s"],
         "read_vs_memfs": seq["mount"]["read_mbs"] / seq["memfs"]["read_mbs"],
         "write_vs_socket": seq["mount"]["write_mbs"] / raw,
         "read_vs_socket": seq["mount"]["read_mbs"] / raw,
