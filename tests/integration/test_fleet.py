@@ -44,16 +44,14 @@ def fleet_env(local_cloud):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
         check=False,
     )  # fmt: skip
-    left = subprocess.run(
-        [str(BIN / "enclave"), "local", "describe-enclaves"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    left = describe_enclaves(env)
     assert cleanup.returncode == 0, f"cleanup.yml failed:\n{cleanup.stdout[-3000:]}{cleanup.stderr[-2000:]}"
     assert left.stdout.strip() in ("", "[]"), f"cleanup.yml left local enclaves running: {left.stdout}"
+
+
+def describe_enclaves(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "enclave"), "local", "describe-enclaves"], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
 
 
 def playbook(env: dict, *args: str, principal: str) -> subprocess.CompletedProcess:
@@ -88,14 +86,7 @@ def test_fleet_runs_the_job_in_parallel_each_host_on_its_own_enclave(fleet_env):
         assert counters.get(host, {}).get("failed") == 0, f"{host} in the recap: {counters.get(host)}"
         assert counters[host]["changed"] > 0, f"{host} ran nothing: {counters[host]}"
 
-    described = subprocess.run(
-        [str(BIN / "enclave"), "local", "describe-enclaves"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    described = describe_enclaves(env)
     assert described.returncode == 0, described.stderr
     enclaves = {e["EnclaveName"]: e for e in json.loads(described.stdout)}
     assert len(enclaves) == 3, f"expected one enclave per host, the local runtime runs {sorted(enclaves)}"

@@ -180,6 +180,15 @@ def raw_hello(endpoint, **overrides):
     return sock, reply
 
 
+def run_in_threads(target, count):
+    """target(0) .. target(count - 1), each on its own thread, all at once; returns when all have ended."""
+    threads = [threading.Thread(target=target, args=(t,)) for t in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def read_until_closed(sock):
     """Read until the server closes the connection; returns what came.
 
@@ -381,11 +390,7 @@ def test_concurrent_calls_on_one_connection(serve):
             errors.append(e)
 
     with Connection.open(endpoint) as conn:
-        threads = [threading.Thread(target=caller, args=(t,)) for t in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_in_threads(caller, 8)
     assert errors == []
     assert results == {k: k for k in range(50)}
 
@@ -713,11 +718,7 @@ def test_many_threads_with_inline_ops_share_one_connection(serve):
             errors.append(e)
 
     with Connection.open(endpoint) as conn:
-        threads = [threading.Thread(target=caller, args=(t,)) for t in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_in_threads(caller, 6)
     assert errors == []
 
 
