@@ -199,8 +199,9 @@ def serve_passthrough(mountpoint: str, backing: str) -> None:
 
         def getattr(self, path, fh=None):
             st = os.lstat(real(path))
-            return {key: getattr(st, key) for key in ("st_mode", "st_nlink", "st_size", "st_uid", "st_gid",
-                                                      "st_atime_ns", "st_mtime_ns", "st_ctime_ns")}  # fmt: skip
+            attrs = {key: getattr(st, key) for key in ("st_mode", "st_nlink", "st_size", "st_uid", "st_gid")}
+            # use_ns: mfusepy takes st_atime and the others in nanoseconds
+            return attrs | {key: getattr(st, key + "_ns") for key in ("st_atime", "st_mtime", "st_ctime")}
 
         def readdir(self, path, fh):
             return [".", "..", *os.listdir(real(path))]
