@@ -561,7 +561,7 @@ def _wait_until_serving(endpoint: Endpoint, enclave: subprocess.Popen, deadline:
                     connection.call("health", timeout=5)
                 return
             except EnclaveError:
-                pass  # bound but not listening yet
+                pass  # listening, but not answering yet
         if time.monotonic() > deadline:
             raise RuntimeFailure(f"the enclave server did not answer on {endpoint} within {START_TIMEOUT:g} s")
         time.sleep(0.005)

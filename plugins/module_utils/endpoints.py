@@ -22,6 +22,7 @@ import contextlib
 import errno
 import os
 import re
+import secrets
 import socket
 import stat
 from dataclasses import dataclass
@@ -165,23 +166,43 @@ class Endpoint:
 
     def listen(self, backlog: int = 64, *, mode: int = DEFAULT_SOCKET_MODE) -> socket.socket:
         """A listening socket. For unix, a stale socket file left by a dead server is replaced,
-        a live one is not, and the file gets `mode` before anyone can connect."""
+        a live one is not, and the file appears only once it has `mode` and accepts connections:
+        whoever sees it can connect (a waiter need not retry "connection refused")."""
         sock = self._socket()
+        bound = None
         try:
             if self.scheme == "unix":
                 self._remove_stale_socket()
+            # A unix socket is bound beside its path under a temporary name, made ready there and then linked
+            # into place; link, unlike rename, never replaces what another server put there meanwhile.
+            address = self._temp_path() if self.scheme == "unix" else self._address()
             try:
-                sock.bind(self._address())
+                sock.bind(address)
             except OSError as e:
                 raise EndpointError(f"cannot listen on {self}: {e.strerror or e}: {self._bind_hint(e)}") from e
             if self.scheme == "unix":
-                # Bound but not yet listening: connections are refused until the mode is right.
-                os.chmod(self.path, mode)
+                bound = address
+                os.chmod(bound, mode)
             sock.listen(backlog)
+            if bound is not None:
+                try:
+                    os.link(bound, self.path)
+                except FileExistsError:
+                    raise EndpointError(
+                        f"cannot listen on {self}: another server started listening there meanwhile; stop it first"
+                    ) from None
         except BaseException:
             sock.close()
             raise
+        finally:
+            if bound is not None:
+                os.unlink(bound)
         return sock
+
+    def _temp_path(self) -> str:
+        # As long as the file name (at least 2 bytes), so that it fits wherever the path itself fits.
+        directory, name = os.path.split(self.path)
+        return os.path.join(directory, "." + secrets.token_hex(len(name))[: max(1, len(name) - 1)])
 
     def _bind_hint(self, e: OSError) -> str:
         if e.errno == errno.EADDRINUSE:

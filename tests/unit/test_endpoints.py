@@ -127,6 +127,26 @@ def test_unix_listen_connect_and_mode(sockdir):
         listener.close()
 
 
+def test_unix_socket_file_appears_only_once_it_listens(sockdir, monkeypatch):
+    endpoint = Endpoint.unix(os.path.join(sockdir, "s.sock"))
+    seen_at_listen = []
+
+    class Recording(socket.socket):
+        def listen(self, backlog):
+            seen_at_listen.append(os.path.lexists(endpoint.path))
+            super().listen(backlog)
+
+    monkeypatch.setattr(Endpoint, "_socket", lambda self: Recording(socket.AF_UNIX, socket.SOCK_STREAM))
+    listener = endpoint.listen()
+    try:
+        assert seen_at_listen == [False]  # nobody could find it bound but refusing connections
+        assert os.listdir(sockdir) == ["s.sock"]  # the temporary name is gone
+        assert stat.S_IMODE(os.stat(endpoint.path).st_mode) == DEFAULT_SOCKET_MODE
+        endpoint.connect(timeout=5).close()
+    finally:
+        listener.close()
+
+
 def test_unix_listen_mode_parameter(sockdir):
     endpoint = Endpoint.unix(os.path.join(sockdir, "group.sock"))
     listener = endpoint.listen(mode=0o660)
