@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..plugins.module_utils.errors import EnclaveError
+from . import doctor as doctor_cmd
 from . import local as local_cmd
 from . import sync as sync_cmd
 
@@ -398,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     sync_cmd.add_parser(commands, _add_enclave_flags, _client)
     local_cmd.register(commands)
+    doctor_cmd.register(commands)
     receipt = commands.add_parser("receipt", help="check a job's receipt")
     receipt_cmds = receipt.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     verify_receipt = receipt_cmds.add_parser("verify", help="verify a receipt offline against a release and outputs")

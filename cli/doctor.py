@@ -1,0 +1,657 @@
+"""`enclave doctor`: prove that this host can run a job, one step at a time.
+
+Each step checks one thing a job needs, with the project's own pieces (the runtime,
+the client, attestation, key_policy, package.seal), prints one line (ok / FAIL / skip,
+what it checked, how long it took) and the doctor stops at the first failure with what
+to do. Cleanup always runs: the throwaway enclave is terminated, the throwaway KMS key
+scheduled for deletion with the shortest window KMS allows (7 days), the scratch files
+removed, and on the local backend the local cloud stopped again if the doctor started it.
+
+Steps, in order (the nitro-only ones are skipped on the local backend):
+
+    nitro-cli     nitro-cli is installed and answers describe-enclaves         (nitro)
+    services      nitro-enclaves-allocator and nitro-enclaves-vsock-proxy run   (nitro)
+    device        /dev/nitro_enclaves exists and this user may use it (root, group ne)  (nitro)
+    allocator     /etc/nitro_enclaves/allocator.yaml is well formed            (nitro)
+    kms-access    KMS is reachable with this host's credentials (local: the local cloud runs)
+    vsock-proxy   the vsock-proxy allowlist names the region's KMS (local: the local KMS)
+    build         the enclave image builds; its PCR0
+    resources     the enclave's memory is at least 4x the image; the allocator has it and the CPUs
+    run           the enclave starts
+    attestation   its server answers and attests the build's PCR0, verified against the AWS root
+                  (local: the local root), with a fresh nonce, not in debug mode
+    key-policy    a throwaway KMS key whose policy allows that PCR0 only (lint-clean)
+    host-refused  this host cannot Decrypt under it without an attestation
+    job           a tiny sealed package runs: the enclave unwraps its key with KMS Decrypt with
+                  Recipient, runs the script, and signs the job's summary
+    cleanup       always
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..plugins.module_utils import settings
+from ..plugins.module_utils.errors import EnclaveError
+
+# The rest of the library is imported by the steps that use it, so `enclave --help` stays fast.
+
+SERVICES = ("nitro-enclaves-allocator.service", "nitro-enclaves-vsock-proxy.service")
+MIN_MEMORY_MIB = 256  # the default when 4x the image is less: room for the share and a package
+KEY_DELETION_DAYS = 7  # the shortest PendingWindowInDays KMS accepts for ScheduleKeyDeletion
+APP_NAME = "enclave-doctor"
+SCRIPT = "doctor_check.py"
+# The job proves that the script ran: it prints the token it was given.
+SCRIPT_SOURCE = "import sys\nprint('enclave-doctor', sys.argv[1], flush=True)\n"
+
+# What to do when a step fails with an error that carries no advice of its own.
+ADVICE = {
+    "nitro-cli": "install the AWS Nitro Enclaves CLI (the enclave_host role does), or pass --nitro-cli PATH",
+    "kms-access": "configure this host's AWS credentials and region (on a parent instance: its instance role "
+    "and --region), then run the doctor again",
+    "build": "fix what the build reported (on nitro: is docker installed and running?) and run the doctor again",
+    "run": "fix what the runtime reported and run the doctor again; `enclave doctor` cleans up after itself",
+    "attestation": "the enclave runs but did not prove its image: check that its image is the one built here "
+    "and that it is not in debug mode",
+    "key-policy": "these credentials must be allowed kms:CreateKey, kms:PutKeyPolicy and kms:ScheduleKeyDeletion "
+    "(IAM) for the doctor's throwaway key",
+    "host-refused": "these credentials must be allowed kms:GenerateDataKey and kms:Decrypt (IAM)",
+    "job": "read the error above: a KMS refusal names the key policy's condition, a script error its output",
+    "cleanup": "remove what is listed by hand: `nitro-cli terminate-enclave --enclave-id ID` (local: "
+    "`enclave local terminate-enclave`), `aws kms schedule-key-deletion --key-id ARN --pending-window-in-days 7`",
+}
+
+
+class StepFailed(EnclaveError):
+    """A step found something wrong; todo says what to do about it."""
+
+    def __init__(self, message: str, todo: str):
+        super().__init__(message)
+        self.todo = todo
+
+
+class Skipped(Exception):
+    """A step that does not apply to this backend; the message says why."""
+
+
+@dataclass
+class Outcome:
+    step: str
+    status: str  # "ok" | "fail" | "skip"
+    detail: str
+    seconds: float
+    todo: str | None = None
+
+
+def _error_code(err: BaseException) -> str | None:
+    response = getattr(err, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
+def _describe(err: BaseException) -> str:
+    code = _error_code(err)
+    text = str(err) or type(err).__name__
+    return f"{code}: {text}" if code and code not in text else text
+
+
+def _cpu_pool_size(pool: str) -> int:
+    """How many CPUs a cpu_pool such as "1,3" or "2-5,8" names."""
+    count = 0
+    for part in str(pool).split(","):
+        low, sep, high = part.strip().partition("-")
+        count += int(high) - int(low) + 1 if sep else 1 if low.isdigit() else int(low)
+    return count
+
+
+def read_allocator(path: Path) -> tuple[int, int]:
+    """(memory_mib, CPUs) of an allocator.yaml, or StepFailed saying what is wrong with it."""
+    import yaml
+
+    todo = (
+        f"write {path} as the enclave_host role does: `---`, then `memory_mib: N` and `cpu_count: N` (or "
+        "`cpu_pool: LIST`, not both); then `systemctl restart nitro-enclaves-allocator`"
+    )
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise StepFailed(f"{path} does not exist: the allocator reserves nothing for enclaves", todo) from None
+    if not text.startswith("---"):
+        raise StepFailed(f"{path} does not start with `---`, which the allocator service requires", todo)
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise StepFailed(f"{path} is not valid YAML: {err}", todo) from None
+    config = config if isinstance(config, dict) else {}
+    memory = config.get("memory_mib")
+    if not isinstance(memory, int) or isinstance(memory, bool) or memory <= 0:
+        raise StepFailed(f"{path} has no positive memory_mib (got {memory!r})", todo)
+    given = [k for k in ("cpu_count", "cpu_pool") if k in config]
+    if len(given) != 1:
+        raise StepFailed(f"{path} must set exactly one of cpu_count and cpu_pool, not {given or 'neither'}", todo)
+    try:
+        cpus = int(config["cpu_count"]) if given == ["cpu_count"] else _cpu_pool_size(config["cpu_pool"])
+    except (TypeError, ValueError):
+        raise StepFailed(f"{path} has an unreadable {given[0]}: {config[given[0]]!r}", todo) from None
+    return memory, cpus
+
+
+class Doctor:
+    """The steps, their shared state (work directory, enclave, key) and the cleanup.
+
+    root: prefix of /etc/nitro_enclaves and /dev/nitro_enclaves (a scratch root in tests);
+    key_policy_file: a key policy to try instead of the rendered one, with ${ACCOUNT},
+    ${PCR0} and ${USER} replaced (the owner's own policy, proven against a real enclave)."""
+
+    def __init__(
+        self,
+        *,
+        backend: str | None = None,
+        region: str | None = None,
+        root: str = "/",
+        nitro_cli: str = "nitro-cli",
+        cpu_count: int = 2,
+        memory_mib: int | None = None,
+        boot_timeout: float = 120,
+        key_policy_file: str | None = None,
+        user_principal: str | None = None,
+    ):
+        self.backend = settings.backend(backend)
+        self.nitro = self.backend == "nitro"
+        self.region = region
+        self.root = Path(root)
+        self.nitro_cli = nitro_cli
+        self.cpu_count = cpu_count
+        self.memory_mib = memory_mib
+        self.boot_timeout = boot_timeout
+        self.key_policy_file = key_policy_file
+        self.user_principal = user_principal
+        from ..plugins.module_utils.runtime import LocalCliRuntime, NitroRuntime
+
+        self.runtime = NitroRuntime(nitro_cli) if self.nitro else LocalCliRuntime()
+        self.token = secrets.token_hex(8)
+        self.work: Path | None = None
+        self.cloud: dict | None = None
+        self.cloud_started = False
+        self.allocator: tuple[int, int] | None = None
+        self.kms = None
+        self.kms_settings: dict = {}
+        self.image: str | None = None
+        self.pcr0: str | None = None
+        self.enclave = None
+        self.client = None  # the EnclaveClient of the throwaway enclave
+        self.key_arn: str | None = None
+
+    def steps(self) -> list[tuple[str, callable]]:
+        return [
+            ("nitro-cli", self.check_nitro_cli),
+            ("services", self.check_services),
+            ("device", self.check_device),
+            ("allocator", self.check_allocator),
+            ("kms-access", self.check_kms_access),
+            ("vsock-proxy", self.check_vsock_proxy),
+            ("build", self.build),
+            ("resources", self.check_resources),
+            ("run", self.run_enclave),
+            ("attestation", self.attest),
+            ("key-policy", self.make_key),
+            ("host-refused", self.check_host_refused),
+            ("job", self.run_job),
+        ]
+
+    def diagnose(self, report=lambda outcome: None) -> list[Outcome]:
+        """Run the steps until one fails, then clean up; report(outcome) is called after each."""
+        outcomes = []
+        try:
+            for name, step in self.steps():
+                outcomes.append(self._timed(name, step))
+                report(outcomes[-1])
+                if outcomes[-1].status == "fail":
+                    break
+        finally:
+            outcomes.append(self._timed("cleanup", self.cleanup))
+            report(outcomes[-1])
+        return outcomes
+
+    @staticmethod
+    def _timed(name: str, step) -> Outcome:
+        start = time.monotonic()
+        try:
+            detail, status, todo = step(), "ok", None
+        except Skipped as skip:
+            detail, status, todo = str(skip), "skip", None
+        except StepFailed as err:
+            detail, status, todo = str(err), "fail", err.todo
+        except Exception as err:  # the runtime's, boto3's or the client's own error, which names what happened
+            detail, status, todo = _describe(err), "fail", ADVICE.get(name, "fix what is reported and run again")
+        return Outcome(name, status, detail, round(time.monotonic() - start, 3), todo)
+
+    def _nitro_only(self) -> None:
+        if not self.nitro:
+            raise Skipped("local backend: there is no Nitro hardware to check")
+
+    # ------------------------------------------------------------ the host (nitro)
+
+    def check_nitro_cli(self) -> str:
+        self._nitro_only()
+        found = shutil.which(self.nitro_cli)
+        if found is None:
+            raise StepFailed(f"{self.nitro_cli} is not installed (not found on PATH)", ADVICE["nitro-cli"])
+        running = self.runtime.describe()
+        return f"{found} answers describe-enclaves ({len(running)} enclave(s) running)"
+
+    def check_services(self) -> str:
+        self._nitro_only()
+        states = {}
+        for service in SERVICES:
+            try:
+                done = subprocess.run(
+                    ["systemctl", "is-active", service], capture_output=True, text=True, timeout=30, check=False
+                )
+            except FileNotFoundError:
+                raise StepFailed(
+                    "systemctl is not installed: cannot tell whether the Nitro Enclaves services run",
+                    "run the doctor on the parent instance itself (Amazon Linux 2023 with systemd)",
+                ) from None
+            states[service] = done.stdout.strip() or f"unknown (exit {done.returncode})"
+        down = {service: state for service, state in states.items() if state != "active"}
+        if down:
+            listed = ", ".join(f"{service} is {state}" for service, state in down.items())
+            raise StepFailed(
+                listed,
+                f"systemctl enable --now {' '.join(down)}; `journalctl -u SERVICE` says why one stopped (the "
+                "vsock-proxy exits when its allowlist lacks the region's KMS, the allocator when it cannot "
+                "reserve its memory)",
+            )
+        return ", ".join(f"{service} active" for service in SERVICES)
+
+    def check_device(self) -> str:
+        self._nitro_only()
+        device = self.root / "dev" / "nitro_enclaves"
+        if not device.exists():
+            raise StepFailed(
+                f"{device} does not exist: the Nitro Enclaves driver is not loaded or enclaves are not enabled",
+                "launch the instance with enclaves enabled (EnclaveOptions Enabled=true, a Nitro instance type "
+                "with at least 4 vCPUs), then `modprobe nitro_enclaves`",
+            )
+        if os.geteuid() == 0:
+            return f"{device} present; running as root"
+        import grp
+
+        try:
+            ne = grp.getgrnam("ne").gr_gid
+        except KeyError:
+            ne = None
+        if ne is None or ne not in os.getgroups():
+            raise StepFailed(
+                f"this user is not in group ne, so nitro-cli cannot use {device}",
+                "add the user to group ne (`usermod -aG ne USER`, the enclave_host role's enclave_host_users) "
+                "and log in again",
+            )
+        return f"{device} present; this user is in group ne"
+
+    def check_allocator(self) -> str:
+        self._nitro_only()
+        path = self.root / "etc" / "nitro_enclaves" / "allocator.yaml"
+        self.allocator = read_allocator(path)
+        return f"{path}: memory_mib {self.allocator[0]}, {self.allocator[1]} CPU(s)"
+
+    # ------------------------------------------------------------ KMS
+
+    def check_kms_access(self) -> str:
+        import boto3
+
+        from ..plugins.module_utils.client import host_kms_settings
+
+        endpoint_url = None
+        if not self.nitro:
+            from ..enclave_local import cloud
+
+            self.cloud = cloud.status()
+            if self.cloud is None:
+                self.cloud = cloud.up()
+                self.cloud_started = True
+            endpoint_url = self.cloud["kms_endpoint_url"]
+        self.kms_settings = host_kms_settings(region=self.region)
+        self.region = self.kms_settings["region"]
+        self.kms = boto3.client(
+            "kms",
+            region_name=self.region,
+            endpoint_url=endpoint_url,
+            aws_access_key_id=self.kms_settings["aws_access_key_id"],
+            aws_secret_access_key=self.kms_settings["aws_secret_access_key"],
+            aws_session_token=self.kms_settings.get("aws_session_token"),
+        )
+        if self.user_principal is None:
+            self.user_principal = self._caller_principal()
+        who = self.user_principal or f"access key {self.kms_settings['aws_access_key_id']}"
+        where = f"the local KMS at {endpoint_url}" + (" (started)" if self.cloud_started else "")
+        return f"{where if endpoint_url else f'AWS KMS in {self.region}'}, as {who}"
+
+    def _caller_principal(self) -> str | None:
+        """Who these credentials are, as a key policy names them (None on local: known once the key exists)."""
+        if not self.nitro:
+            return None
+        import boto3
+
+        arn = boto3.client(
+            "sts",
+            region_name=self.region,
+            aws_access_key_id=self.kms_settings["aws_access_key_id"],
+            aws_secret_access_key=self.kms_settings["aws_secret_access_key"],
+            aws_session_token=self.kms_settings.get("aws_session_token"),
+        ).get_caller_identity()["Arn"]
+        # An instance role's session (arn:aws:sts::A:assumed-role/ROLE/i-...) is named by its role in a policy.
+        prefix, sep, rest = arn.partition(":assumed-role/")
+        if sep:
+            return f"{prefix.replace(':sts:', ':iam:')}:role/{rest.split('/')[0]}"
+        return arn
+
+    def _local_principal(self, account: str) -> str:
+        """The local KMS's name for these credentials: principals.json's entry, else the access key's role."""
+        access_key = self.kms_settings["aws_access_key_id"]
+        try:
+            named = json.loads((Path(self.cloud["kms_state"]) / "principals.json").read_text())
+        except (OSError, ValueError):
+            named = {}
+        return named.get(access_key) or f"arn:aws:iam::{account}:role/{access_key}"
+
+    def check_vsock_proxy(self) -> str:
+        from ..enclave_local.vsock_proxy import VsockProxyError, load_allowlist
+
+        if self.nitro:
+            path = self.root / "etc" / "nitro_enclaves" / "vsock-proxy.yaml"
+            needed = (f"kms.{self.region}.amazonaws.com", 443)
+        else:
+            path = Path(self.cloud["vsock_proxy_config"])
+            needed = (self.cloud["kms_host"], int(self.cloud["kms_port"]))
+        todo = (
+            f"add `- {{address: {needed[0]}, port: {needed[1]}}}` to the allowlist in {path} (the enclave_host "
+            "role writes it from enclave_host_region), then `systemctl restart nitro-enclaves-vsock-proxy`"
+            if self.nitro
+            else "restart the local cloud: `enclave local down && enclave local up`"
+        )
+        try:
+            allowed = load_allowlist(path)
+        except VsockProxyError as err:
+            raise StepFailed(str(err), todo) from None
+        if needed not in allowed:
+            listed = ", ".join(f"{a}:{p}" for a, p in allowed) or "nothing"
+            raise StepFailed(
+                f"{path} allows {listed}, not {needed[0]}:{needed[1]}, so the enclave cannot reach KMS", todo
+            )
+        return f"{path} allows {needed[0]}:{needed[1]}"
+
+    # ------------------------------------------------------------ the enclave
+
+    def build(self) -> str:
+        self.work = Path(tempfile.mkdtemp(prefix="enclave-doctor-"))
+        result = self.runtime.build(output=str(self.work / f"{APP_NAME}.eif"))
+        self.image, self.pcr0 = result.image, result.measurements.pcr0
+        size = os.path.getsize(self.image)
+        return f"{self.image} ({size / 2**20:.1f} MiB), PCR0 {self.pcr0}"
+
+    def check_resources(self) -> str:
+        needed = math.ceil(4 * os.path.getsize(self.image) / 2**20)  # nitro-cli's rule: 4x the image
+        if self.memory_mib is None:
+            self.memory_mib = max(MIN_MEMORY_MIB, needed)
+        elif self.memory_mib < needed:
+            raise StepFailed(
+                f"--memory {self.memory_mib} MiB is less than 4x the image ({needed} MiB)",
+                f"give the enclave at least {needed} MiB (--memory)",
+            )
+        if not self.nitro:
+            return (
+                f"{self.memory_mib} MiB (at least 4x the image), {self.cpu_count} CPU(s); local backend: no allocator"
+            )
+        memory, cpus = self.allocator
+        allocator = self.root / "etc" / "nitro_enclaves" / "allocator.yaml"
+        if memory < self.memory_mib:
+            raise StepFailed(
+                f"the allocator reserves {memory} MiB, the enclave needs {self.memory_mib} MiB (4x the image is "
+                f"{needed} MiB)",
+                f"set memory_mib: {self.memory_mib} in {allocator} and `systemctl restart nitro-enclaves-allocator` "
+                "(the enclave_host role sizes it from the image)",
+            )
+        if cpus < self.cpu_count:
+            raise StepFailed(
+                f"the allocator reserves {cpus} CPU(s), the enclave asks for {self.cpu_count}",
+                f"set cpu_count: {self.cpu_count} in {allocator} and restart nitro-enclaves-allocator, "
+                "or pass a smaller --cpu-count",
+            )
+        return f"{self.memory_mib} MiB and {self.cpu_count} CPU(s) of the allocator's {memory} MiB and {cpus}"
+
+    def run_enclave(self) -> str:
+        self.enclave = self.runtime.run(
+            self.image, cpu_count=self.cpu_count, memory_mib=self.memory_mib, name=f"{APP_NAME}-{self.token}"
+        )
+        return f"enclave {self.enclave.enclave_id} (CID {self.enclave.cid}) at {self.enclave.endpoint}"
+
+    def _roots(self) -> list:
+        from ..plugins.module_utils import attestation
+
+        if self.nitro:
+            return attestation.load_trusted_roots([], include_aws=True)
+        return attestation.load_trusted_roots([self.cloud["ca_root"]], include_aws=False)
+
+    def attest(self) -> str:
+        from ..plugins.module_utils.client import EnclaveClient
+
+        deadline = time.monotonic() + self.boot_timeout
+        while True:
+            try:
+                self.client = EnclaveClient(self.enclave.endpoint, trusted_roots=self._roots(), timeout=30)
+                break
+            except (ConnectionError, OSError) as err:
+                if time.monotonic() >= deadline:
+                    raise StepFailed(
+                        f"enclave {self.enclave.enclave_id} runs, but no enclave server answered at "
+                        f"{self.enclave.endpoint} within {self.boot_timeout:g} s: {err}",
+                        "start the image in debug mode (`nitro-cli run-enclave --debug-mode ...`) and read "
+                        "`nitro-cli console`; give it more time with --boot-timeout",
+                    ) from None
+                time.sleep(1)
+        doc = self.client.attest(expect_pcr0=self.pcr0)
+        root = "the AWS Nitro root" if self.nitro else "the local root"
+        return f"{doc.module_id} attested PCR0 {self.pcr0[:16]}... with a fresh nonce, verified against {root}"
+
+    # ------------------------------------------------------------ the key and the job
+
+    def _policy(self, account: str) -> dict:
+        from ..plugins.module_utils import key_policy
+
+        if self.key_policy_file is None:
+            return key_policy.render_policy(
+                account_id=account,
+                user_principals=[self.user_principal],
+                admin_principals=[f"arn:aws:iam::{account}:root"],
+                pcr0=[self.pcr0],
+            )
+        text = Path(self.key_policy_file).read_text()
+        for name, value in (("ACCOUNT", account), ("PCR0", self.pcr0), ("USER", self.user_principal)):
+            text = text.replace("${" + name + "}", value)
+        return json.loads(text)
+
+    def make_key(self) -> str:
+        from ..plugins.module_utils import key_policy
+
+        created = self.kms.create_key(
+            Description=f"enclave doctor {self.token}: throwaway, scheduled for deletion when the doctor ends",
+            Tags=[{"TagKey": "created-by", "TagValue": APP_NAME}],
+        )
+        self.key_arn = created["KeyMetadata"]["Arn"]
+        account = self.key_arn.split(":")[4]
+        if self.user_principal is None:
+            self.user_principal = self._local_principal(account)
+        policy = self._policy(account)
+        todo = (
+            "render the key policy for this image: `enclave policy render --account-id ACCOUNT --pcr0 PCR0 "
+            "--user-principal ARN` (or the enclave_key_policy module), and check it with `enclave policy lint`"
+        )
+        problems = key_policy.lint(policy, user_principals=[self.user_principal])
+        if problems:
+            raise StepFailed("the key policy is unsound: " + "; ".join(problems), todo)
+        allowed = key_policy.allowed_pcr0(policy)
+        if self.pcr0 not in allowed:
+            raise StepFailed(
+                f"the key policy allows PCR0 {', '.join(allowed) or 'none'}, not this image's {self.pcr0}", todo
+            )
+        self.kms.put_key_policy(KeyId=self.key_arn, PolicyName="default", Policy=json.dumps(policy))
+        return f"{self.key_arn} releases to PCR0 {self.pcr0[:16]}... only, for {self.user_principal}"
+
+    def check_host_refused(self) -> str:
+        context = {"purpose": APP_NAME}
+        wrapped = self.kms.generate_data_key(KeyId=self.key_arn, KeySpec="AES_256", EncryptionContext=context)
+        try:
+            self.kms.decrypt(CiphertextBlob=wrapped["CiphertextBlob"], EncryptionContext=context)
+        except Exception as err:
+            if _error_code(err) == "AccessDeniedException":
+                return "Decrypt without an attestation document: AccessDeniedException, as it must be"
+            raise
+        raise StepFailed(
+            "this host decrypted a data key of the throwaway key without any attestation: whoever runs the host "
+            "could read every package sealed under such a key",
+            "the key policy needs the Deny without attestation (`enclave policy render` writes it), and no grant "
+            "or IAM policy may hand out kms:Decrypt on the owner's key",
+        )
+
+    def run_job(self) -> str:
+        from ..plugins.module_utils import attestation, package, receipt
+
+        app, published = self.work / "app", self.work / "published"
+        app.mkdir()
+        published.mkdir()
+        (app / SCRIPT).write_text(SCRIPT_SOURCE)
+        sealed = published / f"{APP_NAME}-{self.token}.pkg"
+        package.seal(app, sealed, kms_client=self.kms, key_id=self.key_arn, name=APP_NAME, version="1")
+        self.client.push(published, "/encrypted")
+        printed = []
+        summary = self.client.run(
+            sealed.name, SCRIPT, [self.token], kms=self.kms_settings, timeout=300,
+            on_output=lambda stream, data: printed.append(data.decode(errors="replace")),
+        )  # fmt: skip
+        output = "".join(printed)
+        if summary["rc"] != 0 or f"enclave-doctor {self.token}" not in output:
+            raise StepFailed(
+                f"the job ended by {summary['ended_by']} with status {summary['rc']}; it printed {output!r}",
+                "run a debug-mode enclave and read its console; the enclave's Python must run a plain script",
+            )
+        signed = {k: v for k, v in summary.items() if k != "attestation"}
+        doc = attestation.verify_document(
+            summary["attestation"], trusted_roots=self._roots(), expected_pcrs={0: self.pcr0}, max_age_s=None
+        )
+        if doc.user_data != receipt.job_digest(signed):
+            raise StepFailed("the enclave signed a different job summary than it returned", ADVICE["job"])
+        return (
+            f"the enclave unwrapped the package key with KMS Decrypt with Recipient, ran {SCRIPT} "
+            "(status 0) and signed the job's receipt"
+        )
+
+    # ------------------------------------------------------------ cleanup
+
+    def cleanup(self) -> str:
+        done, problems = [], []
+
+        def attempt(what: str, action) -> None:
+            try:
+                action()
+                done.append(what)
+            except Exception as err:
+                problems.append(f"{what}: {_describe(err)}")
+
+        if self.client is not None:
+            attempt("closed the connection", self.client.close)
+        if self.enclave is not None:
+            attempt(
+                f"terminated enclave {self.enclave.enclave_id}", lambda: self.runtime.terminate(self.enclave.enclave_id)
+            )
+        if self.key_arn is not None:
+            attempt(
+                f"scheduled key {self.key_arn} for deletion in {KEY_DELETION_DAYS} days",
+                lambda: self.kms.schedule_key_deletion(KeyId=self.key_arn, PendingWindowInDays=KEY_DELETION_DAYS),
+            )
+        if self.work is not None:
+            attempt(f"removed {self.work}", lambda: shutil.rmtree(self.work))
+        if self.cloud_started:
+            attempt("stopped the local cloud it started", self._stop_cloud)
+        if problems:
+            raise StepFailed("could not clean up: " + "; ".join(problems), ADVICE["cleanup"])
+        return "; ".join(done) or "nothing to clean up"
+
+    def _stop_cloud(self) -> None:
+        from ..enclave_local import cloud
+
+        others = [e.enclave_id for e in self.runtime.describe()]
+        if others:  # `down` would stop them too: leave the cloud to them
+            raise StepFailed(f"enclaves {others} came up meanwhile; the local cloud stays up", ADVICE["cleanup"])
+        cloud.down()
+
+
+# ---------------------------------------------------------------- command
+
+
+def _print_line(outcome: Outcome) -> None:
+    mark = {"ok": "ok  ", "fail": "FAIL", "skip": "skip"}[outcome.status]
+    print(f"{mark}  {outcome.step:<12} {outcome.detail} ({outcome.seconds:.2f} s)", flush=True)
+    if outcome.todo:
+        print(f"      what to do: {outcome.todo}", flush=True)
+
+
+def cmd_doctor(args) -> int:
+    doctor = Doctor(
+        backend=args.backend,
+        region=args.region,
+        root=args.root,
+        nitro_cli=args.nitro_cli,
+        cpu_count=args.cpu_count,
+        memory_mib=args.memory,
+        boot_timeout=args.boot_timeout,
+        key_policy_file=args.key_policy,
+        user_principal=args.user_principal,
+    )
+    if not args.json:
+        print(f"enclave doctor: checking the {doctor.backend} backend step by step", flush=True)
+    outcomes = doctor.diagnose(report=(lambda outcome: None) if args.json else _print_line)
+    healthy = all(o.status != "fail" for o in outcomes)
+    if args.json:
+        json.dump({"backend": doctor.backend, "ok": healthy, "steps": [asdict(o) for o in outcomes]}, sys.stdout,
+                  indent=2)  # fmt: skip
+        sys.stdout.write("\n")
+    else:
+        print("this host can run jobs" if healthy else "this host cannot run jobs yet: see FAIL above")
+    return 0 if healthy else 1
+
+
+def register(commands) -> None:
+    """Add `doctor` to the `enclave` parser's subcommands."""
+    doctor = commands.add_parser(
+        "doctor", help="prove this host can run a job: each step checked, stopping at the first failure"
+    )
+    doctor.add_argument("--backend", choices=settings.BACKENDS, help="default: $ENCLAVE_BACKEND or local")
+    doctor.add_argument("--region", help="AWS region of KMS (default: boto3's, e.g. AWS_REGION)")
+    doctor.add_argument("--cpu-count", type=int, default=2, help="CPUs for the throwaway enclave (default 2)")
+    doctor.add_argument("--memory", type=int, metavar="MIB", help="its memory (default: 4x the image, at least 256)")
+    doctor.add_argument(
+        "--boot-timeout", type=float, default=120, metavar="SECONDS", help="wait this long for its server (default 120)"
+    )
+    doctor.add_argument(
+        "--key-policy",
+        metavar="FILE",
+        help="try this key policy (JSON; ${ACCOUNT}, ${PCR0}, ${USER} replaced) instead of the rendered one",
+    )
+    doctor.add_argument(
+        "--user-principal", metavar="ARN", help="this host's principal (default: STS, or the local KMS's)"
+    )
+    doctor.add_argument("--nitro-cli", default="nitro-cli", help="the nitro-cli executable (nitro)")
+    doctor.add_argument("--root", default="/", help="where /etc/nitro_enclaves and /dev live (default /)")
+    doctor.add_argument("--json", action="store_true", help="print every step as JSON at the end")
+    doctor.set_defaults(func=cmd_doctor)
