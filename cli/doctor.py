@@ -29,6 +29,7 @@ Steps, in order (the nitro-only ones are skipped on the local backend):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -179,6 +180,8 @@ class Doctor:
 
         self.runtime = NitroRuntime(nitro_cli) if self.nitro else LocalCliRuntime()
         self.token = secrets.token_hex(8)
+        self.enclave_name = f"{APP_NAME}-{self.token}"
+        self.run_attempted = False
         self.work: Path | None = None
         self.cloud: dict | None = None
         self.cloud_started = False
@@ -232,7 +235,8 @@ class Doctor:
         except StepFailed as err:
             detail, status, todo = str(err), "fail", err.todo
         except Exception as err:  # the runtime's, boto3's or the client's own error, which names what happened
-            detail, status, todo = _describe(err), "fail", ADVICE.get(name, "fix what is reported and run again")
+            detail, sep, todo = _describe(err).partition("\nWhat to do: ")  # nitro-cli's hints (runtime._HINTS)
+            status, todo = "fail", todo if sep else ADVICE.get(name, "fix what is reported and run again")
         return Outcome(name, status, detail, round(time.monotonic() - start, 3), todo)
 
     def _nitro_only(self) -> None:
@@ -357,13 +361,11 @@ class Doctor:
         return arn
 
     def _local_principal(self, account: str) -> str:
-        """The local KMS's name for these credentials: principals.json's entry, else the access key's role."""
-        access_key = self.kms_settings["aws_access_key_id"]
-        try:
-            named = json.loads((Path(self.cloud["kms_state"]) / "principals.json").read_text())
-        except (OSError, ValueError):
-            named = {}
-        return named.get(access_key) or f"arn:aws:iam::{account}:role/{access_key}"
+        """The local KMS's name for these credentials, by its own rule (LocalKms.principal_for)."""
+        from ..enclave_local.kms import LocalKms
+
+        kms = LocalKms(self.cloud["kms_state"], account_id=account, region=self.region)
+        return kms.principal_for(self.kms_settings["aws_access_key_id"])
 
     def check_vsock_proxy(self) -> str:
         from ..enclave_local.vsock_proxy import VsockProxyError, load_allowlist
@@ -431,8 +433,9 @@ class Doctor:
         return f"{self.memory_mib} MiB and {self.cpu_count} CPU(s) of the allocator's {memory} MiB and {cpus}"
 
     def run_enclave(self) -> str:
+        self.run_attempted = True
         self.enclave = self.runtime.run(
-            self.image, cpu_count=self.cpu_count, memory_mib=self.memory_mib, name=f"{APP_NAME}-{self.token}"
+            self.image, cpu_count=self.cpu_count, memory_mib=self.memory_mib, name=self.enclave_name
         )
         return f"enclave {self.enclave.enclave_id} (CID {self.enclave.cid}) at {self.enclave.endpoint}"
 
@@ -476,10 +479,16 @@ class Doctor:
                 admin_principals=[f"arn:aws:iam::{account}:root"],
                 pcr0=[self.pcr0],
             )
-        text = Path(self.key_policy_file).read_text()
-        for name, value in (("ACCOUNT", account), ("PCR0", self.pcr0), ("USER", self.user_principal)):
-            text = text.replace("${" + name + "}", value)
-        return json.loads(text)
+        try:
+            text = Path(self.key_policy_file).read_text()
+            for name, value in (("ACCOUNT", account), ("PCR0", self.pcr0), ("USER", self.user_principal)):
+                text = text.replace("${" + name + "}", value)
+            return json.loads(text)
+        except (OSError, ValueError) as err:
+            raise StepFailed(
+                f"cannot read the key policy {self.key_policy_file}: {err}",
+                "give --key-policy a JSON key policy (${ACCOUNT}, ${PCR0} and ${USER} are filled in)",
+            ) from None
 
     def make_key(self) -> str:
         from ..plugins.module_utils import key_policy
@@ -574,6 +583,8 @@ class Doctor:
             attempt(
                 f"terminated enclave {self.enclave.enclave_id}", lambda: self.runtime.terminate(self.enclave.enclave_id)
             )
+        elif self.run_attempted:  # run failed, perhaps after the enclave started (a timeout): find it by name
+            attempt(f"made sure no enclave {self.enclave_name} is left", self._terminate_by_name)
         if self.key_arn is not None:
             attempt(
                 f"scheduled key {self.key_arn} for deletion in {KEY_DELETION_DAYS} days",
@@ -586,6 +597,12 @@ class Doctor:
         if problems:
             raise StepFailed("could not clean up: " + "; ".join(problems), ADVICE["cleanup"])
         return "; ".join(done) or "nothing to clean up"
+
+    def _terminate_by_name(self) -> None:
+        from ..plugins.module_utils.runtime import EnclaveNotFound
+
+        with contextlib.suppress(EnclaveNotFound):  # it never started
+            self.runtime.terminate(self.enclave_name)
 
     def _stop_cloud(self) -> None:
         from ..enclave_local import cloud

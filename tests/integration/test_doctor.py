@@ -1,0 +1,337 @@
+"""`enclave doctor` for real: the whole job on the local backend (local cloud, a real enclave in its
+namespaces, the local KMS enforcing the throwaway key's policy), and the nitro backend's host checks
+against the fake nitro-cli, a scratch root for /etc/nitro_enclaves and /dev, and a stand-in systemctl.
+A broken step stops the doctor there, with what to do, and cleanup runs whatever happened.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from ansible_collections.confidential_ml.nitro.cli.doctor import read_allocator
+from ansible_collections.confidential_ml.nitro.enclave_local import cloud
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKE = ROOT / "tests" / "fixtures" / "fake-nitro-cli"
+ENCLAVE = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
+ACCOUNT = "111122223333"
+HOST_ROLE = f"arn:aws:iam::{ACCOUNT}:role/enclave-host"
+STEPS = ["nitro-cli", "services", "device", "allocator", "kms-access", "vsock-proxy", "build", "resources",
+         "run", "attestation", "key-policy", "host-refused", "job", "cleanup"]  # fmt: skip
+NITRO_ONLY = STEPS[:4]
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="local enclaves' namespaces and mounts need root")
+
+
+def doctor(env: dict, *args: str) -> tuple[int, dict]:
+    """Run `enclave doctor --json ARGS`: its exit status and report."""
+    done = subprocess.run([*ENCLAVE, "doctor", "--json", *args], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)  # fmt: skip
+    try:
+        report = json.loads(done.stdout)
+    except ValueError:
+        raise AssertionError(f"no JSON report (exit {done.returncode}):\n{done.stdout}\n{done.stderr}") from None
+    return done.returncode, report
+
+
+def statuses(report: dict) -> dict[str, str]:
+    return {step["step"]: step["status"] for step in report["steps"]}
+
+
+def step(report: dict, name: str) -> dict:
+    return next(s for s in report["steps"] if s["step"] == name)
+
+
+def stopped_at(report: dict, failed: str) -> None:
+    """The doctor ran the steps up to `failed`, which failed, none after it, then cleaned up."""
+    names = [s["step"] for s in report["steps"]]
+    assert names == [*STEPS[: STEPS.index(failed) + 1], "cleanup"], names
+    assert [s["step"] for s in report["steps"] if s["status"] == "fail"] == [failed], report
+    assert step(report, failed)["todo"], "a failed step says what to do"
+    assert step(report, "cleanup")["status"] == "ok", step(report, "cleanup")
+    assert report["ok"] is False
+
+
+def processes_mentioning(text: str) -> dict[int, str]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found[int(entry.name)] = cmdline
+    return found
+
+
+@pytest.fixture
+def local_env():
+    """The environment of a host user on the local backend, with a private short ENCLAVE_HOME; afterwards
+    nothing of that home may still run."""
+    work = Path(tempfile.mkdtemp(prefix="doc-", dir="/tmp"))  # short: enclave socket paths fit in 107 bytes
+    env = dict(os.environ, ENCLAVE_HOME=str(work / "home"), ENCLAVE_BACKEND="local", AWS_ACCESS_KEY_ID="enclave-host",
+               AWS_SECRET_ACCESS_KEY="local-only", AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    env.pop("ENCLAVE_ENDPOINT", None)
+    yield env
+    cloud.down(home=work / "home")
+    left = processes_mentioning(str(work))
+    for pid in left:  # never leave anything behind, even when the assertion below fails
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(work, ignore_errors=True)
+    assert not left, f"processes left behind: {left}"
+
+
+def keys(env: dict) -> list[dict]:
+    state = Path(env["ENCLAVE_HOME"]) / "kms" / "kms-state.json"
+    return list(json.loads(state.read_text())["keys"].values()) if state.exists() else []
+
+
+@needs_root
+def test_the_doctor_proves_the_local_backend_and_leaves_nothing(local_env):
+    code, report = doctor(local_env, "--cpu-count", "1")
+    assert code == 0, report
+    assert report["ok"] is True and report["backend"] == "local"
+    assert [s["step"] for s in report["steps"]] == STEPS
+    for name in NITRO_ONLY:
+        assert step(report, name)["status"] == "skip" and "local backend" in step(report, name)["detail"]
+    assert all(statuses(report)[name] == "ok" for name in STEPS[4:]), report
+    assert all(isinstance(s["seconds"], float) and s["seconds"] >= 0 for s in report["steps"])
+
+    pcr0 = step(report, "build")["detail"].rsplit("PCR0 ", 1)[1]
+    assert len(pcr0) == 96
+    assert "(started)" in step(report, "kms-access")["detail"]  # the doctor brought the local cloud up...
+    assert cloud.status(local_env["ENCLAVE_HOME"]) is None  # ...and took it down again
+    assert "AccessDeniedException" in step(report, "host-refused")["detail"]
+    assert "Decrypt with Recipient" in step(report, "job")["detail"]
+
+    # The throwaway key allowed exactly the image the doctor built, and is now pending deletion (7 days).
+    (key,) = keys(local_env)
+    assert key["KeyState"] == "PendingDeletion"
+    assert 6.9 * 86400 < key["DeletionDate"] - key["CreationDate"] < 7.1 * 86400
+    policy = json.loads(key["Policy"])
+    allow = next(s for s in policy["Statement"] if s["Effect"] == "Allow" and "Condition" in s)
+    assert allow["Principal"] == {"AWS": [HOST_ROLE]}
+    assert allow["Condition"]["StringEqualsIgnoreCase"]["kms:RecipientAttestation:ImageSha384"] == [pcr0]
+    # The enclave was terminated, the scratch directory removed.
+    described = subprocess.run([*ENCLAVE, "local", "describe-enclaves"], env=local_env, capture_output=True,
+                               text=True, check=True)  # fmt: skip
+    assert json.loads(described.stdout) == []
+    scratch = step(report, "build")["detail"].split(" ", 1)[0]
+    assert not Path(scratch).exists() and not Path(scratch).parent.exists()
+
+
+@needs_root
+def test_a_key_policy_without_the_image_stops_the_doctor_there(local_env, tmp_path):
+    """The owner's policy template names another PCR0: the doctor stops at key-policy, says what to do,
+    and still terminates the enclave and schedules the key's deletion; a local cloud it found running
+    stays running."""
+    running = cloud.up(home=local_env["ENCLAVE_HOME"])
+    other = "ab" * 48
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Sid": "OwnerAdministers", "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::${ACCOUNT}:root"},
+             "Action": "kms:*", "Resource": "*"},
+            {"Sid": "EnclaveDecryptWithAttestation", "Effect": "Allow", "Principal": {"AWS": "${USER}"},
+             "Action": "kms:Decrypt", "Resource": "*",
+             "Condition": {"StringEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": [other]}}},
+            {"Sid": "DenyDecryptWithoutAttestation", "Effect": "Deny", "Principal": "*",
+             "Action": ["kms:Decrypt", "kms:ReEncrypt*"], "Resource": "*",
+             "Condition": {"StringNotEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": [other]}}},
+        ],
+    }  # fmt: skip
+    (tmp_path / "policy.json").write_text(json.dumps(policy))
+    code, report = doctor(local_env, "--cpu-count", "1", "--key-policy", str(tmp_path / "policy.json"))
+    assert code == 1
+    stopped_at(report, "key-policy")
+    failed = step(report, "key-policy")
+    assert other in failed["detail"] and "not this image's" in failed["detail"]
+    assert "enclave policy render" in failed["todo"]
+    (key,) = keys(local_env)
+    assert key["KeyState"] == "PendingDeletion"
+    assert "terminated enclave" in step(report, "cleanup")["detail"]
+    assert cloud.status(local_env["ENCLAVE_HOME"])["process"] == running["process"]
+
+
+def test_a_local_allowlist_without_the_kms_stops_the_doctor_there(local_env):
+    cloud.up(home=local_env["ENCLAVE_HOME"])
+    config = Path(local_env["ENCLAVE_HOME"]) / "vsock-proxy.yaml"
+    config.write_text("allowlist:\n- {address: 127.0.0.1, port: 9}\n")
+    code, report = doctor(local_env)
+    assert code == 1
+    stopped_at(report, "vsock-proxy")
+    assert "127.0.0.1:9" in step(report, "vsock-proxy")["detail"]
+    assert "enclave local up" in step(report, "vsock-proxy")["todo"]
+    assert step(report, "cleanup")["detail"] == "nothing to clean up"
+    assert keys(local_env) == []
+
+
+# ---------------------------------------------------------------- nitro, against the fake nitro-cli
+
+
+@pytest.fixture
+def nitro(tmp_path):
+    """A Nitro parent as files: the fake nitro-cli, a scratch root with the enclave_host role's
+    configuration and the device, a systemctl that reports the services' states, and the env."""
+    root = tmp_path / "root"
+    (root / "etc" / "nitro_enclaves").mkdir(parents=True)
+    (root / "dev").mkdir()
+    (root / "dev" / "nitro_enclaves").touch()
+    (root / "etc" / "nitro_enclaves" / "allocator.yaml").write_text("---\nmemory_mib: 2048\ncpu_count: 2\n")
+    (root / "etc" / "nitro_enclaves" / "vsock-proxy.yaml").write_text(
+        "allowlist:\n  - {address: kms.eu-west-1.amazonaws.com, port: 443}\n"
+    )
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(
+        '#!/bin/sh\n# is-active SERVICE: the state in $SERVICE_STATES_DIR/SERVICE, else "active"\n'
+        'cat "$SERVICE_STATES_DIR/$2" 2>/dev/null || echo active\n'
+    )
+    (bin_dir / "systemctl").chmod(0o755)
+    (tmp_path / "services").mkdir()
+    state = tmp_path / "nitro-state"
+    state.mkdir()
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_NITRO_CLI_STATE=str(state),
+               SERVICE_STATES_DIR=str(tmp_path / "services"), AWS_ACCESS_KEY_ID="AKIAEXAMPLE",
+               AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="eu-west-1")  # fmt: skip
+    env.pop("FAKE_NITRO_CLI_FAIL", None)
+    args = ["--backend", "nitro", "--nitro-cli", str(FAKE), "--root", str(root), "--user-principal", HOST_ROLE,
+            "--boot-timeout", "1"]  # fmt: skip
+    return {"root": root, "state": state, "env": env, "args": args, "services": tmp_path / "services"}
+
+
+def fake_calls(nitro) -> list[list[str]]:
+    log = nitro["state"] / "calls.jsonl"
+    return [json.loads(line)["argv"] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_nitro_host_checks_pass_and_a_fake_enclave_stops_the_doctor_at_attestation(nitro):
+    """The fake nitro-cli starts no enclave (and vsock cannot loop back here): every host check and
+    build and run pass, attestation fails saying what to do, and the enclave is terminated."""
+    code, report = doctor(nitro["env"], *nitro["args"], "--cpu-count", "2")
+    assert code == 1
+    stopped_at(report, "attestation")
+    assert report["backend"] == "nitro"
+    assert "answers describe-enclaves" in step(report, "nitro-cli")["detail"]
+    assert "nitro-enclaves-vsock-proxy.service active" in step(report, "services")["detail"]
+    assert "memory_mib 2048, 2 CPU(s)" in step(report, "allocator")["detail"]
+    assert "AWS KMS in eu-west-1" in step(report, "kms-access")["detail"]
+    assert "kms.eu-west-1.amazonaws.com:443" in step(report, "vsock-proxy")["detail"]
+    assert "of the allocator's 2048 MiB and 2" in step(report, "resources")["detail"]
+    attestation = step(report, "attestation")
+    assert "no enclave server answered" in attestation["detail"]
+    assert "nitro-cli console" in attestation["todo"]
+
+    calls = fake_calls(nitro)
+    (build,) = [argv for argv in calls if argv[0] == "build-enclave"]
+    (run,) = [argv for argv in calls if argv[0] == "run-enclave"]
+    assert run[run.index("--cpu-count") + 1] == "2" and run[run.index("--memory") + 1] == "256"
+    terminate = calls[-1]
+    assert terminate[:2] == ["terminate-enclave", "--enclave-id"]
+    assert json.loads((nitro["state"] / "enclaves.json").read_text()) == []
+    assert f"terminated enclave {terminate[2]}" in step(report, "cleanup")["detail"]
+    assert not Path(build[build.index("--output-file") + 1]).parent.exists()
+
+
+def _no_allocator(nitro):
+    (nitro["root"] / "etc" / "nitro_enclaves" / "allocator.yaml").unlink()
+    return "allocator", "does not exist", "memory_mib: N"
+
+
+def _allocator_without_dashes(nitro):
+    (nitro["root"] / "etc" / "nitro_enclaves" / "allocator.yaml").write_text("memory_mib: 2048\ncpu_count: 2\n")
+    return "allocator", "does not start with `---`", "memory_mib: N"
+
+
+def _allocator_with_both_cpu_settings(nitro):
+    path = nitro["root"] / "etc" / "nitro_enclaves" / "allocator.yaml"
+    path.write_text("---\nmemory_mib: 2048\ncpu_count: 2\ncpu_pool: 1,3\n")
+    return "allocator", "exactly one of cpu_count and cpu_pool", "not both"
+
+
+def _allowlist_without_the_region(nitro):
+    path = nitro["root"] / "etc" / "nitro_enclaves" / "vsock-proxy.yaml"
+    path.write_text("allowlist:\n  - {address: kms.us-east-1.amazonaws.com, port: 443}\n")
+    return "vsock-proxy", "not kms.eu-west-1.amazonaws.com:443", "{address: kms.eu-west-1.amazonaws.com, port: 443}"
+
+
+def _proxy_stopped(nitro):
+    (nitro["services"] / "nitro-enclaves-vsock-proxy.service").write_text("failed\n")
+    return "services", "nitro-enclaves-vsock-proxy.service is failed", "systemctl enable --now"
+
+
+def _no_device(nitro):
+    (nitro["root"] / "dev" / "nitro_enclaves").unlink()
+    return "device", "does not exist", "modprobe nitro_enclaves"
+
+
+def _no_nitro_cli(nitro):
+    nitro["args"][nitro["args"].index("--nitro-cli") + 1] = str(nitro["root"] / "no-such-nitro-cli")
+    return "nitro-cli", "is not installed", "install the AWS Nitro Enclaves CLI"
+
+
+def _allocator_too_small(nitro):
+    (nitro["root"] / "etc" / "nitro_enclaves" / "allocator.yaml").write_text("---\nmemory_mib: 128\ncpu_pool: 1,3\n")
+    return "resources", "the allocator reserves 128 MiB, the enclave needs 256 MiB", "set memory_mib: 256"
+
+
+def _too_few_cpus(nitro):
+    (nitro["root"] / "etc" / "nitro_enclaves" / "allocator.yaml").write_text("---\nmemory_mib: 512\ncpu_count: 1\n")
+    return "resources", "reserves 1 CPU(s), the enclave asks for 2", "cpu_count: 2"
+
+
+def _nitro_cli_refuses_to_run(nitro):
+    nitro["env"]["FAKE_NITRO_CLI_FAIL"] = "run-enclave:E36"
+    return "run", "[ E36 ]", "the enclave did not boot"
+
+
+@pytest.mark.parametrize(
+    "break_it",
+    [_no_nitro_cli, _proxy_stopped, _no_device, _no_allocator, _allocator_without_dashes,
+     _allocator_with_both_cpu_settings, _allowlist_without_the_region, _allocator_too_small, _too_few_cpus,
+     _nitro_cli_refuses_to_run],
+)  # fmt: skip
+def test_a_broken_nitro_host_stops_the_doctor_at_that_step(nitro, break_it):
+    failed, detail, todo = break_it(nitro)
+    code, report = doctor(nitro["env"], *nitro["args"])
+    assert code == 1
+    stopped_at(report, failed)
+    assert detail in step(report, failed)["detail"]
+    assert todo in step(report, failed)["todo"]
+    assert not any(argv[0] == "run-enclave" for argv in fake_calls(nitro)) or failed == "run"
+    if (nitro["state"] / "enclaves.json").exists():
+        assert json.loads((nitro["state"] / "enclaves.json").read_text()) == []
+
+
+def test_the_text_report_has_one_line_per_step_and_what_to_do(nitro):
+    (nitro["root"] / "etc" / "nitro_enclaves" / "allocator.yaml").unlink()
+    done = subprocess.run([*ENCLAVE, "doctor", *nitro["args"]], env=nitro["env"], capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    assert lines[0] == "enclave doctor: checking the nitro backend step by step"
+    marks = [line.split()[:2] for line in lines[1:-1] if not line.startswith(" ")]
+    assert marks == [["ok", "nitro-cli"], ["ok", "services"], ["ok", "device"], ["FAIL", "allocator"],
+                     ["ok", "cleanup"]]  # fmt: skip
+    fail_at = next(i for i, line in enumerate(lines) if line.startswith("FAIL"))
+    assert lines[fail_at].endswith(" s)")
+    assert lines[fail_at + 1].startswith("      what to do: write ")
+    assert lines[-1] == "this host cannot run jobs yet: see FAIL above"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("---\nmemory_mib: 4096\ncpu_count: 4\n", (4096, 4)), ("---\nmemory_mib: 512\ncpu_pool: 1,3\n", (512, 2)),
+     ("---\nmemory_mib: 512\ncpu_pool: 2-5,8\n", (512, 5))],
+)  # fmt: skip
+def test_allocator_resources_are_read_as_the_allocator_reads_them(tmp_path, text, expected):
+    (tmp_path / "allocator.yaml").write_text(text)
+    assert read_allocator(tmp_path / "allocator.yaml") == expected
