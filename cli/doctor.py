@@ -105,12 +105,15 @@ def _describe(err: BaseException) -> str:
     return f"{code}: {text}" if code and code not in text else text
 
 
-def _cpu_pool_size(pool: str) -> int:
-    """How many CPUs a cpu_pool such as "1,3" or "2-5,8" names."""
+def _cpu_pool_size(pool) -> int:
+    """How many CPUs a cpu_pool such as "1,3" or "2-5,8" names (ValueError when it is unreadable)."""
     count = 0
     for part in str(pool).split(","):
         low, sep, high = part.strip().partition("-")
-        count += int(high) - int(low) + 1 if sep else 1 if low.isdigit() else int(low)
+        first, last = int(low), int(high if sep else low)
+        if last < first:
+            raise ValueError(f"{part} is an empty range")
+        count += last - first + 1
     return count
 
 
@@ -544,10 +547,20 @@ class Doctor:
         package.seal(app, sealed, kms_client=self.kms, key_id=self.key_arn, name=APP_NAME, version="1")
         self.client.push(published, "/encrypted")
         printed = []
-        summary = self.client.run(
-            sealed.name, SCRIPT, [self.token], kms=self.kms_settings, timeout=300,
-            on_output=lambda stream, data: printed.append(data.decode(errors="replace")),
-        )  # fmt: skip
+        try:
+            summary = self.client.run(
+                sealed.name, SCRIPT, [self.token], kms=self.kms_settings, timeout=300,
+                on_output=lambda stream, data: printed.append(data.decode(errors="replace")),
+            )  # fmt: skip
+        except EnclaveError as err:
+            if "KMS" not in str(err):
+                raise
+            raise StepFailed(
+                str(err),
+                "the enclave's KMS Decrypt with Recipient was refused: the key policy must allow this host's role "
+                "kms:Decrypt on this image's PCR0, with conditions only on PCRs the image has (PCR8 only for signed "
+                "images); the vsock-proxy must reach KMS",
+            ) from None
         output = "".join(printed)
         if summary["rc"] != 0 or f"enclave-doctor {self.token}" not in output:
             raise StepFailed(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.confidential_ml.nitro.cli.doctor import read_allocator
+from ansible_collections.confidential_ml.nitro.cli.doctor import StepFailed, read_allocator
 from ansible_collections.confidential_ml.nitro.enclave_local import cloud
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,6 +159,36 @@ def test_a_key_policy_without_the_image_stops_the_doctor_there(local_env, tmp_pa
     assert key["KeyState"] == "PendingDeletion"
     assert "terminated enclave" in step(report, "cleanup")["detail"]
     assert cloud.status(local_env["ENCLAVE_HOME"])["process"] == running["process"]
+
+
+@needs_root
+def test_a_policy_pinning_a_pcr8_the_image_lacks_fails_the_job_in_the_enclave(local_env, tmp_path):
+    """The policy allows the PCR0 and this host (lint finds it sound), but its Allow also wants a PCR8,
+    which an unsigned image does not attest: only the enclave's own Decrypt with Recipient shows it."""
+    other = "ab" * 48
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Sid": "OwnerAdministers", "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::${ACCOUNT}:root"},
+             "Action": ["kms:PutKeyPolicy", "kms:GenerateDataKey", "kms:ScheduleKeyDeletion"], "Resource": "*"},
+            {"Sid": "EnclaveDecryptWithAttestation", "Effect": "Allow", "Principal": {"AWS": "${USER}"},
+             "Action": "kms:Decrypt", "Resource": "*",
+             "Condition": {"StringEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": ["${PCR0}"],
+                                                      "kms:RecipientAttestation:PCR8": [other]}}},
+            {"Sid": "DenyDecryptWithoutAttestation", "Effect": "Deny", "Principal": "*",
+             "Action": ["kms:Decrypt", "kms:ReEncrypt*"], "Resource": "*",
+             "Condition": {"StringNotEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": ["${PCR0}"]}}},
+        ],
+    }  # fmt: skip
+    (tmp_path / "policy.json").write_text(json.dumps(policy))
+    code, report = doctor(local_env, "--cpu-count", "1", "--key-policy", str(tmp_path / "policy.json"))
+    assert code == 1
+    stopped_at(report, "job")
+    assert statuses(report)["key-policy"] == statuses(report)["host-refused"] == "ok"
+    assert "AccessDeniedException" in step(report, "job")["detail"]
+    assert "PCR8 only for signed images" in step(report, "job")["todo"]
+    (key,) = keys(local_env)
+    assert key["KeyState"] == "PendingDeletion"
 
 
 def test_a_local_allowlist_without_the_kms_stops_the_doctor_there(local_env):
@@ -335,3 +365,11 @@ def test_the_text_report_has_one_line_per_step_and_what_to_do(nitro):
 def test_allocator_resources_are_read_as_the_allocator_reads_them(tmp_path, text, expected):
     (tmp_path / "allocator.yaml").write_text(text)
     assert read_allocator(tmp_path / "allocator.yaml") == expected
+
+
+@pytest.mark.parametrize("pool", ["5-2", "one,two", ""])
+def test_an_unreadable_cpu_pool_is_refused(tmp_path, pool):
+    (tmp_path / "allocator.yaml").write_text(f"---\nmemory_mib: 512\ncpu_pool: '{pool}'\n")
+    with pytest.raises(StepFailed, match="unreadable cpu_pool") as failed:
+        read_allocator(tmp_path / "allocator.yaml")
+    assert "systemctl restart nitro-enclaves-allocator" in failed.value.todo
