@@ -433,6 +433,15 @@ class Doctor:
                 f"set cpu_count: {self.cpu_count} in {allocator} and restart nitro-enclaves-allocator, "
                 "or pass a smaller --cpu-count",
             )
+        running = self.runtime.describe()
+        used_memory, used_cpus = sum(e.memory_mib for e in running), sum(e.cpu_count for e in running)
+        if memory - used_memory < self.memory_mib or cpus - used_cpus < self.cpu_count:
+            listed = ", ".join(f"{e.name} ({e.enclave_id}: {e.memory_mib} MiB, {e.cpu_count} CPUs)" for e in running)
+            raise StepFailed(
+                f"running enclaves hold {used_memory} MiB and {used_cpus} CPU(s) of the allocator's {memory} MiB and "
+                f"{cpus}, leaving less than the {self.memory_mib} MiB and {self.cpu_count} CPU(s) needed: {listed}",
+                "terminate one (`nitro-cli terminate-enclave --enclave-id ID`), or raise the allocator's resources",
+            )
         return f"{self.memory_mib} MiB and {self.cpu_count} CPU(s) of the allocator's {memory} MiB and {cpus}"
 
     def run_enclave(self) -> str:

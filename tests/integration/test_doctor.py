@@ -318,6 +318,14 @@ def _too_few_cpus(nitro):
     return "resources", "reserves 1 CPU(s), the enclave asks for 2", "cpu_count: 2"
 
 
+def _enclaves_hold_the_memory(nitro):
+    (nitro["state"] / "enclaves.json").write_text(json.dumps([{
+        "EnclaveName": "production", "EnclaveID": "i-0fa4e1c5d2b3a6978-enc0000000000000001", "ProcessID": 4000,
+        "EnclaveCID": 16, "NumberOfCPUs": 2, "CPUIDs": [1, 3], "MemoryMiB": 1920, "State": "RUNNING", "Flags": "NONE",
+    }]))  # fmt: skip
+    return "resources", "running enclaves hold 1920 MiB and 2 CPU(s)", "nitro-cli terminate-enclave"
+
+
 def _nitro_cli_refuses_to_run(nitro):
     nitro["env"]["FAKE_NITRO_CLI_FAIL"] = "run-enclave:E36"
     return "run", "[ E36 ]", "the enclave did not boot"
@@ -327,7 +335,7 @@ def _nitro_cli_refuses_to_run(nitro):
     "break_it",
     [_no_nitro_cli, _proxy_stopped, _no_device, _no_allocator, _allocator_without_dashes,
      _allocator_with_both_cpu_settings, _allowlist_without_the_region, _allocator_too_small, _too_few_cpus,
-     _nitro_cli_refuses_to_run],
+     _enclaves_hold_the_memory, _nitro_cli_refuses_to_run],
 )  # fmt: skip
 def test_a_broken_nitro_host_stops_the_doctor_at_that_step(nitro, break_it):
     failed, detail, todo = break_it(nitro)
@@ -337,8 +345,28 @@ def test_a_broken_nitro_host_stops_the_doctor_at_that_step(nitro, break_it):
     assert detail in step(report, failed)["detail"]
     assert todo in step(report, failed)["todo"]
     assert not any(argv[0] == "run-enclave" for argv in fake_calls(nitro)) or failed == "run"
-    if (nitro["state"] / "enclaves.json").exists():
-        assert json.loads((nitro["state"] / "enclaves.json").read_text()) == []
+    if (nitro["state"] / "enclaves.json").exists():  # the doctor's own enclave is gone, others are left alone
+        left = [e["EnclaveName"] for e in json.loads((nitro["state"] / "enclaves.json").read_text())]
+        assert left == (["production"] if break_it is _enclaves_hold_the_memory else [])
+
+
+def test_an_enclave_whose_start_could_not_be_read_is_still_terminated(nitro, tmp_path):
+    """nitro-cli started the enclave but printed nothing the runtime can read (another version's output):
+    the run step fails, and cleanup finds the doctor's enclave by its name and terminates it."""
+    odd = tmp_path / "odd-nitro-cli"
+    odd.write_text(f'#!/bin/sh\nif [ "$1" = run-enclave ]; then "{FAKE}" "$@" >/dev/null && echo Started.; exit; fi\n'
+                   f'exec "{FAKE}" "$@"\n')  # fmt: skip
+    odd.chmod(0o755)
+    nitro["args"][nitro["args"].index("--nitro-cli") + 1] = str(odd)
+    code, report = doctor(nitro["env"], *nitro["args"])
+    assert code == 1
+    stopped_at(report, "run")
+    assert "printed 0 JSON dicts" in step(report, "run")["detail"]
+    (run,) = [argv for argv in fake_calls(nitro) if argv[0] == "run-enclave"]
+    name = run[run.index("--enclave-name") + 1]
+    assert f"made sure no enclave {name} is left" in step(report, "cleanup")["detail"]
+    assert fake_calls(nitro)[-1][:2] == ["terminate-enclave", "--enclave-id"]
+    assert json.loads((nitro["state"] / "enclaves.json").read_text()) == []
 
 
 def test_the_text_report_has_one_line_per_step_and_what_to_do(nitro):
