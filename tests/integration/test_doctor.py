@@ -287,6 +287,14 @@ def _allocator_with_both_cpu_settings(nitro):
     return "allocator", "exactly one of cpu_count and cpu_pool", "not both"
 
 
+def _no_credentials(nitro):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        nitro["env"].pop(name, None)
+    nitro["env"].update(AWS_EC2_METADATA_DISABLED="true", AWS_SHARED_CREDENTIALS_FILE=str(nitro["root"] / "none"),
+                        AWS_CONFIG_FILE=str(nitro["root"] / "none"))  # fmt: skip
+    return "kms-access", "no AWS credentials on this host", "instance role"
+
+
 def _allowlist_without_the_region(nitro):
     path = nitro["root"] / "etc" / "nitro_enclaves" / "vsock-proxy.yaml"
     path.write_text("allowlist:\n  - {address: kms.us-east-1.amazonaws.com, port: 443}\n")
@@ -334,8 +342,8 @@ def _nitro_cli_refuses_to_run(nitro):
 @pytest.mark.parametrize(
     "break_it",
     [_no_nitro_cli, _proxy_stopped, _no_device, _no_allocator, _allocator_without_dashes,
-     _allocator_with_both_cpu_settings, _allowlist_without_the_region, _allocator_too_small, _too_few_cpus,
-     _enclaves_hold_the_memory, _nitro_cli_refuses_to_run],
+     _allocator_with_both_cpu_settings, _no_credentials, _allowlist_without_the_region, _allocator_too_small,
+     _too_few_cpus, _enclaves_hold_the_memory, _nitro_cli_refuses_to_run],
 )  # fmt: skip
 def test_a_broken_nitro_host_stops_the_doctor_at_that_step(nitro, break_it):
     failed, detail, todo = break_it(nitro)
