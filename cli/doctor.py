@@ -13,10 +13,12 @@ Steps, in order (the nitro-only ones are skipped on the local backend):
     services      nitro-enclaves-allocator and nitro-enclaves-vsock-proxy run   (nitro)
     device        /dev/nitro_enclaves exists and this user may use it (root, group ne)  (nitro)
     allocator     /etc/nitro_enclaves/allocator.yaml is well formed            (nitro)
-    kms-access    KMS is reachable with this host's credentials (local: the local cloud runs)
+    kms-access    this host's credentials and region (nitro: STS names the caller; local: the local
+                  cloud runs, started if it did not)
     vsock-proxy   the vsock-proxy allowlist names the region's KMS (local: the local KMS)
     build         the enclave image builds; its PCR0
-    resources     the enclave's memory is at least 4x the image; the allocator has it and the CPUs
+    resources     the enclave's memory is at least 4x the image; the allocator has it and the CPUs,
+                  beside what running enclaves hold                                  (nitro)
     run           the enclave starts
     attestation   its server answers and attests the build's PCR0, verified against the AWS root
                   (local: the local root), with a fresh nonce, not in debug mode
@@ -66,7 +68,7 @@ ADVICE = {
     "and that it is not in debug mode",
     "key-policy": "these credentials must be allowed kms:CreateKey, kms:PutKeyPolicy and kms:ScheduleKeyDeletion "
     "(IAM) for the doctor's throwaway key",
-    "host-refused": "these credentials must be allowed kms:GenerateDataKey and kms:Decrypt (IAM)",
+    "host-refused": "these credentials must be allowed kms:GenerateDataKey (IAM) to make a data key to try",
     "job": "read the error above: a KMS refusal names the key policy's condition, a script error its output",
     "cleanup": "remove what is listed by hand: `nitro-cli terminate-enclave --enclave-id ID` (local: "
     "`enclave local terminate-enclave`), `aws kms schedule-key-deletion --key-id ARN --pending-window-in-days 7`",
