@@ -20,6 +20,7 @@ import pytest
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from cryptography.hazmat.primitives import serialization
 
 from ansible_collections.confidential_ml.nitro.enclave_local.kms import (
     PRINCIPALS_FILE,
@@ -32,6 +33,7 @@ from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import Loca
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import kms_recipient
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import KmsError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
+from ansible_collections.confidential_ml.nitro.tests.vectors.shapes import aws_vector, ber_shape
 
 ACCOUNT = "111122223333"
 OWNER, USER = "owner", "enclave-host"
@@ -727,6 +729,21 @@ def test_attested_answer_has_no_plaintext(ca, user, attested_key):
     assert kms_recipient.Recipient().public_key_der != recipient.public_key_der
     with pytest.raises(KmsError, match="another key"):
         kms_recipient.Recipient().unwrap(answer["CiphertextForRecipient"])
+
+
+def test_attested_answer_has_the_shape_of_a_real_aws_answer(ca, user, attested_key):
+    """What the local KMS sends over HTTP is, TLV by TLV, what AWS KMS sent in tests/vectors/aws
+    (for the same RSA-2048 key and a 32-byte data key)."""
+    _key_id, data_key = attested_key
+    real_key = serialization.load_pem_private_key(aws_vector("kms-ciphertext-for-recipient.key.pem"), None)
+    recipient = kms_recipient.Recipient(real_key)
+    answer = user.decrypt(
+        CiphertextBlob=data_key["CiphertextBlob"],
+        EncryptionContext={"package": "app"},
+        Recipient=recipient.parameter(nsm(ca, PCR0_GOOD).attest(public_key=recipient.public_key_der)),
+    )
+    assert ber_shape(answer["CiphertextForRecipient"]) == ber_shape(aws_vector("kms-ciphertext-for-recipient.b64"))
+    assert recipient.unwrap(answer["CiphertextForRecipient"]) == data_key["Plaintext"]
 
 
 def test_other_measurement_is_access_denied(ca, user, attested_key, caplog):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from ansible_collections.confidential_ml.nitro.enclave_local.kms import build_envelope
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import KmsError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.kms_recipient import Recipient
-from ansible_collections.confidential_ml.nitro.tests.vectors.shapes import aws_vector, ber_items
+from ansible_collections.confidential_ml.nitro.tests.vectors.shapes import aws_vector, ber_items, ber_shape
 
 # tests/vectors/aws (see its README): a real CiphertextForRecipient and the throwaway key it was made for.
 REAL_ENVELOPE = aws_vector("kms-ciphertext-for-recipient.b64")
@@ -326,16 +326,6 @@ def test_rfc5280_sha1_identifier_is_refused_with_its_reason(recipient):
 
     with pytest.raises(KmsError, match="20-byte RFC 5280 SHA-1"):
         recipient.unwrap(mutated(envelope, change))
-
-
-def ber_shape(envelope: bytes) -> list:
-    """Every TLV of an envelope with the content of primitives reduced to what must match AWS: OIDs,
-    INTEGERs (versions) and NULLs as they are, other primitives (keys, IVs, ciphertext) by length."""
-    kept = {"UNIVERSAL 2", "UNIVERSAL 5", "UNIVERSAL 6"}
-    return [
-        (depth, tag, constructed, length, content if tag in kept else None)
-        for depth, tag, constructed, length, content in ber_items(envelope)
-    ]
 
 
 def test_local_kms_answer_has_the_shape_of_the_real_one():

@@ -130,3 +130,13 @@ def _ber(data: bytes, at: int, depth: int, out: list) -> int:
     while at < stop:
         at = _ber(data, at, depth + 1, out)
     return stop
+
+
+def ber_shape(envelope: bytes) -> list:
+    """ber_items with the content of primitives reduced to what must match AWS: OIDs, INTEGERs (versions)
+    and NULLs as they are, other primitives (keys, IVs, ciphertext) by their length only."""
+    kept = {"UNIVERSAL 2", "UNIVERSAL 5", "UNIVERSAL 6"}
+    return [
+        (depth, tag, constructed, length, content if tag in kept else None)
+        for depth, tag, constructed, length, content in ber_items(envelope)
+    ]
