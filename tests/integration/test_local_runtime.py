@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -471,6 +472,11 @@ def test_local_up_is_idempotent_and_down_leaves_nothing(home):
     assert first["started"] and not second["started"]
     assert second["kms_endpoint_url"] == first["kms_endpoint_url"]
     assert json.loads((home / "cloud.json").read_text())["kms_endpoint_url"] == first["kms_endpoint_url"]
+    # `up` issued the principals' credentials: an AWS shared-credentials file, 0600 in the 0700 state directory.
+    credentials = Path(first["kms_credentials"])
+    assert credentials == home / "kms" / "credentials"
+    assert (stat.S_IMODE(credentials.stat().st_mode), stat.S_IMODE(credentials.parent.stat().st_mode)) == (0o600, 0o700)
+    assert set(load_credentials(credentials)) == {"owner", "enclave-host", "admin"}
     assert (home / "ca" / "root.pem").is_file()
     assert parse_allowlist((home / "vsock-proxy.yaml").read_text()) == [("127.0.0.1", first["kms_port"])]
     kms = boto3.client("kms", endpoint_url=first["kms_endpoint_url"], region_name="us-east-1",
