@@ -17,7 +17,7 @@ shape AWS KMS sends. It is a development stand-in, so:
   AWS_SHARED_CREDENTIALS_FILE at it and choose AWS_PROFILE. Profile ``<name>`` is
   ``arn:aws:iam::<account>:role/<name>``, unless it sets ``principal_arn``.
 * CreateKey, ListKeys, ListAliases and GenerateRandom are IAM-only permissions
-  in AWS; there is no IAM here, so any caller may make them. Everything done to
+  in AWS; there is no IAM here, so any authenticated caller may make them. Everything done to
   a key is checked against that key's policy only.
 * One server per state directory: state is read at start and written
   atomically (0600, directory 0700) after every change.
