@@ -50,15 +50,19 @@ lint: venv
 # The main job end to end on the local backend: the owner's pipeline, then the
 # user's confidential ML job, its predictions and its verified receipt. Leaves
 # nothing running (cleanup.yml, also on failure). State lives under build/.
-DEMO_ENV := ENCLAVE_HOME=$(CURDIR)/build/demo-home AWS_SECRET_ACCESS_KEY=local-only AWS_DEFAULT_REGION=us-east-1
+# Each party signs with the profile the local KMS issued it (`enclave local up`, run by owner.yml, writes the
+# file); credentials in the environment would win over a profile, so they are dropped.
+DEMO_HOME := $(CURDIR)/build/demo-home
+DEMO_ENV := env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN ENCLAVE_HOME=$(DEMO_HOME) \
+	AWS_SHARED_CREDENTIALS_FILE=$(DEMO_HOME)/kms/credentials AWS_DEFAULT_REGION=us-east-1
 JOB := build/jobs/localhost
 demo: venv
 	@rm -rf build/jobs
 	@trap '$(DEMO_ENV) $(BIN)/ansible-playbook playbooks/cleanup.yml >/dev/null 2>&1 || true' EXIT; set -e; \
 	echo "== owner: build and measure the enclave image, allow its PCR0 in the key policy, train, seal, publish"; \
-	$(DEMO_ENV) AWS_ACCESS_KEY_ID=owner $(BIN)/ansible-playbook playbooks/owner.yml; \
+	$(DEMO_ENV) AWS_PROFILE=owner $(BIN)/ansible-playbook playbooks/owner.yml; \
 	echo "== user: host ready, package and dataset into the enclave, run ml_algorithm.py, outputs back"; \
-	$(DEMO_ENV) AWS_ACCESS_KEY_ID=enclave-host $(BIN)/ansible-playbook playbooks/run_job.yml -e script=ml_algorithm.py; \
+	$(DEMO_ENV) AWS_PROFILE=enclave-host $(BIN)/ansible-playbook playbooks/run_job.yml -e script=ml_algorithm.py; \
 	echo "== predictions (first rows of $(JOB)/output/results.csv)"; \
 	head -n 11 $(JOB)/output/results.csv; \
 	echo "== metrics ($(JOB)/output/metrics.json)"; \

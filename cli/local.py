@@ -40,6 +40,7 @@ def cmd_up(args) -> int:
         verb = "started" if cloud["started"] else "already running"
         print(f"local cloud {verb}: KMS at {cloud['kms_endpoint_url']} (keys in {cloud['kms_state']})")
         print(f"attestation root: {cloud['ca_root']}; vsock-proxy allowlist: {cloud['vsock_proxy_config']}")
+        print(f"credentials: AWS_SHARED_CREDENTIALS_FILE={cloud.get('kms_credentials')} AWS_PROFILE=owner|enclave-host")
     return 0
 
 

@@ -113,7 +113,8 @@ def cmd_kms_serve(args) -> int:
         roots = [attestation.aws_nitro_root(), nsm_sim.LocalCA.load_or_create(home).root_certificate]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     server = kms.LocalKmsServer(kms.LocalKms(state, trusted_roots=roots), host=args.host, port=args.port)
-    print(f"local KMS listening on {server.endpoint_url} (state {state})", flush=True)
+    credentials = server.kms.credentials_file
+    print(f"local KMS listening on {server.endpoint_url} (state {state}, credentials {credentials})", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

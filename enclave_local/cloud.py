@@ -6,6 +6,9 @@ and AWS's Nitro root, with its keys in state_home()/kms/. It writes
 
     state_home()/cloud.json         where the KMS listens (kms_endpoint_url) and its process
     state_home()/vsock-proxy.yaml   the allowlist of the enclaves' vsock-proxies: this KMS only
+    state_home()/kms/credentials    on first start: the credentials the KMS issued to its principals
+                                    (owner, enclave-host, admin), an AWS shared-credentials file
+                                    (kms_credentials; use it with AWS_SHARED_CREDENTIALS_FILE + AWS_PROFILE)
 
 and is idempotent: when the cloud already runs, it says where. `down` terminates every local
 enclave (supervisors, namespaces, mounts, sockets) and stops the KMS; keys and the CA stay.
@@ -106,6 +109,7 @@ def serve(home: Path, port: int, ready_fd: int) -> int:
             "kms_host": KMS_HOST,
             "kms_port": bound,
             "kms_state": str(home / "kms"),
+            "kms_credentials": str(server.kms.credentials_file.absolute()),
             "ca_root": str(home / "ca" / "root.pem"),
             "vsock_proxy_config": str(home / VSOCK_PROXY_CONFIG),
             "process": Proc.of(os.getpid()).to_json(),

@@ -7,15 +7,17 @@ against the key's policy (with the same condition keys AWS KMS sets, including
 attested requests with ``CiphertextForRecipient``, a CMS EnvelopedData in the
 shape AWS KMS sends. It is a development stand-in, so:
 
-* Identity is a label, not a secret. The caller is named by the access key id in
-  the SigV4 ``Authorization`` header (``Credential=<id>/...``); signatures are
-  not verified, since the server listens on loopback only and guards nothing a
-  local user could not read from the state directory anyway. ``<id>`` maps to
-  ``arn:aws:iam::<account>:role/<id>`` (so "owner" and "enclave-host" are two
-  parties), unless ``principals.json`` in the state directory, a JSON object
-  ``{access_key_id: principal_arn}``, names it otherwise.
+* Callers authenticate as in AWS: every request is SigV4-signed, and the signature is
+  recomputed with botocore's own signer from the request as received, with the secret
+  of the access key it names. Unknown keys are UnrecognizedClientException, wrong
+  signatures and dates more than 5 minutes off InvalidSignatureException. The keys
+  are issued on first start into ``credentials`` in the state directory (0600 in a
+  0700 directory), an AWS shared-credentials file with one profile per principal
+  (owner, enclave-host, admin; random AKIA key ids and 40-character secrets): point
+  AWS_SHARED_CREDENTIALS_FILE at it and choose AWS_PROFILE. Profile ``<name>`` is
+  ``arn:aws:iam::<account>:role/<name>``, unless it sets ``principal_arn``.
 * CreateKey, ListKeys, ListAliases and GenerateRandom are IAM-only permissions
-  in AWS; there is no IAM here, so any caller may make them. Everything done to
+  in AWS; there is no IAM here, so any authenticated caller may make them. Everything done to
   a key is checked against that key's policy only.
 * One server per state directory: state is read at start and written
   atomically (0600, directory 0700) after every change.
@@ -36,6 +38,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import configparser
+import contextlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -47,10 +52,14 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from asn1crypto import algos, cms, core
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, padding, serialization
@@ -69,7 +78,9 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.kms_recipien
 log = logging.getLogger(__name__)
 
 STATE_FILE = "kms-state.json"
-PRINCIPALS_FILE = "principals.json"
+CREDENTIALS_FILE = "credentials"
+PRINCIPALS = ("owner", "enclave-host", "admin")  # the key owner, the parent host, a key administrator
+SIGNATURE_SKEW = timedelta(minutes=5)  # how far X-Amz-Date may be from now, as in AWS
 ATTESTATION_MAX_AGE_S = 300
 MAX_REQUEST_BYTES = 1 << 20  # an attestation document is at most 256 KiB, 4/3 of that in base64
 MAX_POLICY_BYTES = 32768  # AWS's key policy size limit
@@ -77,7 +88,11 @@ SYMMETRIC_DEFAULT = "SYMMETRIC_DEFAULT"
 _BLOB_VERSION = 1
 _BLOB_HEADER = 1 + 16  # version byte, key id (UUID bytes); then a 12-byte nonce and AES-256-GCM output
 _ALIAS_NAME = re.compile(r"^alias/[a-zA-Z0-9/_-]{1,250}$")
-_ACCESS_KEY_ID = re.compile(r"^[A-Za-z0-9+=,.@_-]{1,64}$")
+_AUTHORIZATION = re.compile(
+    r"^AWS4-HMAC-SHA256 Credential=(?P<key>[^/\s,]+)/(?P<scope>[^\s,]+), ?"
+    r"SignedHeaders=(?P<headers>[^\s,]+), ?Signature=(?P<signature>[0-9a-f]{64})$"
+)
+_MUST_SIGN = ("host", "x-amz-date", "x-amz-target")  # what a request means: its operation, its time, its target
 MAX_TAGS = 50  # AWS's quota of tags per KMS key
 ROTATION_PERIOD_DAYS = 365  # AWS's default for EnableKeyRotation
 # Key states in which AWS refuses an operation on a key (the key-state table of the KMS Developer Guide);
@@ -187,6 +202,60 @@ def build_envelope(plaintext: bytes, recipient_public_key_der: bytes, *, ber: bo
 
 def _indefinite(tag: int, *contents: bytes) -> bytes:
     return bytes((tag, 0x80)) + b"".join(contents) + b"\x00\x00"
+
+
+# ---------------------------------------------------------------- credentials
+
+
+def issue_credentials(state_dir: str | os.PathLike, principals: Sequence[str] = PRINCIPALS) -> Path:
+    """state_dir/credentials, written once with a random access key and secret per principal; kept after.
+
+    An AWS shared-credentials file (one [profile] per principal), 0600 in a 0700 directory. Created under a
+    temporary name and linked into place, so two first starts cannot both write it."""
+    state_dir = Path(state_dir)
+    path = state_dir / CREDENTIALS_FILE
+    if path.exists():
+        return path
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(state_dir, 0o700)
+    lines = [
+        "# Credentials of the local KMS's principals, issued by `enclave local up`; use one profile:",
+        f"#   AWS_SHARED_CREDENTIALS_FILE={path.absolute()} AWS_PROFILE=owner",
+    ]
+    for name in principals:
+        key_id = "AKIA" + base64.b32encode(os.urandom(10)).decode()  # 20 characters, like AWS's
+        secret = base64.b64encode(os.urandom(30)).decode()  # 40 characters, like AWS's
+        lines += [f"[{name}]", f"aws_access_key_id = {key_id}", f"aws_secret_access_key = {secret}", ""]
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".credentials.", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write("\n".join(lines))
+            out.flush()
+            os.fsync(out.fileno())
+        with contextlib.suppress(FileExistsError):  # another first start won: its credentials stand
+            os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def load_credentials(path: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """{profile: {profile, aws_access_key_id, aws_secret_access_key[, principal_arn]}} of a credentials file."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except (OSError, configparser.Error) as err:
+        raise ValueError(
+            f"cannot read the local KMS credentials {path} ({err}): delete it to issue new ones on the next start"
+        ) from err
+    profiles = {}
+    for name in parser.sections():
+        entry = {"profile": name, **parser[name]}
+        if not entry.get("aws_access_key_id") or not entry.get("aws_secret_access_key"):
+            raise ValueError(f"profile [{name}] of {path} lacks aws_access_key_id or aws_secret_access_key")
+        profiles[name] = entry
+    return profiles
 
 
 # ---------------------------------------------------------------- helpers
@@ -336,24 +405,82 @@ class LocalKms:
         os.chmod(self.state_dir, 0o700)
         state_path = self.state_dir / STATE_FILE
         self._state = _read_json(state_path, {"keys": {}, "aliases": {}})
-        self._principals = _read_json(self.state_dir / PRINCIPALS_FILE, {})
+        self.credentials_file = issue_credentials(self.state_dir)
+        self._keys = {entry["aws_access_key_id"]: entry for entry in load_credentials(self.credentials_file).values()}
 
     # ------------------------------------------------------------ identity and state
 
-    def principal_for(self, access_key_id: str | None) -> str:
-        """The principal ARN that an access key id stands for (see the module docstring)."""
-        if not access_key_id:
+    def credentials(self, profile: str) -> dict[str, str]:
+        """boto3 client arguments (aws_access_key_id, aws_secret_access_key) of one issued profile."""
+        entry = load_credentials(self.credentials_file).get(profile)
+        if entry is None:
+            raise KeyError(f"{self.credentials_file} has no profile {profile!r}")
+        return {name: entry[name] for name in ("aws_access_key_id", "aws_secret_access_key")}
+
+    def authenticate(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> str:
+        """The principal ARN of a correctly SigV4-signed request; KmsApiError with AWS's code otherwise."""
+        authorization = headers.get("Authorization")
+        if not authorization:
             raise KmsApiError(
                 "MissingAuthenticationTokenException",
-                "the request is not signed: configure AWS credentials; the access key id names the caller",
+                "Request is missing Authentication Token: sign it with local credentials "
+                f"(AWS_SHARED_CREDENTIALS_FILE={self.credentials_file}, AWS_PROFILE=<principal>)",
             )
-        if access_key_id in self._principals:
-            return self._principals[access_key_id]
-        if not _ACCESS_KEY_ID.match(access_key_id):
+        match = _AUTHORIZATION.match(authorization)
+        if match is None:
             raise KmsApiError(
-                "UnrecognizedClientException", f"the access key id {access_key_id!r} cannot name an IAM role"
+                "IncompleteSignatureException",
+                "the Authorization header is not AWS4-HMAC-SHA256 Credential=..., SignedHeaders=..., Signature=...",
             )
-        return f"arn:aws:iam::{self.account_id}:role/{access_key_id}"
+        entry = self._keys.get(match["key"])
+        if entry is None or headers.get("X-Amz-Security-Token"):
+            raise KmsApiError(
+                "UnrecognizedClientException",
+                "The security token included in the request is invalid: the access key id is not one this local "
+                f"KMS issued; use a profile of {self.credentials_file}",
+            )
+        stamp = headers.get("X-Amz-Date") or ""
+        try:
+            when = datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        except ValueError:
+            raise KmsApiError(
+                "IncompleteSignatureException", "the request has no X-Amz-Date of the form YYYYMMDDTHHMMSSZ"
+            ) from None
+        signed = match["headers"].split(";")
+        scope = f"{stamp[:8]}/{self.region}/kms/aws4_request"
+        if match["scope"] != scope or not all(name in signed for name in _MUST_SIGN):
+            raise KmsApiError(
+                "InvalidSignatureException",
+                f"Credential should be scoped to {scope} and sign {', '.join(_MUST_SIGN)}: "
+                f"got {match['scope']} signing {match['headers']}",
+            )
+        now = datetime.now(UTC)
+        if abs(now - when) > SIGNATURE_SKEW:
+            raise KmsApiError(
+                "InvalidSignatureException",
+                f"Signature expired: {stamp} is not within 5 minutes of {now:%Y%m%dT%H%M%SZ}; "
+                "fix this host's clock (NTP)",
+            )
+        # botocore's signer recomputes the signature over the request as received: the signed headers only.
+        request = AWSRequest(
+            method=method,
+            url=f"http://{headers.get('Host', '')}{path}",
+            headers={name: headers[name] for name in signed if headers.get(name) is not None},
+            data=body,
+        )
+        request.context["timestamp"] = stamp
+        signer = SigV4Auth(Credentials(entry["aws_access_key_id"], entry["aws_secret_access_key"]), "kms", self.region)
+        canonical = signer.canonical_request(request)
+        expected = signer.signature(signer.string_to_sign(request, canonical), request)
+        if signer.signed_headers(signer.headers_to_sign(request)) != match["headers"] or not hmac.compare_digest(
+            expected, match["signature"]
+        ):
+            raise KmsApiError(
+                "InvalidSignatureException",
+                "The request signature we calculated does not match the signature you provided. Check your AWS "
+                "Secret Access Key and signing method.",
+            )
+        return entry.get("principal_arn") or f"arn:aws:iam::{self.account_id}:role/{entry['profile']}"
 
     def _save(self) -> None:
         # Write a private temporary file beside the state and rename it over: readers never see half a file.
@@ -969,12 +1096,6 @@ class LocalKms:
 # ---------------------------------------------------------------- HTTP
 
 
-def _access_key_id(authorization: str | None) -> str | None:
-    """The access key id of a SigV4 Authorization header (Credential=<id>/<date>/<region>/kms/aws4_request)."""
-    match = re.search(r"Credential=([^/,\s]+)/", authorization or "")
-    return match.group(1) if match else None
-
-
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as botocore's connection pool expects
     server_version = "LocalKMS/1"
@@ -990,7 +1111,7 @@ class _Handler(BaseHTTPRequestHandler):
             service, _dot, operation = (self.headers.get("X-Amz-Target") or "").partition(".")
             if service != "TrentService" or not operation:
                 raise KmsApiError("UnknownOperationException", "X-Amz-Target must be TrentService.<Operation>")
-            principal = kms.principal_for(_access_key_id(self.headers.get("Authorization")))
+            principal = kms.authenticate("POST", self.path, self.headers, body)
             try:
                 request = json.loads(body or b"{}")
             except ValueError as err:
@@ -1034,8 +1155,8 @@ class LocalKmsServer:
             address = None
         if address is None or not address.is_loopback:
             raise ValueError(
-                f"the local KMS listens only on a loopback address, not {host!r}: it does not authenticate "
-                "callers; use 127.0.0.1 (enclaves reach it through the local vsock-proxy)"
+                f"the local KMS listens only on a loopback address, not {host!r}: it speaks plain HTTP; "
+                "use 127.0.0.1 (enclaves reach it through the local vsock-proxy)"
             )
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
         self.kms = kms

@@ -1,7 +1,9 @@
 """A simulated Nitro Secure Module for the local backend.
 
 It issues attestation documents in the exact Nitro format (untagged
-COSE_Sign1, ES384, raw r||s signature, the same payload map) under a local
+COSE_Sign1, ES384, raw r||s signature, the same payload map with the same
+keys in the same order, written as an indefinite-length map as today's NSM
+writes it; tests compare it with a real document) under a local
 P-384 CA shaped like AWS's: a self-signed root, one intermediate persisted
 under the state directory, and a short-lived leaf per module. The verifier in
 plugins/module_utils/attestation.py checks these documents with the same code
@@ -82,6 +84,13 @@ def cose_sign1(payload: bytes, key: ec.EllipticCurvePrivateKey, *, protected: Ma
     r, s = decode_dss_signature(key.sign(to_sign, ec.ECDSA(hashes.SHA384())))
     size = (key.curve.key_size + 7) // 8
     return cbor2.dumps([header, {}, payload, r.to_bytes(size, "big") + s.to_bytes(size, "big")])
+
+
+def nsm_payload(claims: Mapping[str, Any]) -> bytes:
+    """The payload as today's NSM writes it: an indefinite-length map (0xBF ... 0xFF) of the claims in
+    the order given, each value in its shortest definite form (pcrs a definite map in index order,
+    cabundle a definite array), as in the real documents of tests/vectors/aws."""
+    return b"\xbf" + b"".join(cbor2.dumps(key) + cbor2.dumps(value) for key, value in claims.items()) + b"\xff"
 
 
 def _now() -> datetime:
@@ -344,7 +353,7 @@ class SimulatedNsm:
             "user_data": fields["user_data"],
             "nonce": fields["nonce"],
         }
-        return cose_sign1(cbor2.dumps(payload), key)
+        return cose_sign1(nsm_payload(payload), key)
 
     def describe_pcr(self, index: int) -> tuple[bool, bytes]:
         index = check_pcr_index(index)

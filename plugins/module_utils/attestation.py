@@ -5,6 +5,7 @@ A document is a COSE_Sign1 (untagged, or under tag 18):
     [protected: bstr({1: -35}), unprotected: {}, payload: bstr, signature: 96 bytes r||s]
 
 signed with ES384 over ["Signature1", protected, b"", payload]. The payload map
+(definite-length in older documents, indefinite-length from today's NSM)
 holds module_id, digest ("SHA384"), timestamp (ms), pcrs {index: 48 bytes},
 certificate (the signing leaf, DER), cabundle [root, ..., last intermediate],
 and the optional public_key, user_data and nonce.
@@ -147,9 +148,13 @@ class _Sign1:
 
 
 def _decode_cbor(data: bytes, what: str) -> Any:
+    # Every RFC 8949 encoding of the same value is accepted: definite or indefinite-length maps, arrays
+    # and strings (today's NSM writes the payload as an indefinite-length map, older ones a definite
+    # one). What the value means is checked field by field afterwards; duplicate keys, nesting beyond
+    # the document's own depth and trailing bytes are refused here.
     stream = io.BytesIO(data)
     try:
-        value = cbor2.CBORDecoder(stream, allow_duplicate_keys=False, allow_indefinite=False, max_depth=8).decode()
+        value = cbor2.CBORDecoder(stream, allow_duplicate_keys=False, allow_indefinite=True, max_depth=8).decode()
     # Hostile input makes cbor2 raise many types (CBORDecodeError, OverflowError,
     # ValueError...); callers must only ever see AttestationError.
     except Exception as exc:

@@ -33,9 +33,18 @@ _AES_BLOCK = 16
 
 
 def subject_key_identifier(public_key_der: bytes) -> bytes:
-    """SHA-1 of the subjectPublicKey bits (RFC 5280 4.2.1.2 method 1): how the envelope names its recipient."""
+    """How AWS KMS names the recipient in CiphertextForRecipient: the SHA-256 of the key's whole
+    SubjectPublicKeyInfo DER (32 bytes; seen in real answers, tests/vectors/aws), not RFC 5280's SHA-1."""
     public_key = serialization.load_der_public_key(public_key_der)
-    return x509.SubjectKeyIdentifier.from_public_key(public_key).digest
+    spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(spki)
+    return digest.finalize()
+
+
+def _rfc5280_key_identifier(public_key_der: bytes) -> bytes:
+    """RFC 5280 4.2.1.2 method 1 (SHA-1 of the key bits): only to explain an envelope that uses it."""
+    return x509.SubjectKeyIdentifier.from_public_key(serialization.load_der_public_key(public_key_der)).digest
 
 
 class KmsCallError(KmsError):
@@ -108,7 +117,9 @@ class Recipient:
     def unwrap(self, ciphertext_for_recipient: bytes) -> bytes:
         """Open KMS's CiphertextForRecipient: check every algorithm it names, then decrypt and unpad."""
         try:
-            encrypted_key, iv, ciphertext = _parse_envelope(ciphertext_for_recipient, self.key_identifier)
+            encrypted_key, iv, ciphertext = _parse_envelope(
+                ciphertext_for_recipient, self.key_identifier, _rfc5280_key_identifier(self.public_key_der)
+            )
         except KmsError:
             raise
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
@@ -143,8 +154,13 @@ class Recipient:
             ) from err
 
 
-def _parse_envelope(data: bytes, key_identifier: bytes) -> tuple[bytes, bytes, bytes]:
-    """(encrypted content key, IV, encrypted content) of an envelope addressed to key_identifier."""
+def _parse_envelope(data: bytes, key_identifier: bytes, sha1_identifier: bytes) -> tuple[bytes, bytes, bytes]:
+    """(encrypted content key, IV, encrypted content) of an envelope addressed to key_identifier.
+
+    Only AWS's 32-byte SHA-256 identifier is accepted. The rid is no security check (only our private
+    key opens the content key), but accepting RFC 5280's 20-byte SHA-1 form too would let a KMS
+    stand-in drift from what AWS sends without any test noticing; sha1_identifier only names that case.
+    """
 
     def refuse(what: str) -> KmsError:
         return KmsError(f"KMS's CiphertextForRecipient {what}; the enclave accepts only what AWS KMS sends: {_SHAPE}")
@@ -161,7 +177,13 @@ def _parse_envelope(data: bytes, key_identifier: bytes) -> tuple[bytes, bytes, b
     ktri = recipients[0].chosen
     if ktri["version"].native != "v2" or ktri["rid"].name != "subject_key_identifier":
         raise refuse("does not name its recipient by subjectKeyIdentifier (KeyTransRecipientInfo v2)")
-    if ktri["rid"].chosen.native != key_identifier:
+    rid = ktri["rid"].chosen.native
+    if rid == sha1_identifier:
+        raise refuse(
+            "names this enclave's key by the 20-byte RFC 5280 SHA-1 identifier; AWS KMS names it by the SHA-256 "
+            "of its SubjectPublicKeyInfo (32 bytes)"
+        )
+    if rid != key_identifier:
         raise KmsError(
             "KMS's CiphertextForRecipient is addressed to another key "
             f"(subjectKeyIdentifier {ktri['rid'].chosen.native.hex()}, this enclave's is {key_identifier.hex()}): "

@@ -95,21 +95,26 @@ def ansible_playbook(tmp_path):
     return run
 
 
+_ENV_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
 @pytest.fixture
 def local_cloud():
     """(work, env) for running the project's playbooks and CLI against local enclaves of their own.
 
     work is a fresh short directory (the enclaves' unix sockets live under its ENCLAVE_HOME, and a socket
-    path fits in 107 bytes); env names it, puts this venv's tools first on PATH and sets a region and a secret
-    (the local KMS takes the access key id, which each test sets, as the principal). Afterwards whatever was
-    started there is stopped and the directory removed.
+    path fits in 107 bytes); env names it, puts this venv's tools first on PATH, sets a region and points
+    AWS_SHARED_CREDENTIALS_FILE at the credentials the local KMS issues on `enclave local up` (each test
+    chooses its principal with AWS_PROFILE). Afterwards whatever was started there is stopped and the
+    directory removed.
     """
     work = Path(tempfile.mkdtemp(prefix="cloud-", dir="/tmp"))
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in _ENV_CREDENTIALS},  # they would win over AWS_PROFILE
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "ENCLAVE_HOME": str(work / "home"),
-        "AWS_SECRET_ACCESS_KEY": "local-only",
+        "AWS_SHARED_CREDENTIALS_FILE": str(work / "home" / "kms" / "credentials"),
+        "AWS_CONFIG_FILE": str(work / "no-aws-config"),
         "AWS_DEFAULT_REGION": "us-east-1",
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_FORCE_COLOR": "0",
@@ -134,13 +139,13 @@ def wait_for_socket(path: Path, proc: subprocess.Popen) -> None:
 def enclave(tmp_path, monkeypatch):
     """A served enclave (dict: tmp, sock, endpoint, pcr0, sealed, server, work, share, kms_url).
 
-    ENCLAVE_ENDPOINT points at it and the AWS variables name the user's principal."""
+    ENCLAVE_ENDPOINT points at it and the AWS variables hold the user's credentials (enclave-host's)."""
     home = tmp_path / "home"
     monkeypatch.setenv("ENCLAVE_HOME", str(home))
     ca = LocalCA.load_or_create(home)
     kms_server = LocalKmsServer(LocalKms(tmp_path / "kms", trusted_roots=[ca.root_certificate])).start()
     owner = boto3.client("kms", endpoint_url=kms_server.endpoint_url, region_name="us-east-1",
-                         aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
+                         **kms_server.kms.credentials("owner"))  # fmt: skip
     key_id = owner.create_key()["KeyMetadata"]["KeyId"]
     policy = render_policy(
         account_id=ACCOUNT,
@@ -168,8 +173,9 @@ def enclave(tmp_path, monkeypatch):
     )  # fmt: skip
     wait_for_socket(sock, server)
     monkeypatch.setenv("ENCLAVE_ENDPOINT", f"unix://{sock}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "enclave-host")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    user = kms_server.kms.credentials("enclave-host")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", user["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", user["aws_secret_access_key"])
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     yield {
         "tmp": tmp_path,

@@ -25,7 +25,7 @@ PLAYBOOK = """\
     kms: &kms
       kms_endpoint_url: "{{ lookup('ansible.builtin.env', 'TEST_KMS_ENDPOINT') }}"
       region: us-east-1
-      access_key: owner
+      access_key: "{{ lookup('ansible.builtin.env', 'TEST_KMS_ACCESS_KEY') }}"
       secret_key: "{{ lookup('ansible.builtin.env', 'TEST_KMS_SECRET') }}"
   tasks:
     - name: Allow the image in the key policy
@@ -65,20 +65,19 @@ def kms_server(tmp_path):
 
 @pytest.fixture
 def workspace(tmp_path, kms_server, ansible_playbook):
-    owner = boto3.client(
-        "kms",
-        endpoint_url=kms_server.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id="owner",
-        aws_secret_access_key="x",
-    )
+    credentials = kms_server.kms.credentials("owner")
+    owner = boto3.client("kms", endpoint_url=kms_server.endpoint_url, region_name="us-east-1", **credentials)
     key = owner.create_key()["KeyMetadata"]
     src = tmp_path / "app"
     src.mkdir()
     (src / "ml_algorithm.py").write_text("print('hello from the enclave')\n")
     (tmp_path / "owner.yml").write_text(PLAYBOOK)
     extra_vars = {"key_id": key["KeyId"], "pcr0": PCR0, "src": str(src), "dest": str(tmp_path / "app.pkg")}
-    env = {"TEST_KMS_ENDPOINT": kms_server.endpoint_url, "TEST_KMS_SECRET": "not-checked-by-the-local-kms"}
+    env = {
+        "TEST_KMS_ENDPOINT": kms_server.endpoint_url,
+        "TEST_KMS_ACCESS_KEY": credentials["aws_access_key_id"],
+        "TEST_KMS_SECRET": credentials["aws_secret_access_key"],
+    }
 
     def playbook(*args):
         return ansible_playbook(tmp_path / "owner.yml", extra_vars, *args, env=env)[:2]

@@ -57,7 +57,7 @@ def describe_enclaves(env: dict) -> subprocess.CompletedProcess:
 def playbook(env: dict, *args: str, principal: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [str(BIN / "ansible-playbook"), "-i", str(FLEET), *args],
-        cwd=ROOT, env={**env, "AWS_ACCESS_KEY_ID": principal}, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env={**env, "AWS_PROFILE": principal}, capture_output=True, text=True, timeout=600,
         check=False,
     )  # fmt: skip
     assert proc.returncode == 0, (

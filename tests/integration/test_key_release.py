@@ -16,7 +16,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from ansible_collections.confidential_ml.nitro.enclave_local.kms import LocalKms, LocalKmsServer
+from ansible_collections.confidential_ml.nitro.enclave_local.kms import LocalKms, LocalKmsServer, load_credentials
 from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA, SimulatedNsm
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import kms_recipient, package
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import KmsError, PackageError
@@ -46,13 +46,9 @@ def cloud(tmp_path):
     server.stop()
 
 
-def kms(server, access_key):
+def kms(server, principal):
     return boto3.client(
-        "kms",
-        endpoint_url=server.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id=access_key,
-        aws_secret_access_key="unused-by-the-local-kms",
+        "kms", endpoint_url=server.endpoint_url, region_name="us-east-1", **server.kms.credentials(principal)
     )
 
 
@@ -126,7 +122,8 @@ def test_debug_mode_enclave_is_refused(released):
     assert caught.value.__cause__.response["Error"]["Code"] == "AccessDeniedException"
 
 
-@pytest.mark.parametrize("party", [USER, OWNER, "someone-else"])
+# "admin": a third authenticated principal, named in no statement (an unknown key id is refused before any policy).
+@pytest.mark.parametrize("party", [USER, OWNER, "admin"])
 def test_decrypt_without_recipient_is_denied_by_the_policy(released, party):
     _ca, server, _src, _sealed, header = released
     client = kms(server, party)
@@ -149,9 +146,21 @@ def test_cli_seal_inspect_and_lint(tmp_path):
         banner = serve.stdout.readline()
         assert "listening on http://127.0.0.1:" in banner, banner
         endpoint = banner.split("listening on ")[1].split()[0]
-        env.update(AWS_ENDPOINT_URL_KMS=endpoint, AWS_ACCESS_KEY_ID=OWNER)
+        # `enclave kms serve` issued the credentials into its state directory on start.
+        env.update(
+            AWS_ENDPOINT_URL_KMS=endpoint,
+            AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "kms" / "credentials"),
+            AWS_PROFILE=OWNER,
+        )
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            env.pop(name, None)  # they would win over the profile
+        issued = load_credentials(env["AWS_SHARED_CREDENTIALS_FILE"])[OWNER]
         owner = boto3.client(
-            "kms", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=OWNER, aws_secret_access_key="x"
+            "kms",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=issued["aws_access_key_id"],
+            aws_secret_access_key=issued["aws_secret_access_key"],
         )
         key_id = owner.create_key()["KeyMetadata"]["KeyId"]
         src = tmp_path / "app"

@@ -1,8 +1,9 @@
 """The local KMS over real HTTP on loopback, driven by unmodified boto3 clients.
 
-Two parties, named by their access key ids: the owner (a key administrator)
-and the enclave's host (the user). Attested requests carry documents from the
-simulated NSM, in the exact Nitro format, signed by a local CA.
+Two parties, each signing with the credentials the local KMS issued to its
+profile: the owner (a key administrator) and the enclave's host (the user).
+Attested requests carry documents from the simulated NSM, in the exact Nitro
+format, signed by a local CA.
 """
 
 import base64
@@ -14,24 +15,34 @@ import stat
 import time
 import urllib.request
 import uuid
+from datetime import UTC, datetime, timedelta
+from unittest import mock
 
 import boto3
 import pytest
 from botocore import UNSIGNED
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
+from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
+from cryptography.hazmat.primitives import serialization
 
 from ansible_collections.confidential_ml.nitro.enclave_local.kms import (
-    PRINCIPALS_FILE,
+    CREDENTIALS_FILE,
+    PRINCIPALS,
     STATE_FILE,
     KmsApiError,
     LocalKms,
     LocalKmsServer,
+    issue_credentials,
+    load_credentials,
 )
 from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA, SimulatedNsm
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import kms_recipient
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import KmsError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
+from ansible_collections.confidential_ml.nitro.tests.vectors.shapes import aws_vector, ber_shape
 
 ACCOUNT = "111122223333"
 OWNER, USER = "owner", "enclave-host"
@@ -58,13 +69,13 @@ def server(ca, state):
         yield running
 
 
-def client(server, access_key, **config):
+def client(server, principal, **config):
+    """A boto3 client signing with the credentials the server issued to principal's profile."""
     return boto3.client(
         "kms",
         endpoint_url=server.endpoint_url,
         region_name="us-east-1",
-        aws_access_key_id=access_key,
-        aws_secret_access_key="not-checked-by-the-local-kms",
+        **server.kms.credentials(principal),
         config=Config(retries={"max_attempts": 1}, **config),
     )
 
@@ -239,11 +250,13 @@ def test_key_policy_governs_every_operation(owner, user, attested_key):
         assert USER_ARN in caught.value.response["Error"]["Message"]
 
 
-def test_principals_file_maps_access_keys(ca, state):
-    state.mkdir(mode=0o700)
-    (state / PRINCIPALS_FILE).write_text(json.dumps({"AKIAOWNEREXAMPLE": OWNER_ARN}))
+def test_credentials_profile_may_name_another_principal(ca, state):
+    """A profile named after a role is that role; principal_arn names any other principal."""
+    path = issue_credentials(state, principals=("owner", "auditor"))
+    with path.open("a") as out:
+        out.write(f"principal_arn = arn:aws:iam::{ACCOUNT}:user/alice\n")  # appended to [auditor]
     with LocalKmsServer(LocalKms(state, trusted_roots=[ca.root_certificate])) as running:
-        admin = client(running, "AKIAOWNEREXAMPLE")
+        admin = client(running, OWNER)
         key_id = admin.create_key()["KeyMetadata"]["KeyId"]
         policy = {
             "Version": "2012-10-17",
@@ -252,8 +265,150 @@ def test_principals_file_maps_access_keys(ca, state):
         admin.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
         admin.describe_key(KeyId=key_id)
         with pytest.raises(ClientError) as caught:
-            client(running, "AKIASOMEONEELSE").describe_key(KeyId=key_id)
-        assert f"arn:aws:iam::{ACCOUNT}:role/AKIASOMEONEELSE" in caught.value.response["Error"]["Message"]
+            client(running, "auditor").describe_key(KeyId=key_id)
+        assert f"arn:aws:iam::{ACCOUNT}:user/alice is not authorized" in caught.value.response["Error"]["Message"]
+
+
+# ---------------------------------------------------------------- authentication (SigV4, as AWS checks it)
+
+
+def test_credentials_file_is_private_and_a_shared_credentials_file(server, state, monkeypatch):
+    path = state / CREDENTIALS_FILE
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    profiles = load_credentials(path)
+    assert sorted(profiles) == sorted(PRINCIPALS)
+    keys = [p["aws_access_key_id"] for p in profiles.values()]
+    secrets = [p["aws_secret_access_key"] for p in profiles.values()]
+    assert len(set(keys)) == len(set(secrets)) == len(PRINCIPALS)
+    assert all(len(k) == 20 and k.startswith("AKIA") for k in keys) and all(len(s) == 40 for s in secrets)
+    # boto3 reads it as it is: AWS_SHARED_CREDENTIALS_FILE + a profile, nothing else configured.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(path))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(state / "no-config"))
+    session = boto3.Session(profile_name="enclave-host", region_name="us-east-1")
+    kms = session.client("kms", endpoint_url=server.endpoint_url)
+    owner = client(server, OWNER)
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": {"AWS": OWNER_ARN}, "Action": "kms:*", "Resource": "*"}],
+    }
+    owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
+    with pytest.raises(ClientError) as caught:
+        kms.describe_key(KeyId=key_id)
+    assert f"User: {USER_ARN} is not authorized" in caught.value.response["Error"]["Message"]  # the host's profile
+    # A second start keeps the issued credentials (the users' profiles go on working).
+    LocalKms(state, trusted_roots=[])
+    assert load_credentials(path) == profiles
+
+
+def forged(server, principal, **overrides):
+    """A client for principal whose credentials are changed by overrides."""
+    credentials = {**server.kms.credentials(principal), **overrides}
+    return boto3.client(
+        "kms",
+        endpoint_url=server.endpoint_url,
+        region_name="us-east-1",
+        **credentials,
+        config=Config(retries={"max_attempts": 1}),
+    )
+
+
+def test_wrong_secret_is_an_invalid_signature(server):
+    """The attack this closes: a local user naming the owner's access key id (or the old label "owner")."""
+    other_secret = server.kms.credentials(USER)["aws_secret_access_key"]
+    for secret in (other_secret, "x", ""):
+        with pytest.raises(ClientError) as caught:
+            forged(server, OWNER, aws_secret_access_key=secret).list_keys()
+        assert error_code(caught) == "InvalidSignatureException"
+        assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+
+
+@pytest.mark.parametrize("access_key", ["owner", "AKIAIOSFODNN7EXAMPLE", "enclave-host"])
+def test_unknown_access_key_is_unrecognized(server, access_key):
+    kms = forged(server, OWNER, aws_access_key_id=access_key)
+    with pytest.raises(ClientError) as caught:
+        kms.list_keys()
+    assert error_code(caught) == "UnrecognizedClientException"
+
+
+def test_session_token_is_unrecognized(server):
+    """The local KMS issues no session tokens: a request that carries one was not made with its credentials."""
+    with pytest.raises(ClientError) as caught:
+        forged(server, OWNER, aws_session_token="FwoGZXIvYXdzEXAMPLE").list_keys()
+    assert error_code(caught) == "UnrecognizedClientException"
+
+
+def signed_request(server, principal, target, body: bytes, *, when=None, region="us-east-1"):
+    """(headers, body) of a request signed by botocore's SigV4 signer as boto3 signs it, at time when."""
+    request = AWSRequest(
+        method="POST",
+        url=server.endpoint_url + "/",
+        data=body,
+        headers={"X-Amz-Target": target, "Content-Type": "application/x-amz-json-1.1"},
+    )
+    credentials = server.kms.credentials(principal)
+    signer = SigV4Auth(
+        Credentials(credentials["aws_access_key_id"], credentials["aws_secret_access_key"]), "kms", region
+    )
+    if when is None:
+        signer.add_auth(request)
+    else:
+        with mock.patch("botocore.auth.get_current_datetime", return_value=when.replace(tzinfo=None)):
+            signer.add_auth(request)
+    return dict(request.headers.items()), body
+
+
+def post(server, headers, body):
+    """Send raw bytes with raw headers; (status, Content-Type, decoded JSON body)."""
+    request = urllib.request.Request(server.endpoint_url + "/", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request) as response:  # noqa: S310 - loopback test server
+            return response.status, response.headers["Content-Type"], json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], json.loads(err.read())
+
+
+def test_signed_raw_request_is_accepted_and_a_tampered_body_is_not(server):
+    body = json.dumps({"NumberOfBytes": 8}).encode()
+    headers, body = signed_request(server, OWNER, "TrentService.GenerateRandom", body)
+    status, _type, answer = post(server, headers, body)
+    assert status == 200 and len(base64.b64decode(answer["Plaintext"])) == 8
+    # The same signature over another body (same length, so only the payload hash can tell):
+    status, _type, answer = post(server, headers, json.dumps({"NumberOfBytes": 9}).encode())
+    assert (status, answer["__type"]) == (400, "InvalidSignatureException")
+    # ...or another operation, or another host:
+    status, _type, answer = post(server, {**headers, "X-Amz-Target": "TrentService.ListKeys"}, body)
+    assert (status, answer["__type"]) == (400, "InvalidSignatureException")
+    status, _type, answer = post(server, {**headers, "Host": "kms.us-east-1.amazonaws.com"}, body)
+    assert (status, answer["__type"]) == (400, "InvalidSignatureException")
+
+
+@pytest.mark.parametrize(("minutes", "accepted"), [(-6, False), (-4, True), (4, True), (6, False), (-60 * 24, False)])
+def test_stale_or_future_date_is_refused(server, minutes, accepted):
+    """AWS allows 5 minutes between X-Amz-Date and its clock, and answers InvalidSignatureException beyond."""
+    when = datetime.now(UTC) + timedelta(minutes=minutes)
+    headers, body = signed_request(server, OWNER, "TrentService.ListKeys", b"{}", when=when)
+    status, _type, answer = post(server, headers, body)
+    if accepted:
+        assert status == 200 and "Keys" in answer
+    else:
+        assert (status, answer["__type"]) == (400, "InvalidSignatureException")
+        assert "Signature expired" in answer["message"]
+
+
+def test_signature_scoped_to_another_region_or_unsigned_target_is_refused(server):
+    headers, body = signed_request(server, OWNER, "TrentService.ListKeys", b"{}", region="eu-west-1")
+    status, _type, answer = post(server, headers, body)
+    assert (status, answer["__type"]) == (400, "InvalidSignatureException")
+    headers, body = signed_request(server, OWNER, "TrentService.ListKeys", b"{}")
+    headers["Authorization"] = headers["Authorization"].replace("x-amz-target", "x-amz-targets")
+    status, _type, answer = post(server, headers, body)
+    assert (status, answer["__type"]) == (400, "InvalidSignatureException")
+    status, _type, answer = post(server, {**headers, "Authorization": "AWS4-HMAC-SHA256 Credential=owner/x"}, body)
+    assert (status, answer["__type"]) == (400, "IncompleteSignatureException")
 
 
 def test_unsigned_request_is_refused(server):
@@ -292,28 +447,15 @@ def test_unsupported_operations_and_key_types(owner):
 def test_raw_http_protocol(server):
     """What boto3 relies on, seen on the wire: the JSON 1.1 content type and __type error bodies."""
 
-    def post(target, body):
-        request = urllib.request.Request(
-            server.endpoint_url,
-            data=json.dumps(body).encode(),
-            headers={
-                "X-Amz-Target": target,
-                "Content-Type": "application/x-amz-json-1.1",
-                "Authorization": "AWS4-HMAC-SHA256 Credential=owner/20240101/us-east-1/kms/aws4_request, Signature=x",
-            },
-        )
-        try:
-            with urllib.request.urlopen(request) as response:  # noqa: S310 - loopback test server
-                return response.status, response.headers["Content-Type"], json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            return err.code, err.headers["Content-Type"], json.loads(err.read())
+    def call(target, payload):
+        return post(server, *signed_request(server, OWNER, target, json.dumps(payload).encode()))
 
-    status, content_type, body = post("TrentService.GenerateRandom", {"NumberOfBytes": 8})
+    status, content_type, body = call("TrentService.GenerateRandom", {"NumberOfBytes": 8})
     assert (status, content_type) == (200, "application/x-amz-json-1.1")
     assert len(base64.b64decode(body["Plaintext"])) == 8
-    status, _headers, body = post("TrentService.NoSuchThing", {})
+    status, _headers, body = call("TrentService.NoSuchThing", {})
     assert status == 400 and body["__type"] == "UnsupportedOperationException"
-    status, _headers, body = post("TrentService.GenerateRandom", {"NumberOfBytes": 5000})
+    status, _headers, body = call("TrentService.GenerateRandom", {"NumberOfBytes": 5000})
     assert status == 400 and body["__type"] == "ValidationException"
 
 
@@ -695,7 +837,8 @@ def test_state_survives_restart_and_is_private(ca, state):
 
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(state / STATE_FILE).st_mode) == 0o600
-    assert sorted(p.name for p in state.iterdir()) == [STATE_FILE]  # no temporary files left behind
+    assert stat.S_IMODE(os.stat(state / CREDENTIALS_FILE).st_mode) == 0o600
+    assert sorted(p.name for p in state.iterdir()) == sorted([STATE_FILE, CREDENTIALS_FILE])  # no temporary files
 
 
 # ---------------------------------------------------------------- attested requests
@@ -729,6 +872,21 @@ def test_attested_answer_has_no_plaintext(ca, user, attested_key):
         kms_recipient.Recipient().unwrap(answer["CiphertextForRecipient"])
 
 
+def test_attested_answer_has_the_shape_of_a_real_aws_answer(ca, user, attested_key):
+    """What the local KMS sends over HTTP is, TLV by TLV, what AWS KMS sent in tests/vectors/aws
+    (for the same RSA-2048 key and a 32-byte data key)."""
+    _key_id, data_key = attested_key
+    real_key = serialization.load_pem_private_key(aws_vector("kms-ciphertext-for-recipient.key.pem"), None)
+    recipient = kms_recipient.Recipient(real_key)
+    answer = user.decrypt(
+        CiphertextBlob=data_key["CiphertextBlob"],
+        EncryptionContext={"package": "app"},
+        Recipient=recipient.parameter(nsm(ca, PCR0_GOOD).attest(public_key=recipient.public_key_der)),
+    )
+    assert ber_shape(answer["CiphertextForRecipient"]) == ber_shape(aws_vector("kms-ciphertext-for-recipient.b64"))
+    assert recipient.unwrap(answer["CiphertextForRecipient"]) == data_key["Plaintext"]
+
+
 def test_other_measurement_is_access_denied(ca, user, attested_key, caplog):
     key_id, data_key = attested_key
     caplog.set_level(logging.INFO, logger="ansible_collections.confidential_ml.nitro.enclave_local.kms")
@@ -744,7 +902,7 @@ def test_other_measurement_is_access_denied(ca, user, attested_key, caplog):
     assert any(USER_ARN in m and key_id in m and PCR0_EVIL.hex() in m and "deny" in m for m in logged), logged
 
 
-@pytest.mark.parametrize("party", [USER, OWNER, "someone-else"])
+@pytest.mark.parametrize("party", [USER, OWNER, "admin"])
 def test_plain_decrypt_is_denied_to_everyone(server, attested_key, party):
     _key_id, data_key = attested_key
     with pytest.raises(ClientError) as caught:
@@ -848,8 +1006,7 @@ def test_unreachable_kms_is_a_kms_error(ca, server):
         "kms",
         endpoint_url=endpoint,
         region_name="us-east-1",
-        aws_access_key_id=USER,
-        aws_secret_access_key="x",
+        **server.kms.credentials(USER),
         config=Config(retries={"max_attempts": 1}, connect_timeout=2),
     )
     with pytest.raises(KmsError, match="check the KMS endpoint"):

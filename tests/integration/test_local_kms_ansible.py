@@ -66,8 +66,7 @@ def owner(kms):
         "kms",
         endpoint_url=kms.endpoint_url,
         region_name="us-east-1",
-        aws_access_key_id="owner",
-        aws_secret_access_key="not-checked-by-the-local-kms",
+        **kms.kms.credentials("owner"),
         config=Config(retries={"max_attempts": 1}),
     )
 
@@ -94,8 +93,8 @@ def run(kms, tmp_path_factory):
     connection = {
         "endpoint_url": kms.endpoint_url,
         "region": "us-east-1",
-        "access_key": "owner",
-        "secret_key": "not-checked-by-the-local-kms",
+        "access_key": kms.kms.credentials("owner")["aws_access_key_id"],
+        "secret_key": kms.kms.credentials("owner")["aws_secret_access_key"],
     }
 
     def run(name: str, *tasks: dict) -> tuple[dict, dict]:

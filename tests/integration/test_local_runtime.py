@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,7 @@ import boto3
 import pytest
 
 from ansible_collections.confidential_ml.nitro.enclave_local import cloud
+from ansible_collections.confidential_ml.nitro.enclave_local.kms import load_credentials
 from ansible_collections.confidential_ml.nitro.enclave_local.runtime import (
     MAX_ENCLAVES,
     LocalRuntime,
@@ -44,7 +46,19 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the local runtime's n
 ROOT = Path(__file__).resolve().parents[2]
 ENCLAVE_CLI = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
 ACCOUNT = "111122223333"
-USER_KMS = {"region": "us-east-1", "aws_access_key_id": "enclave-host", "aws_secret_access_key": "x"}
+
+
+def issued(principal: str, path=None) -> dict:
+    """boto3 credentials the local KMS issued to principal (by default in this test's ENCLAVE_HOME)."""
+    entry = load_credentials(path or settings.state_home() / "kms" / "credentials")[principal]
+    return {"aws_access_key_id": entry["aws_access_key_id"], "aws_secret_access_key": entry["aws_secret_access_key"]}
+
+
+def user_kms() -> dict:
+    """The kms argument of job.run: the enclave host's region and credentials."""
+    return {"region": "us-east-1", **issued("enclave-host")}
+
+
 ZERO_PCR = "0" * 96
 
 APP = {
@@ -149,7 +163,7 @@ def cloud_up(home, images, tmp_path):
     """The local cloud, an owner key that releases to the good image's PCR0 only, and a sealed package."""
     running = cloud.up(home=home)
     owner = boto3.client("kms", endpoint_url=running["kms_endpoint_url"], region_name="us-east-1",
-                         aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
+                         **issued("owner", running["kms_credentials"]))  # fmt: skip
     key_id = owner.create_key()["KeyMetadata"]["KeyId"]
     policy = render_policy(
         account_id=ACCOUNT,
@@ -178,7 +192,7 @@ def run_job(info, pcr0, published, script, args=()):
     out = []
     with EnclaveClient(info.endpoint, expect_pcr0=pcr0) as client:
         client.push(published, "/encrypted")
-        summary = client.run("app.pkg", script, list(args), kms=USER_KMS, on_output=lambda n, d: out.append(d))
+        summary = client.run("app.pkg", script, list(args), kms=user_kms(), on_output=lambda n, d: out.append(d))
     return summary, b"".join(out).decode()
 
 
@@ -342,7 +356,7 @@ def test_killing_the_enclave_mid_job(images, cloud_up, home):
 
     def job():
         try:
-            outcome["summary"] = client.run("app.pkg", "spin.py", kms=USER_KMS, on_output=lambda n, d: spinning.set())
+            outcome["summary"] = client.run("app.pkg", "spin.py", kms=user_kms(), on_output=lambda n, d: spinning.set())
         except EnclaveError as err:
             outcome["error"] = err
 
@@ -458,10 +472,15 @@ def test_local_up_is_idempotent_and_down_leaves_nothing(home):
     assert first["started"] and not second["started"]
     assert second["kms_endpoint_url"] == first["kms_endpoint_url"]
     assert json.loads((home / "cloud.json").read_text())["kms_endpoint_url"] == first["kms_endpoint_url"]
+    # `up` issued the principals' credentials: an AWS shared-credentials file, 0600 in the 0700 state directory.
+    credentials = Path(first["kms_credentials"])
+    assert credentials == home / "kms" / "credentials"
+    assert (stat.S_IMODE(credentials.stat().st_mode), stat.S_IMODE(credentials.parent.stat().st_mode)) == (0o600, 0o700)
+    assert set(load_credentials(credentials)) == {"owner", "enclave-host", "admin"}
     assert (home / "ca" / "root.pem").is_file()
     assert parse_allowlist((home / "vsock-proxy.yaml").read_text()) == [("127.0.0.1", first["kms_port"])]
     kms = boto3.client("kms", endpoint_url=first["kms_endpoint_url"], region_name="us-east-1",
-                       aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
+                       **issued("owner", first["kms_credentials"]))  # fmt: skip
     assert kms.list_keys()["Keys"] == []
 
     moved = subprocess.run([*ENCLAVE_CLI, "local", "up", "--kms-port", str(first["kms_port"] + 1)],

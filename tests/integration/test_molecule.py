@@ -29,6 +29,7 @@ BIN = Path(sys.executable).parent
 MOLECULE_DIR = ROOT / "extensions" / "molecule"
 SCENARIOS = sorted(p.parent.name for p in MOLECULE_DIR.glob("*/molecule.yml"))
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+ENV_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 TIMEOUT = 480  # seconds for one whole scenario (each takes 1-3 minutes here); then it is stopped
 
 
@@ -66,7 +67,8 @@ def test_the_scenarios_are_found():
 def test_molecule_scenario(scenario):
     ephemeral = Path(tempfile.mkdtemp(prefix="mol-", dir="/tmp"))
     env = {
-        **os.environ,
+        # Credentials in the environment would win over the AWS_PROFILE the scenarios choose.
+        **{k: v for k, v in os.environ.items() if k not in ENV_CREDENTIALS},
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "MOLECULE_EPHEMERAL_DIRECTORY": str(ephemeral),
         "NO_COLOR": "1",

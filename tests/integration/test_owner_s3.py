@@ -95,7 +95,7 @@ def changed_count(output: str) -> int:
 
 def test_owner_publishes_the_release_to_s3_and_a_second_run_uploads_nothing(moto_s3, local_cloud):
     work, env = local_cloud
-    env["AWS_ACCESS_KEY_ID"] = "owner"
+    env["AWS_PROFILE"] = "owner"  # the local KMS's credentials (moto's S3 takes any)
     snapshot_enclave_sources(work / "src")
     first = owner_playbook(env, work, moto_s3)
     assert changed_count(first) > 0

@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def play(env, name, key, extra, *flags):
+def play(env, name, principal, extra, *flags):
     command = [str(BIN / "ansible-playbook"), f"playbooks/{name}", *extra, *flags]
-    env = dict(env, AWS_ACCESS_KEY_ID=key)
+    env = dict(env, AWS_PROFILE=principal)  # a profile of the credentials the local KMS issued
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     return {int(c) for c in re.findall(r"changed=(\d+)", result.stdout)}

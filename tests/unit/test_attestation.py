@@ -24,6 +24,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.attestation 
     verify_document,
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import AttestationError
+from ansible_collections.confidential_ml.nitro.tests.vectors.shapes import aws_vector, cbor_item
 
 PCR0 = bytes.fromhex("a1" * 48)
 PCR1 = bytes.fromhex("b2" * 48)
@@ -75,6 +76,10 @@ HfuN/wmBFg2U
 )
 REAL_AWS_TIME = datetime(2024, 9, 7, 14, 37, 39, 545000, tzinfo=UTC)
 REAL_AWS_PCR0 = "e72a46ca80a260fb044a125442f0c7e331813bcbaf9724d9f3857758992766f2d65710a27aa94ae3949dd54e7c9fe86a"
+# tests/vectors/aws/nsm-attestation-2024.b64 (see its README): a definite-length payload map (0xA9).
+REAL_2024_DOCUMENT = aws_vector("nsm-attestation-2024.b64")
+REAL_2024_TIME = datetime(2024, 7, 16, 19, 53, 7, 239000, tzinfo=UTC)
+NSM_KEYS = ["module_id", "digest", "timestamp", "pcrs", "certificate", "cabundle", "public_key", "user_data", "nonce"]
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +232,179 @@ def test_real_aws_document_fails_against_the_local_root_and_when_altered(roots):
     fails(flip(REAL_AWS_DOCUMENT, at), "signature does not verify", trusted_roots=[aws_nitro_root()])
     # Three hours later its leaf has expired, but validity is judged at the document's own time:
     verify_document(REAL_AWS_DOCUMENT, trusted_roots=[aws_nitro_root()], max_age_s=None)
+
+
+def test_real_2024_document_verifies_at_its_own_time():
+    _protected, payload, _signature = parts(REAL_2024_DOCUMENT)
+    assert payload[0] == 0xA9  # a definite-length map of 9 claims
+    doc = verify_document(
+        REAL_2024_DOCUMENT, trusted_roots=load_trusted_roots(), now=REAL_2024_TIME + timedelta(seconds=30)
+    )
+    assert doc.module_id == "i-059e862454f4a8d8f-enc0190a2f1964172e6"
+    assert doc.time == REAL_2024_TIME
+    assert len(doc.cabundle) == 4 and sorted(doc.pcrs) == list(range(16))
+    assert doc.public_key and doc.user_data and doc.nonce is None
+    fails(REAL_2024_DOCUMENT, "stale|ago", trusted_roots=[aws_nitro_root()], max_age_s=300)
+
+
+def test_real_2024_document_tampered_is_refused(roots):
+    fails(REAL_2024_DOCUMENT, "not a trusted root", trusted_roots=roots)
+    _protected, payload, signature = parts(REAL_2024_DOCUMENT)
+    pcr1 = parse_document(REAL_2024_DOCUMENT).pcrs[1]
+    in_payload = REAL_2024_DOCUMENT.index(payload) + payload.index(pcr1)
+    in_user_data = REAL_2024_DOCUMENT.index(payload) + payload.index(parse_document(REAL_2024_DOCUMENT).user_data)
+    in_signature = REAL_2024_DOCUMENT.index(signature) + 50
+    for at in (in_payload, in_user_data, in_signature):
+        fails(flip(REAL_2024_DOCUMENT, at), "signature does not verify", trusted_roots=[aws_nitro_root()])
+
+
+# -- every RFC 8949 encoding of the NSM's maps, arrays and strings ------------
+
+
+def reencode(value, *, maps=True, arrays=True, strings=True) -> bytes:
+    """value in CBOR with indefinite-length maps / arrays / byte strings (chunked) where asked."""
+    again = lambda v: reencode(v, maps=maps, arrays=arrays, strings=strings)  # noqa: E731
+    if isinstance(value, dict) and maps:
+        return b"\xbf" + b"".join(again(k) + again(v) for k, v in value.items()) + b"\xff"
+    if isinstance(value, list | tuple) and arrays:
+        return b"\x9f" + b"".join(again(v) for v in value) + b"\xff"
+    if isinstance(value, dict):
+        return _head(5, len(value)) + b"".join(again(k) + again(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return _head(4, len(value)) + b"".join(again(v) for v in value)
+    if isinstance(value, bytes) and strings:
+        return b"\x5f" + b"".join(cbor2.dumps(value[i : i + 37]) for i in range(0, len(value), 37)) + b"\xff"
+    return cbor2.dumps(value)
+
+
+def _head(major: int, length: int) -> bytes:
+    """A definite-length head (lengths below 256 suffice here)."""
+    return bytes(((major << 5) | length,)) if length < 24 else bytes(((major << 5) | 24, length))
+
+
+def test_real_payload_reencoded_with_indefinite_lengths_parses_to_the_same_claims():
+    """Parsing is separate from the signature: the re-encoded payload no longer matches AWS's signature."""
+    protected, payload, signature = parts(REAL_2024_DOCUMENT)
+    claims = cbor2.loads(payload)
+    original = parse_document(REAL_2024_DOCUMENT)
+    for options in ({"arrays": False, "strings": False}, {}, {"maps": False}):
+        encoded = reencode(claims, **options)
+        assert encoded != payload and cbor_item(encoded).major == "map"
+        document = cbor2.dumps([protected, {}, encoded, signature])
+        assert parse_document(document) == original
+        fails(document, "signature does not verify", trusted_roots=[aws_nitro_root()])
+
+
+@pytest.fixture(scope="module")
+def signed_claims(ca):
+    """(claims, sign(payload bytes) -> document) with a leaf of the local CA."""
+    key, cert = ca.issue_leaf("i-test-enc")
+    claims = {
+        "module_id": "i-test-enc",
+        "digest": "SHA384",
+        "timestamp": int(datetime.now(UTC).timestamp() * 1000),
+        "pcrs": {i: (PCR0 if i == 0 else bytes(48)) for i in range(16)},
+        "certificate": cert.public_bytes(serialization.Encoding.DER),
+        "cabundle": ca.cabundle,
+        "public_key": b"k" * 100,
+        "user_data": b"u" * 40,
+        "nonce": None,
+    }
+    return claims, lambda payload: cose_sign1(payload, key)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"arrays": False, "strings": False},  # today's NSM: only the top map is indefinite
+        {"strings": False},
+        {"maps": False, "arrays": False},  # only the byte strings chunked
+        {},  # every map, array and byte string indefinite
+    ],
+    ids=["top-map", "maps-and-arrays", "chunked-strings", "everything"],
+)
+def test_indefinite_length_documents_verify(signed_claims, roots, options):
+    claims, sign = signed_claims
+    document = sign(reencode(claims, **options))
+    doc = verify_document(document, trusted_roots=roots, max_age_s=None)
+    assert doc == parse_document(sign(cbor2.dumps(claims)))
+    assert (doc.pcrs[0], doc.public_key, doc.user_data) == (PCR0, b"k" * 100, b"u" * 40)
+
+
+def test_indefinite_cose_envelope_verifies(signed_claims, roots):
+    """The COSE_Sign1 array and its payload byte string may be indefinite too: the signature covers the
+    payload's bytes, not how the envelope framed them."""
+    claims, sign = signed_claims
+    protected, _unprotected, payload, signature = cbor2.loads(sign(cbor2.dumps(claims)))
+    document = b"\x9f" + reencode(protected) + b"\xa0" + reencode(payload) + reencode(signature) + b"\xff"
+    assert verify_document(document, trusted_roots=roots, max_age_s=None).pcrs[0] == PCR0
+
+
+def _top(claims, *entries: bytes) -> bytes:
+    return b"\xbf" + b"".join(cbor2.dumps(k) + cbor2.dumps(v) for k, v in claims.items()) + b"".join(entries)
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda c: _top(c, cbor2.dumps("digest"), cbor2.dumps("SHA384"), b"\xff"), "Duplicate map key"),
+        (lambda c: _top(c, cbor2.dumps("extra"), b"\xff"), "missing value"),
+        (lambda c: _top(c), "premature end|not valid CBOR"),  # no break: the map never ends
+        (lambda c: _top(c, b"\xff\x00"), "after its CBOR value"),
+        (lambda c: _top({**c, "user_data": None}, cbor2.dumps("user_data"), b"\x5f\x41a\x61b\xff", b"\xff"), "."),
+        (lambda c: _top(dict(c, certificate=None), b"\xff")[:-1] + b"\xff", "certificate"),
+        (lambda c: reencode(dict(c, pcrs=list(c["pcrs"].values()))), "pcrs"),
+        (lambda c: reencode(dict(c, cabundle={0: c["cabundle"][0]})), "cabundle"),
+        (lambda c: b"\xbf" + b"\xff", "lacks"),
+    ],
+    ids=[
+        "duplicate-key",
+        "key-without-value",
+        "no-break",
+        "bytes-after-break",
+        "text-chunk-in-byte-string",
+        "null-certificate",
+        "pcrs-as-array",
+        "cabundle-as-map",
+        "empty-map",
+    ],
+)
+def test_malformed_indefinite_payloads_are_refused_even_when_signed(signed_claims, roots, damage, match):
+    claims, sign = signed_claims
+    document = sign(damage(claims))
+    with pytest.raises(AttestationError, match=match):
+        parse_document(document)
+    fails(document, match, trusted_roots=roots)
+
+
+def test_simulated_document_has_the_shape_of_the_real_one(nsm):
+    """Field by field, the simulated NSM writes what the real NSM writes (tests/vectors/aws): any divergence
+    of major type, key order, fixed length or framing fails here before it fails on real hardware."""
+    real = cbor_item(REAL_2024_DOCUMENT)
+    simulated = cbor_item(nsm.attest(public_key=b"p" * 120, user_data=b"u" * 32))
+    for sign1 in (real, simulated):
+        assert (sign1.major, sign1.indefinite, [i.major for i in sign1.items]) == (
+            "array", False, ["bytes", "map", "bytes", "bytes"],
+        )  # fmt: skip
+        assert [i.indefinite for i in sign1.items] == [False] * 4
+        assert sign1.items[1].items == [] and len(sign1.items[3].value) == 96
+    assert simulated.items[0].value == real.items[0].value == cbor2.dumps({1: -35})
+    real_claims, sim_claims = cbor_item(real.items[2].value), cbor_item(simulated.items[2].value)
+    assert not real_claims.indefinite  # 2024: 0xA9
+    assert sim_claims.indefinite and simulated.items[2].value[:1] == b"\xbf"  # today's NSM: 0xBF ... 0xFF
+    assert [k.value.decode() for k, _v in real_claims.pairs()] == NSM_KEYS
+    assert [k.value.decode() for k, _v in sim_claims.pairs()] == NSM_KEYS
+    assert all(k.major == "text" and not k.indefinite for k, _v in sim_claims.pairs())
+    for key in NSM_KEYS:
+        want, got = real_claims.entry(key), sim_claims.entry(key)
+        assert (got.major, got.indefinite) == (want.major, want.indefinite), key
+    assert sim_claims.entry("digest").value == real_claims.entry("digest").value == b"SHA384"
+    assert sim_claims.entry("nonce").value == real_claims.entry("nonce").value == 22  # null
+    for claims in (real_claims, sim_claims):
+        pcrs = claims.entry("pcrs")
+        assert [(k.major, k.value) for k, _v in pcrs.pairs()] == [("uint", i) for i in range(16)]
+        assert all((v.major, v.indefinite, len(v.value)) == ("bytes", False, 48) for _k, v in pcrs.pairs())
+        assert all((c.major, c.indefinite) == ("bytes", False) for c in claims.entry("cabundle").items)
 
 
 # -- trust -------------------------------------------------------------------

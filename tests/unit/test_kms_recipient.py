@@ -1,4 +1,6 @@
-"""Recipient.unwrap against envelopes made by the local KMS's builder, as AWS KMS would send them."""
+"""Recipient.unwrap against a real AWS KMS answer and envelopes made by the local KMS's builder."""
+
+import hashlib
 
 import pytest
 from asn1crypto import algos, cms
@@ -11,6 +13,13 @@ from hypothesis import strategies as st
 from ansible_collections.confidential_ml.nitro.enclave_local.kms import build_envelope
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import KmsError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.kms_recipient import Recipient
+from ansible_collections.confidential_ml.nitro.tests.vectors.shapes import aws_vector, ber_items, ber_shape
+
+# tests/vectors/aws (see its README): a real CiphertextForRecipient and the throwaway key it was made for.
+REAL_ENVELOPE = aws_vector("kms-ciphertext-for-recipient.b64")
+REAL_KEY = serialization.load_pem_private_key(aws_vector("kms-ciphertext-for-recipient.key.pem"), password=None)
+# What the project's CMS code unwraps it to (OAEP and the CBC padding both check out, so it is the data key).
+REAL_PLAINTEXT = bytes.fromhex("3be82c440f06cb4d44c4c2ec3bf30d472407d3a9125aa4c1842b98f6bdd26e41")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +44,8 @@ def test_parameter_and_public_key(recipient):
     assert recipient.parameter(doc) == {"AttestationDocument": doc, "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256"}
     public_key = serialization.load_der_public_key(recipient.public_key_der)
     assert public_key.key_size == 2048
-    assert recipient.key_identifier == x509.SubjectKeyIdentifier.from_public_key(public_key).digest
+    # AWS names the recipient by the SHA-256 of its SubjectPublicKeyInfo DER (not RFC 5280's SHA-1).
+    assert recipient.key_identifier == hashlib.sha256(recipient.public_key_der).digest()
     assert Recipient().public_key_der != recipient.public_key_der  # a new key pair per request
 
 
@@ -253,3 +263,83 @@ def test_recipient_named_by_issuer_and_serial_is_refused(recipient):
 
     with pytest.raises(KmsError, match="subjectKeyIdentifier"):
         recipient.unwrap(mutated(envelope, change))
+
+
+# -- the real AWS KMS answer -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_recipient():
+    return Recipient(REAL_KEY)
+
+
+def test_real_kms_answer_unwraps(real_recipient):
+    assert len(real_recipient.key_identifier) == 32
+    assert real_recipient.unwrap(REAL_ENVELOPE) == REAL_PLAINTEXT
+
+
+def _real_offset(what: str) -> int:
+    """Where in the real envelope a field's content starts."""
+    items = ber_items(REAL_ENVELOPE)
+    contents = {
+        "rid": [c for _d, tag, _c, _n, c in items if tag == "CONTEXT 0" and c is not None][0],
+        "encrypted_key": [c for _d, tag, _c, n, c in items if tag == "UNIVERSAL 4" and n == 256][0],
+        "iv": [c for _d, tag, _c, n, c in items if tag == "UNIVERSAL 4" and n == 16][0],
+        "content": [c for _d, tag, _c, n, c in items if tag == "UNIVERSAL 4"][-1],
+    }
+    return REAL_ENVELOPE.index(contents[what])
+
+
+@pytest.mark.parametrize(
+    ("field", "match"),
+    [
+        ("rid", "addressed to another key"),
+        ("encrypted_key", "RSAES-OAEP SHA-256 failed"),
+        ("iv", None),  # CBC: a flipped IV bit flips the same plaintext bit (no integrity, as in AWS's envelope)
+        ("content", "padded|tampered"),
+    ],
+)
+def test_real_kms_answer_tampered_is_refused(real_recipient, field, match):
+    envelope = bytearray(REAL_ENVELOPE)
+    at = _real_offset(field) + (0 if field != "content" else 40)  # content: the last block's previous block
+    envelope[at] ^= 0x01 if field != "content" else 0x10
+    if match is None:
+        assert real_recipient.unwrap(bytes(envelope)) != REAL_PLAINTEXT
+        return
+    with pytest.raises(KmsError, match=match):
+        real_recipient.unwrap(bytes(envelope))
+
+
+def test_real_kms_answer_for_another_key_is_refused(recipient):
+    with pytest.raises(KmsError, match="addressed to another key"):
+        recipient.unwrap(REAL_ENVELOPE)
+
+
+def test_rfc5280_sha1_identifier_is_refused_with_its_reason(recipient):
+    """A stand-in that names the key the RFC 5280 way is told apart from an answer for another request."""
+    envelope = build_envelope(b"secret", recipient.public_key_der, ber=False)
+    sha1 = x509.SubjectKeyIdentifier.from_public_key(serialization.load_der_public_key(recipient.public_key_der))
+
+    def change(info):
+        ktri = info["content"]["recipient_infos"][0].chosen
+        ktri["rid"] = cms.RecipientIdentifier(name="subject_key_identifier", value=sha1.digest)
+
+    with pytest.raises(KmsError, match="20-byte RFC 5280 SHA-1"):
+        recipient.unwrap(mutated(envelope, change))
+
+
+def test_local_kms_answer_has_the_shape_of_the_real_one():
+    """The local KMS's envelope for the same RSA-2048 key and a 32-byte data key is AWS's, TLV by TLV:
+    tags, versions, OIDs, algorithm parameters (NULLs included), rid and IV lengths, and which lengths
+    are indefinite. Any divergence fails here rather than against AWS."""
+    public_der = REAL_KEY.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    local = build_envelope(bytes(32), public_der)
+    assert ber_shape(local) == ber_shape(REAL_ENVELOPE)
+    assert Recipient(REAL_KEY).unwrap(local) == bytes(32)
+    # The facts behind the comparison, spelled out:
+    real = ber_items(REAL_ENVELOPE)
+    assert [length for _d, _t, constructed, length, _c in real if constructed].count(None) == 5
+    rid = [(n, c) for _d, tag, _c, n, c in real if tag == "CONTEXT 0" and c is not None][0]
+    assert rid == (32, hashlib.sha256(public_der).digest())

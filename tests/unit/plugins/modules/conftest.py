@@ -1,6 +1,6 @@
 """Drive the collection's modules through main() against a real local KMS on loopback.
 
-The local KMS names callers by their access key id: "owner" is
+Callers sign with the credentials the local KMS issued to their profile: "owner" is
 arn:aws:iam::111122223333:role/owner, "enclave-host" the parent host's role.
 """
 
@@ -20,20 +20,19 @@ def kms_server(tmp_path):
         yield server
 
 
-def _client(server, access_key):
+def _client(server, principal):
     return boto3.client(
         "kms",
         endpoint_url=server.endpoint_url,
         region_name="us-east-1",
-        aws_access_key_id=access_key,
-        aws_secret_access_key="not-checked-by-the-local-kms",
+        **server.kms.credentials(principal),
         config=Config(retries={"max_attempts": 1}),
     )
 
 
 @pytest.fixture
 def kms_client(kms_server):
-    """A boto3 KMS client for the caller named by an access key id."""
+    """A boto3 KMS client for a principal (a profile of the local KMS's credentials)."""
     return lambda access_key: _client(kms_server, access_key)
 
 
@@ -51,11 +50,12 @@ def key(owner):
 @pytest.fixture
 def connection(kms_server):
     """The modules' KMS options for the owner."""
+    credentials = kms_server.kms.credentials("owner")
     return {
         "kms_endpoint_url": kms_server.endpoint_url,
         "region": "us-east-1",
-        "access_key": "owner",
-        "secret_key": "not-checked-by-the-local-kms",
+        "access_key": credentials["aws_access_key_id"],
+        "secret_key": credentials["aws_secret_access_key"],
     }
 
 

@@ -271,7 +271,7 @@ def test_missing_arguments_for_present(run_module, key, connection):
     assert "state is present but all of the following are missing: account_id, user_principals, pcr0" in result["msg"]
 
 
-def test_kms_errors_name_the_operation_and_what_to_do(run_module, args, owner, key):
+def test_kms_errors_name_the_operation_and_what_to_do(run_module, args, owner, key, kms_server):
     missing = run_module(enclave_key_policy.main, dict(args, key_id="alias/does-not-exist"))
     assert missing["failed"] is True
     assert missing["msg"].startswith("KMS DescribeKey on alias/does-not-exist failed")
@@ -283,7 +283,12 @@ def test_kms_errors_name_the_operation_and_what_to_do(run_module, args, owner, k
     policy = json.loads(stored(owner, key))
     policy["Statement"] = [s for s in policy["Statement"] if s["Sid"] != DEFAULT_SID]
     owner.put_key_policy(KeyId=key["KeyId"], PolicyName="default", Policy=json.dumps(policy))
-    stranger = run_module(enclave_key_policy.main, dict(args, access_key="stranger"))
+    # "admin": an authenticated principal of the local KMS that the policy no longer names.
+    admin = kms_server.kms.credentials("admin")
+    stranger = run_module(
+        enclave_key_policy.main,
+        dict(args, access_key=admin["aws_access_key_id"], secret_key=admin["aws_secret_access_key"]),
+    )
     assert stranger["failed"] is True
     assert "AccessDeniedException" in stranger["msg"]
     assert "run as one of the key's administrators" in stranger["msg"]
@@ -293,5 +298,5 @@ def test_secret_key_is_not_logged(run_module, args):
     result = run_module(enclave_key_policy.main, dict(args, secret_key="s3cr3t-value-xyz"))
     assert "s3cr3t-value-xyz" not in json.dumps(result)
     assert result["invocation"]["module_args"]["secret_key"] == "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"
-    # The access key id is no secret: hiding it would mask every ARN that contains "owner".
-    assert result["invocation"]["module_args"]["access_key"] == "owner"
+    # The access key id is no secret: hiding it would mask every ARN or text that contains it.
+    assert result["invocation"]["module_args"]["access_key"] == args["access_key"]
