@@ -9,7 +9,7 @@ COLLECTIONS := $(CURDIR)/collections
 export PYTHONPATH := $(COLLECTIONS)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 
-.PHONY: all deps venv link test ansible-checks lint demo bench clean
+.PHONY: all deps venv link test test-lowest ansible-checks lint demo bench clean
 
 all: test
 
@@ -39,6 +39,23 @@ link:
 test: venv ansible-checks
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+	$(MAKE) test-lowest
+
+# The unit tests on the lowest versions pyproject.toml allows for each direct dependency (uv's
+# lowest-direct resolution; their own dependencies at the newest that fit), so the floors stay true.
+LOWEST_VENV ?= .venv-lowest
+$(LOWEST_VENV)/.installed: pyproject.toml
+	rm -rf $(LOWEST_VENV)
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/pip install -q 'uv>=0.4'
+	$(LOWEST_VENV)/bin/uv pip install -q --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
+	  -r pyproject.toml --extra test --extra examples
+	@touch $@
+
+test-lowest: link $(LOWEST_VENV)/.installed
+	$(LOWEST_VENV)/bin/uv pip list --python $(LOWEST_VENV)/bin/python 2>/dev/null \
+	  | grep -iE '^(asn1crypto|boto3|botocore|cbor2|cryptography|mfusepy|pyyaml|tink|tqdm) '
+	$(LOWEST_VENV)/bin/python -m pytest tests/unit -p no:cacheprovider
 
 ansible-checks: venv
 	VENV=$(VENV) scripts/ansible_checks.sh
@@ -76,4 +93,4 @@ bench: venv
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) $(COLLECTIONS) build .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST_VENV) $(COLLECTIONS) build .pytest_cache .ruff_cache

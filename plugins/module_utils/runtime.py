@@ -37,6 +37,8 @@ LOCAL_CLI = "ansible_collections.confidential_ml.nitro.cli.main"
 """What nitro-cli prints as Measurements.HashAlgorithm."""
 
 _PCR_HEX = re.compile(r"[0-9a-f]{96}")
+# build-enclave signs through KMS when --private-key is a KMS key ARN (the pattern nitro-cli's EIF signer uses).
+KMS_KEY_ARN = re.compile(r"arn:(?:aws|aws-cn|aws-us-gov):kms:[a-z0-9-]+:\d{12}:key[:/][a-zA-Z0-9-]+")
 _ERROR_CODE = re.compile(r"\[\s*(E\d{2,3})\s*\]")
 ERRORS_URL = "https://docs.aws.amazon.com/enclaves/latest/user/cli-errors.html"
 
@@ -363,9 +365,35 @@ _HINTS = {
 }
 
 
+HUGEPAGES_DIR = "/sys/kernel/mm/hugepages"
+DEFAULT_HUGEPAGE_SIZES_MIB = (2, 1024)
+"""x86_64's hugepage sizes; Graviton (arm64, 4 KiB granule) has 2 MiB, 32 MiB and 1 GiB too."""
+
+
+def hugepage_sizes_mib(directory: str = HUGEPAGES_DIR) -> tuple[int, ...]:
+    """The host's hugepage sizes in MiB (from sysfs), smallest first; x86_64's when sysfs does not say."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return DEFAULT_HUGEPAGE_SIZES_MIB
+    sizes = sorted({int(m.group(1)) // 1024 for n in names if (m := re.fullmatch(r"hugepages-(\d+)kB", n))} - {0})
+    return tuple(sizes) or DEFAULT_HUGEPAGE_SIZES_MIB
+
+
+def memory_satisfies(asked_mib: int, reported_mib: int, page_sizes_mib: tuple[int, ...] | None = None) -> bool:
+    """Whether an enclave that describe-enclaves reports with reported_mib could be what nitro-cli
+    allocated for --memory asked_mib. nitro-cli hands memory out in whole hugepages and reports what
+    it allocated: at least what was asked, a multiple of the smallest page, short of one more of the
+    largest (a 1000 MiB request from 1 GiB pages gets 1024). Exactly what was asked always satisfies."""
+    if reported_mib == asked_mib:
+        return True
+    sizes = page_sizes_mib or hugepage_sizes_mib()
+    return asked_mib < reported_mib < asked_mib + max(sizes) and reported_mib % min(sizes) == 0
+
+
 def _json_values(text: str) -> list:
-    """Every JSON value that starts a line of text: nitro-cli mixes progress lines and
-    pretty-printed JSON on stdout, and `terminate-enclave --all` prints one object per enclave."""
+    """Every JSON value that starts a line of text: nitro-cli prints its progress on stderr and
+    pretty-printed JSON on stdout, but old versions and wrappers mix lines into stdout too."""
     decoder = json.JSONDecoder()
     values, pos = [], 0
     while pos < len(text):
@@ -495,9 +523,14 @@ class NitroRuntime:
         or a docker image URI; default: this project's enclave image). Needs docker on the host."""
         if (signing_certificate is None) != (private_key is None):
             raise RuntimeFailure("to sign the image give both signing_certificate and private_key, or neither")
-        for what, path in (("signing certificate", signing_certificate), ("private key", private_key)):
-            if path is not None and not os.path.isfile(path):
-                raise RuntimeFailure(f"the {what} {path} does not exist")
+        if signing_certificate is not None and not os.path.isfile(signing_certificate):
+            raise RuntimeFailure(f"the signing certificate {signing_certificate} does not exist")
+        # The key is a PEM file, or a KMS key ARN (nitro-cli then signs through KMS with the host's credentials).
+        if private_key is not None and not KMS_KEY_ARN.fullmatch(private_key) and not os.path.isfile(private_key):
+            raise RuntimeFailure(
+                f"the private key {private_key} does not exist: give a PEM file or a KMS key ARN "
+                "(arn:aws:kms:REGION:ACCOUNT:key/KEY-ID)"
+            )
         output = os.path.abspath(output)
         if not os.path.isdir(os.path.dirname(output)):
             raise RuntimeFailure(f"cannot write {output}: create the directory {os.path.dirname(output)} first")
@@ -594,9 +627,9 @@ class NitroRuntime:
         else:
             target = self.find(enclave).enclave_id
             stdout = self._call("terminate-enclave", ["--enclave-id", target], timeout=self.timeout)
-        terminated = [
-            v["EnclaveID"] for v in _json_values(stdout) if isinstance(v, dict) and v.get("Terminated") is True
-        ]
+        # One object for one enclave; `--all` prints one array of them (empty when none ran).
+        answers = [a for v in _json_values(stdout) for a in (v if isinstance(v, list) else [v])]
+        terminated = [a["EnclaveID"] for a in answers if isinstance(a, dict) and a.get("Terminated") is True]
         if not all and target not in terminated:
             raise RuntimeFailure(
                 f"nitro-cli did not confirm that enclave {target} terminated: {stdout.strip() or 'no output'}; "

@@ -15,6 +15,9 @@ description:
   - Idempotent. An enclave of that name that runs the same image (by SHA-256 of the image file) with the same
     CPU count, memory, CID (when given) and debug mode is left alone; otherwise it is terminated and started
     again, so the enclave restarts only when its image or its resources changed.
+  - Memory is compared as nitro-cli allocates it, in whole hugepages; C(describe-enclaves) reports what was
+    allocated, which can exceed O(memory_mib) (up to one hugepage of the host's largest size, e.g. 1024 MiB for a
+    1000 MiB request served from 1 GiB pages). Such an enclave already has the memory asked for and is left alone.
   - The image an enclave was started from is recorded under the project's state directory
     (C($ENCLAVE_HOME/instances/NAME.json)), because neither runtime reports it.
 author:
@@ -115,7 +118,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import BACKEND_OPTIONS, image_sha256
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import get_runtime
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import get_runtime, memory_satisfies
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.settings import private_dir, state_home
 
 
@@ -133,18 +136,38 @@ def wanted(params: dict, digest: str) -> dict:
     }
 
 
+def started_with(info, record: dict | None) -> dict:
+    """What the module recorded when it started this enclave (nothing for another enclave)."""
+    return record if info is not None and record and record.get("enclave_id") == info.enclave_id else {}
+
+
 def current(info, record: dict | None) -> dict:
     if info is None:
         return {}
+    recorded = started_with(info, record)
+    memory = info.memory_mib
+    # nitro-cli reports the memory it allocated, rounded up to hugepages: show what was asked for it.
+    if isinstance(recorded.get("memory_mib"), int) and memory_satisfies(recorded["memory_mib"], memory):
+        memory = recorded["memory_mib"]
     return {
-        "image_sha256": (record or {}).get("image_sha256")
-        if (record or {}).get("enclave_id") == info.enclave_id
-        else None,
+        "image_sha256": recorded.get("image_sha256"),
         "cpu_count": info.cpu_count,
-        "memory_mib": info.memory_mib,
+        "memory_mib": memory,
         "debug_mode": info.debug_mode,
         "cid": info.cid,
     }
+
+
+def matches(before: dict, after: dict, *, recorded: bool) -> bool:
+    """Whether the running enclave (before) is the one asked for (after). Memory the module asked for
+    itself compares exactly; otherwise any allocation nitro-cli could have made for the request will do."""
+    for key, value in after.items():
+        if key == "memory_mib" and not recorded:
+            if before.get(key) is None or not memory_satisfies(value, before[key]):
+                return False
+        elif before.get(key) != value:
+            return False
+    return True
 
 
 def main():
@@ -184,7 +207,7 @@ def main():
                 msg=f"image {params['image']} does not exist: build it (enclave_image) or fetch the release"
             )
         after = wanted(params, image_sha256(params["image"]))
-        same = info is not None and all(before.get(k) == v for k, v in after.items())
+        same = info is not None and matches(before, after, recorded="memory_mib" in started_with(info, record))
         if same:
             module.exit_json(changed=False, action="none", enclave=info.to_json())
         action = "restarted" if info is not None else "started"

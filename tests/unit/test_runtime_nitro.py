@@ -65,6 +65,16 @@ class FakeNitroCli:
         (self.state / "console").mkdir(exist_ok=True)
         (self.state / "console" / f"{enclave_id}.log").write_text(text)
 
+    def run(self, *args) -> subprocess.CompletedProcess:
+        return subprocess.run(["nitro-cli", *args], capture_output=True, text=True, check=False)
+
+    def allocate(self, root: Path, config: str) -> subprocess.CompletedProcess:
+        """Run the allocator service's program on root/etc/nitro_enclaves/allocator.yaml."""
+        (root / "etc" / "nitro_enclaves").mkdir(parents=True, exist_ok=True)
+        (root / "etc" / "nitro_enclaves" / "allocator.yaml").write_text(config)
+        env = dict(os.environ, NITRO_CLI_INSTALL_DIR=str(root))
+        return subprocess.run(["nitro-enclaves-allocator"], capture_output=True, text=True, env=env, check=False)
+
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
@@ -72,6 +82,7 @@ def fake(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nitro-cli").symlink_to(FAKE)
+    (bin_dir / "nitro-enclaves-allocator").symlink_to(FAKE)
     state = tmp_path / "nitro-state"
     state.mkdir()
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -242,6 +253,41 @@ def test_build_signed_image_reports_pcr8(fake, tmp_path):
     ]
 
 
+def test_build_signs_with_a_kms_key_arn(fake, tmp_path):
+    """nitro-cli's --private-key is a PEM file or a KMS key ARN (it then signs through KMS)."""
+    cert = tmp_path / "cert.pem"
+    cert.write_text("certificate")
+    arn = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    result = NitroRuntime().build(
+        output=str(tmp_path / "kms.eif"), source="acme/enclave:1", signing_certificate=str(cert), private_key=arn
+    )
+    assert result.measurements.pcr8 == hashlib.sha384(b"certificate").hexdigest()
+    (call,) = fake.calls()
+    assert call["argv"][-2:] == ["--private-key", arn] and call["signing_key"] == "kms"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "arn:aws:kms:eu-west-1:111122223333:alias/release",  # an alias is not a key ARN
+        "arn:aws:kms:eu-west-1:11112222333:key/1234abcd",  # 11-digit account
+        "arn:aws:s3:eu-west-1:111122223333:key/1234abcd",
+        "missing.pem",
+    ],
+)
+def test_build_refuses_a_private_key_that_is_neither_a_file_nor_a_kms_key_arn(fake, tmp_path, key):
+    cert = tmp_path / "cert.pem"
+    cert.write_text("certificate")
+    with pytest.raises(RuntimeFailure, match="give a PEM file or a KMS key ARN"):
+        NitroRuntime().build(
+            output=str(tmp_path / "x.eif"), source="a:1", signing_certificate=str(cert), private_key=key
+        )
+    assert fake.calls() == []
+    refused = fake.run("build-enclave", "--docker-uri", "a:1", "--output-file", str(tmp_path / "x.eif"),
+                       "--signing-certificate", str(cert), "--private-key", key)  # fmt: skip
+    assert refused.returncode == 1 and refused.stderr.startswith("[ E48 ]"), "the fake refuses it as nitro-cli does"
+
+
 def test_build_from_an_image_uri(fake, tmp_path):
     result = NitroRuntime().build(output=str(tmp_path / "u.eif"), source="public.ecr.aws/acme/enclave:1.2")
     assert fake.argvs() == [
@@ -314,6 +360,116 @@ def test_run_passes_nitro_cli_options_and_reads_its_answer(fake, eif):
         process_id=stored["ProcessID"],
         cpu_ids=(1, 3),
     )
+
+
+def test_run_prints_progress_on_stderr_and_only_json_on_stdout(fake, eif):
+    """As nitro-cli does: the enclave process's progress lines go to stderr."""
+    answer = fake.run("run-enclave", "--eif-path", str(eif), "--cpu-count", "2", "--memory", "512")
+    assert answer.returncode == 0
+    assert json.loads(answer.stdout)["MemoryMiB"] == 512, "stdout is one JSON object"
+    assert answer.stderr.splitlines() == [
+        "Start allocating memory...",
+        f"Started enclave with enclave-cid: 16, memory: 512 MiB, cpu-ids: {[1, 3]}",
+    ]
+
+
+@pytest.mark.parametrize(
+    "pages, asked, allocated",
+    [
+        # Plentiful pages of x86_64's sizes: whole 2 MiB pages.
+        (None, 1025, 1026),
+        (None, 1024, 1024),
+        (None, 1537, 1538),
+    ],
+)
+def test_run_and_describe_report_the_memory_allocated_in_hugepages(fake, eif, pages, asked, allocated):
+    info = NitroRuntime().run(str(eif), memory_mib=asked)
+    assert info.memory_mib == allocated
+    (described_info,) = NitroRuntime().describe()
+    assert described_info.memory_mib == allocated
+    assert fake.argvs()[0][-2:] == ["--memory", str(asked)], "nitro-cli was asked for what the caller asked"
+
+
+def test_memory_comes_from_the_hugepages_the_allocator_reserved(fake, eif, tmp_path):
+    """The allocator reserves 2 GiB as two 1 GiB pages (largest first); a 1000 MiB enclave then gets a
+    whole 1 GiB page, as nitro-cli allocates, and a second one the other; a third finds none left."""
+    reserved = fake.allocate(tmp_path / "root", "---\nmemory_mib: 2048\ncpu_count: 4\n")
+    assert reserved.returncode == 0, reserved.stdout
+    assert "Successfully allocated Nitro Enclaves resources: 2048 MiB, 4 CPUs" in reserved.stdout
+    assert json.loads((fake.state / "pool.json").read_text())["pages"] == {"1024": 2, "2": 0}
+    rt = NitroRuntime()
+    first = rt.run(str(eif), cpu_count=2, memory_mib=1000, name="a")
+    assert first.memory_mib == 1024 and first.cpu_ids == (1, 3)
+    assert rt.run(str(eif), cpu_count=2, memory_mib=64, name="b").memory_mib == 1024
+    assert "_pages" not in fake.run("describe-enclaves").stdout, "the fake's bookkeeping stays private"
+    rt.terminate("b")
+    with pytest.raises(RuntimeFailure, match=r"\[ E27 \] Insufficient memory available") as caught:
+        rt.run(str(eif), cpu_count=2, memory_mib=1100, name="c")
+    assert caught.value.code == "E27"
+
+
+def test_allocator_rounds_to_the_smallest_page_and_refuses_while_an_enclave_runs(fake, eif, tmp_path):
+    root = tmp_path / "root"
+    assert fake.allocate(root, "---\nmemory_mib: 1025\ncpu_count: 2\n").returncode == 0
+    # 1025 MiB rounds up to 1026: one 1 GiB page and one 2 MiB page.
+    assert json.loads((fake.state / "pool.json").read_text())["pages"] == {"1024": 1, "2": 1}
+    assert NitroRuntime().run(str(eif), memory_mib=1025).memory_mib == 1026
+    refused = fake.allocate(root, "---\nmemory_mib: 4096\ncpu_count: 2\n")
+    assert refused.returncode == 1
+    assert "Could not re-online CPUs because there is at least one enclave currently running" in refused.stdout
+    assert json.loads((fake.state / "pool.json").read_text())["memory_mib"] == 1025, "the old pool stays"
+    NitroRuntime().terminate(all=True)
+    assert fake.allocate(root, "---\nmemory_mib: 4096\ncpu_count: 2\n").returncode == 0
+    assert fake.calls()[-1]["argv"] == ["nitro-enclaves-allocator"]
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("memory_mib: 512\ncpu_count: 2\n", "missing memory reservation"),  # no ---: nothing is read
+        ("---\nmemory_mib: 512\n", "missing CPU reservation"),
+        ("---\nmemory_mib: 512\ncpu_count: 2\ncpu_pool: 1,3\n", "`cpu_count` conflicts with `cpu_pool`"),
+        ("---\nmemory_mib: 512\ncpus: 2\n", "unexpected: cpus"),
+    ],
+)
+def test_allocator_refuses_what_the_real_one_refuses(fake, tmp_path, config, message):
+    refused = fake.allocate(tmp_path / "root", config)
+    assert refused.returncode == 1 and message in refused.stdout
+    assert not (fake.state / "pool.json").exists()
+
+
+def test_run_refuses_less_than_four_times_the_image(fake, tmp_path):
+    big = tmp_path / "big.eif"
+    with big.open("wb") as f:
+        f.truncate(40 * 2**20 + 1)
+    with pytest.raises(RuntimeFailure, match=r"\[ E26 \]") as caught:
+        NitroRuntime().run(str(big), memory_mib=160)
+    assert "minimum memory should be 164 MB" in caught.value.stderr
+    assert NitroRuntime().run(str(big), memory_mib=161).memory_mib == 162
+
+
+@pytest.mark.parametrize(
+    "asked, reported, sizes, ok",
+    [
+        (1024, 1024, (2, 1024), True),
+        (1025, 1026, (2, 1024), True),
+        (1000, 1024, (2, 1024), True),  # served from a 1 GiB page
+        (1025, 1025, (2, 1024), True),  # exactly as asked (the local backend)
+        (1026, 1024, (2, 1024), False),  # less than asked: the enclave must restart
+        (1000, 2048, (2, 1024), False),  # more than one largest page over: not this request
+        (1000, 1001, (2, 1024), False),  # not whole pages
+        (100, 128, (2, 32, 1024), True),
+    ],
+)
+def test_memory_satisfies_compares_after_hugepage_rounding(asked, reported, sizes, ok):
+    assert runtime.memory_satisfies(asked, reported, sizes) is ok
+
+
+def test_hugepage_sizes_come_from_sysfs(tmp_path):
+    for name in ("hugepages-2048kB", "hugepages-1048576kB", "hugepages-32768kB", "other"):
+        (tmp_path / name).mkdir()
+    assert runtime.hugepage_sizes_mib(str(tmp_path)) == (2, 32, 1024)
+    assert runtime.hugepage_sizes_mib(str(tmp_path / "missing")) == (2, 1024)
 
 
 def test_run_defaults_and_port_setting(fake, eif):
@@ -402,6 +558,21 @@ def test_terminate_all(fake):
     assert NitroRuntime().terminate(all=True) == [a["EnclaveID"], b["EnclaveID"]]
     assert fake.argvs() == [["terminate-enclave", "--all"]]
     assert NitroRuntime().terminate(all=True) == []
+
+
+def test_terminate_all_prints_one_json_array_as_nitro_cli_does(fake):
+    a, b = described("a", 16), described("b", 17)
+    fake.seed(a, b)
+    answer = fake.run("terminate-enclave", "--all")
+    assert json.loads(answer.stdout) == [
+        {"EnclaveName": "a", "EnclaveID": a["EnclaveID"], "Terminated": True},
+        {"EnclaveName": "b", "EnclaveID": b["EnclaveID"], "Terminated": True},
+    ]
+    assert json.loads(fake.run("terminate-enclave", "--all").stdout) == []
+    fake.seed(a)
+    one = fake.run("terminate-enclave", "--enclave-id", a["EnclaveID"])
+    assert json.loads(one.stdout) == {"EnclaveName": "a", "EnclaveID": a["EnclaveID"], "Terminated": True}
+    assert one.stderr == f"Successfully terminated enclave {a['EnclaveID']}.\n"
 
 
 def test_terminate_refuses_unknown_ambiguous_and_unclear_requests(fake):
