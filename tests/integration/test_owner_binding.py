@@ -208,3 +208,59 @@ def test_a_server_with_an_unusable_owner_identity_does_not_start(tmp_path):
     assert "owner_identity.json is unusable: it is not in the format confidential-ml-nitro/owner-identity/1" in (
         done.stderr
     )
+
+
+def test_a_local_image_carries_the_owner_identity_and_its_server_loads_it(bound, tmp_path):
+    """enclave_local.image.build puts owner_identity.json beside enclave_server/ in the image, PCR0 measures
+    it, and the server run from the image's own files (no --owner-identity) refuses an unsigned package."""
+    import tarfile
+
+    from ansible_collections.confidential_ml.nitro.enclave_local import image
+
+    identity_file = bound["tmp"] / "owner_identity.json"
+    tmp_path = tmp_path / "img"  # the bound fixture's server lives in tmp_path itself
+    tmp_path.mkdir()
+    unbound = image.build(tmp_path / "unbound.eif")
+    bound_image = image.build(tmp_path / "bound.eif", owner_identity=identity_file)
+    other = OwnerIdentity((owner_key_from_kms(bound["owner"], bound["owner"].create_key(
+        KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]),))  # fmt: skip
+    (tmp_path / "other.json").write_bytes(other.dumps())
+    other_image = image.build(tmp_path / "other.eif", owner_identity=tmp_path / "other.json")
+    assert len({unbound.measurements.pcr0, bound_image.measurements.pcr0, other_image.measurements.pcr0}) == 3
+    parsed = image.Image.load(tmp_path / "bound.eif")
+    assert parsed.app["ansible_collections/confidential_ml/nitro/owner_identity.json"] == identity_file.read_bytes()
+    assert (
+        "ansible_collections/confidential_ml/nitro/owner_identity.json"
+        not in image.Image.load(tmp_path / "unbound.eif").app
+    )
+
+    root = tmp_path / "image"
+    with tarfile.open(tmp_path / "bound.eif") as tar:
+        tar.extractall(root, filter="data")
+    sock, share = tmp_path / "16_5000.sock", tmp_path / "share"
+    (share / "encrypted").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    host = bound["client"]("enclave-host")
+    host_key = host.create_key()["KeyMetadata"]["KeyId"]
+    package.seal(write_tree(tmp_path / "evil", EVIL), share / "encrypted" / "evil.pkg", kms_client=host,
+                 key_id=host_key, name="evil", version="1")  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(root / "app"))
+    server = subprocess.Popen(
+        [sys.executable, "-s", "-P", "-m", "ansible_collections.confidential_ml.nitro.enclave_server",
+         "--listen", f"unix://{sock}", "--share", str(share), "--work", str(tmp_path / "work"),
+         "--nsm", f"unix://{tmp_path / 'no-nsm.sock'}"],
+        env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        for _attempt in range(500):
+            if sock.exists():
+                break
+            assert server.poll() is None, f"the server exited during start-up: {server.stderr.read()}"
+            time.sleep(0.02)
+        with EnclaveClient(f"unix://{sock}", timeout=60) as client, pytest.raises(RemoteError) as refused:
+            client.run("evil.pkg", "hello.py", [], kms=HOST_KMS)
+        assert "is not signed (package format 1)" in str(refused.value)
+        assert bound["identity"].keys[0].fingerprint.hex() in str(refused.value)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
