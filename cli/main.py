@@ -60,10 +60,13 @@ def cmd_package_seal(args) -> int:
 
     package = import_module(f"{LIB}.package")
     src = Path(args.dir)
+    kms = _kms_client(args)
+    signer = import_module(f"{LIB}.owner_identity").KmsSigner(kms, args.signing_key) if args.signing_key else None
     header = package.seal(
         src,
         Path(args.output),
-        kms_client=_kms_client(args),
+        kms_client=kms,
+        signer=signer,
         key_id=args.key,
         name=args.name or src.resolve().name,
         version=args.version,
@@ -73,7 +76,8 @@ def cmd_package_seal(args) -> int:
     if args.json:
         _print_json({"path": args.output, **header.to_json()})
     else:
-        print(f"sealed {src} -> {args.output}: package {header.name!r} {header.version}, key {header.key_id}")
+        signed = f", signed by {header.signer_key_id}" if signer else ", UNSIGNED: only unbound images run it"
+        print(f"sealed {src} -> {args.output}: package {header.name!r} {header.version}, key {header.key_id}{signed}")
     return 0
 
 
@@ -85,8 +89,13 @@ def cmd_package_inspect(args) -> int:
     if args.json:
         _print_json(data)
     else:
+        signer = data.pop("signer", None)
         for key in sorted(data):
             print(f"{key}: {data[key]}")
+        if signer is None:
+            print("signer: none (format 1, unsigned: an image bound to its owner refuses it)")
+        else:  # as the header claims it: the enclave checks the signature against the keys its image carries
+            print(f"signer: {signer['key_id']} (public key SHA-256 {signer['fingerprint']})")
     return 0
 
 
@@ -314,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     seal.add_argument("dir", help="directory to seal")
     seal.add_argument("-o", "--output", required=True, help="package file to write")
     seal.add_argument("--key", required=True, help="KMS key id, ARN or alias")
+    seal.add_argument(
+        "--signing-key",
+        metavar="KEY",
+        help="the owner's KMS signing key (ECC_NIST_P384, SIGN_VERIFY) that signs the header; images bound to "
+        "the owner run only packages it signed (without it: an unsigned format-1 package)",
+    )
     seal.add_argument("--name", help="package name (default: the directory's name)")
     seal.add_argument("--version", default="0.0.0", help="package version (default 0.0.0)")
     seal.add_argument("--context", action="append", metavar="KEY=VALUE", help="extra KMS encryption context")

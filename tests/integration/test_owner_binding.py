@@ -264,3 +264,42 @@ def test_a_local_image_carries_the_owner_identity_and_its_server_loads_it(bound,
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_cli_seals_signed_inspect_shows_the_signer_and_build_binds_the_owner_key(tmp_path):
+    from ansible_collections.confidential_ml.nitro.enclave_local import image
+
+    enclave = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
+    with LocalKmsServer(LocalKms(tmp_path / "kms")) as kms_server:
+        env = dict(os.environ, ENCLAVE_HOME=str(tmp_path / "home"), AWS_ENDPOINT_URL_KMS=kms_server.endpoint_url,
+                   AWS_ACCESS_KEY_ID="owner", AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+        owner = boto3.client("kms", endpoint_url=kms_server.endpoint_url, region_name="us-east-1",
+                             aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
+        key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+        signing = owner.create_key(KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY")["KeyMetadata"]
+        expected = owner_key_from_kms(owner, signing["KeyId"])
+
+        def cli(*args):
+            return subprocess.run([*enclave, *args], env=env, capture_output=True, text=True, check=True, timeout=120)
+
+        app = write_tree(tmp_path / "app", APP)
+        sealed = cli("package", "seal", str(app), "-o", str(tmp_path / "app.pkg"), "--key", key_id,
+                     "--signing-key", signing["KeyId"])  # fmt: skip
+        assert f"signed by {signing['Arn']}" in sealed.stdout
+        shown = cli("package", "inspect", str(tmp_path / "app.pkg")).stdout
+        assert f"signer: {signing['Arn']} (public key SHA-256 {expected.fingerprint.hex()})" in shown
+        assert "format_version: 2" in shown
+        as_json = json.loads(cli("package", "inspect", str(tmp_path / "app.pkg"), "--json").stdout)
+        assert as_json["signer"]["key_id"] == signing["Arn"]
+        assert as_json["signer"]["fingerprint"] == expected.fingerprint.hex()
+
+        cli("package", "seal", str(app), "-o", str(tmp_path / "unsigned.pkg"), "--key", key_id)
+        assert "signer: none (format 1, unsigned" in cli("package", "inspect", str(tmp_path / "unsigned.pkg")).stdout
+
+        built = cli("local", "build", "--output", str(tmp_path / "bound.eif"), "--owner-key", signing["KeyId"])
+        assert "bound to the owner's signing keys" in built.stderr
+        carried = image.Image.load(tmp_path / "bound.eif").app[
+            "ansible_collections/confidential_ml/nitro/owner_identity.json"
+        ]
+        assert OwnerIdentity.loads(carried) == OwnerIdentity((expected,))
+        assert OwnerIdentity.loads(carried).check_package(package.read_header(tmp_path / "app.pkg")) == expected
