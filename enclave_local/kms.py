@@ -754,8 +754,16 @@ class LocalKms:
 
     # ------------------------------------------------------------ rotation
 
+    @staticmethod
+    def _symmetric_for_rotation(key: dict) -> None:
+        if key.get("KeyUsage", "ENCRYPT_DECRYPT") != "ENCRYPT_DECRYPT":  # AWS rotates symmetric keys only
+            raise KmsApiError(
+                "UnsupportedOperationException", f"{key['Arn']} is an asymmetric KMS key: it has no automatic rotation"
+            )
+
     def _op_GetKeyRotationStatus(self, request: _Request, principal: str) -> dict:
         key = self._key(request, principal, "GetKeyRotationStatus")
+        self._symmetric_for_rotation(key)
         # While a key is pending deletion AWS reports rotation off; cancelling the deletion brings it back.
         period = key.get("RotationPeriodInDays") if key["KeyState"] != "PendingDeletion" else None
         status = {"KeyId": key["Arn"], "KeyRotationEnabled": period is not None}
@@ -766,6 +774,7 @@ class LocalKms:
     def _op_EnableKeyRotation(self, request: _Request, principal: str) -> dict:
         period = request.number("RotationPeriodInDays", low=90, high=2560) or ROTATION_PERIOD_DAYS
         key = self._key(request, principal, "EnableKeyRotation", {"kms:RotationPeriodInDays": str(period)})
+        self._symmetric_for_rotation(key)
         if key.get("RotationPeriodInDays") is None:
             key["RotationEnabledDate"] = time.time()
         key["RotationPeriodInDays"] = period
@@ -774,6 +783,7 @@ class LocalKms:
 
     def _op_DisableKeyRotation(self, request: _Request, principal: str) -> dict:
         key = self._key(request, principal, "DisableKeyRotation")
+        self._symmetric_for_rotation(key)
         key.update(RotationPeriodInDays=None, RotationEnabledDate=None)
         self._save()
         return {}

@@ -930,3 +930,10 @@ def test_sign_is_governed_by_the_key_policy(owner, user):
     with pytest.raises(user.exceptions.ClientError) as caught:
         user.sign(KeyId=signing, Message=b"the host's own header", SigningAlgorithm="ECDSA_SHA_384")
     assert error_code(caught) == "AccessDeniedException"
+
+
+def test_signing_keys_have_no_automatic_rotation(owner):
+    signing = owner.create_key(KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
+    for call in (owner.get_key_rotation_status, owner.enable_key_rotation, owner.disable_key_rotation):
+        with pytest.raises(owner.exceptions.UnsupportedOperationException):
+            call(KeyId=signing)
