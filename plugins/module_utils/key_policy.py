@@ -577,6 +577,20 @@ def merge_statements(existing: dict | str, statements: Sequence[dict], *, drop: 
     return doc
 
 
+def remove_ours(existing: dict | str, key_arn: str) -> dict:
+    """The policy without our statements; when nothing is left, AWS's default statement for the key's account
+    (as the key was created), since a key policy needs an administrator."""
+    policy = merge_statements(existing, [], drop=OUR_SIDS)
+    if policy["Statement"]:
+        return policy
+    account = key_arn.split(":")[4] if key_arn.count(":") >= 5 else ""
+    if not _ACCOUNT.fullmatch(account):
+        raise PolicyError(f"{key_arn!r} is not a KMS key ARN; cannot name its account's root")
+    root = {"Sid": SID_AWS_DEFAULT, "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{account}:root"},
+            "Action": "kms:*", "Resource": "*"}  # fmt: skip
+    return policy | {"Statement": [root]}
+
+
 def allowed_pcr0(policy: dict | str) -> list[str]:
     """The PCR0 values our Allow statement carries now, lowercase, each once, in the policy's order; [] if absent.
 
