@@ -182,7 +182,13 @@ def cmd_policy_render(args) -> int:
 def cmd_policy_lint(args) -> int:
     from importlib import import_module
 
-    problems = import_module(f"{LIB}.key_policy").lint(_read_text(args.file), user_principals=args.user_principal or ())
+    key_policy = import_module(f"{LIB}.key_policy")
+    if args.signing_key:  # the owner's package-signing key: only the owner may kms:Sign
+        if not args.owner_principal:
+            raise EnclaveError("--signing-key needs --owner-principal ARN (each role of the owner that signs)")
+        problems = key_policy.lint_signing_policy(_read_text(args.file), owner_principals=args.owner_principal)
+    else:
+        problems = key_policy.lint(_read_text(args.file), user_principals=args.user_principal or ())
     if args.json:
         _print_json({"sound": not problems, "problems": problems})
     elif problems:
@@ -373,13 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--user-principal", action="append", required=True, metavar="ARN", help="principal of the enclave's host"
     )
-    render.add_argument("--admin-principal", action="append", metavar="ARN", help="key administrators")
+    render.add_argument(
+        "--admin-principal", action="append", required=True, metavar="ARN", help="the owner's roles (administer)"
+    )
     render.add_argument("--existing", metavar="FILE", help="existing policy to merge into ('-' for stdin)")
     render.add_argument("-o", "--output", help="write to FILE instead of stdout")
     render.set_defaults(func=cmd_policy_render)
     lint = policy_cmds.add_parser("lint", help="check that a key policy releases keys only to attested enclaves")
     lint.add_argument("file", help="policy JSON ('-' for stdin)")
     lint.add_argument("--user-principal", action="append", metavar="ARN", help="principal of the enclave's host")
+    lint.add_argument(
+        "--signing-key", action="store_true", help="lint the owner's package-signing key's policy instead"
+    )
+    lint.add_argument("--owner-principal", action="append", metavar="ARN", help="with --signing-key: the owner")
     lint.add_argument("--json", action="store_true")
     lint.set_defaults(func=cmd_policy_lint)
     attest = commands.add_parser("attest", help="fetch a fresh attestation document from the enclave and verify it")

@@ -303,3 +303,22 @@ def test_cli_seals_signed_inspect_shows_the_signer_and_build_binds_the_owner_key
         ]
         assert OwnerIdentity.loads(carried) == OwnerIdentity((expected,))
         assert OwnerIdentity.loads(carried).check_package(package.read_header(tmp_path / "app.pkg")) == expected
+
+
+def test_cli_lints_the_signing_key_policy(tmp_path):
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_signing_policy
+
+    owner_role = f"arn:aws:iam::{ACCOUNT}:role/owner"
+    enclave = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main", "policy", "lint"]
+    sound = render_signing_policy(account_id=ACCOUNT, owner_principals=[owner_role])
+    (tmp_path / "sound.json").write_text(json.dumps(sound))
+    ok = subprocess.run([*enclave, str(tmp_path / "sound.json"), "--signing-key", "--owner-principal", owner_role],
+                        capture_output=True, text=True, check=False)  # fmt: skip
+    assert ok.returncode == 0 and "sound" in ok.stdout
+    account = {"AWS": f"arn:aws:iam::{ACCOUNT}:root"}
+    sound["Statement"].append({"Sid": "HostSigns", "Effect": "Allow", "Principal": account, "Action": "kms:Sign",
+                               "Resource": "*"})  # fmt: skip
+    (tmp_path / "open.json").write_text(json.dumps(sound))
+    bad = subprocess.run([*enclave, str(tmp_path / "open.json"), "--signing-key", "--owner-principal", owner_role],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    assert bad.returncode == 1 and "statement HostSigns allows kms:Sign" in bad.stderr
