@@ -65,7 +65,7 @@ options:
   signing_key_id:
     description:
       - The owner's KMS signing key (key id, ARN or alias; C(ECC_NIST_P384), C(SIGN_VERIFY)) that signs the header
-        (KMS C(Sign), C(ECDSA_SHA_384)): package format 2. An image built with this key in
+        (KMS C(Sign), C(ECDSA_SHA_384)), which makes a package of format 2. An image built with this key in
         O(confidential_ml.nitro.enclave_image#module:owner_signing_keys) runs only packages it signed.
       - When not set, the package is unsigned (format 1), which only unbound development images run.
       - A package signed by another key (or unsigned) is sealed again.
