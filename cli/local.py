@@ -2,7 +2,9 @@
 
     enclave local up [--kms-port P]          start the local cloud (KMS), idempotent
     enclave local down                       stop every local enclave and the local cloud
-    enclave local build [--output FILE]      build-enclave: a reproducible image and its PCRs
+    enclave local build [--output FILE] [--owner-key KEY ... | --owner-identity FILE]
+                                             build-enclave: a reproducible image and its PCRs, bound to
+                                             the owner's package-signing keys
     enclave local run-enclave --eif-path FILE --cpu-count N --memory MIB [--enclave-cid C]
                               [--enclave-name NAME] [--debug-mode]
     enclave local describe-enclaves
@@ -14,7 +16,10 @@ Imports are deferred to the command that runs, so `enclave --help` stays fast.
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 LOCAL = "ansible_collections.confidential_ml.nitro.enclave_local"
 
@@ -62,8 +67,26 @@ def cmd_build(args) -> int:
 
     settings = import_module("ansible_collections.confidential_ml.nitro.plugins.module_utils.settings")
     output = args.output or str(settings.state_home() / "images" / "enclave.eif")
-    result = _runtime().build(output=output, source=args.source)
+    with tempfile.TemporaryDirectory(prefix="owner-identity-") as tmp:
+        owner_identity = args.owner_identity
+        if args.owner_key:
+            from . import main
+
+            identity_lib = import_module(
+                "ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity"
+            )
+            kms = main._kms_client(args)
+            identity = identity_lib.OwnerIdentity(
+                tuple(identity_lib.owner_key_from_kms(kms, key) for key in args.owner_key)
+            )
+            owner_identity = os.path.join(tmp, "owner_identity.json")
+            Path(owner_identity).write_bytes(identity.dumps())
+        result = _runtime().build(output=output, source=args.source, owner_identity=owner_identity)
     print(f"built {result.image}", file=sys.stderr)
+    if args.owner_key or args.owner_identity:
+        print("bound to the owner's signing keys (PCR0 measures them)", file=sys.stderr)
+    else:
+        print("warning: no --owner-key: this image runs packages from anyone (development only)", file=sys.stderr)
     _print_json({"Measurements": result.measurements.to_json()})
     return 0
 
@@ -115,6 +138,18 @@ def register(commands) -> None:
     build = sub.add_parser("build", help="build the enclave image reproducibly and print its measurements")
     build.add_argument("--output", help="image file to write (default: $ENCLAVE_HOME/images/enclave.eif)")
     build.add_argument("--source", help="project tree to build from (default: this installation)")
+    owner = build.add_mutually_exclusive_group()
+    owner.add_argument(
+        "--owner-key",
+        action="append",
+        metavar="KEY",
+        help="the owner's KMS package-signing key (ECC_NIST_P384, SIGN_VERIFY); repeat for rotation: the image "
+        "runs only packages these keys signed (their public keys are read with GetPublicKey)",
+    )
+    owner.add_argument("--owner-identity", metavar="FILE", help="the owner's signing keys as an owner_identity.json")
+    from .main import _add_kms_flags
+
+    _add_kms_flags(build)
     build.set_defaults(func=cmd_build)
 
     run = sub.add_parser("run-enclave", help="start an enclave from an image")

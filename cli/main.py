@@ -61,10 +61,13 @@ def cmd_package_seal(args) -> int:
 
     package = import_module(f"{LIB}.package")
     src = Path(args.dir)
+    kms = _kms_client(args)
+    signer = import_module(f"{LIB}.owner_identity").KmsSigner(kms, args.signing_key) if args.signing_key else None
     header = package.seal(
         src,
         Path(args.output),
-        kms_client=_kms_client(args),
+        kms_client=kms,
+        signer=signer,
         key_id=args.key,
         name=args.name or src.resolve().name,
         version=args.version,
@@ -74,7 +77,8 @@ def cmd_package_seal(args) -> int:
     if args.json:
         _print_json({"path": args.output, **header.to_json()})
     else:
-        print(f"sealed {src} -> {args.output}: package {header.name!r} {header.version}, key {header.key_id}")
+        signed = f", signed by {header.signer_key_id}" if signer else ", UNSIGNED: only unbound images run it"
+        print(f"sealed {src} -> {args.output}: package {header.name!r} {header.version}, key {header.key_id}{signed}")
     return 0
 
 
@@ -86,8 +90,13 @@ def cmd_package_inspect(args) -> int:
     if args.json:
         _print_json(data)
     else:
+        signer = data.pop("signer", None)
         for key in sorted(data):
             print(f"{key}: {data[key]}")
+        if signer is None:
+            print("signer: none (format 1, unsigned: an image bound to its owner refuses it)")
+        else:  # as the header claims it: the enclave checks the signature against the keys its image carries
+            print(f"signer: {signer['key_id']} (public key SHA-256 {signer['fingerprint']})")
     return 0
 
 
@@ -175,7 +184,13 @@ def cmd_policy_render(args) -> int:
 def cmd_policy_lint(args) -> int:
     from importlib import import_module
 
-    problems = import_module(f"{LIB}.key_policy").lint(_read_text(args.file), user_principals=args.user_principal or ())
+    key_policy = import_module(f"{LIB}.key_policy")
+    if args.signing_key:  # the owner's package-signing key: only the owner may kms:Sign
+        if not args.owner_principal:
+            raise EnclaveError("--signing-key needs --owner-principal ARN (each role of the owner that signs)")
+        problems = key_policy.lint_signing_policy(_read_text(args.file), owner_principals=args.owner_principal)
+    else:
+        problems = key_policy.lint(_read_text(args.file), user_principals=args.user_principal or ())
     if args.json:
         _print_json({"sound": not problems, "problems": problems})
     elif problems:
@@ -316,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     seal.add_argument("dir", help="directory to seal")
     seal.add_argument("-o", "--output", required=True, help="package file to write")
     seal.add_argument("--key", required=True, help="KMS key id, ARN or alias")
+    seal.add_argument(
+        "--signing-key",
+        metavar="KEY",
+        help="the owner's KMS signing key (ECC_NIST_P384, SIGN_VERIFY) that signs the header; images bound to "
+        "the owner run only packages it signed (without it: an unsigned format-1 package)",
+    )
     seal.add_argument("--name", help="package name (default: the directory's name)")
     seal.add_argument("--version", default="0.0.0", help="package version (default 0.0.0)")
     seal.add_argument("--context", action="append", metavar="KEY=VALUE", help="extra KMS encryption context")
@@ -360,13 +381,19 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--user-principal", action="append", required=True, metavar="ARN", help="principal of the enclave's host"
     )
-    render.add_argument("--admin-principal", action="append", metavar="ARN", help="key administrators")
+    render.add_argument(
+        "--admin-principal", action="append", required=True, metavar="ARN", help="the owner's roles (administer)"
+    )
     render.add_argument("--existing", metavar="FILE", help="existing policy to merge into ('-' for stdin)")
     render.add_argument("-o", "--output", help="write to FILE instead of stdout")
     render.set_defaults(func=cmd_policy_render)
     lint = policy_cmds.add_parser("lint", help="check that a key policy releases keys only to attested enclaves")
     lint.add_argument("file", help="policy JSON ('-' for stdin)")
     lint.add_argument("--user-principal", action="append", metavar="ARN", help="principal of the enclave's host")
+    lint.add_argument(
+        "--signing-key", action="store_true", help="lint the owner's package-signing key's policy instead"
+    )
+    lint.add_argument("--owner-principal", action="append", metavar="ARN", help="with --signing-key: the owner")
     lint.add_argument("--json", action="store_true")
     lint.set_defaults(func=cmd_policy_lint)
     attest = commands.add_parser("attest", help="fetch a fresh attestation document from the enclave and verify it")

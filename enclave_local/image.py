@@ -5,6 +5,8 @@ An image is an uncompressed POSIX tar (pax) holding
     runtime.json   what the code runs on: the Python interpreter's identity and a lock of
                    the installed distributions the enclave code imports (name, version,
                    SHA-256 of the distribution's RECORD, which lists a hash of every file)
+    app/.../owner_identity.json   the owner's package-signing keys (owner_identity.py), when the
+                   image is bound to its owner: beside enclave_server/, where the server looks for it
     app/...        the enclave code: every file of enclave_server/, and the project modules it
                    imports, directly or not (in practice a part of plugins/module_utils/), under
                    app/ansible_collections/confidential_ml/nitro/ so it imports as in the project.
@@ -47,7 +49,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..plugins.module_utils.errors import EnclaveError
-from ..plugins.module_utils.runtime import COLLECTION_ROOT, BuildResult, Measurements
+from ..plugins.module_utils.runtime import (
+    COLLECTION_ROOT,
+    OWNER_IDENTITY_FILE,
+    BuildResult,
+    Measurements,
+    checked_owner_identity,
+)
 
 IMAGE_FORMAT = "confidential-ml-nitro/local-image/1"
 RUNTIME_ENTRY = "runtime.json"
@@ -362,11 +370,19 @@ def _describe_python(identity) -> str:
     return f"{identity.get('implementation')} {identity.get('version')} on {identity.get('machine')}"
 
 
-def build(output: str | os.PathLike, *, source: str | os.PathLike | None = None) -> BuildResult:
-    """Write the image of the enclave code under source (default: this project) to output."""
+def build(
+    output: str | os.PathLike,
+    *,
+    source: str | os.PathLike | None = None,
+    owner_identity: str | os.PathLike | None = None,
+) -> BuildResult:
+    """Write the image of the enclave code under source (default: this project) to output, bound to the owner
+    identity file (the owner's package-signing keys) if one is given: then PCR0 measures those keys too."""
     source_dir = Path(source) if source is not None else COLLECTION_ROOT
     files = enclave_sources(source_dir)
     runtime = _canonical_json(runtime_description(files))
+    if owner_identity is not None:
+        files[OWNER_IDENTITY_FILE] = checked_owner_identity(owner_identity)
     data = archive(runtime, files)
     image = Image.parse(data)
     output = Path(output)

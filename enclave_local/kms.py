@@ -61,10 +61,11 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from cryptography import x509
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, padding, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.padding import MGF1, OAEP
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -85,6 +86,8 @@ ATTESTATION_MAX_AGE_S = 300
 MAX_REQUEST_BYTES = 1 << 20  # an attestation document is at most 256 KiB, 4/3 of that in base64
 MAX_POLICY_BYTES = 32768  # AWS's key policy size limit
 SYMMETRIC_DEFAULT = "SYMMETRIC_DEFAULT"
+# The one asymmetric kind made here: the owner's package-signing key (AWS's ECC_NIST_P384, SIGN_VERIFY).
+ECC_P384, SIGN_VERIFY, ECDSA_SHA_384 = "ECC_NIST_P384", "SIGN_VERIFY", "ECDSA_SHA_384"
 _BLOB_VERSION = 1
 _BLOB_HEADER = 1 + 16  # version byte, key id (UUID bytes); then a 12-byte nonce and AES-256-GCM output
 _ALIAS_NAME = re.compile(r"^alias/[a-zA-Z0-9/_-]{1,250}$")
@@ -695,31 +698,48 @@ class LocalKms:
             "CreationDate": key["CreationDate"],
             "Enabled": key["KeyState"] == "Enabled",
             "Description": key["Description"],
-            "KeyUsage": "ENCRYPT_DECRYPT",
+            "KeyUsage": key.get("KeyUsage", "ENCRYPT_DECRYPT"),
             "KeyState": key["KeyState"],
             "Origin": "AWS_KMS",
             "KeyManager": "CUSTOMER",
-            "CustomerMasterKeySpec": SYMMETRIC_DEFAULT,
-            "KeySpec": SYMMETRIC_DEFAULT,
-            "EncryptionAlgorithms": [SYMMETRIC_DEFAULT],
+            "CustomerMasterKeySpec": key.get("KeySpec", SYMMETRIC_DEFAULT),
+            "KeySpec": key.get("KeySpec", SYMMETRIC_DEFAULT),
+            **self._algorithms(key),
             "MultiRegion": False,
         }
         if key.get("DeletionDate"):
             metadata["DeletionDate"] = key["DeletionDate"]
         return metadata
 
+    @staticmethod
+    def _algorithms(key: dict) -> dict:
+        if key.get("KeyUsage") == SIGN_VERIFY:
+            return {"SigningAlgorithms": [ECDSA_SHA_384]}
+        return {"EncryptionAlgorithms": [SYMMETRIC_DEFAULT]}
+
+    @staticmethod
+    def _key_kind(request: _Request) -> tuple[str, str]:
+        """(KeySpec, KeyUsage) of a CreateKey: SYMMETRIC_DEFAULT/ENCRYPT_DECRYPT or ECC_NIST_P384/SIGN_VERIFY."""
+        spec, legacy = request.text("KeySpec"), request.text("CustomerMasterKeySpec")
+        if spec is not None and legacy is not None:
+            raise KmsApiError("ValidationException", "give KeySpec or its deprecated CustomerMasterKeySpec, not both")
+        spec = spec or legacy or SYMMETRIC_DEFAULT
+        if spec not in (SYMMETRIC_DEFAULT, ECC_P384):
+            raise KmsApiError(
+                "UnsupportedOperationException",
+                f"the local KMS makes only {SYMMETRIC_DEFAULT} and {ECC_P384} keys, not {spec}",
+            )
+        usage = request.text("KeyUsage") or ("ENCRYPT_DECRYPT" if spec == SYMMETRIC_DEFAULT else None)
+        allowed = "ENCRYPT_DECRYPT" if spec == SYMMETRIC_DEFAULT else SIGN_VERIFY
+        if usage != allowed:
+            # AWS: an ECC key needs KeyUsage named (SIGN_VERIFY or KEY_AGREEMENT); symmetric ones encrypt only.
+            raise KmsApiError("ValidationException", f"KeyUsage {usage} is not valid for KeySpec {spec}: use {allowed}")
+        if request.text("Origin") not in (None, "AWS_KMS"):
+            raise KmsApiError("UnsupportedOperationException", "the local KMS makes only Origin AWS_KMS keys")
+        return spec, usage
+
     def _op_CreateKey(self, request: _Request, principal: str) -> dict:
-        for name, allowed in (
-            ("KeySpec", SYMMETRIC_DEFAULT),
-            ("CustomerMasterKeySpec", SYMMETRIC_DEFAULT),
-            ("KeyUsage", "ENCRYPT_DECRYPT"),
-            ("Origin", "AWS_KMS"),
-        ):
-            value = request.text(name)
-            if value not in (None, allowed):
-                raise KmsApiError(
-                    "UnsupportedOperationException", f"the local KMS makes only {name} {allowed} keys, not {value}"
-                )
+        spec, usage = self._key_kind(request)
         if request.data.get("CustomKeyStoreId") or request.data.get("MultiRegion"):
             raise KmsApiError("UnsupportedOperationException", "the local KMS has no custom key stores or replicas")
         policy = request.text("Policy", max_len=131072)
@@ -742,6 +762,12 @@ class LocalKms:
             "Tags": tags,
             "Material": _b64(AESGCM.generate_key(bit_length=256)),
         }
+        if spec == ECC_P384:
+            private = ec.generate_private_key(ec.SECP384R1())
+            der = private.private_bytes(
+                serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            key.update(KeySpec=spec, KeyUsage=usage, Material=_b64(der))
         self._state["keys"][key_id] = key
         self._save()
         self._audit.update(key=key_id, decision="creator")
@@ -855,8 +881,16 @@ class LocalKms:
 
     # ------------------------------------------------------------ rotation
 
+    @staticmethod
+    def _symmetric_for_rotation(key: dict) -> None:
+        if key.get("KeyUsage", "ENCRYPT_DECRYPT") != "ENCRYPT_DECRYPT":  # AWS rotates symmetric keys only
+            raise KmsApiError(
+                "UnsupportedOperationException", f"{key['Arn']} is an asymmetric KMS key: it has no automatic rotation"
+            )
+
     def _op_GetKeyRotationStatus(self, request: _Request, principal: str) -> dict:
         key = self._key(request, principal, "GetKeyRotationStatus")
+        self._symmetric_for_rotation(key)
         # While a key is pending deletion AWS reports rotation off; cancelling the deletion brings it back.
         period = key.get("RotationPeriodInDays") if key["KeyState"] != "PendingDeletion" else None
         status = {"KeyId": key["Arn"], "KeyRotationEnabled": period is not None}
@@ -867,6 +901,7 @@ class LocalKms:
     def _op_EnableKeyRotation(self, request: _Request, principal: str) -> dict:
         period = request.number("RotationPeriodInDays", low=90, high=2560) or ROTATION_PERIOD_DAYS
         key = self._key(request, principal, "EnableKeyRotation", {"kms:RotationPeriodInDays": str(period)})
+        self._symmetric_for_rotation(key)
         if key.get("RotationPeriodInDays") is None:
             key["RotationEnabledDate"] = time.time()
         key["RotationPeriodInDays"] = period
@@ -875,6 +910,7 @@ class LocalKms:
 
     def _op_DisableKeyRotation(self, request: _Request, principal: str) -> dict:
         key = self._key(request, principal, "DisableKeyRotation")
+        self._symmetric_for_rotation(key)
         key.update(RotationPeriodInDays=None, RotationEnabledDate=None)
         self._save()
         return {}
@@ -980,6 +1016,10 @@ class LocalKms:
 
     def _seal(self, key: dict, plaintext: bytes, context: Mapping[str, str]) -> bytes:
         """Our ciphertext blob: version, key id, nonce, AES-256-GCM(plaintext) with header and context as AAD."""
+        if key.get("KeyUsage", "ENCRYPT_DECRYPT") != "ENCRYPT_DECRYPT":
+            raise KmsApiError(
+                "InvalidKeyUsageException", f"{key['Arn']} has KeyUsage {key['KeyUsage']}: it cannot encrypt"
+            )
         header = bytes((_BLOB_VERSION,)) + uuid.UUID(key["KeyId"]).bytes
         nonce = os.urandom(12)
         material = base64.b64decode(key["Material"])
@@ -1091,6 +1131,83 @@ class LocalKms:
         if request.data.get("CustomKeyStoreId"):
             raise KmsApiError("UnsupportedOperationException", "the local KMS has no custom key stores")
         return self._release(os.urandom(count), self._recipient(request))
+
+    # ------------------------------------------------------------ signing keys
+
+    def _signing_key(self, request: _Request, principal: str, action: str) -> dict:
+        key = self._resolve(request.text("KeyId", required=True))
+        self._authorize(key, action, principal)
+        self._require_usable(key)
+        if key.get("KeyUsage") != SIGN_VERIFY:
+            raise KmsApiError(
+                "InvalidKeyUsageException",
+                f"{key['Arn']} has KeyUsage {key.get('KeyUsage', 'ENCRYPT_DECRYPT')}: {action} needs a SIGN_VERIFY key",
+            )
+        return key
+
+    @staticmethod
+    def _signed_message(request: _Request) -> tuple[bytes, ec.EllipticCurveSignatureAlgorithm]:
+        """The message and how to hash it: RAW is hashed with SHA-384; DIGEST must already be a SHA-384."""
+        algorithm = request.text("SigningAlgorithm", required=True)
+        if algorithm != ECDSA_SHA_384:
+            raise KmsApiError(
+                "InvalidKeyUsageException", f"{ECC_P384} keys here sign with {ECDSA_SHA_384}, not {algorithm}"
+            )
+        message = request.blob("Message", required=True, max_len=4096)
+        message_type = request.text("MessageType") or "RAW"
+        if message_type == "RAW":
+            return message, ec.ECDSA(hashes.SHA384())
+        if message_type != "DIGEST":
+            raise KmsApiError(
+                "ValidationException", f"MessageType must be RAW or DIGEST for {ECC_P384}, not {message_type}"
+            )
+        if len(message) != hashes.SHA384.digest_size:
+            raise KmsApiError(
+                "ValidationException", f"Digest is invalid length for algorithm {ECDSA_SHA_384}: {len(message)} bytes"
+            )
+        return message, ec.ECDSA(Prehashed(hashes.SHA384()))
+
+    @staticmethod
+    def _private_key(key: dict) -> ec.EllipticCurvePrivateKey:
+        return serialization.load_der_private_key(base64.b64decode(key["Material"]), password=None)
+
+    def _op_Sign(self, request: _Request, principal: str) -> dict:
+        key = self._signing_key(request, principal, "Sign")
+        message, algorithm = self._signed_message(request)
+        self._dry_run(request)
+        signature = self._private_key(key).sign(message, algorithm)  # DER ECDSA-Sig-Value, as AWS returns
+        return {"KeyId": key["Arn"], "Signature": _b64(signature), "SigningAlgorithm": ECDSA_SHA_384}
+
+    def _op_Verify(self, request: _Request, principal: str) -> dict:
+        key = self._signing_key(request, principal, "Verify")
+        message, algorithm = self._signed_message(request)
+        signature = request.blob("Signature", required=True)
+        self._dry_run(request)
+        try:
+            self._private_key(key).public_key().verify(signature, message, algorithm)
+        except InvalidSignature:
+            raise KmsApiError("KMSInvalidSignatureException", "Signature verification failed.") from None
+        return {"KeyId": key["Arn"], "SignatureValid": True, "SigningAlgorithm": ECDSA_SHA_384}
+
+    def _op_GetPublicKey(self, request: _Request, principal: str) -> dict:
+        key = self._resolve(request.text("KeyId", required=True))
+        self._authorize(key, "GetPublicKey", principal)
+        self._require_usable(key)
+        if key.get("KeyUsage") != SIGN_VERIFY:
+            raise KmsApiError("UnsupportedOperationException", f"{key['Arn']} is a symmetric key: it has no public key")
+        public = (
+            self._private_key(key)
+            .public_key()
+            .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+        return {
+            "KeyId": key["Arn"],
+            "PublicKey": _b64(public),
+            "CustomerMasterKeySpec": ECC_P384,
+            "KeySpec": ECC_P384,
+            "KeyUsage": SIGN_VERIFY,
+            "SigningAlgorithms": [ECDSA_SHA_384],
+        }
 
 
 # ---------------------------------------------------------------- HTTP

@@ -336,8 +336,10 @@ class LocalRuntime:
         source: str | None = None,
         signing_certificate: str | None = None,
         private_key: str | None = None,
+        owner_identity: str | None = None,
     ) -> BuildResult:
-        """A reproducible local image of the enclave server (see enclave_local/image.py)."""
+        """A reproducible local image of the enclave server (see enclave_local/image.py), bound to the owner
+        identity file if one is given."""
         if signing_certificate is not None or private_key is not None:
             raise RuntimeFailure(
                 "the local backend does not sign images (PCR8): build without a signing certificate, "
@@ -345,7 +347,7 @@ class LocalRuntime:
             )
         from . import image
 
-        return image.build(output, source=source)
+        return image.build(output, source=source, owner_identity=owner_identity)
 
     # -- bookkeeping
 

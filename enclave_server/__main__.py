@@ -3,10 +3,12 @@
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from ..plugins.module_utils.endpoints import KMS_PROXY_PORT, Endpoint
 from ..plugins.module_utils.errors import EnclaveError
 from ..plugins.module_utils.nsm import NsmDevice, NsmSocket
+from ..plugins.module_utils.owner_identity import IDENTITY_FILE, OwnerIdentity
 from ..plugins.module_utils.wire import keep_freed_memory
 from . import kms_forwarder
 from .server import EnclaveServer, serve
@@ -25,6 +27,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--kms-listen", type=int, default=KMS_PROXY_PORT, metavar="PORT", help="loopback port relayed to --kms-proxy"
     )
+    parser.add_argument(
+        "--owner-identity",
+        metavar="FILE",
+        help=f"the owner's signing keys (default: {IDENTITY_FILE} beside enclave_server/, where images carry it)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     # Every share.write and share.read moves a 1 MiB frame: with glibc's defaults each one is a fresh
@@ -33,9 +40,10 @@ def main(argv=None) -> int:
     keep_freed_memory()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        owner = _owner_identity(args.owner_identity)
         nsm = NsmSocket(args.nsm.removeprefix("unix://")) if args.nsm.startswith("unix://") else NsmDevice(args.nsm)
         server = EnclaveServer(
-            share_dir=args.share, work_dir=args.work, nsm=nsm, kms_endpoint_url=args.kms_endpoint_url
+            share_dir=args.share, work_dir=args.work, nsm=nsm, kms_endpoint_url=args.kms_endpoint_url, owner=owner
         )
         if args.kms_proxy:
             kms_forwarder.start(args.kms_proxy, port=args.kms_listen)
@@ -44,6 +52,17 @@ def main(argv=None) -> int:
         print(f"enclave-server: error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _owner_identity(path: str | None) -> OwnerIdentity | None:
+    """The image's owner identity: the file named, else the one the image carries (none: an unbound image)."""
+    built_in = Path(__file__).resolve().parents[1] / IDENTITY_FILE
+    if path is None and not built_in.is_file():
+        logging.warning("no %s in this image: it runs packages from anyone (a development image)", IDENTITY_FILE)
+        return None
+    owner = OwnerIdentity.load(path or built_in)
+    logging.info("bound to the owner's signing keys: %s", owner.describe())
+    return owner
 
 
 if __name__ == "__main__":

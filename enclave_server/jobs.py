@@ -125,6 +125,7 @@ class JobRunner:
         emit: Callable[[dict], None],
         cancelled: threading.Event,
         timeout: float | None = None,
+        check_package: Callable | None = None,
     ) -> dict:
         script_parts = self._script_parts(script)
         given = parse_args(args)
@@ -140,7 +141,8 @@ class JobRunner:
             os.makedirs(workdir, mode=0o700)
             tree = os.path.join(workdir, "app")
             header = package_format.read_header(package_file)
-            package_format.open_package(package_file, tree, unwrap_key=unwrap_key)
+            # check_package (the owner's signature) runs on the header open_package unwraps, before KMS or the NSM.
+            package_format.open_package(package_file, tree, unwrap_key=unwrap_key, check_header=check_package)
             script_path = os.path.join(tree, *script_parts)
             if not os.path.isfile(script_path) or os.path.islink(script_path):
                 raise JobError(errno.ENOENT, f"script {script!r} is not in package {package}")

@@ -64,8 +64,11 @@ def _sha256_file(path: str) -> str:
 
 
 class EnclaveServer:
-    def __init__(self, *, share_dir, work_dir, nsm, kms_endpoint_url: str | None = None):
+    def __init__(self, *, share_dir, work_dir, nsm, kms_endpoint_url: str | None = None, owner=None):
         self.share = Share(share_dir)
+        # owner_identity.OwnerIdentity built into the image: only packages its keys signed reach key release.
+        # None (an image built without owner keys) runs any package: development images only.
+        self.owner = owner
         self.jobs = JobRunner(self.share, work_dir)
         self.nsm = nsm
         self.kms_endpoint_url = kms_endpoint_url
@@ -192,6 +195,7 @@ class EnclaveServer:
             emit=emit,
             cancelled=ctx.cancelled,
             timeout=timeout,
+            check_package=self.owner.check_package if self.owner is not None else None,
         )
         # The job's attestation binds what ran and what it produced (a receipt the user can keep).
         summary["attestation"] = self.nsm.attest(user_data=receipt.job_digest(summary))

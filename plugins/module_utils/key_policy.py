@@ -42,6 +42,23 @@ ENCLAVE_ACTIONS = ("kms:Decrypt",)
 # that). ReEncryptTo is covered too: packages are sealed with GenerateDataKey,
 # so nobody needs to re-encrypt into this key.
 GUARDED_ACTIONS = ("kms:Decrypt", "kms:ReEncrypt*")
+# What hands out a data key (or lets a caller make packages the key would open): lint refuses wildcard principals
+# on these, and account-wide principals without conditions.
+RELEASE_ACTIONS = (
+    "kms:Decrypt",
+    "kms:GenerateDataKey",
+    "kms:GenerateDataKeyWithoutPlaintext",
+    "kms:GenerateDataKeyPair",
+    "kms:GenerateDataKeyPairWithoutPlaintext",
+    "kms:ReEncryptFrom",
+    "kms:ReEncryptTo",
+)
+# AWS's default key policy statement: the whole account, kms:*, no condition. render_policy replaces it by the
+# owner's roles (OwnerAdministers), since lint refuses it.
+SID_AWS_DEFAULT = "Enable IAM User Permissions"
+SID_SIGNING_ADMIN = "OwnerSignsPackages"
+SID_SIGNING_READERS = "PublicKeyReaders"
+SIGNING_READ_ACTIONS = ("kms:GetPublicKey", "kms:DescribeKey", "kms:Verify")
 
 _HEX96 = re.compile(r"[0-9a-f]{96}")
 _ACCOUNT = re.compile(r"\d{12}")
@@ -481,7 +498,8 @@ def render_policy(
     sorted; PCR0 values keep the order given (newest first, by convention: the policy is
     the only record of which values are newest, see allowed_pcr0). All are deduplicated
     and lowercase. With `existing`, foreign statements are kept as they are and ours are
-    replaced by Sid in place (see merge_statements).
+    replaced by Sid in place (see merge_statements), except AWS's default statement
+    (SID_AWS_DEFAULT: the whole account may use the key), which OwnerAdministers replaces.
 
     PCR8 gets its own Deny statement: two keys under one negated operator AND
     together, so a single Deny would fire only when PCR0 *and* PCR8 both mismatch.
@@ -489,9 +507,13 @@ def render_policy(
     account = str(account_id).strip()
     if not _ACCOUNT.fullmatch(account):
         raise PolicyError(f"account_id {account_id!r} is not a 12-digit AWS account id; pass the key owner's account.")
-    admins = _principal_arns(
-        admin_principals if admin_principals is not None else [f"arn:aws:iam::{account}:root"], "admin_principals"
-    )
+    if admin_principals is None:
+        raise PolicyError(
+            "admin_principals is not set: name the owner's roles (e.g. arn:aws:iam::"
+            f"{account}:role/owner); the account root would let every principal IAM allows in the account generate"
+            " data keys, which lint refuses."
+        )
+    admins = _principal_arns(admin_principals, "admin_principals")
     users = _principal_arns(user_principals, "user_principals")
     both = sorted(set(admins) & set(users))
     if both:  # an admin can rewrite the policy and drop the Deny: the host must never administer the key
@@ -517,7 +539,7 @@ def render_policy(
     ]
     if pcr8s:
         statements.append(_deny_without(SID_DENY_PCR8, PCR8, pcr8s))
-    stale = () if pcr8s else (SID_DENY_PCR8,)  # PCR8 no longer pinned: our old PCR8 Deny must go
+    stale = (SID_AWS_DEFAULT,) if pcr8s else (SID_DENY_PCR8, SID_AWS_DEFAULT)  # PCR8 unpinned: its Deny goes too
     return merge_statements(
         {"Version": VERSION, "Statement": []} if existing is None else existing, statements, drop=stale
     )
@@ -553,6 +575,20 @@ def merge_statements(existing: dict | str, statements: Sequence[dict], *, drop: 
     doc.setdefault("Version", VERSION)
     doc["Statement"] = merged
     return doc
+
+
+def remove_ours(existing: dict | str, key_arn: str) -> dict:
+    """The policy without our statements; when nothing is left, AWS's default statement for the key's account
+    (as the key was created), since a key policy needs an administrator."""
+    policy = merge_statements(existing, [], drop=OUR_SIDS)
+    if policy["Statement"]:
+        return policy
+    account = key_arn.split(":")[4] if key_arn.count(":") >= 5 else ""
+    if not _ACCOUNT.fullmatch(account):
+        raise PolicyError(f"{key_arn!r} is not a KMS key ARN; cannot name its account's root")
+    root = {"Sid": SID_AWS_DEFAULT, "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{account}:root"},
+            "Action": "kms:*", "Resource": "*"}  # fmt: skip
+    return policy | {"Statement": [root]}
 
 
 def allowed_pcr0(policy: dict | str) -> list[str]:
@@ -697,6 +733,37 @@ def _probes(
     return probes
 
 
+def _wildcard(principal: str) -> bool:
+    return "*" in principal or "?" in principal
+
+
+def _whole_account(principal: str) -> bool:
+    return bool(_ROOT.fullmatch(principal) or _ACCOUNT.fullmatch(principal))
+
+
+def _broad_principals(statements: Sequence[_Statement], actions: Sequence[str]) -> list[str]:
+    """Allows of actions to a wildcard principal, or to a whole account without any condition."""
+    problems = []
+    for statement in statements:
+        covered = [action for action in actions if statement.covers(action)]
+        if statement.effect != "Allow" or not covered:
+            continue
+        shown = ", ".join(covered)
+        wild = [p for p in statement.principals if _wildcard(p)]
+        if wild:
+            problems.append(
+                f"statement {statement.label} allows {shown} to the wildcard principal {', '.join(wild)}, whatever"
+                " its conditions say today; name the exact roles that need it."
+            )
+        accounts = [p for p in statement.principals if _whole_account(p)]
+        if accounts and not statement.conditions:
+            problems.append(
+                f"statement {statement.label} allows {shown} to the whole account {', '.join(accounts)} without"
+                " conditions, so every principal that account's IAM allows gets it; name the owner's roles instead."
+            )
+    return problems
+
+
 def lint(policy: dict | str, *, user_principals: Sequence[str] = (), allow_debug: bool = False) -> list[str]:
     """Problems that make a key policy unsafe for an enclave-only key; [] means sound.
 
@@ -724,6 +791,7 @@ def lint(policy: dict | str, *, user_principals: Sequence[str] = (), allow_debug
     ]
     for statement in statements:
         problems += _check_values(statement, allow_debug)
+    problems += _broad_principals(statements, RELEASE_ACTIONS)
 
     users = list(user_principals) or [p for s in statements if s.label == SID_ALLOW for p in s.principals if p != "*"]
     pinned = _attestation_values(statements)
@@ -786,4 +854,60 @@ def lint(policy: dict | str, *, user_principals: Sequence[str] = (), allow_debug
                     f"{user} cannot call kms:Decrypt even from an enclave of an allowed image ({_short(pcr0)}):"
                     f" {decision.reason}; fix the Allow statement or the statement that blocks it."
                 )
+    return list(dict.fromkeys(problems))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The owner's package-signing key (ECC_NIST_P384, SIGN_VERIFY): what binds packages to the owner is that only the
+# owner can call kms:Sign with it.
+
+
+def render_signing_policy(
+    *, account_id: str, owner_principals: Sequence[str], reader_principals: Sequence[str] = ()
+) -> dict:
+    """The signing key's policy: the owner's roles administer it and sign; readers may only read the public key."""
+    if not _ACCOUNT.fullmatch(str(account_id).strip()):
+        raise PolicyError(f"account_id {account_id!r} is not a 12-digit AWS account id; pass the key owner's account.")
+    owners = _principal_arns(owner_principals, "owner_principals")
+    statements = [
+        {"Sid": SID_SIGNING_ADMIN, "Effect": "Allow", "Principal": {"AWS": owners}, "Action": ["kms:*"],
+         "Resource": "*"},
+    ]  # fmt: skip
+    readers = (
+        sorted(set(_principal_arns(reader_principals, "reader_principals")) - set(owners)) if reader_principals else []
+    )
+    if readers:
+        statements.append(
+            {"Sid": SID_SIGNING_READERS, "Effect": "Allow", "Principal": {"AWS": readers},
+             "Action": list(SIGNING_READ_ACTIONS), "Resource": "*"}
+        )  # fmt: skip
+    return {"Version": VERSION, "Statement": statements}
+
+
+def lint_signing_policy(policy: dict | str, *, owner_principals: Sequence[str]) -> list[str]:
+    """Problems that let anyone but the owner sign packages with this key; [] means sound.
+
+    Every principal an Allow of kms:Sign names must be one of owner_principals (no wildcard, no whole account,
+    no other role, conditions or not: a condition is not an identity), and each owner must be able to sign."""
+    try:
+        doc = _load(policy)
+        statements = _parse(doc)
+        owners = set(_principal_arns(owner_principals, "owner_principals"))
+    except PolicyError as err:
+        return [str(err)]
+    problems = []
+    for statement in statements:
+        if statement.effect != "Allow" or not statement.covers("kms:Sign"):
+            continue
+        others = [p for p in statement.principals if p not in owners]
+        if others:
+            problems.append(
+                f"statement {statement.label} allows kms:Sign to {', '.join(others)}, who is not the owner"
+                f" ({', '.join(sorted(owners))}); anyone who can sign makes packages the owner's enclave runs."
+                " Allow kms:Sign to the owner's roles only."
+            )
+    for owner in sorted(owners):
+        decision = _decide(statements, "kms:Sign", owner, {}, None)
+        if not decision.allowed:
+            problems.append(f"the owner {owner} cannot call kms:Sign: {decision.reason}; allow it.")
     return list(dict.fromkeys(problems))

@@ -6,6 +6,7 @@ holds more than plain files and directories. The byte layout, the tar profile an
 the reasons each attack is detected are in docs/PACKAGE_FORMAT.md; keep the two in step.
 
     file   = MAGIC || u32be(len(cbor)) || cbor(header fields)    <- the "header", also the body's associated data
+             || u16be(len(sig)) || sig                             <- format 2: the owner's ECDSA P-384 signature
              || Tink AES256_GCM_HKDF_1MB streaming ciphertext of a tar stream
     tar    = .package-manifest.cbor, then every manifest entry in manifest order
 
@@ -26,7 +27,7 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -45,7 +46,8 @@ else:
 from .errors import EnclaveError, KmsError, PackageError
 
 MAGIC = b"\x89CMLPKG\n"  # high bit and newline catch 7-bit or text-mode transfers, like PNG's signature
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header names its signer and is followed by the owner's signature; 1: unsigned
+READABLE_FORMATS = (1, 2)
 MANIFEST_NAME = ".package-manifest.cbor"
 DATA_KEY_BYTES = 32
 SEGMENT_BYTES = 1 << 20  # Tink ciphertext segment size
@@ -53,6 +55,7 @@ SEGMENT_BYTES = 1 << 20  # Tink ciphertext segment size
 # buffers that large back to the kernel on free) and made open ~40% slower.
 IO_BYTES = 256 << 10
 MAX_HEADER_BYTES = 64 << 10
+MAX_SIGNATURE_BYTES = 512  # a DER ECDSA P-384 signature is at most 104 bytes
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_TAIL_BYTES = 1 << 20  # zero padding tar may leave after its end-of-archive marker
 DEFAULT_MAX_TOTAL_BYTES = 16 << 30
@@ -63,9 +66,11 @@ CONTEXT_PACKAGE = "confidential_ml:package"
 CONTEXT_VERSION = "confidential_ml:version"
 
 _HEADER_PREFIX = struct.Struct(">8sI")
+_SIGNATURE_PREFIX = struct.Struct(">H")
 _HEADER_KEYS = frozenset(
     {"format_version", "name", "version", "key_id", "encryption_context", "wrapped_key", "manifest_digest"}
 )
+_SIGNED_HEADER_KEYS = _HEADER_KEYS | {"signer_key_id", "signer_fingerprint"}
 _ENTRY_KEYS = frozenset({"path", "type", "mode", "size", "sha256"})
 _ALLOWED_PAX_KEYS = frozenset({"path", "size"})  # what tarfile's PAX writer emits for long/unicode names, >8 GiB files
 _REFUSED_MEMBER_KINDS = {
@@ -103,10 +108,18 @@ class PackageHeader:
     encryption_context: dict[str, str]
     wrapped_key: bytes
     manifest_digest: bytes
-    raw: bytes  # the exact header bytes (magic, length, CBOR): the body's associated data
+    raw: bytes  # the exact header bytes (magic, length, CBOR): the body's associated data and the signed message
+    signer_key_id: str | None = None  # format 2: the owner's KMS signing key (ARN), as the signer claims it
+    signer_fingerprint: bytes | None = None  # format 2: SHA-256 of the signer's DER public key
+    signature: bytes | None = None  # format 2: DER ECDSA P-384 / SHA-384 over raw
+
+    @property
+    def body_offset(self) -> int:
+        """Where the Tink header starts: after the header and, in format 2, the signature block."""
+        return len(self.raw) + (0 if self.signature is None else _SIGNATURE_PREFIX.size + len(self.signature))
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "format_version": self.format_version,
             "name": self.name,
             "version": self.version,
@@ -115,6 +128,13 @@ class PackageHeader:
             "wrapped_key": base64.b64encode(self.wrapped_key).decode("ascii"),
             "manifest_digest": self.manifest_digest.hex(),
         }
+        if self.signature is not None:
+            data["signer"] = {
+                "key_id": self.signer_key_id,
+                "fingerprint": self.signer_fingerprint.hex(),
+                "signature": base64.b64encode(self.signature).decode("ascii"),
+            }
+        return data
 
 
 # --------------------------------------------------------------------------- manifest
@@ -312,9 +332,10 @@ def _make_header(
     encryption_context: dict[str, str],
     wrapped_key: bytes,
     manifest_digest: bytes,
+    signer=None,
 ) -> PackageHeader:
     fields = {
-        "format_version": FORMAT_VERSION,
+        "format_version": 1 if signer is None else FORMAT_VERSION,
         "name": name,
         "version": version,
         "key_id": key_id,
@@ -322,6 +343,8 @@ def _make_header(
         "wrapped_key": bytes(wrapped_key),
         "manifest_digest": bytes(manifest_digest),
     }
+    if signer is not None:
+        fields.update(signer_key_id=signer.key.key_id, signer_fingerprint=signer.key.fingerprint)
     try:
         _check_header_fields(fields)
     except ValueError as exc:
@@ -332,7 +355,13 @@ def _make_header(
             f"cannot write package {name!r} {version}: its header would be {len(body)} bytes, over the "
             f"{MAX_HEADER_BYTES}-byte limit; shorten the encryption context"
         )
-    return PackageHeader(**fields, raw=_HEADER_PREFIX.pack(MAGIC, len(body)) + body)
+    header = PackageHeader(**fields, raw=_HEADER_PREFIX.pack(MAGIC, len(body)) + body)
+    if signer is None:
+        return header
+    signature = bytes(signer.sign(header.raw))
+    if not 1 <= len(signature) <= MAX_SIGNATURE_BYTES:
+        raise PackageError(f"cannot write package {name!r} {version}: the signer returned {len(signature)} bytes")
+    return replace(header, signature=signature)
 
 
 def _check_header_fields(fields: dict) -> None:
@@ -346,6 +375,12 @@ def _check_header_fields(fields: dict) -> None:
         raise ValueError("wrapped_key must be non-empty bytes")
     if not isinstance(fields["manifest_digest"], bytes) or len(fields["manifest_digest"]) != 32:
         raise ValueError("manifest_digest must be 32 bytes (SHA-256)")
+    if "signer_key_id" in fields and (not isinstance(fields["signer_key_id"], str) or not fields["signer_key_id"]):
+        raise ValueError("signer_key_id must be non-empty text")
+    if "signer_fingerprint" in fields and (
+        not isinstance(fields["signer_fingerprint"], bytes) or len(fields["signer_fingerprint"]) != 32
+    ):
+        raise ValueError("signer_fingerprint must be 32 bytes (SHA-256)")
 
 
 def read_header(path) -> PackageHeader:
@@ -376,20 +411,33 @@ def _read_header(stream: BinaryIO, path) -> PackageHeader:
         raise refuse(f"its header is not valid CBOR ({exc})") from None
     if not isinstance(fields, dict):
         raise refuse(f"its header is a CBOR {type(fields).__name__}, not a map")
-    if fields.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:  # before the fields: a newer format may differ
+    version = fields.get("format_version", FORMAT_VERSION)
+    if version not in READABLE_FORMATS:  # before the fields: a newer format may differ
         raise PackageError(
-            f"{path} uses package format {fields['format_version']!r}; this confidential_ml.nitro reads format "
-            f"{FORMAT_VERSION}: install the release that sealed it"
+            f"{path} uses package format {version!r}; this confidential_ml.nitro reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}: install the release that sealed it"
         )
-    if set(fields) != _HEADER_KEYS:
-        raise refuse(f"its header has fields {sorted(map(str, fields))}, expected {sorted(_HEADER_KEYS)}")
+    expected = _HEADER_KEYS if version == 1 else _SIGNED_HEADER_KEYS
+    if set(fields) != expected:
+        raise refuse(f"its header has fields {sorted(map(str, fields))}, expected {sorted(expected)}")
     try:
         _check_header_fields(fields)
     except ValueError as exc:
         raise refuse(f"its header is malformed ({exc})") from None
     if cbor2.dumps(fields, canonical=True) != body:
         raise refuse("its header is not canonically encoded")
-    return PackageHeader(**fields, raw=prefix + body)
+    if version == 1:
+        return PackageHeader(**fields, raw=prefix + body)
+    length_bytes = stream.read(_SIGNATURE_PREFIX.size)
+    if len(length_bytes) != _SIGNATURE_PREFIX.size:
+        raise refuse("it ends before its signature (truncated)")
+    (length,) = _SIGNATURE_PREFIX.unpack(length_bytes)
+    if not 1 <= length <= MAX_SIGNATURE_BYTES:
+        raise refuse(f"its signature claims {length} bytes, not 1 to {MAX_SIGNATURE_BYTES}")
+    signature = stream.read(length)
+    if len(signature) != length:
+        raise refuse(f"it ends inside its {length}-byte signature (truncated)")
+    return PackageHeader(**fields, raw=prefix + body, signature=signature)
 
 
 def _describe(header: PackageHeader, path) -> str:
@@ -446,6 +494,8 @@ def _package_writer(out_path, header: PackageHeader, data_key: bytes) -> Iterato
     try:
         with os.fdopen(fd, "wb") as package:
             package.write(header.raw)
+            if header.signature is not None:
+                package.write(_SIGNATURE_PREFIX.pack(len(header.signature)) + header.signature)
             package.flush()
             # Tink closes its destination when the body ends; give it a duplicate so this one can still fsync.
             destination = os.fdopen(os.dup(package.fileno()), "wb")
@@ -471,10 +521,12 @@ def write_package(
     manifest_digest: bytes,
     data_key: bytes,
     body_chunks: Iterable[bytes],
+    signer=None,
 ) -> PackageHeader:
     """Write a package whose body is the given plaintext (normally a tar stream) under a known data key.
 
     The lower layer of seal(); tests use it to build hostile packages that open_package() must refuse.
+    With a signer (owner_identity.KmsSigner, or anything with .key and .sign(bytes)) it writes format 2.
     """
     header = _make_header(
         name=name,
@@ -483,6 +535,7 @@ def write_package(
         encryption_context=encryption_context,
         wrapped_key=wrapped_key,
         manifest_digest=manifest_digest,
+        signer=signer,
     )
     with _package_writer(out_path, header, data_key) as body:
         for chunk in body_chunks:
@@ -503,11 +556,14 @@ def seal(
     version: str,
     encryption_context: dict | None = None,
     progress: bool = False,
+    signer=None,
 ) -> PackageHeader:
     """Seal src_dir into the package out_path under a fresh KMS data key; returns the header written.
 
     Two passes: the first hashes every file into the manifest (whose digest goes into the header), the second
     streams the tar through the encryption and fails if any file no longer matches the first pass.
+    signer (owner_identity.KmsSigner: the owner's KMS signing key) signs the header: format 2, what an image
+    bound to its owner requires. Without one the package is format 1, unsigned, which only unbound images run.
     """
     root = Path(src_dir)
     context = package_context(name, version, encryption_context)
@@ -523,6 +579,7 @@ def seal(
             encryption_context=context,
             wrapped_key=response["CiphertextBlob"],
             manifest_digest=hashlib.sha256(manifest).digest(),
+            signer=signer,
         )
         total = sum(entry.size for entry in entries)
         with (
@@ -635,21 +692,27 @@ def open_package(
     *,
     unwrap_key: Callable[[PackageHeader], bytes],
     max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+    check_header: Callable[[PackageHeader], object] | None = None,
 ) -> list[ManifestEntry]:
     """Authenticate, decrypt and extract a package into target_dir (missing, or an empty directory).
 
+    check_header(header) runs first and raises to refuse the package (in the enclave: the owner's signature,
+    OwnerIdentity.check_package), so nothing is asked of KMS for a package it refuses; it sees the very
+    header that is unwrapped and used as the body's associated data, not a second read of the file.
     unwrap_key(header) returns the 32-byte data key (in the enclave: KMS Decrypt with an attestation document).
     On any failure everything written is removed, target_dir is left as it was, and PackageError says why.
     """
     header = read_header(path)
     where = _describe(header, path)
+    if check_header is not None:
+        check_header(header)
     data_key = _check_data_key(_unwrap(unwrap_key, header, where), where)
     target = Path(target_dir)
     created_target = _prepare_target(target, where)
     written: list[str] = []  # top-level names this call created inside target
     try:
         with open(path, "rb") as package:
-            package.seek(len(header.raw))
+            package.seek(header.body_offset)
             return _open_body(package, target, header, where, data_key, max_total_bytes, written)
     except BaseException as exc:
         _remove_written(target, written, created_target, exc)
@@ -704,9 +767,9 @@ def _authentication_failure(header: PackageHeader, plaintext: _CountingReader | 
     first_plaintext = SEGMENT_BYTES - (1 + 32 + 7) - 16  # the first segment shares its room with Tink's header
     wanted = plaintext.wanted_end - 1 if plaintext else 0
     segment = 0 if wanted < first_plaintext else 1 + (wanted - first_plaintext) // (SEGMENT_BYTES - 16)
-    last_segment = max(0, (file_size - len(header.raw) - 1) // SEGMENT_BYTES)
+    last_segment = max(0, (file_size - header.body_offset - 1) // SEGMENT_BYTES)
     segment = min(segment, last_segment)
-    start = len(header.raw) + segment * SEGMENT_BYTES
+    start = header.body_offset + segment * SEGMENT_BYTES
     end = min(start + SEGMENT_BYTES, file_size) - 1
     return (
         f"failed authentication in encrypted segment {segment} (file bytes {start}..{end}): it was modified or "

@@ -49,6 +49,7 @@ IMAGE_SOURCES = ("enclave_server", "plugins/module_utils")
 """What the enclave image is made of, relative to COLLECTION_ROOT (the Dockerfile COPYs these)."""
 
 DOCKERFILE = "enclave_server/Dockerfile"
+OWNER_IDENTITY_FILE = "owner_identity.json"  # owner_identity.IDENTITY_FILE; the Dockerfile COPYs it by this name
 IMAGE_REPOSITORY = "confidential-ml-nitro-enclave"
 
 
@@ -210,6 +211,7 @@ class Runtime(Protocol):
         source: str | None = None,
         signing_certificate: str | None = None,
         private_key: str | None = None,
+        owner_identity: str | None = None,
     ) -> BuildResult: ...
 
     def run(
@@ -282,13 +284,15 @@ def _walk_files(root: Path):
             yield Path(dirpath) / name
 
 
-def stage_image_context(dest: str | os.PathLike) -> Path:
+def stage_image_context(dest: str | os.PathLike, owner_identity: str | os.PathLike | None = None) -> Path:
     """Lay out the enclave image's docker build context in dest (an empty directory).
 
     The Dockerfile goes to the top (where `nitro-cli build-enclave --docker-dir`
     looks for it), the sources to the paths it COPYs, and nothing else: no
     bytecode caches, no tests, every mode and mtime fixed, so the same sources
-    give the same context, and the same image."""
+    give the same context, and the same image. owner_identity (a file written by
+    owner_identity.OwnerIdentity.dumps) goes to the top as owner_identity.json, which
+    the Dockerfile COPYs beside enclave_server/: the image is bound to its owner."""
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise RuntimeFailure(f"cannot stage the enclave image context in {dest}: the directory is not empty")
@@ -299,6 +303,8 @@ def stage_image_context(dest: str | os.PathLike) -> Path:
             raise RuntimeFailure(f"{src} is missing: the enclave image is built from a full checkout or install")
         shutil.copytree(src, dest / rel, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo"))
     shutil.copyfile(COLLECTION_ROOT / DOCKERFILE, dest / "Dockerfile")
+    if owner_identity is not None:
+        (dest / OWNER_IDENTITY_FILE).write_bytes(checked_owner_identity(owner_identity))
     epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
     for path in sorted(dest.rglob("*"), reverse=True):
         if path.is_file():
@@ -307,6 +313,13 @@ def stage_image_context(dest: str | os.PathLike) -> Path:
             path.chmod(0o755)
         os.utime(path, (epoch, epoch), follow_symlinks=False)
     return dest
+
+
+def checked_owner_identity(path: str | os.PathLike) -> bytes:
+    """The bytes of an owner identity file, refused unless it parses (a broken one would stop the enclave)."""
+    from .owner_identity import OwnerIdentity
+
+    return OwnerIdentity.load(path).dumps()
 
 
 def context_digest(path: str | os.PathLike) -> str:
@@ -518,9 +531,11 @@ class NitroRuntime:
         source: str | None = None,
         signing_certificate: str | None = None,
         private_key: str | None = None,
+        owner_identity: str | None = None,
     ) -> BuildResult:
         """`nitro-cli build-enclave`: an EIF at output from source (a directory with a Dockerfile,
-        or a docker image URI; default: this project's enclave image). Needs docker on the host."""
+        or a docker image URI; default: this project's enclave image, bound to the owner_identity file,
+        which it then requires). Needs docker on the host."""
         if (signing_certificate is None) != (private_key is None):
             raise RuntimeFailure("to sign the image give both signing_certificate and private_key, or neither")
         if signing_certificate is not None and not os.path.isfile(signing_certificate):
@@ -534,10 +549,20 @@ class NitroRuntime:
         output = os.path.abspath(output)
         if not os.path.isdir(os.path.dirname(output)):
             raise RuntimeFailure(f"cannot write {output}: create the directory {os.path.dirname(output)} first")
+        if source is None and owner_identity is None:
+            raise RuntimeFailure(
+                "this project's enclave image must be bound to its owner: give owner_identity (the owner's "
+                "package-signing keys; the enclave_image module's owner_signing_keys writes it)"
+            )
+        if source is not None and owner_identity is not None:
+            raise RuntimeFailure(
+                "owner_identity is staged into this project's image only: with your own source, put "
+                f"{OWNER_IDENTITY_FILE} into its context yourself"
+            )
         with contextlib.ExitStack() as stack:
             if source is None:
                 context = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="enclave-image-")))
-                stage_image_context(context / "context")
+                stage_image_context(context / "context", owner_identity)
                 source_args = self._docker_dir_args(context / "context")
             elif os.path.isdir(source):
                 if not os.path.isfile(os.path.join(source, "Dockerfile")):
@@ -698,11 +723,14 @@ class LocalCliRuntime(NitroRuntime):
         source: str | None = None,
         signing_certificate: str | None = None,
         private_key: str | None = None,
+        owner_identity: str | None = None,
     ) -> BuildResult:
         """`enclave local build`: a reproducible image of this installation (or of the project tree `source`)."""
         if signing_certificate is not None or private_key is not None:
             raise RuntimeFailure("the local backend does not sign images (PCR8 exists on nitro only): drop the key")
         output = os.path.abspath(output)
         args = ["--output", output, *(["--source", str(source)] if source else [])]
+        if owner_identity is not None:
+            args += ["--owner-identity", os.path.abspath(owner_identity)]
         stdout = self._call("build", args, timeout=self.build_timeout)
         return BuildResult(image=output, measurements=Measurements.from_json(self._one_json("build", stdout, dict)))

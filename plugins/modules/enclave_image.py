@@ -43,6 +43,17 @@ options:
         collection).
       - When not set, this collection's own enclave server.
     type: str
+  owner_signing_keys:
+    description:
+      - The owner's KMS package-signing keys (key id, ARN or alias; C(ECC_NIST_P384), C(SIGN_VERIFY)). Their public
+        keys (read with KMS C(GetPublicKey)) are built into the image as C(owner_identity.json), so PCR0 measures
+        them, and the enclave runs only packages one of them signed (M(confidential_ml.nitro.enclave_package)
+        O(confidential_ml.nitro.enclave_package#module:signing_key_id)). List several to rotate.
+      - Required to build this collection's own image on V(nitro) (O(source) not set). Without it the V(local)
+        image is a development image that runs packages from anyone.
+    type: list
+    elements: str
+    default: []
   signing_certificate:
     description:
       - A certificate (PEM) to sign the image with, which gives it a PCR8; with O(private_key). V(nitro) only.
@@ -62,6 +73,7 @@ options:
     choices: [local, nitro]
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - confidential_ml.nitro.kms
 attributes:
   check_mode:
     support: full
@@ -86,10 +98,11 @@ seealso:
 """
 
 EXAMPLES = r"""
-- name: Build the enclave image on a Nitro parent instance
+- name: Build the enclave image on a Nitro parent instance, bound to the owner's signing key
   confidential_ml.nitro.enclave_image:
     backend: nitro
     output: /srv/owner/release/enclave.eif
+    owner_signing_keys: [alias/confidential-ml-signing]
   register: image
 
 - name: Allow its measurement in the key policy
@@ -114,6 +127,21 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+owner_signing_keys:
+  description: The owner's signing keys built into the image (empty for an unbound development image).
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    key_id:
+      description: The signing key's ARN.
+      type: str
+    public_key:
+      description: Its public key, DER SubjectPublicKeyInfo in base64.
+      type: str
+    fingerprint:
+      description: SHA-256 of the DER public key, hex; package headers name their signer by it.
+      type: str
 image:
   description: The image file, as an absolute path.
   returned: always
@@ -161,7 +189,23 @@ import tempfile
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import BACKEND_OPTIONS, image_sha256
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import (
+    BACKEND_OPTIONS,
+    BOTO3_IMPORT_ERROR,
+    KMS_MUTUALLY_EXCLUSIVE,
+    KMS_OPTIONS,
+    image_sha256,
+    kms_client,
+    require_libraries,
+)
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import (
+    IDENTITY_FILE,
+    OwnerIdentity,
+    owner_key_from_kms,
+)
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import (
+    IMPORT_ERROR as OWNER_IMPORT_ERROR,
+)
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import get_runtime
 
 RECORD_FORMAT = 1
@@ -209,9 +253,12 @@ def main():
             "source": {"type": "str"},
             "signing_certificate": {"type": "path"},
             "private_key": {"type": "path", "no_log": False},
+            "owner_signing_keys": {"type": "list", "elements": "str", "default": [], "no_log": False},
             **BACKEND_OPTIONS,
+            **KMS_OPTIONS,
         },
         required_together=[("signing_certificate", "private_key")],
+        mutually_exclusive=KMS_MUTUALLY_EXCLUSIVE,
         supports_check_mode=True,
     )
     params = module.params
@@ -232,13 +279,21 @@ def main():
 
     # Beside output, so that the new image is renamed into place; in check mode, away from it.
     workdir = tempfile.mkdtemp(prefix=".enclave-image-", dir=None if module.check_mode else directory)
+    owner = None
     try:
         try:
+            if params["owner_signing_keys"]:
+                require_libraries(module, BOTO3_IMPORT_ERROR, OWNER_IMPORT_ERROR)
+                kms = kms_client(module)
+                owner = OwnerIdentity(tuple(owner_key_from_kms(kms, key) for key in params["owner_signing_keys"]))
+                with open(os.path.join(workdir, IDENTITY_FILE), "wb") as f:
+                    f.write(owner.dumps())
             built = runtime.build(
                 output=os.path.join(workdir, os.path.basename(output)),
                 source=params["source"],
                 signing_certificate=params["signing_certificate"],
                 private_key=params["private_key"],
+                owner_identity=os.path.join(workdir, IDENTITY_FILE) if owner else None,
             )
         except EnclaveError as err:
             module.fail_json(msg=f"building the enclave image failed: {err}")
@@ -259,6 +314,7 @@ def main():
         "measurements_file": record,
         "backend": backend,
         "measurements": after,
+        "owner_signing_keys": [key.to_json() for key in owner.keys] if owner else [],
     }
     if module._diff:
         result["diff"] = {

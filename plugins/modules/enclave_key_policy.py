@@ -50,10 +50,12 @@ options:
     elements: str
   admin_principals:
     description:
-      - IAM principal ARNs (or 12-digit account ids) that administer the key (C(kms:*)).
-      - When not set, the account's root, C(arn:aws:iam::<account_id>:root), so that the account's IAM policies
-        decide who administers the key. Keep the principal that runs this module among them, or KMS refuses the
-        new policy (it would lock that principal out).
+      - IAM principal ARNs of the owner's roles that administer the key (C(kms:*)). Keep the principal that runs
+        this module among them, or KMS refuses the new policy (it would lock that principal out).
+      - Required with O(state=present). The account root is refused by the lint (an account-wide C(kms:*) without
+        conditions lets every principal the account's IAM allows generate data keys), and AWS's default statement
+        (C(Enable IAM User Permissions)) is replaced by this one; O(state=absent) puts it back when nothing else
+        is left.
     type: list
     elements: str
   pcr0:
@@ -178,12 +180,11 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import PolicyError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import (
-    OUR_SIDS,
     allowed_pcr0,
     lint,
-    merge_statements,
     normalize_pcr,
     policy_diff,
+    remove_ours,
     render_policy,
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import (
@@ -221,10 +222,10 @@ def window(module, pcr0, current, keep_newest):
     return ordered if keep_newest is None else ordered[:keep_newest]
 
 
-def desired_policy(module, current):
+def desired_policy(module, current, key_arn):
     params = module.params
     if params["state"] == "absent":
-        return merge_statements(current, [], drop=OUR_SIDS)
+        return remove_ours(current, key_arn)
     pcr0 = window(module, params["pcr0"], allowed_pcr0(current), params["keep_newest"])
     policy = render_policy(
         account_id=params["account_id"],
@@ -258,7 +259,7 @@ def main():
             "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
             **KMS_OPTIONS,
         },
-        required_if=[("state", "present", ("account_id", "user_principals", "pcr0"))],
+        required_if=[("state", "present", ("account_id", "user_principals", "admin_principals", "pcr0"))],
         mutually_exclusive=KMS_MUTUALLY_EXCLUSIVE,
         supports_check_mode=True,
     )
@@ -284,7 +285,7 @@ def main():
         module.fail_json(msg=f"the key policy of {key_arn} is not JSON ({err}); fix it in KMS first.")
 
     try:
-        policy = desired_policy(module, current)
+        policy = desired_policy(module, current, key_arn)
     except PolicyError as err:
         module.fail_json(msg=f"cannot compute the key policy of {key_arn}: {err}")
 

@@ -62,6 +62,14 @@ options:
         O(version).
     type: dict
     default: {}
+  signing_key_id:
+    description:
+      - The owner's KMS signing key (key id, ARN or alias; C(ECC_NIST_P384), C(SIGN_VERIFY)) that signs the header
+        (KMS C(Sign), C(ECDSA_SHA_384)), which makes a package of format 2. An image built with this key in
+        O(confidential_ml.nitro.enclave_image#module:owner_signing_keys) runs only packages it signed.
+      - When not set, the package is unsigned (format 1), which only unbound development images run.
+      - A package signed by another key (or unsigned) is sealed again.
+    type: str
   force:
     description:
       - Seal again even when O(dest) is up to date (for example to rotate the data key), and overwrite O(dest)
@@ -185,6 +193,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_optio
     kms_client,
     require_libraries,
 )
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import KmsSigner
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import (
     FORMAT_VERSION,
     build_manifest,
@@ -205,7 +214,9 @@ def summary(header):
     """What the diff shows of a header: everything but the wrapped key (new at every seal)."""
     if header is None:
         return ""
-    fields = {key: value for key, value in header.items() if key != "wrapped_key"}
+    fields = {key: value for key, value in header.items() if key not in ("wrapped_key", "signer")}
+    if header.get("signer"):  # the signature is new at every seal too
+        fields["signer"] = {key: value for key, value in header["signer"].items() if key != "signature"}
     return json.dumps(fields, indent=2, sort_keys=True) + "\n"
 
 
@@ -237,9 +248,12 @@ def current_header(module, dest):
         module.fail_json(msg=f"cannot read dest {dest}: {err}; check its permissions.")
 
 
-def up_to_date(module, before, wanted):
+def up_to_date(module, before, wanted, signer):
     """Whether the existing header already is what sealing now would give (ignoring the wrapped key)."""
     if before is None or module.params["force"]:
+        return False
+    signed_by = (before.get("signer") or {}).get("fingerprint")
+    if signed_by != (signer.key.fingerprint.hex() if signer else None):
         return False
     for field in ("format_version", "name", "version", "encryption_context", "manifest_digest"):
         if before[field] != wanted[field]:
@@ -267,6 +281,7 @@ def main():
             "version": {"type": "str", "required": True},
             "encryption_context": {"type": "dict", "default": {}},
             "force": {"type": "bool", "default": False},
+            "signing_key_id": {"type": "str", "no_log": False},
             **KMS_OPTIONS,
         },
         mutually_exclusive=KMS_MUTUALLY_EXCLUSIVE,
@@ -284,8 +299,10 @@ def main():
 
     try:
         digest = manifest_digest(build_manifest(src)).hex()
+        # The signing key's public half (KMS GetPublicKey), also in check mode: which key signed decides the change.
+        signer = KmsSigner(kms_client(module), params["signing_key_id"]) if params["signing_key_id"] else None
         wanted = {
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if signer else 1,
             "name": params["name"],
             "version": params["version"],
             "key_id": params["key_id"],
@@ -298,7 +315,9 @@ def main():
         module.fail_json(msg=f"cannot read src {src}: {err}; check that it is readable.")
 
     before = current_header(module, dest)
-    changed = not up_to_date(module, before, wanted)
+    changed = not up_to_date(module, before, wanted, signer)
+    if changed and module.check_mode and signer:
+        wanted["signer"] = {"key_id": signer.key.key_id, "fingerprint": signer.key.fingerprint.hex()}
     if not changed:
         after = before
     elif module.check_mode:
@@ -313,6 +332,7 @@ def main():
                 name=params["name"],
                 version=params["version"],
                 encryption_context=context,
+                signer=signer,
             ).to_json()
         except EnclaveError as err:
             module.fail_json(msg=str(err))

@@ -34,6 +34,7 @@ PLAYBOOK = """\
         key_id: "{{ key_id }}"
         account_id: "ACCOUNT"
         user_principals: ["USER_ARN"]
+        admin_principals: ["arn:aws:iam::ACCOUNT:role/owner"]
         pcr0: ["{{ pcr0 }}"]
         keep_newest: 2
       register: policy

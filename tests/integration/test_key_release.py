@@ -202,6 +202,8 @@ def test_cli_seal_inspect_and_lint(tmp_path):
             PCR0_GOOD.hex().upper(),
             "--user-principal",
             f"arn:aws:iam::{ACCOUNT}:role/{USER}",
+            "--admin-principal",  # required now: the account root's unconditioned kms:* is what lint refuses
+            f"arn:aws:iam::{ACCOUNT}:role/{OWNER}",
         ],
         env=env,
         capture_output=True,

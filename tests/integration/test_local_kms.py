@@ -1011,3 +1011,86 @@ def test_unreachable_kms_is_a_kms_error(ca, server):
     )
     with pytest.raises(KmsError, match="check the KMS endpoint"):
         kms_recipient.generate_random(gone, nsm(ca, PCR0_GOOD), 8)
+
+
+# ---------------------------------------------------------------- signing keys (the owner's package signer)
+
+
+def test_signing_key_signs_verifies_and_publishes_its_public_key(owner):
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    metadata = owner.create_key(KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY")["KeyMetadata"]
+    assert (metadata["KeySpec"], metadata["KeyUsage"], metadata["SigningAlgorithms"]) == (
+        "ECC_NIST_P384", "SIGN_VERIFY", ["ECDSA_SHA_384"]
+    )  # fmt: skip
+    assert "EncryptionAlgorithms" not in metadata
+    answer = owner.get_public_key(KeyId=metadata["KeyId"])
+    assert (answer["KeyId"], answer["KeySpec"], answer["KeyUsage"]) == (metadata["Arn"], "ECC_NIST_P384", "SIGN_VERIFY")
+    public = serialization.load_der_public_key(answer["PublicKey"])
+    assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp384r1"
+
+    message = b"a package header"
+    digest = hashlib.sha384(message).digest()
+    signed = owner.sign(KeyId=metadata["KeyId"], Message=digest, MessageType="DIGEST", SigningAlgorithm="ECDSA_SHA_384")
+    assert signed["KeyId"] == metadata["Arn"]
+    public.verify(signed["Signature"], message, ec.ECDSA(hashes.SHA384()))  # DIGEST signs exactly like RAW
+    raw = owner.sign(KeyId=metadata["KeyId"], Message=message, SigningAlgorithm="ECDSA_SHA_384")["Signature"]
+    public.verify(raw, message, ec.ECDSA(hashes.SHA384()))
+    with pytest.raises(InvalidSignature):
+        public.verify(raw, message + b"!", ec.ECDSA(hashes.SHA384()))
+
+    assert owner.verify(KeyId=metadata["KeyId"], Message=message, Signature=raw, SigningAlgorithm="ECDSA_SHA_384")[
+        "SignatureValid"
+    ]
+    with pytest.raises(owner.exceptions.KMSInvalidSignatureException):
+        owner.verify(KeyId=metadata["KeyId"], Message=b"another", Signature=raw, SigningAlgorithm="ECDSA_SHA_384")
+
+
+def test_signing_key_refuses_what_aws_refuses(owner):
+    with pytest.raises(owner.exceptions.ClientError) as caught:
+        owner.create_key(KeySpec="ECC_NIST_P384")  # AWS: an ECC key must name its KeyUsage
+    assert error_code(caught) == "ValidationException"
+    signing = owner.create_key(KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
+    symmetric = owner.create_key()["KeyMetadata"]["KeyId"]
+    with pytest.raises(owner.exceptions.InvalidKeyUsageException):
+        owner.generate_data_key(KeyId=signing, KeySpec="AES_256")
+    with pytest.raises(owner.exceptions.InvalidKeyUsageException):
+        owner.encrypt(KeyId=signing, Plaintext=b"x")
+    with pytest.raises(owner.exceptions.InvalidKeyUsageException):
+        owner.sign(KeyId=symmetric, Message=b"x", SigningAlgorithm="ECDSA_SHA_384")
+    with pytest.raises(owner.exceptions.UnsupportedOperationException):
+        owner.get_public_key(KeyId=symmetric)
+    with pytest.raises(owner.exceptions.InvalidKeyUsageException):
+        owner.sign(KeyId=signing, Message=b"x", SigningAlgorithm="RSASSA_PSS_SHA_256")
+    with pytest.raises(owner.exceptions.ClientError) as caught:
+        owner.sign(KeyId=signing, Message=b"not 48 bytes", MessageType="DIGEST", SigningAlgorithm="ECDSA_SHA_384")
+    assert error_code(caught) == "ValidationException"
+    owner.disable_key(KeyId=signing)
+    with pytest.raises(owner.exceptions.DisabledException):
+        owner.sign(KeyId=signing, Message=b"x", SigningAlgorithm="ECDSA_SHA_384")
+
+
+def test_sign_is_governed_by_the_key_policy(owner, user):
+    signing = owner.create_key(KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Sid": "Owner", "Effect": "Allow", "Principal": {"AWS": OWNER_ARN}, "Action": "kms:*", "Resource": "*"},
+            {"Sid": "Public", "Effect": "Allow", "Principal": {"AWS": USER_ARN}, "Action": "kms:GetPublicKey",
+             "Resource": "*"},
+        ],
+    }  # fmt: skip
+    owner.put_key_policy(KeyId=signing, PolicyName="default", Policy=json.dumps(policy))
+    assert user.get_public_key(KeyId=signing)["PublicKey"]
+    with pytest.raises(user.exceptions.ClientError) as caught:
+        user.sign(KeyId=signing, Message=b"the host's own header", SigningAlgorithm="ECDSA_SHA_384")
+    assert error_code(caught) == "AccessDeniedException"
+
+
+def test_signing_keys_have_no_automatic_rotation(owner):
+    signing = owner.create_key(KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
+    for call in (owner.get_key_rotation_status, owner.enable_key_rotation, owner.disable_key_rotation):
+        with pytest.raises(owner.exceptions.UnsupportedOperationException):
+            call(KeyId=signing)

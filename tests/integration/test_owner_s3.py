@@ -10,17 +10,22 @@ while the checkout is being edited: the second run then has nothing to upload.
 """
 
 import hashlib
+import io
 import json
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import boto3
 import pytest
+
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import OwnerIdentity
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -123,6 +128,14 @@ def test_owner_publishes_the_release_to_s3_and_a_second_run_uploads_nothing(moto
     image = bodies[PREFIX + release["image"]["file"]]
     assert hashlib.sha384(image).hexdigest() == release["image"]["measurements"]["pcr0"]
     assert json.loads(bodies[PREFIX + "release.json"]) == release
+    # The image is bound to the owner's signing key that release.json publishes, and the package is signed by it.
+    (signing,) = release["signing_keys"]
+    assert signing["key_id"].startswith("arn:aws:kms:") and len(signing["fingerprint"]) == 64
+    header = package.read_header(published / package_file)
+    assert (header.signer_key_id, header.signer_fingerprint.hex()) == (signing["key_id"], signing["fingerprint"])
+    with tarfile.open(fileobj=io.BytesIO(image)) as tar:
+        carried = tar.extractfile("app/ansible_collections/confidential_ml/nitro/owner_identity.json").read()
+    assert [key.to_json() for key in OwnerIdentity.loads(carried).keys] == [signing]
 
     before = {o["Key"]: (o["ETag"], o["LastModified"]) for o in listed}
     second = owner_playbook(env, work, moto_s3)
@@ -132,3 +145,5 @@ def test_owner_publishes_the_release_to_s3_and_a_second_run_uploads_nothing(moto
         for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX).get("Contents", [])
     }
     assert after == before, f"the second run uploaded again: before {before}, after {after}"
+    # the signing key was made once: the second run found it (changed=0 above) and bound the same key
+    assert json.loads((published / "release.json").read_text())["signing_keys"] == [signing]

@@ -74,3 +74,23 @@ def test_well_formed_cbor_with_wrong_fields(tmp_path, fields):
     body = cbor2.dumps(fields, canonical=True)
     header = parse(tmp_path, MAGIC + struct.pack(">I", len(body)) + body)
     assert header is None or set(fields) == set(VALID_FIELDS)
+
+
+SIGNED_FIELDS = VALID_FIELDS | {
+    "format_version": 2,
+    "signer_key_id": "arn:aws:kms:us-east-1:111122223333:key/00000000-0000-0000-0000-000000000002",
+    "signer_fingerprint": b"\x03" * 32,
+}
+SIGNED = cbor2.dumps(SIGNED_FIELDS, canonical=True)
+
+
+@FUZZ
+@given(block=st.binary(max_size=600))
+def test_random_signature_blocks_after_a_signed_header(tmp_path, block):
+    """Format 2: whatever follows the header as its signature block, read_header refuses it or returns it
+    byte for byte, bounded by its length prefix."""
+    header = parse(tmp_path, MAGIC + struct.pack(">I", len(SIGNED)) + SIGNED + block)
+    if header is not None:
+        length = struct.unpack(">H", block[:2])[0]
+        assert header.signature == block[2 : 2 + length] and 1 <= length <= 512
+        assert header.signer_fingerprint == b"\x03" * 32

@@ -362,7 +362,9 @@ def test_normalize_pcr_refuses(value, message):
 
 
 def render(**kwargs):
-    args = {"account_id": OWNER, "user_principals": [USER], "pcr0": [PCR0]} | kwargs
+    # The owner's role administers the key: render_policy no longer defaults to the account root, which lint
+    # refuses (an account-wide Allow of GenerateDataKey without conditions).
+    args = {"account_id": OWNER, "user_principals": [USER], "pcr0": [PCR0], "admin_principals": [OWNER_ROLE]} | kwargs
     return kp.render_policy(**args)
 
 
@@ -370,7 +372,7 @@ def test_rendered_policy_shape():
     doc = render(pcr0=[PCR0_NEXT.upper(), PCR0, PCR0], user_principals=[USER, USER])
     by_sid = {s["Sid"]: s for s in doc["Statement"]}
     assert list(by_sid) == [kp.SID_ADMIN, kp.SID_ALLOW, kp.SID_DENY]
-    assert by_sid[kp.SID_ADMIN]["Principal"] == {"AWS": [ROOT]}
+    assert by_sid[kp.SID_ADMIN]["Principal"] == {"AWS": [OWNER_ROLE]}
     assert by_sid[kp.SID_ALLOW]["Principal"] == {"AWS": [USER]}
     # PCR0 values keep the order given (newest first), lowercase, each once.
     assert by_sid[kp.SID_ALLOW]["Condition"] == {"StringEqualsIgnoreCase": {KEY: [PCR0_NEXT, PCR0]}}
@@ -483,9 +485,9 @@ def test_merge_keeps_foreign_statements_and_replaces_ours_in_place():
     assert existing == AWS_DEFAULT  # input untouched
     assert doc["Id"] == "key-default-1"
     sids = [s.get("Sid") for s in doc["Statement"]]
-    assert sids == ["Enable IAM User Permissions", kp.SID_ALLOW, None, kp.SID_ADMIN, kp.SID_DENY]
-    assert doc["Statement"][0] == AWS_DEFAULT["Statement"][0]
-    assert doc["Statement"][2] == AWS_DEFAULT["Statement"][2]
+    # AWS's default account-wide statement is replaced by OwnerAdministers (lint refuses it: changed on purpose)
+    assert sids == [kp.SID_ALLOW, None, kp.SID_ADMIN, kp.SID_DENY]
+    assert doc["Statement"][1] == AWS_DEFAULT["Statement"][2]
     assert kp.allowed_pcr0(doc) == [PCR0]
     assert render(existing=doc) == doc
     assert kp.lint(doc) == []
@@ -574,7 +576,7 @@ def test_lint_missing_deny():
     problems = kp.lint(without(render(), kp.SID_DENY), user_principals=[USER])
     assert problems_naming(problems, "no statement explicitly denies kms:Decrypt")
     # and the admin's kms:* now hands out the key without attestation
-    assert problems_naming(problems, kp.SID_ADMIN, "kms:Decrypt without an attestation", ROOT)
+    assert problems_naming(problems, kp.SID_ADMIN, "kms:Decrypt without an attestation", OWNER_ROLE)
     assert problems_naming(problems, kp.SID_ADMIN, "kms:ReEncryptFrom")
 
 
@@ -618,7 +620,7 @@ def test_lint_deny_for_some_principals_only():
     doc = replace(render(), kp.SID_DENY, Principal={"AWS": USER})
     problems = kp.lint(doc)
     assert problems_naming(problems, kp.SID_DENY, 'Principal "*"')
-    assert problems_naming(problems, kp.SID_ADMIN, ROOT, "without an attestation")
+    assert problems_naming(problems, kp.SID_ADMIN, OWNER_ROLE, "without an attestation")
 
 
 def test_lint_unpinned_pcr8():
@@ -673,3 +675,82 @@ def test_lint_user_locked_out():
 )
 def test_lint_names_shape_problems(doc, words):
     assert problems_naming(kp.lint(doc), *words)
+
+
+# ---------------------------------------------------------------------------
+# Broad principals on what releases the key, and the signing key's policy
+
+
+RELEASING = ["kms:Decrypt", "kms:GenerateDataKey", "kms:ReEncrypt*", "kms:*", "kms:GenerateDataKey*"]
+
+
+@pytest.mark.parametrize("action", RELEASING)
+@pytest.mark.parametrize(
+    "principal", ["*", {"AWS": "*"}, {"AWS": "arn:aws:iam::*:root"}, {"AWS": f"arn:aws:iam::{OWNER}:role/*"}]
+)
+def test_lint_refuses_wildcard_principals_on_what_releases_the_key(principal, action):
+    attested = {"StringEqualsIgnoreCase": {KEY: PCR0}}  # even with the attestation condition
+    doc = render()
+    doc["Statement"].append(allow(attested, principal=principal, action=action, sid="Wide"))
+    assert problems_naming(kp.lint(doc), "statement Wide", "wildcard principal")
+
+
+def test_lint_allows_wildcard_principals_on_what_does_not_release_the_key():
+    doc = render()
+    doc["Statement"].append(allow(principal="*", action="kms:DescribeKey", sid="Describe"))
+    assert not problems_naming(kp.lint(doc), "Describe")
+
+
+@pytest.mark.parametrize("principal", [ROOT, OWNER])
+def test_lint_refuses_an_account_wide_allow_without_conditions(principal):
+    doc = render()
+    doc["Statement"].append(allow(principal={"AWS": principal}, action="kms:GenerateDataKey", sid="Account"))
+    assert problems_naming(kp.lint(doc), "statement Account", "whole account", "without conditions")
+    # AWS's own default statement is exactly that, and render_policy replaces it
+    problems = kp.lint(AWS_DEFAULT | {"Statement": AWS_DEFAULT["Statement"][:1] + render()["Statement"]})
+    assert problems_naming(problems, "Enable IAM User Permissions", "whole account")
+    assert "Enable IAM User Permissions" not in json.dumps(render(existing=AWS_DEFAULT))
+    # with a condition (here the attestation) an account principal is the evaluator's business, not this rule's
+    conditioned = render()
+    conditioned["Statement"].append(
+        allow({"StringEqualsIgnoreCase": {KEY: PCR0}}, principal={"AWS": principal}, sid="Account")
+    )
+    assert not problems_naming(kp.lint(conditioned), "whole account")
+
+
+def test_render_needs_admin_principals():
+    with pytest.raises(PolicyError, match="admin_principals is not set"):
+        kp.render_policy(account_id=OWNER, user_principals=[USER], pcr0=[PCR0])
+
+
+def test_rendered_signing_policy_lets_only_the_owner_sign():
+    doc = kp.render_signing_policy(account_id=OWNER, owner_principals=[OWNER_ROLE], reader_principals=[USER])
+    assert kp.lint_signing_policy(doc, owner_principals=[OWNER_ROLE]) == []
+    assert decide(doc, action="kms:Sign", principal=OWNER_ROLE).allowed
+    assert decide(doc, action="kms:GetPublicKey", principal=USER).allowed
+    assert not decide(doc, action="kms:Sign", principal=USER).allowed
+    assert not decide(doc, action="kms:Sign", principal=ROOT).allowed
+
+
+@pytest.mark.parametrize(
+    "principal",
+    ["*", {"AWS": "*"}, {"AWS": ROOT}, {"AWS": OWNER}, {"AWS": USER}, {"AWS": f"arn:aws:iam::{OWNER}:role/*"}],
+)
+@pytest.mark.parametrize("action", ["kms:Sign", "kms:*", "kms:S*"])
+def test_lint_signing_policy_refuses_any_other_signer(principal, action):
+    doc = kp.render_signing_policy(account_id=OWNER, owner_principals=[OWNER_ROLE])
+    doc["Statement"].append(allow({"Bool": {"aws:SecureTransport": "true"}}, principal=principal, action=action,
+                                  sid="AlsoSigns"))  # fmt: skip
+    problems = kp.lint_signing_policy(doc, owner_principals=[OWNER_ROLE])
+    assert problems_naming(problems, "statement AlsoSigns allows kms:Sign", "who is not the owner")
+
+
+def test_lint_signing_policy_wants_the_owner_able_to_sign():
+    doc = kp.render_signing_policy(account_id=OWNER, owner_principals=[OWNER_ROLE])
+    doc["Statement"].append(deny(principal={"AWS": OWNER_ROLE}, action="kms:Sign", sid="NoSigning"))
+    assert problems_naming(
+        kp.lint_signing_policy(doc, owner_principals=[OWNER_ROLE]), OWNER_ROLE, "cannot call kms:Sign"
+    )
+    # AWS's default policy (the whole account) is refused for a signing key too
+    default = {"Version": "2012-10-17", "Statement": AWS_DEFAULT["Statement"][:1]}
+    assert problems_naming(kp.lint_signing_policy(default, owner_principals=[OWNER_ROLE]), ROOT, "not the owner")

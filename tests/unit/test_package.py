@@ -17,13 +17,15 @@ from pathlib import Path
 import boto3
 import cbor2
 import pytest
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from moto import mock_aws
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import KmsError, PackageError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import OwnerIdentity, OwnerKey
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import (
     ManifestEntry,
     PackageHeader,
@@ -40,6 +42,28 @@ VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 SEGMENT = 1 << 20
 TINK_HEADER = 1 + 32 + 7
 KEY = bytes(range(32))  # data key of the hostile packages built here
+OWNER_ARN = "arn:aws:kms:us-east-1:111122223333:key/owner-signing"
+HOST_ARN = "arn:aws:kms:us-east-1:444455556666:key/host-signing"
+
+
+class Signer:
+    """A P-384 key held here, signing as KMS Sign does (ECDSA_SHA_384, DER); the KMS path is tested against
+    the local KMS in tests/integration (moto's Sign hashes a DIGEST message again)."""
+
+    def __init__(self, key_id: str, private=None):
+        self.private = private or ec.generate_private_key(ec.SECP384R1())
+        spki = self.private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.key = OwnerKey(key_id, spki)
+        self.calls = 0
+
+    def sign(self, message: bytes) -> bytes:
+        self.calls += 1
+        return self.private.sign(message, ec.ECDSA(hashes.SHA384()))
+
+
+OWNER = Signer(OWNER_ARN)
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
@@ -115,7 +139,9 @@ def sealed(kms, tmp_path_factory):
     client, key_id = kms
     work = tmp_path_factory.mktemp("sealed")
     src = make_tree(work / "src")
-    header = seal(src, work / "app.pkg", kms_client=client, key_id=key_id, name="digits-classifier", version="1.0")
+    header = seal(
+        src, work / "app.pkg", kms_client=client, key_id=key_id, name="digits-classifier", version="1.0", signer=OWNER
+    )
     return {"src": src, "path": work / "app.pkg", "header": header, "bytes": (work / "app.pkg").read_bytes()}
 
 
@@ -204,6 +230,9 @@ def decrypt_per_spec(path: Path, data_key: bytes) -> tuple[bytes, bytes]:
     assert data[:8] == b"\x89CMLPKG\n"
     (length,) = struct.unpack(">I", data[8:12])
     raw, body = data[: 12 + length], data[12 + length :]
+    if cbor2.loads(raw[12:])["format_version"] == 2:  # section 1: a signature block follows the header
+        (signature_length,) = struct.unpack(">H", body[:2])
+        body = body[2 + signature_length :]
     assert body[0] == TINK_HEADER
     salt, nonce_prefix = body[1:33], body[33:40]
     derived = AESGCM(HKDF(hashes.SHA256(), 32, salt, raw).derive(data_key))
@@ -412,14 +441,14 @@ def test_every_header_byte_is_authenticated(sealed, kms, tmp_path):
 )
 def test_a_flipped_body_byte_fails_authentication(sealed, kms, tmp_path, where, offset):
     data = sealed["bytes"]
-    at = offset(len(sealed["header"].raw), len(data))
+    at = offset(sealed["header"].body_offset, len(data))
     path = tampered(tmp_path, flip(data, at))
     message = assert_refused(
         path, tmp_path / "out", kms_unwrap(kms[0]), "failed authentication", "obtain a fresh copy from the owner",
         name="digits-classifier", version="1.0",
     )  # fmt: skip
     if where.startswith(("first", "second", "last")):
-        segment = (at - len(sealed["header"].raw)) // SEGMENT
+        segment = (at - sealed["header"].body_offset) // SEGMENT
         assert f"encrypted segment {segment} " in message
 
 
@@ -438,7 +467,7 @@ def test_a_flipped_body_byte_fails_authentication(sealed, kms, tmp_path, where, 
 )
 def test_truncation_is_detected(sealed, kms, tmp_path, where, keep):
     data = sealed["bytes"]
-    path = tampered(tmp_path, data[: keep(len(sealed["header"].raw), len(data))])
+    path = tampered(tmp_path, data[: keep(sealed["header"].body_offset, len(data))])
     assert_refused(path, tmp_path / "out", kms_unwrap(kms[0]), "obtain a fresh copy from the owner")
 
 
@@ -448,7 +477,7 @@ def test_appended_bytes_are_detected(sealed, kms, tmp_path):
 
 
 def test_swapped_and_dropped_segments_are_detected(sealed, kms, tmp_path):
-    data, h = sealed["bytes"], len(sealed["header"].raw)
+    data, h = sealed["bytes"], sealed["header"].body_offset
     one, two = data[h + SEGMENT : h + 2 * SEGMENT], data[h + 2 * SEGMENT : h + 3 * SEGMENT]
     swapped = data[: h + SEGMENT] + two + one + data[h + 3 * SEGMENT :]
     dropped = data[: h + SEGMENT] + data[h + 2 * SEGMENT :]
@@ -466,7 +495,7 @@ def test_header_transplanted_from_another_package_fails(sealed, kms, tmp_path):
     src.mkdir()
     (src / "x.txt").write_text("another package")
     other = seal(src, tmp_path / "other.pkg", kms_client=client, key_id=key_id, name="digits-classifier", version="1.0")
-    body = sealed["bytes"][len(sealed["header"].raw) :]
+    body = sealed["bytes"][sealed["header"].body_offset :]
     path = tampered(tmp_path, other.raw + body)
     assert_refused(path, tmp_path / "out", kms_unwrap(client), "failed authentication in encrypted segment 0 ")
 
@@ -478,7 +507,7 @@ def test_header_with_the_right_key_but_edited_fields_fails(sealed, kms, tmp_path
         name=h.name, version="1.1", key_id=h.key_id, encryption_context=h.encryption_context,
         wrapped_key=h.wrapped_key, manifest_digest=h.manifest_digest,
     )  # fmt: skip
-    path = tampered(tmp_path, edited.raw + sealed["bytes"][len(h.raw) :])
+    path = tampered(tmp_path, edited.raw + sealed["bytes"][h.body_offset :])
     assert_refused(path, tmp_path / "out", kms_unwrap(kms[0]), "failed authentication in encrypted segment 0 ")
 
 
@@ -767,20 +796,30 @@ def test_read_header_refuses_other_files_clearly(tmp_path):
 
 
 def test_read_header_names_a_newer_format(tmp_path):
-    body = cbor2.dumps({"format_version": 2, "a field v1 does not know": b""}, canonical=True)
+    # Format 2 (signed) exists now: 3 is the first one this release cannot read.
+    body = cbor2.dumps({"format_version": 3, "a field v2 does not know": b""}, canonical=True)
     path = tmp_path / "new.pkg"
     path.write_bytes(package.MAGIC + struct.pack(">I", len(body)) + body)
-    with pytest.raises(PackageError, match="uses package format 2"):
+    with pytest.raises(PackageError, match="uses package format 3; this confidential_ml.nitro reads formats 1, 2"):
         read_header(path)
 
 
 # --------------------------------------------------------------------------- test vector
 
 
-@pytest.fixture(scope="module")
-def vector():
-    expected = json.loads((VECTORS / "v1-tiny.json").read_text())
-    return VECTORS / "v1-tiny.cmlpkg", expected
+@pytest.fixture(scope="module", params=["v2-tiny", "v1-tiny"])
+def vector(request):
+    """The signed format-2 vector, and the unsigned format-1 one that unbound images still open."""
+    expected = json.loads((VECTORS / f"{request.param}.json").read_text())
+    return VECTORS / f"{request.param}.cmlpkg", expected
+
+
+def vector_signer(expected) -> Signer | None:
+    """The vector's signing key (published on purpose, like its data key), or None for format 1."""
+    if "signing_key_d_hex" not in expected:
+        return None
+    private = ec.derive_private_key(int(expected["signing_key_d_hex"], 16), ec.SECP384R1())
+    return Signer(expected["header"]["signer"]["key_id"], private)
 
 
 def test_vector_file_is_the_published_one(vector):
@@ -804,9 +843,29 @@ def test_vector_header_encoding_is_reproduced(vector, tmp_path):
         tmp_path / "again.pkg", name=h["name"], version=h["version"], key_id=h["key_id"],
         encryption_context=h["encryption_context"], wrapped_key=base64.b64decode(h["wrapped_key"]),
         manifest_digest=bytes.fromhex(h["manifest_digest"]), data_key=bytes.fromhex(expected["data_key_hex"]),
-        body_chunks=[],
+        body_chunks=[], signer=vector_signer(expected),
     )  # fmt: skip
     assert written.raw.hex() == expected["header_raw_hex"]
+
+
+def test_vector_signature_verifies_by_the_spec_alone(vector):
+    """Section 1 and 2.1: the signature block after the header is DER ECDSA P-384/SHA-384 over the header bytes,
+    by the public key the header names by its SHA-256."""
+    path, expected = vector
+    if expected["header"]["format_version"] == 1:
+        assert "signer" not in expected["header"]
+        return
+    data = path.read_bytes()
+    (length,) = struct.unpack(">I", data[8:12])
+    raw = data[: 12 + length]
+    (signature_length,) = struct.unpack(">H", data[12 + length : 14 + length])
+    signature = data[14 + length : 14 + length + signature_length]
+    public_der = base64.b64decode(expected["signing_public_key"])
+    assert hashlib.sha256(public_der).hexdigest() == expected["header"]["signer"]["fingerprint"]
+    assert cbor2.loads(raw[12:])["signer_fingerprint"].hex() == expected["header"]["signer"]["fingerprint"]
+    serialization.load_der_public_key(public_der).verify(signature, raw, ec.ECDSA(hashes.SHA384()))
+    identity = OwnerIdentity((OwnerKey(expected["header"]["signer"]["key_id"], public_der),))
+    assert identity.check_package(read_header(path)).key_id == expected["header"]["signer"]["key_id"]
 
 
 def test_vector_opens_to_the_expected_tree(vector, tmp_path):
@@ -860,3 +919,177 @@ def test_multi_segment_package_decrypts_by_the_spec_alone(tmp_path):
     _raw, plaintext = decrypt_per_spec(path, KEY)
     with tarfile.open(fileobj=io.BytesIO(plaintext), mode="r:") as tar:
         assert tar.extractfile("big").read() == content
+
+
+# --------------------------------------------------------------------------- the owner's signature (format 2)
+
+
+def counting_unwrap(client):
+    """An unwrap that counts its calls: a refused package must not reach KMS."""
+    unwrap = kms_unwrap(client)
+
+    def counted(header):
+        counted.calls += 1
+        return unwrap(header)
+
+    counted.calls = 0
+    return counted
+
+
+def resign_as(header: PackageHeader, signature: bytes) -> bytes:
+    return header.raw + struct.pack(">H", len(signature)) + signature
+
+
+def test_signed_header_names_its_signer_and_carries_the_signature(sealed):
+    header = read_header(sealed["path"])
+    assert (header.format_version, header.signer_key_id) == (2, OWNER_ARN)
+    assert header.signer_fingerprint == OWNER.key.fingerprint == hashlib.sha256(OWNER.key.public_key).digest()
+    assert OWNER.key.verifies(header.signature, header.raw)
+    assert header.to_json()["signer"] == {
+        "key_id": OWNER_ARN,
+        "fingerprint": OWNER.key.fingerprint.hex(),
+        "signature": base64.b64encode(header.signature).decode(),
+    }
+    assert (
+        sealed["bytes"][len(header.raw) : header.body_offset] == resign_as(header, header.signature)[len(header.raw) :]
+    )
+
+
+def test_the_owners_package_passes_the_owner_check_and_opens(sealed, kms, tmp_path):
+    identity = OwnerIdentity((Signer(HOST_ARN).key, OWNER.key))  # rotation: any listed key may sign
+    opened = []
+    open_package(
+        sealed["path"], tmp_path / "out", unwrap_key=kms_unwrap(kms[0]), check_header=lambda h: opened.append(
+            identity.check_package(h))
+    )  # fmt: skip
+    assert opened == [OWNER.key]
+    assert snapshot(tmp_path / "out") == source_snapshot(sealed["src"])
+
+
+def test_unsigned_package_is_refused_by_a_bound_image_before_kms(kms, tmp_path):
+    """Format 1 (the host's own package, sealed under the host's own KMS key and signed by nobody)."""
+    client, key_id = kms
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "run.py").write_text("print('the host's own code')\n")
+    path = tmp_path / "unsigned.pkg"
+    seal(src, path, kms_client=client, key_id=key_id, name="evil", version="1")
+    refused_before_kms(
+        path, tmp_path, client, "package 'evil' 1 is not signed (package format 1)", OWNER_ARN,
+        OWNER.key.fingerprint.hex(), "--signing-key",
+    )  # fmt: skip
+
+
+def refused_before_kms(path, tmp_path, client, *phrases) -> str:
+    unwrap = counting_unwrap(client)
+    identity = OwnerIdentity((OWNER.key,))
+    with pytest.raises(PackageError) as raised:
+        open_package(path, tmp_path / "out", unwrap_key=unwrap, check_header=identity.check_package)
+    assert unwrap.calls == 0
+    assert not (tmp_path / "out").exists()
+    for phrase in phrases:
+        assert phrase in str(raised.value), f"{phrase!r} not in {raised.value}"
+    return str(raised.value)
+
+
+def test_package_signed_by_another_key_is_refused_naming_both_keys(kms, tmp_path):
+    client, key_id = kms
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "run.py").write_text("print('the host signed this')\n")
+    host = Signer(HOST_ARN)
+    path = tmp_path / "host.pkg"
+    seal(src, path, kms_client=client, key_id=key_id, name="evil", version="1", signer=host)
+    refused_before_kms(
+        path, tmp_path, client, f"signed by {HOST_ARN} (public key SHA-256 {host.key.fingerprint.hex()})",
+        f"owner's key {OWNER_ARN} (public key SHA-256 {OWNER.key.fingerprint.hex()})",
+    )  # fmt: skip
+
+
+def test_host_key_claiming_the_owners_fingerprint_fails_verification(kms, tmp_path):
+    """The header's signer fields are claims: a host key that names the owner's key is checked against it."""
+    client, key_id = kms
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "run.py").write_text("print('forged')\n")
+    host = Signer(HOST_ARN)
+    host.key = OWNER.key  # the header claims the owner; the signature is the host's
+    path = tmp_path / "forged.pkg"
+    seal(src, path, kms_client=client, key_id=key_id, name="evil", version="1", signer=host)
+    refused_before_kms(path, tmp_path, client, "its signature does not verify over its header")
+
+
+def test_owner_signature_transplanted_onto_a_modified_header_is_refused(sealed, kms, tmp_path):
+    """The host keeps the owner's signature and edits the header (here: points it at its own data key)."""
+    client, key_id = kms
+    h = sealed["header"]
+    host_key = client.generate_data_key(KeyId=key_id, KeySpec="AES_256", EncryptionContext=h.encryption_context)
+    edited = package._make_header(
+        name=h.name, version=h.version, key_id=h.key_id, encryption_context=h.encryption_context,
+        wrapped_key=host_key["CiphertextBlob"], manifest_digest=h.manifest_digest,
+    )  # fmt: skip
+    # The edited header as format 2 with the owner's signer fields, followed by the owner's signature.
+    fields = cbor2.loads(edited.raw[12:]) | {
+        "format_version": 2, "signer_key_id": h.signer_key_id, "signer_fingerprint": h.signer_fingerprint,
+    }  # fmt: skip
+    body = cbor2.dumps(fields, canonical=True)
+    raw = package.MAGIC + struct.pack(">I", len(body)) + body
+    path = tampered(
+        tmp_path, raw + struct.pack(">H", len(h.signature)) + h.signature + sealed["bytes"][h.body_offset :]
+    )
+    assert read_header(path).signer_fingerprint == OWNER.key.fingerprint
+    refused_before_kms(path, tmp_path, client, "its signature does not verify over its header", OWNER_ARN)
+
+
+def test_every_signature_byte_is_checked(sealed, kms, tmp_path):
+    h = sealed["header"]
+    for offset in range(len(h.raw) + 2, h.body_offset):
+        path = tampered(tmp_path, flip(sealed["bytes"], offset))
+        try:
+            header = read_header(path)
+        except PackageError:
+            continue  # a DER length byte changed: still refused
+        with pytest.raises(PackageError):
+            OwnerIdentity((OWNER.key,)).check_package(header)
+
+
+@pytest.mark.parametrize(
+    ("block", "phrase"),
+    [
+        (b"", "ends before its signature"),
+        (b"\x00", "ends before its signature"),
+        (b"\x00\x00", "signature claims 0 bytes"),
+        (b"\x02\x01" + b"x" * 513, "signature claims 513 bytes"),
+        (b"\x00\x67" + b"x" * 10, "ends inside its 103-byte signature"),
+    ],
+)
+def test_read_header_refuses_a_broken_signature_block(sealed, tmp_path, block, phrase):
+    path = tampered(tmp_path, sealed["header"].raw + block)
+    with pytest.raises(PackageError, match=phrase):
+        read_header(path)
+
+
+def test_owner_identity_round_trips_and_refuses_bad_files(tmp_path):
+    identity = OwnerIdentity((OWNER.key, Signer(HOST_ARN).key))
+    assert OwnerIdentity.loads(identity.dumps()) == identity
+    assert identity.dumps() == OwnerIdentity.loads(identity.dumps()).dumps()  # canonical: same keys, same PCR0
+    data = json.loads(identity.dumps())
+    data["signing_keys"][0]["fingerprint"] = "00" * 32
+    with pytest.raises(Exception, match="does not match its public key"):
+        OwnerIdentity.loads(json.dumps(data).encode())
+    rsa_like = base64.b64encode(b"not a key").decode()
+    data = json.loads(identity.dumps())
+    data["signing_keys"][0]["public_key"] = rsa_like
+    with pytest.raises(Exception, match="not DER SubjectPublicKeyInfo"):
+        OwnerIdentity.loads(json.dumps(data).encode())
+    p256 = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    with pytest.raises(Exception, match="not an ECC NIST P-384 key"):
+        OwnerKey("arn:x", p256)
+    with pytest.raises(Exception, match="1 to 16 signing keys"):
+        OwnerIdentity(())
+    with pytest.raises(Exception, match="same public key twice"):
+        OwnerIdentity((OWNER.key, OWNER.key))

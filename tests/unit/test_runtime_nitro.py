@@ -202,8 +202,25 @@ def test_fake_refuses_what_nitro_cli_refuses(fake):
 # ---------------------------------------------------------------- build
 
 
+def owner_identity_file(path: Path, seed: bytes = b"owner") -> str:
+    """An owner_identity.json with one P-384 key, as the enclave_image module writes it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import OwnerIdentity, OwnerKey
+
+    private = ec.derive_private_key(int.from_bytes(hashlib.sha384(seed).digest()), ec.SECP384R1())
+    spki = private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    path.write_bytes(OwnerIdentity((OwnerKey("arn:aws:kms:us-east-1:111122223333:key/signing", spki),)).dumps())
+    return str(path)
+
+
 def test_build_default_source_stages_the_project_image(fake, tmp_path):
-    result = NitroRuntime().build(output=str(tmp_path / "out" / ".." / "enclave.eif"))
+    # The project's image is always bound to its owner (behaviour changed on purpose: owner_identity required).
+    owner = owner_identity_file(tmp_path / "owner_identity.json")
+    result = NitroRuntime().build(output=str(tmp_path / "out" / ".." / "enclave.eif"), owner_identity=owner)
     assert isinstance(result, BuildResult)
     assert result.image == str(tmp_path / "enclave.eif")
     (call,) = fake.calls()
@@ -212,18 +229,43 @@ def test_build_default_source_stages_the_project_image(fake, tmp_path):
     assert argv[1] == "--docker-uri" and re.fullmatch(r"confidential-ml-nitro-enclave:[0-9a-f]{20}", argv[2])
     assert argv[3] == "--docker-dir" and argv[5:] == ["--output-file", result.image]
     files = call["docker_dir_files"]
-    assert "Dockerfile" in files and "enclave_server/server.py" in files
+    assert "Dockerfile" in files and "enclave_server/server.py" in files and "owner_identity.json" in files
     assert "plugins/module_utils/runtime.py" in files and "enclave_server/requirements.txt" in files
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
-    assert not [f for f in files if f.split("/")[0] not in ("Dockerfile", "enclave_server", "plugins")]
+    assert not [
+        f for f in files if f.split("/")[0] not in ("Dockerfile", "enclave_server", "plugins", "owner_identity.json")
+    ]
     assert not Path(argv[4]).exists(), "the staged context is removed after the build"
     # The fake's PCR0 is the SHA-384 of the EIF it wrote, as nitro-cli's is of the image.
     assert result.measurements.pcr0 == hashlib.sha384(Path(result.image).read_bytes()).hexdigest()
     assert result.measurements.pcr8 is None
 
-    again = NitroRuntime().build(output=str(tmp_path / "again.eif"))
+    again = NitroRuntime().build(output=str(tmp_path / "again.eif"), owner_identity=owner)
     assert again.measurements == result.measurements, "the same sources give the same measurements"
     assert fake.argvs()[1][2] == argv[2], "and the same image tag"
+    other = owner_identity_file(tmp_path / "other.json", b"another owner")
+    assert (
+        NitroRuntime().build(output=str(tmp_path / "o.eif"), owner_identity=other).measurements != result.measurements
+    )
+
+
+def test_project_image_without_an_owner_is_refused(fake, tmp_path):
+    with pytest.raises(RuntimeFailure, match="must be bound to its owner: give owner_identity"):
+        NitroRuntime().build(output=str(tmp_path / "x.eif"))
+    broken = tmp_path / "owner_identity.json"
+    broken.write_text("{}")
+    with pytest.raises(EnclaveError, match="is unusable: it is not in the format"):
+        NitroRuntime().build(output=str(tmp_path / "x.eif"), owner_identity=str(broken))
+    assert fake.calls() == []
+
+
+def test_dockerfile_copies_the_staged_owner_identity_beside_enclave_server(tmp_path):
+    staged = runtime.stage_image_context(tmp_path / "ctx", owner_identity_file(tmp_path / "owner.json"))
+    assert (staged / "owner_identity.json").read_bytes() == (tmp_path / "owner.json").read_bytes()
+    copies = [args.split() for op, args in _dockerfile_instructions() if op == "COPY"]
+    assert ["owner_identity.json", "/opt/enclave/ansible_collections/confidential_ml/nitro/owner_identity.json"] in (
+        copies
+    )
 
 
 def test_build_signed_image_reports_pcr8(fake, tmp_path):
@@ -769,7 +811,10 @@ def test_dockerfile_copies_only_the_enclave_code():
     copies = [args.split() for op, args in _dockerfile_instructions() if op in ("COPY", "ADD")]
     assert {op for op, _argument in _dockerfile_instructions()} & {"ADD"} == set()
     sources = {words[0] for words in copies}
-    assert sources == {"enclave_server/requirements.txt", "enclave_server/", "plugins/module_utils/"}
+    # and the owner's signing keys (owner_identity.json, staged beside the Dockerfile): added on purpose
+    assert sources == {
+        "enclave_server/requirements.txt", "enclave_server/", "plugins/module_utils/", "owner_identity.json"
+    }  # fmt: skip
     destinations = {words[0]: words[1] for words in copies}
     assert destinations["enclave_server/"] == "/opt/enclave/ansible_collections/confidential_ml/nitro/enclave_server/"
     assert (

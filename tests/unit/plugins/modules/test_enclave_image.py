@@ -202,3 +202,30 @@ def test_nitro_without_nitro_cli_says_so(run_module, tmp_path, monkeypatch):
     result = run_module(enclave_image.main, {"output": str(tmp_path / "e.eif"), "backend": "nitro", "source": "x:1"})
     assert result["failed"] is True and "nitro-cli not found" in result["msg"]
     assert leftovers(tmp_path) == []
+
+
+def test_owner_signing_keys_bind_the_image_and_change_its_pcr0(run_module, out, owner, connection):
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import OwnerIdentity
+
+    signing = owner.create_key(KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY")["KeyMetadata"]
+    unbound = run_module(enclave_image.main, {"output": str(out), "backend": "local"})
+    assert unbound["owner_signing_keys"] == []
+    bound = run_module(
+        enclave_image.main,
+        {"output": str(out), "backend": "local", "owner_signing_keys": [signing["KeyId"]], **connection},
+    )
+    assert bound["changed"] is True and bound["measurements"]["pcr0"] != unbound["measurements"]["pcr0"]
+    (described,) = bound["owner_signing_keys"]
+    assert described["key_id"] == signing["Arn"]
+    carried = Image.load(out).app["ansible_collections/confidential_ml/nitro/owner_identity.json"]
+    assert [key.to_json() for key in OwnerIdentity.loads(carried).keys] == [described]
+    again = {"output": str(out), "backend": "local", "owner_signing_keys": [signing["Arn"]], **connection}
+    assert run_module(enclave_image.main, again)["changed"] is False  # same key by ARN: same image
+
+
+def test_owner_signing_key_that_cannot_sign_fails_clearly(run_module, out, key, connection):
+    result = run_module(
+        enclave_image.main, {"output": str(out), "backend": "local", "owner_signing_keys": [key["KeyId"]], **connection}
+    )
+    assert result["failed"] is True and "GetPublicKey" in result["msg"]
+    assert not out.exists()

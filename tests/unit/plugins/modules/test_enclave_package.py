@@ -248,3 +248,38 @@ def test_a_missing_library_fails_the_task_and_names_it(run_module, args, monkeyp
     assert result["failed"] is True
     assert "Failed to import the required Python library (tink_is_not_installed)" in result["msg"]
     assert not (tmp_path / "app.pkg").exists()
+
+
+def test_signing_key_seals_format_2_idempotently_and_reseals_for_another_signer(run_module, args, owner):
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import (
+        OwnerIdentity,
+        owner_key_from_kms,
+    )
+
+    signing = owner.create_key(KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY")["KeyMetadata"]
+    signed_args = dict(args, signing_key_id=signing["KeyId"])
+    first = run_module(enclave_package.main, signed_args)
+    assert first["changed"] is True
+    header = read_header(args["dest"])
+    assert (header.format_version, header.signer_key_id) == (2, signing["Arn"])
+    identity = OwnerIdentity((owner_key_from_kms(owner, signing["KeyId"]),))
+    assert identity.check_package(header).key_id == signing["Arn"]
+    assert first["header"]["signer"]["fingerprint"] == identity.keys[0].fingerprint.hex()
+
+    assert run_module(enclave_package.main, signed_args)["changed"] is False
+    data = Path(args["dest"]).read_bytes()
+
+    # Unsigned, or signed by another key, is not what was asked: sealed again (check mode only reports it).
+    other = owner.create_key(KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY")["KeyMetadata"]
+    check = run_module(enclave_package.main, dict(args, signing_key_id=other["KeyId"]), check_mode=True, diff=True)
+    assert check["changed"] is True and check["header"]["signer"]["key_id"] == other["Arn"]
+    assert Path(args["dest"]).read_bytes() == data
+    assert run_module(enclave_package.main, args)["changed"] is True  # unsigned wanted now
+    assert read_header(args["dest"]).signature is None
+
+
+def test_a_symmetric_key_as_signing_key_fails_clearly(run_module, args, key):
+    result = run_module(enclave_package.main, dict(args, signing_key_id=key["KeyId"]))
+    assert result["failed"] is True
+    assert "cannot read the public key of the owner's signing key" in result["msg"] and "GetPublicKey" in result["msg"]
+    assert not Path(args["dest"]).exists()
