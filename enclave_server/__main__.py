@@ -9,6 +9,7 @@ from ..plugins.module_utils.errors import EnclaveError
 from ..plugins.module_utils.nsm import NsmDevice, NsmSocket
 from ..plugins.module_utils.wire import keep_freed_memory
 from . import kms_forwarder
+from .jobs import JOB_UID
 from .server import EnclaveServer, serve
 
 
@@ -25,6 +26,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--kms-listen", type=int, default=KMS_PROXY_PORT, metavar="PORT", help="loopback port relayed to --kms-proxy"
     )
+    parser.add_argument(
+        "--job-uid",
+        type=int,
+        metavar="UID",
+        help=f"the uid (and gid) jobs run as (default when root: {JOB_UID}; otherwise the server's own)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     # Every share.write and share.read moves a 1 MiB frame: with glibc's defaults each one is a fresh
@@ -35,8 +42,9 @@ def main(argv=None) -> int:
     try:
         nsm = NsmSocket(args.nsm.removeprefix("unix://")) if args.nsm.startswith("unix://") else NsmDevice(args.nsm)
         server = EnclaveServer(
-            share_dir=args.share, work_dir=args.work, nsm=nsm, kms_endpoint_url=args.kms_endpoint_url
-        )
+            share_dir=args.share, work_dir=args.work, nsm=nsm, kms_endpoint_url=args.kms_endpoint_url,
+            job_uid=args.job_uid,
+        )  # fmt: skip
         if args.kms_proxy:
             kms_forwarder.start(args.kms_proxy, port=args.kms_listen)
         serve(Endpoint.parse(args.listen), server)

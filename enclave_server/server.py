@@ -64,9 +64,9 @@ def _sha256_file(path: str) -> str:
 
 
 class EnclaveServer:
-    def __init__(self, *, share_dir, work_dir, nsm, kms_endpoint_url: str | None = None):
+    def __init__(self, *, share_dir, work_dir, nsm, kms_endpoint_url: str | None = None, job_uid: int | None = None):
         self.share = Share(share_dir)
-        self.jobs = JobRunner(self.share, work_dir)
+        self.jobs = JobRunner(self.share, work_dir, job_uid=job_uid)
         self.nsm = nsm
         self.kms_endpoint_url = kms_endpoint_url
         self._kms_cached: tuple[tuple, object] | None = None  # (region and credentials, client)
@@ -138,8 +138,12 @@ class EnclaveServer:
         return {"server": SERVER_NAME, "job": job.describe() if job else None, "share": self.share.statfs()}
 
     def attest(self, args: dict, ctx) -> dict:
+        # The host's user_data is signed only inside the attest domain, so no request can make the NSM
+        # sign what a receipt carries (receipt.py keeps the two domains apart).
+        user_data = _bytes_arg(args, "user_data", MAX_NONCE)
         document = self.nsm.attest(
-            nonce=_bytes_arg(args, "nonce", MAX_NONCE), user_data=_bytes_arg(args, "user_data", MAX_NONCE)
+            nonce=_bytes_arg(args, "nonce", MAX_NONCE),
+            user_data=None if user_data is None else receipt.attest_user_data(user_data),
         )
         return {"document": document}
 
@@ -192,6 +196,7 @@ class EnclaveServer:
             emit=emit,
             cancelled=ctx.cancelled,
             timeout=timeout,
+            clear_output=args.get("clear_output") is True,
         )
         # The job's attestation binds what ran and what it produced (a receipt the user can keep).
         summary["attestation"] = self.nsm.attest(user_data=receipt.job_digest(summary))

@@ -638,19 +638,34 @@ def open_package(
 ) -> list[ManifestEntry]:
     """Authenticate, decrypt and extract a package into target_dir (missing, or an empty directory).
 
+    path may also be a binary file open at its start (the enclave's job runner holds one descriptor).
     unwrap_key(header) returns the 32-byte data key (in the enclave: KMS Decrypt with an attestation document).
     On any failure everything written is removed, target_dir is left as it was, and PackageError says why.
+    The header and the body are read through one open file, so what is decrypted is what the header named
+    even if the path is replaced meanwhile.
     """
-    header = read_header(path)
+    if hasattr(path, "read"):
+        return _open_stream(path, getattr(path, "name", "package"), target_dir, unwrap_key, max_total_bytes)
+    try:
+        package = open(path, "rb")  # noqa: SIM115 - closed below, after the body
+    except OSError as exc:
+        raise PackageError(f"cannot read package {path}: {exc}; check the path and its permissions") from exc
+    with package:
+        return _open_stream(package, path, target_dir, unwrap_key, max_total_bytes)
+
+
+def _open_stream(package: BinaryIO, path, target_dir, unwrap_key, max_total_bytes: int) -> list[ManifestEntry]:
+    try:
+        header = _read_header(package, path)
+    except OSError as exc:
+        raise PackageError(f"cannot read package {path}: {exc}; check the path and its permissions") from exc
     where = _describe(header, path)
     data_key = _check_data_key(_unwrap(unwrap_key, header, where), where)
     target = Path(target_dir)
     created_target = _prepare_target(target, where)
     written: list[str] = []  # top-level names this call created inside target
     try:
-        with open(path, "rb") as package:
-            package.seek(len(header.raw))
-            return _open_body(package, target, header, where, data_key, max_total_bytes, written)
+        return _open_body(package, target, header, where, data_key, max_total_bytes, written)
     except BaseException as exc:
         _remove_written(target, written, created_target, exc)
         if isinstance(exc, OSError):
