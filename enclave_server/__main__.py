@@ -32,6 +32,9 @@ def main(argv=None) -> int:
         metavar="UID",
         help=f"the uid (and gid) jobs run as (default when root: {JOB_UID}; otherwise the server's own)",
     )
+    parser.add_argument(
+        "--job-python", default=sys.executable, metavar="PATH", help="the interpreter jobs run (default: this one)"
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     # Every share.write and share.read moves a 1 MiB frame: with glibc's defaults each one is a fresh
@@ -43,7 +46,7 @@ def main(argv=None) -> int:
         nsm = NsmSocket(args.nsm.removeprefix("unix://")) if args.nsm.startswith("unix://") else NsmDevice(args.nsm)
         server = EnclaveServer(
             share_dir=args.share, work_dir=args.work, nsm=nsm, kms_endpoint_url=args.kms_endpoint_url,
-            job_uid=args.job_uid,
+            job_uid=args.job_uid, job_python=args.job_python,
         )  # fmt: skip
         if args.kms_proxy:
             kms_forwarder.start(args.kms_proxy, port=args.kms_listen)

@@ -51,7 +51,7 @@ from .share import TOP_LEVEL, Share, split_path
 # unless the package allows full stderr it replaces the traceback printers:
 # file, line, function and exception type reach the host, never source lines
 # or exception messages (either can carry the owner's code or data).
-_BOOTSTRAP = """
+_BOOTSTRAP = r"""
 import ctypes, os, sys
 ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
 stderr_mode, root, script = sys.argv[1:4]

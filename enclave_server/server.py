@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import stat
+import sys
 import threading
 
 from ..plugins.module_utils import kms_recipient, receipt, wire
@@ -64,9 +65,9 @@ def _sha256_file(path: str) -> str:
 
 
 class EnclaveServer:
-    def __init__(self, *, share_dir, work_dir, nsm, kms_endpoint_url: str | None = None, job_uid: int | None = None):
+    def __init__(self, *, share_dir, work_dir, nsm, kms_endpoint_url: str | None = None, job_uid=None, job_python=None):
         self.share = Share(share_dir)
-        self.jobs = JobRunner(self.share, work_dir, job_uid=job_uid)
+        self.jobs = JobRunner(self.share, work_dir, job_uid=job_uid, python=job_python or sys.executable)
         self.nsm = nsm
         self.kms_endpoint_url = kms_endpoint_url
         self._kms_cached: tuple[tuple, object] | None = None  # (region and credentials, client)
