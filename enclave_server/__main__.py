@@ -1,7 +1,9 @@
 """Start the enclave server: python -m ansible_collections.confidential_ml.nitro.enclave_server --listen ..."""
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 
 from ..plugins.module_utils.endpoints import KMS_PROXY_PORT, Endpoint
@@ -43,6 +45,10 @@ def main(argv=None) -> int:
     keep_freed_memory()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        nsm_path = args.nsm.removeprefix("unix://")
+        if os.geteuid() == 0:  # the server alone may open the NSM: jobs run as another uid (jobs.py)
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(nsm_path, 0o600)
         nsm = NsmSocket(args.nsm.removeprefix("unix://")) if args.nsm.startswith("unix://") else NsmDevice(args.nsm)
         server = EnclaveServer(
             share_dir=args.share, work_dir=args.work, nsm=nsm, kms_endpoint_url=args.kms_endpoint_url,

@@ -52,7 +52,7 @@ from .share import TOP_LEVEL, Share, split_path
 # file, line, function and exception type reach the host, never source lines
 # or exception messages (either can carry the owner's code or data).
 _BOOTSTRAP = r"""
-import ctypes, os, sys
+import ctypes, os, runpy, sys
 ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
 stderr_mode, root, script = sys.argv[1:4]
 sys.argv = sys.argv[3:]
@@ -65,7 +65,7 @@ if stderr_mode != "full":
         lines = ["Traceback (source lines and messages withheld; the package's enclave.json can allow them):"]
         for frame, line in traceback.walk_tb(tb):
             code = frame.f_code
-            if code.co_filename not in ("<string>", traceback.__file__) and not code.co_filename.endswith("runpy.py"):
+            if not code.co_filename.startswith("<") and code.co_filename not in (traceback.__file__, runpy.__file__):
                 lines.append(f'  File "{_name(code.co_filename)}", line {line}, in {code.co_name}')
         if isinstance(value, SyntaxError) and value.filename:
             lines.append(f'  File "{_name(value.filename)}", line {value.lineno}')
@@ -77,7 +77,6 @@ if stderr_mode != "full":
     warnings.formatwarning = lambda m, category, filename, lineno, line=None: (
         f"{_name(filename)}:{lineno}: {category.__name__} (message withheld)\n"
     )
-import runpy
 runpy.run_path(script, run_name="__main__")
 """
 _CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
