@@ -33,6 +33,7 @@ import os
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -217,7 +218,7 @@ class JobRunner:
                     self._kill_job_processes()  # nothing of an earlier job may see this one
                     self._prepare_output(clear_output)
                     # Taken before the key is released: a huge (sparse) input costs time, never plaintext.
-                    inputs = self.digests("dataset", deadline, cancelled) + self.digests("model", deadline, cancelled)
+                    inputs = self._inputs(deadline, cancelled)
                     os.makedirs(workdir, mode=0o700)
                     tree = os.path.join(workdir, "app")
                     opened = []  # the header the key was released for, read through package_file
@@ -252,6 +253,23 @@ class JobRunner:
             shutil.rmtree(workdir, ignore_errors=True)
             self.current = None
             self._lock.release()
+
+    def _inputs(self, deadline, cancelled) -> list[dict]:
+        if self.job_uid is not None:  # the job reads them as "others": say so now, not as a withheld traceback
+            for top in ("dataset", "model"):
+                for dirpath, dirnames, filenames in os.walk(os.path.join(self.share.root, top)):
+                    for name, need in [(".", 0o005)] + [(d, 0o005) for d in dirnames] + [(f, 0o004) for f in filenames]:
+                        path = os.path.normpath(os.path.join(dirpath, name))
+                        mode = os.lstat(path).st_mode
+                        if not stat.S_ISLNK(mode) and mode & need != need:
+                            shown = "/" + os.path.relpath(path, self.share.root)
+                            raise JobError(
+                                errno.EACCES,
+                                f"{shown} has mode {stat.S_IMODE(mode):04o}: the job runs as its own user and reads "
+                                f"inputs as others do; make it readable (chmod o+r{'x' if need == 0o005 else ''}) "
+                                "and run again",
+                            )
+        return self.digests("dataset", deadline, cancelled) + self.digests("model", deadline, cancelled)
 
     def _prepare_output(self, clear: bool) -> None:
         root = os.path.join(self.share.root, "output")

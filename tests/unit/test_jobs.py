@@ -190,7 +190,7 @@ def test_second_job_is_busy_and_names_the_first(env, tmp_path):
 def test_timeout_and_cancel_kill_the_script_and_clean_up(env):
     _share, runner, work = env
     summary, events = run(runner, "spin.py", [], timeout=0.5)
-    assert summary["ended_by"] == "timeout" and summary["rc"] != 0
+    assert summary["ended_by"] == "timeout" and summary["rc"] != 0, (summary, events)
     assert "spinning" in output_of(events, "stdout")
     cancelled = threading.Event()
     threading.Timer(0.3, cancelled.set).start()
@@ -518,3 +518,17 @@ def test_a_huge_sparse_input_honours_timeout_and_cancel(env, how):
 def test_attached_option_values_are_mapped_like_bare_paths(env, arg, mapped):
     share, runner, _work = env
     assert runner._map_arg(arg) == mapped.format(root=share.root)
+
+
+@needs_root
+def test_an_input_the_job_cannot_read_is_refused_with_the_fix(env):
+    share, runner, work = env
+    share.create("/dataset/private.csv", 0o600, data=b"x")
+    share.chmod("/dataset/private.csv", 0o600)
+    with pytest.raises(OSError, match=r"/dataset/private.csv has mode 0600: .*chmod o\+r") as caught:
+        run(runner, "ml_algorithm.py", "-d /dataset -o /output")
+    assert caught.value.errno == errno.EACCES
+    assert list(work.iterdir()) == []
+    share.chmod("/dataset/private.csv", 0o644)
+    summary, events = run(runner, "ml_algorithm.py", "-d /dataset -o /output")
+    assert summary["rc"] == 0, output_of(events, "stderr")
