@@ -59,7 +59,7 @@ options:
     description:
       - Remove whatever is in the share's C(/output) before the job starts.
       - A job starts only on an empty C(/output), so that its receipt lists exactly the files it wrote; without
-        this option the enclave refuses to start while files from before are there (pull them first: the
+        this option the enclave refuses to start while files from before are there (pull them first; the
         module never removes outputs unless told to).
     type: bool
     default: false
