@@ -2,7 +2,9 @@
 
 import errno
 import os
+import shutil
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -57,14 +59,6 @@ JOB_UID = 40000 + os.getpid() % 20000 if os.geteuid() == 0 else None
 JOB_PYTHON = "/usr/bin/python3" if JOB_UID is not None and os.path.exists("/usr/bin/python3") else sys.executable
 
 
-def reachable(path) -> None:
-    """Let the job uid pass through path's ancestors (pytest's are 0700), as it passes through / to the share."""
-    for parent in Path(path).parents:
-        if str(parent) in ("/", "/tmp"):
-            break
-        parent.chmod(parent.stat().st_mode | 0o001)
-
-
 def seal(tmp_path, files: dict, dest, version="1"):
     src = tmp_path / f"src-{Path(dest).name}-{version}"
     src.mkdir()
@@ -75,12 +69,18 @@ def seal(tmp_path, files: dict, dest, version="1"):
 
 @pytest.fixture
 def env(tmp_path):
-    share = Share(tmp_path / "share")
+    """(share, runner, work). The share and the work directory live where the job uid can reach them, as in
+    an enclave: not under pytest's base directory, which every pytest session resets to 0700. tmp_path/share
+    links to the share for the tests' own (host-side) file access."""
+    root = Path(tempfile.mkdtemp(prefix="jobs-", dir="/tmp"))
+    root.chmod(0o711)
+    share = Share(root / "share")
+    (tmp_path / "share").symlink_to(root / "share")
     seal(tmp_path, APP, tmp_path / "share/encrypted/app.pkg")
-    work = tmp_path / "private"
+    work = root / "private"
     work.mkdir()
-    reachable(work)
-    return share, JobRunner(share, work, job_uid=JOB_UID, python=JOB_PYTHON), work
+    yield share, JobRunner(share, work, job_uid=JOB_UID, python=JOB_PYTHON), work
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def run(runner, script, args, **kw):
@@ -194,8 +194,8 @@ def test_timeout_and_cancel_kill_the_script_and_clean_up(env):
     assert "spinning" in output_of(events, "stdout")
     cancelled = threading.Event()
     threading.Timer(0.3, cancelled.set).start()
-    summary, _events = run(runner, "spin.py", [], cancelled=cancelled)
-    assert summary["ended_by"] == "cancelled"
+    summary, events = run(runner, "spin.py", [], cancelled=cancelled)
+    assert summary["ended_by"] == "cancelled", (summary, events)
     assert list(work.iterdir()) == []
 
 
