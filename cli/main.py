@@ -272,7 +272,13 @@ def cmd_run(args) -> int:
 
     with _client(args) as client:
         summary = client.run(
-            args.file, args.script, args.args or "", kms=kms, on_output=on_output, timeout=args.timeout
+            args.file,
+            args.script,
+            args.args or "",
+            kms=kms,
+            on_output=on_output,
+            timeout=args.timeout,
+            clear_output=args.clear_output,
         )
     if args.receipt:
         receipt = import_module(f"{LIB}.receipt")
@@ -419,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-s", "--script", required=True, help="the .py file inside the package to run")
     run.add_argument("-a", "--args", help="the script's arguments, split as a shell would")
     run.add_argument("--timeout", type=float, help="seconds before the job is killed")
+    run.add_argument(
+        "--clear-output",
+        action="store_true",
+        help="remove what is left in /output first (a job starts only on an empty /output: pull it before)",
+    )
     run.add_argument("--region", help="AWS region of the package's KMS key")
     run.add_argument("--profile", help="AWS profile whose credentials travel with the job")
     run.add_argument("--json", action="store_true", help="print the job summary as JSON")

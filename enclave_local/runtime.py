@@ -789,6 +789,13 @@ def _build_root(config: dict) -> None:
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
+SERVER_CAPS = "+setuid,+setgid,+chown,+dac_override"
+"""What the local server keeps (jobs.py): setuid/setgid to start a job as the job uid and to become it for
+kill(-1) (no CAP_KILL: that child signals only its own uid); chown to hand the job its directory and /output
+and take them back; dac_override to read, hash and remove what the job left with any mode. Not fowner: the
+job's files are the server's again (chown) before the host touches them."""
+
+
 def init(config: dict) -> int:
     """PID 1 of an enclave: build its root, unpack the image from stdin, run the server, reap orphans."""
     paths = config["paths"]
@@ -815,9 +822,9 @@ def init(config: dict) -> int:
     # the server as -I would, except for the one variable set here: the image's code on sys.path.
     env = dict(SERVER_ENV, PYTHONPATH=f"{paths['image']}/app")
     if config["isolated"]:
-        # Root without capabilities: the server and its jobs own their files and sockets, but cannot
-        # mount, create device nodes or otherwise reach past the namespaces to the host.
-        argv = ["setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", *argv]
+        # Root with only SERVER_CAPS: the server owns its files and sockets, but cannot mount, create device
+        # nodes or otherwise reach past the namespaces to the host; its jobs run as another uid with none.
+        argv = ["setpriv", "--no-new-privs", "--inh-caps=-all", f"--bounding-set=-all,{SERVER_CAPS}", *argv]
     else:
         argv = ["setpriv", "--pdeathsig", "KILL", *argv]  # without a PID namespace, tie the server to init
     server = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=console, stderr=console, cwd="/")

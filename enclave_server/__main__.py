@@ -1,7 +1,9 @@
 """Start the enclave server: python -m ansible_collections.confidential_ml.nitro.enclave_server --listen ..."""
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from ..plugins.module_utils.nsm import NsmDevice, NsmSocket
 from ..plugins.module_utils.owner_identity import IDENTITY_FILE, OwnerIdentity
 from ..plugins.module_utils.wire import keep_freed_memory
 from . import kms_forwarder
+from .jobs import JOB_UID
 from .server import EnclaveServer, serve
 
 
@@ -32,6 +35,15 @@ def main(argv=None) -> int:
         metavar="FILE",
         help=f"the owner's signing keys (default: {IDENTITY_FILE} beside enclave_server/, where images carry it)",
     )
+    parser.add_argument(
+        "--job-uid",
+        type=int,
+        metavar="UID",
+        help=f"the uid (and gid) jobs run as (default when root: {JOB_UID}; otherwise the server's own)",
+    )
+    parser.add_argument(
+        "--job-python", default=sys.executable, metavar="PATH", help="the interpreter jobs run (default: this one)"
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     # Every share.write and share.read moves a 1 MiB frame: with glibc's defaults each one is a fresh
@@ -41,10 +53,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         owner = _owner_identity(args.owner_identity)
+        nsm_path = args.nsm.removeprefix("unix://")
+        if os.geteuid() == 0:  # the server alone may open the NSM: jobs run as another uid (jobs.py)
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(nsm_path, 0o600)
         nsm = NsmSocket(args.nsm.removeprefix("unix://")) if args.nsm.startswith("unix://") else NsmDevice(args.nsm)
         server = EnclaveServer(
-            share_dir=args.share, work_dir=args.work, nsm=nsm, kms_endpoint_url=args.kms_endpoint_url, owner=owner
-        )
+            share_dir=args.share, work_dir=args.work, nsm=nsm, kms_endpoint_url=args.kms_endpoint_url,
+            owner=owner, job_uid=args.job_uid, job_python=args.job_python,
+        )  # fmt: skip
         if args.kms_proxy:
             kms_forwarder.start(args.kms_proxy, port=args.kms_listen)
         serve(Endpoint.parse(args.listen), server)

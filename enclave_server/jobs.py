@@ -11,15 +11,29 @@ The package opens into a private directory outside the share, the script runs
 in isolated mode with a clean environment and only the package's own
 directory prepended to sys.path, and the decrypted tree is removed whatever
 happens. One job at a time.
+
+Jobs are isolated from the server and from each other (docs/THREAT_MODEL.md,
+"Jobs"): when the server is root, the script runs as a dedicated job uid/gid
+with no capabilities and no_new_privs, so it cannot open the NSM, reach the
+KMS forwarder, read or trace the server, or replace its socket; after the
+job every process of that uid is killed (kill(-1) from a child that has
+become the uid: exactly that uid's processes, with or without a PID
+namespace) and its files in /tmp, /var/tmp and /dev/shm are removed, beside
+its private TMPDIR. While a job runs the share refuses host changes to
+/dataset, /model, /output and the package file; /output must be empty when
+it starts (or cleared on request), so the receipt lists exactly what the job
+wrote. Tracebacks show where a failure happened, not the owner's source.
 """
 
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -33,13 +47,49 @@ from .share import TOP_LEVEL, Share, split_path
 
 # -I: ignore PYTHON* variables and the user site, and put neither the cwd nor
 # the script's directory on sys.path; the bootstrap then adds exactly the
-# package root, so nothing in the share can shadow a module.
-_BOOTSTRAP = (
-    "import runpy, sys; root, script = sys.argv[1], sys.argv[2]; "
-    "sys.argv = sys.argv[2:]; sys.path.insert(0, root); runpy.run_path(script, run_name='__main__')"
-)
+# package root, so nothing in the share can shadow a module. It sets
+# no_new_privs first (no set-uid program gives the job back a privilege), and
+# unless the package allows full stderr it replaces the traceback printers:
+# file, line, function and exception type reach the host, never source lines
+# or exception messages (either can carry the owner's code or data).
+_BOOTSTRAP = r"""
+import ctypes, os, runpy, sys
+ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+stderr_mode, root, script = sys.argv[1:4]
+sys.argv = sys.argv[3:]
+sys.path.insert(0, root)
+if stderr_mode != "full":
+    import threading, traceback, warnings
+    def _name(path):
+        return os.path.relpath(path, root) if path.startswith(root + os.sep) else path
+    def _where(kind, value, tb):
+        lines = ["Traceback (source lines and messages withheld; the package's enclave.json can allow them):"]
+        for frame, line in traceback.walk_tb(tb):
+            code = frame.f_code
+            if not code.co_filename.startswith("<") and code.co_filename not in (traceback.__file__, runpy.__file__):
+                lines.append(f'  File "{_name(code.co_filename)}", line {line}, in {code.co_name}')
+        if isinstance(value, SyntaxError) and value.filename:
+            lines.append(f'  File "{_name(value.filename)}", line {value.lineno}')
+        lines.append(kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}")
+        sys.stderr.write("\n".join(lines) + "\n")
+        sys.stderr.flush()
+    sys.excepthook = _where
+    threading.excepthook = lambda a: _where(a.exc_type, a.exc_value, a.exc_traceback)
+    warnings.formatwarning = lambda m, category, filename, lineno, line=None: (
+        f"{_name(filename)}:{lineno}: {category.__name__} (message withheld)\n"
+    )
+runpy.run_path(script, run_name="__main__")
+"""
 _CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
 _READ_CHUNK = 64 * 1024
+_HASH_BLOCK = 1 << 20
+SETTINGS_FILE = "enclave.json"
+"""In the package root, written by the owner: {"stderr": "full"} lets tracebacks through whole."""
+STDERR_MODES = ("where", "full")
+JOB_UID = 65534
+"""The job identity when the server is root (65534 is nobody's in most images; the enclave runs nothing
+else as it). A server that is not root (the local backend for development) runs jobs as itself."""
+SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # where a job's leftovers are removed by owner uid
 
 
 class JobError(OSError):
@@ -71,20 +121,40 @@ def parse_args(args) -> list[str]:
 
 
 class JobRunner:
-    def __init__(self, share: Share, work_root, *, python: str = sys.executable):
+    def __init__(
+        self,
+        share: Share,
+        work_root,
+        *,
+        python: str = sys.executable,
+        job_uid: int | None = None,
+        job_gid: int | None = None,
+        scratch_dirs=SCRATCH_DIRS,
+    ):
+        """job_uid None: JOB_UID if the server is root, else the server's own identity (no isolation)."""
         self.share = share
         self.work_root = os.fspath(work_root)
         self.python = python
+        if job_uid is None and os.geteuid() == 0:
+            job_uid = JOB_UID
+        self.job_uid = job_uid
+        self.job_gid = job_gid if job_gid is not None else job_uid
+        self.scratch_dirs = tuple(scratch_dirs)
+        if self.job_uid is not None:
+            if self.job_uid == 0:
+                raise ValueError("the job uid must not be root's")
+            # The job reaches its own directory by name, but cannot list the others (there are none).
+            os.chmod(self.work_root, 0o711)  # noqa: S103 - search only, no listing
         self._lock = threading.Lock()
         self.current: Job | None = None
 
     # -- validation
 
-    def _package_path(self, package: str) -> str:
+    def _package_parts(self, package: str) -> str:
         parts = split_path(package)
         if not parts or parts[0] != "encrypted" or len(parts) < 2:
             raise JobError(errno.EPERM, f"package {package!r} must be a file under /encrypted in the share")
-        return self.share.resolve_file("/" + "/".join(parts))
+        return "/" + "/".join(parts)
 
     @staticmethod
     def _script_parts(script: str) -> list[str]:
@@ -96,10 +166,13 @@ class JobRunner:
         return parts
 
     def _map_arg(self, arg: str) -> str:
-        """/dataset/x -> the share's real path; other absolute paths are refused (also in --opt=/path form)."""
+        """/dataset/x -> the share's real path; other absolute paths are refused, also in the forms
+        --opt=/path and -o/path (a short option with its value attached)."""
         prefix, sep, value = arg.partition("=")
         if sep and prefix.startswith("-") and value.startswith("/"):
             return f"{prefix}={self._map_path(value)}"
+        if len(arg) > 2 and arg[0] == "-" and arg[1] != "-" and arg[2] == "/":
+            return arg[:2] + self._map_path(arg[2:])
         return self._map_path(arg) if arg.startswith("/") else arg
 
     def _map_path(self, path: str) -> str:
@@ -125,52 +198,192 @@ class JobRunner:
         emit: Callable[[dict], None],
         cancelled: threading.Event,
         timeout: float | None = None,
+        clear_output: bool = False,
         check_package: Callable | None = None,
     ) -> dict:
         script_parts = self._script_parts(script)
         given = parse_args(args)
         argv = [self._map_arg(a) for a in given]
-        package_file = self._package_path(package)
+        package_path = self._package_parts(package)
         job = Job(uuid.uuid4().hex[:12], package, script, argv)
+        deadline = time.monotonic() + timeout if timeout else None
         if not self._lock.acquire(blocking=False):
             running = self.current
             raise JobError(errno.EBUSY, f"busy: {running.describe() if running else 'a job'} is running; wait for it")
         self.current = job
         workdir = os.path.join(self.work_root, job.id)
         try:
-            os.makedirs(workdir, mode=0o700)
-            tree = os.path.join(workdir, "app")
-            header = package_format.read_header(package_file)
-            # check_package (the owner's signature) runs on the header open_package unwraps, before KMS or the NSM.
-            package_format.open_package(package_file, tree, unwrap_key=unwrap_key, check_header=check_package)
-            script_path = os.path.join(tree, *script_parts)
-            if not os.path.isfile(script_path) or os.path.islink(script_path):
-                raise JobError(errno.ENOENT, f"script {script!r} is not in package {package}")
-            # What the receipt binds: which package (by content), how it was called, on what inputs.
-            identity = {
-                "package_name": header.name,
-                "package_version": header.version,
-                "package_digest": header.manifest_digest.hex(),
-                "args": given,
-                "inputs": self.digests("dataset") + self.digests("model"),
-            }
-            return identity | self._execute(job, tree, script_path, argv, emit, cancelled, timeout)
+            with self.share.open_package(package_path) as package_file:
+                self.share.hold(f"job {job.id}", package_file.fileno())
+                try:
+                    self._kill_job_processes()  # nothing of an earlier job may see this one
+                    self._prepare_output(clear_output)
+                    # Taken before the key is released: a huge (sparse) input costs time, never plaintext.
+                    inputs = self._inputs(deadline, cancelled)
+                    os.makedirs(workdir, mode=0o700)
+                    tree = os.path.join(workdir, "app")
+                    opened = []  # the header the key was released for, read through package_file
+
+                    def unwrap(header):
+                        opened.append(header)
+                        return unwrap_key(header)
+
+                    # check_package (the owner's signature) runs on the header open_package unwraps, before
+                    # KMS or the NSM.
+                    package_format.open_package(package_file, tree, unwrap_key=unwrap, check_header=check_package)
+                    header = opened[-1]
+                    script_path = os.path.join(tree, *script_parts)
+                    if not os.path.isfile(script_path) or os.path.islink(script_path):
+                        raise JobError(errno.ENOENT, f"script {script!r} is not in package {package}")
+                    stderr_mode = self._stderr_mode(tree, package)
+                    # What the receipt binds: which package (by content), how it was called, on what inputs.
+                    identity = {
+                        "package_name": header.name,
+                        "package_version": header.version,
+                        "package_digest": header.manifest_digest.hex(),
+                        "args": given,
+                        "inputs": inputs,
+                    }
+                    self._hand_over(workdir)
+                    try:
+                        ran = self._execute(job, tree, script_path, argv, emit, cancelled, deadline, stderr_mode)
+                    finally:
+                        self._take_back(workdir)
+                    return identity | ran | {"outputs": self.digests("output")}
+                finally:
+                    self.share.release()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
             self.current = None
             self._lock.release()
 
-    def _execute(self, job, tree, script_path, argv, emit, cancelled, timeout) -> dict:
+    def _inputs(self, deadline, cancelled) -> list[dict]:
+        if self.job_uid is not None:  # the job reads them as "others": say so now, not as a withheld traceback
+            for top in ("dataset", "model"):
+                for dirpath, dirnames, filenames in os.walk(os.path.join(self.share.root, top)):
+                    for name, need in [(".", 0o005)] + [(d, 0o005) for d in dirnames] + [(f, 0o004) for f in filenames]:
+                        path = os.path.normpath(os.path.join(dirpath, name))
+                        mode = os.lstat(path).st_mode
+                        if not stat.S_ISLNK(mode) and mode & need != need:
+                            shown = "/" + os.path.relpath(path, self.share.root)
+                            raise JobError(
+                                errno.EACCES,
+                                f"{shown} has mode {stat.S_IMODE(mode):04o}: the job runs as its own user and reads "
+                                f"inputs as others do; make it readable (chmod o+r{'x' if need == 0o005 else ''}) "
+                                "and run again",
+                            )
+        return self.digests("dataset", deadline, cancelled) + self.digests("model", deadline, cancelled)
+
+    def _prepare_output(self, clear: bool) -> None:
+        root = os.path.join(self.share.root, "output")
+        left = sorted(os.listdir(root))
+        if left and not clear:
+            shown = ", ".join(left[:5]) + (", ..." if len(left) > 5 else "")
+            raise JobError(
+                errno.EEXIST,
+                f"/output holds {len(left)} entries from before ({shown}): pull them, then run again with "
+                "clear_output (CLI: --clear-output) to remove them; a job's receipt lists exactly the files it "
+                "wrote, so it starts on an empty /output",
+            )
+        for name in left:
+            path = os.path.join(root, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+
+    @staticmethod
+    def _stderr_mode(tree: str, package: str) -> str:
+        path = os.path.join(tree, SETTINGS_FILE)
+        if not os.path.isfile(path) or os.path.islink(path):
+            return "where"
+        try:
+            with open(path, "rb") as f:
+                settings = json.loads(f.read(1 << 16))
+        except ValueError as err:
+            raise JobError(errno.EINVAL, f"{SETTINGS_FILE} in package {package} is not valid JSON ({err})") from None
+        mode = settings.get("stderr", "where") if isinstance(settings, dict) else None
+        if mode not in STDERR_MODES:
+            raise JobError(
+                errno.EINVAL,
+                f'{SETTINGS_FILE} in package {package} must be a JSON object whose "stderr" is one of '
+                f"{', '.join(STDERR_MODES)}; the owner fixes it and seals again",
+            )
+        return mode
+
+    # -- the job's identity
+
+    def _chown_tree(self, path: str, uid: int, gid: int) -> None:
+        os.lchown(path, uid, gid)
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in dirnames + filenames:
+                os.lchown(os.path.join(dirpath, name), uid, gid)
+
+    def _hand_over(self, workdir: str) -> None:
+        """The job's directory (its package and TMPDIR) and /output become the job's; nothing else does."""
+        os.makedirs(os.path.join(workdir, "tmp"), mode=0o700)
+        if self.job_uid is not None:
+            self._chown_tree(workdir, self.job_uid, self.job_gid)
+            os.chown(os.path.join(self.share.root, "output"), self.job_uid, self.job_gid)
+
+    def _take_back(self, workdir: str) -> None:
+        """After the script: kill what it left running, remove its scratch files, and own /output again."""
+        self._kill_job_processes()
+        if self.job_uid is None:
+            return
+        for scratch in self.scratch_dirs:
+            with contextlib.suppress(FileNotFoundError), os.scandir(scratch) as entries:
+                for entry in entries:
+                    with contextlib.suppress(FileNotFoundError):
+                        if entry.stat(follow_symlinks=False).st_uid != self.job_uid:
+                            continue
+                        if entry.is_dir(follow_symlinks=False):
+                            shutil.rmtree(entry.path, ignore_errors=True)
+                        else:
+                            os.unlink(entry.path)
+        self._chown_tree(os.path.join(self.share.root, "output"), os.geteuid(), os.getegid())
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    def _kill_job_processes(self) -> None:
+        """SIGKILL every process of the job uid: a child becomes that uid and calls kill(-1), which reaches
+        exactly the processes it may signal (same real or saved uid), in or outside a PID namespace, setsid()
+        or not. Linux walks the task list under its lock, so a forking job cannot slip a child past it."""
+        if self.job_uid is None:
+            return
+        pid = os.fork()
+        if pid == 0:  # only system calls until _exit: the server has threads
+            try:
+                os.setgroups([])
+                os.setresgid(self.job_gid, self.job_gid, self.job_gid)
+                os.setresuid(self.job_uid, self.job_uid, self.job_uid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(-1, signal.SIGKILL)
+                os._exit(0)
+            except BaseException:  # noqa: BLE001 - the child must never return into the server
+                os._exit(1)
+        _pid, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise JobError(errno.EPERM, f"cannot become the job uid {self.job_uid} to end the job's processes")
+
+    def _identity(self) -> dict:
+        if self.job_uid is None:
+            return {}
+        return {"user": self.job_uid, "group": self.job_gid, "extra_groups": []}
+
+    def _execute(self, job, tree, script_path, argv, emit, cancelled, deadline, stderr_mode) -> dict:
         started = time.time()
         emit({"type": "started", "job": job.id})
+        tmp = os.path.join(os.path.dirname(tree), "tmp")
         proc = subprocess.Popen(
-            [self.python, "-I", "-B", "-c", _BOOTSTRAP, tree, script_path, *argv],
+            [self.python, "-I", "-B", "-c", _BOOTSTRAP, stderr_mode, tree, script_path, *argv],
             cwd=tree,
-            env=dict(_CLEAN_ENV, HOME=tree),
+            env=dict(_CLEAN_ENV, HOME=tree, TMPDIR=tmp),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,  # so a timeout or cancel kills the script's children too
+            umask=0o022,
+            **self._identity(),
         )
         pumps = [
             threading.Thread(target=self._pump, args=(proc.stdout, "stdout", emit), daemon=True),
@@ -178,18 +391,18 @@ class JobRunner:
         ]
         for pump in pumps:
             pump.start()
-        deadline = started + timeout if timeout else None
         ended_by = None
         while proc.poll() is None:
             if cancelled.wait(0.05):
                 ended_by = "cancelled"
-            elif deadline and time.time() > deadline:
+            elif deadline and time.monotonic() > deadline:
                 ended_by = "timeout"
             if ended_by:
                 self._kill(proc)
                 break
         proc.wait()
         self._kill(proc)  # whatever the script left running in its session goes too, and releases the pipes
+        self._kill_job_processes()  # and whatever left the session (setsid), which may hold the pipes
         for pump in pumps:
             pump.join()
         ended = time.time()
@@ -201,7 +414,6 @@ class JobRunner:
             "ended_by": ended_by or "exit",
             "start": started,
             "end": ended,
-            "outputs": self.digests("output"),
         }
 
     @staticmethod
@@ -215,8 +427,11 @@ class JobRunner:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
 
-    def digests(self, top: str) -> list[dict]:
-        """Every regular file under a top-level share directory with its size and SHA-256 (links skipped)."""
+    def digests(self, top: str, deadline: float | None = None, cancelled: threading.Event | None = None) -> list[dict]:
+        """Every regular file under a top-level share directory with its size and SHA-256 (links skipped).
+
+        Stops with ETIMEDOUT or ECANCELED between blocks once the job's deadline passes or it is cancelled:
+        a sparse file of a TiB costs the host nothing to make and would take minutes to hash."""
         root = os.path.join(self.share.root, top)
         out = []
         for dirpath, dirnames, filenames in os.walk(root):
@@ -226,9 +441,17 @@ class JobRunner:
                 if os.path.islink(path) or not os.path.isfile(path):
                     continue
                 digest = hashlib.sha256()
+                rel = "/" + os.path.relpath(path, self.share.root)
                 with open(path, "rb") as f:
-                    while block := f.read(1 << 20):
+                    while block := f.read(_HASH_BLOCK):
                         digest.update(block)
-                rel = os.path.relpath(path, self.share.root)
-                out.append({"path": "/" + rel, "size": os.path.getsize(path), "sha256": digest.hexdigest()})
+                        if cancelled is not None and cancelled.is_set():
+                            raise JobError(errno.ECANCELED, f"the job was cancelled while hashing its input {rel}")
+                        if deadline is not None and time.monotonic() > deadline:
+                            raise JobError(
+                                errno.ETIMEDOUT,
+                                f"the job's timeout passed while hashing its input {rel} "
+                                f"({os.path.getsize(path)} bytes): remove it or raise the timeout",
+                            )
+                out.append({"path": rel, "size": os.path.getsize(path), "sha256": digest.hexdigest()})
         return out

@@ -6,13 +6,15 @@ to the parent's vsock-proxy (vsock://3:8000 on Nitro, the enclave's 3_8000.sock 
 local backend), which forwards it to KMS. TLS, where KMS is reached over HTTPS, ends
 inside the enclave: the parent relays only ciphertext. The same code runs on both
 backends; the local runtime's vsock-proxy (enclave_local/vsock_proxy.py) uses this
-module's Relay for the host side.
+module's Relay for the host side. Only the server's own uid is relayed (only_the_server):
+a job runs as another uid and gets its connection closed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -33,10 +35,18 @@ class Relay:
     protocols (HTTP, TLS) pass through unchanged. One thread per direction and connection:
     KMS traffic is a few small requests at a time."""
 
-    def __init__(self, listener: socket.socket, connect: Callable[[], socket.socket], *, name: str):
+    def __init__(
+        self,
+        listener: socket.socket,
+        connect: Callable[[], socket.socket],
+        *,
+        name: str,
+        admit: Callable[[socket.socket], bool] | None = None,
+    ):
         self.listener = listener
         self.connect = connect
         self.name = name
+        self.admit = admit  # decides, per accepted connection, whether it is relayed at all
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, name=name, daemon=True)
@@ -60,6 +70,9 @@ class Relay:
     def _session(self, client: socket.socket) -> None:
         self._track(client, True)
         try:
+            if self.admit is not None and not self.admit(client):
+                log.warning("%s: refused a connection from %s (not the server's)", self.name, client.getpeername())
+                return
             try:
                 upstream = self.connect()
             except Exception as err:  # noqa: BLE001 - any failure to reach upstream ends this connection only
@@ -101,6 +114,29 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
             dst.shutdown(socket.SHUT_WR)
 
 
+def peer_uid(conn: socket.socket) -> int | None:
+    """The uid that owns the other end of a loopback TCP connection, as the kernel records it in
+    /proc/net/tcp(6) (the socket's creator); None if it is not listed (it closed meanwhile)."""
+    peer_port, own_port = conn.getpeername()[1], conn.getsockname()[1]
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            fields = row.split()  # sl local_address rem_address st tx:rx tr:when retrnsmt uid ...
+            if int(fields[1].rsplit(":", 1)[1], 16) == peer_port and int(fields[2].rsplit(":", 1)[1], 16) == own_port:
+                return int(fields[7])
+    return None
+
+
+def only_the_server(conn: socket.socket) -> bool:
+    """Admit a connection only from this process's uid: the server releases keys; a job (another uid,
+    jobs.py) must not reach KMS through the forwarder with credentials or an attestation of its own."""
+    return peer_uid(conn) == os.geteuid()
+
+
 def connector(endpoint: Endpoint) -> Callable[[], socket.socket]:
     """Open a blocking connection to endpoint (vsock or unix) for each relayed connection."""
 
@@ -123,4 +159,4 @@ def start(proxy: Endpoint | str, *, port: int = KMS_PROXY_PORT, host: str = "127
             "port (and the matching --kms-endpoint-url)"
         ) from err
     log.info("KMS forwarder: %s:%d -> %s", host, listener.getsockname()[1], endpoint)
-    return Relay(listener, connector(endpoint), name="kms-forwarder").start()
+    return Relay(listener, connector(endpoint), name="kms-forwarder", admit=only_the_server).start()

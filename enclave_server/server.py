@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import stat
+import sys
 import threading
 
 from ..plugins.module_utils import kms_recipient, receipt, wire
@@ -64,12 +65,14 @@ def _sha256_file(path: str) -> str:
 
 
 class EnclaveServer:
-    def __init__(self, *, share_dir, work_dir, nsm, kms_endpoint_url: str | None = None, owner=None):
+    def __init__(
+        self, *, share_dir, work_dir, nsm, kms_endpoint_url: str | None = None, owner=None, job_uid=None, job_python=None
+    ):
         self.share = Share(share_dir)
         # owner_identity.OwnerIdentity built into the image: only packages its keys signed reach key release.
         # None (an image built without owner keys) runs any package: development images only.
         self.owner = owner
-        self.jobs = JobRunner(self.share, work_dir)
+        self.jobs = JobRunner(self.share, work_dir, job_uid=job_uid, python=job_python or sys.executable)
         self.nsm = nsm
         self.kms_endpoint_url = kms_endpoint_url
         self._kms_cached: tuple[tuple, object] | None = None  # (region and credentials, client)
@@ -141,8 +144,12 @@ class EnclaveServer:
         return {"server": SERVER_NAME, "job": job.describe() if job else None, "share": self.share.statfs()}
 
     def attest(self, args: dict, ctx) -> dict:
+        # The host's user_data is signed only inside the attest domain, so no request can make the NSM
+        # sign what a receipt carries (receipt.py keeps the two domains apart).
+        user_data = _bytes_arg(args, "user_data", MAX_NONCE)
         document = self.nsm.attest(
-            nonce=_bytes_arg(args, "nonce", MAX_NONCE), user_data=_bytes_arg(args, "user_data", MAX_NONCE)
+            nonce=_bytes_arg(args, "nonce", MAX_NONCE),
+            user_data=None if user_data is None else receipt.attest_user_data(user_data),
         )
         return {"document": document}
 
@@ -195,6 +202,7 @@ class EnclaveServer:
             emit=emit,
             cancelled=ctx.cancelled,
             timeout=timeout,
+            clear_output=args.get("clear_output") is True,
             check_package=self.owner.check_package if self.owner is not None else None,
         )
         # The job's attestation binds what ran and what it produced (a receipt the user can keep).

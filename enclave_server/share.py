@@ -14,6 +14,7 @@ import os
 import stat
 
 TOP_LEVEL = ("encrypted", "dataset", "model", "output")
+JOB_DIRS = ("dataset", "model", "output")  # what a running job reads and writes: the host may not change them
 MAX_PATH = 4096
 MAX_NAME = 255
 MAX_IO = 8 << 20  # one read or write moves at most this much; the wire frame limit is the real bound
@@ -47,9 +48,40 @@ class Share:
 
     def __init__(self, root):
         self.root = os.fspath(root)
+        self._held: tuple[str, tuple[int, int]] | None = None  # (job description, package (dev, inode))
         os.makedirs(self.root, mode=0o755, exist_ok=True)
         for name in TOP_LEVEL:
             os.makedirs(os.path.join(self.root, name), mode=0o755, exist_ok=True)
+
+    # -- a running job's inputs and outputs
+
+    def hold(self, job: str, package_fd: int) -> None:
+        """Refuse host changes to /dataset, /model, /output and the package file (by inode, so a rename
+        does not free it) until release(): the receipt binds what the job read and wrote, nothing else."""
+        st = os.fstat(package_fd)
+        self._held = (job, (st.st_dev, st.st_ino))
+
+    def release(self) -> None:
+        self._held = None
+
+    def _busy(self, what: str) -> OSError:
+        return _fail(
+            errno.EBUSY,
+            f"{what} is in use by {self._held[0]}: the host cannot change it until the job ends; wait for it or "
+            "cancel it",
+        )
+
+    def _check_held(self, path: str) -> None:
+        if self._held is not None:
+            parts = split_path(path)
+            if parts and parts[0] in JOB_DIRS:
+                raise self._busy(f"/{parts[0]}")
+
+    def _check_held_file(self, fd: int, path: str) -> None:
+        if self._held is not None:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == self._held[1]:
+                raise self._busy(f"{path} (the package the job runs)")
 
     # -- resolution
 
@@ -136,6 +168,7 @@ class Share:
     # -- directories
 
     def mkdir(self, path: str, mode: int = 0o755) -> None:
+        self._check_held(path)
         dirfd, name = self._parent(path)
         try:
             os.mkdir(name, mode & _FILE_MODE_MASK, dir_fd=dirfd)
@@ -144,6 +177,7 @@ class Share:
 
     def rmdir(self, path: str) -> None:
         self._check_top_level(path)
+        self._check_held(path)
         dirfd, name = self._parent(path)
         try:
             os.rmdir(name, dir_fd=dirfd)
@@ -151,6 +185,7 @@ class Share:
             os.close(dirfd)
 
     def unlink(self, path: str) -> None:
+        self._check_held(path)
         dirfd, name = self._parent(path)
         try:
             if stat.S_ISDIR(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
@@ -162,6 +197,8 @@ class Share:
     def rename(self, old: str, new: str) -> None:
         self._check_top_level(old)
         self._check_top_level(new)
+        self._check_held(old)
+        self._check_held(new)
         old_dir, old_name = self._parent(old)
         try:
             new_dir, new_name = self._parent(new)
@@ -206,11 +243,16 @@ class Share:
         The file is created even if writing the data then fails (ENOSPC...), as a create and a write would."""
         if data is not None and len(data) > MAX_IO:
             raise _fail(errno.EINVAL, f"create takes at most {MAX_IO} bytes of data")
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+        self._check_held(path)
+        # Emptied after the checks, not by O_TRUNC: the file may be the package a job is reading.
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else 0)
         fd = self._open_in_parent(path, flags, mode & _FILE_MODE_MASK)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise _fail(errno.EPERM, f"{path} is not a regular file")
+            self._check_held_file(fd, path)
+            if not exclusive:
+                os.ftruncate(fd, 0)
             if data:
                 view = memoryview(data)
                 done = 0
@@ -242,8 +284,10 @@ class Share:
     def write(self, path: str, offset: int, data: bytes) -> int:
         if offset < 0 or len(data) > MAX_IO:
             raise _fail(errno.EINVAL, f"writes take a non-negative offset and at most {MAX_IO} bytes")
+        self._check_held(path)
         fd = self._open_file(path, os.O_WRONLY)
         try:
+            self._check_held_file(fd, path)
             view = memoryview(data)
             done = 0
             while done < len(view):
@@ -255,13 +299,16 @@ class Share:
     def truncate(self, path: str, size: int) -> None:
         if size < 0:
             raise _fail(errno.EINVAL, "negative size")
+        self._check_held(path)
         fd = self._open_file(path, os.O_WRONLY)
         try:
+            self._check_held_file(fd, path)
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
 
     def chmod(self, path: str, mode: int) -> None:
+        self._check_held(path)
         fd = self._open_existing(path, os.O_RDONLY)
         try:
             os.fchmod(fd, mode & _FILE_MODE_MASK)
@@ -269,18 +316,18 @@ class Share:
             os.close(fd)
 
     def utimens(self, path: str, atime_ns: int, mtime_ns: int) -> None:
+        self._check_held(path)
         fd = self._open_existing(path, os.O_RDONLY)
         try:
             os.utime(fd, ns=(atime_ns, mtime_ns))
         finally:
             os.close(fd)
 
-    def resolve_file(self, path: str) -> str:
-        """A real path to a regular file in the share, for the job runner (checked like every other path)."""
+    def open_package(self, path: str):
+        """The regular file at path, opened once for reading (checked like every other path): the job runner
+        reads the package's header and body through this one descriptor."""
         fd = self._open_existing(path, os.O_RDONLY)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise _fail(errno.EISDIR, f"{path} is not a regular file")
-        finally:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-        return os.path.join(self.root, *split_path(path))
+            raise _fail(errno.EISDIR, f"{path} is not a regular file")
+        return os.fdopen(fd, "rb")

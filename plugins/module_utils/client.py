@@ -233,8 +233,11 @@ class EnclaveClient:
         kms: dict,
         on_output: Callable[[str, bytes], None] | None = None,
         timeout: float | None = None,
+        clear_output: bool = False,
     ) -> dict:
-        """Run script from package in the enclave; stdout/stderr reach on_output live; returns the job summary."""
+        """Run script from package in the enclave; stdout/stderr reach on_output live; returns the job summary.
+
+        The enclave refuses to start over files left in /output unless clear_output (then it removes them)."""
         request = {
             "package": package if package.startswith("/") else f"/encrypted/{package}",
             "script": script,
@@ -243,6 +246,8 @@ class EnclaveClient:
         }
         if timeout:
             request["timeout"] = timeout
+        if clear_output:
+            request["clear_output"] = True
 
         def on_event(event):
             if on_output and isinstance(event, dict) and event.get("type") in ("stdout", "stderr"):

@@ -696,13 +696,32 @@ def open_package(
 ) -> list[ManifestEntry]:
     """Authenticate, decrypt and extract a package into target_dir (missing, or an empty directory).
 
+    path may also be a binary file open at its start (the enclave's job runner holds one descriptor).
     check_header(header) runs first and raises to refuse the package (in the enclave: the owner's signature,
     OwnerIdentity.check_package), so nothing is asked of KMS for a package it refuses; it sees the very
     header that is unwrapped and used as the body's associated data, not a second read of the file.
     unwrap_key(header) returns the 32-byte data key (in the enclave: KMS Decrypt with an attestation document).
     On any failure everything written is removed, target_dir is left as it was, and PackageError says why.
+    The header and the body are read through one open file, so what is decrypted is what the header named
+    even if the path is replaced meanwhile.
     """
-    header = read_header(path)
+    if hasattr(path, "read"):
+        return _open_stream(path, getattr(path, "name", "package"), target_dir, unwrap_key, max_total_bytes, check_header)
+    try:
+        package = open(path, "rb")  # noqa: SIM115 - closed below, after the body
+    except OSError as exc:
+        raise PackageError(f"cannot read package {path}: {exc}; check the path and its permissions") from exc
+    with package:
+        return _open_stream(package, path, target_dir, unwrap_key, max_total_bytes, check_header)
+
+
+def _open_stream(
+    package: BinaryIO, path, target_dir, unwrap_key, max_total_bytes: int, check_header
+) -> list[ManifestEntry]:
+    try:
+        header = _read_header(package, path)
+    except OSError as exc:
+        raise PackageError(f"cannot read package {path}: {exc}; check the path and its permissions") from exc
     where = _describe(header, path)
     if check_header is not None:
         check_header(header)
@@ -711,9 +730,8 @@ def open_package(
     created_target = _prepare_target(target, where)
     written: list[str] = []  # top-level names this call created inside target
     try:
-        with open(path, "rb") as package:
-            package.seek(header.body_offset)
-            return _open_body(package, target, header, where, data_key, max_total_bytes, written)
+        package.seek(header.body_offset)  # past the signature block, if any
+        return _open_body(package, target, header, where, data_key, max_total_bytes, written)
     except BaseException as exc:
         _remove_written(target, written, created_target, exc)
         if isinstance(exc, OSError):

@@ -1,9 +1,12 @@
 """Job receipts: what the enclave signs at the end of a job, and how anyone checks it later.
 
 The enclave server puts job_digest(summary) in the user_data of an attestation
-document; the summary names the package by content (its manifest digest), the
-script, the arguments as given, the inputs' and outputs' SHA-256 and the exit
-status. A receipt file is {"format": 1, "summary": ..., "document": base64}.
+document: RECEIPT_DOMAIN followed by the SHA-384 of the summary. The `attest`
+operation signs a host's user_data only behind ATTEST_DOMAIN, so no request
+can make the NSM sign something that passes for a receipt. The summary
+names the package by content (its manifest digest), the script, the
+arguments as given, the inputs' and outputs' SHA-256 and the exit status.
+A receipt file is {"format": 2, "summary": ..., "document": base64}.
 verify_receipt checks it offline against the owner's release manifest and the
 outputs on disk: the document's signature and chain, PCR0 in the release, the
 digest of the summary, the package in the release, each output's SHA-256.
@@ -26,12 +29,31 @@ except ImportError as exc:  # the modules report it: module_options.require_libr
 else:
     IMPORT_ERROR = attestation.IMPORT_ERROR  # and what attestation needs
 
-FORMAT = 1
+FORMAT = 2  # 2: user_data is domain-separated (format 1 signed the bare digest)
+RECEIPT_DOMAIN = b"confidential_ml.nitro job receipt v2\0"
+ATTEST_DOMAIN = b"confidential_ml.nitro attest v1\0"
 
 
 def job_digest(summary: dict) -> bytes:
-    """SHA-384 of the summary in canonical CBOR (RFC 8949 deterministic encoding): the user_data the NSM signs."""
-    return hashlib.sha384(cbor2.dumps(summary, canonical=True)).digest()
+    """RECEIPT_DOMAIN + SHA-384 of the summary in canonical CBOR (RFC 8949 deterministic encoding): the
+    user_data the NSM signs at the end of a job."""
+    return RECEIPT_DOMAIN + hashlib.sha384(cbor2.dumps(summary, canonical=True)).digest()
+
+
+def attest_user_data(user_data: bytes) -> bytes:
+    """What the enclave asks the NSM to sign for a host's `attest` request: never a receipt's user_data."""
+    return ATTEST_DOMAIN + user_data
+
+
+def check_receipt_user_data(user_data: bytes | None, summary) -> None:
+    """Raise EnclaveError unless user_data is a receipt's and binds summary."""
+    if not (user_data or b"").startswith(RECEIPT_DOMAIN):
+        raise EnclaveError(
+            "the attestation document is not a job receipt (its user_data is not in the receipt domain; an "
+            "`attest` answer, say): only the document a job.run returned proves what a job did"
+        )
+    if not isinstance(summary, dict) or user_data != job_digest(summary):
+        raise EnclaveError("the job summary does not match what the enclave signed: the receipt was edited")
 
 
 def make_receipt(summary: dict, document: bytes) -> dict:
@@ -59,8 +81,7 @@ def verify_receipt(receipt: dict, *, release: dict, trusted_roots, outputs_dir=N
     doc = attestation.verify_document(
         document, trusted_roots=trusted_roots, expected_pcrs={0: allowed}, max_age_s=None, allow_debug=allow_debug
     )
-    if not isinstance(summary, dict) or doc.user_data != job_digest(summary):
-        raise EnclaveError("the job summary does not match what the enclave signed: the receipt was edited")
+    check_receipt_user_data(doc.user_data, summary)
     packages = {p["manifest_digest"]: p for p in release.get("packages", [])}
     package = packages.get(summary.get("package_digest"))
     if package is None:

@@ -55,6 +55,14 @@ options:
       - When not set, the script runs until it exits. With C(async), set this below the C(async) time so that the
         module, not Ansible, reports the timeout.
     type: float
+  clear_output:
+    description:
+      - Remove whatever is in the share's C(/output) before the job starts.
+      - A job starts only on an empty C(/output), so that its receipt lists exactly the files it wrote; without
+        this option the enclave refuses to start while files from before are there (pull them first; the
+        module never removes outputs unless told to).
+    type: bool
+    default: false
   region:
     description:
       - The AWS region of the package's KMS key.
@@ -214,8 +222,10 @@ attestation:
       root G1, and the local backend's root when this host has one); it checked its signature, its certificate
       chain, its age, that PCR0 is one of O(expect_pcr0) when given, and that the enclave is not in debug mode
       unless O(allow_debug). A document that fails any check fails the task.
-    - C(user_data) is the SHA-384 of RV(attestation.summary) in canonical CBOR (RFC 8949 core deterministic
-      encoding); the module checks that it matches. RV(attestation.format), RV(attestation.summary) and
+    - C(user_data) is the receipt domain C(confidential_ml.nitro job receipt v2) and a NUL byte, then the SHA-384
+      of RV(attestation.summary) in canonical CBOR (RFC 8949 core deterministic encoding); the module checks that
+      it matches. An C(attest) answer signs its user_data in another domain, so it never passes for a receipt.
+    - RV(attestation.format), RV(attestation.summary) and
       RV(attestation.document) together are the job's receipt; save them as JSON and check it later with
       C(enclave receipt verify RECEIPT --release release.json --outputs DIR).
   returned: when the job ran
@@ -224,7 +234,7 @@ attestation:
     format:
       description: The receipt format.
       type: int
-      sample: 1
+      sample: 2
     document:
       description: The COSE_Sign1 document, base64; C(enclave attestation verify) verifies it again later.
       type: str
@@ -305,7 +315,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_optio
     require_libraries,
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import IMPORT_ERROR as RECEIPT_IMPORT_ERROR
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import job_digest, make_receipt
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import check_receipt_user_data, make_receipt
 
 with contextlib.suppress(ImportError):  # require_libraries(module, BOTO3_IMPORT_ERROR) reports it
     from botocore.exceptions import BotoCoreError
@@ -391,10 +401,10 @@ def receipt(module, client, summary, result):
             **result,
         )
     signed = {key: value for key, value in summary.items() if key != "attestation"}
-    if bytes.fromhex(claims["user_data"] or "") != job_digest(signed):
-        module.fail_json(
-            msg="the job summary does not match what the enclave signed; do not trust its results", **result
-        )
+    try:
+        check_receipt_user_data(bytes.fromhex(claims["user_data"] or ""), signed)
+    except EnclaveError as err:
+        module.fail_json(msg=f"{err}; do not trust the job's results", **result)
     return {**make_receipt(signed, document), **claims}
 
 
@@ -405,6 +415,7 @@ def main():
             "script": {"type": "str", "required": True},
             "args": {"type": "raw", "default": []},
             "timeout": {"type": "float"},
+            "clear_output": {"type": "bool", "default": False},
             "region": {"type": "str", "aliases": ["aws_region"]},
             "profile": {"type": "str", "aliases": ["aws_profile"]},
             **ENCLAVE_OPTIONS,
@@ -443,6 +454,7 @@ def main():
                 kms=kms,
                 on_output=lambda name, data: streams[name].extend(data),
                 timeout=params["timeout"],
+                clear_output=params["clear_output"],
             )
         except EnclaveError as err:
             module.fail_json(

@@ -50,6 +50,10 @@ APP = {
 
 
 BIN = Path(sys.executable).parent
+# The job identity of the test servers (root only): no other process here runs as it, since each job's end
+# kills all of its processes. The venv's interpreter is under /root (0700), so jobs run the system's.
+JOB_UID = 40000 + os.getpid() % 20000 if os.geteuid() == 0 else None
+JOB_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 CALLBACK_PLUGINS = Path(__file__).resolve().parent / "callback_plugins"
 
 
@@ -137,7 +141,7 @@ def wait_for_socket(path: Path, proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def enclave(tmp_path, monkeypatch):
-    """A served enclave (dict: tmp, sock, endpoint, pcr0, sealed, server, work, share, kms_url).
+    """A served enclave (dict: tmp, sock, endpoint, pcr0, sealed, server, work, share, kms_url, key_id, nsm).
 
     ENCLAVE_ENDPOINT points at it and the AWS variables hold the user's credentials (enclave-host's)."""
     home = tmp_path / "home"
@@ -162,14 +166,22 @@ def enclave(tmp_path, monkeypatch):
     sealed.parent.mkdir()
     package.seal(app, sealed, kms_client=owner, key_id=key_id, name="app", version="1.0")
 
-    nsm = NsmService(SimulatedNsm(ca, {0: LOCAL_PCR0, 1: bytes(48), 2: bytes(48)}), tmp_path / "nsm.sock").start()
-    sock = tmp_path / "vsock" / "16_5000.sock"
+    # The enclave's parts are where the job uid can reach them by path, as in an enclave (so that only their
+    # own modes keep a job out): not under pytest's base directory, which each pytest session resets to 0700.
+    # tmp_path links to the share and the work directory.
+    inside = Path(tempfile.mkdtemp(prefix="enclave-", dir="/tmp"))
+    inside.chmod(0o711)
+    for name in ("share", "work"):
+        (inside / name).mkdir()
+        (tmp_path / name).symlink_to(inside / name)
+    nsm = NsmService(SimulatedNsm(ca, {0: LOCAL_PCR0, 1: bytes(48), 2: bytes(48)}), inside / "nsm.sock").start()
+    sock = inside / "vsock" / "16_5000.sock"
     sock.parent.mkdir()
-    (tmp_path / "work").mkdir()
+    job = ["--job-uid", str(JOB_UID), "--job-python", JOB_PYTHON] if JOB_UID is not None else []
     server = subprocess.Popen(
         [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.enclave_server",
-         "--listen", f"unix://{sock}", "--share", str(tmp_path / "share"), "--work", str(tmp_path / "work"),
-         "--nsm", f"unix://{tmp_path / 'nsm.sock'}", "--kms-endpoint-url", kms_server.endpoint_url],
+         "--listen", f"unix://{sock}", "--share", str(inside / "share"), "--work", str(inside / "work"),
+         "--nsm", f"unix://{inside / 'nsm.sock'}", "--kms-endpoint-url", kms_server.endpoint_url, *job],
     )  # fmt: skip
     wait_for_socket(sock, server)
     monkeypatch.setenv("ENCLAVE_ENDPOINT", f"unix://{sock}")
@@ -184,12 +196,15 @@ def enclave(tmp_path, monkeypatch):
         "pcr0": LOCAL_PCR0.hex(),
         "sealed": sealed,
         "server": server,
-        "work": tmp_path / "work",
-        "share": tmp_path / "share",
+        "work": inside / "work",
+        "share": inside / "share",
         "kms_url": kms_server.endpoint_url,
+        "key_id": key_id,
+        "nsm": inside / "nsm.sock",
     }
     if server.poll() is None:
         server.terminate()
         server.wait(timeout=10)
     nsm.stop()
     kms_server.stop()
+    shutil.rmtree(inside, ignore_errors=True)

@@ -86,9 +86,34 @@ APP = {
             except OSError as err:
                 return type(err).__name__
 
+        def attempt(action):
+            try:
+                return action() or "done"
+            except OSError as err:
+                return type(err).__name__
+
+        def forwarder():  # the enclave's KMS forwarder: an answer means it relayed this connection to KMS
+            with socket.create_connection(("127.0.0.1", 8000), timeout=10) as conn:
+                conn.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+                return "answered" if conn.recv(16) else "closed"
+
+        def server_memory():
+            server = next(pid for pid, cmd in processes().items() if "enclave_server" in cmd and "runpy" not in cmd)
+            with open(f"/proc/{server}/mem", "rb") as f:
+                f.read(1)
+
+        def processes():
+            return {pid: cmdline(pid) for pid in os.listdir("/proc") if pid.isdigit()}
+
         cwd = os.getcwd()
         st = os.stat(cwd)
         report = {
+            "uid": os.getuid(),
+            "nsm": attempt(lambda: open("/dev/nsm", "rb").close()),
+            "nsm_socket": attempt(lambda: socket.socket(socket.AF_UNIX).connect("/dev/nsm")),
+            "forwarder": attempt(forwarder),
+            "server_memory": attempt(server_memory),
+            "tmp": attempt(lambda: open("/tmp/left-behind", "w").close()),
             "mknod": mknod(),
             "tcp": {target: tcp(target.rsplit(":", 1)[0], int(target.rsplit(":", 1)[1])) for target in sys.argv[1:]},
             "processes": {pid: cmdline(pid) for pid in os.listdir("/proc") if pid.isdigit()},
@@ -328,6 +353,14 @@ def test_enclave_is_isolated_from_the_host(images, cloud_up, home):
 
     # It runs without capabilities: no device nodes (such as the host's disk) to open.
     assert report["mknod"] == "PermissionError"
+
+    # The job runs as the job uid: it cannot open the NSM, get KMS through the forwarder, read the server's
+    # memory or write to /tmp.
+    assert report["uid"] == 65534
+    assert report["nsm"] == report["nsm_socket"] == "PermissionError", report
+    assert report["forwarder"] == "closed", report
+    assert report["server_memory"] == "PermissionError", report
+    assert report["tmp"] == "PermissionError", report
 
     # The plaintext lives on a tmpfs the host's mount namespace does not have.
     assert report["plaintext"].startswith("/enclave/work/")

@@ -247,3 +247,18 @@ def test_push_to_a_server_whose_create_takes_no_data(tmp_path):
         server.shutdown()
         thread.join()
     assert {path: bytes(data) for path, data in files.items()} == {f"/dataset/{k}": v for k, v in payload.items()}
+
+
+def test_a_second_run_needs_the_outputs_pulled_and_cleared(enclave, tmp_path):
+    """Outputs are never removed unasked: a rerun over /output fails, naming what is there and the fix."""
+    cli("push", str(enclave["sealed"].parent), "/encrypted")
+    args = ("run", "-f", "app.pkg", "-s", "ml_algorithm.py", "-a", "-m model.h5 -d /dataset -o /output")
+    cli(*args)
+    again = cli(*args, check=False)
+    assert again.returncode != 0
+    assert "/output holds 1 entries from before (results.csv)" in again.stderr and "--clear-output" in again.stderr
+    cli("pull", "/output", str(tmp_path / "first"))
+    receipt_path = tmp_path / "receipt.json"
+    cli(*args, "--clear-output", "--receipt", str(receipt_path))
+    outputs = json.loads(receipt_path.read_text())["summary"]["outputs"]
+    assert [o["path"] for o in outputs] == ["/output/results.csv"]

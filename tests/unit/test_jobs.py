@@ -2,9 +2,13 @@
 
 import errno
 import os
+import shutil
+import sys
+import tempfile
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -47,18 +51,36 @@ APP = {
 }
 
 
+# The job identity for these tests: one no other process here runs as (cleanup kills all of its processes).
+JOB_UID = 40000 + os.getpid() % 20000 if os.geteuid() == 0 else None
+
+
+# The venv's interpreter lives under /root (0700) on this machine; the job uid runs the system's.
+JOB_PYTHON = "/usr/bin/python3" if JOB_UID is not None and os.path.exists("/usr/bin/python3") else sys.executable
+
+
+def seal(tmp_path, files: dict, dest, version="1"):
+    src = tmp_path / f"src-{Path(dest).name}-{version}"
+    src.mkdir()
+    for name, body in files.items():
+        (src / name).write_text(textwrap.dedent(body))
+    package.seal(src, dest, kms_client=FixedKeyKms(), key_id="k", name="app", version=version)
+
+
 @pytest.fixture
 def env(tmp_path):
-    src = tmp_path / "app"
-    src.mkdir()
-    for name, body in APP.items():
-        (src / name).write_text(textwrap.dedent(body))
-    share = Share(tmp_path / "share")
-    sealed = tmp_path / "share/encrypted/app.pkg"
-    package.seal(src, sealed, kms_client=FixedKeyKms(), key_id="k", name="app", version="1")
-    work = tmp_path / "private"
+    """(share, runner, work). The share and the work directory live where the job uid can reach them, as in
+    an enclave: not under pytest's base directory, which every pytest session resets to 0700. tmp_path/share
+    links to the share for the tests' own (host-side) file access."""
+    root = Path(tempfile.mkdtemp(prefix="jobs-", dir="/tmp"))
+    root.chmod(0o711)
+    share = Share(root / "share")
+    (tmp_path / "share").symlink_to(root / "share")
+    seal(tmp_path, APP, tmp_path / "share/encrypted/app.pkg")
+    work = root / "private"
     work.mkdir()
-    return share, JobRunner(share, work), work
+    yield share, JobRunner(share, work, job_uid=JOB_UID, python=JOB_PYTHON), work
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def run(runner, script, args, **kw):
@@ -79,7 +101,7 @@ def test_runs_script_with_share_paths_and_cleans_up(env, tmp_path):
     share.create("/dataset/a.csv")
     share.create("/dataset/b.csv")
     summary, events = run(runner, "ml_algorithm.py", "-d /dataset/ -o /output/")
-    assert summary["rc"] == 0 and summary["ended_by"] == "exit"
+    assert summary["rc"] == 0 and summary["ended_by"] == "exit", output_of(events, "stderr")
     assert "rows 2 helper-from-package" in output_of(events, "stdout")
     assert "to stderr" in output_of(events, "stderr")
     [out] = summary["outputs"]
@@ -132,7 +154,10 @@ def test_package_must_be_under_encrypted(env, pkg):
     assert caught.value.errno in (errno.EPERM, errno.EISDIR, errno.ENOENT)
 
 
-@pytest.mark.parametrize("arg", ["/etc/passwd", "--out=/root/x", "/dataset/../../etc", "'unbalanced"])
+@pytest.mark.parametrize(
+    "arg",
+    ["/etc/passwd", "--out=/root/x", "/dataset/../../etc", "'unbalanced", "-o/etc/x", "-d/etc", "--output=/etc/x"],
+)
 def test_arguments_outside_the_share_are_refused(env, arg):
     _share, runner, _work = env
     with pytest.raises(OSError):
@@ -165,12 +190,12 @@ def test_second_job_is_busy_and_names_the_first(env, tmp_path):
 def test_timeout_and_cancel_kill_the_script_and_clean_up(env):
     _share, runner, work = env
     summary, events = run(runner, "spin.py", [], timeout=0.5)
-    assert summary["ended_by"] == "timeout" and summary["rc"] != 0
+    assert summary["ended_by"] == "timeout" and summary["rc"] != 0, (summary, events)
     assert "spinning" in output_of(events, "stdout")
     cancelled = threading.Event()
     threading.Timer(0.3, cancelled.set).start()
-    summary, _events = run(runner, "spin.py", [], cancelled=cancelled)
-    assert summary["ended_by"] == "cancelled"
+    summary, events = run(runner, "spin.py", [], cancelled=cancelled)
+    assert summary["ended_by"] == "cancelled", (summary, events)
     assert list(work.iterdir()) == []
 
 
@@ -184,3 +209,326 @@ def test_tampered_package_runs_nothing_and_leaves_nothing(env, tmp_path):
         run(runner, "ml_algorithm.py", "-d /dataset -o /output")
     assert list(work.iterdir()) == []
     assert os.listdir(tmp_path / "share/output") == []
+
+
+# -- isolation: what a hostile script tries, as the job uid
+
+needs_root = pytest.mark.skipif(JOB_UID is None, reason="jobs run under their own uid only when the server is root")
+
+PROBES = {
+    "whoami.py": """
+        import os
+        print("uid", os.getuid(), os.geteuid(), "gid", os.getgid(), "groups", os.getgroups())
+        with open("/proc/self/status") as f:
+            print([line.split()[1] for line in f if line.startswith(("CapEff", "NoNewPrivs"))])
+    """,
+    "peek.py": """
+        import os, sys
+        server = int(sys.argv[1])
+        for name in ("mem", "environ", "maps"):
+            try:
+                with open(f"/proc/{server}/{name}", "rb") as f:
+                    f.read(1)
+                print(name, "READ")
+            except OSError as err:
+                print(name, "denied", err.errno)
+    """,
+    "linger.py": """
+        import os, sys, time
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()               # out of the job's session and process group
+            if os.fork():
+                os._exit(0)
+            print("lingering", os.getpid(), flush=True)   # still holds stdout: the pumps must not wait for it
+            while True:
+                time.sleep(0.1)
+        os.waitpid(pid, 0)
+        time.sleep(0.2)
+    """,
+    "litter.py": """
+        import os, sys, tempfile
+        marker = sys.argv[1]
+        fd, path = tempfile.mkstemp()
+        print("mkstemp", path, flush=True)
+        for place in ("/tmp", "/dev/shm", "/var/tmp"):
+            try:
+                with open(os.path.join(place, marker), "w") as f:
+                    f.write("left behind")
+                print("wrote", place, flush=True)
+            except OSError as err:
+                print("refused", place, err.errno, flush=True)
+    """,
+    "fail.py": """
+        def load(row):
+            SECRET_SOURCE_LINE = int(row)  # the owner's code
+            return SECRET_SOURCE_LINE
+        load("secret-customer-value")
+    """,
+    "warn.py": """
+        import warnings
+        warnings.warn("secret-warning-text")  # SECRET_WARNING_SOURCE
+    """,
+}
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def probes(tmp_path, env):
+    share, runner, work = env
+    seal(tmp_path, {**APP, **PROBES}, tmp_path / "share/encrypted/probes.pkg")
+    return share, runner, work
+
+
+def probe(runner, script, args=(), **kw):
+    return run(runner, script, list(args), package="/encrypted/probes.pkg", **kw)
+
+
+@needs_root
+def test_job_runs_as_the_job_uid_without_privileges(probes):
+    _share, runner, _work = probes
+    summary, events = probe(runner, "whoami.py")
+    out = output_of(events, "stdout")
+    assert summary["rc"] == 0, output_of(events, "stderr")
+    assert f"uid {JOB_UID} {JOB_UID} gid {JOB_UID} groups []" in out
+    assert "['0000000000000000', '1']" in out  # no effective capabilities, no_new_privs
+
+
+@needs_root
+def test_job_cannot_read_the_servers_memory(probes):
+    _share, runner, _work = probes
+    summary, events = probe(runner, "peek.py", [str(os.getpid())])  # this process plays the server
+    out = output_of(events, "stdout")
+    assert summary["rc"] == 0, output_of(events, "stderr")
+    for name in ("mem", "environ", "maps"):
+        assert f"{name} denied {errno.EACCES}" in out, out
+
+
+@needs_root
+def test_a_setsid_child_does_not_outlive_its_job(probes):
+    _share, runner, _work = probes
+    summary, events = probe(runner, "linger.py")
+    out = output_of(events, "stdout")
+    assert summary["rc"] == 0, output_of(events, "stderr")
+    pid = int(out.split("lingering ")[1].split()[0])
+    assert not alive(pid), f"process {pid} of the job is still running"
+
+
+@needs_root
+def test_job_leaves_no_temporary_files(probes, tmp_path):
+    _share, runner, work = probes
+    marker = f"job-litter-{tmp_path.name}"
+    summary, events = probe(runner, "litter.py", [marker])
+    out = output_of(events, "stdout")
+    assert summary["rc"] == 0, output_of(events, "stderr")
+    tmpfile = out.split("mkstemp ")[1].split()[0]
+    assert tmpfile.startswith(str(work) + "/")  # TMPDIR is the job's own
+    assert not os.path.exists(tmpfile)
+    for place in ("/tmp", "/dev/shm", "/var/tmp"):
+        assert not os.path.exists(os.path.join(place, marker)), f"{place}/{marker} outlived the job"
+    assert list(work.iterdir()) == []
+
+
+@needs_root
+def test_job_cannot_change_its_inputs_or_the_share_layout(probes, tmp_path):
+    share, runner, _work = probes
+    share.create("/dataset/a.csv", data=b"1,2\n")
+    seal(tmp_path, {"touch.py": PROBE_TOUCH}, tmp_path / "share/encrypted/touch.pkg")
+    targets = ["/dataset/a.csv", "/dataset/new", "/encrypted/new", "/model/new"]
+    summary, events = run(runner, "touch.py", targets, package="/encrypted/touch.pkg")
+    out = output_of(events, "stdout")
+    assert summary["rc"] == 0, output_of(events, "stderr")
+    assert out.split() == ["denied"] * 4, out
+    assert share.read("/dataset/a.csv", 0, 100) == b"1,2\n"
+
+
+PROBE_TOUCH = """
+    import sys
+    for path in sys.argv[1:]:
+        try:
+            open(path, "a").close()
+            print("WROTE", path)
+        except OSError:
+            print("denied")
+"""
+
+
+# -- the owner's source stays in the enclave
+
+
+def test_a_failing_script_shows_where_not_its_source_or_data(probes):
+    _share, runner, _work = probes
+    summary, events = probe(runner, "fail.py")
+    err = output_of(events, "stderr")
+    assert summary["rc"] == 1
+    assert 'File "fail.py", line 3, in load' in err and 'File "fail.py", line 5, in <module>' in err
+    assert err.rstrip().endswith("ValueError"), err
+    assert "SECRET_SOURCE_LINE" not in err and "secret-customer-value" not in err
+    summary, events = probe(runner, "warn.py")
+    err = output_of(events, "stderr")
+    assert summary["rc"] == 0 and "warn.py:3: UserWarning" in err
+    assert "secret-warning-text" not in err and "SECRET_WARNING_SOURCE" not in err
+
+
+def test_the_owner_can_allow_full_stderr_in_the_package(env, tmp_path):
+    _share, runner, _work = env
+    files = {"fail.py": PROBES["fail.py"], "enclave.json": '{"stderr": "full"}'}
+    seal(tmp_path, files, tmp_path / "share/encrypted/full.pkg")
+    summary, events = run(runner, "fail.py", [], package="/encrypted/full.pkg")
+    err = output_of(events, "stderr")
+    assert summary["rc"] == 1
+    assert "SECRET_SOURCE_LINE = int(row)" in err and "secret-customer-value" in err
+
+
+@pytest.mark.parametrize("settings", ['{"stderr": "all"}', "[1]", "{not json"])
+def test_bad_enclave_json_is_refused_before_the_script_runs(env, tmp_path, settings):
+    _share, runner, work = env
+    seal(tmp_path, {"fail.py": "open('ran', 'w')\n", "enclave.json": settings}, tmp_path / "share/encrypted/bad.pkg")
+    with pytest.raises(OSError, match="enclave.json in package /encrypted/bad.pkg") as caught:
+        run(runner, "fail.py", [], package="/encrypted/bad.pkg")
+    assert caught.value.errno == errno.EINVAL
+    assert list(work.iterdir()) == []
+
+
+# -- receipts bind exactly what happened
+
+
+def test_output_left_from_before_is_refused_unless_cleared(env):
+    share, runner, _work = env
+    share.create("/output/planted.csv", data=b"made up by the host")
+    with pytest.raises(OSError, match=r"/output holds 1 entries from before \(planted.csv\)") as caught:
+        run(runner, "ml_algorithm.py", "-d /dataset -o /output")
+    assert caught.value.errno == errno.EEXIST
+    assert share.read("/output/planted.csv", 0, 100) == b"made up by the host"  # never removed unasked
+    summary, _events = run(runner, "ml_algorithm.py", "-d /dataset -o /output", clear_output=True)
+    assert [o["path"] for o in summary["outputs"]] == ["/output/result.json"]
+    assert share.listdir("/output")[0]["name"] == "result.json"
+
+
+def test_host_cannot_change_inputs_outputs_or_the_package_during_a_job(env, tmp_path):
+    share, runner, work = env
+    share.create("/dataset/a.csv", data=b"a")
+    share.create("/encrypted/other.pkg", data=b"x")
+    release = "go"
+    first = threading.Thread(target=run, args=(runner, "wait.py", [release]), daemon=True)
+    first.start()
+    app = None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        job = runner.current
+        if job is not None and (work / job.id / "app").is_dir():
+            app = work / job.id / "app"
+            break
+        time.sleep(0.01)
+    assert app is not None, "the job never opened its package"
+    attempts = {
+        "create in /dataset": lambda: share.create("/dataset/b.csv"),
+        "write an input": lambda: share.write("/dataset/a.csv", 0, b"b"),
+        "unlink an input": lambda: share.unlink("/dataset/a.csv"),
+        "plant an output": lambda: share.create("/output/planted", data=b"x"),
+        "mkdir in /model": lambda: share.mkdir("/model/m"),
+        "rename into /dataset": lambda: share.rename("/encrypted/other.pkg", "/dataset/c"),
+        "chmod an input": lambda: share.chmod("/dataset/a.csv", 0o600),
+        "overwrite the package": lambda: share.create("/encrypted/app.pkg", data=b"v2"),
+        "write into the package": lambda: share.write("/encrypted/app.pkg", 0, b"v2"),
+        "truncate the package": lambda: share.truncate("/encrypted/app.pkg", 0),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(OSError) as caught:
+            attempt()
+        assert caught.value.errno == errno.EBUSY, what
+        assert f"job {job.id}" in str(caught.value), what
+    # The package renamed away is still the same file: still refused.
+    share.rename("/encrypted/app.pkg", "/encrypted/moved.pkg")
+    with pytest.raises(OSError, match="in use by job") as caught:
+        share.write("/encrypted/moved.pkg", 0, b"v2")
+    share.write("/encrypted/other.pkg", 0, b"y")  # other packages stay the host's to change
+    (app / release).write_text("go")
+    first.join(timeout=30)
+    assert not first.is_alive()
+    share.write("/dataset/a.csv", 0, b"b")  # the job is over: the host's again
+    share.rename("/encrypted/moved.pkg", "/encrypted/app.pkg")
+
+
+def test_the_package_is_read_through_one_open_file(env, tmp_path):
+    """The host swaps the package file for another version once its header was read: the job runs and
+    names the version whose header it read, not the file now at the path."""
+    share, runner, _work = env
+    seal(tmp_path, {**APP, "helper.py": "NAME = 'version-two'\n"}, tmp_path / "share/encrypted/v2.pkg", version="2")
+
+    def swap_then_unwrap(header):
+        share.rename("/encrypted/v2.pkg", "/encrypted/app.pkg")  # allowed: the job holds the first file open
+        return DATA_KEY
+
+    events = []
+    summary = runner.run(
+        "/encrypted/app.pkg",
+        "ml_algorithm.py",
+        "-d /dataset -o /output",
+        unwrap_key=swap_then_unwrap,
+        emit=events.append,
+        cancelled=threading.Event(),
+    )
+    assert summary["package_version"] == "1"
+    assert "helper-from-package" in output_of(events, "stdout")
+    assert "version-two" not in output_of(events, "stdout")
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+def test_a_huge_sparse_input_honours_timeout_and_cancel(env, how):
+    share, runner, work = env
+    share.create("/dataset/huge.bin")
+    share.truncate("/dataset/huge.bin", 1 << 40)  # 1 TiB that costs the host nothing
+    released = []
+    cancelled = threading.Event()
+    if how == "cancel":
+        threading.Timer(0.3, cancelled.set).start()
+    with pytest.raises(OSError) as caught:
+        runner.run(
+            "/encrypted/app.pkg",
+            "ml_algorithm.py",
+            "-d /dataset -o /output",
+            unwrap_key=lambda header: released.append(header) or DATA_KEY,
+            emit=lambda event: None,
+            cancelled=cancelled,
+            timeout=0.3 if how == "timeout" else None,
+        )
+    assert caught.value.errno == (errno.ETIMEDOUT if how == "timeout" else errno.ECANCELED)
+    assert "/dataset/huge.bin" in str(caught.value)
+    assert released == []  # the key was never asked for, so nothing was decrypted
+    assert list(work.iterdir()) == []
+    share.unlink("/dataset/huge.bin")  # the share is the host's again
+
+
+@pytest.mark.parametrize(
+    ("arg", "mapped"),
+    [
+        ("-o/output/", "-o{root}/output/"),
+        ("-d/dataset", "-d{root}/dataset"),
+        ("--output=/output/x", "--output={root}/output/x"),
+    ],
+)
+def test_attached_option_values_are_mapped_like_bare_paths(env, arg, mapped):
+    share, runner, _work = env
+    assert runner._map_arg(arg) == mapped.format(root=share.root)
+
+
+@needs_root
+def test_an_input_the_job_cannot_read_is_refused_with_the_fix(env):
+    share, runner, work = env
+    share.create("/dataset/private.csv", 0o600, data=b"x")
+    share.chmod("/dataset/private.csv", 0o600)
+    with pytest.raises(OSError, match=r"/dataset/private.csv has mode 0600: .*chmod o\+r") as caught:
+        run(runner, "ml_algorithm.py", "-d /dataset -o /output")
+    assert caught.value.errno == errno.EACCES
+    assert list(work.iterdir()) == []
+    share.chmod("/dataset/private.csv", 0o644)
+    summary, events = run(runner, "ml_algorithm.py", "-d /dataset -o /output")
+    assert summary["rc"] == 0, output_of(events, "stderr")
