@@ -66,7 +66,15 @@ def _sha256_file(path: str) -> str:
 
 class EnclaveServer:
     def __init__(
-        self, *, share_dir, work_dir, nsm, kms_endpoint_url: str | None = None, owner=None, job_uid=None, job_python=None
+        self,
+        *,
+        share_dir,
+        work_dir,
+        nsm,
+        kms_endpoint_url: str | None = None,
+        owner=None,
+        job_uid=None,
+        job_python=None,
     ):
         self.share = Share(share_dir)
         # owner_identity.OwnerIdentity built into the image: only packages its keys signed reach key release.

@@ -706,7 +706,9 @@ def open_package(
     even if the path is replaced meanwhile.
     """
     if hasattr(path, "read"):
-        return _open_stream(path, getattr(path, "name", "package"), target_dir, unwrap_key, max_total_bytes, check_header)
+        return _open_stream(
+            path, getattr(path, "name", "package"), target_dir, unwrap_key, max_total_bytes, check_header
+        )
     try:
         package = open(path, "rb")  # noqa: SIM115 - closed below, after the body
     except OSError as exc:

@@ -141,7 +141,7 @@ def wait_for_socket(path: Path, proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def enclave(tmp_path, monkeypatch):
-    """A served enclave (dict: tmp, sock, endpoint, pcr0, sealed, server, work, share, kms_url, key_id, nsm).
+    """A served enclave (dict: tmp, sock, endpoint, pcr0, sealed, server, work, share, kms_url, kms, key_id, nsm).
 
     ENCLAVE_ENDPOINT points at it and the AWS variables hold the user's credentials (enclave-host's)."""
     home = tmp_path / "home"
@@ -199,6 +199,7 @@ def enclave(tmp_path, monkeypatch):
         "work": inside / "work",
         "share": inside / "share",
         "kms_url": kms_server.endpoint_url,
+        "kms": kms_server.kms,
         "key_id": key_id,
         "nsm": inside / "nsm.sock",
     }

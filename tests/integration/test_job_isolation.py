@@ -93,7 +93,7 @@ def seal_probe(enclave, tmp_path) -> None:
     src.mkdir()
     (src / "hostile.py").write_text(textwrap.dedent(HOSTILE))
     owner = boto3.client("kms", endpoint_url=enclave["kms_url"], region_name="us-east-1",
-                         aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
+                         **enclave["kms"].credentials("owner"))  # fmt: skip
     sealed = tmp_path / "hostile.pkg"
     package.seal(src, sealed, kms_client=owner, key_id=enclave["key_id"], name="hostile", version="1")
     with EnclaveClient(enclave["endpoint"]) as client:
