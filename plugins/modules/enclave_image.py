@@ -60,9 +60,9 @@ options:
     type: path
   private_key:
     description:
-      - The private key of O(signing_certificate): a PEM file, or the ARN of a KMS key
-        (C(arn:aws:kms:REGION:ACCOUNT:key/KEY-ID); nitro-cli then signs through KMS with the host's credentials,
-        which need C(kms:Sign) and C(kms:GetPublicKey) on it). V(nitro) only.
+      - The private key of O(signing_certificate), a PEM file or the ARN of a KMS key
+        (C(arn:aws:kms:REGION:ACCOUNT:key/KEY-ID)). With an ARN nitro-cli signs through KMS with the host's
+        credentials, which need C(kms:Sign) and C(kms:GetPublicKey) on the key. V(nitro) only.
     type: path
   backend:
     description:

@@ -90,9 +90,9 @@ attributes:
     platforms: posix
 requirements:
   - python >= 3.11
-  - cbor2 >= 5.6
+  - cbor2 >= 6.2
   - tink >= 1.10
-  - tqdm >= 4.66
+  - tqdm >= 4.60
 seealso:
   - module: confidential_ml.nitro.enclave_key_policy
 """

@@ -93,7 +93,7 @@ attributes:
     platforms: posix
 requirements:
   - python >= 3.11
-  - boto3 >= 1.34
+  - boto3 >= 1.28
 seealso:
   - module: confidential_ml.nitro.enclave_sync
   - module: confidential_ml.nitro.enclave_info
