@@ -619,7 +619,7 @@ def test_the_eif_runs_one_cmd_naming_python_by_its_path():
     argv = command["argv"]
     assert argv[:4] == [enclave_code.IMAGE_PYTHON, "-P", "-m", f"{SERVER_MODULE}.boot"]
     assert argv[4:] == [
-        "--listen", "vsock://any:5000", "--nsm", "/dev/nsm", "--share", "/share", "--work", "/work",
+        "--listen", "vsock://any:5000", "--nsm", "/dev/nsm", "--share", "/enclave/share", "--work", "/enclave/work",
         "--kms-proxy", "vsock://3:8000",
     ]  # fmt: skip
     assert "PYTHONPATH=/opt/enclave" in command["env"] and command["cwd"] == "/"
