@@ -459,10 +459,15 @@ def test_local_up_is_idempotent_and_down_leaves_nothing(home):
     assert second["kms_endpoint_url"] == first["kms_endpoint_url"]
     assert json.loads((home / "cloud.json").read_text())["kms_endpoint_url"] == first["kms_endpoint_url"]
     assert (home / "ca" / "root.pem").is_file()
-    assert parse_allowlist((home / "vsock-proxy.yaml").read_text()) == [("127.0.0.1", first["kms_port"])]
+    # Enclaves reach the HTTPS listener only; host tools keep plain HTTP, on the same keys.
+    assert parse_allowlist((home / "vsock-proxy.yaml").read_text()) == [("127.0.0.1", first["kms_tls_port"])]
     kms = boto3.client("kms", endpoint_url=first["kms_endpoint_url"], region_name="us-east-1",
                        aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
     assert kms.list_keys()["Keys"] == []
+    key_id = kms.create_key()["KeyMetadata"]["KeyId"]
+    tls = boto3.client("kms", endpoint_url=f"https://localhost:{first['kms_tls_port']}", region_name="us-east-1",
+                       verify=first["tls_ca_bundle"], aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
+    assert [k["KeyId"] for k in tls.list_keys()["Keys"]] == [key_id]
 
     moved = subprocess.run([*ENCLAVE_CLI, "local", "up", "--kms-port", str(first["kms_port"] + 1)],
                            capture_output=True, text=True, check=False)  # fmt: skip
@@ -502,3 +507,105 @@ def test_vsock_proxy_relays_only_to_allowed_destinations(tmp_path, caplog):
         VsockProxy(listen, "kms.us-east-1.amazonaws.com", 443, [("127.0.0.1", port)])
     assert any("refused" in r.getMessage() and "kms.us-east-1.amazonaws.com" in r.getMessage() for r in caplog.records)
     assert not Path(f"{tmp_path}/3_8000.sock").exists()
+
+
+# ---------------------------------------------------------------- KMS over TLS, end to end
+
+TLS_PROBE = """
+import json, socket, ssl
+
+def handshake(context, name):
+    try:
+        with socket.create_connection(("kms.us-east-1.amazonaws.com", 443), timeout=10) as sock:
+            with context.wrap_socket(sock, server_hostname=name) as tls:
+                return [value for kind, value in tls.getpeercert()["subjectAltName"] if value == name]
+    except ssl.SSLCertVerificationError as err:
+        return err.verify_message
+local = ssl.create_default_context(cafile="/etc/ssl/local-kms-ca.pem")
+print(json.dumps({
+    "address": socket.gethostbyname("kms.us-east-1.amazonaws.com"),
+    "local_ca": handshake(local, "kms.us-east-1.amazonaws.com"),
+    "other_name": handshake(local, "kms.example.com"),
+    "public_roots": handshake(ssl.create_default_context(), "kms.us-east-1.amazonaws.com"),
+}))
+"""
+
+
+def test_kms_is_reached_by_name_over_tls_through_forwarder_and_proxy(images, cloud_up, tmp_path, home):
+    """In the enclave, kms.<region> is the forwarder on loopback, and behind it (forwarder, vsock-proxy)
+    a TLS server with a certificate for that name from the local TLS CA, and from nothing else."""
+    info, pcr0 = start(images)
+    owner = boto3.client("kms", endpoint_url=cloud_up["kms_endpoint_url"], region_name="us-east-1",
+                         aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
+    key_id = owner.list_keys()["Keys"][0]["KeyId"]
+    app = tmp_path / "tls-app"
+    app.mkdir()
+    (app / "tls_probe.py").write_text(TLS_PROBE)
+    package.seal(app, cloud_up["published"] / "tls.pkg", kms_client=owner, key_id=key_id, name="tls", version="1")
+    out = []
+    with EnclaveClient(info.endpoint, expect_pcr0=pcr0) as client:
+        client.push(cloud_up["published"], "/encrypted")
+        summary = client.run("tls.pkg", "tls_probe.py", [], kms=USER_KMS, on_output=lambda n, d: out.append(d))
+    assert summary["rc"] == 0, out
+    report = json.loads(b"".join(out))
+    assert report["address"] == "127.0.0.1"
+    assert report["local_ca"] == ["kms.us-east-1.amazonaws.com"]
+    assert "Hostname mismatch" in report["other_name"]
+    assert "unable to get local issuer certificate" in report["public_roots"]
+
+
+# ---------------------------------------------------------------- what the EIF boot needs, failing locally
+
+
+def _tree_copy(dest: Path) -> Path:
+    for part in ("enclave_server", "plugins/module_utils"):
+        shutil.copytree(ROOT / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{path} no longer holds {old!r}: update this test"
+    path.write_text(text.replace(old, new, 1))
+
+
+def _fails_to_start(tmp_path, home, name) -> str:
+    image = LocalRuntime().build(output=str(tmp_path / f"{name}.eif"), source=str(tmp_path / "src"))
+    with pytest.raises(RuntimeFailure) as failed:
+        LocalRuntime().run(image.image, cpu_count=1, memory_mib=64, name=name, debug_mode=True)
+    assert LocalRuntime().describe() == []
+    return str(failed.value)
+
+
+def test_an_entrypoint_and_cmd_split_fails_at_start(tmp_path, home):
+    # nitro-cli runs the Cmd alone: with the arguments in CMD and the program in ENTRYPOINT, the EIF runs
+    # "--listen" and reboots. The local runtime follows the same rule and refuses to start.
+    dockerfile = _tree_copy(tmp_path / "src") / "enclave_server" / "Dockerfile"
+    _edit(dockerfile, 'CMD ["/usr/local/bin/python3", "-P", "-m", "ansible_collections.confidential_ml.nitro.'
+          'enclave_server.boot", \\\n', 'ENTRYPOINT ["/usr/local/bin/python3", "-P", "-m", '
+          '"ansible_collections.confidential_ml.nitro.enclave_server.boot"]\nCMD [\\\n')  # fmt: skip
+    message = _fails_to_start(tmp_path, home, "split")
+    assert "execvpe --listen: No such file or directory" in message, message
+
+
+def test_an_image_that_leaves_loopback_down_fails_at_start(tmp_path, home):
+    boot = _tree_copy(tmp_path / "src") / "enclave_server" / "boot.py"
+    _edit(boot, "    loopback_up()\n    write_hosts(hosts)", "    write_hosts(hosts)")
+    message = _fails_to_start(tmp_path, home, "nolo")
+    assert "the KMS forwarder on 127.0.0.1:443 cannot be reached (Network is unreachable): is loopback up?" in message
+
+
+def test_an_image_that_leaves_kms_to_dns_fails_at_start(tmp_path, home):
+    boot = _tree_copy(tmp_path / "src") / "enclave_server" / "boot.py"
+    _edit(boot, "hosts.write(kms_forwarder.hosts_file())", 'hosts.write("127.0.0.1 localhost\\n")')
+    message = _fails_to_start(tmp_path, home, "nodns")
+    assert ".amazonaws.com does not resolve" in message and "no DNS" in message, message
+
+
+def test_host_only_code_leaves_pcr0_alone_and_server_code_does_not(images, tmp_path):
+    src = _tree_copy(tmp_path / "src")
+    with open(src / "plugins" / "module_utils" / "fusefs.py", "a") as f:
+        f.write("# a host-side edit\n")
+    fuse = LocalRuntime(tmp_path / "home").build(output=str(tmp_path / "fuse.eif"), source=str(src))
+    assert fuse.measurements == images["good"].measurements
+    assert images["evil"].measurements.pcr0 != images["good"].measurements.pcr0  # server.py, one byte
