@@ -47,8 +47,10 @@ the enclave dies, the supervisor removes its sockets and state. Enclaves are fou
 state_home()/enclaves/<id>/enclave.json; allocation (CIDs, the limit of MAX_ENCLAVES) is
 serialised by a lock file there.
 
-Without root there are no namespaces: the server runs as a plain process with its share and
-plaintext in ordinary directories, and every run says so loudly.
+Without root there are no namespaces, so no boot either: init starts the server itself as a
+plain process, with its share and plaintext in ordinary directories and KMS at
+https://localhost:PORT (the local KMS's certificate names localhost too), and every run says
+so loudly.
 """
 
 from __future__ import annotations

@@ -86,7 +86,8 @@ def write_hosts(path: str = HOSTS_FILE) -> None:
 
 
 def drop_boot_capabilities() -> None:
-    for name, number in BOOT_CAPABILITIES.items():  # CAP_SETPCAP last: it is what allows the drop
+    # The effective set keeps them until the exec, which computes the server's from the bounding set.
+    for name, number in BOOT_CAPABILITIES.items():
         if _libc.prctl(PR_CAPBSET_DROP, number, 0, 0, 0) != 0:
             raise _failed(f"drop {name} from the bounding set")
 
