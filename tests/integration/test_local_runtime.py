@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,7 @@ from ansible_collections.confidential_ml.nitro.enclave_local.runtime import (
     Proc,
     discover_local_endpoint,
 )
+from ansible_collections.confidential_ml.nitro.enclave_local.tls import LocalTlsCA
 from ansible_collections.confidential_ml.nitro.enclave_local.vsock_proxy import (
     VsockProxy,
     VsockProxyError,
@@ -619,3 +621,48 @@ def test_host_only_code_leaves_pcr0_alone_and_server_code_does_not(images, tmp_p
     fuse = LocalRuntime(tmp_path / "home").build(output=str(tmp_path / "fuse.eif"), source=str(src))
     assert fuse.measurements == images["good"].measurements
     assert images["evil"].measurements.pcr0 != images["good"].measurements.pcr0  # server.py, one byte
+
+
+def test_a_host_answering_for_kms_sees_only_tls_and_gets_no_request(images, cloud_up, home, tmp_path):
+    """The host swaps the enclave's way to KMS (its 3_8000.sock) for a server of its own, with a
+    certificate for the KMS name from a CA of its own: it sees a TLS ClientHello, never a request,
+    and the job fails on the certificate."""
+    info, pcr0 = start(images)
+    attacker = LocalTlsCA.load_or_create(tmp_path / "attacker")
+    cert, key = attacker.issue_server(["kms.us-east-1.amazonaws.com"])
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    socket_path = home / "enclaves" / info.enclave_id / "vsock" / "3_8000.sock"
+    socket_path.unlink()  # the host owns that directory: the supervisor's vsock-proxy is bypassed
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(socket_path))
+    listener.listen()
+    seen = {"first_bytes": [], "handshakes": [], "requests": []}
+
+    def fake_kms():
+        while True:
+            try:
+                conn, _address = listener.accept()
+            except OSError:
+                return
+            with conn:
+                seen["first_bytes"].append(conn.recv(5, socket.MSG_PEEK))
+                try:
+                    with context.wrap_socket(conn, server_side=True) as tls:
+                        seen["handshakes"].append("completed")
+                        seen["requests"].append(tls.recv(4096))
+                except (ssl.SSLError, OSError) as err:
+                    seen["handshakes"].append(type(err).__name__)
+
+    thread = threading.Thread(target=fake_kms, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(RemoteError) as failed:
+            run_job(info, pcr0, cloud_up["published"], "hello.py")
+    finally:
+        listener.close()
+        thread.join(10)
+    assert "SSL validation failed for https://kms.us-east-1.amazonaws.com/" in str(failed.value), failed.value
+    assert "certificate verify failed" in str(failed.value)
+    assert seen["first_bytes"] and all(first[:1] == b"\x16" for first in seen["first_bytes"]), seen  # TLS records
+    assert "completed" not in seen["handshakes"] and seen["requests"] == [], seen
