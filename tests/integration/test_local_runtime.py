@@ -27,6 +27,7 @@ from ansible_collections.confidential_ml.nitro.enclave_local.runtime import (
     LocalRuntime,
     Proc,
     discover_local_endpoint,
+    local_command,
 )
 from ansible_collections.confidential_ml.nitro.enclave_local.tls import LocalTlsCA
 from ansible_collections.confidential_ml.nitro.enclave_local.vsock_proxy import (
@@ -36,6 +37,7 @@ from ansible_collections.confidential_ml.nitro.enclave_local.vsock_proxy import 
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import package, settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.enclave_code import IMAGE_PYTHON
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import RuntimeFailure
@@ -666,3 +668,16 @@ def test_a_host_answering_for_kms_sees_only_tls_and_gets_no_request(images, clou
     assert "certificate verify failed" in str(failed.value)
     assert seen["first_bytes"] and all(first[:1] == b"\x16" for first in seen["first_bytes"]), seen  # TLS records
     assert "completed" not in seen["handshakes"] and seen["requests"] == [], seen
+
+
+def test_the_local_command_substitutes_only_the_interpreter_and_vsock_addresses():
+    command = {"argv": [IMAGE_PYTHON, "-P", "-m", "server", "--listen", "vsock://any:5000", "--kms-proxy",
+                        "vsock://3:8000", "--nsm", "/dev/nsm", "--note", "vsock-like but not an address"]}  # fmt: skip
+    assert local_command(command, cid=17, vsock_dir="/run/vsock") == [
+        sys.executable, "-P", "-m", "server", "--listen", "unix:///run/vsock/17_5000.sock", "--kms-proxy",
+        "unix:///run/vsock/3_8000.sock", "--nsm", "/dev/nsm", "--note", "vsock-like but not an address",
+    ]  # fmt: skip
+    # Anything else as argv[0] stays, and init looks it up as the enclave's init would.
+    assert local_command({"argv": ["--listen", "vsock://any:5000"]}, cid=17, vsock_dir="/run/vsock")[0] == "--listen"
+    with pytest.raises(EnclaveError):
+        local_command({"argv": [IMAGE_PYTHON, "vsock://nope:x"]}, cid=17, vsock_dir="/run/vsock")
