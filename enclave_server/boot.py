@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     except BootError as err:
         print(f"enclave boot: error: {err}", file=sys.stderr, flush=True)
         return 1
-    server = [sys.executable, "-P", "-m", SERVER_MODULE, *argv]
+    server = [sys.executable, "-s", "-P", "-m", SERVER_MODULE, *argv]  # no user site, no cwd on sys.path
     os.execv(sys.executable, server)  # noqa: S606 - boot becomes the server, as entrypoint.sh did
     return 1  # not reached
 

@@ -595,8 +595,8 @@ def test_an_entrypoint_and_cmd_split_fails_at_start(tmp_path, home):
     # nitro-cli runs the Cmd alone: with the arguments in CMD and the program in ENTRYPOINT, the EIF runs
     # "--listen" and reboots. The local runtime follows the same rule and refuses to start.
     dockerfile = _tree_copy(tmp_path / "src") / "enclave_server" / "Dockerfile"
-    _edit(dockerfile, 'CMD ["/usr/local/bin/python3", "-P", "-m", "ansible_collections.confidential_ml.nitro.'
-          'enclave_server.boot", \\\n', 'ENTRYPOINT ["/usr/local/bin/python3", "-P", "-m", '
+    _edit(dockerfile, 'CMD ["/usr/local/bin/python3", "-s", "-P", "-m", "ansible_collections.confidential_ml.nitro.'
+          'enclave_server.boot", \\\n', 'ENTRYPOINT ["/usr/local/bin/python3", "-s", "-P", "-m", '
           '"ansible_collections.confidential_ml.nitro.enclave_server.boot"]\nCMD [\\\n')  # fmt: skip
     message = _fails_to_start(tmp_path, home, "split")
     assert "execvpe --listen: No such file or directory" in message, message

@@ -617,8 +617,8 @@ def test_the_eif_runs_one_cmd_naming_python_by_its_path():
     assert "ENTRYPOINT" not in dict(_dockerfile_instructions())
     command = enclave_code.image_command(DOCKERFILE.read_text())
     argv = command["argv"]
-    assert argv[:4] == [enclave_code.IMAGE_PYTHON, "-P", "-m", f"{SERVER_MODULE}.boot"]
-    assert argv[4:] == [
+    assert argv[:5] == [enclave_code.IMAGE_PYTHON, "-s", "-P", "-m", f"{SERVER_MODULE}.boot"]
+    assert argv[5:] == [
         "--listen", "vsock://any:5000", "--nsm", "/dev/nsm", "--share", "/enclave/share", "--work", "/enclave/work",
         "--kms-proxy", "vsock://3:8000",
     ]  # fmt: skip
@@ -626,7 +626,7 @@ def test_the_eif_runs_one_cmd_naming_python_by_its_path():
     usage = subprocess.run(
         [sys.executable, "-m", SERVER_MODULE, "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for flag in (word for word in argv[4:] if word.startswith("--")):
+    for flag in (word for word in argv[5:] if word.startswith("--")):
         assert flag in usage, f"the enclave server does not accept {flag}"
 
 
