@@ -28,7 +28,8 @@ The command runs as the image gives it, with three substitutions for what this h
 
   * the interpreter: the image names the base image's Python (IMAGE_PYTHON); the local image
     carries none and runs on this host's, whose identity and packages it measured and
-    check_host verified, so argv[0] == IMAGE_PYTHON becomes sys.executable;
+    check_host verified, so argv[0] == IMAGE_PYTHON becomes sys.executable, and any other
+    argv[0] is refused (the EIF would look it up on init's PATH, where the base has no Python);
   * addresses: there is no AF_VSOCK between host and enclave here, so, after Firecracker's
     hybrid vsock, every argument vsock://CID:PORT becomes unix:///run/vsock/CID_PORT.sock
     (CID "any": the enclave's own), the path endpoints.local_socket_path names. Rewriting
@@ -852,13 +853,6 @@ def _image_environment(config: dict) -> dict:
     return env
 
 
-def _find_program(name: str) -> str | None:
-    """execvpe's lookup, with the PATH the enclave's init gives it (not the image's)."""
-    if "/" in name:
-        return name if os.access(name, os.X_OK) else None
-    return shutil.which(name, path=INIT_PATH)
-
-
 def _unisolated_argv(config: dict) -> list[str]:
     """Without root there are no namespaces, so no boot: the server itself, on host paths."""
     paths, cid, port = config["paths"], config["cid"], config["kms_port"]
@@ -890,13 +884,16 @@ def init(config: dict) -> int:
     if config["isolated"]:
         os.makedirs(paths["app"], exist_ok=True)
         _bind(f"{paths['image']}/app", paths["app"])  # the code, read-only, where the Dockerfile puts it
-        argv = local_command(config["command"], cid=config["cid"], vsock_dir=paths["vsock"])
-        program = _find_program(argv[0])
-        if program is None:
-            print(f"enclave init: execvpe {argv[0]}: No such file or directory (the image's command is "
-                  f"{config['command']['argv']})", file=sys.stderr, flush=True)  # fmt: skip
+        program = config["command"]["argv"][0]
+        if program != IMAGE_PYTHON:
+            # The local image carries no base image, so there is nothing else it could run; in the EIF, init
+            # would execvpe it on INIT_PATH, where the base image has no python3 (and no "--listen").
+            print(f"enclave init: the image's command starts with {program!r}, not the image's Python "
+                  f"{IMAGE_PYTHON}: the EIF's init would execvpe it with PATH={INIT_PATH}, and the local image "
+                  f"has nothing else to run. Its command: {config['command']['argv']}",
+                  file=sys.stderr, flush=True)  # fmt: skip
             return 1
-        argv[0] = program
+        argv = local_command(config["command"], cid=config["cid"], vsock_dir=paths["vsock"])
     else:
         argv = _unisolated_argv(config)
         env["PYTHONPATH"] = f"{paths['image']}/app"

@@ -117,7 +117,8 @@ DOCKERFILE_PATH = "enclave_server/Dockerfile"
 IMAGE_PYTHON = "/usr/local/bin/python3"
 """Where the Dockerfile's base image (python:3.11-slim-bookworm) installs Python."""
 
-# The base image's own configuration, which the EIF inherits: its Env and its Cmd.
+# The base image's own configuration, which the EIF inherits: its Cmd, and of its Env what this
+# project's code reads (it also sets GPG_KEY and PYTHON_VERSION, which nothing here reads).
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 BASE_CMD = [IMAGE_PYTHON.rsplit("/", 1)[1]]
 

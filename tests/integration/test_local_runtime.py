@@ -599,7 +599,7 @@ def test_an_entrypoint_and_cmd_split_fails_at_start(tmp_path, home):
           'enclave_server.boot", \\\n', 'ENTRYPOINT ["/usr/local/bin/python3", "-s", "-P", "-m", '
           '"ansible_collections.confidential_ml.nitro.enclave_server.boot"]\nCMD [\\\n')  # fmt: skip
     message = _fails_to_start(tmp_path, home, "split")
-    assert "execvpe --listen: No such file or directory" in message, message
+    assert "the image's command starts with '--listen', not the image's Python" in message, message
 
 
 def test_an_image_that_leaves_loopback_down_fails_at_start(tmp_path, home):
