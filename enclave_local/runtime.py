@@ -29,7 +29,7 @@ The command runs as the image gives it, with three substitutions for what this h
   * the interpreter: the image names the base image's Python (IMAGE_PYTHON); the local image
     carries none and runs on this host's, whose identity and packages it measured and
     check_host verified, so argv[0] == IMAGE_PYTHON becomes sys.executable, and any other
-    argv[0] is refused (the EIF would look it up on init's PATH, where the base has no Python);
+    argv[0] is refused: the local image has no base image with other programs to run;
   * addresses: there is no AF_VSOCK between host and enclave here, so, after Firecracker's
     hybrid vsock, every argument vsock://CID:PORT becomes unix:///run/vsock/CID_PORT.sock
     (CID "any": the enclave's own), the path endpoints.local_socket_path names. Rewriting
