@@ -2,10 +2,15 @@
 
 `up` starts the local KMS as a daemon on loopback, trusting the local CA's root (created
 under state_home()/ca/ if missing; the simulated NSM of every local enclave signs with it)
-and AWS's Nitro root, with its keys in state_home()/kms/. It writes
+and AWS's Nitro root, with its keys in state_home()/kms/. It listens twice, on one state:
+over plain HTTP for the host's tools (boto3 and amazon.aws with endpoint_url), and over
+HTTPS for enclaves, with a certificate for every kms.<region> hostname from the local TLS
+CA (enclave_local/tls.py), as AWS KMS is reached from a Nitro enclave. It writes
 
-    state_home()/cloud.json         where the KMS listens (kms_endpoint_url) and its process
-    state_home()/vsock-proxy.yaml   the allowlist of the enclaves' vsock-proxies: this KMS only
+    state_home()/cloud.json         where the KMS listens (kms_endpoint_url for the host;
+                                    kms_tls_port for enclaves, tls_ca_bundle) and its process
+    state_home()/vsock-proxy.yaml   the allowlist of the enclaves' vsock-proxies: the HTTPS
+                                    listener only
     state_home()/kms/credentials    on first start: the credentials the KMS issued to its principals
                                     (owner, enclave-host, admin), an AWS shared-credentials file
                                     (kms_credentials; use it with AWS_SHARED_CREDENTIALS_FILE + AWS_PROFILE)
@@ -96,18 +101,23 @@ def serve(home: Path, port: int, ready_fd: int) -> int:
     from ..plugins.module_utils.attestation import aws_nitro_root
     from .kms import LocalKms, LocalKmsServer
     from .nsm_sim import LocalCA
+    from .tls import kms_server_context
     from .vsock_proxy import render_allowlist
 
     try:
         ca = LocalCA.load_or_create(home)
         roots = [aws_nitro_root(), ca.root_certificate]
-        server = LocalKmsServer(LocalKms(home / "kms", trusted_roots=roots), host=KMS_HOST, port=port)
-        bound = int(server.endpoint_url.rsplit(":", 1)[1])
-        (home / VSOCK_PROXY_CONFIG).write_text(render_allowlist([(KMS_HOST, bound)]))
+        kms = LocalKms(home / "kms", trusted_roots=roots)
+        server = LocalKmsServer(kms, host=KMS_HOST, port=port)
+        tls_context, bundle = kms_server_context(home)
+        tls_server = LocalKmsServer(kms, host=KMS_HOST, tls=tls_context)
+        (home / VSOCK_PROXY_CONFIG).write_text(render_allowlist([(KMS_HOST, tls_server.port)]))
         cloud = {
             "kms_endpoint_url": server.endpoint_url,
             "kms_host": KMS_HOST,
-            "kms_port": bound,
+            "kms_port": server.port,
+            "kms_tls_port": tls_server.port,
+            "tls_ca_bundle": str(bundle),
             "kms_state": str(home / "kms"),
             "kms_credentials": str(server.kms.credentials_file.absolute()),
             "ca_root": str(home / "ca" / "root.pem"),
@@ -116,6 +126,7 @@ def serve(home: Path, port: int, ready_fd: int) -> int:
         }
         write_json(home / CLOUD_FILE, cloud)
         server.start()
+        tls_server.start()
     except Exception as err:
         log.exception("the local KMS did not start")
         ready.fail(f"the local KMS did not start: {err}")
@@ -124,6 +135,7 @@ def serve(home: Path, port: int, ready_fd: int) -> int:
     signal.sigwait(stop_signals)
     log.info("stopping the local KMS")
     server.stop()
+    tls_server.stop()
     with contextlib.suppress(OSError, ValueError):
         if json.loads((home / CLOUD_FILE).read_text()).get("process") == cloud["process"]:
             (home / CLOUD_FILE).unlink()

@@ -5,14 +5,16 @@ An image is an uncompressed POSIX tar (pax) holding
     runtime.json   what the code runs on: the Python interpreter's identity and a lock of
                    the installed distributions the enclave code imports (name, version,
                    SHA-256 of the distribution's RECORD, which lists a hash of every file)
+                   and what the enclave runs (runtime.json "command": argv, env, cwd), read from
+                   enclave_server/Dockerfile under nitro-cli's rule (enclave_code.image_command)
     app/.../owner_identity.json   the owner's package-signing keys (owner_identity.py), when the
                    image is bound to its owner: beside enclave_server/, where the server looks for it
-    app/...        the enclave code: every file of enclave_server/, and the project modules it
-                   imports, directly or not (in practice a part of plugins/module_utils/), under
-                   app/ansible_collections/confidential_ml/nitro/ so it imports as in the project.
-                   Host-side code (cli/, enclave_local/) is never carried: importing it from the
-                   enclave code fails the build. Imports are read from the source (ast), so a change
-                   to host-only modules leaves the measurement alone.
+    app/...        the enclave code: enclave_code.enclave_sources, the same files the EIF's build
+                   context carries (every file of enclave_server/ and the project modules it
+                   imports), under app/ansible_collections/confidential_ml/nitro/, which the local
+                   runtime mounts at /opt/enclave as the Dockerfile copies it. Host-side code
+                   (cli/, enclave_local/) is never carried: importing it from the enclave code
+                   fails the build; a change to host-only modules leaves the measurement alone.
 
 Entries are sorted, regular files only, mode 0644, uid/gid 0, no owner names, mtime 0, and
 nothing is compressed, so the same inputs give the same bytes on any machine and at any time.
@@ -34,7 +36,6 @@ enclave code imports (found the same way) and, from their metadata, what those n
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import importlib.metadata
 import io
@@ -48,7 +49,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..plugins.module_utils.errors import EnclaveError
+from ..plugins.module_utils.enclave_code import (
+    DOCKERFILE_PATH,
+    PACKAGE_PATH,
+    ImageError,
+    enclave_sources,
+    image_command,
+    imports,
+)
 from ..plugins.module_utils.runtime import (
     COLLECTION_ROOT,
     OWNER_IDENTITY_FILE,
@@ -57,106 +65,15 @@ from ..plugins.module_utils.runtime import (
     checked_owner_identity,
 )
 
-IMAGE_FORMAT = "confidential-ml-nitro/local-image/1"
+IMAGE_FORMAT = "confidential-ml-nitro/local-image/2"
 RUNTIME_ENTRY = "runtime.json"
 APP_PREFIX = "app/"
-PACKAGE_PATH = "ansible_collections/confidential_ml/nitro"
-PACKAGE_NAME = PACKAGE_PATH.replace("/", ".")
-ENTRYPOINT = f"{PACKAGE_NAME}.enclave_server"
-# The enclave's own code; the image carries it and the project modules it imports, never host-side code.
-ENCLAVE_DIR = "enclave_server"
-HOST_SIDE = ("cli/", "enclave_local/")
-SKIPPED_DIRS = {"__pycache__"}
-SKIPPED_SUFFIXES = (".pyc", ".pyo")
 PROJECT_DISTRIBUTION = "confidential-ml-nitro"
 MAX_IMAGE_BYTES = 256 << 20
 
 
-class ImageError(EnclaveError):
-    """An image cannot be built, read, or run on this host."""
-
-
 def sha384_hex(data: bytes) -> str:
     return hashlib.sha384(data).hexdigest()
-
-
-# ---------------------------------------------------------------- sources
-
-
-def _read_file(path: Path) -> bytes:
-    if path.is_symlink() or not path.is_file():
-        raise ImageError(f"{path} is not a regular file: an image holds only regular files; replace it")
-    return path.read_bytes()
-
-
-def _imports(path: str, content: bytes) -> set[str]:
-    """Module names a Python file imports, absolute; for `from X import y`, both X and X.y
-    (y may be a submodule). Imports inside functions count: they run in the enclave too."""
-    try:
-        tree = ast.parse(content, filename=path)
-    except SyntaxError as err:
-        raise ImageError(f"{path} is not valid Python ({err.msg}, line {err.lineno}): fix it before building") from None
-    # Relative imports start from the file's package: its directory (for __init__.py, the package itself).
-    package = f"{PACKAGE_NAME}.{Path(path).parent.as_posix().replace('/', '.')}"
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                base = f"{anchor}.{base}" if base else anchor
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
-    return names
-
-
-def _project_file(source: Path, module: str) -> str | None:
-    """The file under source that defines a module of this project, if any."""
-    rel = module[len(PACKAGE_NAME) + 1 :].replace(".", "/")
-    for candidate in (f"{rel}.py", f"{rel}/__init__.py"):
-        if (source / candidate).is_file():
-            return candidate
-    return None
-
-
-def enclave_sources(source: Path) -> dict[str, bytes]:
-    """{path under the package: content}: every file of enclave_server/, and the project's
-    Python modules it imports, directly or not (with their packages' __init__.py), sorted."""
-    top = source / ENCLAVE_DIR
-    if not top.is_dir():
-        raise ImageError(f"{top} is not a directory: --source must be a project tree holding {ENCLAVE_DIR}/")
-    files: dict[str, bytes] = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames[:] = [d for d in dirnames if d not in SKIPPED_DIRS]
-        for name in filenames:
-            if not name.endswith(SKIPPED_SUFFIXES):
-                path = Path(dirpath, name)
-                files[path.relative_to(source).as_posix()] = _read_file(path)
-    todo = [path for path in files if path.endswith(".py")]
-    while todo:
-        path = todo.pop()
-        for module in _imports(path, files[path]):
-            if not module.startswith(PACKAGE_NAME + "."):
-                continue
-            found = _project_file(source, module)
-            if found is None or found in files:
-                continue
-            if found.startswith(HOST_SIDE):
-                raise ImageError(
-                    f"the enclave code imports {module} ({found} in {source}), which is host-side code: "
-                    "move what the enclave needs into plugins/module_utils"
-                )
-            parts = found.split("/")
-            for depth in range(1, len(parts)):  # the packages on the way must import too
-                init = "/".join(parts[:depth]) + "/__init__.py"
-                if init not in files and (source / init).is_file():
-                    files[init] = _read_file(source / init)
-                    todo.append(init)
-            files[found] = _read_file(source / found)
-            todo.append(found)
-    return dict(sorted(files.items()))
 
 
 # ---------------------------------------------------------------- runtime: interpreter and dependency lock
@@ -232,13 +149,16 @@ def dependency_lock(imported: set[str]) -> list[dict]:
 
 
 def runtime_description(files: dict[str, bytes]) -> dict:
+    if DOCKERFILE_PATH not in files:
+        raise ImageError(f"the enclave code has no {DOCKERFILE_PATH}: it says what the enclave runs")
     imported: set[str] = set()
     for path, content in files.items():
         if path.endswith(".py"):
-            imported |= _imports(path, content)
+            imported |= imports(path, content)
     return {
         "format": IMAGE_FORMAT,
-        "entrypoint": ENTRYPOINT,
+        # What the enclave runs, from the Dockerfile under nitro-cli's rule, as the EIF gets it.
+        "command": image_command(files[DOCKERFILE_PATH].decode()),
         "python": python_identity(),
         "dependencies": dependency_lock(imported),
     }

@@ -47,6 +47,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -114,6 +115,7 @@ _NO_GRANTS = (
     "permission in the key policy instead (key_policy.merge_statements, by Sid), or use AWS KMS for grants"
 )
 _POLL_S = 0.05  # how soon stop() takes effect
+_TLS_HANDSHAKE_S = 10
 _BER_CHUNK = 1024  # encrypted content is sent in chunks of this size, as a streaming CMS encoder does
 
 
@@ -1256,16 +1258,29 @@ class _Handler(BaseHTTPRequestHandler):
 class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, kms: LocalKms, family):
+    def __init__(self, address, kms: LocalKms, family, tls: ssl.SSLContext | None = None):
         self.address_family = family
         self.kms = kms
+        self.tls = tls
         super().__init__(address, _Handler)
+
+    def finish_request(self, request, client_address):
+        # The handshake runs in the connection's own thread, so a slow client stalls no one else.
+        if self.tls is not None:
+            request.settimeout(_TLS_HANDSHAKE_S)
+            request = self.tls.wrap_socket(request, server_side=True)
+            request.settimeout(None)
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request, client_address):
+        log.debug("local KMS: connection from %s failed", client_address, exc_info=True)
 
 
 class LocalKmsServer:
-    """The local KMS on a loopback address, as an HTTP endpoint for boto3 (``endpoint_url``)."""
+    """The local KMS on a loopback address, as an HTTP endpoint for boto3 (``endpoint_url``); with tls
+    (a server context, enclave_local/tls.py), HTTPS, as enclaves reach it through their vsock-proxy."""
 
-    def __init__(self, kms: LocalKms, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, kms: LocalKms, host: str = "127.0.0.1", port: int = 0, *, tls: ssl.SSLContext | None = None):
         try:
             address = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
         except ValueError:
@@ -1277,9 +1292,13 @@ class LocalKmsServer:
             )
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
         self.kms = kms
-        self._httpd = _HttpServer((str(address), port), kms, family)
+        self._httpd = _HttpServer((str(address), port), kms, family, tls)
         bound = self._httpd.server_address[1]
-        self.endpoint_url = f"http://[{address}]:{bound}" if address.version == 6 else f"http://{address}:{bound}"
+        scheme = "https" if tls is not None else "http"
+        self.port = bound
+        self.endpoint_url = (
+            f"{scheme}://[{address}]:{bound}" if address.version == 6 else f"{scheme}://{address}:{bound}"
+        )
         self._thread: threading.Thread | None = None
         self._serving = False
 

@@ -7,18 +7,39 @@ Each enclave is three processes, started by `run`:
                  and the host side of the enclave's vsock port 8000 (vsock-proxy to the
                  local KMS), launches the enclave and cleans up after it.
     init         PID 1 of the enclave, in new mount, network, PID, IPC and UTS namespaces
-                 (`unshare`). It builds the enclave's world from nothing: a tmpfs root with
-                 the image unpacked into it, read-only binds of the interpreter and the
-                 libraries it needs, the enclave's vsock directory and NSM socket, a tmpfs for
-                 the share (60% of the memory) and a private tmpfs for decrypted packages
-                 (30%), loopback only; then pivots into it, starts the server and reaps.
-    server       the enclave server from the image, as root without capabilities, with the
-                 image at /enclave/image (read-only), the share at /enclave/share, decrypted
-                 packages under /enclave/work, the NSM at /dev/nsm and its vsock at /run/vsock:
-                 it listens on /run/vsock/<cid>_5000.sock, which is
-                 state_home()/enclaves/<id>/vsock/<cid>_5000.sock on the host, and reaches KMS at
-                 http://127.0.0.1:8000, relayed (kms_forwarder) to /run/vsock/3_8000.sock, where the
-                 supervisor's vsock-proxy listens.
+                 (`unshare`), doing what the EIF's init does and no more: a tmpfs root with the
+                 image's code at /opt/enclave (read-only) as the Dockerfile copies it, read-only
+                 binds of the interpreter and the libraries it needs (the image's base), /proc,
+                 /dev with the NSM at /dev/nsm the only device beyond null, zero, random and
+                 urandom, the enclave's vsock directory at /run/vsock; loopback left DOWN, no
+                 /etc/hosts and no resolver. It pivots into it and runs the image's own command
+                 (runtime.json "command": the Dockerfile's CMD under nitro-cli's rule) with the
+                 image's environment, in /, then reaps.
+    server       what that command starts: enclave_server.boot (tmpfs on the share and work
+                 directories, loopback up, KMS hostnames mapped in /etc/hosts, its capabilities
+                 dropped), then the server, as root without capabilities. It listens on
+                 /run/vsock/<cid>_5000.sock, which is state_home()/enclaves/<id>/vsock/<cid>_5000.sock
+                 on the host, and reaches KMS at https://kms.<region>.amazonaws.com, which boot maps
+                 to 127.0.0.1:443, relayed (kms_forwarder) to /run/vsock/3_8000.sock, where the
+                 supervisor's vsock-proxy listens, to the local KMS's HTTPS listener: TLS end to end.
+
+The command runs as the image gives it, with three substitutions for what this host lacks
+(local_command), all made by the host side, so the image's code is the EIF's byte for byte:
+
+  * the interpreter: the image names the base image's Python (IMAGE_PYTHON); the local image
+    carries none and runs on this host's, whose identity and packages it measured and
+    check_host verified, so argv[0] == IMAGE_PYTHON becomes sys.executable, and any other
+    argv[0] is refused: the local image has no base image with other programs to run;
+  * addresses: there is no AF_VSOCK between host and enclave here, so, after Firecracker's
+    hybrid vsock, every argument vsock://CID:PORT becomes unix:///run/vsock/CID_PORT.sock
+    (CID "any": the enclave's own), the path endpoints.local_socket_path names. Rewriting
+    the command's addresses, rather than teaching Endpoint a second meaning of vsock://,
+    keeps the image's code free of any local-backend branch a hostile host could steer;
+  * trust and sizes: AWS_CA_BUNDLE names the local TLS CA (the one trust a local enclave
+    has that the EIF has not: the local KMS's certificate comes from it, enclave_local/tls.py),
+    and ENCLAVE_SHARE_SIZE / ENCLAVE_WORK_SIZE give the share and work tmpfs 60% and 30% of
+    the enclave's memory (in the EIF, boot's percentages are of the enclave's own memory;
+    here they would be of the host's).
 
 When the server ends, init ends, and the kernel kills everything left in the enclave's PID
 namespace; its mount namespace, and with it the share and the plaintext, goes with the last
@@ -27,8 +48,10 @@ the enclave dies, the supervisor removes its sockets and state. Enclaves are fou
 state_home()/enclaves/<id>/enclave.json; allocation (CIDs, the limit of MAX_ENCLAVES) is
 serialised by a lock file there.
 
-Without root there are no namespaces: the server runs as a plain process with its share and
-plaintext in ordinary directories, and every run says so loudly.
+Without root there are no namespaces, so no boot either: init starts the server itself as a
+plain process, with its share and plaintext in ordinary directories and KMS at
+https://localhost:PORT (the local KMS's certificate names localhost too), and every run says
+so loudly.
 """
 
 from __future__ import annotations
@@ -53,7 +76,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..plugins.module_utils import settings
-from ..plugins.module_utils.endpoints import DEFAULT_PORT, KMS_PROXY_PORT, PARENT_CID, Endpoint, local_socket_path
+from ..plugins.module_utils.enclave_code import IMAGE_PYTHON, INIT_PATH
+from ..plugins.module_utils.endpoints import (
+    DEFAULT_PORT,
+    KMS_PROXY_PORT,
+    PARENT_CID,
+    VMADDR_CID_ANY,
+    Endpoint,
+    local_socket_path,
+)
 from ..plugins.module_utils.errors import EnclaveError
 from ..plugins.module_utils.runtime import (
     BuildResult,
@@ -91,24 +122,28 @@ LAUNCH_FILE = "launch.json"
 SUPERVISOR_LOG = "supervisor.log"
 CONSOLE_LOG = "console.log"
 
-# Where things are inside an isolated enclave.
+# Where things are inside an isolated enclave (the share and work directories are the image command's).
 INSIDE = {
     "image": "/enclave/image",
-    "share": "/enclave/share",
-    "work": "/enclave/work",
+    "app": "/opt/enclave",  # where the Dockerfile copies the code
     "vsock": "/run/vsock",
     "nsm": "/dev/nsm",
+    "ca_bundle": "/etc/ssl/local-kms-ca.pem",  # the local TLS CA, named by AWS_CA_BUNDLE
 }
+# What a Debian base image's /etc holds that name lookup needs: /etc/hosts first (boot writes it).
+NSSWITCH = "hosts: files dns\n"
 # The host's directories the interpreter needs, bound read-only (plus sys.prefix and sys.base_prefix).
 SYSTEM_DIRS = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin")
 DEVICES = ("null", "zero", "random", "urandom")
-SERVER_ENV = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "LANG": "C.UTF-8",
-    "HOME": "/tmp",
-    # Keep freed buffers: the server moves MiB chunks, see docs/PROTOCOL.md section 9.
-    "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=16777216:glibc.malloc.trim_threshold=268435456",
-}
+# The capabilities an enclave's command starts with: what boot (enclave_server/boot.py) needs and
+# drops before it becomes the server (sys_admin, net_admin, setpcap), and what the server keeps to
+# listen on 127.0.0.1:443 for KMS (net_bind_service, in the enclave's own network namespace).
+SERVER_CAPS = "+setuid,+setgid,+chown,+dac_override"
+"""What the local server keeps (jobs.py): setuid/setgid to start a job as the job uid and to become it for
+kill(-1) (no CAP_KILL: that child signals only its own uid); chown to hand the job its directory and /output
+and take them back; dac_override to read, hash and remove what the job left with any mode. Not fowner: the
+job's files are the server's again (chown) before the host touches them."""
+ENCLAVE_CAPS = f"+sys_admin,+net_admin,+setpcap,+net_bind_service,{SERVER_CAPS}"
 
 
 # ---------------------------------------------------------------- processes that are not our children
@@ -513,9 +548,7 @@ class LocalRuntime:
 
 
 def _require_tools(*, isolated: bool) -> None:
-    tools = (
-        {"setpriv": "util-linux", "unshare": "util-linux", "ip": "iproute2"} if isolated else {"setpriv": "util-linux"}
-    )
+    tools = {"setpriv": "util-linux", "unshare": "util-linux"} if isolated else {"setpriv": "util-linux"}
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin:/sbin"])
     missing = sorted(
         {f"{tool} ({package})" for tool, package in tools.items() if shutil.which(tool, path=path) is None}
@@ -536,7 +569,8 @@ def discover_local_endpoint() -> str:
 
 
 def _start_kms_proxy(home: Path, listen: Path):
-    """The enclave's vsock port 8000 on the host, relayed to the local KMS if the local cloud is up."""
+    """The enclave's vsock port 8000 on the host, relayed to the local KMS's HTTPS listener if the
+    local cloud is up (the enclave's boto3 speaks TLS to it, through this proxy)."""
     from . import cloud
     from .vsock_proxy import VsockProxy, load_allowlist
 
@@ -547,7 +581,7 @@ def _start_kms_proxy(home: Path, listen: Path):
             f"(ENCLAVE_HOME={home}) and run the enclave again"
         ]
     allowlist = load_allowlist(home / cloud.VSOCK_PROXY_CONFIG)
-    proxy = VsockProxy(Endpoint.unix(listen), running["kms_host"], running["kms_port"], allowlist)
+    proxy = VsockProxy(Endpoint.unix(listen), running["kms_host"], running["kms_tls_port"], allowlist)
     return proxy.start(), []
 
 
@@ -580,6 +614,7 @@ def _enclave_paths(path: Path, isolated: bool) -> dict:
         "work": str(root / "work"),
         "vsock": str(path / "vsock"),
         "nsm": str(path / "nsm.sock"),
+        "ca_bundle": str(root / "local-kms-ca.pem"),
     }
 
 
@@ -595,6 +630,7 @@ def supervise(path: Path, ready_fd: int) -> int:
     from .image import Image
     from .nsm_service import NsmService
     from .nsm_sim import LocalCA, SimulatedNsm
+    from .tls import LocalTlsCA
 
     launch = json.loads((path / LAUNCH_FILE).read_text())
     isolated = os.geteuid() == 0
@@ -628,7 +664,9 @@ def supervise(path: Path, ready_fd: int) -> int:
             "cid": launch["cid"],
             "cpu_ids": launch["cpu_ids"],
             "memory_mib": launch["memory_mib"],
-            "kms_port": KMS_PROXY_PORT if isolated else _free_port(),
+            "kms_port": None if isolated else _free_port(),
+            "command": image.runtime["command"],  # from the measured bytes init unpacks
+            "ca_bundle": LocalTlsCA.load_or_create(launch["home"]).bundle_path.read_text(),
         }
         (path / "root").mkdir(mode=0o700)
         argv = [sys.executable, "-m", MODULE, "init", json.dumps(config)]
@@ -672,6 +710,10 @@ def supervise(path: Path, ready_fd: int) -> int:
         cleanup.close()
         message = str(err) if isinstance(err, EnclaveError | OSError) else f"{type(err).__name__}: {err}"
         tail = log_tail(path / SUPERVISOR_LOG)
+        if launch["debug_mode"]:  # the enclave's own output, as `nitro-cli console` shows a debug-mode enclave's
+            tail += f"\nenclave console:\n{log_tail(path / CONSOLE_LOG)}"
+        else:
+            tail += "\n(run it in debug mode to see the enclave's console)"
         ready.fail(f"local enclave {launch['name']} did not start: {message}\nsupervisor log:\n{tail}")
         return 1
     signal.signal(signal.SIGTERM, lambda *_: enclave.kill())
@@ -719,7 +761,9 @@ def _tmpfs(target: str, size_mib: int, mode: int, flags: int = MS_NOSUID | MS_NO
 
 def _host_binds() -> list[str]:
     """The host paths the interpreter needs, outermost first, without ones inside another."""
-    wanted = [*SYSTEM_DIRS, sys.base_prefix, sys.prefix, "/etc/ld.so.cache"]
+    # A prefix may be a symbolic link (a shared virtual environment): its target is needed too.
+    prefixes = [sys.base_prefix, sys.prefix]
+    wanted = [*SYSTEM_DIRS, *prefixes, *map(os.path.realpath, prefixes), "/etc/ld.so.cache"]
     paths = []
     for path in wanted:
         if os.path.lexists(path) and not any(path.startswith(p.rstrip("/") + "/") for p in wanted if p != path):
@@ -733,8 +777,10 @@ def _build_root(config: dict) -> None:
     system_mib = max(MIN_SYSTEM_MIB, memory * SYSTEM_PERCENT // 100)
     _tmpfs(root, system_mib, 0o755)
     binds = _host_binds()
+    # The image's command names its own directories (the share, work): none may hide a host bind.
+    named = [word for word in config["command"]["argv"][1:] if word.startswith("/")]
     for host in binds:
-        for inside in paths.values():
+        for inside in [*paths.values(), *named]:
             if os.path.commonpath([host, inside]) in (host, inside):
                 raise EnclaveError(
                     f"the enclave needs the host's {host} at the path where it keeps {inside}: install Python "
@@ -767,15 +813,15 @@ def _build_root(config: dict) -> None:
                          ("stderr", "/proc/self/fd/2")):  # fmt: skip
         os.symlink(target, f"{dev}/{name}")
     _tmpfs(dev + "/shm", system_mib, 0o1777)
-    _tmpfs(root + paths["share"], max(1, memory * SHARE_PERCENT // 100), 0o755)
-    _tmpfs(root + paths["work"], max(1, memory * WORK_PERCENT // 100), 0o700)
     os.makedirs(root + paths["vsock"])
     _bind(config["host_vsock"], root + paths["vsock"], readonly=False)
-    for name in ("proc", "tmp", "etc"):
+    for name in ("proc", "tmp", "etc/ssl"):
         os.makedirs(f"{root}/{name}", exist_ok=True)
-    Path(root, "etc/hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
+    # The image's base carries these; /etc/hosts is boot's to write, and there is no resolv.conf.
+    Path(root, "etc/nsswitch.conf").write_text(NSSWITCH)
     Path(root, "etc/passwd").write_text("root:x:0:0:root:/tmp:/bin/sh\n")
     Path(root, "etc/group").write_text("root:x:0:\n")
+    Path(root + paths["ca_bundle"]).write_text(config["ca_bundle"])
     number = SYS_PIVOT_ROOT.get(platform.machine())
     if number is None:
         raise EnclaveError(f"the local runtime does not know pivot_root's system call number on {platform.machine()}")
@@ -789,42 +835,79 @@ def _build_root(config: dict) -> None:
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
-SERVER_CAPS = "+setuid,+setgid,+chown,+dac_override"
-"""What the local server keeps (jobs.py): setuid/setgid to start a job as the job uid and to become it for
-kill(-1) (no CAP_KILL: that child signals only its own uid); chown to hand the job its directory and /output
-and take them back; dac_override to read, hash and remove what the job left with any mode. Not fowner: the
-job's files are the server's again (chown) before the host touches them."""
+def local_command(command: dict, *, cid: int, vsock_dir: str) -> list[str]:
+    """The image's argv as this host runs it: the image's Python is this host's, and each
+    vsock://CID:PORT argument is the hybrid-vsock socket for it (see the module's docstring)."""
+    argv = list(command["argv"])
+    if argv[0] == IMAGE_PYTHON:
+        argv[0] = sys.executable
+    for index, word in enumerate(argv):
+        if word.startswith("vsock://"):
+            endpoint = Endpoint.parse(word)
+            target = cid if endpoint.cid == VMADDR_CID_ANY else endpoint.cid
+            argv[index] = f"unix://{local_socket_path(vsock_dir, target, endpoint.port)}"
+    return argv
 
 
-def init(config: dict) -> int:
-    """PID 1 of an enclave: build its root, unpack the image from stdin, run the server, reap orphans."""
-    paths = config["paths"]
-    console = os.open(config["console"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    if config["isolated"]:
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True, env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"})
-        _build_root(config)
-    for key in ("image", "share", "work"):
-        os.makedirs(paths[key], mode=0o700, exist_ok=True)
-    with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
-        tar.extractall(paths["image"], filter="data")
-    if config["isolated"]:
-        _bind(paths["image"], paths["image"])  # the code is read-only from here on
-    os.sched_setaffinity(0, config["cpu_ids"])
-    vsock, cid, port = paths["vsock"], config["cid"], config["kms_port"]
-    argv = [
+def _image_environment(config: dict) -> dict:
+    """The image's environment (runtime.json), and what only a local enclave gets (module docstring)."""
+    env = dict(entry.split("=", 1) for entry in config["command"]["env"])
+    memory, paths = config["memory_mib"], config["paths"]
+    env["ENCLAVE_SHARE_SIZE"] = f"{max(1, memory * SHARE_PERCENT // 100)}m"
+    env["ENCLAVE_WORK_SIZE"] = f"{max(1, memory * WORK_PERCENT // 100)}m"
+    # Trust for the local KMS's TLS certificate: the EIF trusts the public roots of its certifi alone.
+    env["AWS_CA_BUNDLE"] = paths["ca_bundle"]
+    return env
+
+
+def _unisolated_argv(config: dict) -> list[str]:
+    """Without root there are no namespaces, so no boot: the server itself, on host paths."""
+    paths, cid, port = config["paths"], config["cid"], config["kms_port"]
+    vsock = paths["vsock"]
+    return [
         sys.executable, "-s", "-P", "-m", "ansible_collections.confidential_ml.nitro.enclave_server",
         "--listen", f"unix://{vsock}/{cid}_{DEFAULT_PORT}.sock",
         "--share", paths["share"], "--work", paths["work"], "--nsm", f"unix://{paths['nsm']}",
         "--kms-proxy", f"unix://{vsock}/{PARENT_CID}_{KMS_PROXY_PORT}.sock",
-        "--kms-listen", str(port), "--kms-endpoint-url", f"http://127.0.0.1:{port}",
+        "--kms-listen", str(port), "--kms-endpoint-url", f"https://localhost:{port}",
     ]  # fmt: skip
-    # The environment is built from nothing, so -s -P (no user site, no cwd on sys.path) isolate
-    # the server as -I would, except for the one variable set here: the image's code on sys.path.
-    env = dict(SERVER_ENV, PYTHONPATH=f"{paths['image']}/app")
+
+
+def init(config: dict) -> int:
+    """PID 1 of an enclave: build its root, unpack the image from stdin, run its command, reap orphans."""
+    paths = config["paths"]
+    console = os.open(config["console"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     if config["isolated"]:
-        # Root with only SERVER_CAPS: the server owns its files and sockets, but cannot mount, create device
-        # nodes or otherwise reach past the namespaces to the host; its jobs run as another uid with none.
-        argv = ["setpriv", "--no-new-privs", "--inh-caps=-all", f"--bounding-set=-all,{SERVER_CAPS}", *argv]
+        _build_root(config)
+    else:
+        for key in ("share", "work"):
+            os.makedirs(paths[key], mode=0o700, exist_ok=True)
+        Path(paths["ca_bundle"]).write_text(config["ca_bundle"])
+    os.makedirs(paths["image"], mode=0o700, exist_ok=True)
+    with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
+        tar.extractall(paths["image"], filter="data")
+    os.sched_setaffinity(0, config["cpu_ids"])
+    env = _image_environment(config)
+    if config["isolated"]:
+        os.makedirs(paths["app"], exist_ok=True)
+        _bind(f"{paths['image']}/app", paths["app"])  # the code, read-only, where the Dockerfile puts it
+        program = config["command"]["argv"][0]
+        if program != IMAGE_PYTHON:
+            # The local image carries no base image, so there is nothing else it could run; in the EIF, init
+            # would execvpe it on INIT_PATH, where the base image has no python3 (and no "--listen").
+            print(f"enclave init: the image's command starts with {program!r}, not the image's Python "
+                  f"{IMAGE_PYTHON}: the EIF's init would execvpe it with PATH={INIT_PATH}, and the local image "
+                  f"has nothing else to run. Its command: {config['command']['argv']}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return 1
+        argv = local_command(config["command"], cid=config["cid"], vsock_dir=paths["vsock"])
+    else:
+        argv = _unisolated_argv(config)
+        env["PYTHONPATH"] = f"{paths['image']}/app"
+    if config["isolated"]:
+        # Root with only ENCLAVE_CAPS, which boot narrows before the server starts, so that neither the
+        # server nor its jobs can mount, create device nodes or otherwise reach past the namespaces.
+        argv = ["setpriv", "--no-new-privs", "--inh-caps=-all", f"--bounding-set=-all,{ENCLAVE_CAPS}", *argv]
     else:
         argv = ["setpriv", "--pdeathsig", "KILL", *argv]  # without a PID namespace, tie the server to init
     server = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=console, stderr=console, cwd="/")

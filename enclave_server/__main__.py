@@ -1,13 +1,18 @@
-"""Start the enclave server: python -m ansible_collections.confidential_ml.nitro.enclave_server --listen ..."""
+"""Start the enclave server: python -m ansible_collections.confidential_ml.nitro.enclave_server --listen ...
+
+In the image, enclave_server.boot runs first (the Dockerfile's CMD) and execs this with the
+same arguments. Tests and the unisolated local runtime start it directly, with unix://
+addresses and --kms-endpoint-url."""
 
 import argparse
 import contextlib
 import logging
 import os
+import stat
 import sys
 from pathlib import Path
 
-from ..plugins.module_utils.endpoints import KMS_PROXY_PORT, Endpoint
+from ..plugins.module_utils.endpoints import Endpoint
 from ..plugins.module_utils.errors import EnclaveError
 from ..plugins.module_utils.nsm import NsmDevice, NsmSocket
 from ..plugins.module_utils.owner_identity import IDENTITY_FILE, OwnerIdentity
@@ -17,18 +22,43 @@ from .jobs import JOB_UID
 from .server import EnclaveServer, serve
 
 
+def _nsm(path: str):
+    """The NSM at path: a device on Nitro; on the local backend, its socket, at /dev/nsm too."""
+    if os.geteuid() == 0:  # the server alone may open the NSM: jobs run as another uid (jobs.py)
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(path.removeprefix("unix://"), 0o600)
+    if path.startswith("unix://"):
+        return NsmSocket(path.removeprefix("unix://"))
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        is_socket = False  # NsmDevice says what is missing
+    return NsmSocket(path) if is_socket else NsmDevice(path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="enclave-server", description="The server inside the enclave.")
     parser.add_argument("--listen", required=True, help="vsock://-1:PORT (any CID) or unix:///path/CID_PORT.sock")
     parser.add_argument("--share", required=True, help="the share's root (its own tmpfs)")
     parser.add_argument("--work", required=True, help="private directory for decrypted packages (outside the share)")
-    parser.add_argument("--nsm", default="/dev/nsm", help="/dev/nsm, or unix:///path to the local runtime's NSM")
-    parser.add_argument("--kms-endpoint-url", help="KMS endpoint as seen from inside the enclave")
+    parser.add_argument(
+        "--nsm",
+        default="/dev/nsm",
+        help="/dev/nsm (the device, or the local runtime's NSM socket there), or unix:///path",
+    )
+    parser.add_argument(
+        "--kms-endpoint-url",
+        help="KMS endpoint as seen from inside the enclave (default: boto3's https://kms.<region>..., mapped by boot)",
+    )
     parser.add_argument(
         "--kms-proxy", metavar="ENDPOINT", help="the parent's KMS proxy (vsock://3:8000, or the local unix socket)"
     )
     parser.add_argument(
-        "--kms-listen", type=int, default=KMS_PROXY_PORT, metavar="PORT", help="loopback port relayed to --kms-proxy"
+        "--kms-listen",
+        type=int,
+        default=kms_forwarder.KMS_TLS_PORT,
+        metavar="PORT",
+        help="loopback port relayed to --kms-proxy",
     )
     parser.add_argument(
         "--owner-identity",
@@ -53,17 +83,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         owner = _owner_identity(args.owner_identity)
-        nsm_path = args.nsm.removeprefix("unix://")
-        if os.geteuid() == 0:  # the server alone may open the NSM: jobs run as another uid (jobs.py)
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(nsm_path, 0o600)
-        nsm = NsmSocket(args.nsm.removeprefix("unix://")) if args.nsm.startswith("unix://") else NsmDevice(args.nsm)
+        nsm = _nsm(args.nsm)
         server = EnclaveServer(
             share_dir=args.share, work_dir=args.work, nsm=nsm, kms_endpoint_url=args.kms_endpoint_url,
             owner=owner, job_uid=args.job_uid, job_python=args.job_python,
         )  # fmt: skip
         if args.kms_proxy:
             kms_forwarder.start(args.kms_proxy, port=args.kms_listen)
+            if not args.kms_endpoint_url:  # boto3 will find KMS by name: fail now if it could not
+                kms_forwarder.check_route(args.kms_listen)
         serve(Endpoint.parse(args.listen), server)
     except EnclaveError as err:
         print(f"enclave-server: error: {err}", file=sys.stderr)

@@ -1,13 +1,20 @@
-"""Inside the enclave: KMS on loopback, relayed to the parent's KMS proxy over vsock.
+"""Inside the enclave: KMS over HTTPS on loopback, relayed to the parent's KMS proxy over vsock.
 
-An enclave has no network, only its vsock. boto3 needs an HTTP(S) endpoint, so the
-enclave server listens on 127.0.0.1:8000 and relays every connection, byte for byte,
-to the parent's vsock-proxy (vsock://3:8000 on Nitro, the enclave's 3_8000.sock on the
-local backend), which forwards it to KMS. TLS, where KMS is reached over HTTPS, ends
-inside the enclave: the parent relays only ciphertext. The same code runs on both
-backends; the local runtime's vsock-proxy (enclave_local/vsock_proxy.py) uses this
-module's Relay for the host side. Only the server's own uid is relayed (only_the_server):
-a job runs as another uid and gets its connection closed.
+An enclave has no network and no DNS, only its vsock. boto3 calls KMS at its own
+https://kms.<region>.amazonaws.com and checks the certificate and the hostname, so:
+
+  * boot (enclave_server/boot.py) brings loopback up and maps every KMS hostname boto3
+    can build (kms_hostnames: each region botocore knows) to 127.0.0.1 in /etc/hosts;
+    which region a job uses is what the host sends with the job, as before;
+  * the server listens on 127.0.0.1:443 and relays every connection, byte for byte, to
+    the parent's vsock-proxy (vsock://3:8000 on Nitro; the local runtime maps that
+    address to the enclave's 3_8000.sock), which forwards it to KMS.
+
+TLS runs end to end between boto3 in the enclave and KMS: the forwarder and the parent
+relay ciphertext only, and a host that answers in KMS's place has no certificate for
+its name. Only the server's own uid is relayed (only_the_server): a job runs as another
+uid and gets its connection closed. The same code runs on both backends; the local runtime's vsock-proxy
+(enclave_local/vsock_proxy.py) uses this module's Relay for the host side.
 """
 
 from __future__ import annotations
@@ -19,13 +26,15 @@ import socket
 import threading
 from collections.abc import Callable
 
-from ..plugins.module_utils.endpoints import KMS_PROXY_PORT, Endpoint
+from ..plugins.module_utils.endpoints import Endpoint
 from ..plugins.module_utils.errors import EnclaveError
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 CONNECT_TIMEOUT = 10
+KMS_TLS_PORT = 443
+LOOPBACK = "127.0.0.1"
 
 
 class Relay:
@@ -148,7 +157,49 @@ def connector(endpoint: Endpoint) -> Callable[[], socket.socket]:
     return connect
 
 
-def start(proxy: Endpoint | str, *, port: int = KMS_PROXY_PORT, host: str = "127.0.0.1") -> Relay:
+def kms_hostnames() -> list[str]:
+    """Every hostname boto3 builds for KMS (kms.<region>.<partition's DNS suffix>), from the
+    partitions botocore ships: the names /etc/hosts maps to the forwarder."""
+    from botocore.loaders import Loader
+
+    names = []
+    for partition in Loader().load_data("partitions")["partitions"]:
+        suffix = partition["outputs"]["dnsSuffix"]
+        names.extend(f"kms.{region}.{suffix}" for region in partition["regions"] if not region.endswith("-global"))
+    return sorted(names)
+
+
+def hosts_file() -> str:
+    """/etc/hosts of the enclave: localhost, and each KMS hostname on the forwarder's address."""
+    return "127.0.0.1 localhost\n::1 localhost\n" + "".join(f"{LOOPBACK} {name}\n" for name in kms_hostnames())
+
+
+def check_route(port: int = KMS_TLS_PORT) -> None:
+    """Fail now, with what to fix, if boto3 could not reach the forwarder: each KMS hostname must
+    resolve to the forwarder's address, and a connection there must be accepted."""
+    for name in kms_hostnames():
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)}
+        except OSError as err:
+            raise EnclaveError(
+                f"{name} does not resolve ({err}): the enclave has no DNS, so boot must map every KMS hostname "
+                f"to {LOOPBACK} in /etc/hosts"
+            ) from None
+        if addresses != {LOOPBACK}:
+            raise EnclaveError(
+                f"{name} resolves to {', '.join(sorted(addresses))}, not to the KMS forwarder on {LOOPBACK}: "
+                "fix /etc/hosts (boot writes it)"
+            )
+    try:
+        socket.create_connection((LOOPBACK, port), timeout=CONNECT_TIMEOUT).close()
+    except OSError as err:
+        raise EnclaveError(
+            f"the KMS forwarder on {LOOPBACK}:{port} cannot be reached ({err.strerror or err}): is loopback up? "
+            "(boot brings it up; the enclave's init does not)"
+        ) from None
+
+
+def start(proxy: Endpoint | str, *, port: int = KMS_TLS_PORT, host: str = LOOPBACK) -> Relay:
     """Listen on host:port inside the enclave and relay each connection to the parent's KMS proxy."""
     endpoint = Endpoint.parse(proxy) if isinstance(proxy, str) else proxy
     try:

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from . import settings
+from .enclave_code import DOCKERFILE_PATH, PACKAGE_PATH, ImageError, enclave_sources
 from .endpoints import DEFAULT_PORT, Endpoint
 from .errors import EnclaveError
 
@@ -45,11 +45,8 @@ ERRORS_URL = "https://docs.aws.amazon.com/enclaves/latest/user/cli-errors.html"
 COLLECTION_ROOT = Path(__file__).resolve().parents[2]
 """The collection's root: enclave_server/ and plugins/module_utils/ live under it."""
 
-IMAGE_SOURCES = ("enclave_server", "plugins/module_utils")
-"""What the enclave image is made of, relative to COLLECTION_ROOT (the Dockerfile COPYs these)."""
-
-DOCKERFILE = "enclave_server/Dockerfile"
-OWNER_IDENTITY_FILE = "owner_identity.json"  # owner_identity.IDENTITY_FILE; the Dockerfile COPYs it by this name
+DOCKERFILE = DOCKERFILE_PATH
+OWNER_IDENTITY_FILE = "owner_identity.json"  # owner_identity.IDENTITY_FILE, beside enclave_server/ in the image
 IMAGE_REPOSITORY = "confidential-ml-nitro-enclave"
 
 
@@ -284,33 +281,38 @@ def _walk_files(root: Path):
             yield Path(dirpath) / name
 
 
-def stage_image_context(dest: str | os.PathLike, owner_identity: str | os.PathLike | None = None) -> Path:
+def stage_image_context(
+    dest: str | os.PathLike, owner_identity: str | os.PathLike | None = None, *, source: str | os.PathLike | None = None
+) -> Path:
     """Lay out the enclave image's docker build context in dest (an empty directory).
 
     The Dockerfile goes to the top (where `nitro-cli build-enclave --docker-dir`
-    looks for it), the sources to the paths it COPYs, and nothing else: no
-    bytecode caches, no tests, every mode and mtime fixed, so the same sources
-    give the same context, and the same image. owner_identity (a file written by
-    owner_identity.OwnerIdentity.dumps) goes to the top as owner_identity.json, which
-    the Dockerfile COPYs beside enclave_server/: the image is bound to its owner."""
+    looks for it) and app/ holds the enclave code at its import path: exactly
+    enclave_code.enclave_sources, the files the local image measures, so host-only
+    code never reaches the EIF. owner_identity (a file written by
+    owner_identity.OwnerIdentity.dumps) goes beside enclave_server/ as
+    owner_identity.json: the image is bound to its owner. Nothing else; every mode
+    and mtime fixed, so the same sources give the same context, and the same image.
+    source is the project tree (default: this one)."""
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise RuntimeFailure(f"cannot stage the enclave image context in {dest}: the directory is not empty")
+    root = Path(source) if source is not None else COLLECTION_ROOT
+    try:
+        files = enclave_sources(root)
+    except ImageError as err:
+        raise RuntimeFailure(f"cannot stage the enclave image context: {err}") from None
     dest.mkdir(parents=True, exist_ok=True)
-    for rel in IMAGE_SOURCES:
-        src = COLLECTION_ROOT / rel
-        if not src.is_dir():
-            raise RuntimeFailure(f"{src} is missing: the enclave image is built from a full checkout or install")
-        shutil.copytree(src, dest / rel, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo"))
-    shutil.copyfile(COLLECTION_ROOT / DOCKERFILE, dest / "Dockerfile")
+    for rel, content in files.items():
+        path = dest / "app" / PACKAGE_PATH / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    (dest / "Dockerfile").write_bytes(files[DOCKERFILE])
     if owner_identity is not None:
-        (dest / OWNER_IDENTITY_FILE).write_bytes(checked_owner_identity(owner_identity))
+        (dest / "app" / PACKAGE_PATH / OWNER_IDENTITY_FILE).write_bytes(checked_owner_identity(owner_identity))
     epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
     for path in sorted(dest.rglob("*"), reverse=True):
-        if path.is_file():
-            path.chmod(0o755 if path.suffix == ".sh" else 0o644)
-        else:
-            path.chmod(0o755)
+        path.chmod(0o644 if path.is_file() else 0o755)
         os.utime(path, (epoch, epoch), follow_symlinks=False)
     return dest
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -28,7 +29,9 @@ from ansible_collections.confidential_ml.nitro.enclave_local.runtime import (
     LocalRuntime,
     Proc,
     discover_local_endpoint,
+    local_command,
 )
+from ansible_collections.confidential_ml.nitro.enclave_local.tls import LocalTlsCA
 from ansible_collections.confidential_ml.nitro.enclave_local.vsock_proxy import (
     VsockProxy,
     VsockProxyError,
@@ -36,6 +39,7 @@ from ansible_collections.confidential_ml.nitro.enclave_local.vsock_proxy import 
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import package, settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.enclave_code import IMAGE_PYTHON
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import RuntimeFailure
@@ -93,7 +97,7 @@ APP = {
                 return type(err).__name__
 
         def forwarder():  # the enclave's KMS forwarder: an answer means it relayed this connection to KMS
-            with socket.create_connection(("127.0.0.1", 8000), timeout=10) as conn:
+            with socket.create_connection(("127.0.0.1", 443), timeout=10) as conn:
                 conn.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
                 return "answered" if conn.recv(16) else "closed"
 
@@ -104,6 +108,9 @@ APP = {
 
         def processes():
             return {pid: cmdline(pid) for pid in os.listdir("/proc") if pid.isdigit()}
+        def capabilities():
+            with open("/proc/self/status") as f:
+                return {k: v.strip() for k, v in (line.split(":", 1) for line in f) if k.startswith("Cap")}
 
         cwd = os.getcwd()
         st = os.stat(cwd)
@@ -115,6 +122,7 @@ APP = {
             "server_memory": attempt(server_memory),
             "tmp": attempt(lambda: open("/tmp/left-behind", "w").close()),
             "mknod": mknod(),
+            "capabilities": capabilities(),
             "tcp": {target: tcp(target.rsplit(":", 1)[0], int(target.rsplit(":", 1)[1])) for target in sys.argv[1:]},
             "processes": {pid: cmdline(pid) for pid in os.listdir("/proc") if pid.isdigit()},
             "plaintext": cwd,
@@ -351,8 +359,14 @@ def test_enclave_is_isolated_from_the_host(images, cloud_up, home):
     ), processes
     assert str(os.getpid()) not in processes or "pytest" not in processes[str(os.getpid())]
 
-    # It runs without capabilities: no device nodes (such as the host's disk) to open.
+    # It runs without capabilities: no device nodes (such as the host's disk) to open. Boot dropped what
+    # it used (mounts, network, capabilities) from the bounding set; the job, another uid, holds none of
+    # what the server kept (the KMS forwarder's port 443, and SERVER_CAPS to run jobs).
     assert report["mknod"] == "PermissionError"
+    caps = report["capabilities"]
+    assert caps["CapEff"] == caps["CapPrm"] == caps["CapInh"] == caps["CapAmb"] == "0" * 16, caps
+    # setuid 6, setgid 7, chown 0, dac_override 1, net_bind_service 10
+    assert caps["CapBnd"] == f"{(1 << 10) | (1 << 7) | (1 << 6) | (1 << 1) | 1:016x}", caps
 
     # The job runs as the job uid: it cannot open the NSM, get KMS through the forwarder, read the server's
     # memory or write to /tmp.
@@ -511,10 +525,15 @@ def test_local_up_is_idempotent_and_down_leaves_nothing(home):
     assert (stat.S_IMODE(credentials.stat().st_mode), stat.S_IMODE(credentials.parent.stat().st_mode)) == (0o600, 0o700)
     assert set(load_credentials(credentials)) == {"owner", "enclave-host", "admin"}
     assert (home / "ca" / "root.pem").is_file()
-    assert parse_allowlist((home / "vsock-proxy.yaml").read_text()) == [("127.0.0.1", first["kms_port"])]
+    # Enclaves reach the HTTPS listener only; host tools keep plain HTTP, on the same keys.
+    assert parse_allowlist((home / "vsock-proxy.yaml").read_text()) == [("127.0.0.1", first["kms_tls_port"])]
     kms = boto3.client("kms", endpoint_url=first["kms_endpoint_url"], region_name="us-east-1",
                        **issued("owner", first["kms_credentials"]))  # fmt: skip
     assert kms.list_keys()["Keys"] == []
+    key_id = kms.create_key()["KeyMetadata"]["KeyId"]
+    tls = boto3.client("kms", endpoint_url=f"https://localhost:{first['kms_tls_port']}", region_name="us-east-1",
+                       verify=first["tls_ca_bundle"], aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
+    assert [k["KeyId"] for k in tls.list_keys()["Keys"]] == [key_id]
 
     moved = subprocess.run([*ENCLAVE_CLI, "local", "up", "--kms-port", str(first["kms_port"] + 1)],
                            capture_output=True, text=True, check=False)  # fmt: skip
@@ -554,3 +573,163 @@ def test_vsock_proxy_relays_only_to_allowed_destinations(tmp_path, caplog):
         VsockProxy(listen, "kms.us-east-1.amazonaws.com", 443, [("127.0.0.1", port)])
     assert any("refused" in r.getMessage() and "kms.us-east-1.amazonaws.com" in r.getMessage() for r in caplog.records)
     assert not Path(f"{tmp_path}/3_8000.sock").exists()
+
+
+# ---------------------------------------------------------------- KMS over TLS, end to end
+
+TLS_PROBE = """
+import json, socket, ssl
+
+def handshake(context, name):
+    try:
+        with socket.create_connection(("kms.us-east-1.amazonaws.com", 443), timeout=10) as sock:
+            with context.wrap_socket(sock, server_hostname=name) as tls:
+                return [value for kind, value in tls.getpeercert()["subjectAltName"] if value == name]
+    except ssl.SSLCertVerificationError as err:
+        return err.verify_message
+local = ssl.create_default_context(cafile="/etc/ssl/local-kms-ca.pem")
+print(json.dumps({
+    "address": socket.gethostbyname("kms.us-east-1.amazonaws.com"),
+    "local_ca": handshake(local, "kms.us-east-1.amazonaws.com"),
+    "other_name": handshake(local, "kms.example.com"),
+    "public_roots": handshake(ssl.create_default_context(), "kms.us-east-1.amazonaws.com"),
+}))
+"""
+
+
+def test_kms_is_reached_by_name_over_tls_through_forwarder_and_proxy(images, cloud_up, tmp_path, home):
+    """In the enclave, kms.<region> is the forwarder on loopback, and behind it (forwarder, vsock-proxy)
+    a TLS server with a certificate for that name from the local TLS CA, and from nothing else."""
+    info, pcr0 = start(images)
+    owner = boto3.client("kms", endpoint_url=cloud_up["kms_endpoint_url"], region_name="us-east-1",
+                         aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
+    key_id = owner.list_keys()["Keys"][0]["KeyId"]
+    app = tmp_path / "tls-app"
+    app.mkdir()
+    (app / "tls_probe.py").write_text(TLS_PROBE)
+    package.seal(app, cloud_up["published"] / "tls.pkg", kms_client=owner, key_id=key_id, name="tls", version="1")
+    out = []
+    with EnclaveClient(info.endpoint, expect_pcr0=pcr0) as client:
+        client.push(cloud_up["published"], "/encrypted")
+        summary = client.run("tls.pkg", "tls_probe.py", [], kms=USER_KMS, on_output=lambda n, d: out.append(d))
+    assert summary["rc"] == 0, out
+    report = json.loads(b"".join(out))
+    assert report["address"] == "127.0.0.1"
+    assert report["local_ca"] == ["kms.us-east-1.amazonaws.com"]
+    assert "Hostname mismatch" in report["other_name"]
+    assert "unable to get local issuer certificate" in report["public_roots"]
+
+
+# ---------------------------------------------------------------- what the EIF boot needs, failing locally
+
+
+def _tree_copy(dest: Path) -> Path:
+    for part in ("enclave_server", "plugins/module_utils"):
+        shutil.copytree(ROOT / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{path} no longer holds {old!r}: update this test"
+    path.write_text(text.replace(old, new, 1))
+
+
+def _fails_to_start(tmp_path, home, name) -> str:
+    image = LocalRuntime().build(output=str(tmp_path / f"{name}.eif"), source=str(tmp_path / "src"))
+    with pytest.raises(RuntimeFailure) as failed:
+        LocalRuntime().run(image.image, cpu_count=1, memory_mib=64, name=name, debug_mode=True)
+    assert LocalRuntime().describe() == []
+    return str(failed.value)
+
+
+def test_an_entrypoint_and_cmd_split_fails_at_start(tmp_path, home):
+    # nitro-cli runs the Cmd alone: with the arguments in CMD and the program in ENTRYPOINT, the EIF runs
+    # "--listen" and reboots. The local runtime follows the same rule and refuses to start.
+    dockerfile = _tree_copy(tmp_path / "src") / "enclave_server" / "Dockerfile"
+    _edit(dockerfile, 'CMD ["/usr/local/bin/python3", "-s", "-P", "-m", "ansible_collections.confidential_ml.nitro.'
+          'enclave_server.boot", \\\n', 'ENTRYPOINT ["/usr/local/bin/python3", "-s", "-P", "-m", '
+          '"ansible_collections.confidential_ml.nitro.enclave_server.boot"]\nCMD [\\\n')  # fmt: skip
+    message = _fails_to_start(tmp_path, home, "split")
+    assert "the image's command starts with '--listen', not the image's Python" in message, message
+
+
+def test_an_image_that_leaves_loopback_down_fails_at_start(tmp_path, home):
+    boot = _tree_copy(tmp_path / "src") / "enclave_server" / "boot.py"
+    _edit(boot, "    loopback_up()\n    write_hosts(hosts)", "    write_hosts(hosts)")
+    message = _fails_to_start(tmp_path, home, "nolo")
+    assert "the KMS forwarder on 127.0.0.1:443 cannot be reached (Network is unreachable): is loopback up?" in message
+
+
+def test_an_image_that_leaves_kms_to_dns_fails_at_start(tmp_path, home):
+    boot = _tree_copy(tmp_path / "src") / "enclave_server" / "boot.py"
+    _edit(boot, "hosts.write(kms_forwarder.hosts_file())", 'hosts.write("127.0.0.1 localhost\\n")')
+    message = _fails_to_start(tmp_path, home, "nodns")
+    assert ".amazonaws.com does not resolve" in message and "no DNS" in message, message
+
+
+def test_host_only_code_leaves_pcr0_alone_and_server_code_does_not(images, tmp_path):
+    src = _tree_copy(tmp_path / "src")
+    with open(src / "plugins" / "module_utils" / "fusefs.py", "a") as f:
+        f.write("# a host-side edit\n")
+    fuse = LocalRuntime(tmp_path / "home").build(output=str(tmp_path / "fuse.eif"), source=str(src))
+    assert fuse.measurements == images["good"].measurements
+    assert images["evil"].measurements.pcr0 != images["good"].measurements.pcr0  # server.py, one byte
+
+
+def test_a_host_answering_for_kms_sees_only_tls_and_gets_no_request(images, cloud_up, home, tmp_path):
+    """The host swaps the enclave's way to KMS (its 3_8000.sock) for a server of its own, with a
+    certificate for the KMS name from a CA of its own: it sees a TLS ClientHello, never a request,
+    and the job fails on the certificate."""
+    info, pcr0 = start(images)
+    attacker = LocalTlsCA.load_or_create(tmp_path / "attacker")
+    cert, key = attacker.issue_server(["kms.us-east-1.amazonaws.com"])
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    socket_path = home / "enclaves" / info.enclave_id / "vsock" / "3_8000.sock"
+    socket_path.unlink()  # the host owns that directory: the supervisor's vsock-proxy is bypassed
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(socket_path))
+    listener.listen()
+    seen = {"first_bytes": [], "handshakes": [], "requests": []}
+
+    def fake_kms():
+        while True:
+            try:
+                conn, _address = listener.accept()
+            except OSError:
+                return
+            with conn:
+                seen["first_bytes"].append(conn.recv(5, socket.MSG_PEEK))
+                try:
+                    with context.wrap_socket(conn, server_side=True) as tls:
+                        seen["handshakes"].append("completed")
+                        seen["requests"].append(tls.recv(4096))
+                except (ssl.SSLError, OSError) as err:
+                    seen["handshakes"].append(type(err).__name__)
+
+    thread = threading.Thread(target=fake_kms, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(RemoteError) as failed:
+            run_job(info, pcr0, cloud_up["published"], "hello.py")
+    finally:
+        listener.close()
+        thread.join(10)
+    assert "SSL validation failed for https://kms.us-east-1.amazonaws.com/" in str(failed.value), failed.value
+    assert "certificate verify failed" in str(failed.value)
+    assert seen["first_bytes"] and all(first[:1] == b"\x16" for first in seen["first_bytes"]), seen  # TLS records
+    assert "completed" not in seen["handshakes"] and seen["requests"] == [], seen
+
+
+def test_the_local_command_substitutes_only_the_interpreter_and_vsock_addresses():
+    command = {"argv": [IMAGE_PYTHON, "-P", "-m", "server", "--listen", "vsock://any:5000", "--kms-proxy",
+                        "vsock://3:8000", "--nsm", "/dev/nsm", "--note", "vsock-like but not an address"]}  # fmt: skip
+    assert local_command(command, cid=17, vsock_dir="/run/vsock") == [
+        sys.executable, "-P", "-m", "server", "--listen", "unix:///run/vsock/17_5000.sock", "--kms-proxy",
+        "unix:///run/vsock/3_8000.sock", "--nsm", "/dev/nsm", "--note", "vsock-like but not an address",
+    ]  # fmt: skip
+    # Anything else as argv[0] stays, and init looks it up as the enclave's init would.
+    assert local_command({"argv": ["--listen", "vsock://any:5000"]}, cid=17, vsock_dir="/run/vsock")[0] == "--listen"
+    with pytest.raises(EnclaveError):
+        local_command({"argv": [IMAGE_PYTHON, "vsock://nope:x"]}, cid=17, vsock_dir="/run/vsock")

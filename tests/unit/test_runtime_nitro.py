@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import runtime, settings
+from ansible_collections.confidential_ml.nitro.enclave_server import kms_forwarder
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import enclave_code, runtime, settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import (
     BuildResult,
@@ -37,7 +38,6 @@ FAKE = ROOT / "tests" / "fixtures" / "fake-nitro-cli"
 DOCKERFILE = ROOT / "enclave_server" / "Dockerfile"
 REQUIREMENTS = ROOT / "enclave_server" / "requirements.txt"
 REQUIREMENTS_IN = ROOT / "enclave_server" / "requirements.in"
-ENTRYPOINT = ROOT / "enclave_server" / "entrypoint.sh"
 SERVER_MODULE = "ansible_collections.confidential_ml.nitro.enclave_server"
 
 P0, P1, P2, P8 = (f"{n:096x}" for n in (0xA0, 0xA1, 0xA2, 0xA8))
@@ -229,12 +229,15 @@ def test_build_default_source_stages_the_project_image(fake, tmp_path):
     assert argv[1] == "--docker-uri" and re.fullmatch(r"confidential-ml-nitro-enclave:[0-9a-f]{20}", argv[2])
     assert argv[3] == "--docker-dir" and argv[5:] == ["--output-file", result.image]
     files = call["docker_dir_files"]
-    assert "Dockerfile" in files and "enclave_server/server.py" in files and "owner_identity.json" in files
-    assert "plugins/module_utils/runtime.py" in files and "enclave_server/requirements.txt" in files
+    app = "app/ansible_collections/confidential_ml/nitro/"
+    assert "Dockerfile" in files and f"{app}enclave_server/server.py" in files and f"{app}owner_identity.json" in files
+    assert f"{app}plugins/module_utils/endpoints.py" in files and f"{app}enclave_server/requirements.txt" in files
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
-    assert not [
-        f for f in files if f.split("/")[0] not in ("Dockerfile", "enclave_server", "plugins", "owner_identity.json")
-    ]
+    assert not [f for f in files if f != "Dockerfile" and not f.startswith(app)]
+    # Only the server's import closure: host-side module_utils stay out of the measured image.
+    assert not {f"{app}plugins/module_utils/{name}" for name in ("runtime.py", "fusefs.py", "module_options.py")} & set(
+        files
+    )
     assert not Path(argv[4]).exists(), "the staged context is removed after the build"
     # The fake's PCR0 is the SHA-384 of the EIF it wrote, as nitro-cli's is of the image.
     assert result.measurements.pcr0 == hashlib.sha384(Path(result.image).read_bytes()).hexdigest()
@@ -751,19 +754,22 @@ def test_instance_credentials_come_from_boto3s_chain(monkeypatch):
 # ---------------------------------------------------------------- the image
 
 
+APP = Path("app/ansible_collections/confidential_ml/nitro")
+
+
 def test_staged_context_is_fixed_and_reproducible(tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     first = runtime.stage_image_context(tmp_path / "one")
     second = runtime.stage_image_context(tmp_path / "two")
     assert (first / "Dockerfile").read_bytes() == DOCKERFILE.read_bytes()
     paths = sorted(p.relative_to(first).as_posix() for p in first.rglob("*"))
-    assert "enclave_server/__main__.py" in paths and "plugins/module_utils/endpoints.py" in paths
+    assert f"{APP}/enclave_server/__main__.py" in paths and f"{APP}/plugins/module_utils/endpoints.py" in paths
     assert not [p for p in paths if "__pycache__" in p]
     assert {p.stat().st_mtime for p in first.rglob("*")} == {1700000000}
-    assert (first / "enclave_server" / "entrypoint.sh").stat().st_mode & 0o777 == 0o755
-    assert (first / "enclave_server" / "server.py").stat().st_mode & 0o777 == 0o644
+    assert (first / APP / "enclave_server" / "boot.py").stat().st_mode & 0o777 == 0o644
+    assert (first / APP / "enclave_server").stat().st_mode & 0o777 == 0o755
     assert runtime.context_digest(first) == runtime.context_digest(second)
-    (second / "enclave_server" / "server.py").write_text("# changed\n")
+    (second / APP / "enclave_server" / "server.py").write_text("# changed\n")
     assert runtime.context_digest(first) != runtime.context_digest(second)
     with pytest.raises(RuntimeFailure, match="is not empty"):
         runtime.stage_image_context(first)
@@ -808,33 +814,67 @@ def test_dockerfile_installs_only_hashed_pins_without_upgrades():
 
 
 def test_dockerfile_copies_only_the_enclave_code():
+    # The staged context's app/ is the enclave code's import closure (stage_image_context), and
+    # nothing else of the context is copied in.
     copies = [args.split() for op, args in _dockerfile_instructions() if op in ("COPY", "ADD")]
     assert {op for op, _argument in _dockerfile_instructions()} & {"ADD"} == set()
-    sources = {words[0] for words in copies}
-    # and the owner's signing keys (owner_identity.json, staged beside the Dockerfile): added on purpose
-    assert sources == {
-        "enclave_server/requirements.txt", "enclave_server/", "plugins/module_utils/", "owner_identity.json"
-    }  # fmt: skip
     destinations = {words[0]: words[1] for words in copies}
-    assert destinations["enclave_server/"] == "/opt/enclave/ansible_collections/confidential_ml/nitro/enclave_server/"
-    assert (
-        destinations["plugins/module_utils/"]
-        == "/opt/enclave/ansible_collections/confidential_ml/nitro/plugins/module_utils/"
-    )
+    assert destinations == {f"{APP}/enclave_server/requirements.txt": "/opt/requirements.txt", "app/": "/opt/enclave/"}
 
 
-def test_dockerfile_starts_the_server_with_flags_it_accepts():
-    instructions = dict(_dockerfile_instructions())
-    entrypoint = json.loads(instructions["ENTRYPOINT"])
-    assert entrypoint[-1].endswith("/enclave_server/entrypoint.sh")
-    cmd = json.loads(instructions["CMD"])
-    assert cmd[:8] == ["--listen", "vsock://any:5000", "--nsm", "/dev/nsm", "--share", "/share", "--work", "/work"]
-    assert cmd[8:] == ["--kms-proxy", "vsock://3:8000", "--kms-listen", "8000"]
+def test_the_eif_runs_one_cmd_naming_python_by_its_path():
+    # nitro-cli's rule: the image's Cmd if it has one, else its Entrypoint, never both; init
+    # execvpe()s argv[0] with PATH=/sbin:/usr/sbin:/bin:/usr/bin, where the base image has no python3.
+    assert "ENTRYPOINT" not in dict(_dockerfile_instructions())
+    command = enclave_code.image_command(DOCKERFILE.read_text())
+    argv = command["argv"]
+    assert argv[:5] == [enclave_code.IMAGE_PYTHON, "-s", "-P", "-m", f"{SERVER_MODULE}.boot"]
+    assert argv[5:] == [
+        "--listen", "vsock://any:5000", "--nsm", "/dev/nsm", "--share", "/enclave/share", "--work", "/enclave/work",
+        "--kms-proxy", "vsock://3:8000",
+    ]  # fmt: skip
+    assert "PYTHONPATH=/opt/enclave" in command["env"] and command["cwd"] == "/"
     usage = subprocess.run(
         [sys.executable, "-m", SERVER_MODULE, "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for flag in (word for word in cmd if word.startswith("--")):
+    for flag in (word for word in argv[5:] if word.startswith("--")):
         assert flag in usage, f"the enclave server does not accept {flag}"
+
+
+def test_image_command_follows_nitro_cli_and_docker():
+    base = "FROM python@sha256:00\nENV A=1 B='two words'\n"
+    split = base + 'ENTRYPOINT ["/bin/sh", "entry.sh"]\nCMD ["--listen", "vsock://any:5000"]\n'
+    # The mistake this project once shipped: the EIF runs the Cmd alone, "--listen".
+    assert enclave_code.image_command(split)["argv"] == ["--listen", "vsock://any:5000"]
+    only_entrypoint = base + 'ENTRYPOINT ["/usr/local/bin/python3", "-m", "app"]\n'
+    assert enclave_code.image_command(only_entrypoint)["argv"] == ["/usr/local/bin/python3", "-m", "app"]
+    assert enclave_code.image_command(base)["argv"] == ["python3"], "the base image's Cmd"
+    shell = enclave_code.image_command(base + "CMD exec server --flag\nWORKDIR /srv\nENV PATH=/x\n")
+    assert shell["argv"] == ["/bin/sh", "-c", "exec server --flag"]
+    assert shell["cwd"] == "/", "init runs the command in /, whatever WORKDIR says"
+    assert shell["env"][:1] == ["PATH=/x"] and "A=1" in shell["env"] and "B=two words" in shell["env"]
+    with pytest.raises(EnclaveError, match="not a JSON array"):
+        enclave_code.image_command(base + 'CMD ["a",\n')
+    with pytest.raises(EnclaveError, match="uses a variable"):
+        enclave_code.image_command(base + 'ENV P=$PATH:/x\nCMD ["x"]\n')
+
+
+def test_host_only_code_stays_out_of_the_eif_and_the_server_is_in(tmp_path):
+    tree = tmp_path / "tree"
+    for part in ("enclave_server", "plugins/module_utils"):
+        shutil.copytree(ROOT / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+    base = runtime.context_digest(runtime.stage_image_context(tmp_path / "base", source=tree))
+    with open(tree / "plugins" / "module_utils" / "fusefs.py", "a") as f:
+        f.write("# host-only edit\n")
+    assert runtime.context_digest(runtime.stage_image_context(tmp_path / "fuse", source=tree)) == base
+    with open(tree / "enclave_server" / "server.py", "a") as f:
+        f.write("# enclave edit\n")
+    assert runtime.context_digest(runtime.stage_image_context(tmp_path / "server", source=tree)) != base
+    (tree / "enclave_local").mkdir()
+    (tree / "enclave_local" / "__init__.py").write_text("")
+    (tree / "enclave_server" / "uses_host.py").write_text("from ..enclave_local import runtime\n")
+    with pytest.raises(RuntimeFailure, match="host-side code"):
+        runtime.stage_image_context(tmp_path / "bad", source=tree)
 
 
 def _requirement_entries(path: Path) -> list[str]:
@@ -856,42 +896,68 @@ def test_every_requirement_is_pinned_with_hashes():
     assert {"cbor2", "cryptography", "asn1crypto", "boto3", "tink", "tqdm", "numpy", "scikit-learn"} <= wanted
 
 
-# ---------------------------------------------------------------- the entrypoint
+# ---------------------------------------------------------------- boot
+
+BOOT_PROBE = """
+import json, os, socket, sys
+from ansible_collections.confidential_ml.nitro.enclave_server import boot, kms_forwarder
+hosts, args = sys.argv[1], sys.argv[2:]
+listener = socket.create_server(("127.0.0.1", 0))
+try:
+    socket.create_connection(listener.getsockname(), timeout=5).close()
+    lo_before = "up"
+except OSError as err:
+    lo_before = err.strerror
+for _ in range(2):  # a restarted boot keeps the existing mounts
+    boot.prepare(args, hosts=hosts)
+mounts = [line.split() for line in open("/proc/mounts") if line.split()[2] == "tmpfs"]
+socket.create_connection(listener.getsockname(), timeout=5).close()  # loopback carries traffic now
+print(json.dumps({"lo_before": lo_before, "mounts": mounts, "hosts": open(hosts).read(),
+                  "names": kms_forwarder.kms_hostnames()}))
+"""
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("unshare"), reason="mounting a tmpfs needs root and unshare(1)"
-)
-def test_entrypoint_mounts_the_share_and_work_then_execs_the_server(tmp_path):
-    # A python3 stand-in first on PATH shows what the server would get: its arguments and the mounts.
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    probe = bin_dir / "python3"
-    probe.write_text('#!/bin/sh\necho "ARGS $*"\ngrep " tmpfs " /proc/mounts\n')
-    probe.chmod(0o755)
-    share, work = tmp_path / "share", tmp_path / "work"
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="boot needs root and unshare(1)")
+def test_boot_mounts_brings_loopback_up_and_maps_kms(tmp_path):
+    share, work, hosts = tmp_path / "share", tmp_path / "work", tmp_path / "hosts"
     args = ["--listen", "vsock://any:5000", "--share", str(share), f"--work={work}", "--nsm", "/dev/nsm"]
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ENCLAVE_SHARE_SIZE": "8m"}
+    env = {**os.environ, "ENCLAVE_SHARE_SIZE": "8m"}
     env.pop("ENCLAVE_WORK_SIZE", None)
-    # Twice in one private mount namespace: a restart keeps the existing mounts.
-    script = f'sh {shlex.quote(str(ENTRYPOINT))} "$@" && sh {shlex.quote(str(ENTRYPOINT))} "$@"'
     proc = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "entrypoint", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=30,
-        check=False,
-    )
+        ["unshare", "--mount", "--net", "--propagation", "private", sys.executable, "-c", BOOT_PROBE, hosts, *args],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    outputs = proc.stdout.split("ARGS ")[1:]
-    assert len(outputs) == 2
-    for output in outputs:
-        assert output.startswith(f"-m {SERVER_MODULE} {' '.join(args)}\n")
-        mounts = [line.split() for line in output.splitlines()[1:]]
-        share_mounts = [m for m in mounts if m[1] == str(share)]
-        work_mounts = [m for m in mounts if m[1] == str(work)]
-        assert len(share_mounts) == 1 and len(work_mounts) == 1, mounts
-        assert "size=8192k" in share_mounts[0][3] and "mode=700" in share_mounts[0][3]
-        assert "nosuid" in work_mounts[0][3] and "nodev" in work_mounts[0][3]
+    seen = json.loads(proc.stdout)
+    assert seen["lo_before"] == "Network is unreachable", "a new network namespace starts as the enclave: lo down"
+    share_mounts = [m for m in seen["mounts"] if m[1] == str(share)]
+    work_mounts = [m for m in seen["mounts"] if m[1] == str(work)]
+    assert len(share_mounts) == 1 and len(work_mounts) == 1, seen["mounts"]
+    assert "size=8192k" in share_mounts[0][3] and "mode=700" in share_mounts[0][3]
+    assert "nosuid" in work_mounts[0][3] and "nodev" in work_mounts[0][3]
+    lines = seen["hosts"].splitlines()
+    assert "127.0.0.1 localhost" in lines and "127.0.0.1 kms.us-east-1.amazonaws.com" in lines
+    assert {f"127.0.0.1 {name}" for name in seen["names"]} <= set(lines)
     assert not os.path.ismount(share), "the mounts stayed in the private namespace"
+
+
+def test_kms_hostnames_are_the_names_boto3_calls():
+    import boto3
+
+    names = kms_forwarder.kms_hostnames()
+    assert len(names) > 30 and len(set(names)) == len(names)
+    for region in ("us-east-1", "eu-west-1", "ap-southeast-2", "cn-north-1", "us-gov-west-1"):
+        client = boto3.client("kms", region_name=region, aws_access_key_id="a", aws_secret_access_key="b")
+        assert client.meta.endpoint_url.removeprefix("https://") in names, region
+
+
+def test_boot_fails_clearly_without_privileges(tmp_path):
+    # As the server would be after boot: no CAP_SYS_ADMIN, so the share cannot be mounted.
+    drop = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"] if os.geteuid() == 0 else []
+    proc = subprocess.run(
+        [*drop, sys.executable, "-m", f"{SERVER_MODULE}.boot", "--share", str(tmp_path / "s"),
+         "--work", str(tmp_path / "w"), "--listen", "x"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("enclave boot: error: mount a tmpfs (size=50%) on ")
