@@ -264,11 +264,11 @@ def test_project_image_without_an_owner_is_refused(fake, tmp_path):
 
 def test_dockerfile_copies_the_staged_owner_identity_beside_enclave_server(tmp_path):
     staged = runtime.stage_image_context(tmp_path / "ctx", owner_identity_file(tmp_path / "owner.json"))
-    assert (staged / "owner_identity.json").read_bytes() == (tmp_path / "owner.json").read_bytes()
+    # beside enclave_server/ in app/, which the Dockerfile copies to /opt/enclave/ (where the server looks)
+    placed = staged / "app" / "ansible_collections/confidential_ml/nitro/owner_identity.json"
+    assert placed.read_bytes() == (tmp_path / "owner.json").read_bytes()
     copies = [args.split() for op, args in _dockerfile_instructions() if op == "COPY"]
-    assert ["owner_identity.json", "/opt/enclave/ansible_collections/confidential_ml/nitro/owner_identity.json"] in (
-        copies
-    )
+    assert ["app/", "/opt/enclave/"] in copies
 
 
 def test_build_signed_image_reports_pcr8(fake, tmp_path):
