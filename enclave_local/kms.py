@@ -460,11 +460,13 @@ class LocalKms:
                 f"got {match['scope']} signing {match['headers']}",
             )
         now = datetime.now(UTC)
-        if abs(now - when) > SIGNATURE_SKEW:
+        if abs(now - when) > SIGNATURE_SKEW:  # AWS's own wording; the fix is the clock (NTP)
+            bound, sign = (now - SIGNATURE_SKEW, "-") if when < now else (now + SIGNATURE_SKEW, "+")
             raise KmsApiError(
                 "InvalidSignatureException",
-                f"Signature expired: {stamp} is not within 5 minutes of {now:%Y%m%dT%H%M%SZ}; "
-                "fix this host's clock (NTP)",
+                f"Signature {'expired' if sign == '-' else 'not yet current'}: {stamp} is "
+                f"{'now earlier' if sign == '-' else 'still later'} than {bound:%Y%m%dT%H%M%SZ} "
+                f"({now:%Y%m%dT%H%M%SZ} {sign} 5 min.)",
             )
         # botocore's signer recomputes the signature over the request as received: the signed headers only.
         request = AWSRequest(
