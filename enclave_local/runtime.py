@@ -16,7 +16,7 @@ Each enclave is three processes, started by `run`:
                  image at /enclave/image (read-only), the share at /enclave/share, decrypted
                  packages under /enclave/work, the NSM at /dev/nsm and its vsock at /run/vsock:
                  it listens on /run/vsock/<cid>_5000.sock, which is
-                 state_home()/enclaves/<id>/vsock/<cid>_5000.sock on the host, and reaches KMS at
+                 runtime_dir()/enclaves/<id>/vsock/<cid>_5000.sock on the host, and reaches KMS at
                  http://127.0.0.1:8000, relayed (kms_forwarder) to /run/vsock/3_8000.sock, where the
                  supervisor's vsock-proxy listens.
 
@@ -24,7 +24,7 @@ When the server ends, init ends, and the kernel kills everything left in the enc
 namespace; its mount namespace, and with it the share and the plaintext, goes with the last
 process. When the supervisor dies, the kernel kills the enclave (parent-death signal); when
 the enclave dies, the supervisor removes its sockets and state. Enclaves are found through
-state_home()/enclaves/<id>/enclave.json; allocation (CIDs, the limit of MAX_ENCLAVES) is
+settings.runtime_dir()/enclaves/<id>/enclave.json; allocation (CIDs, the limit of MAX_ENCLAVES) is
 serialised by a lock file there.
 
 Without root there are no namespaces: the server runs as a plain process with its share and
@@ -325,7 +325,7 @@ class LocalRuntime:
 
     def __init__(self, home: str | os.PathLike | None = None):
         self.home = Path(home) if home is not None else settings.state_home()
-        self.enclaves_dir = self.home / "enclaves"
+        self.enclaves_dir = settings.runtime_dir(self.home) / "enclaves"  # short: socket paths fit in 107 bytes
 
     # -- build
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +24,57 @@ def state_home() -> Path:
         return Path(os.environ[ENV_HOME]).expanduser()
     xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(xdg) / "confidential-ml-nitro"
+
+
+# Where the local backend keeps what lives only while it runs (its enclaves' records and unix sockets).
+ENV_RUNTIME_DIR = "ENCLAVE_RUNTIME_DIR"
+# The longest path the local runtime forms under runtime_dir(): enclaves/<id>/vsock/<cid>_<port>.sock.
+LOCAL_SOCKET_SUFFIX = len("/enclaves/i-local-enc0123456789abcdef/vsock/4294967294_5000.sock")
+UNIX_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL
+
+
+def runtime_dir(home: str | os.PathLike | None = None) -> Path:
+    """The local runtime's directory for the state home `home` (default state_home()), created 0700.
+
+    A unix socket path must fit in 107 bytes, so the enclaves' sockets cannot live under a home of any
+    depth: they live in a short directory named by a hash of the home instead, as nitro-cli keeps its
+    enclaves' sockets in /run/nitro_enclaves. The base is $ENCLAVE_RUNTIME_DIR, else /run/cmlnitro
+    for root, else /tmp/cmlnitro-UID (not $XDG_RUNTIME_DIR: logind removes it when the user logs out,
+    and a local enclave outlives the session that started it)."""
+    home = os.path.realpath(os.fspath(home) if home is not None else state_home())
+    if os.environ.get(ENV_RUNTIME_DIR):
+        base, source = os.path.abspath(os.path.expanduser(os.environ[ENV_RUNTIME_DIR])), f"${ENV_RUNTIME_DIR}"
+    else:
+        uid = os.geteuid()
+        base = "/run/cmlnitro" if uid == 0 else f"/tmp/cmlnitro-{uid}"
+        source = f"the default for uid {uid} (set {ENV_RUNTIME_DIR} to choose another)"
+    path = os.path.join(base, hashlib.sha256(os.fsencode(home)).hexdigest()[:12])
+    if len(os.fsencode(path)) + LOCAL_SOCKET_SUFFIX > UNIX_PATH_MAX:
+        from .errors import EnclaveError
+
+        raise EnclaveError(
+            f"the local runtime directory {path} (from {source}) is too long for unix socket paths, which hold "
+            f"at most {UNIX_PATH_MAX} bytes: set {ENV_RUNTIME_DIR} to a directory of at most "
+            f"{UNIX_PATH_MAX - LOCAL_SOCKET_SUFFIX - 13} bytes (the length of {ENV_HOME} does not matter)"
+        )
+    _own_private_dir(base)
+    _own_private_dir(path)
+    return Path(path)
+
+
+def _own_private_dir(path: str) -> None:
+    """Create path 0700, or accept it only if it is a real directory of ours that nobody else can enter:
+    under /tmp another user could have made it first, to read or replace our sockets."""
+    with contextlib.suppress(FileExistsError):
+        os.makedirs(path, mode=0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        from .errors import EnclaveError
+
+        raise EnclaveError(
+            f"{path} must be a directory owned by uid {os.geteuid()} with mode 0700 (it holds the local enclaves' "
+            f"sockets), but it is not: remove it, or set {ENV_RUNTIME_DIR} to a directory of your own"
+        )
 
 
 def private_dir(path: Path) -> Path:

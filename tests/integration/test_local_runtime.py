@@ -138,7 +138,8 @@ def home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ENCLAVE_HOME", str(home))
     yield home
     cloud.down(home=home)
-    left = processes_mentioning(str(home))
+    # The supervisors name their enclave's directory, which is under the home's runtime directory.
+    left = {**processes_mentioning(str(home)), **processes_mentioning(str(settings.runtime_dir(home)))}
     for pid in left:  # never leave anything behind, even when the assertion below fails
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left behind: {left}"
@@ -328,13 +329,13 @@ def test_enclave_is_isolated_from_the_host(images, cloud_up, home):
 
 def enclave_init(info, home) -> int:
     """The enclave's PID 1, seen from the host."""
-    return json.loads((home / "enclaves" / info.enclave_id / "enclave.json").read_text())["init"]["pid"]
+    return json.loads((LocalRuntime(home).enclaves_dir / info.enclave_id / "enclave.json").read_text())["init"]["pid"]
 
 
 def test_killing_the_enclave_mid_job(images, cloud_up, home):
     runtime = LocalRuntime()
     info, pcr0 = start(images)
-    record = json.loads((home / "enclaves" / info.enclave_id / "enclave.json").read_text())
+    record = json.loads((LocalRuntime(home).enclaves_dir / info.enclave_id / "enclave.json").read_text())
     supervisor = Proc.from_json(record["supervisor"])
     client = EnclaveClient(info.endpoint, expect_pcr0=pcr0)
     client.push(cloud_up["published"], "/encrypted")
@@ -362,7 +363,7 @@ def test_killing_the_enclave_mid_job(images, cloud_up, home):
 
     assert supervisor.wait(30), "the supervisor did not notice its enclave died"
     assert runtime.describe() == []
-    assert not (home / "enclaves" / info.enclave_id).exists()
+    assert not (LocalRuntime(home).enclaves_dir / info.enclave_id).exists()
     # Nothing holds the enclave's mount namespace any more: its share and plaintext tmpfs are gone.
     assert holders_of_namespace(namespace) == []
 
@@ -401,16 +402,16 @@ def test_four_enclaves_and_not_a_fifth(images, home):
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert json.loads(one.stdout) == {"EnclaveID": started[0].enclave_id, "Terminated": True}
-    assert not (home / "enclaves" / started[0].enclave_id).exists()
+    assert not (LocalRuntime(home).enclaves_dir / started[0].enclave_id).exists()
 
     # A supervisor that dies takes its enclave with it, and is reaped: not listed, nothing left.
     crashed = started[1]
-    record = json.loads((home / "enclaves" / crashed.enclave_id / "enclave.json").read_text())
+    record = json.loads((LocalRuntime(home).enclaves_dir / crashed.enclave_id / "enclave.json").read_text())
     supervisor = Proc.from_json(record["supervisor"])
     os.kill(supervisor.pid, signal.SIGKILL)
     assert supervisor.wait(30)
     assert [i.enclave_id for i in runtime.describe()] == [i.enclave_id for i in started[2:]]
-    assert not (home / "enclaves" / crashed.enclave_id).exists()
+    assert not (LocalRuntime(home).enclaves_dir / crashed.enclave_id).exists()
     assert processes_mentioning(crashed.enclave_id) == {}
 
     rest = subprocess.run([*ENCLAVE_CLI, "local", "terminate-enclave", "--all"], capture_output=True, text=True,
@@ -422,7 +423,7 @@ def test_four_enclaves_and_not_a_fifth(images, home):
     assert sorted(r["EnclaveID"] for r in printed) == sorted(i.enclave_id for i in started[2:])
     assert all(r["Terminated"] is True for r in printed)
     assert runtime.describe() == []
-    assert list((home / "enclaves").iterdir()) == [home / "enclaves" / ".lock"]
+    assert list(runtime.enclaves_dir.iterdir()) == [runtime.enclaves_dir / ".lock"]
 
 
 def test_debug_mode_attests_zero_pcrs_and_keeps_a_console(images, home, monkeypatch):
