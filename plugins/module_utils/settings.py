@@ -131,10 +131,11 @@ def resolve_endpoint(endpoint: str | None = None, *, cid: int | None = None, por
 
         return discover_endpoint(NitroRuntime(port=port))
     if backend() == "local":
-        # Lazy: the local backend's state directory names its running enclaves.
-        from ...enclave_local.runtime import discover_local_endpoint
+        # Through the installed `enclave local describe-enclaves`, as for nitro-cli: a module's AnsiballZ
+        # payload carries module_utils only, never the local runtime's package.
+        from .runtime import LocalCliRuntime, discover_endpoint
 
-        return discover_local_endpoint()
+        return discover_endpoint(LocalCliRuntime())
     from .errors import EnclaveError
 
     raise EnclaveError(

@@ -69,3 +69,127 @@ def test_local_flow_with_a_deep_enclave_home(deep_home, tmp_path):
     enclave("local", "down", env=env)
     assert json.loads(enclave("local", "describe-enclaves", env=env).stdout) == []
     assert [p.name for p in (runtime / "enclaves").iterdir()] == [".lock"]
+
+
+MODULES_PLAYBOOK = """\
+- name: The user's modules find the one local enclave by themselves, or say why not
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: No enclave yet - info reports why, without failing
+      confidential_ml.nitro.enclave_info:
+        gather: [health]
+      register: before
+      when: not enclave_running
+
+    - name: No enclave yet - a push fails with the reason
+      confidential_ml.nitro.enclave_sync:
+        mode: push
+        src: "{{ dataset }}"
+        dest: /dataset
+      register: push_before
+      ignore_errors: true
+      when: not enclave_running
+
+    - name: No enclave yet - a run fails with the reason
+      confidential_ml.nitro.enclave_run:
+        package: app.pkg
+        script: hello.py
+      register: run_before
+      ignore_errors: true
+      when: not enclave_running
+
+    - name: Without an endpoint, each says there is no running local enclave
+      ansible.builtin.assert:
+        that:
+          - not before.reachable
+          - "'no running enclave found on the local backend' in before.endpoint_error"
+          - push_before.failed and 'no running enclave found on the local backend' in push_before.msg
+          - run_before.failed and 'no running enclave found on the local backend' in run_before.msg
+      when: not enclave_running
+
+    - name: Push the package and the dataset to the enclave found
+      confidential_ml.nitro.enclave_sync:
+        mode: push
+        src: "{{ item }}"
+        dest: "{{ '/encrypted' if item is search('published') else '/dataset' }}"
+        expect_pcr0: "{{ pcr0 }}"
+      loop: ["{{ published }}", "{{ dataset }}"]
+      register: pushed
+      when: enclave_running
+
+    - name: Run in the enclave found
+      confidential_ml.nitro.enclave_run:
+        package: app.pkg
+        script: hello.py
+        expect_pcr0: "{{ pcr0 }}"
+      register: ran
+      when: enclave_running
+
+    - name: Ask the enclave found about itself
+      confidential_ml.nitro.enclave_info:
+        gather: [health, attestation]
+        expect_pcr0: "{{ pcr0 }}"
+      register: found
+      when: enclave_running
+
+    - name: Ask the enclave named about itself
+      confidential_ml.nitro.enclave_info:
+        gather: [health]
+        endpoint: "{{ endpoint }}"
+      register: named
+      when: enclave_running
+
+    - name: The modules used the one local enclave
+      ansible.builtin.assert:
+        that:
+          - pushed.results | map(attribute='changed') | list == [true, true]
+          - ran.rc == 0 and ran.stdout_lines == ['hello from ' ~ endpoint]
+          - found.endpoint == named.endpoint == endpoint
+          - found.reachable and named.reachable
+          - found.attestation.pcrs['0'] == pcr0
+      when: enclave_running
+"""
+
+
+def test_user_modules_discover_the_local_enclave_through_ansible_playbook(local_cloud, ansible_playbook, tmp_path):
+    """Item 2: enclave_info, enclave_sync and enclave_run on the local backend with and without `endpoint`,
+    as AnsiballZ ships them (module_utils only)."""
+    import boto3
+
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
+
+    work, env = local_cloud
+    env = {**env, "AWS_ACCESS_KEY_ID": "enclave-host"}
+    play_env = {name: env[name] for name in ("PATH", "ENCLAVE_HOME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    playbook = tmp_path / "modules.yml"
+    playbook.write_text(MODULES_PLAYBOOK)
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "a.txt").write_text("a\n")
+    variables = {"dataset": str(dataset), "published": "", "pcr0": "", "endpoint": ""}
+    stats, tasks, _ = ansible_playbook(playbook, {**variables, "enclave_running": False}, env=play_env)
+    assert stats["failures"] == 0 and tasks  # the assertions above ran
+
+    cloud = json.loads(enclave("local", "up", "--json", env=env).stdout)
+    image = work / "enclave.eif"
+    pcr0 = json.loads(enclave("local", "build", "--output", str(image), env=env).stdout)["Measurements"]["PCR0"]
+    endpoint = json.loads(
+        enclave("local", "run-enclave", "--eif-path", str(image), "--cpu-count", "1", "--memory", "128", env=env).stdout
+    )["Endpoint"]
+    owner = boto3.client("kms", endpoint_url=cloud["kms_endpoint_url"], region_name="us-east-1",
+                         aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    policy = render_policy(account_id="111122223333", user_principals=["arn:aws:iam::111122223333:role/enclave-host"],
+                           admin_principals=["arn:aws:iam::111122223333:role/owner"], pcr0=[pcr0])  # fmt: skip
+    owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "hello.py").write_text(f"print('hello from {endpoint}')\n")
+    published = tmp_path / "published"
+    published.mkdir()
+    package.seal(app, published / "app.pkg", kms_client=owner, key_id=key_id, name="app", version="1.0")
+
+    variables = {"dataset": str(dataset), "published": str(published), "pcr0": pcr0, "endpoint": endpoint}
+    ansible_playbook(playbook, {**variables, "enclave_running": True}, env=play_env)
