@@ -96,6 +96,77 @@ def locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def aws_errors() -> Iterator[None]:
+    """Turn botocore's configuration errors (no region, partial or no credentials, unknown profile) into one
+    EnclaveError line that says what to set, instead of a traceback."""
+    from botocore import exceptions
+
+    from .errors import EnclaveError
+
+    try:
+        yield
+    except exceptions.NoRegionError:
+        raise EnclaveError(
+            "no AWS region configured for KMS: set AWS_DEFAULT_REGION (or AWS_REGION), e.g. us-east-1, pass "
+            "--region (a module's region option), or use a profile that names one"
+        ) from None
+    except exceptions.PartialCredentialsError as err:
+        provider, missing = err.kwargs.get("provider"), err.kwargs.get("cred_var")
+        where = "the environment" if provider == "env" else f"the {provider} credentials"
+        raise EnclaveError(
+            f"incomplete AWS credentials in {where}: {missing} is not set: set it as well "
+            "(AWS_ACCESS_KEY_ID needs AWS_SECRET_ACCESS_KEY), or unset the partial ones to use a profile "
+            "or the instance role"
+        ) from None
+    except exceptions.NoCredentialsError:
+        raise EnclaveError(
+            "no AWS credentials found for KMS: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, choose a profile "
+            "(--profile, AWS_PROFILE), or run on an instance with a role"
+        ) from None
+    except exceptions.ProfileNotFound as err:
+        raise EnclaveError(
+            f"the AWS profile {err.kwargs.get('profile')!r} is not in ~/.aws/config or ~/.aws/credentials: "
+            "create it, or choose another with --profile (a module's profile option) or AWS_PROFILE"
+        ) from None
+
+
+def kms_client(
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    profile: str | None = None,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+    session_token: str | None = None,
+):
+    """A boto3 KMS client, for the CLI and the modules alike; boto3 finds whatever is left unset. Raises
+    EnclaveError, saying what to set, when it has no region or no complete credentials."""
+    import boto3
+    from botocore.exceptions import NoCredentialsError
+
+    from .errors import EnclaveError
+
+    if bool(access_key) != bool(secret_key):
+        given, missing = (
+            ("access key id", "secret access key") if access_key else ("secret access key", "access key id")
+        )
+        raise EnclaveError(
+            f"an AWS {given} was given without its {missing}: give both, or neither to let boto3 find credentials"
+        )
+    with aws_errors():
+        session = boto3.session.Session(
+            profile_name=profile,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            aws_session_token=session_token,
+            region_name=region,
+        )
+        if session.get_credentials() is None:  # else botocore says so only at the first request
+            raise NoCredentialsError()
+        return session.client("kms", endpoint_url=endpoint_url)
+
+
 DEFAULT_SERVER_PORT = 5000
 ENV_ENDPOINT = "ENCLAVE_ENDPOINT"
 ENV_BACKEND = "ENCLAVE_BACKEND"

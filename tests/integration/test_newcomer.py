@@ -193,3 +193,82 @@ def test_user_modules_discover_the_local_enclave_through_ansible_playbook(local_
 
     variables = {"dataset": str(dataset), "published": str(published), "pcr0": pcr0, "endpoint": endpoint}
     ansible_playbook(playbook, {**variables, "enclave_running": True}, env=play_env)
+
+
+def bare_aws_env(tmp_path, **variables) -> dict:
+    """The environment without any AWS configuration but `variables`: no shared files, no instance metadata."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE=str(tmp_path / "no-config"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-creds"),
+               AWS_EC2_METADATA_DISABLED="true", ENCLAVE_HOME=str(tmp_path / "home"), **variables)  # fmt: skip
+    return env
+
+
+@pytest.mark.parametrize(
+    ("variables", "says"),
+    [
+        ({"AWS_ACCESS_KEY_ID": "enclave-host", "AWS_DEFAULT_REGION": "us-east-1"},
+         "incomplete AWS credentials in the environment: AWS_SECRET_ACCESS_KEY is not set"),
+        ({"AWS_ACCESS_KEY_ID": "owner", "AWS_SECRET_ACCESS_KEY": "x"}, "no AWS region configured for KMS"),
+    ],
+)  # fmt: skip
+def test_cli_kms_commands_say_what_to_set(tmp_path, variables, says):
+    """Item 4: one line saying what to set, never botocore's traceback."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "hello.py").write_text("print('hello')\n")
+    env = bare_aws_env(tmp_path, **variables)
+    commands = [("package", "seal", str(app), "-o", str(tmp_path / "app.pkg"), "--key", "alias/app")]
+    if "AWS_SECRET_ACCESS_KEY" not in variables:  # `enclave run` reads the host's credentials first
+        commands.append(("run", "-f", "app.pkg", "-s", "hello.py", "--endpoint", f"unix://{tmp_path}/none.sock"))
+    for command in commands:
+        done = enclave(*command, env=env, check=False)
+        assert done.returncode == 1, done
+        assert done.stderr.startswith(f"enclave: error: {says}") and done.stderr.count("\n") == 1, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+KMS_MODULE_PLAYBOOK = """\
+- name: A KMS module without a region or with half the credentials
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Seal with what the environment gives
+      confidential_ml.nitro.enclave_package:
+        src: "{{ app }}"
+        dest: "{{ app }}.pkg"
+        key_id: alias/app
+        name: app
+        version: "1.0"
+      register: sealed
+      ignore_errors: true
+
+    - name: The task failed saying what to set
+      ansible.builtin.assert:
+        that:
+          - sealed.failed
+          - sealed.msg is search(says)
+          - sealed.msg is not search('Traceback|botocore')
+          - sealed.msg.splitlines() | length == 1
+"""
+
+
+@pytest.mark.parametrize(
+    ("variables", "says"),
+    [
+        ({"AWS_ACCESS_KEY_ID": "owner", "AWS_DEFAULT_REGION": "us-east-1"},
+         "incomplete AWS credentials in the environment: AWS_SECRET_ACCESS_KEY is not set"),
+        ({"AWS_ACCESS_KEY_ID": "owner", "AWS_SECRET_ACCESS_KEY": "x"}, "no AWS region configured for KMS: set"),
+    ],
+)  # fmt: skip
+def test_kms_modules_say_what_to_set(ansible_playbook, tmp_path, monkeypatch, variables, says):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "hello.py").write_text("print('hello')\n")
+    playbook = tmp_path / "kms.yml"
+    playbook.write_text(KMS_MODULE_PLAYBOOK)
+    for name in list(os.environ):  # ansible_playbook starts from os.environ
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    env = {name: value for name, value in bare_aws_env(tmp_path, **variables).items() if name.startswith("AWS_")}
+    stats, _, _ = ansible_playbook(playbook, {"app": str(app), "says": says}, env=env)
+    assert stats["ignored"] == 1

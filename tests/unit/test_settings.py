@@ -73,3 +73,49 @@ def test_a_runtime_dir_prepared_by_someone_else_is_refused(runtime_base, tmp_pat
         os.chown(target, 65534, 65534)
         with pytest.raises(EnclaveError, match="must be a directory owned by uid 0"):
             settings.runtime_dir(home)
+
+
+# ---------------------------------------------------------------- boto3 configuration errors
+
+
+@pytest.fixture
+def bare_aws(monkeypatch, tmp_path):
+    """No AWS configuration at all: no variables, no shared files, no instance metadata."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    ("environment", "options", "says"),
+    [
+        ({"AWS_ACCESS_KEY_ID": "a", "AWS_DEFAULT_REGION": "us-east-1"}, {},
+         "incomplete AWS credentials in the environment: AWS_SECRET_ACCESS_KEY is not set"),
+        ({"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}, {},
+         "no AWS region configured for KMS: set AWS_DEFAULT_REGION"),
+        ({"AWS_DEFAULT_REGION": "us-east-1"}, {}, "no AWS credentials found for KMS: set AWS_ACCESS_KEY_ID and"),
+        ({"AWS_DEFAULT_REGION": "us-east-1"}, {"profile": "nope"}, "the AWS profile 'nope' is not in ~/.aws/config"),
+        ({"AWS_DEFAULT_REGION": "us-east-1"}, {"access_key": "a"},
+         "an AWS access key id was given without its secret access key"),
+        ({"AWS_DEFAULT_REGION": "us-east-1"}, {"secret_key": "b"},
+         "an AWS secret access key was given without its access key id"),
+    ],
+)  # fmt: skip
+def test_kms_client_says_what_to_set(bare_aws, environment, options, says):
+    for name, value in environment.items():
+        bare_aws.setenv(name, value)
+    with pytest.raises(EnclaveError) as raised:
+        settings.kms_client(endpoint_url="http://127.0.0.1:9", **options)
+    assert str(raised.value).startswith(says) and "\n" not in str(raised.value)
+
+
+def test_kms_client_with_a_complete_configuration(bare_aws):
+    bare_aws.setenv("AWS_ACCESS_KEY_ID", "a")
+    bare_aws.setenv("AWS_SECRET_ACCESS_KEY", "b")
+    client = settings.kms_client(endpoint_url="http://127.0.0.1:9", region="eu-west-1")
+    assert client.meta.region_name == "eu-west-1" and client.meta.endpoint_url == "http://127.0.0.1:9"
+    assert settings.kms_client(access_key="c", secret_key="d", region="us-east-1").meta.region_name == "us-east-1"
