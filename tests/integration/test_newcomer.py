@@ -272,3 +272,53 @@ def test_kms_modules_say_what_to_set(ansible_playbook, tmp_path, monkeypatch, va
     env = {name: value for name, value in bare_aws_env(tmp_path, **variables).items() if name.startswith("AWS_")}
     stats, _, _ = ansible_playbook(playbook, {"app": str(app), "says": says}, env=env)
     assert stats["ignored"] == 1
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_installed_enclave_command_sees_edits_to_the_checkout(tmp_path):
+    """Item 3: the venv's install is editable, so `enclave local build` measures the code as it is now.
+
+    A copy of this checkout is installed the Makefile's way (pip install -e, here without dependencies,
+    which come from this venv) into a fresh venv; an edit to enclave_server/ changes what it builds."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.splitlines()  # fmt: skip
+    checkout = tmp_path / "checkout"
+    for name in files:
+        if (ROOT / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, checkout / name)
+    venv = tmp_path / "venv"
+    planned = subprocess.run(["make", "-n", "-B", "-C", str(checkout), f"VENV={venv}", f"{venv}/bin/enclave"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    (install,) = [line for line in planned.splitlines() if "pip install" in line and "--upgrade pip" not in line]
+    assert " -e " in install, install
+
+    subprocess.run(["make", "-C", str(checkout), "link"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    site, ours = (subprocess.run([python, "-c", purelib], capture_output=True, text=True, check=True).stdout.strip()
+                  for python in (str(venv / "bin" / "python"), sys.executable))  # fmt: skip
+    Path(site, "zz-dependencies.pth").write_text(ours + "\n")  # after the editable install's own .pth
+    env = {name: value for name, value in os.environ.items() if name not in ("PYTHONPATH", "ANSIBLE_COLLECTIONS_PATH")}
+    env["ENCLAVE_HOME"] = str(tmp_path / "home")
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "-e", str(checkout)], env=env,
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+
+    def build(name):
+        command = [str(venv / "bin" / "enclave"), "local", "build", "--output", str(tmp_path / name)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        return json.loads(done.stdout)["Measurements"]["PCR0"]
+
+    where = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import ansible_collections.confidential_ml.nitro.cli.main as m; print(m.__file__)"],
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert where == str(checkout / "collections/ansible_collections/confidential_ml/nitro/cli/main.py")
+    before = build("before.eif")
+    server = checkout / "enclave_server" / "server.py"
+    server.write_text(server.read_text() + "\n# an edit after installing\n")
+    after = build("after.eif")
+    assert after != before
+    server.write_text(server.read_text().removesuffix("\n# an edit after installing\n"))
+    assert build("again.eif") == before
