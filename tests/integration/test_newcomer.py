@@ -322,3 +322,67 @@ def test_the_installed_enclave_command_sees_edits_to_the_checkout(tmp_path):
     assert after != before
     server.write_text(server.read_text().removesuffix("\n# an edit after installing\n"))
     assert build("again.eif") == before
+
+
+PATHS_PLAYBOOK = """\
+- name: The project's playbooks' paths, rendered where they live
+  hosts: localhost
+  gather_facts: false
+  vars: {variables}
+  tasks:
+    - name: Render them
+      ansible.builtin.set_fact:
+        rendered: {rendered}
+"""
+
+
+def test_playbook_paths_are_plain(ansible_playbook, tmp_path):
+    """Item 5: the paths the playbooks print are plain (no `playbooks/../build`), and they are the checkout's.
+
+    The path variables of playbooks/*.yml and of the owner_pipeline role's defaults, rendered by a playbook
+    in the playbooks/ directory of a checkout-shaped directory."""
+    import yaml
+
+    variables = {}
+    for name in ("owner.yml", "run_job.yml"):
+        for play in yaml.safe_load((ROOT / "playbooks" / name).read_text()):
+            variables.update({k: v for k, v in play["vars"].items() if k.endswith(("_dir", "_workdir"))})
+    role = yaml.safe_load((ROOT / "roles" / "owner_pipeline" / "defaults" / "main.yml").read_text())
+    variables["role_workdir"] = role["owner_pipeline_workdir"]
+    assert {"owner_pipeline_workdir", "release_dir", "dataset_dir", "job_dir", "outputs_dir"} <= set(variables)
+    checkout = tmp_path / "checkout"
+    (checkout / "playbooks").mkdir(parents=True)
+    playbook = checkout / "playbooks" / "paths.yml"
+    rendered = {name: "{{ %s }}" % name for name in variables}  # noqa: UP031 (Jinja braces)
+    playbook.write_text(PATHS_PLAYBOOK.format(variables=json.dumps(variables), rendered=json.dumps(rendered)))
+    _, tasks, _ = ansible_playbook(playbook, {})
+    paths = tasks["Render them"]["ansible_facts"]["rendered"]
+    assert paths == {
+        "owner_pipeline_workdir": f"{checkout}/build/owner",
+        "release_dir": f"{checkout}/build/owner/release",
+        "dataset_dir": f"{checkout}/examples/dataset",
+        "job_dir": f"{checkout}/build/jobs/localhost",
+        "outputs_dir": f"{checkout}/build/jobs/localhost/output",
+        "role_workdir": f"{checkout}/build/owner",
+    }
+
+
+def test_the_readme_sessions_leave_nothing_for_git(tmp_path):
+    """Item 5: what following the README leaves in the checkout is ignored (found by running its sample session
+    and the owner's walkthrough by hand in a copy): the FUSE mount point with the enclave's files while mounted,
+    the receipt, policy.json and app.pkg; and .venv when it is a symlink to a shared venv."""
+    leftovers = ["synced_folder/encrypted/digits-classifier.pkg", "synced_folder/dataset/batch_1.csv",
+                 "synced_folder/output/metrics.json", "receipt.json", "policy.json", "app.pkg", ".venv",
+                 "build/home/cloud.json", "collections/ansible_collections/confidential_ml/nitro"]  # fmt: skip
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    shutil.copy2(ROOT / ".gitignore", checkout / ".gitignore")
+    subprocess.run(["git", "init", "-q"], cwd=checkout, check=True)
+    for name in leftovers:
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / name).write_text("left behind\n")
+    (checkout / ".venv").unlink()
+    (checkout / ".venv").symlink_to(tmp_path)
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=checkout,
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert status.splitlines() == ["?? .gitignore"]
