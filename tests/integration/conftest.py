@@ -99,8 +99,8 @@ def ansible_playbook(tmp_path):
 def local_cloud():
     """(work, env) for running the project's playbooks and CLI against local enclaves of their own.
 
-    work is a fresh short directory (the enclaves' unix sockets live under its ENCLAVE_HOME, and a socket
-    path fits in 107 bytes); env names it, puts this venv's tools first on PATH and sets a region and a secret
+    work is a fresh directory (its ENCLAVE_HOME's enclaves and their sockets live in the home's own short
+    runtime directory, settings.runtime_dir); env names it, puts this venv's tools first on PATH and sets a region and a secret
     (the local KMS takes the access key id, which each test sets, as the principal). Afterwards whatever was
     started there is stopped and the directory removed.
     """

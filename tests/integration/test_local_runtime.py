@@ -1,6 +1,6 @@
 """The local runtime for real: measured images, enclaves in their own namespaces, the local cloud.
 
-Every test gets its own ENCLAVE_HOME (short, so socket paths fit in sun_path) and ends with
+Every test gets its own ENCLAVE_HOME (its sockets live in settings.runtime_dir(home)) and ends with
 `enclave local down` for that home, then checks that no process mentioning it is left.
 Enclaves are real: supervisor, unshare'd init and enclave server, tmpfs share and plaintext,
 KMS through the in-enclave forwarder and the host's vsock-proxy.
@@ -134,7 +134,7 @@ def images(tmp_path_factory):
 @pytest.fixture
 def home(tmp_path_factory, monkeypatch):
     """A fresh ENCLAVE_HOME; afterwards `down` for it, and nothing of it may be left running."""
-    home = tmp_path_factory.mktemp("eh")  # short: socket paths must fit in 107 bytes
+    home = tmp_path_factory.mktemp("eh")
     monkeypatch.setenv("ENCLAVE_HOME", str(home))
     yield home
     cloud.down(home=home)
