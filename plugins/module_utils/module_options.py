@@ -19,7 +19,8 @@ from .settings import kms_client as settings_kms_client
 from .settings import resolve_endpoint
 
 try:
-    import boto3  # noqa: F401  (settings.kms_client uses it; require_libraries reports it missing)
+    # Only checked for here (settings.kms_client imports it), so that require_libraries can name it.
+    import boto3  # noqa: F401  # pylint: disable=unused-import
     from botocore.exceptions import BotoCoreError
 except ImportError as exc:  # the modules report it: require_libraries(module, BOTO3_IMPORT_ERROR)
     BOTO3_IMPORT_ERROR = exc

@@ -169,8 +169,8 @@ def test_user_modules_discover_the_local_enclave_through_ansible_playbook(local_
     dataset.mkdir()
     (dataset / "a.txt").write_text("a\n")
     variables = {"dataset": str(dataset), "published": "", "pcr0": "", "endpoint": ""}
-    stats, tasks, _ = ansible_playbook(playbook, {**variables, "enclave_running": False}, env=play_env)
-    assert stats["failures"] == 0 and tasks  # the assertions above ran
+    stats, tasks, output = ansible_playbook(playbook, {**variables, "enclave_running": False}, env=play_env)
+    assert stats["failures"] == 0 and "no running enclave found" in output
 
     cloud = json.loads(enclave("local", "up", "--json", env=env).stdout)
     image = work / "enclave.eif"
@@ -270,8 +270,8 @@ def test_kms_modules_say_what_to_set(ansible_playbook, tmp_path, monkeypatch, va
         if name.startswith("AWS_"):
             monkeypatch.delenv(name)
     env = {name: value for name, value in bare_aws_env(tmp_path, **variables).items() if name.startswith("AWS_")}
-    stats, _, _ = ansible_playbook(playbook, {"app": str(app), "says": says}, env=env)
-    assert stats["ignored"] == 1
+    stats, tasks, output = ansible_playbook(playbook, {"app": str(app), "says": says}, env=env)
+    assert stats["ignored"] == 1 and says in tasks["Seal with what the environment gives"]["msg"] and says in output
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -355,7 +355,8 @@ def test_playbook_paths_are_plain(ansible_playbook, tmp_path):
     playbook = checkout / "playbooks" / "paths.yml"
     rendered = {name: "{{ %s }}" % name for name in variables}  # noqa: UP031 (Jinja braces)
     playbook.write_text(PATHS_PLAYBOOK.format(variables=json.dumps(variables), rendered=json.dumps(rendered)))
-    _, tasks, _ = ansible_playbook(playbook, {})
+    stats, tasks, output = ansible_playbook(playbook, {})
+    assert stats["ok"] == 1 and "Render them" in output
     paths = tasks["Render them"]["ansible_facts"]["rendered"]
     assert paths == {
         "owner_pipeline_workdir": f"{checkout}/build/owner",
