@@ -57,12 +57,13 @@ def runtime_dir(home: str | os.PathLike | None = None) -> Path:
             f"at most {UNIX_PATH_MAX} bytes: set {ENV_RUNTIME_DIR} to a directory of at most "
             f"{UNIX_PATH_MAX - LOCAL_SOCKET_SUFFIX - 13} bytes (the length of {ENV_HOME} does not matter)"
         )
-    _own_private_dir(base)
-    _own_private_dir(path)
+    yours = f"set {ENV_RUNTIME_DIR} to a directory of your own with mode 0700"
+    _own_private_dir(base, yours if source.startswith("$") else f"remove it, or {yours}")
+    _own_private_dir(path, f"remove it, or {yours}")
     return Path(path)
 
 
-def _own_private_dir(path: str) -> None:
+def _own_private_dir(path: str, remedy: str) -> None:
     """Create path 0700, or accept it only if it is a real directory of ours that nobody else can enter:
     under /tmp another user could have made it first, to read or replace our sockets."""
     with contextlib.suppress(FileExistsError):
@@ -73,7 +74,7 @@ def _own_private_dir(path: str) -> None:
 
         raise EnclaveError(
             f"{path} must be a directory owned by uid {os.geteuid()} with mode 0700 (it holds the local enclaves' "
-            f"sockets), but it is not: remove it, or set {ENV_RUNTIME_DIR} to a directory of your own"
+            f"sockets), but it is not: {remedy}"
         )
 
 

@@ -69,6 +69,12 @@ def test_a_runtime_dir_prepared_by_someone_else_is_refused(runtime_base, tmp_pat
     target.chmod(0o700)
     assert settings.runtime_dir(home) == target
 
+    # A shared directory named as the base is refused, and never to be removed.
+    runtime_base.chmod(0o1777)
+    with pytest.raises(EnclaveError, match=r"0700 \(it holds the local enclaves' sockets\), but it is not: set ENCL"):
+        settings.runtime_dir(home)
+    runtime_base.chmod(0o700)
+
     if os.geteuid() == 0:
         os.chown(target, 65534, 65534)
         with pytest.raises(EnclaveError, match="must be a directory owned by uid 0"):
