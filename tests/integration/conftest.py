@@ -100,9 +100,9 @@ def local_cloud():
     """(work, env) for running the project's playbooks and CLI against local enclaves of their own.
 
     work is a fresh directory (its ENCLAVE_HOME's enclaves and their sockets live in the home's own short
-    runtime directory, settings.runtime_dir); env names it, puts this venv's tools first on PATH and sets a region and a secret
-    (the local KMS takes the access key id, which each test sets, as the principal). Afterwards whatever was
-    started there is stopped and the directory removed.
+    runtime directory, settings.runtime_dir); env names it, puts this venv's tools first on PATH and sets a
+    region and a secret (the local KMS takes the access key id, which each test sets, as the principal).
+    Afterwards whatever was started there is stopped and the directory removed.
     """
     work = Path(tempfile.mkdtemp(prefix="cloud-", dir="/tmp"))
     env = {
