@@ -21,13 +21,14 @@ deps:
 	  else echo "warning: install fuse3 and libfuse3-3 (sudo apt-get install fuse3 libfuse3-3)" >&2; fi; \
 	fi
 
+# Editable (pyproject.toml: dev-mode-dirs): the venv runs this checkout as it is now, never a stale copy.
 $(BIN)/enclave: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q '.[test,examples]'
+	$(BIN)/pip install -q -e '.[test,examples]'
 	@touch $@
 
-venv: deps $(BIN)/enclave link
+venv: deps link $(BIN)/enclave
 
 link:
 	@mkdir -p $(COLLECTIONS)/ansible_collections/confidential_ml

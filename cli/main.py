@@ -26,10 +26,10 @@ def _print_json(data) -> None:
 
 def _kms_client(args):
     """A boto3 KMS client configured the boto3 way (env, profiles), unless a flag names the endpoint."""
-    import boto3
+    from importlib import import_module
 
-    session = boto3.session.Session(profile_name=args.profile) if args.profile else boto3.session.Session()
-    return session.client("kms", endpoint_url=args.kms_endpoint, region_name=args.region)
+    settings = import_module(f"{LIB}.settings")
+    return settings.kms_client(endpoint_url=args.kms_endpoint, region=args.region, profile=args.profile)
 
 
 def _add_kms_flags(parser) -> None:

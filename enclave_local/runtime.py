@@ -18,7 +18,7 @@ Each enclave is three processes, started by `run`:
     server       what that command starts: enclave_server.boot (tmpfs on the share and work
                  directories, loopback up, KMS hostnames mapped in /etc/hosts, its capabilities
                  dropped), then the server, as root without capabilities. It listens on
-                 /run/vsock/<cid>_5000.sock, which is state_home()/enclaves/<id>/vsock/<cid>_5000.sock
+                 /run/vsock/<cid>_5000.sock, which is runtime_dir()/enclaves/<id>/vsock/<cid>_5000.sock
                  on the host, and reaches KMS at https://kms.<region>.amazonaws.com, which boot maps
                  to 127.0.0.1:443, relayed (kms_forwarder) to /run/vsock/3_8000.sock, where the
                  supervisor's vsock-proxy listens, to the local KMS's HTTPS listener: TLS end to end.
@@ -45,7 +45,7 @@ When the server ends, init ends, and the kernel kills everything left in the enc
 namespace; its mount namespace, and with it the share and the plaintext, goes with the last
 process. When the supervisor dies, the kernel kills the enclave (parent-death signal); when
 the enclave dies, the supervisor removes its sockets and state. Enclaves are found through
-state_home()/enclaves/<id>/enclave.json; allocation (CIDs, the limit of MAX_ENCLAVES) is
+settings.runtime_dir()/enclaves/<id>/enclave.json; allocation (CIDs, the limit of MAX_ENCLAVES) is
 serialised by a lock file there.
 
 Without root there are no namespaces, so no boot either: init starts the server itself as a
@@ -360,7 +360,7 @@ class LocalRuntime:
 
     def __init__(self, home: str | os.PathLike | None = None):
         self.home = Path(home) if home is not None else settings.state_home()
-        self.enclaves_dir = self.home / "enclaves"
+        self.enclaves_dir = settings.runtime_dir(self.home) / "enclaves"  # short: socket paths fit in 107 bytes
 
     # -- build
 

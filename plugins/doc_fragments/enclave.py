@@ -12,9 +12,11 @@ options:
     description:
       - Where the enclave server listens, V(vsock://CID:PORT) on the C(nitro) backend (the CID that
         C(nitro-cli describe-enclaves) reports as C(EnclaveCID)) or V(unix:///PATH) on the C(local) backend.
-      - When not set, E(ENCLAVE_ENDPOINT), else V(vsock://CID:PORT) from O(cid) and O(port). E(ENCLAVE_ENDPOINT)
-        is read before O(cid), so unset it when you choose the enclave by O(cid).
-      - The module fails when none of these names an enclave.
+      - When not set, E(ENCLAVE_ENDPOINT), else V(vsock://CID:PORT) from O(cid) and O(port), else the one running
+        enclave of the backend that E(ENCLAVE_BACKEND) names (default C(local)), as C(nitro-cli describe-enclaves)
+        lists it on C(nitro) and the installed C(enclave local describe-enclaves) on C(local).
+        E(ENCLAVE_ENDPOINT) is read before O(cid), so unset it when you choose the enclave by O(cid).
+      - The module fails when none of these names an enclave, or when several enclaves are running.
     type: str
   cid:
     description:

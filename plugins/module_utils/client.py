@@ -274,8 +274,9 @@ def host_kms_settings(region: str | None = None, profile: str | None = None) -> 
     """Region and credentials from the host's boto3 configuration (on nitro: the instance role via IMDSv2)."""
     import boto3
 
-    session = boto3.session.Session(profile_name=profile, region_name=region)
-    credentials = session.get_credentials()
+    with settings.aws_errors():  # partial credentials or an unknown profile: one line saying what to set
+        session = boto3.session.Session(profile_name=profile, region_name=region)
+        credentials = session.get_credentials()
     if credentials is None:
         raise EnclaveError("no AWS credentials on this host for KMS: configure a profile or the instance role")
     frozen = credentials.get_frozen_credentials()

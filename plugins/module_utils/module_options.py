@@ -15,10 +15,12 @@ from ansible.module_utils.basic import missing_required_lib
 
 from .client import EnclaveClient, default_trusted_roots
 from .errors import EnclaveError
+from .settings import kms_client as settings_kms_client
 from .settings import resolve_endpoint
 
 try:
-    import boto3
+    # Only checked for here (settings.kms_client imports it), so that require_libraries can name it.
+    import boto3  # noqa: F401  # pylint: disable=unused-import
     from botocore.exceptions import BotoCoreError
 except ImportError as exc:  # the modules report it: require_libraries(module, BOTO3_IMPORT_ERROR)
     BOTO3_IMPORT_ERROR = exc
@@ -53,22 +55,21 @@ KMS_MUTUALLY_EXCLUSIVE = [("profile", "access_key"), ("profile", "secret_key"), 
 
 
 def kms_client(module):
-    """A boto3 KMS client from the module's KMS options; boto3 finds whatever they leave unset."""
+    """A boto3 KMS client from the module's KMS options (settings.kms_client); fails the task saying what to set."""
     params = module.params
     try:
-        session = boto3.session.Session(
-            profile_name=params["profile"],
-            aws_access_key_id=params["access_key"],
-            aws_secret_access_key=params["secret_key"],
-            aws_session_token=params["session_token"],
-            region_name=params["region"],
+        return settings_kms_client(
+            endpoint_url=params["kms_endpoint_url"],
+            region=params["region"],
+            profile=params["profile"],
+            access_key=params["access_key"],
+            secret_key=params["secret_key"],
+            session_token=params["session_token"],
         )
-        return session.client("kms", endpoint_url=params["kms_endpoint_url"])
+    except EnclaveError as err:
+        module.fail_json(msg=f"cannot set up a KMS client: {err}")
     except (BotoCoreError, ValueError) as err:
-        module.fail_json(
-            msg=f"cannot set up a KMS client: {err}; set region (or AWS_DEFAULT_REGION), a valid profile or"
-            " credentials, and a valid kms_endpoint_url"
-        )
+        module.fail_json(msg=f"cannot set up a KMS client: {err}; check kms_endpoint_url and the other KMS options")
 
 
 # --- the enclave server (doc fragment confidential_ml.nitro.enclave) --------------------------

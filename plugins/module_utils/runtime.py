@@ -501,12 +501,12 @@ class NitroRuntime:
             raise self._failure(subcommand, command, proc.returncode, stdout, stderr)
         return stdout
 
-    @staticmethod
-    def _failure(subcommand, command, returncode, stdout, stderr) -> RuntimeFailure:
+    def _failure(self, subcommand, command, returncode, stdout, stderr) -> RuntimeFailure:
         match = _ERROR_CODE.search(stderr) or _ERROR_CODE.search(stdout)
         code = match.group(1) if match else None
         output = stderr.strip() or stdout.strip() or "no output"
-        message = f"`nitro-cli {subcommand}` failed (exit {returncode}): {output}"
+        # The command as run (`enclave local` on the local backend), not always nitro-cli.
+        message = f"`{os.path.basename(self.nitro_cli)} {subcommand}` failed (exit {returncode}): {output}"
         if code:
             hint = _HINTS.get(code, "see nitro-cli's explanation")
             message += f"\nWhat to do: {hint}. Explanation: `nitro-cli explain --error-code {code}`"

@@ -106,11 +106,11 @@ _ENV_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_T
 def local_cloud():
     """(work, env) for running the project's playbooks and CLI against local enclaves of their own.
 
-    work is a fresh short directory (the enclaves' unix sockets live under its ENCLAVE_HOME, and a socket
-    path fits in 107 bytes); env names it, puts this venv's tools first on PATH, sets a region and points
-    AWS_SHARED_CREDENTIALS_FILE at the credentials the local KMS issues on `enclave local up` (each test
-    chooses its principal with AWS_PROFILE). Afterwards whatever was started there is stopped and the
-    directory removed.
+    work is a fresh directory (its ENCLAVE_HOME's enclaves and their sockets live in the home's own short
+    runtime directory, settings.runtime_dir); env names it, puts this venv's tools first on PATH, sets a
+    region and points AWS_SHARED_CREDENTIALS_FILE at the credentials the local KMS issues on `enclave local
+    up` (each test chooses its principal with AWS_PROFILE). Afterwards whatever was started there is
+    stopped and the directory removed.
     """
     work = Path(tempfile.mkdtemp(prefix="cloud-", dir="/tmp"))
     env = {

@@ -1,6 +1,6 @@
 """The local runtime for real: measured images, enclaves in their own namespaces, the local cloud.
 
-Every test gets its own ENCLAVE_HOME (short, so socket paths fit in sun_path) and ends with
+Every test gets its own ENCLAVE_HOME (its sockets live in settings.runtime_dir(home)) and ends with
 `enclave local down` for that home, then checks that no process mentioning it is left.
 Enclaves are real: supervisor, unshare'd init and enclave server, tmpfs share and plaintext,
 KMS through the in-enclave forwarder and the host's vsock-proxy.
@@ -181,11 +181,12 @@ def images(tmp_path_factory):
 @pytest.fixture
 def home(tmp_path_factory, monkeypatch):
     """A fresh ENCLAVE_HOME; afterwards `down` for it, and nothing of it may be left running."""
-    home = tmp_path_factory.mktemp("eh")  # short: socket paths must fit in 107 bytes
+    home = tmp_path_factory.mktemp("eh")
     monkeypatch.setenv("ENCLAVE_HOME", str(home))
     yield home
     cloud.down(home=home)
-    left = processes_mentioning(str(home))
+    # The supervisors name their enclave's directory, which is under the home's runtime directory.
+    left = {**processes_mentioning(str(home)), **processes_mentioning(str(settings.runtime_dir(home)))}
     for pid in left:  # never leave anything behind, even when the assertion below fails
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left behind: {left}"
@@ -389,13 +390,13 @@ def test_enclave_is_isolated_from_the_host(images, cloud_up, home):
 
 def enclave_init(info, home) -> int:
     """The enclave's PID 1, seen from the host."""
-    return json.loads((home / "enclaves" / info.enclave_id / "enclave.json").read_text())["init"]["pid"]
+    return json.loads((LocalRuntime(home).enclaves_dir / info.enclave_id / "enclave.json").read_text())["init"]["pid"]
 
 
 def test_killing_the_enclave_mid_job(images, cloud_up, home):
     runtime = LocalRuntime()
     info, pcr0 = start(images)
-    record = json.loads((home / "enclaves" / info.enclave_id / "enclave.json").read_text())
+    record = json.loads((LocalRuntime(home).enclaves_dir / info.enclave_id / "enclave.json").read_text())
     supervisor = Proc.from_json(record["supervisor"])
     client = EnclaveClient(info.endpoint, expect_pcr0=pcr0)
     client.push(cloud_up["published"], "/encrypted")
@@ -423,7 +424,7 @@ def test_killing_the_enclave_mid_job(images, cloud_up, home):
 
     assert supervisor.wait(30), "the supervisor did not notice its enclave died"
     assert runtime.describe() == []
-    assert not (home / "enclaves" / info.enclave_id).exists()
+    assert not (LocalRuntime(home).enclaves_dir / info.enclave_id).exists()
     # Nothing holds the enclave's mount namespace any more: its share and plaintext tmpfs are gone.
     assert holders_of_namespace(namespace) == []
 
@@ -462,16 +463,16 @@ def test_four_enclaves_and_not_a_fifth(images, home):
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert json.loads(one.stdout) == {"EnclaveID": started[0].enclave_id, "Terminated": True}
-    assert not (home / "enclaves" / started[0].enclave_id).exists()
+    assert not (LocalRuntime(home).enclaves_dir / started[0].enclave_id).exists()
 
     # A supervisor that dies takes its enclave with it, and is reaped: not listed, nothing left.
     crashed = started[1]
-    record = json.loads((home / "enclaves" / crashed.enclave_id / "enclave.json").read_text())
+    record = json.loads((LocalRuntime(home).enclaves_dir / crashed.enclave_id / "enclave.json").read_text())
     supervisor = Proc.from_json(record["supervisor"])
     os.kill(supervisor.pid, signal.SIGKILL)
     assert supervisor.wait(30)
     assert [i.enclave_id for i in runtime.describe()] == [i.enclave_id for i in started[2:]]
-    assert not (home / "enclaves" / crashed.enclave_id).exists()
+    assert not (LocalRuntime(home).enclaves_dir / crashed.enclave_id).exists()
     assert processes_mentioning(crashed.enclave_id) == {}
 
     rest = subprocess.run([*ENCLAVE_CLI, "local", "terminate-enclave", "--all"], capture_output=True, text=True,
@@ -483,7 +484,7 @@ def test_four_enclaves_and_not_a_fifth(images, home):
     assert sorted(r["EnclaveID"] for r in printed) == sorted(i.enclave_id for i in started[2:])
     assert all(r["Terminated"] is True for r in printed)
     assert runtime.describe() == []
-    assert list((home / "enclaves").iterdir()) == [home / "enclaves" / ".lock"]
+    assert list(runtime.enclaves_dir.iterdir()) == [runtime.enclaves_dir / ".lock"]
 
 
 def test_debug_mode_attests_zero_pcrs_and_keeps_a_console(images, home, monkeypatch):
