@@ -70,8 +70,10 @@ def ansible_playbook(tmp_path):
     results = tmp_path / "results.json"
 
     def run(playbook: Path, extra_vars: dict, *args: str, env: dict | None = None):
+        # A profile given in env must not lose to the session's own environment credentials.
+        profiled = env is not None and "AWS_PROFILE" in env
         environment = dict(
-            os.environ,
+            {k: v for k, v in os.environ.items() if not (profiled and k in _ENV_CREDENTIALS)},
             ANSIBLE_CALLBACK_PLUGINS=str(CALLBACK_PLUGINS),
             ANSIBLE_CALLBACKS_ENABLED="record_results",
             TEST_RESULTS_FILE=str(results),

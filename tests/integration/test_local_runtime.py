@@ -699,7 +699,7 @@ def test_a_host_answering_for_kms_sees_only_tls_and_gets_no_request(images, clou
     cert, key = attacker.issue_server(["kms.us-east-1.amazonaws.com"])
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-    socket_path = home / "enclaves" / info.enclave_id / "vsock" / "3_8000.sock"
+    socket_path = settings.runtime_dir(home) / "enclaves" / info.enclave_id / "vsock" / "3_8000.sock"
     socket_path.unlink()  # the host owns that directory: the supervisor's vsock-proxy is bypassed
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(socket_path))

@@ -157,29 +157,33 @@ def test_user_modules_discover_the_local_enclave_through_ansible_playbook(local_
     as AnsiballZ ships them (module_utils only)."""
     import boto3
 
+    from ansible_collections.confidential_ml.nitro.enclave_local.kms import load_credentials
     from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
     from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
 
     work, env = local_cloud
-    env = {**env, "AWS_ACCESS_KEY_ID": "enclave-host"}
-    play_env = {name: env[name] for name in ("PATH", "ENCLAVE_HOME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env = {**env, "AWS_PROFILE": "enclave-host"}
+    play_env = {name: env[name] for name in ("PATH", "ENCLAVE_HOME", "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE")}
     playbook = tmp_path / "modules.yml"
     playbook.write_text(MODULES_PLAYBOOK)
     dataset = tmp_path / "dataset"
     dataset.mkdir()
     (dataset / "a.txt").write_text("a\n")
+    # The local cloud (and with it the credentials the modules sign with) runs; no enclave does yet.
+    cloud = json.loads(enclave("local", "up", "--json", env=env).stdout)
     variables = {"dataset": str(dataset), "published": "", "pcr0": "", "endpoint": ""}
     stats, tasks, output = ansible_playbook(playbook, {**variables, "enclave_running": False}, env=play_env)
     assert stats["failures"] == 0 and "no running enclave found" in output
 
-    cloud = json.loads(enclave("local", "up", "--json", env=env).stdout)
     image = work / "enclave.eif"
     pcr0 = json.loads(enclave("local", "build", "--output", str(image), env=env).stdout)["Measurements"]["PCR0"]
     endpoint = json.loads(
         enclave("local", "run-enclave", "--eif-path", str(image), "--cpu-count", "1", "--memory", "128", env=env).stdout
     )["Endpoint"]
+    issued = load_credentials(cloud["kms_credentials"])["owner"]
     owner = boto3.client("kms", endpoint_url=cloud["kms_endpoint_url"], region_name="us-east-1",
-                         aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
+                         aws_access_key_id=issued["aws_access_key_id"],
+                         aws_secret_access_key=issued["aws_secret_access_key"])  # fmt: skip
     key_id = owner.create_key()["KeyMetadata"]["KeyId"]
     policy = render_policy(account_id="111122223333", user_principals=["arn:aws:iam::111122223333:role/enclave-host"],
                            admin_principals=["arn:aws:iam::111122223333:role/owner"], pcr0=[pcr0])  # fmt: skip
