@@ -1093,3 +1093,17 @@ def test_owner_identity_round_trips_and_refuses_bad_files(tmp_path):
         OwnerIdentity(())
     with pytest.raises(Exception, match="same public key twice"):
         OwnerIdentity((OWNER.key, OWNER.key))
+
+
+@pytest.mark.parametrize("version", [True, 1.0, 2.0, "2"])
+def test_format_version_must_be_an_integer(tmp_path, version):
+    """True == 1 and 2.0 == 2 in Python: a header must still say 1 or 2 as a CBOR integer."""
+    fields = {
+        "format_version": version, "name": "n", "version": "1", "key_id": "k", "encryption_context": {},
+        "wrapped_key": b"w", "manifest_digest": bytes(32),
+    }  # fmt: skip
+    body = cbor2.dumps(fields, canonical=True)
+    path = tmp_path / "odd.pkg"
+    path.write_bytes(package.MAGIC + struct.pack(">I", len(body)) + body)
+    with pytest.raises(PackageError, match="uses package format"):
+        read_header(path)
