@@ -9,8 +9,10 @@ NSM count the requests they answer, which is how "before" is proven: a refused p
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -31,12 +33,12 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identi
     owner_key_from_kms,
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import RemoteError
+from ansible_collections.confidential_ml.nitro.tests.integration.conftest import JOB_PYTHON, JOB_UID
 
 ACCOUNT = "111122223333"
 LOCAL_PCR0 = hashlib.sha384(b"the owner's bound image").digest()
 APP = {"hello.py": "print('the owner code ran')\n"}
 EVIL = {"hello.py": "import os; print(sorted(os.listdir('/')))\n"}
-HOST_KMS = {"region": "us-east-1", "aws_access_key_id": "enclave-host", "aws_secret_access_key": "x"}
 
 
 def write_tree(root: Path, files: dict) -> Path:
@@ -66,7 +68,7 @@ def bound(tmp_path):
 
     def client(who):
         return boto3.client("kms", endpoint_url=kms_server.endpoint_url, region_name="us-east-1",
-                            aws_access_key_id=who, aws_secret_access_key="x")  # fmt: skip
+                            **kms.credentials(who))  # fmt: skip
 
     owner = client("owner")
     key_id = owner.create_key()["KeyMetadata"]["KeyId"]
@@ -81,7 +83,12 @@ def bound(tmp_path):
     identity = OwnerIdentity((owner_key_from_kms(owner, signing_id),))
     (tmp_path / "owner_identity.json").write_bytes(identity.dumps())
 
-    encrypted = tmp_path / "share" / "encrypted"
+    # Where the job uid can reach the share and work directories by path (as the enclave fixture does):
+    # pytest's base directory is 0700.
+    inside = Path(tempfile.mkdtemp(prefix="bound-", dir="/tmp"))
+    inside.chmod(0o711)
+    (inside / "work").mkdir()
+    encrypted = inside / "share" / "encrypted"
     encrypted.mkdir(parents=True)
     header = package.seal(write_tree(tmp_path / "app", APP), encrypted / "app.pkg", kms_client=owner, key_id=key_id,
                           name="app", version="1.0", signer=KmsSigner(owner, signing_id))  # fmt: skip
@@ -92,12 +99,12 @@ def bound(tmp_path):
     nsm = NsmService(simulated, tmp_path / "nsm.sock").start()
     sock = tmp_path / "vsock" / "16_5000.sock"
     sock.parent.mkdir()
-    (tmp_path / "work").mkdir()
+    job = ["--job-uid", str(JOB_UID), "--job-python", JOB_PYTHON] if JOB_UID is not None else []
     server = subprocess.Popen(
         [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.enclave_server",
-         "--listen", f"unix://{sock}", "--share", str(tmp_path / "share"), "--work", str(tmp_path / "work"),
+         "--listen", f"unix://{sock}", "--share", str(inside / "share"), "--work", str(inside / "work"),
          "--nsm", f"unix://{tmp_path / 'nsm.sock'}", "--kms-endpoint-url", kms_server.endpoint_url,
-         "--owner-identity", str(tmp_path / "owner_identity.json")],
+         "--owner-identity", str(tmp_path / "owner_identity.json"), *job],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     for _attempt in range(500):
@@ -107,6 +114,7 @@ def bound(tmp_path):
         time.sleep(0.02)
     yield {
         "tmp": tmp_path,
+        "work": inside / "work",
         "sock": sock,
         "encrypted": encrypted,
         "client": client,
@@ -117,11 +125,13 @@ def bound(tmp_path):
         "header": header,
         "kms_calls": kms_calls,
         "nsm_calls": nsm_calls,
+        "host_kms": {"region": "us-east-1", **kms.credentials("enclave-host")},
     }
     server.terminate()
     server.wait(timeout=10)
     nsm.stop()
     kms_server.stop()
+    shutil.rmtree(inside, ignore_errors=True)
 
 
 def run(bound, name: str, script: str = "hello.py") -> dict:
@@ -129,7 +139,7 @@ def run(bound, name: str, script: str = "hello.py") -> dict:
     bound["kms_calls"].clear()
     bound["nsm_calls"].clear()
     with EnclaveClient(f"unix://{bound['sock']}", timeout=60) as client:
-        return client.run(name, script, [], kms=HOST_KMS)
+        return client.run(name, script, [], kms=bound["host_kms"])
 
 
 def assert_refused_before_key_release(bound, name: str, *phrases: str) -> str:
@@ -140,7 +150,7 @@ def assert_refused_before_key_release(bound, name: str, *phrases: str) -> str:
         assert phrase in message, f"{phrase!r} not in {message!r}"
     assert bound["kms_calls"] == [], "a refused package reached KMS"
     assert bound["nsm_calls"] == [], "a refused package reached the NSM"
-    assert os.listdir(bound["tmp"] / "work") == []  # nothing was opened
+    assert os.listdir(bound["work"]) == []  # nothing was opened
     return message
 
 
@@ -258,7 +268,7 @@ def test_a_local_image_carries_the_owner_identity_and_its_server_loads_it(bound,
             assert server.poll() is None, f"the server exited during start-up: {server.stderr.read()}"
             time.sleep(0.02)
         with EnclaveClient(f"unix://{sock}", timeout=60) as client, pytest.raises(RemoteError) as refused:
-            client.run("evil.pkg", "hello.py", [], kms=HOST_KMS)
+            client.run("evil.pkg", "hello.py", [], kms=bound["host_kms"])
         assert "is not signed (package format 1)" in str(refused.value)
         assert bound["identity"].keys[0].fingerprint.hex() in str(refused.value)
     finally:
@@ -271,10 +281,11 @@ def test_cli_seals_signed_inspect_shows_the_signer_and_build_binds_the_owner_key
 
     enclave = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
     with LocalKmsServer(LocalKms(tmp_path / "kms")) as kms_server:
+        issued = kms_server.kms.credentials("owner")
         env = dict(os.environ, ENCLAVE_HOME=str(tmp_path / "home"), AWS_ENDPOINT_URL_KMS=kms_server.endpoint_url,
-                   AWS_ACCESS_KEY_ID="owner", AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
-        owner = boto3.client("kms", endpoint_url=kms_server.endpoint_url, region_name="us-east-1",
-                             aws_access_key_id="owner", aws_secret_access_key="x")  # fmt: skip
+                   AWS_ACCESS_KEY_ID=issued["aws_access_key_id"], AWS_SECRET_ACCESS_KEY=issued["aws_secret_access_key"],
+                   AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+        owner = boto3.client("kms", endpoint_url=kms_server.endpoint_url, region_name="us-east-1", **issued)
         key_id = owner.create_key()["KeyMetadata"]["KeyId"]
         signing = owner.create_key(KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY")["KeyMetadata"]
         expected = owner_key_from_kms(owner, signing["KeyId"])
