@@ -143,8 +143,10 @@ class JobRunner:
         if self.job_uid is not None:
             if self.job_uid == 0:
                 raise ValueError("the job uid must not be root's")
-            # The job reaches its own directory by name, but cannot list the others (there are none).
+            # The job reaches its own directory by name, but cannot list the others (there are none); it
+            # reaches /dataset, /model and /output through the share's root, which boot mounts 0700.
             os.chmod(self.work_root, 0o711)  # noqa: S103 - search only, no listing
+            os.chmod(self.share.root, 0o711)  # noqa: S103 - search only, no listing
         self._lock = threading.Lock()
         self.current: Job | None = None
 
