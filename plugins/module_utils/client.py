@@ -72,24 +72,25 @@ def expected_pcr0(
     (CLI, modules, FUSE mount) follows: the values given, else the release manifest's image, and None (no
     attestation) only when the user said so. names: how the caller spells the three options in messages."""
     expect_name, release_name, opt_out_name = names
+    expect_label, release_label = expect_name.rstrip(":"), release_name.rstrip(":")
     given = [expect_pcr0] if isinstance(expect_pcr0, str) else list(expect_pcr0 or ())
     if expect_pcr0 is not None and not given:
-        raise EnclaveError(f"{expect_name} lists no PCR0: give the image's PCR0 (96 hex digits)")
-    values = [_check_pcr0(v, expect_name) for v in given]
+        raise EnclaveError(f"{expect_label} lists no PCR0: give the image's PCR0 (96 hex digits)")
+    values = [_check_pcr0(v, expect_label) for v in given]
     if release is not None and release != "":
         if values:
-            raise EnclaveError(f"give {expect_name} or {release_name}, not both: the release names the PCR0 itself")
+            raise EnclaveError(f"give {expect_label} or {release_label}, not both: the release names the PCR0 itself")
         values = [release_pcr0(release)]
     elif release == "":
-        raise EnclaveError(f"{release_name} is empty: give the path of the owner's release.json")
+        raise EnclaveError(f"{release_label} is empty: give the path of the owner's release.json")
     if no_attestation:
         if values:
-            raise EnclaveError(f"{opt_out_name} contradicts {expect_name}/{release_name}: give one or the other")
+            raise EnclaveError(f"{opt_out_name} contradicts {expect_label}/{release_label}: give one or the other")
         return None
     if not values:
         raise EnclaveError(
-            "refusing to send anything to an enclave that has not proven its image: give the image's PCR0 "
-            f"({expect_name} HEX; the owner's pipeline prints it and writes it to release.json), or the owner's "
+            "refusing to send anything to an enclave that has not proven its image: give its PCR0 "
+            f"({expect_name} HEX, which the owner's pipeline prints and writes to release.json), or the owner's "
             f"release manifest ({release_name} release.json), or {opt_out_name} to send without attestation"
         )
     return values
