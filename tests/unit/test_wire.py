@@ -836,6 +836,7 @@ def test_memory_stays_bounded_under_a_flood_of_big_writes_with_the_pool_stalled(
             conn.submit("hang")  # both workers busy for good: the pool is stalled
             baseline = _rss_kib(proc.pid, "VmRSS")
             data = b"\x07" * (MAX_FRAME - 256)  # the largest write a frame holds
+            sent = []
 
             def flood(n):
                 sock, _reply = raw_hello(endpoint)
@@ -843,17 +844,19 @@ def test_memory_stays_bounded_under_a_flood_of_big_writes_with_the_pool_stalled(
                 with contextlib.suppress(OSError):  # the test ends by shutting the socket under it
                     for rid in range(1, 9):
                         send_frame(sock, {"id": rid, "op": "write", "args": {"path": f"/f{n}", "data": data}})
+                        sent.append(rid)
 
             threads = [threading.Thread(target=flood, args=(n,), daemon=True) for n in range(8)]
             for thread in threads:
                 thread.start()
-            # Wait for the server to stop taking in more: its RSS stays put for a second.
+            # Wait until every frame is in, or the server has stopped taking more: for two seconds no
+            # frame went out and its RSS stayed put.
             last, steady = None, 0
-            while steady < 10:
+            while steady < 20 and any(thread.is_alive() for thread in threads):
                 time.sleep(0.1)
-                rss = _rss_kib(proc.pid, "VmRSS")
-                steady = steady + 1 if rss == last else 0
-                last = rss
+                now = (len(sent), _rss_kib(proc.pid, "VmRSS"))
+                steady = steady + 1 if now == last else 0
+                last = now
             grown = (_rss_kib(proc.pid, "VmHWM") - baseline) << 10
             # 8 x 8 x 4 MiB = 256 MiB was sent; the server held at most its budget (plus threads and heap slack).
             assert grown <= max_buffered + (24 << 20), f"the server grew by {grown >> 20} MiB"
