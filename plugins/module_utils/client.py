@@ -150,14 +150,13 @@ class EnclaveClient:
         allow_debug: bool = False,
         timeout: float | None = 10,
     ):
+        if expect_pcr0 is not None and not expect_pcr0:  # never "no check" by accident
+            raise EnclaveError("expect_pcr0 is empty: give the image's PCR0, or None to skip attestation")
         self.endpoint = Endpoint.parse(endpoint) if isinstance(endpoint, str) else endpoint
         self.connection = Connection.open(self.endpoint, timeout=timeout)
         self.trusted_roots = trusted_roots
         self.allow_debug = allow_debug
         self.attested: attestation.AttestationDocument | None = None
-        if expect_pcr0 is not None and not expect_pcr0:
-            self.close()
-            raise EnclaveError("expect_pcr0 is empty: give the image's PCR0, or None to skip attestation")
         if expect_pcr0:
             try:
                 self.attested = self.attest(expect_pcr0=expect_pcr0)

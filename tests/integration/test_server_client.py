@@ -330,3 +330,34 @@ def test_a_client_that_does_not_read_cannot_delay_attestation(enclave):
             assert other.attested.pcr_hex(0) == enclave["pcr0"]
         elapsed = time.monotonic() - started
         assert elapsed < 1.0, f"a client that does not read delayed another's attestation by {elapsed:.2f} s"
+
+
+def test_the_attestation_rule_every_front_end_follows(tmp_path):
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils import client as client_lib
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils import fusefs
+
+    pcr0 = "AB" * 48
+    assert client_lib.expected_pcr0(pcr0) == ["ab" * 48]
+    assert client_lib.expected_pcr0([pcr0, "cd" * 48]) == ["ab" * 48, "cd" * 48]
+    assert client_lib.expected_pcr0(no_attestation=True) is None
+    release = tmp_path / "release.json"
+    release.write_text(json.dumps({"image": {"measurements": {"pcr0": pcr0}}}))
+    assert client_lib.expected_pcr0(release=release) == ["ab" * 48]
+    for kwargs, words in (
+        ({}, "has not proven its image"),
+        ({"expect_pcr0": ""}, "--expect-pcr0 is empty"),
+        ({"expect_pcr0": [""]}, "--expect-pcr0 is empty"),
+        ({"expect_pcr0": []}, "--expect-pcr0 lists no PCR0"),
+        ({"expect_pcr0": "abc"}, "is not 96 hex digits"),
+        ({"release": ""}, "--release is empty"),
+        ({"release": tmp_path / "missing.json"}, "cannot read the release manifest"),
+        ({"expect_pcr0": pcr0, "release": release}, "not both"),
+        ({"release": release, "no_attestation": True}, "contradicts"),
+    ):
+        with pytest.raises(EnclaveError, match=words):
+            client_lib.expected_pcr0(**kwargs)
+    # The library refuses an empty PCR0 too, rather than skipping the check.
+    with pytest.raises(EnclaveError, match="expect_pcr0 is empty"):
+        EnclaveClient("unix:///nowhere.sock", expect_pcr0=[])
+    with pytest.raises(EnclaveError, match="expect_pcr0 is empty"):
+        fusefs.mount("unix:///nowhere.sock", tmp_path / "mnt", expect_pcr0="")
