@@ -321,9 +321,9 @@ def test_a_client_that_does_not_read_cannot_delay_attestation(enclave):
         stalled.connect(str(enclave["sock"]))
         wire.send_frame(stalled, {"hello": wire.PROTOCOL, "versions": [1], "max_frame": wire.MAX_FRAME})
         assert wire.recv_frame(stalled)["version"] == 1
+        read = {"path": "/dataset/big", "offset": 0, "size": 1 << 20}
         for rid in range(1, 17):
-            wire.send_frame(stalled, {"id": rid, "op": "share.read", "args": {"path": "/dataset/big", "offset": 0,
-                                                                               "size": 1 << 20}})  # fmt: skip
+            wire.send_frame(stalled, {"id": rid, "op": "share.read", "args": read})
         time.sleep(0.5)  # let the server take them in: today's server then has every worker stuck sending
         started = time.monotonic()
         with EnclaveClient(sock_path, expect_pcr0=enclave["pcr0"]) as other:
