@@ -44,7 +44,7 @@ options:
   release:
     description:
       - The owner's release manifest (C(release.json), as the C(confidential_ml.nitro.owner_pipeline) role
-        publishes it): the enclave must attest the PCR0 of its image (C(image.measurements.pcr0)).
+        publishes it). The enclave must attest the PCR0 of its image (C(image.measurements.pcr0)).
       - Instead of O(expect_pcr0).
     type: path
   no_attestation:
