@@ -813,7 +813,7 @@ class _ServerConnection:
         def emit(event):
             # Events are sent by the handler's own thread: a job streaming to a client that does not
             # read holds its worker, as any job does for its whole run (until send_timeout).
-            self.send(encode({"id": rid, "event": event}), 0, block=True)
+            self.send(self.body({"id": rid, "event": event}), 0, block=True)
 
         ctx = RequestContext(id=rid, op=op, peer=self.peer, cancelled=cancelled, _emit=emit)
         try:
@@ -834,9 +834,7 @@ class _ServerConnection:
         rid = reply["id"]
         try:
             try:
-                body = encode(reply)
-                if len(body) > self.channel.peer_max_frame:
-                    raise FrameTooLarge("", len(body), self.channel.peer_max_frame)
+                body = self.body(reply)
             except FrameTooLarge as e:
                 message = (
                     f"the result of {op} ({e.size} bytes) exceeds this client's frame limit of {e.limit}: "
@@ -850,6 +848,17 @@ class _ServerConnection:
             self.send(body, reserved, block=block)
         except ConnectionClosed:
             log.debug("the reply to %s %d for %s is lost: the connection is closed", op, rid, self.peer)
+
+    def body(self, msg: dict) -> bytes:
+        """msg encoded; WireError if it cannot be, FrameTooLarge if it exceeds the client's (or our) frame limit."""
+        body = encode(msg)
+        if len(body) > self.channel.peer_max_frame:
+            raise FrameTooLarge(
+                f"a message of {len(body)} bytes exceeds the frame limit of {self.channel.peer_max_frame}",
+                len(body),
+                self.channel.peer_max_frame,
+            )
+        return body
 
     # -- sending: whoever holds the channel's send lock sends the outbox from its head, whole frames in order
 

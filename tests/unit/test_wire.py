@@ -896,3 +896,20 @@ def test_max_buffered_must_fit_a_frame_each_way(sockdir):
     listener = Endpoint.unix(os.path.join(sockdir, "small.sock")).listen()
     with listener, pytest.raises(ValueError, match="max_buffered must be at least"):
         Server(listener, {}, max_buffered=MAX_FRAME)
+
+
+def test_event_over_the_client_limit_fails_in_the_handler_only(serve, probe):
+    handlers = make_handlers(probe)
+
+    def big_event(args, ctx):
+        try:
+            ctx.emit(b"x" * MIN_FRAME)
+        except FrameTooLarge as e:
+            return f"refused {e.size} > {e.limit}"
+        return "sent"
+
+    handlers["big_event"] = big_event
+    endpoint, _server = serve(handlers)
+    with Connection.open(endpoint, max_frame=MIN_FRAME) as conn:
+        assert conn.call("big_event", timeout=WAIT).startswith("refused")
+        assert conn.call("echo", {"still": "open"}, timeout=WAIT) == {"still": "open"}
