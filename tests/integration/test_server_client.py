@@ -361,3 +361,19 @@ def test_the_attestation_rule_every_front_end_follows(tmp_path):
         EnclaveClient("unix:///nowhere.sock", expect_pcr0=[])
     with pytest.raises(EnclaveError, match="expect_pcr0 is empty"):
         fusefs.mount("unix:///nowhere.sock", tmp_path / "mnt", expect_pcr0="")
+
+
+def test_the_servers_memory_budget_follows_the_enclaves_memory(tmp_path):
+    from ansible_collections.confidential_ml.nitro.enclave_server.server import buffer_budget
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire
+
+    def budget(mib):
+        meminfo = tmp_path / f"meminfo-{mib}"
+        meminfo.write_text(f"MemTotal:       {mib * 1024} kB\nMemFree:        1000 kB\n")
+        return buffer_budget(str(meminfo))
+
+    assert budget(16384) == wire.MAX_BUFFERED == 128 << 20
+    assert budget(256) == 64 << 20  # a quarter of a 256 MiB enclave
+    smallest = budget(64)  # the local runtime's smallest enclave: one 4 MiB frame each way still fits
+    assert smallest == 4 * wire.Server.request_reservation(wire.MAX_FRAME, wire.MAX_FRAME)
+    assert buffer_budget(str(tmp_path / "absent")) == wire.MAX_BUFFERED
