@@ -466,7 +466,6 @@ class _Budget:
         self.total = total
         self.per_connection = per_connection
         self.used = 0
-        self.peak = 0
         self._cond = threading.Condition()
 
     def acquire(self, conn: _ServerConnection, n: int) -> bool:
@@ -480,7 +479,6 @@ class _Budget:
                 return False
             self.used += n
             conn.held += n
-            self.peak = max(self.peak, self.used)
             return True
 
     def release(self, conn: _ServerConnection, n: int) -> None:
@@ -639,7 +637,7 @@ class _ServerConnection:
         self.lock = threading.Lock()
         self.slots = threading.Semaphore(server.max_inflight)
         self.held = 0  # bytes reserved from server.budget (changed under the budget's lock)
-        # Frames waiting to be sent, each [buffers not yet sent, bytes reserved]; the first may be half sent.
+        # Frames waiting to be sent, each [buffers not yet sent, bytes reserved, sent]; the first may be half sent.
         # Guarded by outbox_ready's lock; the socket itself by the channel's send lock.
         self.outbox: deque[list] = deque()
         self.outbox_ready = threading.Condition()
