@@ -204,13 +204,24 @@ def cmd_policy_lint(args) -> int:
 # ---------------------------------------------------------------- enclave client
 
 
+def expected_pcr0(args, *, required: bool = True) -> list | None:
+    """The PCR0 values the enclave must attest (--expect-pcr0, else --release's image), or None with
+    --no-attestation; an error when none of the three is given and required (a command that sends data)."""
+    from importlib import import_module
+
+    client = import_module(f"{LIB}.client")
+    if not required and args.expect_pcr0 is None and args.release is None:
+        return None
+    return client.expected_pcr0(args.expect_pcr0, args.release, getattr(args, "no_attestation", False))
+
+
 def _client(args, *, attest_first: bool = True):
     from importlib import import_module
 
     client = import_module(f"{LIB}.client")
     settings = import_module(f"{LIB}.settings")
+    expect = expected_pcr0(args) if attest_first else None
     endpoint = settings.resolve_endpoint(args.endpoint, cid=args.cid, port=args.port)
-    expect = args.expect_pcr0 if attest_first else None
     return client.EnclaveClient(endpoint, expect_pcr0=expect, allow_debug=args.allow_debug)
 
 
@@ -221,14 +232,23 @@ def _add_enclave_flags(parser, *, attest: bool = True) -> None:
     )
     group.add_argument("--cid", type=int, help="enclave CID (nitro)")
     group.add_argument("--port", type=int, help="enclave server port (default 5000)")
+    group.add_argument("--expect-pcr0", metavar="HEX", help="send nothing unless the enclave attests this PCR0")
+    group.add_argument(
+        "--release", metavar="FILE", help="the owner's release.json: send nothing unless the enclave attests its image"
+    )
     if attest:
-        group.add_argument("--expect-pcr0", metavar="HEX", help="send nothing unless the enclave attests this PCR0")
+        group.add_argument(
+            "--no-attestation",
+            action="store_true",
+            help="send data without checking the enclave's image (needed when neither of the above is given)",
+        )
     group.add_argument("--allow-debug", action="store_true", help="accept debug-mode (all-zero PCR) enclaves")
 
 
 def cmd_attest(args) -> int:
+    expect = expected_pcr0(args, required=False)  # nothing is sent: checking the signature alone is fine here
     with _client(args, attest_first=False) as client:
-        doc = client.attest(nonce=bytes.fromhex(args.nonce) if args.nonce else None, expect_pcr0=args.expect_pcr0)
+        doc = client.attest(nonce=bytes.fromhex(args.nonce) if args.nonce else None, expect_pcr0=expect)
     if args.json:
         _print_json(doc.to_json())
     else:
@@ -405,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     attest = commands.add_parser("attest", help="fetch a fresh attestation document from the enclave and verify it")
     attest.add_argument("--nonce", metavar="HEX", help="nonce to bind (default: 32 random bytes)")
     attest.add_argument("--json", action="store_true")
-    _add_enclave_flags(attest)
+    _add_enclave_flags(attest, attest=False)
     attest.set_defaults(func=cmd_attest)
 
     for name, func, first, second, helptext in (

@@ -10,6 +10,8 @@ import sys
 from importlib import import_module
 from pathlib import Path
 
+from ..plugins.module_utils.errors import EnclaveError
+
 LIB = "ansible_collections.confidential_ml.nitro.plugins.module_utils"
 
 
@@ -21,11 +23,15 @@ def cmd_sync(args) -> int:
         print(f"unmounted the enclave share from {folder}")
         return 0
     settings = import_module(f"{LIB}.settings")
+    expected = import_module(f"{LIB}.client").expected_pcr0(args.expect_pcr0, args.release, args.no_attestation)
+    if expected is not None and len(expected) != 1:
+        raise EnclaveError(f"a mount checks one PCR0, {len(expected)} were given")
+    expect_pcr0 = expected[0] if expected else None
     endpoint = settings.resolve_endpoint(args.endpoint, cid=args.cid, port=args.port)
     if not folder.exists():
         folder.mkdir(parents=True)
     if not args.foreground:
-        fusefs.mount(endpoint, folder, expect_pcr0=args.expect_pcr0, allow_debug=args.allow_debug)
+        fusefs.mount(endpoint, folder, expect_pcr0=expect_pcr0, allow_debug=args.allow_debug)
         state = fusefs.mount_state(folder) or {}
         print(
             f"mounted the enclave share ({endpoint}) on {folder} (process {state.get('pid')}, log {state.get('log')})\n"
@@ -34,7 +40,7 @@ def cmd_sync(args) -> int:
         return 0
     print(f"serving the enclave share ({endpoint}) on {folder}; Ctrl-C or `enclave sync -d {folder} --unmount` ends it",
           file=sys.stderr, flush=True)  # fmt: skip
-    fusefs.mount(endpoint, folder, foreground=True, expect_pcr0=args.expect_pcr0, allow_debug=args.allow_debug)
+    fusefs.mount(endpoint, folder, foreground=True, expect_pcr0=expect_pcr0, allow_debug=args.allow_debug)
     return 0
 
 

@@ -218,10 +218,25 @@ class EnclaveServer:
         return summary
 
 
+def buffer_budget(meminfo: str = "/proc/meminfo") -> int:
+    """wire.Server's max_buffered here: wire.MAX_BUFFERED, or a quarter of the memory this system has when that
+    is less (inside a Nitro Enclave, MemTotal is the enclave's memory), but never below what one 4 MiB frame
+    each way needs (docs/PROTOCOL.md section 7)."""
+    smallest = 4 * wire.Server.request_reservation(wire.MAX_FRAME, wire.MAX_FRAME)
+    try:
+        with open(meminfo) as f:
+            total = next(int(line.split()[1]) << 10 for line in f if line.startswith("MemTotal:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return wire.MAX_BUFFERED
+    return max(smallest, min(wire.MAX_BUFFERED, total // 4))
+
+
 def serve(endpoint: Endpoint, server: EnclaveServer, *, ready: threading.Event | None = None) -> None:
     """Listen on endpoint and serve until the process ends."""
     listener = endpoint.listen()
-    wire_server = wire.Server(listener, server.handlers(), name=SERVER_NAME, inline=INLINE_OPS)
+    wire_server = wire.Server(
+        listener, server.handlers(), name=SERVER_NAME, inline=INLINE_OPS, max_buffered=buffer_budget()
+    )
     log.info("enclave server listening on %s", endpoint)
     if ready is not None:
         ready.set()

@@ -35,11 +35,28 @@ options:
         verifies its signature, its certificate chain to a trusted root (AWS Nitro root G1, and the local
         backend's root when this host has one) and that its PCR0 is one of these values; if any check fails it
         fails and sends nothing else (no file, no data, no job).
-      - A single value may be given as a string.
-      - When not set, nothing is checked before sending; documents the enclave returns (such as the job receipt
-        of M(confidential_ml.nitro.enclave_run)) are still verified against the trusted roots.
+      - A single value may be given as a string. An empty value is an error, never "no check".
+      - M(confidential_ml.nitro.enclave_sync) and M(confidential_ml.nitro.enclave_run) send nothing unless one of
+        O(expect_pcr0), O(release) or O(no_attestation=true) is given.
+        M(confidential_ml.nitro.enclave_info) only reads, and checks the PCR0 only when one of the first two is
+        given; documents the enclave returns (such as the job receipt of M(confidential_ml.nitro.enclave_run))
+        are still verified against the trusted roots.
     type: list
     elements: str
+  release:
+    description:
+      - The owner's release manifest (C(release.json), as the C(confidential_ml.nitro.owner_pipeline) role
+        publishes it). The enclave must attest the PCR0 of its image (C(image.measurements.pcr0)).
+      - Instead of O(expect_pcr0).
+    type: path
+  no_attestation:
+    description:
+      - Send files and jobs to the enclave without checking which image it runs. Anything on the host could then
+        pose as the enclave and receive the data.
+      - Required when neither O(expect_pcr0) nor O(release) is given, so that nothing is sent unattested by
+        accident.
+    type: bool
+    default: false
   allow_debug:
     description:
       - Accept an enclave that runs in debug mode (it attests all-zero PCRs, and the host can read its memory and

@@ -9,8 +9,11 @@ before it sends anything else.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import stat
+import tempfile
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +34,66 @@ def default_trusted_roots() -> list:
     """AWS's Nitro root, plus the local backend's root when a local CA exists on this host."""
     local_root = settings.state_home() / "ca" / "root.pem"
     return attestation.load_trusted_roots([str(local_root)] if local_root.exists() else [])
+
+
+_PCR0 = re.compile(r"[0-9a-f]{96}")
+
+
+def release_pcr0(path) -> str:
+    """The PCR0 of the image in a release manifest (release.json, as the owner's pipeline publishes it)."""
+    try:
+        release = json.loads(Path(path).read_text())
+        pcr0 = release["image"]["measurements"]["pcr0"]
+    except (OSError, ValueError) as err:
+        raise EnclaveError(f"cannot read the release manifest {path}: {err}") from err
+    except (KeyError, TypeError):
+        raise EnclaveError(
+            f"{path} is not a release manifest: it has no image.measurements.pcr0 "
+            "(give the release.json the owner's pipeline published)"
+        ) from None
+    return _check_pcr0(pcr0, f"the PCR0 in {path}")
+
+
+def _check_pcr0(value, what: str) -> str:
+    if not isinstance(value, str) or not _PCR0.fullmatch(value.strip().lower()):
+        shown = "empty" if value in ("", None) else f"{value!r:.40} is not 96 hex digits"
+        raise EnclaveError(f"{what} is {shown}: give the image's PCR0 (SHA-384, 96 hex digits)")
+    return value.strip().lower()
+
+
+def expected_pcr0(
+    expect_pcr0: str | Sequence[str] | None = None,
+    release=None,
+    no_attestation: bool = False,
+    *,
+    names: tuple[str, str, str] = ("--expect-pcr0", "--release", "--no-attestation"),
+) -> list[str] | None:
+    """The PCR0 values an enclave must attest before anything is sent to it, by the rule every front end
+    (CLI, modules, FUSE mount) follows: the values given, else the release manifest's image, and None (no
+    attestation) only when the user said so. names: how the caller spells the three options in messages."""
+    expect_name, release_name, opt_out_name = names
+    expect_label, release_label = expect_name.rstrip(":"), release_name.rstrip(":")
+    given = [expect_pcr0] if isinstance(expect_pcr0, str) else list(expect_pcr0 or ())
+    if expect_pcr0 is not None and not given:
+        raise EnclaveError(f"{expect_label} lists no PCR0: give the image's PCR0 (96 hex digits)")
+    values = [_check_pcr0(v, expect_label) for v in given]
+    if release is not None and release != "":
+        if values:
+            raise EnclaveError(f"give {expect_label} or {release_label}, not both: the release names the PCR0 itself")
+        values = [release_pcr0(release)]
+    elif release == "":
+        raise EnclaveError(f"{release_label} is empty: give the path of the owner's release.json")
+    if no_attestation:
+        if values:
+            raise EnclaveError(f"{opt_out_name} contradicts {expect_label}/{release_label}: give one or the other")
+        return None
+    if not values:
+        raise EnclaveError(
+            "refusing to send anything to an enclave that has not proven its image: give its PCR0 "
+            f"({expect_name} HEX, which the owner's pipeline prints and writes to release.json), or the owner's "
+            f"release manifest ({release_name} release.json), or {opt_out_name} to send without attestation"
+        )
+    return values
 
 
 def _safe_parts(rel: str) -> list[str]:
@@ -87,6 +150,8 @@ class EnclaveClient:
         allow_debug: bool = False,
         timeout: float | None = 10,
     ):
+        if expect_pcr0 is not None and not expect_pcr0:  # never "no check" by accident
+            raise EnclaveError("expect_pcr0 is empty: give the image's PCR0, or None to skip attestation")
         self.endpoint = Endpoint.parse(endpoint) if isinstance(endpoint, str) else endpoint
         self.connection = Connection.open(self.endpoint, timeout=timeout)
         self.trusted_roots = trusted_roots
@@ -200,9 +265,11 @@ class EnclaveClient:
         }
 
     def _download(self, remote: str, target: Path, entry: dict) -> None:
-        tmp = target.with_name(f".{target.name}.part")
+        # A short random name beside the target (O_EXCL, mode 0600): the target's own name may already
+        # take the 255 bytes a name can have.
+        fd, tmp_name = tempfile.mkstemp(prefix=".pull-", suffix=".part", dir=target.parent)
+        tmp = Path(tmp_name)
         digest = hashlib.sha256()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
                 pending: deque = deque()

@@ -832,6 +832,8 @@ def mount(
     once the mount works, or raises with the reason it did not (attestation
     included); its pid is in the state file (mount_state()). In the foreground
     this serves until the share is unmounted (Ctrl-C or unmount() elsewhere)."""
+    if expect_pcr0 is not None and not expect_pcr0:  # never "no check" by accident
+        raise EnclaveError("expect_pcr0 is empty: give the image's PCR0, or None to mount without attestation")
     mountpoint = _canonical(mountpoint)
     _check_mountpoint(mountpoint)
     if foreground:

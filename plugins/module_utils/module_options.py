@@ -13,7 +13,7 @@ import traceback
 
 from ansible.module_utils.basic import missing_required_lib
 
-from .client import EnclaveClient, default_trusted_roots
+from .client import EnclaveClient, default_trusted_roots, expected_pcr0
 from .errors import EnclaveError
 from .settings import kms_client as settings_kms_client
 from .settings import resolve_endpoint
@@ -79,6 +79,8 @@ ENCLAVE_OPTIONS = {
     "cid": {"type": "int"},
     "port": {"type": "int"},
     "expect_pcr0": {"type": "list", "elements": "str"},
+    "release": {"type": "path"},
+    "no_attestation": {"type": "bool", "default": False},
     "allow_debug": {"type": "bool", "default": False},
 }
 ENCLAVE_MUTUALLY_EXCLUSIVE = [("endpoint", "cid"), ("endpoint", "port")]
@@ -91,14 +93,31 @@ def enclave_endpoint(module) -> str:
     return resolve_endpoint(params["endpoint"], cid=params["cid"], port=params["port"])
 
 
-def enclave_client(module, endpoint: str) -> EnclaveClient:
-    """A client of the enclave server at endpoint, attested first when expect_pcr0 is set.
+def enclave_pcr0(module, *, required: bool = True) -> list[str] | None:
+    """The PCR0 values the enclave must attest: expect_pcr0, else release's image, else None with
+    no_attestation; fails the task when none is given and required (a module that sends data) or one is bad."""
+    params = module.params
+    if not required and params["expect_pcr0"] is None and params["release"] is None:
+        return None
+    try:
+        return expected_pcr0(
+            params["expect_pcr0"],
+            params["release"],
+            params["no_attestation"],
+            names=("expect_pcr0:", "release:", "no_attestation: true"),
+        )
+    except EnclaveError as err:
+        module.fail_json(msg=str(err))
+
+
+def enclave_client(module, endpoint: str, *, required: bool = True) -> EnclaveClient:
+    """A client of the enclave server at endpoint, attested first (enclave_pcr0 says against what).
 
     Raises EnclaveError when nobody answers there, AttestationError when the enclave is not one expected."""
     params = module.params
     return EnclaveClient(
         endpoint,
-        expect_pcr0=params["expect_pcr0"] or None,
+        expect_pcr0=enclave_pcr0(module, required=required),
         trusted_roots=default_trusted_roots(),
         allow_debug=params["allow_debug"],
     )

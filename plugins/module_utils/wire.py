@@ -31,6 +31,7 @@ import struct
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,6 +58,10 @@ MIN_FRAME = 64 * 1024
 MAX_ID = 2**63 - 1
 INLINE_MAX_BYTES = 64 * 1024
 """An inline op carrying or asking for more bytes than this runs on the pool all the same."""
+MAX_BUFFERED = 128 * 1024 * 1024
+"""Default bound on the bytes a server holds for in-flight frames, all connections together
+(docs/PROTOCOL.md section 7): each admitted request reserves its own frame plus the largest reply
+it may get, until that reply is sent. One connection may hold at most half of it."""
 MAX_DEPTH = 64
 HEADER = struct.Struct(">I")
 
@@ -323,6 +328,10 @@ class _Channel:
         self.shutdown()
         raise ConnectionClosed(f"sending to {self.peer} failed: {failure.strerror or failure}") from failure
 
+    @property
+    def down(self) -> bool:
+        return self._down
+
     def shutdown(self) -> None:
         with self._state_lock:
             if self._down:
@@ -449,6 +458,41 @@ def _describe_peer(sock: socket.socket, address) -> str:
     return repr(address)
 
 
+class _Budget:
+    """The bytes of in-flight frames a server holds: at most `total` for all connections together,
+    at most `per_connection` for any one, so a client that stops reading stalls only itself."""
+
+    def __init__(self, total: int, per_connection: int):
+        self.total = total
+        self.per_connection = per_connection
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, conn: _ServerConnection, n: int) -> bool:
+        """Wait until n bytes fit; False if the connection went down meanwhile."""
+        with self._cond:
+            while self.used + n > self.total or conn.held + n > self.per_connection:
+                if conn.channel.down:
+                    return False
+                self._cond.wait(1.0)  # woken by release() and wake(); the timeout only guards against a lost wake
+            if conn.channel.down:
+                return False
+            self.used += n
+            conn.held += n
+            return True
+
+    def release(self, conn: _ServerConnection, n: int) -> None:
+        if n:
+            with self._cond:
+                self.used -= n
+                conn.held -= n
+                self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
 class Server:
     """Serves handlers on a listening socket: a thread per connection reads frames,
     a bounded pool of workers runs handlers, so one slow request holds up neither its
@@ -462,7 +506,13 @@ class Server:
     metadata, small reads and writes): a round trip then skips two thread hand-offs.
     Their connection reads nothing else while one runs, so an op that may block
     (a job, a hash of a whole tree) belongs on the pool. A request of an inline op
-    that moves more than INLINE_MAX_BYTES (a 1 MiB write or read) runs on the pool too."""
+    that moves more than INLINE_MAX_BYTES (a 1 MiB write or read) runs on the pool too.
+
+    max_buffered: bytes of in-flight frames held for all connections together (each
+    request reserves its frame and the largest reply it may get until that reply is
+    sent); one connection holds at most half. A worker never waits for a client to
+    read: a reply the socket cannot take now waits in the connection's outbox, sent by
+    that connection's writer thread, so a client that stops reading stalls only itself."""
 
     def __init__(
         self,
@@ -473,6 +523,7 @@ class Server:
         workers: int = 8,
         name: str = "enclave-server",
         max_inflight: int = 32,
+        max_buffered: int = MAX_BUFFERED,
         handshake_timeout: float = 10.0,
         send_timeout: float = 60.0,
         inline: Iterable[str] = (),
@@ -481,10 +532,18 @@ class Server:
             self.max_frame = _check_limit(max_frame, "max_frame")
         except ProtocolError as e:
             raise ValueError(str(e)) from None
+        # A connection must fit its largest request and reply: a frame each way.
+        smallest = 4 * self.request_reservation(self.max_frame, self.max_frame)
+        if not isinstance(max_buffered, int) or max_buffered < smallest:
+            raise ValueError(
+                f"max_buffered must be at least {smallest} bytes (four times a request of max_frame {self.max_frame} "
+                f"and its reply), not {max_buffered!r}: raise it or lower max_frame"
+            )
         self.name = name
         self.max_inflight = max_inflight
         self.handshake_timeout = handshake_timeout
         self.send_timeout = send_timeout
+        self.budget = _Budget(max_buffered, max_buffered // 2)
         self._listener = listener
         self._handlers = dict(handlers)
         if not all(isinstance(op, str) for op in self._handlers):
@@ -498,6 +557,11 @@ class Server:
         self._stopping = threading.Event()
         self._serving = threading.Lock()
         self._closed = False
+
+    @staticmethod
+    def request_reservation(length: int, reply_limit: int) -> int:
+        """What a request of `length` bytes holds from the budget: its frame and the largest reply it may get."""
+        return HEADER.size + length + HEADER.size + reply_limit
 
     def serve_forever(self) -> None:
         """Accept and serve connections until shutdown() is called from another thread."""
@@ -526,7 +590,12 @@ class Server:
         thread = threading.Thread(target=conn.run, name=f"{self.name}-conn", daemon=True)
         with self._lock:
             self._connections[conn] = thread
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as e:  # out of threads (or memory for a stack): refuse this one, serve the others
+            log.error("%s refuses the connection from %s: cannot start its thread (%s)", self.name, conn.peer, e)
+            self._forget(conn)
+            conn.channel.close()
 
     def _forget(self, conn):
         with self._lock:
@@ -545,7 +614,7 @@ class Server:
         with self._lock:
             connections = list(self._connections.items())
         for conn, _thread in connections:
-            conn.channel.shutdown()
+            conn.close_down()
         for _conn, thread in connections:
             thread.join()
         self._pool.shutdown(wait=True)
@@ -567,13 +636,31 @@ class _ServerConnection:
         self.inflight: dict[int, threading.Event] = {}
         self.lock = threading.Lock()
         self.slots = threading.Semaphore(server.max_inflight)
+        self.held = 0  # bytes reserved from server.budget (changed under the budget's lock)
+        # Frames waiting to be sent, each [buffers not yet sent, bytes reserved, sent]; the first may be half sent.
+        # Guarded by outbox_ready's lock; the socket itself by the channel's send lock.
+        self.outbox: deque[list] = deque()
+        self.outbox_ready = threading.Condition()
+
+    def close_down(self) -> None:
+        """Shut the socket: the reader, the writer and any budget wait end; in-flight requests see cancelled."""
+        self.channel.shutdown()
+        self.server.budget.wake()
+        with self.outbox_ready:
+            self.outbox_ready.notify_all()
 
     def run(self):
-        sock = self.channel.sock
+        writer = threading.Thread(target=self.write_loop, name=f"{self.server.name}-writer", daemon=True)
+        try:
+            writer.start()
+        except RuntimeError as e:  # out of threads: refuse this connection, serve the others
+            log.error("refusing the connection from %s: cannot start its writer thread (%s)", self.peer, e)
+            self.channel.close()
+            self.server._forget(self)
+            return
         try:
             if self.handshake():
-                while (msg := recv_frame(sock, self.server.max_frame, string_keys=True)) is not None:
-                    self.handle(msg)
+                self.read_loop()
             log.debug("%s disconnected", self.peer)
         except ProtocolError as e:
             log.warning("closing the connection from %s: %s", self.peer, e)
@@ -589,8 +676,42 @@ class _ServerConnection:
             with self.lock:
                 for cancelled in self.inflight.values():
                     cancelled.set()
+            self.close_down()
+            writer.join()
+            self._drop_outbox()
             self.channel.close()
             self.server._forget(self)
+
+    def read_loop(self):
+        """Read requests; each waits for its share of the budget before its body is read."""
+        sock = self.channel.sock
+        budget = self.server.budget
+        max_frame = self.server.max_frame
+        while True:
+            header = _recv_exact(sock, HEADER.size)
+            if not header:
+                return
+            if len(header) < HEADER.size:
+                raise ProtocolError("the connection closed inside a frame header")
+            (length,) = HEADER.unpack(header)
+            if length > max_frame:
+                raise ProtocolError(
+                    f"a frame claims {length} bytes, over the limit of {max_frame}: the peer is broken "
+                    f"or does not speak {PROTOCOL}"
+                )
+            reserved = Server.request_reservation(length, self.channel.peer_max_frame)
+            if not budget.acquire(self, reserved):
+                return  # closed while waiting
+            try:
+                body = _recv_exact(sock, length)
+                if len(body) < length:
+                    raise ProtocolError(f"the connection closed inside a frame ({len(body)} of {length} bytes)")
+                msg = decode(body, string_keys=True)
+                del body
+            except BaseException:
+                budget.release(self, reserved)
+                raise
+            self.handle(msg, reserved)
 
     def handshake(self) -> bool:
         server = self.server
@@ -608,7 +729,9 @@ class _ServerConnection:
             or any(isinstance(v, bool) or not isinstance(v, int) for v in versions)
         ):
             raise ProtocolError(f"the hello offers no list of protocol versions: {versions!r}")
-        self.channel.peer_max_frame = _check_limit(hello.get("max_frame"), "the client's max_frame")
+        # Replies are bounded by both limits: what the client takes, and what the budget reserves for.
+        client_max_frame = _check_limit(hello.get("max_frame"), "the client's max_frame")
+        self.channel.peer_max_frame = min(client_max_frame, server.max_frame)
         log.debug("%s connected as %r", self.peer, hello.get("client"))
         common = set(versions) & set(VERSIONS)
         if not common:
@@ -628,38 +751,44 @@ class _ServerConnection:
             }
         )
         sock.settimeout(None)
-        # A client that stops reading must not pin a worker forever: sends give up after send_timeout.
+        # A client that stops reading must not hold its frames for ever: sends give up after send_timeout.
         seconds = int(server.send_timeout)
         micros = int((server.send_timeout - seconds) * 1e6)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, micros))
         return True
 
-    def handle(self, msg: dict):
-        rid = msg.get("id")
-        if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= MAX_ID:
-            raise ProtocolError(f"a frame without a valid request id (got {rid!r})")
-        if "cancel" in msg:
-            if msg["cancel"] is not True:
-                raise ProtocolError(f"request {rid}: cancel must be true")
+    def handle(self, msg: dict, reserved: int):
+        """Route one request, which holds `reserved` bytes of the budget until its reply is sent."""
+        try:
+            rid = msg.get("id")
+            if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= MAX_ID:
+                raise ProtocolError(f"a frame without a valid request id (got {rid!r})")
+            if "cancel" in msg:
+                if msg["cancel"] is not True:
+                    raise ProtocolError(f"request {rid}: cancel must be true")
+                with self.lock:
+                    cancelled = self.inflight.get(rid)
+                if cancelled is not None:  # else it already finished: nothing to do
+                    cancelled.set()
+                self.server.budget.release(self, reserved)
+                return
+            op = msg.get("op")
+            args = msg.get("args", {})
+            if not isinstance(op, str):
+                raise ProtocolError(f"request {rid} has no op")
+            if not isinstance(args, dict):
+                raise ProtocolError(f"request {rid} ({op}): args must be a map")
             with self.lock:
-                cancelled = self.inflight.get(rid)
-            if cancelled is not None:  # else it already finished: nothing to do
-                cancelled.set()
-            return
-        op = msg.get("op")
-        args = msg.get("args", {})
-        if not isinstance(op, str):
-            raise ProtocolError(f"request {rid} has no op")
-        if not isinstance(args, dict):
-            raise ProtocolError(f"request {rid} ({op}): args must be a map")
-        with self.lock:
-            if rid in self.inflight:
-                raise ProtocolError(f"request id {rid} is already in flight")
+                if rid in self.inflight:
+                    raise ProtocolError(f"request id {rid} is already in flight")
+        except BaseException:
+            self.server.budget.release(self, reserved)
+            raise
         handler = self.server._handlers.get(op)
         if handler is None:
             # A well-formed request for an op this server lacks (an older image?): the connection stays useful.
             message = f"this enclave server has no operation {op!r}: update the enclave image or the client"
-            self.channel.send({"id": rid, "error": _error_payload(errno.ENOSYS, message)})
+            self.reply({"id": rid, "error": _error_payload(errno.ENOSYS, message)}, op, reserved, block=True)
             return
         self.slots.acquire()  # back-pressure: stop reading while max_inflight requests are running
         cancelled = threading.Event()
@@ -667,13 +796,22 @@ class _ServerConnection:
             self.inflight[rid] = cancelled
         if op in self.server._inline and not _bulk(args):
             # A short op: answered from this reader thread, which reads nothing else meanwhile.
-            self.run_request(rid, op, handler, args, cancelled)
-        else:
-            self.server._pool.submit(self.run_request, rid, op, handler, args, cancelled)
+            self.run_request(rid, op, handler, args, cancelled, reserved, block=True)
+            return
+        try:
+            self.server._pool.submit(self.run_request, rid, op, handler, args, cancelled, reserved, block=False)
+        except RuntimeError as e:
+            # The pool could not start another thread; the request is queued all the same, for the
+            # workers already running (or the next one that starts).
+            log.warning("%s: no new worker thread for %s (%s); it waits for a running worker", self.peer, op, e)
 
-    def run_request(self, rid: int, op: str, handler: Handler, args: dict, cancelled: threading.Event):
+    def run_request(
+        self, rid: int, op: str, handler: Handler, args: dict, cancelled: threading.Event, reserved: int, *, block
+    ):
         def emit(event):
-            self.channel.send({"id": rid, "event": event})
+            # Events are sent by the handler's own thread: a job streaming to a client that does not
+            # read holds its worker, as any job does for its whole run (until send_timeout).
+            self.send(self.body({"id": rid, "event": event}), 0, block=True)
 
         ctx = RequestContext(id=rid, op=op, peer=self.peer, cancelled=cancelled, _emit=emit)
         try:
@@ -686,23 +824,118 @@ class _ServerConnection:
             with self.lock:
                 del self.inflight[rid]
             self.slots.release()
+        del args
+        # The reader sends its own replies (block: its client's pace); a worker never waits for a client.
+        self.reply(reply, op, reserved, block=block)
+
+    def reply(self, reply: dict, op: str, reserved: int, *, block: bool):
+        rid = reply["id"]
         try:
-            self.channel.send(reply)
+            try:
+                body = self.body(reply)
+            except FrameTooLarge as e:
+                message = (
+                    f"the result of {op} ({e.size} bytes) exceeds this client's frame limit of {e.limit}: "
+                    "ask for less data per call"
+                )
+                body = encode({"id": rid, "error": _error_payload(errno.EMSGSIZE, message)})
+            except WireError:
+                log.exception("the result of %s cannot be sent", op)
+                body = encode({"id": rid, "error": _internal_error(op)})
+            del reply
+            self.send(body, reserved, block=block)
         except ConnectionClosed:
             log.debug("the reply to %s %d for %s is lost: the connection is closed", op, rid, self.peer)
-        except FrameTooLarge as e:
-            message = (
-                f"the result of {op} ({e.size} bytes) exceeds this client's frame limit of {e.limit}: "
-                "ask for less data per call"
-            )
-            self.send_quietly({"id": rid, "error": _error_payload(errno.EMSGSIZE, message)})
-        except WireError:
-            log.exception("the result of %s cannot be sent", op)
-            self.send_quietly({"id": rid, "error": _internal_error(op)})
 
-    def send_quietly(self, msg: dict):
-        with contextlib.suppress(WireError):
-            self.channel.send(msg)
+    def body(self, msg: dict) -> bytes:
+        """msg encoded; WireError if it cannot be, FrameTooLarge if it exceeds the client's (or our) frame limit."""
+        body = encode(msg)
+        if len(body) > self.channel.peer_max_frame:
+            raise FrameTooLarge(
+                f"a message of {len(body)} bytes exceeds the frame limit of {self.channel.peer_max_frame}",
+                len(body),
+                self.channel.peer_max_frame,
+            )
+        return body
+
+    # -- sending: whoever holds the channel's send lock sends the outbox from its head, whole frames in order
+
+    def send(self, body: bytes, reserved: int, *, block: bool) -> None:
+        """Queue one frame body and send what the socket takes; `reserved` budget bytes are released once
+        it is sent. block=False sends only what fits now and leaves the rest to the writer thread;
+        block=True waits until this frame is out (up to send_timeout). Raises ConnectionClosed."""
+        entry = [[HEADER.pack(len(body)), memoryview(body)], reserved, False]  # buffers left, reserved, sent
+        with self.outbox_ready:
+            if self.channel.down:
+                self.server.budget.release(self, reserved)
+                raise ConnectionClosed(f"the connection to {self.peer} is closed")
+            self.outbox.append(entry)
+        lock = self.channel._send_lock
+        if lock.acquire(blocking=block):
+            try:
+                self._flush(block=block)
+            finally:
+                lock.release()
+        if not entry[2]:  # not all sent: the writer takes it from here
+            if block or self.channel.down:  # a blocking flush leaves a frame only when the connection failed
+                raise ConnectionClosed(f"the connection to {self.peer} is closed")
+            with self.outbox_ready:
+                self.outbox_ready.notify()
+
+    def _flush(self, *, block: bool) -> None:
+        """With the send lock held: send outbox frames until it is empty, or (block=False) the socket is full."""
+        flags = 0 if block else socket.MSG_DONTWAIT
+        while True:
+            with self.outbox_ready:
+                if not self.outbox or self.channel.down:
+                    return
+                entry = self.outbox[0]
+            buffers = entry[0]
+            try:
+                sent = self.channel.sock.sendmsg(buffers, (), flags)
+            except BlockingIOError:
+                if block:  # SO_SNDTIMEO ran out: the client has not read for send_timeout
+                    self._fail(f"{self.peer} read nothing for {self.server.send_timeout} s")
+                return
+            except OSError as e:
+                self._fail(f"sending to {self.peer} failed: {e.strerror or e}")
+                return
+            while sent and buffers:
+                if sent >= len(buffers[0]):
+                    sent -= len(buffers.pop(0))
+                else:
+                    buffers[0] = buffers[0][sent:]
+                    sent = 0
+            if not buffers:
+                with self.outbox_ready:
+                    if not self.outbox or self.outbox[0] is not entry:
+                        return  # dropped meanwhile (the connection failed): its bytes were released then
+                    self.outbox.popleft()
+                    entry[2] = True
+                self.server.budget.release(self, entry[1])
+
+    def _fail(self, reason: str) -> None:
+        log.info("closing the connection from %s: %s", self.peer, reason)
+        self.close_down()
+        self._drop_outbox()
+
+    def _drop_outbox(self) -> None:
+        with self.outbox_ready:
+            dropped, self.outbox = self.outbox, deque()
+        for entry in dropped:
+            self.server.budget.release(self, entry[1])
+
+    def write_loop(self):
+        """Sends what workers could not: blocks on this connection's socket only."""
+        lock = self.channel._send_lock
+        while True:
+            with self.outbox_ready:
+                while not self.outbox and not self.channel.down:
+                    self.outbox_ready.wait()
+                if self.channel.down:
+                    return
+            with lock:
+                self._flush(block=True)
 
 
 # --- client ---------------------------------------------------------------------------------

@@ -219,7 +219,7 @@ def server(module, gather):
     result.update({section: None for section in ("health", "attestation") if section in gather})
     try:
         result["endpoint"] = enclave_endpoint(module)
-        client = enclave_client(module, result["endpoint"])
+        client = enclave_client(module, result["endpoint"], required=False)
     except AttestationError as err:
         module.fail_json(msg=str(err), **result)
     except EnclaveError as err:

@@ -392,7 +392,8 @@ def receipt(module, client, summary, result):
         claims = attestation.verify_document(
             document,
             trusted_roots=client.trusted_roots,
-            expected_pcrs={0: params["expect_pcr0"]} if params["expect_pcr0"] else None,
+            # The PCR0 the enclave attested before the job (one of those expected), if it was asked to.
+            expected_pcrs={0: client.attested.pcr_hex(0)} if client.attested else None,
             allow_debug=params["allow_debug"],
         ).to_json()
     except AttestationError as err:
@@ -436,7 +437,7 @@ def main():
         if module.check_mode:
             path = share_path(params["package"])
             check_package(module, client, path)
-            attested = " and attests an expected PCR0" if params["expect_pcr0"] else ""
+            attested = " and attests an expected PCR0" if client.attested else ""
             module.exit_json(
                 changed=False,
                 skipped=True,

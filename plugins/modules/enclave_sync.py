@@ -176,6 +176,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_optio
     ENCLAVE_REQUIRED_BY,
     connect,
     enclave_endpoint,
+    enclave_pcr0,
     require_libraries,
 )
 
@@ -234,7 +235,7 @@ def mount_point(module):
         except EnclaveError as err:
             module.fail_json(msg=str(err))
         result["endpoint"] = endpoint
-        pcr0 = params["expect_pcr0"] or []
+        pcr0 = enclave_pcr0(module) or []
         if len(pcr0) > 1:
             module.fail_json(
                 msg=f"a mount checks one expected PCR0, {len(pcr0)} were given: give the one the enclave should run"

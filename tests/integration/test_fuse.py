@@ -312,7 +312,7 @@ def own_server(tmp_path, share, *, umask=-1):
         while not sock.exists():
             assert server.poll() is None and time.monotonic() < deadline, "the enclave server did not start"
             time.sleep(0.02)
-        mount(mnt, "--endpoint", f"unix://{sock}")
+        mount(mnt, "--endpoint", f"unix://{sock}", "--no-attestation")
         yield mnt
     finally:
         force_unmount(mnt)
@@ -376,7 +376,7 @@ def test_killed_server_fails_operations_at_once(synced):
 def test_unmount_leaves_no_process_and_no_mount(synced):
     mnt, pid = synced["mnt"], synced["state"]["pid"]
     assert not gone(pid)
-    again = cli("sync", "-d", mnt, check=False)
+    again = cli("sync", "-d", mnt, "--expect-pcr0", synced["pcr0"], check=False)
     assert again.returncode == 1 and "already a mount point" in again.stderr
     unmount_and_stats(synced)
     assert fusefs.mount_state(mnt) is None
@@ -430,7 +430,11 @@ def test_unattested_enclave_gets_no_mount(enclave, tmp_path_factory):
 
 def test_foreground_mount_serves_until_unmounted(enclave, tmp_path_factory):
     mnt = tmp_path_factory.mktemp("host") / "fg"
-    proc = subprocess.Popen([*ENCLAVE, "sync", "-d", str(mnt), "--foreground"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*ENCLAVE, "sync", "-d", str(mnt), "--foreground", "--expect-pcr0", enclave["pcr0"]],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while fusefs.mount_state(mnt) is None:  # written once the mount answers
@@ -481,3 +485,16 @@ os.close(fd)
     # One request per small file once the umask is known: its create carries the data.
     assert stats["ops"].get("share.write", 0) <= 2  # the first file (umask unknown yet) and "renamed"
     assert stats["ops"]["share.create"] >= 20
+
+
+def test_mount_without_attestation_is_refused(enclave, tmp_path_factory):
+    mnt = tmp_path_factory.mktemp("host") / "unattested"
+    try:
+        result = cli("sync", "-d", mnt, check=False)
+        assert result.returncode == 1
+        assert "has not proven its image" in result.stderr and "--release release.json" in result.stderr
+        empty = cli("sync", "-d", mnt, "--expect-pcr0", "", check=False)
+        assert empty.returncode == 1 and "--expect-pcr0 is empty" in empty.stderr
+        assert not fusefs.is_mounted(mnt) and fusefs.mount_state(mnt) is None
+    finally:
+        force_unmount(mnt)

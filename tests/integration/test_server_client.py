@@ -45,7 +45,7 @@ def test_push_run_pull_through_the_cli(enclave):
     )
     assert pushed["changed"] == ["app.pkg"]
     assert "pushed a.txt" in cli("push", str(dataset), "/dataset", "--expect-pcr0", pcr0).stdout
-    again = json.loads(cli("push", str(dataset), "/dataset", "--json").stdout)
+    again = json.loads(cli("push", "--expect-pcr0", enclave["pcr0"], str(dataset), "/dataset", "--json").stdout)
     assert again["changed"] == [] and again["unchanged"] == 2
 
     run = cli("run", "-f", "app.pkg", "-s", "ml_algorithm.py", "-a", "-m model.h5 -d /dataset/ -o /output/",
@@ -54,7 +54,7 @@ def test_push_run_pull_through_the_cli(enclave):
     assert "done" in run.stderr and "output /output/results.csv" in run.stderr
 
     out = tmp / "results"
-    assert "pulled results.csv" in cli("pull", "/output", str(out)).stdout
+    assert "pulled results.csv" in cli("pull", "--expect-pcr0", enclave["pcr0"], "/output", str(out)).stdout
     assert (out / "results.csv").read_text() == "a.txt,short\nb.txt,long\n"
     assert list(enclave["work"].iterdir()) == []  # no plaintext left behind
 
@@ -71,8 +71,9 @@ def test_wrong_measurement_gets_nothing_sent(enclave, tmp_path):
 
 
 def test_script_exit_status_becomes_the_cli_exit_status(enclave):
-    cli("push", str(enclave["sealed"].parent), "/encrypted")
-    result = cli("run", "-f", "app.pkg", "-s", "ml_algorithm.py", "-a", "-m missing -d /dataset -o /output",
+    cli("push", "--expect-pcr0", enclave["pcr0"], str(enclave["sealed"].parent), "/encrypted")
+    result = cli("run", "--expect-pcr0", enclave["pcr0"], "-f", "app.pkg", "-s", "ml_algorithm.py",
+                 "-a", "-m missing -d /dataset -o /output",
                  check=False)  # fmt: skip
     assert result.returncode == 1
     assert "FileNotFoundError" in result.stderr
@@ -83,9 +84,9 @@ def test_push_cannot_escape_the_share(enclave, tmp_path):
     data.mkdir()
     (data / "x").write_text("x")
     os.symlink("/etc/passwd", data / "link")  # local links are not followed either
-    result = cli("push", str(data), "/dataset/../../etc", check=False)
+    result = cli("push", "--expect-pcr0", enclave["pcr0"], str(data), "/dataset/../../etc", check=False)
     assert result.returncode == 1 and "'..'" in result.stderr
-    pushed = json.loads(cli("push", str(data), "/dataset", "--json").stdout)
+    pushed = json.loads(cli("push", "--expect-pcr0", enclave["pcr0"], str(data), "/dataset", "--json").stdout)
     assert pushed["changed"] == ["x"]
 
 
@@ -114,7 +115,7 @@ def test_hostile_frames_close_only_their_connection(enclave):
 
 
 def test_client_that_disconnects_mid_job_stops_the_job(enclave):
-    cli("push", str(enclave["sealed"].parent), "/encrypted")
+    cli("push", "--expect-pcr0", enclave["pcr0"], str(enclave["sealed"].parent), "/encrypted")
     conn = Connection.open(f"unix://{enclave['sock']}")
     events = []
     request = {"package": "/encrypted/app.pkg", "script": "spin.py", "args": [], "kms": host_kms_settings()}
@@ -130,7 +131,17 @@ def test_client_that_disconnects_mid_job_stops_the_job(enclave):
             assert time.time() < deadline + 30, "the job outlived its client"
             time.sleep(0.05)
     assert list(enclave["work"].iterdir()) == []  # the plaintext is gone
-    result = cli("run", "-f", "app.pkg", "-s", "ml_algorithm.py", "-a", "-m model.h5 -d /dataset -o /output")
+    result = cli(
+        "run",
+        "--expect-pcr0",
+        enclave["pcr0"],
+        "-f",
+        "app.pkg",
+        "-s",
+        "ml_algorithm.py",
+        "-a",
+        "-m model.h5 -d /dataset -o /output",
+    )
     assert result.returncode == 0
 
 
@@ -151,13 +162,14 @@ def test_receipt_proves_what_ran_and_what_it_produced(enclave, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "a.txt").write_text("some input")
-    cli("push", str(enclave["sealed"].parent), "/encrypted")
-    cli("push", str(data), "/dataset")
+    cli("push", "--expect-pcr0", enclave["pcr0"], str(enclave["sealed"].parent), "/encrypted")
+    cli("push", "--expect-pcr0", enclave["pcr0"], str(data), "/dataset")
     receipt_file = tmp_path / "receipt.json"
-    cli("run", "-f", "app.pkg", "-s", "ml_algorithm.py", "-a", "-m model.h5 -d /dataset -o /output",
+    cli("run", "--expect-pcr0", enclave["pcr0"], "-f", "app.pkg", "-s", "ml_algorithm.py",
+        "-a", "-m model.h5 -d /dataset -o /output",
         "--receipt", str(receipt_file))  # fmt: skip
     outputs = tmp_path / "out"
-    cli("pull", "/output", str(outputs))
+    cli("pull", "--expect-pcr0", enclave["pcr0"], "/output", str(outputs))
 
     verify = ["receipt", "verify", str(receipt_file), "--release", str(tmp_path / "release.json")]
     proof = json.loads(cli(*verify, "--outputs", str(outputs), "--json").stdout)
@@ -262,3 +274,121 @@ def test_a_second_run_needs_the_outputs_pulled_and_cleared(enclave, tmp_path):
     cli(*args, "--clear-output", "--receipt", str(receipt_path))
     outputs = json.loads(receipt_path.read_text())["summary"]["outputs"]
     assert [o["path"] for o in outputs] == ["/output/results.csv"]
+
+
+def test_no_data_goes_to_an_enclave_without_attestation_unless_the_user_says_so(enclave, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x").write_text("user's data")
+    for command in (["push", str(data), "/dataset"], ["pull", "/output", str(tmp_path / "out")],
+                    ["run", "-f", "app.pkg", "-s", "ml_algorithm.py"]):  # fmt: skip
+        refused = cli(*command, check=False)
+        assert refused.returncode == 1, command
+        assert "refusing to send anything to an enclave that has not proven its image" in refused.stderr
+        assert "--expect-pcr0 HEX" in refused.stderr and "--release release.json" in refused.stderr
+        assert "--no-attestation" in refused.stderr
+        empty = cli(*command, "--expect-pcr0", "", check=False)
+        assert empty.returncode == 1 and "--expect-pcr0 is empty" in empty.stderr, command
+    assert not (tmp_path / "out").exists()
+    with EnclaveClient(f"unix://{enclave['sock']}") as client:
+        assert client.call("share.list", {"path": "/dataset"}) == []
+    # Saying so sends without attestation.
+    assert "pushed x" in cli("push", str(data), "/dataset", "--no-attestation").stdout
+    both = cli("push", str(data), "/dataset", "--no-attestation", "--expect-pcr0", enclave["pcr0"], check=False)
+    assert both.returncode == 1 and "contradicts" in both.stderr
+
+
+def test_release_manifest_names_the_pcr0(enclave, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x").write_text("user's data")
+    release = tmp_path / "release.json"
+    release.write_text(json.dumps({"format": 1, "image": {"file": "enclave.eif", "measurements": {"pcr0": "ab" * 48}}}))
+    other = cli("push", str(data), "/dataset", "--release", str(release), check=False)
+    assert other.returncode == 1 and "failed attestation, nothing was sent" in other.stderr
+    release.write_text(json.dumps({"image": {"measurements": {"pcr0": enclave["pcr0"].upper()}}}))
+    assert "pushed x" in cli("push", str(data), "/dataset", "--release", str(release)).stdout
+    attested = json.loads(cli("attest", "--release", str(release), "--json").stdout)
+    assert attested["pcrs"]["0"] == enclave["pcr0"]
+    release.write_text(json.dumps({"packages": []}))
+    broken = cli("push", str(data), "/dataset", "--release", str(release), check=False)
+    assert broken.returncode == 1 and "has no image.measurements.pcr0" in broken.stderr
+
+
+def test_pull_of_a_name_of_255_bytes(enclave, tmp_path):
+    name = "n" * 251 + ".csv"
+    with EnclaveClient(f"unix://{enclave['sock']}", expect_pcr0=enclave["pcr0"]) as client:
+        client.call("share.create", {"path": f"/output/{name}", "mode": 0o644, "data": b"a,b\n"})
+        pulled = client.pull("/output", tmp_path / "out")
+    assert pulled["changed"] == [name]
+    assert (tmp_path / "out" / name).read_bytes() == b"a,b\n"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [name]  # no temporary file left
+
+
+def test_a_client_that_does_not_read_cannot_delay_attestation(enclave):
+    """16 x 1 MiB reads never read back: another client still attests within a second."""
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire
+
+    sock_path = f"unix://{enclave['sock']}"
+    with EnclaveClient(sock_path, expect_pcr0=enclave["pcr0"]) as client:
+        client.call("share.create", {"path": "/dataset/big", "mode": 0o644, "data": b"\x05" * (1 << 20)})
+    with socket.socket(socket.AF_UNIX) as stalled:
+        stalled.connect(str(enclave["sock"]))
+        wire.send_frame(stalled, {"hello": wire.PROTOCOL, "versions": [1], "max_frame": wire.MAX_FRAME})
+        assert wire.recv_frame(stalled)["version"] == 1
+        read = {"path": "/dataset/big", "offset": 0, "size": 1 << 20}
+        for rid in range(1, 17):
+            wire.send_frame(stalled, {"id": rid, "op": "share.read", "args": read})
+        time.sleep(0.5)  # let the server take them in: today's server then has every worker stuck sending
+        started = time.monotonic()
+        with EnclaveClient(sock_path, expect_pcr0=enclave["pcr0"]) as other:
+            assert other.attested.pcr_hex(0) == enclave["pcr0"]
+        elapsed = time.monotonic() - started
+        assert elapsed < 1.0, f"a client that does not read delayed another's attestation by {elapsed:.2f} s"
+
+
+def test_the_attestation_rule_every_front_end_follows(tmp_path):
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils import client as client_lib
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils import fusefs
+
+    pcr0 = "AB" * 48
+    assert client_lib.expected_pcr0(pcr0) == ["ab" * 48]
+    assert client_lib.expected_pcr0([pcr0, "cd" * 48]) == ["ab" * 48, "cd" * 48]
+    assert client_lib.expected_pcr0(no_attestation=True) is None
+    release = tmp_path / "release.json"
+    release.write_text(json.dumps({"image": {"measurements": {"pcr0": pcr0}}}))
+    assert client_lib.expected_pcr0(release=release) == ["ab" * 48]
+    for kwargs, words in (
+        ({}, "has not proven its image"),
+        ({"expect_pcr0": ""}, "--expect-pcr0 is empty"),
+        ({"expect_pcr0": [""]}, "--expect-pcr0 is empty"),
+        ({"expect_pcr0": []}, "--expect-pcr0 lists no PCR0"),
+        ({"expect_pcr0": "abc"}, "is not 96 hex digits"),
+        ({"release": ""}, "--release is empty"),
+        ({"release": tmp_path / "missing.json"}, "cannot read the release manifest"),
+        ({"expect_pcr0": pcr0, "release": release}, "not both"),
+        ({"release": release, "no_attestation": True}, "contradicts"),
+    ):
+        with pytest.raises(EnclaveError, match=words):
+            client_lib.expected_pcr0(**kwargs)
+    # The library refuses an empty PCR0 too, rather than skipping the check.
+    with pytest.raises(EnclaveError, match="expect_pcr0 is empty"):
+        EnclaveClient("unix:///nowhere.sock", expect_pcr0=[])
+    with pytest.raises(EnclaveError, match="expect_pcr0 is empty"):
+        fusefs.mount("unix:///nowhere.sock", tmp_path / "mnt", expect_pcr0="")
+
+
+def test_the_servers_memory_budget_follows_the_enclaves_memory(tmp_path):
+    from ansible_collections.confidential_ml.nitro.enclave_server.server import buffer_budget
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire
+
+    def budget(mib):
+        meminfo = tmp_path / f"meminfo-{mib}"
+        meminfo.write_text(f"MemTotal:       {mib * 1024} kB\nMemFree:        1000 kB\n")
+        return buffer_budget(str(meminfo))
+
+    assert budget(16384) == wire.MAX_BUFFERED == 128 << 20
+    assert budget(256) == 64 << 20  # a quarter of a 256 MiB enclave
+    smallest = budget(64)  # the local runtime's smallest enclave: one 4 MiB frame each way still fits
+    assert smallest == 4 * wire.Server.request_reservation(wire.MAX_FRAME, wire.MAX_FRAME)
+    assert buffer_budget(str(tmp_path / "absent")) == wire.MAX_BUFFERED

@@ -766,3 +766,150 @@ def test_bulk_requests_of_inline_ops_run_on_the_pool(serve, probe):
         assert conn.call("where", {"size": wire.INLINE_MAX_BYTES}, timeout=WAIT) == "inl-conn"
         assert conn.call("where", {"data": b"x" * (wire.INLINE_MAX_BYTES + 1)}, timeout=WAIT).startswith("inl-worker")
         assert conn.call("where", {"size": 1 << 20}, timeout=WAIT).startswith("inl-worker")
+
+
+# --- fair and bounded under load (docs/PROTOCOL.md section 7) ---------------------------------
+
+
+def wait_until(condition, what):
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_client_that_does_not_read_cannot_delay_another(serve):
+    endpoint, server = serve()  # 8 workers: fewer than the stalled client's requests
+    stalled, _reply = raw_hello(endpoint)
+    with stalled:
+        for rid in range(1, 17):  # 16 x 1 MiB reads, and never a byte read back
+            send_frame(stalled, {"id": rid, "op": "big", "args": {"size": 1 << 20}})
+        # The server takes in what its budget allows for one connection (half of the whole) and answers it.
+        wait_until(lambda: server.budget.used >= server.budget.per_connection // 2, "the stalled requests")
+        with Connection.open(endpoint) as other:
+            started = time.monotonic()
+            assert other.call("echo", {"attest": "me"}, timeout=WAIT) == {"attest": "me"}
+            elapsed = time.monotonic() - started
+            assert elapsed < 1.0, f"a client that does not read delayed another's call by {elapsed:.2f} s"
+        assert server.budget.used <= server.budget.per_connection
+    # Its parked replies are dropped with it, and every reserved byte comes back.
+    wait_until(lambda: server.budget.used == 0, "the budget to be released")
+
+
+FLOOD_SERVER = """
+import sys, threading
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import Server
+
+stall = threading.Event()
+def hang(args, ctx):
+    stall.wait()
+
+server = Server(Endpoint.parse(sys.argv[1]).listen(), {"hang": hang, "write": hang},
+                workers=2, max_buffered=int(sys.argv[2]))
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+
+def _rss_kib(pid, field):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for process {pid}")
+
+
+def test_memory_stays_bounded_under_a_flood_of_big_writes_with_the_pool_stalled(sockdir):
+    max_buffered = 40 << 20  # a little over the smallest budget that fits 4 MiB frames (32 MiB and 32 bytes)
+    endpoint = Endpoint.unix(os.path.join(sockdir, "flood.sock"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FLOOD_SERVER, str(endpoint), str(max_buffered)],
+        stdout=subprocess.PIPE, text=True, env=os.environ,
+    )  # fmt: skip
+    socks = []
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        with Connection.open(endpoint, timeout=WAIT) as conn:
+            conn.submit("hang")
+            conn.submit("hang")  # both workers busy for good: the pool is stalled
+            baseline = _rss_kib(proc.pid, "VmRSS")
+            data = b"\x07" * (MAX_FRAME - 256)  # the largest write a frame holds
+            sent = []
+
+            def flood(n):
+                sock, _reply = raw_hello(endpoint)
+                socks.append(sock)
+                with contextlib.suppress(OSError):  # the test ends by shutting the socket under it
+                    for rid in range(1, 9):
+                        send_frame(sock, {"id": rid, "op": "write", "args": {"path": f"/f{n}", "data": data}})
+                        sent.append(rid)
+
+            threads = [threading.Thread(target=flood, args=(n,), daemon=True) for n in range(8)]
+            for thread in threads:
+                thread.start()
+            # Wait until every frame is in, or the server has stopped taking more: for two seconds no
+            # frame went out and its RSS stayed put.
+            last, steady = None, 0
+            while steady < 20 and any(thread.is_alive() for thread in threads):
+                time.sleep(0.1)
+                now = (len(sent), _rss_kib(proc.pid, "VmRSS"))
+                steady = steady + 1 if now == last else 0
+                last = now
+            grown = (_rss_kib(proc.pid, "VmHWM") - baseline) << 10
+            # 8 x 8 x 4 MiB = 256 MiB was sent; the server held at most its budget (plus threads and heap slack).
+            assert grown <= max_buffered + (24 << 20), f"the server grew by {grown >> 20} MiB"
+            for sock in socks:
+                sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize("thread", ["conn", "writer"])
+def test_a_thread_that_cannot_start_refuses_one_connection(serve, monkeypatch, caplog, thread):
+    endpoint, _server = serve(name="srv")
+    start = threading.Thread.start
+    failures = []
+
+    def start_or_fail(self):
+        if self.name == f"srv-{thread}" and not failures:
+            failures.append(self.name)
+            raise RuntimeError("can't start new thread")
+        return start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start_or_fail)
+    with pytest.raises(ConnectionClosed):
+        Connection.open(endpoint, timeout=WAIT)
+    assert failures == [f"srv-{thread}"]
+    assert "cannot start its" in caplog.text
+    # The server goes on: the next connection is served.
+    with Connection.open(endpoint, timeout=WAIT) as conn:
+        assert conn.call("echo", {"still": "serving"}, timeout=WAIT) == {"still": "serving"}
+
+
+def test_max_buffered_must_fit_a_frame_each_way(sockdir):
+    listener = Endpoint.unix(os.path.join(sockdir, "small.sock")).listen()
+    with listener, pytest.raises(ValueError, match="max_buffered must be at least"):
+        Server(listener, {}, max_buffered=MAX_FRAME)
+
+
+def test_event_over_the_client_limit_fails_in_the_handler_only(serve, probe):
+    handlers = make_handlers(probe)
+
+    def big_event(args, ctx):
+        try:
+            ctx.emit(b"x" * MIN_FRAME)
+        except FrameTooLarge as e:
+            return f"refused {e.size} > {e.limit}"
+        return "sent"
+
+    handlers["big_event"] = big_event
+    endpoint, _server = serve(handlers)
+    with Connection.open(endpoint, max_frame=MIN_FRAME) as conn:
+        assert conn.call("big_event", timeout=WAIT).startswith("refused")
+        assert conn.call("echo", {"still": "open"}, timeout=WAIT) == {"still": "open"}

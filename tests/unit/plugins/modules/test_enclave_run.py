@@ -6,6 +6,7 @@ results are checked against what the enclave really did (its share, its work dir
 
 import base64
 import hashlib
+import json
 import re
 from datetime import datetime
 
@@ -34,7 +35,9 @@ def ready(enclave, tmp_path):
     with EnclaveClient(enclave["endpoint"]) as client:
         client.push(enclave["sealed"].parent, "/encrypted")
         client.push(dataset, "/dataset")
-    return enclave
+    release = tmp_path / "release.json"  # as the owner's pipeline publishes it
+    release.write_text(json.dumps({"format": 1, "image": {"measurements": {"pcr0": enclave["pcr0"]}}}))
+    return dict(enclave, release=str(release))
 
 
 def idle(enclave):
@@ -100,6 +103,7 @@ def test_args_as_a_list_and_a_share_path_package(run_module, ready):
         "package": "/encrypted/app.pkg",
         "script": "ml_algorithm.py",
         "args": ["-m", "model.h5", "-d", "/dataset", "-o", "/output"],
+        "release": ready["release"],
     }
     result = run_module(enclave_run.main, args)
     assert result["rc"] == 0 and result["changed"] is True
@@ -108,7 +112,8 @@ def test_args_as_a_list_and_a_share_path_package(run_module, ready):
 
 
 def test_non_zero_rc_fails_with_every_field(run_module, ready):
-    args = {"package": "app.pkg", "script": "ml_algorithm.py", "args": "-m missing -d /dataset -o /output"}
+    args = {"package": "app.pkg", "script": "ml_algorithm.py", "args": "-m missing -d /dataset -o /output",
+            "expect_pcr0": ready["pcr0"]}  # fmt: skip
     result = run_module(enclave_run.main, args)
     assert result["failed"] is True
     assert result["msg"] == "non-zero return code"
@@ -123,7 +128,9 @@ def test_non_zero_rc_fails_with_every_field(run_module, ready):
 
 
 def test_timeout_kills_the_job_and_fails(run_module, ready):
-    result = run_module(enclave_run.main, {"package": "app.pkg", "script": "spin.py", "timeout": 1.5})
+    result = run_module(
+        enclave_run.main, {"package": "app.pkg", "script": "spin.py", "timeout": 1.5, "expect_pcr0": ready["pcr0"]}
+    )
     assert result["failed"] is True
     assert result["ended_by"] == "timeout"
     assert "timeout of 1.5 s" in result["msg"]
@@ -137,7 +144,7 @@ def test_timeout_kills_the_job_and_fails(run_module, ready):
 
 
 def test_script_missing_from_the_package_fails(run_module, ready):
-    result = run_module(enclave_run.main, {"package": "app.pkg", "script": "absent.py"})
+    result = run_module(enclave_run.main, {"package": "app.pkg", "script": "absent.py", "expect_pcr0": ready["pcr0"]})
     assert result["failed"] is True and result["changed"] is False
     assert "job absent.py from app.pkg failed in the enclave" in result["msg"] and "not in package" in result["msg"]
     idle(ready)
@@ -161,10 +168,14 @@ def test_check_mode_checks_the_package_and_runs_nothing(run_module, ready):
 
 
 def test_check_mode_fails_when_the_package_is_not_in_the_share(run_module, enclave):
-    result = run_module(enclave_run.main, {"package": "app.pkg", "script": "x.py"}, check_mode=True)
+    result = run_module(
+        enclave_run.main, {"package": "app.pkg", "script": "x.py", "no_attestation": True}, check_mode=True
+    )
     assert result["failed"] is True
     assert "/encrypted/app.pkg is not in the enclave's share" in result["msg"]
-    result = run_module(enclave_run.main, {"package": "/dataset", "script": "x.py"}, check_mode=True)
+    result = run_module(
+        enclave_run.main, {"package": "/dataset", "script": "x.py", "no_attestation": True}, check_mode=True
+    )
     assert result["failed"] is True and "not a regular file" in result["msg"]
 
 
@@ -196,12 +207,30 @@ def test_missing_kms_settings_fail_before_connecting(run_module, ready, monkeypa
 
 def test_unreachable_endpoint_and_bad_options_fail_clearly(run_module, enclave, tmp_path):
     result = run_module(
-        enclave_run.main, {"package": "app.pkg", "script": "x.py", "endpoint": f"unix://{tmp_path / 'none.sock'}"}
+        enclave_run.main,
+        {
+            "package": "app.pkg",
+            "script": "x.py",
+            "endpoint": f"unix://{tmp_path / 'none.sock'}",
+            "no_attestation": True,
+        },
     )
     assert result["failed"] is True and "no enclave listens on" in result["msg"]
-    result = run_module(enclave_run.main, {"package": "app.pkg", "script": "x.py", "args": [{"a": 1}]})
+    result = run_module(
+        enclave_run.main, {"package": "app.pkg", "script": "x.py", "args": [{"a": 1}], "no_attestation": True}
+    )
     assert result["failed"] is True and "args must be a string or a list of strings" in result["msg"]
     result = run_module(enclave_run.main, {"package": "app.pkg", "script": "x.py", "timeout": 0})
     assert result["failed"] is True and "timeout must be a positive number" in result["msg"]
     result = run_module(enclave_run.main, {"package": "app.pkg", "script": "x.py", "port": 5000})
     assert result["failed"] is True and "port" in result["msg"] and "cid" in result["msg"]
+
+
+def test_no_job_runs_without_attestation_unless_the_task_says_so(run_module, ready):
+    args = {"package": "app.pkg", "script": "ml_algorithm.py", "args": "-m model.h5 -d /dataset -o /output"}
+    result = run_module(enclave_run.main, args)
+    assert result["failed"] is True and "has not proven its image" in result["msg"]
+    assert "expect_pcr0: HEX" in result["msg"] and "no_attestation: true" in result["msg"]
+    assert list((ready["share"] / "output").iterdir()) == []  # nothing ran
+    ran = run_module(enclave_run.main, dict(args, no_attestation=True))
+    assert ran["rc"] == 0 and ran["changed"] is True

@@ -6,6 +6,7 @@ checked against it.
 
 import contextlib
 import hashlib
+import json
 import os
 
 import pytest
@@ -55,13 +56,15 @@ def test_push_copies_then_changes_nothing(run_module, enclave, dataset):
     assert second["changed_files"] == [] and second["unchanged"] == 3 and second["bytes"] == 0
 
     (dataset / "a.csv").write_text("x,y\n1,3\n")
-    third = run_module(enclave_sync.main, push(dataset))
+    release = dataset.parent / "release.json"  # as the owner's pipeline publishes it
+    release.write_text(json.dumps({"format": 1, "image": {"measurements": {"pcr0": enclave["pcr0"]}}}))
+    third = run_module(enclave_sync.main, push(dataset, release=str(release)))
     assert third["changed"] is True and third["changed_files"] == ["a.csv"] and third["unchanged"] == 2
     assert (enclave["share"] / "dataset" / "a.csv").read_text() == "x,y\n1,3\n"
 
 
 def test_check_mode_lists_without_copying_and_diff_names_the_files(run_module, enclave, dataset):
-    result = run_module(enclave_sync.main, push(dataset), check_mode=True, diff=True)
+    result = run_module(enclave_sync.main, push(dataset, expect_pcr0=enclave["pcr0"]), check_mode=True, diff=True)
     assert result["changed"] is True
     assert result["changed_files"] == ["a.csv", "images", "images/1.png"]
     assert result["bytes"] == (3 << 20) + 8
@@ -70,9 +73,9 @@ def test_check_mode_lists_without_copying_and_diff_names_the_files(run_module, e
     assert prepared.startswith(f"would push {dataset} -> enclave:/dataset: 3 changed, 0 unchanged")
     assert "\n  a.csv\n  images\n  images/1.png\n" in prepared
 
-    done = run_module(enclave_sync.main, push(dataset), diff=True)
+    done = run_module(enclave_sync.main, push(dataset, expect_pcr0=enclave["pcr0"]), diff=True)
     assert done["diff"]["prepared"].startswith(f"push {dataset} -> enclave:/dataset: 3 changed")
-    again = run_module(enclave_sync.main, push(dataset), check_mode=True, diff=True)
+    again = run_module(enclave_sync.main, push(dataset, expect_pcr0=enclave["pcr0"]), check_mode=True, diff=True)
     assert again["changed"] is False and again["changed_files"] == []
     assert "0 changed, 3 unchanged" in again["diff"]["prepared"]
 
@@ -83,7 +86,7 @@ def test_pull_copies_what_differs(run_module, enclave, tmp_path):
     (output / "results.csv").write_text("a,short\n")
     (output / "model" / "weights.bin").write_bytes(b"\x00\x01" * 1000)
     dest = tmp_path / "results"
-    args = {"mode": "pull", "src": "/output", "dest": str(dest)}
+    args = {"mode": "pull", "src": "/output", "dest": str(dest), "expect_pcr0": enclave["pcr0"]}
 
     check = run_module(enclave_sync.main, args, check_mode=True)
     assert check["changed"] is True and check["changed_files"] == ["model", "model/weights.bin", "results.csv"]
@@ -112,14 +115,18 @@ def test_wrong_expect_pcr0_sends_nothing(run_module, enclave, dataset):
 
 
 def test_bad_paths_fail_with_the_reason(run_module, enclave, tmp_path, dataset):
-    result = run_module(enclave_sync.main, push(tmp_path / "missing"))
+    result = run_module(enclave_sync.main, push(tmp_path / "missing", expect_pcr0=enclave["pcr0"]))
     assert result["failed"] is True and "is not a directory on the managed node" in result["msg"]
-    result = run_module(enclave_sync.main, push(dataset, dest="/dataset/../../etc"))
+    result = run_module(enclave_sync.main, push(dataset, dest="/dataset/../../etc", expect_pcr0=enclave["pcr0"]))
     assert result["failed"] is True and "push from" in result["msg"] and "'..'" in result["msg"]
     (tmp_path / "file").write_text("x")
-    result = run_module(enclave_sync.main, {"mode": "pull", "src": "/output", "dest": str(tmp_path / "file")})
+    result = run_module(
+        enclave_sync.main, {"mode": "pull", "src": "/output", "dest": str(tmp_path / "file"), "no_attestation": True}
+    )
     assert result["failed"] is True and "is not a directory" in result["msg"]
-    result = run_module(enclave_sync.main, {"mode": "pull", "src": "/nowhere", "dest": str(tmp_path / "d")})
+    result = run_module(
+        enclave_sync.main, {"mode": "pull", "src": "/nowhere", "dest": str(tmp_path / "d"), "no_attestation": True}
+    )
     assert result["failed"] is True and "pull from enclave:/nowhere" in result["msg"]
 
 
@@ -166,7 +173,7 @@ def test_mount_is_kept_present_then_absent(run_module, enclave, mountpoint, data
     second = run_module(enclave_sync.main, args)
     assert second["changed"] is False and second["mounted"] is True
 
-    other = run_module(enclave_sync.main, dict(args, endpoint="unix:///run/other.sock", expect_pcr0=None))
+    other = run_module(enclave_sync.main, dict(args, endpoint="unix:///run/other.sock"))
     assert other["failed"] is True and "unmount it first" in other["msg"]
 
     unmount = {"state": "unmounted", "path": str(mountpoint)}
@@ -190,3 +197,18 @@ def test_mount_refuses_a_wrong_enclave(run_module, enclave, mountpoint):
         enclave_sync.main, {"state": "mounted", "path": str(mountpoint), "expect_pcr0": ["ab" * 48, "cd" * 48]}
     )
     assert result["failed"] is True and "one expected PCR0" in result["msg"]
+
+
+def test_nothing_is_sent_without_attestation_unless_the_task_says_so(run_module, enclave, dataset, mountpoint):
+    for args in (push(dataset), {"mode": "pull", "src": "/output", "dest": str(dataset.parent / "out")},
+                 {"state": "mounted", "path": str(mountpoint)}):  # fmt: skip
+        result = run_module(enclave_sync.main, args)
+        assert result["failed"] is True
+        assert "has not proven its image" in result["msg"] and "release: release.json" in result["msg"]
+        assert "no_attestation: true" in result["msg"]
+        empty = run_module(enclave_sync.main, dict(args, expect_pcr0=""))
+        assert empty["failed"] is True and "expect_pcr0 is empty" in empty["msg"]
+    assert list((enclave["share"] / "dataset").iterdir()) == []
+    assert not fusefs.is_mounted(mountpoint) and not (dataset.parent / "out").exists()
+    sent = run_module(enclave_sync.main, push(dataset, no_attestation=True))
+    assert sent["changed"] is True and "a.csv" in sent["changed_files"]
