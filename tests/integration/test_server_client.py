@@ -263,13 +263,14 @@ def test_push_to_a_server_whose_create_takes_no_data(tmp_path):
 
 def test_a_second_run_needs_the_outputs_pulled_and_cleared(enclave, tmp_path):
     """Outputs are never removed unasked: a rerun over /output fails, naming what is there and the fix."""
-    cli("push", str(enclave["sealed"].parent), "/encrypted")
-    args = ("run", "-f", "app.pkg", "-s", "ml_algorithm.py", "-a", "-m model.h5 -d /dataset -o /output")
+    attested = ("--expect-pcr0", enclave["pcr0"])
+    cli("push", str(enclave["sealed"].parent), "/encrypted", *attested)
+    args = ("run", "-f", "app.pkg", "-s", "ml_algorithm.py", "-a", "-m model.h5 -d /dataset -o /output", *attested)
     cli(*args)
     again = cli(*args, check=False)
     assert again.returncode != 0
     assert "/output holds 1 entries from before (results.csv)" in again.stderr and "--clear-output" in again.stderr
-    cli("pull", "/output", str(tmp_path / "first"))
+    cli("pull", "/output", str(tmp_path / "first"), *attested)
     receipt_path = tmp_path / "receipt.json"
     cli(*args, "--clear-output", "--receipt", str(receipt_path))
     outputs = json.loads(receipt_path.read_text())["summary"]["outputs"]
