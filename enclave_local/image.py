@@ -4,7 +4,8 @@ An image is an uncompressed POSIX tar (pax) holding
 
     runtime.json   what the code runs on: the Python interpreter's identity and a lock of
                    the installed distributions the enclave code imports (name, version,
-                   SHA-256 of the distribution's RECORD, which lists a hash of every file)
+                   SHA-256 of the distribution's RECORD, which lists a hash of every file),
+                   the interpreter's start-up hooks (site_hooks: .pth files, sitecustomize)
                    and what the enclave runs (runtime.json "command": argv, env, cwd), read from
                    enclave_server/Dockerfile under nitro-cli's rule (enclave_code.image_command)
     app/.../owner_identity.json   the owner's package-signing keys (owner_identity.py), when the
@@ -93,6 +94,25 @@ def python_identity() -> dict:
     }
 
 
+def site_hooks() -> list[dict]:
+    """What the interpreter runs at every start, before any code of the enclave or of a job: each .pth file
+    in its site directories (a line starting with "import" is executed; python -I does not turn that off)
+    and sitecustomize / usercustomize. A .pth dropped in by hand is in no distribution's RECORD, so the
+    dependency lock cannot see it: name and SHA-256 of each are measured here."""
+    import importlib.util
+    import site
+
+    hooks = {}
+    for directory in site.getsitepackages():
+        for path in sorted(Path(directory).glob("*.pth")):
+            hooks[path.name] = path
+    for module in ("sitecustomize", "usercustomize"):
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin and os.path.isfile(spec.origin):
+            hooks[f"{module}.py"] = Path(spec.origin)
+    return [{"file": name, "sha256": hashlib.sha256(hooks[name].read_bytes()).hexdigest()} for name in sorted(hooks)]
+
+
 def _canonical(name: str) -> str:
     from packaging.utils import canonicalize_name
 
@@ -161,6 +181,7 @@ def runtime_description(files: dict[str, bytes]) -> dict:
         "command": image_command(files[DOCKERFILE_PATH].decode()),
         "python": python_identity(),
         "dependencies": dependency_lock(imported),
+        "site_hooks": site_hooks(),
     }
 
 
@@ -276,6 +297,12 @@ class Image:
                 problems.append(
                     f"{entry['name']} {entry['version']} is installed here as another build ({dist.version})"
                 )
+        built = {(h["file"], h["sha256"]) for h in self.runtime.get("site_hooks") or ()}
+        here = {(h["file"], h["sha256"]) for h in site_hooks()}
+        if built != here:
+            problems.append(
+                f"the interpreter's start-up hooks differ ({', '.join(sorted({f for f, _ in built ^ here}))})"
+            )
         if problems:
             raise ImageError(
                 "this image does not match this host, so it would not run the code it measured: "
