@@ -29,7 +29,8 @@ def _print_json(data) -> None:
     sys.stdout.write("\n")
 
 
-def _runtime():
+def runtime():
+    """The local runtime, in this process (imported on first use)."""
     from importlib import import_module
 
     return import_module(f"{LOCAL}.runtime").LocalRuntime()
@@ -81,7 +82,7 @@ def cmd_build(args) -> int:
             )
             owner_identity = os.path.join(tmp, "owner_identity.json")
             Path(owner_identity).write_bytes(identity.dumps())
-        result = _runtime().build(output=output, source=args.source, owner_identity=owner_identity)
+        result = runtime().build(output=output, source=args.source, owner_identity=owner_identity)
     print(f"built {result.image}", file=sys.stderr)
     if args.owner_key or args.owner_identity:
         print("bound to the owner's signing keys (PCR0 measures them)", file=sys.stderr)
@@ -92,7 +93,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_run_enclave(args) -> int:
-    info = _runtime().run(
+    info = runtime().run(
         args.eif_path,
         cpu_count=args.cpu_count,
         memory_mib=args.memory,
@@ -105,20 +106,22 @@ def cmd_run_enclave(args) -> int:
 
 
 def cmd_describe(args) -> int:
-    _print_json([info.to_json() for info in _runtime().describe()])
+    _print_json([info.to_json() for info in runtime().describe()])
     return 0
 
 
 def cmd_terminate(args) -> int:
-    runtime = _runtime()
-    stopped = runtime.terminate(all=True) if args.all else runtime.terminate(args.enclave_id)
-    for enclave_id in stopped:  # one object per enclave, as nitro-cli prints them
+    local = runtime()
+    if args.all:  # one JSON array (empty when nothing ran), as nitro-cli prints for --all
+        _print_json([{"EnclaveID": enclave_id, "Terminated": True} for enclave_id in local.terminate(all=True)])
+        return 0
+    for enclave_id in local.terminate(args.enclave_id):
         _print_json({"EnclaveID": enclave_id, "Terminated": True})
     return 0
 
 
 def cmd_console(args) -> int:
-    sys.stdout.write(_runtime().console(args.enclave_id))
+    sys.stdout.write(runtime().console(args.enclave_id))
     return 0
 
 

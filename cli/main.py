@@ -221,7 +221,7 @@ def _client(args, *, attest_first: bool = True):
     client = import_module(f"{LIB}.client")
     settings = import_module(f"{LIB}.settings")
     expect = expected_pcr0(args) if attest_first else None
-    endpoint = settings.resolve_endpoint(args.endpoint, cid=args.cid, port=args.port)
+    endpoint = settings.resolve_endpoint(args.endpoint, cid=args.cid, port=args.port, local_runtime=local_cmd.runtime)
     return client.EnclaveClient(endpoint, expect_pcr0=expect, allow_debug=args.allow_debug)
 
 

@@ -11,6 +11,7 @@ from importlib import import_module
 from pathlib import Path
 
 from ..plugins.module_utils.errors import EnclaveError
+from . import local as local_cmd
 
 LIB = "ansible_collections.confidential_ml.nitro.plugins.module_utils"
 
@@ -27,7 +28,7 @@ def cmd_sync(args) -> int:
     if expected is not None and len(expected) != 1:
         raise EnclaveError(f"a mount checks one PCR0, {len(expected)} were given")
     expect_pcr0 = expected[0] if expected else None
-    endpoint = settings.resolve_endpoint(args.endpoint, cid=args.cid, port=args.port)
+    endpoint = settings.resolve_endpoint(args.endpoint, cid=args.cid, port=args.port, local_runtime=local_cmd.runtime)
     if not folder.exists():
         folder.mkdir(parents=True)
     if not args.foreground:

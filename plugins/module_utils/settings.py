@@ -188,8 +188,13 @@ def backend(name: str | None = None) -> str:
     return chosen
 
 
-def resolve_endpoint(endpoint: str | None = None, *, cid: int | None = None, port: int | None = None) -> str:
-    """Where the enclave server listens: an explicit endpoint, $ENCLAVE_ENDPOINT, a CID, or discovery."""
+def resolve_endpoint(
+    endpoint: str | None = None, *, cid: int | None = None, port: int | None = None, local_runtime=None
+) -> str:
+    """Where the enclave server listens: an explicit endpoint, $ENCLAVE_ENDPOINT, a CID, or discovery.
+
+    On the local backend discovery asks local_runtime() when given, else the installed `enclave local`
+    command (all a module can reach); the CLI passes its own LocalRuntime and saves starting that process."""
     if endpoint:
         return endpoint
     if os.environ.get(ENV_ENDPOINT):
@@ -207,7 +212,7 @@ def resolve_endpoint(endpoint: str | None = None, *, cid: int | None = None, por
         # payload carries module_utils only, never the local runtime's package.
         from .runtime import LocalCliRuntime, discover_endpoint
 
-        return discover_endpoint(LocalCliRuntime())
+        return discover_endpoint(local_runtime() if local_runtime else LocalCliRuntime())
     from .errors import EnclaveError
 
     raise EnclaveError(

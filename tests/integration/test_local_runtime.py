@@ -477,10 +477,8 @@ def test_four_enclaves_and_not_a_fifth(images, home):
 
     rest = subprocess.run([*ENCLAVE_CLI, "local", "terminate-enclave", "--all"], capture_output=True, text=True,
                           check=True)  # fmt: skip
-    printed, decoder, pos = [], json.JSONDecoder(), 0
-    while rest.stdout[pos:].strip():  # one object per enclave, as nitro-cli prints them
-        value, pos = decoder.raw_decode(rest.stdout, len(rest.stdout) - len(rest.stdout[pos:].lstrip()))
-        printed.append(value)
+    printed = json.loads(rest.stdout)  # one JSON array for --all, as nitro-cli prints it
+    assert isinstance(printed, list)
     assert sorted(r["EnclaveID"] for r in printed) == sorted(i.enclave_id for i in started[2:])
     assert all(r["Terminated"] is True for r in printed)
     assert runtime.describe() == []
