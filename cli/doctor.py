@@ -16,16 +16,19 @@ Steps, in order (the nitro-only ones are skipped on the local backend):
     kms-access    this host's credentials and region (nitro: STS names the caller; local: the local
                   cloud runs, started if it did not)
     vsock-proxy   the vsock-proxy allowlist names the region's KMS (local: the local KMS)
-    build         the enclave image builds; its PCR0
+    build         the enclave image builds, bound to a throwaway signing key (as the owner's image is bound
+                  to the owner's); its PCR0
     resources     the enclave's memory is at least 4x the image; the allocator has it and the CPUs,
                   beside what running enclaves hold                                  (nitro)
     run           the enclave starts
     attestation   its server answers and attests the build's PCR0, verified against the AWS root
                   (local: the local root), with a fresh nonce, not in debug mode
-    key-policy    a throwaway KMS key whose policy allows that PCR0 only (lint-clean)
+    key-policy    a throwaway KMS key whose policy allows that PCR0 only (lint-clean); the host may make data
+                  keys under it and delete it, never rewrite its policy
     host-refused  this host cannot Decrypt under it without an attestation
-    job           a tiny sealed package runs: the enclave unwraps its key with KMS Decrypt with
-                  Recipient, runs the script, and signs the job's summary
+    job           a tiny package, sealed and signed with the throwaway signing key, runs: the enclave checks
+                  its signature, unwraps its key with KMS Decrypt with Recipient, runs the script, and
+                  signs the job's summary
     cleanup       always
 """
 
@@ -51,6 +54,8 @@ from ..plugins.module_utils.errors import EnclaveError
 
 SERVICES = ("nitro-enclaves-allocator.service", "nitro-enclaves-vsock-proxy.service")
 MIN_MEMORY_MIB = 256  # the default when 4x the image is less: room for the share and a package
+# What the host does with its throwaway key once the policy is on: seal (and try to decrypt), then delete it.
+DOCTOR_ACTIONS = ("kms:GenerateDataKey", "kms:ScheduleKeyDeletion")
 KEY_DELETION_DAYS = 7  # the shortest PendingWindowInDays KMS accepts for ScheduleKeyDeletion
 APP_NAME = "enclave-doctor"
 SCRIPT = "doctor_check.py"
@@ -66,9 +71,10 @@ ADVICE = {
     "run": "fix what the runtime reported and run the doctor again; `enclave doctor` cleans up after itself",
     "attestation": "the enclave runs but did not prove its image: check that its image is the one built here "
     "and that it is not in debug mode",
-    "key-policy": "these credentials must be allowed kms:CreateKey, kms:PutKeyPolicy and kms:ScheduleKeyDeletion "
-    "(IAM) for the doctor's throwaway key",
-    "host-refused": "these credentials must be allowed kms:GenerateDataKey (IAM) to make a data key to try",
+    "key-policy": "these credentials must be allowed kms:CreateKey and kms:PutKeyPolicy (IAM) for the doctor's "
+    "throwaway key",
+    "host-refused": "the key policy must allow these credentials kms:GenerateDataKey (the doctor's own policy "
+    "does) to make a data key to try",
     "job": "read the error above: a KMS refusal names the key policy's condition, a script error its output",
     "cleanup": "remove what is listed by hand: `nitro-cli terminate-enclave --enclave-id ID` (local: "
     "`enclave local terminate-enclave`), `aws kms schedule-key-deletion --key-id ARN --pending-window-in-days 7`",
@@ -151,6 +157,30 @@ def read_allocator(path: Path) -> tuple[int, int]:
     return memory, cpus
 
 
+class ThrowawaySigner:
+    """The doctor's package signer, like owner_identity.KmsSigner but with a P-384 key made for this run and
+    never stored: the doctor's image is bound to it, so the job takes the path an owner's package takes (its
+    signature checked against the image's owner identity before any key release) without the owner's key."""
+
+    def __init__(self, label: str):
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from ..plugins.module_utils.owner_identity import OwnerKey
+
+        self._private = ec.generate_private_key(ec.SECP384R1())
+        public = self._private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.key = OwnerKey(label, public)
+
+    def sign(self, message: bytes) -> bytes:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        return self._private.sign(message, ec.ECDSA(hashes.SHA384()))  # ECDSA_SHA_384, as KMS Sign
+
+
 class Doctor:
     """The steps, their shared state (work directory, enclave, key) and the cleanup.
 
@@ -193,6 +223,8 @@ class Doctor:
         self.allocator: tuple[int, int] | None = None
         self.kms = None
         self.kms_settings: dict = {}
+        self.issued_profile: dict = {}  # local: the profile of the local KMS's credentials these are
+        self.signer: ThrowawaySigner | None = None
         self.image: str | None = None
         self.pcr0: str | None = None
         self.enclave = None
@@ -340,16 +372,18 @@ class Doctor:
             aws_secret_access_key=self.kms_settings["aws_secret_access_key"],
             aws_session_token=self.kms_settings.get("aws_session_token"),
         )
-        if self.user_principal is None:
-            self.user_principal = self._caller_principal()
-        who = self.user_principal or f"access key {self.kms_settings['aws_access_key_id']}"
+        if self.nitro:
+            if self.user_principal is None:
+                self.user_principal = self._caller_principal()
+        else:
+            self.issued_profile = self._issued_profile()
+            self.kms.list_keys(Limit=1)  # the local KMS checks every request's SigV4 signature, as AWS does
+        who = self.user_principal or f"profile {self.issued_profile['profile']} of {self.cloud['kms_credentials']}"
         where = f"the local KMS at {endpoint_url}" + (" (started)" if self.cloud_started else "")
         return f"{where if endpoint_url else f'AWS KMS in {self.region}'}, as {who}"
 
     def _caller_principal(self) -> str | None:
-        """Who these credentials are, as a key policy names them (None on local: known once the key exists)."""
-        if not self.nitro:
-            return None
+        """Who these credentials are, as a key policy names them (STS GetCallerIdentity)."""
         import boto3
 
         arn = boto3.client(
@@ -365,12 +399,26 @@ class Doctor:
             return f"{prefix.replace(':sts:', ':iam:')}:role/{rest.split('/')[0]}"
         return arn
 
-    def _local_principal(self, account: str) -> str:
-        """The local KMS's name for these credentials, by its own rule (LocalKms.principal_for)."""
-        from ..enclave_local.kms import LocalKms
+    def _issued_profile(self) -> dict:
+        """The profile of the local KMS's credentials file that holds these credentials."""
+        from ..enclave_local.kms import load_credentials
 
-        kms = LocalKms(self.cloud["kms_state"], account_id=account, region=self.region)
-        return kms.principal_for(self.kms_settings["aws_access_key_id"])
+        path = self.cloud["kms_credentials"]
+        access_key = self.kms_settings["aws_access_key_id"]
+        for entry in load_credentials(path).values():
+            if entry["aws_access_key_id"] == access_key:
+                return entry
+        raise StepFailed(
+            f"access key {access_key} is not one the local KMS issued (in {path}), so it refuses every request",
+            f"use the local KMS's credentials: AWS_SHARED_CREDENTIALS_FILE={path} AWS_PROFILE=enclave-host, and "
+            "unset AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (credentials in the environment win over a profile)",
+        )
+
+    def _local_principal(self, account: str) -> str:
+        """The local KMS's name for these credentials, by its rule (LocalKms.authenticate): the profile's
+        principal_arn, else role/<profile> in the key's account."""
+        entry = self.issued_profile
+        return entry.get("principal_arn") or f"arn:aws:iam::{account}:role/{entry['profile']}"
 
     def check_vsock_proxy(self) -> str:
         from ..enclave_local.vsock_proxy import VsockProxyError, load_allowlist
@@ -380,7 +428,7 @@ class Doctor:
             needed = (f"kms.{self.region}.amazonaws.com", 443)
         else:
             path = Path(self.cloud["vsock_proxy_config"])
-            needed = (self.cloud["kms_host"], int(self.cloud["kms_port"]))
+            needed = (self.cloud["kms_host"], int(self.cloud["kms_tls_port"]))  # enclaves reach KMS over HTTPS
         todo = (
             f"add `- {{address: {needed[0]}, port: {needed[1]}}}` to the allowlist in {path} (the enclave_host "
             "role writes it from enclave_host_region), then `systemctl restart nitro-enclaves-vsock-proxy`"
@@ -401,11 +449,17 @@ class Doctor:
     # ------------------------------------------------------------ the enclave
 
     def build(self) -> str:
+        from ..plugins.module_utils.owner_identity import IDENTITY_FILE, OwnerIdentity
+
         self.work = Path(tempfile.mkdtemp(prefix="enclave-doctor-"))
-        result = self.runtime.build(output=str(self.work / f"{APP_NAME}.eif"))
+        self.signer = ThrowawaySigner(f"{APP_NAME}-{self.token} (throwaway signing key, never stored)")
+        identity = self.work / IDENTITY_FILE
+        identity.write_bytes(OwnerIdentity((self.signer.key,)).dumps())
+        result = self.runtime.build(output=str(self.work / f"{APP_NAME}.eif"), owner_identity=str(identity))
         self.image, self.pcr0 = result.image, result.measurements.pcr0
         size = os.path.getsize(self.image)
-        return f"{self.image} ({size / 2**20:.1f} MiB), PCR0 {self.pcr0}"
+        bound = f"bound to throwaway signing key {self.signer.key.fingerprint.hex()[:16]}"
+        return f"{self.image} ({size / 2**20:.1f} MiB, {bound}), PCR0 {self.pcr0}"
 
     def check_resources(self) -> str:
         needed = math.ceil(4 * os.path.getsize(self.image) / 2**20)  # nitro-cli's rule: 4x the image
@@ -487,12 +541,18 @@ class Doctor:
         from ..plugins.module_utils import key_policy
 
         if self.key_policy_file is None:
-            return key_policy.render_policy(
+            # The owner's policy, but the throwaway key has no administrator: the host (which must never be
+            # able to rewrite the policy, it could drop the Deny) may only make data keys and delete the key.
+            policy = key_policy.render_policy(
                 account_id=account,
                 user_principals=[self.user_principal],
-                admin_principals=[f"arn:aws:iam::{account}:root"],
+                admin_principals=[f"arn:aws:iam::{account}:root"],  # replaced below
                 pcr0=[self.pcr0],
             )
+            doctor = {"Sid": "DoctorSealsAndDeletes", "Effect": "Allow", "Principal": {"AWS": [self.user_principal]},
+                      "Action": list(DOCTOR_ACTIONS), "Resource": "*"}  # fmt: skip
+            policy["Statement"] = [doctor if s["Sid"] == key_policy.SID_ADMIN else s for s in policy["Statement"]]
+            return policy
         try:
             text = Path(self.key_policy_file).read_text()
             for name, value in (("ACCOUNT", account), ("PCR0", self.pcr0), ("USER", self.user_principal)):
@@ -528,7 +588,10 @@ class Doctor:
             raise StepFailed(
                 f"the key policy allows PCR0 {', '.join(allowed) or 'none'}, not this image's {self.pcr0}", todo
             )
-        self.kms.put_key_policy(KeyId=self.key_arn, PolicyName="default", Policy=json.dumps(policy))
+        # The bypass: the policy leaves the host no kms:PutKeyPolicy, as the owner's policy leaves it none.
+        self.kms.put_key_policy(
+            KeyId=self.key_arn, PolicyName="default", Policy=json.dumps(policy), BypassPolicyLockoutSafetyCheck=True
+        )
         return f"{self.key_arn} releases to PCR0 {self.pcr0[:16]}... only, for {self.user_principal}"
 
     def check_host_refused(self) -> str:
@@ -555,7 +618,9 @@ class Doctor:
         published.mkdir()
         (app / SCRIPT).write_text(SCRIPT_SOURCE)
         sealed = published / f"{APP_NAME}-{self.token}.pkg"
-        package.seal(app, sealed, kms_client=self.kms, key_id=self.key_arn, name=APP_NAME, version="1")
+        header = package.seal(
+            app, sealed, kms_client=self.kms, key_id=self.key_arn, name=APP_NAME, version="1", signer=self.signer
+        )
         self.client.push(published, "/encrypted")
         printed = []
         try:
@@ -585,8 +650,8 @@ class Doctor:
         if doc.user_data != receipt.job_digest(signed):
             raise StepFailed("the enclave signed a different job summary than it returned", ADVICE["job"])
         return (
-            f"the enclave unwrapped the package key with KMS Decrypt with Recipient, ran {SCRIPT} "
-            "(status 0) and signed the job's receipt"
+            f"the enclave took the package signed by {header.signer_fingerprint.hex()[:16]}, unwrapped its key with "
+            f"KMS Decrypt with Recipient, ran {SCRIPT} (status 0) and signed the job's receipt"
         )
 
     # ------------------------------------------------------------ cleanup

@@ -26,6 +26,7 @@ HOST_ROLE = f"arn:aws:iam::{ACCOUNT}:role/enclave-host"
 STEPS = ["nitro-cli", "services", "device", "allocator", "kms-access", "vsock-proxy", "build", "resources",
          "run", "attestation", "key-policy", "host-refused", "job", "cleanup"]  # fmt: skip
 NITRO_ONLY = STEPS[:4]
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="local enclaves' namespaces and mounts need root")
 
@@ -76,9 +77,13 @@ def processes_mentioning(text: str) -> dict[int, str]:
 def local_env():
     """The environment of a host user on the local backend, with a private short ENCLAVE_HOME; afterwards
     nothing of that home may still run."""
-    work = Path(tempfile.mkdtemp(prefix="doc-", dir="/tmp"))  # short: enclave socket paths fit in 107 bytes
-    env = dict(os.environ, ENCLAVE_HOME=str(work / "home"), ENCLAVE_BACKEND="local", AWS_ACCESS_KEY_ID="enclave-host",
-               AWS_SECRET_ACCESS_KEY="local-only", AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    work = Path(tempfile.mkdtemp(prefix="doc-", dir="/tmp"))
+    # The host's credentials are the enclave-host profile the local KMS issues on `enclave local up` (the doctor
+    # starts it); credentials in the environment would win over the profile.
+    env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARIABLES}
+    env.update(ENCLAVE_HOME=str(work / "home"), ENCLAVE_BACKEND="local", AWS_DEFAULT_REGION="us-east-1",
+               AWS_SHARED_CREDENTIALS_FILE=str(work / "home" / "kms" / "credentials"), AWS_PROFILE="enclave-host",
+               AWS_CONFIG_FILE=str(work / "no-aws-config"))  # fmt: skip
     env.pop("ENCLAVE_ENDPOINT", None)
     yield env
     cloud.down(home=work / "home")
@@ -111,6 +116,9 @@ def test_the_doctor_proves_the_local_backend_and_leaves_nothing(local_env):
     assert cloud.status(local_env["ENCLAVE_HOME"]) is None  # ...and took it down again
     assert "AccessDeniedException" in step(report, "host-refused")["detail"]
     assert "Decrypt with Recipient" in step(report, "job")["detail"]
+    # The image was bound to the doctor's throwaway signing key, and the package the enclave ran was signed by it.
+    signer = step(report, "build")["detail"].split("bound to throwaway signing key ", 1)[1][:16]
+    assert f"package signed by {signer}" in step(report, "job")["detail"]
 
     # The throwaway key allowed exactly the image the doctor built, and is now pending deletion (7 days).
     (key,) = keys(local_env)
@@ -138,8 +146,8 @@ def test_a_key_policy_without_the_image_stops_the_doctor_there(local_env, tmp_pa
     policy = {
         "Version": "2012-10-17",
         "Statement": [
-            {"Sid": "OwnerAdministers", "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::${ACCOUNT}:root"},
-             "Action": "kms:*", "Resource": "*"},
+            {"Sid": "HostSealsAndDeletes", "Effect": "Allow", "Principal": {"AWS": "${USER}"},
+             "Action": ["kms:GenerateDataKey", "kms:ScheduleKeyDeletion"], "Resource": "*"},
             {"Sid": "EnclaveDecryptWithAttestation", "Effect": "Allow", "Principal": {"AWS": "${USER}"},
              "Action": "kms:Decrypt", "Resource": "*",
              "Condition": {"StringEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": [other]}}},
@@ -169,8 +177,8 @@ def test_a_policy_pinning_a_pcr8_the_image_lacks_fails_the_job_in_the_enclave(lo
     policy = {
         "Version": "2012-10-17",
         "Statement": [
-            {"Sid": "OwnerAdministers", "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::${ACCOUNT}:root"},
-             "Action": ["kms:PutKeyPolicy", "kms:GenerateDataKey", "kms:ScheduleKeyDeletion"], "Resource": "*"},
+            {"Sid": "HostSealsAndDeletes", "Effect": "Allow", "Principal": {"AWS": "${USER}"},
+             "Action": ["kms:GenerateDataKey", "kms:ScheduleKeyDeletion"], "Resource": "*"},
             {"Sid": "EnclaveDecryptWithAttestation", "Effect": "Allow", "Principal": {"AWS": "${USER}"},
              "Action": "kms:Decrypt", "Resource": "*",
              "Condition": {"StringEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": ["${PCR0}"],
@@ -202,6 +210,20 @@ def test_a_local_allowlist_without_the_kms_stops_the_doctor_there(local_env):
     assert "enclave local up" in step(report, "vsock-proxy")["todo"]
     assert step(report, "cleanup")["detail"] == "nothing to clean up"
     assert keys(local_env) == []
+
+
+def test_credentials_the_local_kms_did_not_issue_stop_the_doctor_at_kms_access(local_env):
+    """Credentials in the environment win over the issued profile in boto3, and the local KMS refuses them:
+    the doctor says which file and profile to use, and stops the local cloud it started."""
+    local_env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    code, report = doctor(local_env)
+    assert code == 1
+    stopped_at(report, "kms-access")
+    failed = step(report, "kms-access")
+    assert "access key testing is not one the local KMS issued" in failed["detail"]
+    assert "AWS_PROFILE=enclave-host" in failed["todo"] and "unset AWS_ACCESS_KEY_ID" in failed["todo"]
+    assert step(report, "cleanup")["detail"] == "stopped the local cloud it started"
+    assert cloud.status(local_env["ENCLAVE_HOME"]) is None
 
 
 # ---------------------------------------------------------------- nitro, against the fake nitro-cli
