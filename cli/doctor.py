@@ -59,8 +59,34 @@ DOCTOR_ACTIONS = ("kms:GenerateDataKey", "kms:ScheduleKeyDeletion")
 KEY_DELETION_DAYS = 7  # the shortest PendingWindowInDays KMS accepts for ScheduleKeyDeletion
 APP_NAME = "enclave-doctor"
 SCRIPT = "doctor_check.py"
-# The job proves that the script ran: it prints the token it was given.
-SCRIPT_SOURCE = "import sys\nprint('enclave-doctor', sys.argv[1], flush=True)\n"
+# The job proves that the script ran (it prints the token it was given) and reports what the job could
+# reach of what only the server may: its uid, the NSM, the KMS forwarder (relayed bytes or a closed
+# connection), /tmp. These rest on mechanisms not yet seen in a real Nitro enclave's kernel (THREAT_MODEL,
+# Jobs), so the doctor checks them where the job really runs.
+SCRIPT_SOURCE = """\
+import json, os, socket, sys
+
+def attempt(action):
+    try:
+        action()
+        return "allowed"
+    except OSError as err:
+        return type(err).__name__
+
+def forwarder():
+    with socket.create_connection(("127.0.0.1", 443), timeout=10) as conn:
+        conn.sendall(b"\\x16\\x03\\x01\\x00\\x00")
+        if not conn.recv(1):
+            raise ConnectionResetError
+
+print("enclave-doctor", sys.argv[1], flush=True)
+print("enclave-doctor-isolation", json.dumps({
+    "uid": os.getuid(),
+    "nsm": attempt(lambda: open("/dev/nsm", "rb").close()),
+    "kms_forwarder": attempt(forwarder),
+    "tmp": attempt(lambda: open("/tmp/enclave-doctor-probe", "w").close()),
+}), flush=True)
+"""
 
 # What to do when a step fails with an error that carries no advice of its own.
 ADVICE = {
@@ -643,6 +669,7 @@ class Doctor:
                 f"the job ended by {summary['ended_by']} with status {summary['rc']}; it printed {output!r}",
                 "run a debug-mode enclave and read its console; the enclave's Python must run a plain script",
             )
+        isolation = self._check_job_isolation(output)
         signed = {k: v for k, v in summary.items() if k != "attestation"}
         doc = attestation.verify_document(
             summary["attestation"], trusted_roots=self._roots(), expected_pcrs={0: self.pcr0}, max_age_s=None
@@ -651,8 +678,26 @@ class Doctor:
             raise StepFailed("the enclave signed a different job summary than it returned", ADVICE["job"])
         return (
             f"the enclave took the package signed by {header.signer_fingerprint.hex()[:16]}, unwrapped its key with "
-            f"KMS Decrypt with Recipient, ran {SCRIPT} (status 0) and signed the job's receipt"
+            f"KMS Decrypt with Recipient, ran {SCRIPT} (status 0) and signed the job's receipt{isolation}"
         )
+
+    def _check_job_isolation(self, output: str) -> str:
+        """What the job could reach: nothing of the server's (a non-root local server runs jobs as itself)."""
+        line = next((x for x in output.splitlines() if x.startswith("enclave-doctor-isolation ")), None)
+        if line is None:
+            raise StepFailed(f"the job did not report what it could reach; it printed {output!r}", ADVICE["job"])
+        seen = json.loads(line.split(" ", 1)[1])
+        if not self.nitro and os.geteuid() != 0:
+            return "; jobs are not isolated on a local backend run without root"
+        reached = [what for what in ("nsm", "kms_forwarder", "tmp") if seen[what] == "allowed"]
+        if seen["uid"] == 0 or reached:
+            raise StepFailed(
+                f"the job ran as uid {seen['uid']} and could reach {', '.join(reached) or 'what root reaches'}: {seen}",
+                "jobs are not isolated in this enclave: the server must run as root and the enclave's kernel must "
+                "give it setuid, file modes and /proc/net/tcp (docs/THREAT_MODEL.md, Jobs); do not run owners' "
+                "packages here until this passes",
+            )
+        return f"; the job ran as uid {seen['uid']}, refused the NSM, the KMS forwarder and /tmp"
 
     # ------------------------------------------------------------ cleanup
 

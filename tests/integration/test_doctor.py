@@ -116,6 +116,8 @@ def test_the_doctor_proves_the_local_backend_and_leaves_nothing(local_env):
     assert cloud.status(local_env["ENCLAVE_HOME"]) is None  # ...and took it down again
     assert "AccessDeniedException" in step(report, "host-refused")["detail"]
     assert "Decrypt with Recipient" in step(report, "job")["detail"]
+    # The job reported what it could reach of the server's: nothing (it runs as the job uid).
+    assert "the job ran as uid 65534, refused the NSM, the KMS forwarder and /tmp" in step(report, "job")["detail"]
     # The image was bound to the doctor's throwaway signing key, and the package the enclave ran was signed by it.
     signer = step(report, "build")["detail"].split("bound to throwaway signing key ", 1)[1][:16]
     assert f"package signed by {signer}" in step(report, "job")["detail"]
@@ -431,3 +433,26 @@ def test_an_unreadable_cpu_pool_is_refused(tmp_path, pool):
     with pytest.raises(StepFailed, match="unreadable cpu_pool") as failed:
         read_allocator(tmp_path / "allocator.yaml")
     assert "systemctl restart nitro-enclaves-allocator" in failed.value.todo
+
+
+@pytest.mark.parametrize(
+    "seen, reached",
+    [
+        ({"uid": 0, "nsm": "allowed", "kms_forwarder": "allowed", "tmp": "allowed"}, "nsm, kms_forwarder, tmp"),
+        ({"uid": 65534, "nsm": "PermissionError", "kms_forwarder": "allowed", "tmp": "OSError"}, "kms_forwarder"),
+        ({"uid": 0, "nsm": "PermissionError", "kms_forwarder": "ConnectionResetError", "tmp": "OSError"}, "what root"),
+    ],
+)
+def test_a_job_that_reaches_what_only_the_server_may_fails_the_job_step(seen, reached):
+    """On a kernel without what job isolation rests on, the doctor's job reports it and the step fails."""
+    from types import SimpleNamespace
+
+    from ansible_collections.confidential_ml.nitro.cli.doctor import Doctor
+
+    output = f"enclave-doctor abc\nenclave-doctor-isolation {json.dumps(seen)}\n"
+    with pytest.raises(StepFailed, match=f"could reach {reached}") as failed:
+        Doctor._check_job_isolation(SimpleNamespace(nitro=True), output)
+    assert "jobs are not isolated in this enclave" in failed.value.todo
+    isolated = {"uid": 65534, "nsm": "PermissionError", "kms_forwarder": "ConnectionResetError", "tmp": "OSError"}
+    done = Doctor._check_job_isolation(SimpleNamespace(nitro=True), f"enclave-doctor-isolation {json.dumps(isolated)}")
+    assert done == "; the job ran as uid 65534, refused the NSM, the KMS forwarder and /tmp"
