@@ -301,7 +301,7 @@ class Image:
         here = {(h["file"], h["sha256"]) for h in site_hooks()}
         if built != here:
             problems.append(
-                f"the interpreter's start-up hooks differ ({', '.join(sorted({f for f, _ in built ^ here}))})"
+                f"the interpreter's start-up hooks differ ({', '.join(sorted({entry[0] for entry in built ^ here}))})"
             )
         if problems:
             raise ImageError(

@@ -412,7 +412,9 @@ def _read_header(stream: BinaryIO, path) -> PackageHeader:
     if not isinstance(fields, dict):
         raise refuse(f"its header is a CBOR {type(fields).__name__}, not a map")
     version = fields.get("format_version", FORMAT_VERSION)
-    if type(version) is not int or version not in READABLE_FORMATS:  # before the fields: a newer format may differ
+    if (
+        not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_FORMATS
+    ):  # before the fields: a newer format may differ
         raise PackageError(
             f"{path} uses package format {version!r}; this confidential_ml.nitro reads formats "
             f"{', '.join(map(str, READABLE_FORMATS))}: install the release that sealed it"

@@ -144,11 +144,11 @@ def allowlist(role_vars) -> list:
 
 
 def test_the_vsock_proxy_allows_the_region_instance_metadata_names(ansible_playbook, host, imds):
-    stats, tasks, _ = play(ansible_playbook, host, enclave_host_imds_url=imds.url)
+    stats, tasks = play(ansible_playbook, host, enclave_host_imds_url=imds.url)[:2]
     assert allowlist(host[1]) == [{"address": "kms.ap-southeast-2.amazonaws.com", "port": 443}]
     assert imds.requests[:2] == [("PUT", "/latest/api/token"), ("GET", "/latest/dynamic/instance-identity/document")]
     assert tasks["Decide the KMS region"]["ansible_facts"]["enclave_host_kms_region"] == "ap-southeast-2"
-    again, _, _ = play(ansible_playbook, host, enclave_host_imds_url=imds.url, enclave_host_region="ap-southeast-2")
+    again = play(ansible_playbook, host, enclave_host_imds_url=imds.url, enclave_host_region="ap-southeast-2")[0]
     assert again["changed"] == 0, "the same region given explicitly changes nothing"
 
 
@@ -186,7 +186,7 @@ def test_the_host_role_gets_the_kms_decrypt_policy_for_the_owners_key(ansible_pl
     playbook, role_vars, env = host
     extra = {"enclave_host_imds_url": "", "enclave_host_region": "eu-west-1",
              "enclave_host_kms_key_arn": key_arn, "enclave_host_iam_role": "enclave-host"}  # fmt: skip
-    first, _, _ = ansible_playbook(playbook, {**role_vars, **extra}, env={**env, "AWS_URL": moto_iam})
+    ansible_playbook(playbook, {**role_vars, **extra}, env={**env, "AWS_URL": moto_iam})
     document = iam.get_role_policy(RoleName="enclave-host", PolicyName="confidential-ml-kms-decrypt")["PolicyDocument"]
     if isinstance(document, str):
         document = json.loads(document)
@@ -196,7 +196,7 @@ def test_the_host_role_gets_the_kms_decrypt_policy_for_the_owners_key(ansible_pl
             {"Sid": "DecryptConfidentialMlPackages", "Effect": "Allow", "Action": "kms:Decrypt", "Resource": key_arn}
         ],
     }
-    second, _, _ = ansible_playbook(playbook, {**role_vars, **extra}, env={**env, "AWS_URL": moto_iam})
+    second = ansible_playbook(playbook, {**role_vars, **extra}, env={**env, "AWS_URL": moto_iam})[0]
     assert second["changed"] == 0
 
 

@@ -71,7 +71,7 @@ def forwarder(tmp_path):
     def echo():
         while True:
             try:
-                conn, _ = upstream.accept()
+                conn = upstream.accept()[0]
             except OSError:
                 return
             with conn:
@@ -132,8 +132,10 @@ def test_attest_cannot_sign_a_receipt(enclave):
         document = client.call("attest", {"user_data": receipt.job_digest(summary)})["document"]
     assert attestation.parse_document(document).user_data == receipt.ATTEST_DOMAIN + receipt.job_digest(summary)
     forged = receipt.make_receipt(summary, document)
-    release = {"allowed_pcr0": [enclave["pcr0"]], "packages": [{"manifest_digest": "00" * 32, "name": "x",
-                                                                 "version": "1"}]}  # fmt: skip
+    release = {
+        "allowed_pcr0": [enclave["pcr0"]],
+        "packages": [{"manifest_digest": "00" * 32, "name": "x", "version": "1"}],
+    }
     ca_root = _local_root(enclave)
     with pytest.raises(EnclaveError, match="not a job receipt"):
         receipt.verify_receipt(forged, release=release, trusted_roots=[ca_root])

@@ -95,7 +95,7 @@ def bound(tmp_path):
 
     simulated = SimulatedNsm(ca, {0: LOCAL_PCR0, 1: bytes(48), 2: bytes(48)})
     nsm_calls: list = []
-    simulated.handle = counting(nsm_calls, lambda request: cbor2.loads(request), simulated.handle)
+    simulated.handle = counting(nsm_calls, cbor2.loads, simulated.handle)
     nsm = NsmService(simulated, tmp_path / "nsm.sock").start()
     sock = tmp_path / "vsock" / "16_5000.sock"
     sock.parent.mkdir()

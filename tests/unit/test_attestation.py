@@ -263,7 +263,10 @@ def test_real_2024_document_tampered_is_refused(roots):
 
 def reencode(value, *, maps=True, arrays=True, strings=True) -> bytes:
     """value in CBOR with indefinite-length maps / arrays / byte strings (chunked) where asked."""
-    again = lambda v: reencode(v, maps=maps, arrays=arrays, strings=strings)  # noqa: E731
+
+    def again(v):
+        return reencode(v, maps=maps, arrays=arrays, strings=strings)
+
     if isinstance(value, dict) and maps:
         return b"\xbf" + b"".join(again(k) + again(v) for k, v in value.items()) + b"\xff"
     if isinstance(value, list | tuple) and arrays:
@@ -349,7 +352,7 @@ def _top(claims, *entries: bytes) -> bytes:
     [
         (lambda c: _top(c, cbor2.dumps("digest"), cbor2.dumps("SHA384"), b"\xff"), "Duplicate map key"),
         (lambda c: _top(c, cbor2.dumps("extra"), b"\xff"), "missing value"),
-        (lambda c: _top(c), "premature end|not valid CBOR"),  # no break: the map never ends
+        (_top, "premature end|not valid CBOR"),  # no break: the map never ends
         (lambda c: _top(c, b"\xff\x00"), "after its CBOR value"),
         (lambda c: _top({**c, "user_data": None}, cbor2.dumps("user_data"), b"\x5f\x41a\x61b\xff", b"\xff"), "."),
         (lambda c: _top(dict(c, certificate=None), b"\xff")[:-1] + b"\xff", "certificate"),
