@@ -247,10 +247,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(parts)
 
 
-def recv_frame(sock: socket.socket, max_frame: int = MAX_FRAME, *, string_keys: bool = False) -> dict | None:
-    """The next message, or None if the peer closed the connection between frames.
-
-    The claimed length is checked against max_frame before anything is allocated."""
+def _recv_length(sock: socket.socket, max_frame: int) -> int | None:
+    """The next frame's length, checked against max_frame; None if the peer closed between frames."""
     header = _recv_exact(sock, HEADER.size)
     if not header:
         return None
@@ -262,10 +260,24 @@ def recv_frame(sock: socket.socket, max_frame: int = MAX_FRAME, *, string_keys: 
             f"a frame claims {length} bytes, over the limit of {max_frame}: the peer is broken "
             f"or does not speak {PROTOCOL}"
         )
+    return length
+
+
+def _recv_body(sock: socket.socket, length: int) -> bytes:
     body = _recv_exact(sock, length)
     if len(body) < length:
         raise ProtocolError(f"the connection closed inside a frame ({len(body)} of {length} bytes)")
-    return decode(body, string_keys=string_keys)
+    return body
+
+
+def recv_frame(sock: socket.socket, max_frame: int = MAX_FRAME, *, string_keys: bool = False) -> dict | None:
+    """The next message, or None if the peer closed the connection between frames.
+
+    The claimed length is checked against max_frame before anything is allocated."""
+    length = _recv_length(sock, max_frame)
+    if length is None:
+        return None
+    return decode(_recv_body(sock, length), string_keys=string_keys)
 
 
 def _send_body(sock: socket.socket, body: bytes) -> None:
@@ -688,26 +700,14 @@ class _ServerConnection:
         budget = self.server.budget
         max_frame = self.server.max_frame
         while True:
-            header = _recv_exact(sock, HEADER.size)
-            if not header:
+            length = _recv_length(sock, max_frame)
+            if length is None:
                 return
-            if len(header) < HEADER.size:
-                raise ProtocolError("the connection closed inside a frame header")
-            (length,) = HEADER.unpack(header)
-            if length > max_frame:
-                raise ProtocolError(
-                    f"a frame claims {length} bytes, over the limit of {max_frame}: the peer is broken "
-                    f"or does not speak {PROTOCOL}"
-                )
             reserved = Server.request_reservation(length, self.channel.peer_max_frame)
             if not budget.acquire(self, reserved):
                 return  # closed while waiting
             try:
-                body = _recv_exact(sock, length)
-                if len(body) < length:
-                    raise ProtocolError(f"the connection closed inside a frame ({len(body)} of {length} bytes)")
-                msg = decode(body, string_keys=True)
-                del body
+                msg = decode(_recv_body(sock, length), string_keys=True)
             except BaseException:
                 budget.release(self, reserved)
                 raise

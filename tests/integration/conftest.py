@@ -57,6 +57,20 @@ JOB_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.e
 CALLBACK_PLUGINS = Path(__file__).resolve().parent / "callback_plugins"
 
 
+def processes_mentioning(text: str) -> dict[int, str]:
+    """Processes (but this one) whose command line holds text: what a test left running."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found[int(entry.name)] = cmdline
+    return found
+
+
 @pytest.fixture
 def ansible_playbook(tmp_path):
     """Runs a test's own playbook on localhost; returns (stats, tasks by name, stdout) for a run that failed nothing.

@@ -17,6 +17,7 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.cli.doctor import StepFailed, read_allocator
 from ansible_collections.confidential_ml.nitro.enclave_local import cloud
+from ansible_collections.confidential_ml.nitro.tests.integration.conftest import processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = ROOT / "tests" / "fixtures" / "fake-nitro-cli"
@@ -58,19 +59,6 @@ def stopped_at(report: dict, failed: str) -> None:
     assert step(report, failed)["todo"], "a failed step says what to do"
     assert step(report, "cleanup")["status"] == "ok", step(report, "cleanup")
     assert report["ok"] is False
-
-
-def processes_mentioning(text: str) -> dict[int, str]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmdline:
-                found[int(entry.name)] = cmdline
-    return found
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors impor
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import RuntimeFailure
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import ConnectionClosed, RemoteError
+from ansible_collections.confidential_ml.nitro.tests.integration.conftest import processes_mentioning
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the local runtime's namespaces and mounts need root")
 
@@ -131,19 +132,6 @@ APP = {
         print(json.dumps(report), flush=True)
     """,
 }
-
-
-def processes_mentioning(text: str) -> dict[int, str]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmdline:
-                found[int(entry.name)] = cmdline
-    return found
 
 
 def holders_of_namespace(ns: str) -> list[int]:
