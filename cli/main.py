@@ -19,6 +19,14 @@ from . import sync as sync_cmd
 LIB = "ansible_collections.confidential_ml.nitro.plugins.module_utils"
 
 
+# What Ctrl-C left behind, per command (the connection is closed on the way out: the enclave stops the job).
+INTERRUPTED = {
+    "run": "the job was cancelled in the enclave; run it again when you are ready",
+    "push": "the push was cancelled partway; push again to copy the rest (unchanged files are skipped)",
+    "pull": "the pull was cancelled partway; pull again to copy the rest (unchanged files are skipped)",
+}
+
+
 def _print_json(data) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
@@ -284,7 +292,8 @@ def cmd_run(args) -> int:
 
     client_lib = import_module(f"{LIB}.client")
     kms = client_lib.host_kms_settings(region=args.region, profile=args.profile)
-    streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+    # With --json stdout holds the summary alone, so the script's own output streams to stderr.
+    streams = {"stdout": sys.stderr.buffer if args.json else sys.stdout.buffer, "stderr": sys.stderr.buffer}
 
     def on_output(name: str, data: bytes) -> None:
         streams[name].write(data)
@@ -452,7 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--region", help="AWS region of the package's KMS key")
     run.add_argument("--profile", help="AWS profile whose credentials travel with the job")
-    run.add_argument("--json", action="store_true", help="print the job summary as JSON")
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help="print the job summary as one JSON document on stdout (the script's stdout then goes to stderr)",
+    )
     run.add_argument("--receipt", metavar="FILE", help="save the job's signed receipt (see `enclave receipt verify`)")
     _add_enclave_flags(run)
     run.set_defaults(func=cmd_run)
@@ -477,6 +490,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        # Leaving the client's `with` closed the connection, which ends a running job in the enclave.
+        print(f"enclave: interrupted: {INTERRUPTED.get(args.command, 'stopped')}", file=sys.stderr)
+        return 130
     except EnclaveError as err:
         print(f"enclave: error: {err}", file=sys.stderr)
         return 1

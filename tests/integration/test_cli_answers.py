@@ -1,0 +1,111 @@
+"""A newcomer's first hour with the `enclave` CLI against a real served enclave: every mistake gets a plain
+answer (issue 12). --json prints one JSON document, Ctrl-C ends with one line, and a missing package or share
+path is named with what exists and what to do, in the user's words rather than the protocol's."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
+
+ENCLAVE = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
+
+
+def cli(*args, check=True):
+    result = subprocess.run([*ENCLAVE, *args], capture_output=True, text=True, check=False)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def push_app(enclave):
+    cli("push", str(enclave["sealed"].parent), "/encrypted", "--expect-pcr0", enclave["pcr0"])
+
+
+def test_run_json_prints_exactly_one_json_document(enclave, tmp_path):
+    push_app(enclave)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("hi")
+    cli("push", str(data), "/dataset", "--expect-pcr0", enclave["pcr0"])
+    run = cli("run", "-f", "app.pkg", "-s", "ml_algorithm.py", "-a", "-m model.h5 -d /dataset -o /output",
+              "--expect-pcr0", enclave["pcr0"], "--json")  # fmt: skip
+    summary = json.loads(run.stdout)  # the whole of stdout, nothing before or after
+    assert summary["rc"] == 0 and summary["ended_by"] == "exit"
+    assert "classified a.txt short" in run.stderr and "done" in run.stderr  # the script's output, on stderr
+
+
+def test_ctrl_c_in_run_cancels_the_job_with_one_line(enclave):
+    push_app(enclave)
+    proc = subprocess.Popen([*ENCLAVE, "run", "-f", "app.pkg", "-s", "spin.py", "--expect-pcr0", enclave["pcr0"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline() == "spinning\n"  # the job is running in the enclave
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert "interrupted" in stderr and "cancelled" in stderr
+    deadline = time.time() + 30
+    with EnclaveClient(enclave["endpoint"]) as client:  # the enclave goes idle: the job is gone
+        while client.call("health")["job"] is not None:
+            assert time.time() < deadline, "the job outlived the interrupted CLI"
+            time.sleep(0.05)
+    again = cli("run", "-f", "app.pkg", "-s", "ml_algorithm.py", "-a", "-m model.h5 -d /dataset -o /output",
+                "--expect-pcr0", enclave["pcr0"], "--clear-output")  # fmt: skip
+    assert again.returncode == 0
+
+
+def test_missing_package_names_the_packages_there(enclave):
+    push_app(enclave)
+    result = cli("run", "-f", "digits.pkg", "-s", "x.py", "--expect-pcr0", enclave["pcr0"], check=False)
+    assert result.returncode == 1
+    err = result.stderr
+    assert "/encrypted/digits.pkg" in err and "app.pkg" in err and "enclave push" in err, err
+    assert "job.run" not in err and "ENOENT" not in err, err
+
+
+def test_pull_of_a_missing_folder_names_the_share_folders(enclave, tmp_path):
+    result = cli("pull", "/nonexistent", str(tmp_path / "out"), "--expect-pcr0", enclave["pcr0"], check=False)
+    assert result.returncode == 1
+    err = result.stderr
+    assert "/nonexistent" in err and all(f"/{top}" in err for top in ("dataset", "model", "output", "encrypted"))
+    assert "share.manifest" not in err and "ENOENT" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_creates_missing_folders_inside_the_share(enclave, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("hi")
+    pushed = json.loads(cli("push", str(data), "/dataset/sub/deeper", "--expect-pcr0", enclave["pcr0"],
+                            "--json").stdout)  # fmt: skip
+    assert pushed["changed"] == ["a.txt"]
+    assert (enclave["share"] / "dataset" / "sub" / "deeper" / "a.txt").read_text() == "hi"
+    again = json.loads(cli("push", str(data), "/dataset/sub/deeper", "--expect-pcr0", enclave["pcr0"],
+                           "--json").stdout)  # fmt: skip
+    assert again["changed"] == [] and again["unchanged"] == 1
+    # A dry run creates nothing, and says what it would push.
+    dry = cli("push", str(data), "/model/new", "--dry-run", "--expect-pcr0", enclave["pcr0"])
+    assert "would push a.txt" in dry.stdout and not (enclave["share"] / "model" / "new").exists()
+
+
+def test_push_outside_the_share_folders_says_where_it_may_go(enclave, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("hi")
+    result = cli("push", str(data), "/datasets/x", "--expect-pcr0", enclave["pcr0"], check=False)
+    assert result.returncode == 1
+    err = result.stderr
+    assert "/datasets" in err and all(f"/{top}" in err for top in ("dataset", "model", "output", "encrypted"))
+    assert "share.manifest" not in err and "ENOENT" not in err, err
+    assert not (enclave["share"] / "datasets").exists()
+
+
+def test_version_and_verbose_after_the_subcommand():
+    version = cli("--version")
+    assert version.stdout.startswith("enclave ") and version.stdout.split()[1][0].isdigit()
+    result = cli("package", "inspect", "/nonexistent.pkg", "-v", check=False)
+    assert result.returncode == 1 and "unrecognized arguments" not in result.stderr
+    assert "/nonexistent.pkg" in result.stderr
