@@ -495,7 +495,10 @@ def main(argv=None) -> int:
         print(f"enclave: interrupted: {INTERRUPTED.get(args.command, 'stopped')}", file=sys.stderr)
         return 130
     except EnclaveError as err:
-        print(f"enclave: error: {err}", file=sys.stderr)
+        # The server's own message, without the protocol's operation and errno name (-v logs those).
+        remote = isinstance(err, OSError) and getattr(err, "op", None) and err.strerror
+        logging.debug("%s", err)
+        print(f"enclave: error: {err.strerror if remote else err}", file=sys.stderr)
         return 1
     except OSError as err:
         print(f"enclave: error: {err}", file=sys.stderr)

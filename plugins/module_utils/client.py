@@ -8,6 +8,7 @@ before it sends anything else.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -205,9 +206,22 @@ class EnclaveClient:
             raise EnclaveError(f"{local_dir} is not a directory: push copies a directory's contents")
         remote_root = "/" + remote_dir.strip("/")
         ours = local_manifest(local_dir)
-        theirs = {e["path"]: e for e in self.call("share.manifest", {"path": remote_root})}
-        changed = [e for e in ours.values() if _differs(e, theirs.get(e["path"]))]
+        try:
+            theirs = {e["path"]: e for e in self.call("share.manifest", {"path": remote_root})}
+        except wire.RemoteError as err:
+            if err.errno != errno.ENOENT:
+                raise
+            theirs = None  # a folder that does not exist yet: created below, as mkdir -p would
+            top = self._top_level()
+            if remote_root.split("/")[1] not in top:
+                raise EnclaveError(
+                    f"{remote_root} is not in one of the share's folders ({_shown(top)}): push into one of "
+                    f"them, e.g. `enclave push {local_dir} /{top[0] if top else 'dataset'}`"
+                ) from None
+        changed = [e for e in ours.values() if _differs(e, (theirs or {}).get(e["path"]))]
         if not dry_run:
+            if theirs is None:
+                self._makedirs(remote_root)
             for entry in changed:
                 remote = f"{remote_root}/{entry['path']}"
                 if entry["type"] == "dir":
@@ -219,6 +233,33 @@ class EnclaveClient:
             "unchanged": len(ours) - len(changed),
             "bytes": sum(e.get("size", 0) for e in changed),
         }
+
+    def _top_level(self) -> list[str]:
+        """The share's top-level folders (/dataset, /encrypted, /model, /output), as the enclave lists them."""
+        return sorted(e["name"] for e in self.call("share.list", {"path": "/"}) if stat.S_ISDIR(e["mode"]))
+
+    def _what_is_there(self, path: str) -> str:
+        """What the nearest existing folder above path holds, for an error about a path that is not there."""
+        parts = path.strip("/").split("/")
+        for depth in range(len(parts) - 1, 0, -1):
+            folder = "/" + "/".join(parts[:depth])
+            try:
+                entries = self.call("share.list", {"path": folder})
+            except wire.RemoteError:
+                continue
+            names = sorted(e["name"] + ("/" if stat.S_ISDIR(e["mode"]) else "") for e in entries)
+            return f"{folder} holds {_shown(names, folder + '/')}" if names else f"{folder} is empty"
+        return f"the share's folders are {_shown(self._top_level())}"
+
+    def _makedirs(self, remote: str) -> None:
+        """Create remote and the folders above it that are missing (the top-level folder exists)."""
+        parts = remote.strip("/").split("/")
+        for depth in range(2, len(parts) + 1):
+            try:
+                self.call("share.mkdir", {"path": "/" + "/".join(parts[:depth]), "mode": 0o755})
+            except wire.RemoteError as err:
+                if err.errno != errno.EEXIST:
+                    raise
 
     def _upload(self, src: Path, remote: str, mode: int) -> None:
         pending: deque = deque()
@@ -244,7 +285,15 @@ class EnclaveClient:
         """Copy what differs from the share's remote_dir into local_dir (by SHA-256); nothing is deleted."""
         local_dir = Path(local_dir)
         remote_root = "/" + remote_dir.strip("/")
-        theirs = self.call("share.manifest", {"path": remote_root})
+        try:
+            theirs = self.call("share.manifest", {"path": remote_root})
+        except wire.RemoteError as err:
+            if err.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            raise EnclaveError(
+                f"{remote_root} is not a folder in the enclave's share ({self._what_is_there(remote_root)}): "
+                "pull a folder that is there, e.g. `enclave pull /output DIR`"
+            ) from None
         for entry in theirs:
             _safe_parts(entry["path"])
         ours = local_manifest(local_dir) if local_dir.is_dir() else {}
@@ -320,7 +369,31 @@ class EnclaveClient:
             if on_output and isinstance(event, dict) and event.get("type") in ("stdout", "stderr"):
                 on_output(event["type"], event["data"])
 
-        return self.connection.stream("job.run", request, on_event=on_event)
+        try:
+            return self.connection.stream("job.run", request, on_event=on_event)
+        except wire.RemoteError as err:
+            if err.errno != errno.ENOENT or self._exists(request["package"]):
+                raise
+            raise EnclaveError(
+                f"there is no package {request['package']} in the enclave's share: "
+                f"{self._what_is_there(request['package'])}; name one of those, or copy the owner's package "
+                "there first (`enclave push DIR /encrypted`, DIR holding the .pkg file)"
+            ) from None
+
+    def _exists(self, path: str) -> bool:
+        try:
+            self.call("share.stat", {"path": path})
+        except wire.RemoteError as err:
+            if err.errno in (errno.ENOENT, errno.ENOTDIR):
+                return False
+            raise
+        return True
+
+
+def _shown(names: Sequence[str], prefix: str = "/", limit: int = 20) -> str:
+    """'/dataset, /model' (at most limit names, then how many more)."""
+    shown = ", ".join(prefix + n for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _write_block(f, digest, block: bytes) -> None:

@@ -64,6 +64,10 @@ def test_missing_package_names_the_packages_there(enclave):
     err = result.stderr
     assert "/encrypted/digits.pkg" in err and "app.pkg" in err and "enclave push" in err, err
     assert "job.run" not in err and "ENOENT" not in err, err
+    # Any other error of the server reads as its message alone, too.
+    result = cli("run", "-f", "app.pkg", "-s", "nope.py", "--expect-pcr0", enclave["pcr0"], check=False)
+    assert result.returncode == 1 and "enclave: error: script 'nope.py' is not in package" in result.stderr
+    assert "job.run" not in result.stderr and "ENOENT" not in result.stderr
 
 
 def test_pull_of_a_missing_folder_names_the_share_folders(enclave, tmp_path):
