@@ -8,6 +8,7 @@ subcommand that needs them so that `enclave --help` and job start stay fast.
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -357,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="enclave", description="Confidential ML in AWS Nitro Enclaves (and the local embedded backend)."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug output (also after the command)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     package = commands.add_parser("package", help="seal and inspect encrypted application packages")
@@ -482,7 +484,36 @@ def build_parser() -> argparse.ArgumentParser:
     verify_receipt.add_argument("--allow-debug", action="store_true", help="accept debug-mode enclaves")
     verify_receipt.add_argument("--json", action="store_true")
     verify_receipt.set_defaults(func=cmd_receipt_verify)
+    _verbose_everywhere(parser)
     return parser
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept -v after any (sub)command too: `enclave run ... -v` as well as `enclave -v run ...`. SUPPRESS
+    keeps a subcommand from resetting a -v given before it."""
+    for action in parser._actions:  # argparse keeps its subparsers there and nowhere public
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                if "-v" not in sub._option_string_actions:
+                    sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                     help="log debug output")  # fmt: skip
+                _verbose_everywhere(sub)
+
+
+def version() -> str:
+    """The installed distribution's version, else (run from a checkout or the collection) galaxy.yml's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("confidential-ml-nitro")
+    except metadata.PackageNotFoundError:
+        pass
+    galaxy = Path(__file__).parent.parent / "galaxy.yml"
+    try:
+        found = re.search(r"^version:\s*['\"]?([^'\"\s]+)", galaxy.read_text(), re.MULTILINE)
+    except OSError:
+        found = None
+    return found.group(1) if found else "unknown"
 
 
 def main(argv=None) -> int:
@@ -497,7 +528,8 @@ def main(argv=None) -> int:
     except EnclaveError as err:
         # The server's own message, without the protocol's operation and errno name (-v logs those).
         remote = isinstance(err, OSError) and getattr(err, "op", None) and err.strerror
-        logging.debug("%s", err)
+        if remote:
+            logging.debug("the enclave server answered %s", err)
         print(f"enclave: error: {err.strerror if remote else err}", file=sys.stderr)
         return 1
     except OSError as err:

@@ -7,7 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
+from pathlib import Path
 
+import yaml
+
+from ansible_collections.confidential_ml.nitro.cli import main
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
 
 ENCLAVE = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
@@ -68,6 +73,9 @@ def test_missing_package_names_the_packages_there(enclave):
     result = cli("run", "-f", "app.pkg", "-s", "nope.py", "--expect-pcr0", enclave["pcr0"], check=False)
     assert result.returncode == 1 and "enclave: error: script 'nope.py' is not in package" in result.stderr
     assert "job.run" not in result.stderr and "ENOENT" not in result.stderr
+    # -v, after the subcommand too, logs the protocol's words for whoever debugs it.
+    result = cli("run", "-f", "app.pkg", "-s", "nope.py", "--expect-pcr0", enclave["pcr0"], "-v", check=False)
+    assert "DEBUG the enclave server answered job.run:" in result.stderr and "(ENOENT)" in result.stderr
 
 
 def test_pull_of_a_missing_folder_names_the_share_folders(enclave, tmp_path):
@@ -108,8 +116,23 @@ def test_push_outside_the_share_folders_says_where_it_may_go(enclave, tmp_path):
 
 
 def test_version_and_verbose_after_the_subcommand():
-    version = cli("--version")
-    assert version.stdout.startswith("enclave ") and version.stdout.split()[1][0].isdigit()
+    galaxy = yaml.safe_load((Path(main.__file__).parent.parent / "galaxy.yml").read_text())["version"]
+    try:
+        installed = metadata.version("confidential-ml-nitro")
+    except metadata.PackageNotFoundError:
+        installed = galaxy
+    assert cli("--version").stdout == f"enclave {installed}\n"
     result = cli("package", "inspect", "/nonexistent.pkg", "-v", check=False)
     assert result.returncode == 1 and "unrecognized arguments" not in result.stderr
     assert "/nonexistent.pkg" in result.stderr
+
+
+def test_version_falls_back_to_galaxy_yml(monkeypatch):
+    """Run from a checkout or an installed collection (no distribution): galaxy.yml's version."""
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    galaxy = yaml.safe_load((Path(main.__file__).parent.parent / "galaxy.yml").read_text())["version"]
+    assert main.version() == str(galaxy)
