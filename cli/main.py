@@ -8,7 +8,6 @@ subcommand that needs them so that `enclave --help` and job start stay fast.
 import argparse
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -508,12 +507,12 @@ def version() -> str:
         return metadata.version("confidential-ml-nitro")
     except metadata.PackageNotFoundError:
         pass
-    galaxy = Path(__file__).parent.parent / "galaxy.yml"
+    import yaml
+
     try:
-        found = re.search(r"^version:\s*['\"]?([^'\"\s]+)", galaxy.read_text(), re.MULTILINE)
-    except OSError:
-        found = None
-    return found.group(1) if found else "unknown"
+        return str(yaml.safe_load((Path(__file__).parent.parent / "galaxy.yml").read_text())["version"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return "unknown"
 
 
 def main(argv=None) -> int:
