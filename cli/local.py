@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import options
+
 LOCAL = "ansible_collections.confidential_ml.nitro.enclave_local"
 
 
@@ -71,12 +73,10 @@ def cmd_build(args) -> int:
     with tempfile.TemporaryDirectory(prefix="owner-identity-") as tmp:
         owner_identity = args.owner_identity
         if args.owner_key:
-            from . import main
-
             identity_lib = import_module(
                 "ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity"
             )
-            kms = main._kms_client(args)
+            kms = options.kms_client(args)
             identity = identity_lib.OwnerIdentity(
                 tuple(identity_lib.owner_key_from_kms(kms, key) for key in args.owner_key)
             )
@@ -150,9 +150,7 @@ def register(commands) -> None:
         "runs only packages these keys signed (their public keys are read with GetPublicKey)",
     )
     owner.add_argument("--owner-identity", metavar="FILE", help="the owner's signing keys as an owner_identity.json")
-    from .main import _add_kms_flags
-
-    _add_kms_flags(build)
+    options.add_kms_flags(build)
     build.set_defaults(func=cmd_build)
 
     run = sub.add_parser("run-enclave", help="start an enclave from an image")

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..plugins.module_utils.errors import EnclaveError
 from . import doctor as doctor_cmd
 from . import local as local_cmd
+from . import options
 from . import sync as sync_cmd
 
 LIB = "ansible_collections.confidential_ml.nitro.plugins.module_utils"
@@ -30,21 +31,6 @@ INTERRUPTED = {
 def _print_json(data) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
-
-
-def _kms_client(args):
-    """A boto3 KMS client configured the boto3 way (env, profiles), unless a flag names the endpoint."""
-    from importlib import import_module
-
-    settings = import_module(f"{LIB}.settings")
-    return settings.kms_client(endpoint_url=args.kms_endpoint, region=args.region, profile=args.profile)
-
-
-def _add_kms_flags(parser) -> None:
-    group = parser.add_argument_group("KMS (defaults come from boto3: AWS_ENDPOINT_URL_KMS, AWS_PROFILE, ...)")
-    group.add_argument("--kms-endpoint", metavar="URL", help="KMS endpoint URL (e.g. the local KMS)")
-    group.add_argument("--region", help="AWS region")
-    group.add_argument("--profile", help="AWS profile")
 
 
 def _parse_context(pairs) -> dict:
@@ -69,7 +55,7 @@ def cmd_package_seal(args) -> int:
 
     package = import_module(f"{LIB}.package")
     src = Path(args.dir)
-    kms = _kms_client(args)
+    kms = options.kms_client(args)
     signer = import_module(f"{LIB}.owner_identity").KmsSigner(kms, args.signing_key) if args.signing_key else None
     header = package.seal(
         src,
@@ -377,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     seal.add_argument("--version", default="0.0.0", help="package version (default 0.0.0)")
     seal.add_argument("--context", action="append", metavar="KEY=VALUE", help="extra KMS encryption context")
     seal.add_argument("--json", action="store_true", help="print the header as JSON")
-    _add_kms_flags(seal)
+    options.add_kms_flags(seal)
     seal.set_defaults(func=cmd_package_seal)
     inspect = package_cmds.add_parser("inspect", help="print a package's header (needs no key)")
     inspect.add_argument("file")
