@@ -17,11 +17,18 @@ an enclave), mounts its share with `fusefs.mount` (attested, in the background, 
   same on tmpfs and on the two in-process file systems.
 
 Targets: mount write >= 60% of the in-process FUSE write and >= 250 MB/s; the
-small-file copy >= 4x faster than the original sample's 1.08 s per 1,000 files of
-4 KiB. Reads are measured with the file's page cache dropped first. The server
+small-file copy <= 0.27 s per 1,000 files of 4 KiB. That bound is a quarter of the
+1.08 s per 1,000 files given for the original AWS sample's FUSE client, a figure
+from elsewhere that this run does not measure: it is printed as given, never as a
+measurement or a ratio. Reads are measured with the file's page cache dropped first. The server
 runs with glibc keeping freed MiB buffers (docs/PROTOCOL.md section 9), as the
 mount process does; --server-default-malloc shows the difference. --repeat N keeps
 the best of N runs of each measurement (the machine's cores are shared).
+
+The in-process references load libfuse 3 as the product does (fusefs picks it even
+where libfuse 2 is installed) and must really be FUSE mounts: if one fails to mount,
+or what is at its mount point is not a fuse file system, the benchmark stops with a
+non-zero exit rather than time a plain directory under its name.
 """
 
 import argparse
@@ -48,10 +55,11 @@ checkout.use()  # the imports below come from this tree
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import fusefs  # noqa: E402
 
 MIB = 1 << 20
-ORIGINAL_S_PER_1000_FILES = 1.08  # the original AWS sample's FUSE client, 1,000 files of 4 KiB
+# Given, not measured here: the original AWS sample's FUSE client, 1,000 files of 4 KiB.
+GIVEN_ORIGINAL_S_PER_1000_FILES = 1.08
 TARGET_WRITE_RATIO = 0.60
 TARGET_WRITE_MBS = 250
-TARGET_SMALL_SPEEDUP = 4.0
+TARGET_SMALL_CP_S_PER_1000_FILES = 0.27  # a quarter of the given figure above
 
 
 # ---------------------------------------------------------------- the in-process FUSE limit
@@ -59,7 +67,7 @@ TARGET_SMALL_SPEEDUP = 4.0
 
 def serve_memfs(mountpoint: str) -> None:
     """A minimal memory file system on mfusepy: the FUSE cost without any RPC."""
-    import mfusepy
+    mfusepy = fusefs._load_mfusepy()  # libfuse 3, as the mount uses; stops if only libfuse 2 loads
 
     class Chunks:
         """File contents as 1 MiB chunks: an aligned 1 MiB write is kept as it came, never copied again;
@@ -185,7 +193,7 @@ def serve_memfs(mountpoint: str) -> None:
 def serve_passthrough(mountpoint: str, backing: str) -> None:
     """A minimal mfusepy file system passing every call to a directory on tmpfs: the FUSE cost plus the
     tmpfs write the enclave's share also pays, without any RPC."""
-    import mfusepy
+    mfusepy = fusefs._load_mfusepy()  # libfuse 3, as the mount uses; stops if only libfuse 2 loads
 
     def real(path):
         return os.path.join(backing, path.lstrip("/"))
@@ -350,6 +358,30 @@ def enclave_server(base: Path, share: Path, *, tunables: bool):
         nsm.stop()
 
 
+def fuse_fstype(path: Path) -> str | None:
+    """The file system type of the mount exactly at path ("fuse.memfs", ...), from /proc/self/mountinfo."""
+    target = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            # The mount point is the fifth field (octal escapes); the type follows the " - " separator.
+            # The last mount at a path is the one seen there.
+            if fields[4].encode().decode("unicode_escape") == target:
+                found = fields[fields.index("-") + 1]
+    return found
+
+
+def require_fuse_mount(path: Path, what: str) -> None:
+    """Stop unless path is a FUSE mount point: a plain directory timed under a FUSE name would lie."""
+    fstype = fuse_fstype(path)
+    if not os.path.ismount(path) or not fstype or not fstype.startswith("fuse"):
+        raise SystemExit(
+            f"bench_fuse: {what} at {path} is not a FUSE mount (type {fstype or 'none'}): "
+            "the reference cannot be measured; see the messages above (is libfuse 3 installed?)"
+        )
+
+
 @contextlib.contextmanager
 def reference_mount(mountpoint: Path, backing: Path | None = None):
     """The in-process memory file system, or with backing the passthrough to that directory."""
@@ -360,6 +392,12 @@ def reference_mount(mountpoint: Path, backing: Path | None = None):
     proc = subprocess.Popen([sys.executable, __file__, *serve], env=env)
     try:
         wait_until(lambda: fusefs.is_mounted(mountpoint) or proc.poll() is not None, f"the mount at {mountpoint}")
+        if proc.poll() is not None:
+            raise SystemExit(
+                f"bench_fuse: the reference file system at {mountpoint} exited with status {proc.returncode} "
+                "before mounting; see its messages above"
+            )
+        require_fuse_mount(mountpoint, "the reference file system")
         os.stat(mountpoint)
         yield mountpoint
     finally:
@@ -372,6 +410,7 @@ def reference_mount(mountpoint: Path, backing: Path | None = None):
 def enclave_mount(endpoint: str, mountpoint: Path, pcr0: str):
     mountpoint.mkdir()
     fusefs.mount(endpoint, mountpoint, expect_pcr0=pcr0)
+    require_fuse_mount(mountpoint, "the enclave mount")
     state = fusefs.mount_state(mountpoint)
     report = {}
     try:
@@ -417,10 +456,12 @@ def print_report(r: dict) -> None:
                         ("passthrough", "in-process FUSE passthrough"), ("mount", "enclave mount")):  # fmt: skip
         s = small[name]
         print(f"  {label:<36} {s['cp_s']:>9.2f} {s['ls_s']:>11.2f} {s['rm_s']:>10.2f}")
-    print(f"  original sample: {r['original_cp_s']:.2f} s for {o['files']} files; mount is "
-          f"{ratios['small_speedup_vs_original']:.2f}x faster (target >= {TARGET_SMALL_SPEEDUP}); "
-          f"in-process FUSE is {ratios['memfs_small_speedup_vs_original']:.2f}x; mount cp / passthrough cp "
-          f"{ratios['small_cp_vs_passthrough']:.2f}")  # fmt: skip
+    print(
+        f"  mount cp {r['mount_cp_s_per_1000_files']:.2f} s per 1,000 files (target <= "
+        f"{TARGET_SMALL_CP_S_PER_1000_FILES}); mount cp / passthrough cp {ratios['small_cp_vs_passthrough']:.2f}"
+    )
+    print(f"  not measured here: the original sample's {r['given']['original_sample_cp_s_per_1000_files']} s per "
+          "1,000 files, a figure from elsewhere (the target above is a quarter of it)")  # fmt: skip
     ops = r["mount_requests"]["ops"]
     print(f"  mount round trips: {json.dumps({k: v for k, v in sorted(ops.items()) if k.startswith('share.')})}")
     verdicts = r["targets"]
@@ -439,12 +480,15 @@ def main(argv=None) -> int:
     parser.add_argument("--serve-passthrough", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--backing", metavar="DIR", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
-    if opts.serve_memfs:
-        serve_memfs(opts.serve_memfs)
-        return 0
-    if opts.serve_passthrough:
-        serve_passthrough(opts.serve_passthrough, opts.backing)
-        return 0
+    try:
+        if opts.serve_memfs:
+            serve_memfs(opts.serve_memfs)
+            return 0
+        if opts.serve_passthrough:
+            serve_passthrough(opts.serve_passthrough, opts.backing)
+            return 0
+    except fusefs.EnclaveError as err:
+        raise SystemExit(f"bench_fuse: the reference file system cannot start: {err}") from err
     if not os.path.isdir("/dev/shm"):
         raise SystemExit("bench_fuse: /dev/shm (a tmpfs) is needed for the baseline and the share")
 
@@ -481,7 +525,7 @@ def main(argv=None) -> int:
 
     seq = {name: best(run["sequential"]) for name, run in runs.items()}
     small = {name: best(run["small_files"]) for name, run in runs.items()}
-    original = ORIGINAL_S_PER_1000_FILES * opts.files / 1000
+    mount_cp_per_1000 = small["mount"]["cp_s"] * 1000 / opts.files
     ratios = {
         "write_vs_memfs": seq["mount"]["write_mbs"] / seq["memfs"]["write_mbs"],
         "write_vs_passthrough": seq["mount"]["write_mbs"] / seq["passthrough"]["write_mbs"],
@@ -491,20 +535,27 @@ def main(argv=None) -> int:
         "read_vs_socket": seq["mount"]["read_mbs"] / raw,
         "write_vs_tmpfs": seq["mount"]["write_mbs"] / seq["tmpfs"]["write_mbs"],
         "small_cp_vs_tmpfs": small["mount"]["cp_s"] / small["tmpfs"]["cp_s"],
-        "small_speedup_vs_original": original / small["mount"]["cp_s"],
-        "memfs_small_speedup_vs_original": original / small["memfs"]["cp_s"],
     }
     results = {
         "sequential": seq,
         "raw_socket_mbs": raw,
         "small_files": small,
-        "original_cp_s": original,
+        "mount_cp_s_per_1000_files": mount_cp_per_1000,
         "ratios": ratios,
+        # Not measured in this run: the targets, and a figure from elsewhere they derive from.
+        "given": {
+            "original_sample_cp_s_per_1000_files": GIVEN_ORIGINAL_S_PER_1000_FILES,
+            "target_write_ratio_vs_memfs": TARGET_WRITE_RATIO,
+            "target_write_mbs": TARGET_WRITE_MBS,
+            "target_cp_s_per_1000_files": TARGET_SMALL_CP_S_PER_1000_FILES,
+        },
         "mount_requests": mount_report,
         "targets": {
             "write >= 60% of in-process FUSE": ratios["write_vs_memfs"] >= TARGET_WRITE_RATIO,
             "write >= 250 MB/s": seq["mount"]["write_mbs"] >= TARGET_WRITE_MBS,
-            "small files >= 4x the original": ratios["small_speedup_vs_original"] >= TARGET_SMALL_SPEEDUP,
+            f"small files cp <= {TARGET_SMALL_CP_S_PER_1000_FILES} s per 1,000": (
+                mount_cp_per_1000 <= TARGET_SMALL_CP_S_PER_1000_FILES
+            ),
         },
         "options": {
             "size_mib": opts.size_mib,
