@@ -6,6 +6,11 @@ Each benchmarks/bench_*.py measures its subject beside the limit in the same
 run (raw socket, tmpfs copy, bare cipher, `python -c pass`) and prints JSON
 with --json. This runner collects them, flattens the numbers and writes
 report.json and report.md; ratios are the rows whose name says "ratio".
+Numbers a benchmark did not measure in the run (its settings under "options"
+or "config", its targets and figures from elsewhere under "given") are listed
+apart, under a heading that says so, never among the measurements. A benchmark
+that exits non-zero (one whose limit could not be measured, for one) is
+reported as FAILED and makes this runner exit 1.
 --quick runs smaller sizes (for a smoke run; the figures are noisier).
 """
 
@@ -18,6 +23,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # (script, full-size arguments, quick arguments)
+# Top-level keys of a benchmark's JSON that hold numbers not measured in the run.
+NOT_MEASURED = ("options", "config", "given")
 BENCHMARKS = [
     ("bench_package.py", [], ["--size-mib", "128"]),
     ("bench_wire.py", [], ["--calls", "2000", "--bulk-mib", "128"]),
@@ -61,12 +68,17 @@ def markdown(report: dict) -> str:
         if "error" in entry:
             lines += [f"FAILED: {entry['error']}", ""]
             continue
-        figures = flatten(entry["results"])
+        results = entry["results"]
+        figures = flatten({k: v for k, v in results.items() if k not in NOT_MEASURED})
+        unmeasured = flatten({k: v for k, v in results.items() if k in NOT_MEASURED})
         ratios = {k: v for k, v in figures.items() if any(w in k.lower() for w in ("ratio", "_over_", "speedup"))}
         lines += ["| ratio to the limit | value |", "|---|---|"]
         lines += [f"| {k} | {v:.3g} |" for k, v in ratios.items()] or ["| (none reported) | |"]
         lines += ["", "| figure | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in figures.items() if k not in ratios]
+        if unmeasured:
+            lines += ["", "| not measured in this run (settings, targets, figures from elsewhere) | value |"]
+            lines += ["|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in unmeasured.items()]
         lines.append("")
     return "\n".join(lines)
 
