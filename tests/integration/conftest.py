@@ -55,6 +55,28 @@ BIN = Path(sys.executable).parent
 JOB_UID = 40000 + os.getpid() % 20000 if os.geteuid() == 0 else None
 JOB_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 CALLBACK_PLUGINS = Path(__file__).resolve().parent / "callback_plugins"
+ENCLAVE = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
+
+
+def cli(*args, check=True):
+    """The `enclave` command as a user runs it; with check, it must succeed."""
+    result = subprocess.run([*ENCLAVE, *args], capture_output=True, text=True, check=False)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def owner_key(owner, pcr0: bytes = LOCAL_PCR0) -> str:
+    """A package key of the owner's whose policy releases it to pcr0 only (render_policy)."""
+    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
+    policy = render_policy(
+        account_id=ACCOUNT,
+        user_principals=[f"arn:aws:iam::{ACCOUNT}:role/enclave-host"],
+        admin_principals=[f"arn:aws:iam::{ACCOUNT}:role/owner"],
+        pcr0=[pcr0.hex()],
+    )
+    owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
+    return key_id
 
 
 def processes_mentioning(text: str) -> dict[int, str]:
@@ -166,14 +188,7 @@ def enclave(tmp_path, monkeypatch):
     kms_server = LocalKmsServer(LocalKms(tmp_path / "kms", trusted_roots=[ca.root_certificate])).start()
     owner = boto3.client("kms", endpoint_url=kms_server.endpoint_url, region_name="us-east-1",
                          **kms_server.kms.credentials("owner"))  # fmt: skip
-    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
-    policy = render_policy(
-        account_id=ACCOUNT,
-        user_principals=[f"arn:aws:iam::{ACCOUNT}:role/enclave-host"],
-        admin_principals=[f"arn:aws:iam::{ACCOUNT}:role/owner"],
-        pcr0=[LOCAL_PCR0.hex()],
-    )
-    owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
+    key_id = owner_key(owner)
     app = tmp_path / "app"
     app.mkdir()
     for name, body in APP.items():

@@ -5,7 +5,6 @@ path is named with what exists and what to do, in the user's words rather than t
 import json
 import signal
 import subprocess
-import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -14,15 +13,7 @@ import yaml
 
 from ansible_collections.confidential_ml.nitro.cli import main
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
-
-ENCLAVE = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
-
-
-def cli(*args, check=True):
-    result = subprocess.run([*ENCLAVE, *args], capture_output=True, text=True, check=False)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
+from ansible_collections.confidential_ml.nitro.tests.integration.conftest import ENCLAVE, cli
 
 
 def push_app(enclave):

@@ -26,14 +26,13 @@ from ansible_collections.confidential_ml.nitro.enclave_local.nsm_service import 
 from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA, SimulatedNsm
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import (
     KmsSigner,
     OwnerIdentity,
     owner_key_from_kms,
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import RemoteError
-from ansible_collections.confidential_ml.nitro.tests.integration.conftest import JOB_PYTHON, JOB_UID
+from ansible_collections.confidential_ml.nitro.tests.integration.conftest import JOB_PYTHON, JOB_UID, owner_key
 
 ACCOUNT = "111122223333"
 LOCAL_PCR0 = hashlib.sha384(b"the owner's bound image").digest()
@@ -71,14 +70,7 @@ def bound(tmp_path):
                             **kms.credentials(who))  # fmt: skip
 
     owner = client("owner")
-    key_id = owner.create_key()["KeyMetadata"]["KeyId"]
-    policy = render_policy(
-        account_id=ACCOUNT,
-        user_principals=[f"arn:aws:iam::{ACCOUNT}:role/enclave-host"],
-        admin_principals=[f"arn:aws:iam::{ACCOUNT}:role/owner"],
-        pcr0=[LOCAL_PCR0.hex()],
-    )
-    owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
+    key_id = owner_key(owner, LOCAL_PCR0)
     signing_id = owner.create_key(KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
     identity = OwnerIdentity((owner_key_from_kms(owner, signing_id),))
     (tmp_path / "owner_identity.json").write_bytes(identity.dumps())

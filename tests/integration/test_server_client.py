@@ -10,8 +10,6 @@ import json
 import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,15 +18,7 @@ import pytest
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient, host_kms_settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import Connection
-
-ENCLAVE = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
-
-
-def cli(*args, check=True):
-    result = subprocess.run([*ENCLAVE, *args], capture_output=True, text=True, check=False)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
+from ansible_collections.confidential_ml.nitro.tests.integration.conftest import cli
 
 
 def test_push_run_pull_through_the_cli(enclave):
