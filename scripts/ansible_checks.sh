@@ -51,7 +51,12 @@ link_collection() {
 run_lint() {
     link_collection
     say "ansible-lint --profile production ($ROOT)"
-    (cd "$ROOT" && ansible-lint --profile production --offline --nocolor)
+    # A private TMPDIR: ansible-lint's syntax check writes a temporary playbook there and would load any
+    # collections/ tree lying beside it (a stray /tmp/collections once shadowed this one).
+    local tmp
+    tmp=$(mktemp -d)
+    (cd "$ROOT" && TMPDIR=$tmp ansible-lint --profile production --offline --nocolor) || { rm -rf "$tmp"; return 1; }
+    rm -rf "$tmp"
 }
 
 write_get_pip_stand_in() {
