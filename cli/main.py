@@ -305,7 +305,10 @@ def cmd_run(args) -> int:
     else:
         for out in summary["outputs"]:
             print(f"output {out['path']} {out['size']} bytes sha256 {out['sha256']}", file=sys.stderr)
-        if summary["ended_by"] != "exit":
+        if summary["ended_by"] == "cancelled":  # this client did not cancel it: Ctrl-C never gets here
+            print(f"enclave: job {summary['job']} was cancelled from elsewhere (enclave job cancel); what it wrote "
+                  "so far is in /output", file=sys.stderr)  # fmt: skip
+        elif summary["ended_by"] != "exit":
             print(f"enclave: job {summary['job']} ended by {summary['ended_by']}", file=sys.stderr)
     return summary["rc"] if 0 <= summary["rc"] < 256 else 128 + abs(summary["rc"])
 
@@ -457,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_enclave_flags(run)
     run.set_defaults(func=cmd_run)
     sync_cmd.add_parser(commands, _add_enclave_flags, _client)
+    from . import share as share_cmd
+    from . import status as status_cmd
+
+    status_cmd.register(commands, _add_enclave_flags, _client)
+    share_cmd.register(commands, _add_enclave_flags, _client)
     local_cmd.register(commands)
     doctor_cmd.register(commands)
     receipt = commands.add_parser("receipt", help="check a job's receipt")

@@ -1,0 +1,127 @@
+"""The commands a user expects beside push, pull and run (issue 12), against a real served enclave:
+`enclave status`, `enclave job cancel` from another terminal, `enclave share ls|rm`, a full share's answer."""
+
+import json
+import signal
+import subprocess
+import time
+
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
+from ansible_collections.confidential_ml.nitro.tests.integration.conftest import ENCLAVE, cli
+
+
+def push_app(enclave):
+    cli("push", str(enclave["sealed"].parent), "/encrypted", "--expect-pcr0", enclave["pcr0"])
+
+
+def start_spinning(enclave) -> subprocess.Popen:
+    """`enclave run` of spin.py in its own terminal, once the job prints."""
+    proc = subprocess.Popen([*ENCLAVE, "run", "-f", "app.pkg", "-s", "spin.py", "--expect-pcr0", enclave["pcr0"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline() == "spinning\n", proc.stderr.read() if proc.poll() is not None else ""
+    return proc
+
+
+def test_status_shows_the_running_job_and_job_cancel_ends_it_from_another_terminal(enclave):
+    push_app(enclave)
+    idle = json.loads(cli("status", "--json").stdout)
+    [seen] = [e for e in idle["enclaves"] if e["Endpoint"] == enclave["endpoint"]]
+    assert seen["job"] is None and "error" not in seen
+    assert "no job is running: nothing to cancel" in cli("job", "cancel").stdout  # nothing to stop: exit 0
+    run = start_spinning(enclave)
+    try:
+        status = json.loads(cli("status", "--json").stdout)
+        [seen] = [e for e in status["enclaves"] if e["Endpoint"] == enclave["endpoint"]]
+        job = seen["job"]
+        assert job["script"] == "spin.py" and job["package"] == "/encrypted/app.pkg" and job["elapsed"] >= 0
+        text = cli("status").stdout
+        assert f"job {job['job']}: spin.py from /encrypted/app.pkg, started " in text, text
+        assert f"--endpoint {enclave['endpoint']}" in text
+        assert json.loads(cli("job", "status", "--json").stdout)["job"]["job"] == job["job"]
+        # A cancel aimed at another job cancels nothing and says which one runs.
+        wrong = cli("job", "cancel", "--job", "000000000000", check=False)
+        assert wrong.returncode == 1 and "job 000000000000 is not running" in wrong.stderr, wrong.stderr
+        assert job["job"] in wrong.stderr and "ESRCH" not in wrong.stderr and "job.cancel" not in wrong.stderr
+        assert run.poll() is None
+        cancelled = cli("job", "cancel", "--job", job["job"])
+        assert f"cancelled job {job['job']} (spin.py from /encrypted/app.pkg" in cancelled.stdout
+        _out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"enclave: job {job['job']} was cancelled from elsewhere (enclave job cancel)" in err
+    assert run.returncode == 128 + signal.SIGKILL
+    with EnclaveClient(enclave["endpoint"]) as client:
+        assert client.call("job.status") == {"job": None}
+    assert "no job is running" in cli("status").stdout
+    again = cli("run", "-f", "app.pkg", "-s", "ml_algorithm.py", "-a", "-m model.h5 -d /dataset -o /output",
+                "--expect-pcr0", enclave["pcr0"], "--clear-output")  # fmt: skip
+    assert again.returncode == 0  # the enclave runs the next job as usual
+
+
+def test_share_ls_and_rm(enclave, tmp_path):
+    data = tmp_path / "data"
+    (data / "sub" / "deeper").mkdir(parents=True)
+    (data / "a.csv").write_text("1,2\n")
+    (data / "sub" / "b.csv").write_text("3\n")
+    (data / "sub" / "deeper" / "c.csv").write_text("4\n")
+    cli("push", str(data), "/dataset", "--expect-pcr0", enclave["pcr0"])
+    share = enclave["share"] / "dataset"
+
+    top = cli("share", "ls").stdout
+    assert all(f" {name}/\n" in top for name in ("dataset", "encrypted", "model", "output")), top
+    listed = json.loads(cli("share", "ls", "/dataset", "--json").stdout)
+    assert {(e["name"], e["type"]) for e in listed["entries"]} == {("a.csv", "file"), ("sub", "dir")}
+    assert "      4 " in cli("share", "ls", "/dataset/a.csv").stdout  # a file lists as itself, with its size
+
+    # A folder needs -r; a missing path names what is there; the share's own folders stay. Nothing is removed.
+    for argv, expected in (
+        (["/dataset/sub"], "/dataset/sub is a folder: nothing was removed; `enclave share rm -r /dataset/sub`"),
+        (
+            ["/dataset/a.csv", "/dataset/nope.csv"],
+            "there is no /dataset/nope.csv in the enclave's share (/dataset "
+            "holds /dataset/a.csv, /dataset/sub/): nothing was removed",
+        ),
+        (
+            ["-r", "/dataset"],
+            "/dataset is one of the share's folders (/dataset, /encrypted, /model, /output), which stay: to empty "
+            "it, remove what it holds (2 entries), e.g. `enclave share rm -r /dataset/a.csv /dataset/sub`",
+        ),
+        (["-r", "/"], "the share's root cannot be removed"),
+    ):
+        result = cli("share", "rm", *argv, check=False)
+        assert result.returncode == 1 and f"enclave: error: {expected}" in result.stderr, (argv, result.stderr)
+        assert "ENO" not in result.stderr and "share." not in result.stderr
+    assert (share / "a.csv").exists() and (share / "sub" / "deeper" / "c.csv").exists()
+
+    removed = json.loads(cli("share", "rm", "-r", "/dataset/sub", "/dataset/a.csv", "--json").stdout)
+    assert removed == {"removed": ["/dataset/sub", "/dataset/a.csv"], "files": 3, "folders": 2, "bytes": 8}
+    assert list(share.iterdir()) == []
+    assert "0 files" in cli("share", "rm", "-f", "/dataset/a.csv").stdout  # -f: missing is fine, as for rm -f
+
+
+def test_share_rm_during_a_job_says_the_job_holds_it(enclave, tmp_path):
+    push_app(enclave)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("hi")
+    cli("push", str(data), "/dataset", "--expect-pcr0", enclave["pcr0"])
+    run = start_spinning(enclave)
+    try:
+        result = cli("share", "rm", "/dataset/a.txt", check=False)
+    finally:
+        run.send_signal(signal.SIGINT)
+        run.communicate(timeout=60)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    err = result.stderr
+    assert "/dataset/a.txt was not removed: /dataset is in use by job " in err, err
+    assert "wait for it or cancel it (with `enclave job cancel`)" in err
+    assert "EBUSY" not in err and "share.unlink" not in err
+    assert (enclave["share"] / "dataset" / "a.txt").exists()
+    deadline = time.time() + 30
+    while json.loads(cli("job", "status", "--json").stdout)["job"] is not None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    cli("share", "rm", "/dataset/a.txt")  # the job is over: the share is the host's again
+    assert not (enclave["share"] / "dataset" / "a.txt").exists()
