@@ -2,9 +2,13 @@
 `enclave status`, `enclave job cancel` from another terminal, `enclave share ls|rm`, a full share's answer."""
 
 import json
+import os
+import re
 import signal
 import subprocess
 import time
+
+import pytest
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
 from ansible_collections.confidential_ml.nitro.tests.integration.conftest import ENCLAVE, cli
@@ -125,3 +129,33 @@ def test_share_rm_during_a_job_says_the_job_holds_it(enclave, tmp_path):
         time.sleep(0.05)
     cli("share", "rm", "/dataset/a.txt")  # the job is over: the share is the host's again
     assert not (enclave["share"] / "dataset" / "a.txt").exists()
+
+
+def test_a_full_share_says_how_much_is_free_and_leaves_no_partial_file(enclave, tmp_path):
+    """The share is a 2 MiB tmpfs, as the enclave's share is a tmpfs of its own sized below its memory."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs for the small share needs root")
+    share = enclave["share"]
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(share)], check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        for top in ("dataset", "encrypted", "model", "output"):
+            (share / top).mkdir()
+        data = tmp_path / "data"
+        data.mkdir()
+        (data / "a-small.txt").write_bytes(os.urandom(100_000))
+        (data / "b-big.bin").write_bytes(os.urandom(3 << 20))
+        result = cli("push", str(data), "/dataset/new", "--expect-pcr0", enclave["pcr0"], check=False)
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        err = result.stderr
+        assert f"the enclave's share is full: {data / 'b-big.bin'} (3.0 MiB (3145728 bytes)) does not fit" in err, err
+        free = re.search(r"the share has [\d.]+ MiB \((\d+) bytes\) free of 2\.0 MiB \(2097152 bytes\)", err)
+        assert free and 1 << 20 < int(free[1]) < 2 << 20, err  # measured after the partial file was removed
+        assert "enclave share rm" in err and "ENOSPC" not in err and "share.write" not in err
+        assert sorted(p.name for p in (share / "dataset" / "new").iterdir()) == ["a-small.txt"]  # no partial file
+        # The room is back: a file that fits goes in.
+        (data / "b-big.bin").write_bytes(os.urandom(1 << 20))
+        again = json.loads(cli("push", str(data), "/dataset/new", "--expect-pcr0", enclave["pcr0"], "--json").stdout)
+        assert again["changed"] == ["b-big.bin"] and again["unchanged"] == 1
+    finally:
+        subprocess.run(["umount", "-l", str(share)], check=False)
