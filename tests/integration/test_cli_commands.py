@@ -159,3 +159,52 @@ def test_a_full_share_says_how_much_is_free_and_leaves_no_partial_file(enclave, 
         assert again["changed"] == ["b-big.bin"] and again["unchanged"] == 1
     finally:
         subprocess.run(["umount", "-l", str(share)], check=False)
+
+
+def test_the_advice_with_two_local_enclaves_leads_somewhere_that_works(local_cloud):
+    """Two enclaves and no endpoint: the error names each one's --endpoint as the user types it, and that works
+    (before, it said --cid, which dials vsock and times out on the local backend); --cid works too."""
+    work, env = local_cloud
+
+    def enclave(*args, check=True):
+        result = subprocess.run([*ENCLAVE, *args], env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0 or not check, result.stderr
+        return result
+
+    image = work / "enclave.eif"
+    pcr0 = json.loads(enclave("local", "build", "--output", str(image)).stdout)["Measurements"]["PCR0"]
+    started = [
+        json.loads(
+            enclave(
+                "local",
+                "run-enclave",
+                "--eif-path",
+                str(image),
+                "--cpu-count",
+                "1",
+                "--memory",
+                "64",
+                "--enclave-name",
+                name,
+            ).stdout
+        )  # fmt: skip
+        for name in ("first", "second")
+    ]
+    result = enclave("attest", "--expect-pcr0", pcr0, check=False)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    advice = re.findall(r"--endpoint (unix://\S+) for (\w+)", result.stderr)
+    assert advice == [(e["Endpoint"], e["EnclaveName"]) for e in started], result.stderr
+    assert "--cid" not in result.stderr
+    for (endpoint, _name), described in zip(advice, started, strict=True):
+        attested = json.loads(enclave("attest", "--endpoint", endpoint, "--expect-pcr0", pcr0, "--json").stdout)
+        assert attested["pcrs"]["0"] == pcr0
+        by_cid = enclave("attest", "--cid", str(described["EnclaveCID"]), "--expect-pcr0", pcr0)
+        assert "enclave attested" in by_cid.stdout
+    wrong = enclave("attest", "--cid", "99", check=False)
+    assert wrong.returncode == 1 and "no running enclave on the local backend has CID 99" in wrong.stderr
+    assert "first (CID 16)" in wrong.stderr, wrong.stderr
+    # status shows both, each with the endpoint to type and its (idle) job.
+    status = json.loads(enclave("status", "--json").stdout)
+    assert [(e["EnclaveName"], e["Endpoint"], e["job"]) for e in status["enclaves"]] == [
+        (e["EnclaveName"], e["Endpoint"], None) for e in started
+    ]
