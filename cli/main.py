@@ -79,18 +79,26 @@ def cmd_package_seal(args) -> int:
 def cmd_package_inspect(args) -> int:
     from importlib import import_module
 
-    header = import_module(f"{LIB}.package").read_header(Path(args.file))
+    path = Path(args.file)
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "not there" if not path.exists() else "not a regular file"
+        raise EnclaveError(f"{path} is {what}: give the path of a package file (the .pkg the owner published)")
+    header = import_module(f"{LIB}.package").read_header(path)
     data = header.to_json()
     if args.json:
         _print_json(data)
-    else:
-        signer = data.pop("signer", None)
-        for key in sorted(data):
-            print(f"{key}: {data[key]}")
-        if signer is None:
-            print("signer: none (format 1, unsigned: an image bound to its owner refuses it)")
-        else:  # as the header claims it: the enclave checks the signature against the keys its image carries
-            print(f"signer: {signer['key_id']} (public key SHA-256 {signer['fingerprint']})")
+        return 0
+    # One "key: value" line per header field, as --json names them; nothing printed as a Python dict.
+    data["encryption_context"] = ", ".join(f"{k}={v}" for k, v in sorted(data["encryption_context"].items()))
+    data["encryption_context"] = data["encryption_context"] or "none"
+    data["wrapped_key"] = f"{len(header.wrapped_key)} bytes (the data key under the KMS key; base64 in --json)"
+    signer = data.pop("signer", None)
+    for key in sorted(data):
+        print(f"{key}: {data[key]}")
+    if signer is None:
+        print("signer: none (format 1, unsigned: an image bound to its owner refuses it)")
+    else:  # as the header claims it: the enclave checks the signature against the keys its image carries
+        print(f"signer: {signer['key_id']} (public key SHA-256 {signer['fingerprint']})")
     return 0
 
 

@@ -3,12 +3,14 @@ answer (issue 12). --json prints one JSON document, Ctrl-C ends with one line, a
 path is named with what exists and what to do, in the user's words rather than the protocol's."""
 
 import json
+import re
 import signal
 import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ansible_collections.confidential_ml.nitro.cli import main
@@ -127,3 +129,66 @@ def test_version_falls_back_to_galaxy_yml(monkeypatch):
     monkeypatch.setattr(metadata, "version", not_installed)
     galaxy = yaml.safe_load((Path(main.__file__).parent.parent / "galaxy.yml").read_text())["version"]
     assert main.version() == str(galaxy)
+
+
+# Every error a user can cause: one line naming the path or value, what is allowed and what to do, without the
+# protocol's operation names, errno symbols or Python's "[Errno N]".
+JARGON = re.compile(r"\(E[A-Z]+\)|\[Errno|\b(share|job)\.[a-z]+\b|Traceback|\bNone\b")
+USER_ERRORS = {
+    "run of a package that is not there": (
+        lambda e, t: ["run", "-f", "missing.pkg", "-s", "x.py", "--expect-pcr0", e["pcr0"]],
+        ["/encrypted/missing.pkg", "/encrypted/app.pkg", "`enclave push DIR /encrypted`"],
+    ),
+    "run of a package outside /encrypted": (
+        lambda e, t: ["run", "-f", "/dataset/app.pkg", "-s", "x.py", "--expect-pcr0", e["pcr0"]],
+        ["'/dataset/app.pkg'", "must be a file under /encrypted"],
+    ),
+    "push of a folder that is not there": (
+        lambda e, t: ["push", str(t / "nope"), "/dataset", "--expect-pcr0", e["pcr0"]],
+        ["/nope is not a directory", "push copies a directory's contents"],
+    ),
+    "push outside the share's folders": (
+        lambda e, t: ["push", str(t), "/datasets/sub", "--expect-pcr0", e["pcr0"]],
+        ["/datasets/sub", "/dataset, /encrypted, /model, /output", "push into one of them"],
+    ),
+    "pull of a folder that is not there": (
+        lambda e, t: ["pull", "/nonexistent", str(t / "out"), "--expect-pcr0", e["pcr0"]],
+        ["/nonexistent is not a folder", "/dataset, /encrypted, /model, /output", "`enclave pull /output DIR`"],
+    ),
+    "pull of a file": (
+        lambda e, t: ["pull", "/encrypted/app.pkg", str(t / "out"), "--expect-pcr0", e["pcr0"]],
+        ["/encrypted/app.pkg is not a folder", "/encrypted holds /encrypted/app.pkg", "pull a folder"],
+    ),
+    "inspect of a file that is not a package": (
+        lambda e, t: ["package", "inspect", str(e["tmp"] / "app" / "model.py")],
+        ["/app/model.py is not a readable package", "obtain a fresh copy from the owner"],
+    ),
+    "inspect of a folder": (
+        lambda e, t: ["package", "inspect", str(e["tmp"] / "app")],
+        ["/app is a folder", "give the path of a package file"],
+    ),
+    "inspect of a file that is not there": (
+        lambda e, t: ["package", "inspect", str(t / "app.pkg")],
+        ["/app.pkg is not there", "give the path of a package file"],
+    ),
+    "an endpoint without a scheme": (
+        lambda e, t: ["attest", "--endpoint", "localhost:5000"],
+        ["'localhost:5000'", "vsock://CID:PORT or unix:///path.sock"],
+    ),
+    "share ls of a path that is not there": (
+        lambda e, t: ["share", "ls", "/dataset/nope"],
+        ["no /dataset/nope", "/dataset is empty", "`enclave share ls /dataset`"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", USER_ERRORS)
+def test_a_users_mistake_gets_one_plain_line(enclave, tmp_path, case):
+    push_app(enclave)
+    argv, expected = USER_ERRORS[case]
+    result = cli(*argv(enclave, tmp_path), check=False)
+    err = result.stderr
+    assert result.returncode == 1 and err.startswith("enclave: error: ") and len(err.splitlines()) == 1, err
+    assert not JARGON.search(err), err
+    for fragment in expected:
+        assert fragment in err, (fragment, err)

@@ -4,6 +4,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -208,3 +209,24 @@ def test_the_advice_with_two_local_enclaves_leads_somewhere_that_works(local_clo
     assert [(e["EnclaveName"], e["Endpoint"], e["job"]) for e in status["enclaves"]] == [
         (e["EnclaveName"], e["Endpoint"], None) for e in started
     ]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+                    reason="needs /dev/fuse and fusermount3 (make deps)")  # fmt: skip
+def test_sync_json_status_shows_the_mount_and_unmount_twice_exits_0(enclave, tmp_path):
+    mnt = tmp_path / "synced_folder"
+    state = json.loads(cli("sync", "-d", str(mnt), "--expect-pcr0", enclave["pcr0"], "--json").stdout)
+    try:
+        assert state["mountpoint"] == str(mnt) and state["endpoint"] == enclave["endpoint"] and state["pid"] > 0
+        status = json.loads(cli("status", "--json").stdout)
+        [mount] = [m for m in status["mounts"] if m["mountpoint"] == str(mnt)]
+        assert mount["mounted"] and mount["alive"] and mount["pid"] == state["pid"]
+        assert f"mount {mnt}: the share of {enclave['endpoint']} (process {state['pid']})" in cli("status").stdout
+        first = json.loads(cli("sync", "-d", str(mnt), "--unmount", "--json").stdout)
+        assert first == {"mountpoint": str(mnt), "unmounted": True}
+    finally:
+        cli("sync", "-d", str(mnt), "--unmount", check=False)
+    second = cli("sync", "-d", str(mnt), "--unmount")  # nothing to stop: exit 0, as `local down` twice
+    assert second.stdout == f"nothing was mounted at {mnt}: nothing to unmount\n" and second.stderr == ""
+    assert json.loads(cli("sync", "-d", str(mnt), "--unmount", "--json").stdout)["unmounted"] is False
+    assert not [m for m in json.loads(cli("status", "--json").stdout)["mounts"] if m["mountpoint"] == str(mnt)]
