@@ -2,6 +2,7 @@
 answer (issue 12). --json prints one JSON document, Ctrl-C ends with one line, and a missing package or share
 path is named with what exists and what to do, in the user's words rather than the protocol's."""
 
+import argparse
 import json
 import re
 import signal
@@ -192,3 +193,24 @@ def test_a_users_mistake_gets_one_plain_line(enclave, tmp_path, case):
     assert not JARGON.search(err), err
     for fragment in expected:
         assert fragment in err, (fragment, err)
+
+
+def _parsers(parser, path=("enclave",)):
+    """Every (sub)command's parser with its command line, and the help each subcommand has in its parent."""
+    yield path, parser
+    for action in parser._actions:  # argparse keeps subcommands there and nowhere public
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                assert helps.get(name), f"`{' '.join(path)} {name}` has no help in `{' '.join(path)} --help`"
+                yield from _parsers(sub, (*path, name))
+
+
+def test_every_command_and_flag_has_help():
+    missing = [
+        f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}"
+        for path, parser in _parsers(main.build_parser())
+        for action in parser._actions
+        if not isinstance(action, argparse._SubParsersAction) and not action.help
+    ]
+    assert not missing, f"options without help: {missing}"

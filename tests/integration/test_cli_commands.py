@@ -1,6 +1,7 @@
 """The commands a user expects beside push, pull and run (issue 12), against a real served enclave:
 `enclave status`, `enclave job cancel` from another terminal, `enclave share ls|rm`, a full share's answer."""
 
+import base64
 import json
 import os
 import re
@@ -230,3 +231,18 @@ def test_sync_json_status_shows_the_mount_and_unmount_twice_exits_0(enclave, tmp
     assert second.stdout == f"nothing was mounted at {mnt}: nothing to unmount\n" and second.stderr == ""
     assert json.loads(cli("sync", "-d", str(mnt), "--unmount", "--json").stdout)["unmounted"] is False
     assert not [m for m in json.loads(cli("status", "--json").stdout)["mounts"] if m["mountpoint"] == str(mnt)]
+
+
+def test_package_inspect_prints_readable_text_and_json(enclave):
+    sealed = str(enclave["sealed"])
+    text = cli("package", "inspect", sealed).stdout
+    as_json = json.loads(cli("package", "inspect", sealed, "--json").stdout)
+    assert "{" not in text and "'" not in text, text  # no Python dict or repr
+    lines = dict(line.split(": ", 1) for line in text.splitlines())
+    assert lines["name"] == "app" and lines["version"] == "1.0" and lines["key_id"] == as_json["key_id"]
+    assert lines["manifest_digest"] == as_json["manifest_digest"]
+    context = ", ".join(f"{k}={v}" for k, v in sorted(as_json["encryption_context"].items())) or "none"
+    assert lines["encryption_context"] == context
+    wrapped = len(base64.b64decode(as_json["wrapped_key"]))
+    assert lines["wrapped_key"].startswith(f"{wrapped} bytes (the data key under the KMS key")
+    assert lines["signer"].startswith("none (format 1, unsigned")
