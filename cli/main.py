@@ -469,11 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_enclave_flags(run)
     run.set_defaults(func=cmd_run)
     sync_cmd.add_parser(commands, _add_enclave_flags, _client)
+    from . import completion as completion_cmd
     from . import share as share_cmd
     from . import status as status_cmd
 
     status_cmd.register(commands, _add_enclave_flags, _client)
     share_cmd.register(commands, _add_enclave_flags, _client)
+    completion_cmd.register(commands, build_parser)
     local_cmd.register(commands)
     doctor_cmd.register(commands)
     receipt = commands.add_parser("receipt", help="check a job's receipt")

@@ -5,8 +5,10 @@ path is named with what exists and what to do, in the user's words rather than t
 import argparse
 import json
 import re
+import shlex
 import signal
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -214,3 +216,38 @@ def test_every_command_and_flag_has_help():
         if not isinstance(action, argparse._SubParsersAction) and not action.help
     ]
     assert not missing, f"options without help: {missing}"
+
+
+def complete(script: str, *words: str) -> list[str]:
+    """What bash offers after `enclave WORDS...` (the last word being typed) with the generated script loaded."""
+    line = " ".join(("enclave", *words))
+    driver = (
+        f'source "$1"\nCOMP_WORDS=(enclave {" ".join(shlex.quote(w) for w in words)})\n'
+        f"COMP_CWORD={len(words)}\nCOMP_LINE={shlex.quote(line)}\nCOMP_POINT=${{#COMP_LINE}}\n"
+        '_shtab_enclave\nprintf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
+    done = subprocess.run(["bash", "-c", driver, "bash", script], capture_output=True, text=True, check=True)
+    return sorted(filter(None, done.stdout.splitlines()))
+
+
+def test_bash_completion_from_the_parser(tmp_path):
+    pytest.importorskip("shtab", reason="shtab is the optional completion extra (the test extra installs it)")
+    script = tmp_path / "enclave.bash"
+    script.write_text(cli("completion", "bash").stdout)
+    commands = complete(str(script), "")
+    assert {"attest", "completion", "job", "pull", "push", "run", "share", "status", "sync"} <= set(commands)
+    assert complete(str(script), "sh") == ["share"]
+    assert complete(str(script), "share", "") == ["ls", "rm"]
+    assert complete(str(script), "job", "c") == ["cancel"]
+    assert complete(str(script), "push", "--dry") == ["--dry-run"]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data.txt").write_text("")
+    assert complete(str(script), "push", f"{tmp_path}/da") == [f"{tmp_path}/data"]  # a host folder: folders only
+    assert cli("completion", "zsh").stdout.startswith("#compdef enclave")
+
+
+def test_completion_without_shtab_says_how_to_get_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "shtab", None)  # import shtab raises ImportError
+    assert main.main(["completion", "bash"]) == 1
+    err = capsys.readouterr().err
+    assert "pip install 'confidential-ml-nitro[completion]'" in err and "Traceback" not in err
