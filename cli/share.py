@@ -85,16 +85,21 @@ def _refuse_layout(client, path: str) -> None:
 
 
 def _remove(client, path: str, st: dict, counts: dict) -> None:
-    """Remove path (a folder with all it holds, deepest first), counting what went."""
-    if stat.S_ISDIR(st["mode"]):
-        for entry in client.call("share.list", {"path": path}):
-            _remove(client, f"{path}/{entry['name']}", entry, counts)
-        client.call("share.rmdir", {"path": path})
-        counts["folders"] += 1
-    else:
-        client.call("share.unlink", {"path": path})
-        counts["files"] += 1
-        counts["bytes"] += st.get("size", 0)
+    """Remove path, a folder with all it holds (deepest first), counting what went. A stack, not recursion: a
+    share path may be 4096 bytes, about 2000 folders deep."""
+    stack = [(path, st, False)]
+    while stack:
+        current, entry, listed = stack.pop()
+        if not stat.S_ISDIR(entry["mode"]):
+            client.call("share.unlink", {"path": current})
+            counts["files"] += 1
+            counts["bytes"] += entry.get("size", 0)
+        elif listed:  # everything it held is gone
+            client.call("share.rmdir", {"path": current})
+            counts["folders"] += 1
+        else:
+            stack.append((current, entry, True))
+            stack.extend((f"{current}/{e['name']}", e, False) for e in client.call("share.list", {"path": current}))
 
 
 def cmd_rm(args, make_client) -> int:

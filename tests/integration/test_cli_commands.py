@@ -14,6 +14,7 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
 from ansible_collections.confidential_ml.nitro.tests.integration.conftest import ENCLAVE, cli
+from ansible_collections.confidential_ml.nitro.tests.unit.test_runtime_nitro import described, fake  # noqa: F401
 
 
 def push_app(enclave):
@@ -106,6 +107,13 @@ def test_share_ls_and_rm(enclave, tmp_path):
     assert list(share.iterdir()) == []
     assert "0 files" in cli("share", "rm", "-f", "/dataset/a.csv").stdout  # -f: missing is fine, as for rm -f
 
+    # Deeper than Python's recursion limit (a share path may be 4096 bytes).
+    deep = "/".join(["d"] * 1100)
+    subprocess.run(["mkdir", "-p", str(share / deep)], check=True)  # pathlib's mkdir recurses too
+    (share / deep / "f").write_text("x")
+    gone = json.loads(cli("share", "rm", "-r", "/dataset/d", "--json").stdout)
+    assert gone["folders"] == 1100 and gone["files"] == 1 and list(share.iterdir()) == []
+
 
 def test_share_rm_during_a_job_says_the_job_holds_it(enclave, tmp_path):
     push_app(enclave)
@@ -197,10 +205,10 @@ def test_the_advice_with_two_local_enclaves_leads_somewhere_that_works(local_clo
     advice = re.findall(r"--endpoint (unix://\S+) for (\w+)", result.stderr)
     assert advice == [(e["Endpoint"], e["EnclaveName"]) for e in started], result.stderr
     assert "--cid" not in result.stderr
-    for (endpoint, _name), described in zip(advice, started, strict=True):
+    for (endpoint, _name), one in zip(advice, started, strict=True):
         attested = json.loads(enclave("attest", "--endpoint", endpoint, "--expect-pcr0", pcr0, "--json").stdout)
         assert attested["pcrs"]["0"] == pcr0
-        by_cid = enclave("attest", "--cid", str(described["EnclaveCID"]), "--expect-pcr0", pcr0)
+        by_cid = enclave("attest", "--cid", str(one["EnclaveCID"]), "--expect-pcr0", pcr0)
         assert "enclave attested" in by_cid.stdout
     wrong = enclave("attest", "--cid", "99", check=False)
     assert wrong.returncode == 1 and "no running enclave on the local backend has CID 99" in wrong.stderr
@@ -246,3 +254,24 @@ def test_package_inspect_prints_readable_text_and_json(enclave):
     wrapped = len(base64.b64decode(as_json["wrapped_key"]))
     assert lines["wrapped_key"].startswith(f"{wrapped} bytes (the data key under the KMS key")
     assert lines["signer"].startswith("none (format 1, unsigned")
+
+
+def test_status_on_nitro_shows_what_nitro_cli_describes(fake, tmp_path, monkeypatch):  # noqa: F811
+    """On a Nitro parent the enclaves are `nitro-cli describe-enclaves`' (a fake nitro-cli here, which records
+    its calls); one that cannot be reached is reported as such, and a failing nitro-cli does not hide the rest."""
+    monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
+    monkeypatch.setenv("ENCLAVE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
+    fake.seed(described("ml", 16, flags="DEBUG_MODE"))
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["backend"] == "nitro" and status["runtime_error"] is None and status["mounts"] == []
+    [seen] = status["enclaves"]
+    assert (seen["EnclaveName"], seen["EnclaveCID"], seen["Endpoint"]) == ("ml", 16, "vsock://16:5000")
+    assert seen["error"] and "job" not in seen  # no vsock to CID 16 from here: said, not raised
+    text = cli("status").stdout
+    assert "enclave ml (i-0123456789abcdef0-enc0000000000000010): CID 16, 2 CPUs, 1024 MiB, RUNNING, debug mode" in text
+    assert "  endpoint: --endpoint vsock://16:5000\n  unreachable: " in text
+    assert ["describe-enclaves"] in fake.argvs()
+    monkeypatch.setenv("FAKE_NITRO_CLI_FAIL", "describe-enclaves:E36")
+    failed = cli("status")
+    assert "enclaves: cannot list them: `nitro-cli describe-enclaves` failed" in failed.stdout, failed.stdout
