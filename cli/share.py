@@ -58,8 +58,9 @@ def cmd_ls(args, make_client) -> int:
         else:
             entries = [dict(st, name=path.rsplit("/", 1)[1])]
     if args.json:
-        _print_json({"path": path, "entries": [dict(e, type="dir" if stat.S_ISDIR(e["mode"]) else "file",
-                                                     mode=stat.S_IMODE(e["mode"])) for e in entries]})  # fmt: skip
+        kinds = ["dir" if stat.S_ISDIR(e["mode"]) else "file" for e in entries]
+        shown = [dict(e, type=kind, mode=stat.S_IMODE(e["mode"])) for e, kind in zip(entries, kinds, strict=True)]
+        _print_json({"path": path, "entries": shown})
         return 0
     for e in entries:
         shown = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["mtime_ns"] / 1e9))
