@@ -71,7 +71,7 @@ def cmd_status(args) -> int:
     if args.json:
         _print_json({"backend": backend, "enclaves": enclaves, "mounts": mounts, "runtime_error": problem})
         return 0
-    print(f"backend: {backend} (ENCLAVE_BACKEND)")
+    print(f"backend: {backend} (choose with ENCLAVE_BACKEND=local|nitro)")
     if problem:
         print(f"enclaves: cannot list them: {problem}")
     elif not enclaves:
