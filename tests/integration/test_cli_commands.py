@@ -14,7 +14,6 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
 from ansible_collections.confidential_ml.nitro.tests.integration.conftest import ENCLAVE, cli
-from ansible_collections.confidential_ml.nitro.tests.unit.test_runtime_nitro import described, fake  # noqa: F401
 
 
 def push_app(enclave):
@@ -254,24 +253,3 @@ def test_package_inspect_prints_readable_text_and_json(enclave):
     wrapped = len(base64.b64decode(as_json["wrapped_key"]))
     assert lines["wrapped_key"].startswith(f"{wrapped} bytes (the data key under the KMS key")
     assert lines["signer"].startswith("none (format 1, unsigned")
-
-
-def test_status_on_nitro_shows_what_nitro_cli_describes(fake, tmp_path, monkeypatch):  # noqa: F811
-    """On a Nitro parent the enclaves are `nitro-cli describe-enclaves`' (a fake nitro-cli here, which records
-    its calls); one that cannot be reached is reported as such, and a failing nitro-cli does not hide the rest."""
-    monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
-    monkeypatch.setenv("ENCLAVE_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
-    fake.seed(described("ml", 16, flags="DEBUG_MODE"))
-    status = json.loads(cli("status", "--json").stdout)
-    assert status["backend"] == "nitro" and status["runtime_error"] is None and status["mounts"] == []
-    [seen] = status["enclaves"]
-    assert (seen["EnclaveName"], seen["EnclaveCID"], seen["Endpoint"]) == ("ml", 16, "vsock://16:5000")
-    assert seen["error"] and "job" not in seen  # no vsock to CID 16 from here: said, not raised
-    text = cli("status").stdout
-    assert "enclave ml (i-0123456789abcdef0-enc0000000000000010): CID 16, 2 CPUs, 1024 MiB, RUNNING, debug mode" in text
-    assert "  endpoint: --endpoint vsock://16:5000\n  unreachable: " in text
-    assert ["describe-enclaves"] in fake.argvs()
-    monkeypatch.setenv("FAKE_NITRO_CLI_FAIL", "describe-enclaves:E36")
-    failed = cli("status")
-    assert "enclaves: cannot list them: `nitro-cli describe-enclaves` failed" in failed.stdout, failed.stdout
