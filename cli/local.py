@@ -132,10 +132,10 @@ def register(commands) -> None:
 
     up = sub.add_parser("up", help="start the local cloud (the local KMS); does nothing if it runs")
     up.add_argument("--kms-port", type=int, default=0, help="KMS port on 127.0.0.1 (default: any free port)")
-    up.add_argument("--json", action="store_true")
+    up.add_argument("--json", action="store_true", help="print the local cloud's endpoints and files as JSON")
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="terminate every local enclave and stop the local cloud")
-    down.add_argument("--json", action="store_true")
+    down.add_argument("--json", action="store_true", help="print what was stopped as JSON")
     down.set_defaults(func=cmd_down)
 
     build = sub.add_parser("build", help="build the enclave image reproducibly and print its measurements")

@@ -79,18 +79,26 @@ def cmd_package_seal(args) -> int:
 def cmd_package_inspect(args) -> int:
     from importlib import import_module
 
-    header = import_module(f"{LIB}.package").read_header(Path(args.file))
+    path = Path(args.file)
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "not there" if not path.exists() else "not a regular file"
+        raise EnclaveError(f"{path} is {what}: give the path of a package file (the .pkg the owner published)")
+    header = import_module(f"{LIB}.package").read_header(path)
     data = header.to_json()
     if args.json:
         _print_json(data)
-    else:
-        signer = data.pop("signer", None)
-        for key in sorted(data):
-            print(f"{key}: {data[key]}")
-        if signer is None:
-            print("signer: none (format 1, unsigned: an image bound to its owner refuses it)")
-        else:  # as the header claims it: the enclave checks the signature against the keys its image carries
-            print(f"signer: {signer['key_id']} (public key SHA-256 {signer['fingerprint']})")
+        return 0
+    # One "key: value" line per header field, as --json names them; nothing printed as a Python dict.
+    data["encryption_context"] = ", ".join(f"{k}={v}" for k, v in sorted(data["encryption_context"].items()))
+    data["encryption_context"] = data["encryption_context"] or "none"
+    data["wrapped_key"] = f"{len(header.wrapped_key)} bytes (the data key under the KMS key; base64 in --json)"
+    signer = data.pop("signer", None)
+    for key in sorted(data):
+        print(f"{key}: {data[key]}")
+    if signer is None:
+        print("signer: none (format 1, unsigned: an image bound to its owner refuses it)")
+    else:  # as the header claims it: the enclave checks the signature against the keys its image carries
+        print(f"signer: {signer['key_id']} (public key SHA-256 {signer['fingerprint']})")
     return 0
 
 
@@ -305,7 +313,10 @@ def cmd_run(args) -> int:
     else:
         for out in summary["outputs"]:
             print(f"output {out['path']} {out['size']} bytes sha256 {out['sha256']}", file=sys.stderr)
-        if summary["ended_by"] != "exit":
+        if summary["ended_by"] == "cancelled":  # this client did not cancel it: Ctrl-C never gets here
+            print(f"enclave: job {summary['job']} was cancelled from elsewhere (enclave job cancel); what it wrote "
+                  "so far is in /output", file=sys.stderr)  # fmt: skip
+        elif summary["ended_by"] != "exit":
             print(f"enclave: job {summary['job']} ended by {summary['ended_by']}", file=sys.stderr)
     return summary["rc"] if 0 <= summary["rc"] < 256 else 128 + abs(summary["rc"])
 
@@ -366,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_kms_flags(seal)
     seal.set_defaults(func=cmd_package_seal)
     inspect = package_cmds.add_parser("inspect", help="print a package's header (needs no key)")
-    inspect.add_argument("file")
-    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("file", help="the package file (.pkg)")
+    inspect.add_argument("--json", action="store_true", help="print the header as JSON (the wrapped key in base64)")
     inspect.set_defaults(func=cmd_package_inspect)
 
     kms = commands.add_parser("kms", help="the local KMS (the embedded stand-in for AWS KMS)")
@@ -384,14 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     att = commands.add_parser("attestation", help="verify attestation documents")
     att_cmds = att.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     verify = att_cmds.add_parser("verify", help="verify a COSE_Sign1 attestation document")
-    verify.add_argument("file")
+    verify.add_argument("file", help="the attestation document (COSE_Sign1, CBOR)")
     verify.add_argument("--expect-pcr0", metavar="HEX", help="required PCR0 (the image measurement)")
     verify.add_argument("--nonce", metavar="HEX", help="required nonce")
     verify.add_argument("--root", action="append", metavar="PEM", help="trusted root(s) (default: AWS Nitro root G1)")
     verify.add_argument("--include-aws", action="store_true", help="trust the AWS Nitro root as well as --root")
     verify.add_argument("--max-age", type=float, default=None, metavar="SECONDS", help="refuse older documents")
     verify.add_argument("--allow-debug", action="store_true", help="accept all-zero PCRs (debug-mode enclaves)")
-    verify.add_argument("--json", action="store_true")
+    verify.add_argument("--json", action="store_true", help="print the verified document as JSON")
     verify.set_defaults(func=cmd_attestation_verify)
 
     policy = commands.add_parser("policy", help="render and lint KMS key policies")
@@ -416,11 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--signing-key", action="store_true", help="lint the owner's package-signing key's policy instead"
     )
     lint.add_argument("--owner-principal", action="append", metavar="ARN", help="with --signing-key: the owner")
-    lint.add_argument("--json", action="store_true")
+    lint.add_argument("--json", action="store_true", help='print {"sound": ..., "problems": [...]} as JSON')
     lint.set_defaults(func=cmd_policy_lint)
     attest = commands.add_parser("attest", help="fetch a fresh attestation document from the enclave and verify it")
     attest.add_argument("--nonce", metavar="HEX", help="nonce to bind (default: 32 random bytes)")
-    attest.add_argument("--json", action="store_true")
+    attest.add_argument("--json", action="store_true", help="print the verified document as JSON")
     _add_enclave_flags(attest, attest=False)
     attest.set_defaults(func=cmd_attest)
 
@@ -429,10 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("pull", cmd_pull, "remote_dir", "local_dir", "copy a share directory to the host (changed files only)"),
     ):
         transfer = commands.add_parser(name, help=helptext)
-        transfer.add_argument(first)
-        transfer.add_argument(second)
+        where = {"local_dir": "folder on this host", "remote_dir": "folder in the enclave's share, e.g. /dataset"}
+        transfer.add_argument(first, help=f"the {where[first]} to copy from")
+        transfer.add_argument(second, help=f"the {where[second]} to copy into (created if missing)")
         transfer.add_argument("--dry-run", action="store_true", help="only list what would change")
-        transfer.add_argument("--json", action="store_true")
+        transfer.add_argument("--json", action="store_true", help="print what changed as one JSON document")
         _add_enclave_flags(transfer)
         transfer.set_defaults(func=func)
 
@@ -457,6 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_enclave_flags(run)
     run.set_defaults(func=cmd_run)
     sync_cmd.add_parser(commands, _add_enclave_flags, _client)
+    from . import completion as completion_cmd
+    from . import share as share_cmd
+    from . import status as status_cmd
+
+    status_cmd.register(commands, _add_enclave_flags, _client)
+    share_cmd.register(commands, _add_enclave_flags, _client)
+    completion_cmd.register(commands, build_parser)
     local_cmd.register(commands)
     doctor_cmd.register(commands)
     receipt = commands.add_parser("receipt", help="check a job's receipt")
@@ -467,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify_receipt.add_argument("--outputs", help="the pulled /output directory to check against the receipt")
     verify_receipt.add_argument("--root", action="append", metavar="PEM", help="trusted roots (default: AWS + local)")
     verify_receipt.add_argument("--allow-debug", action="store_true", help="accept debug-mode enclaves")
-    verify_receipt.add_argument("--json", action="store_true")
+    verify_receipt.add_argument("--json", action="store_true", help="print what the receipt proves as JSON")
     verify_receipt.set_defaults(func=cmd_receipt_verify)
     _verbose_everywhere(parser)
     return parser

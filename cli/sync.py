@@ -6,6 +6,8 @@ enclave sync -d synced_folder --unmount     # unmount and stop the mount's proce
 """
 
 import argparse
+import contextlib
+import json
 import sys
 from importlib import import_module
 from pathlib import Path
@@ -16,12 +18,28 @@ from . import local as local_cmd
 LIB = "ansible_collections.confidential_ml.nitro.plugins.module_utils"
 
 
+def _print_json(data) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
 def cmd_sync(args) -> int:
     fusefs = import_module(f"{LIB}.fusefs")
     folder = Path(args.dir).expanduser()
     if args.unmount:
-        fusefs.unmount(folder, lazy=args.lazy)
-        print(f"unmounted the enclave share from {folder}")
+        # Like every stop command: nothing mounted is not a failure (a second --unmount, or after `local down`).
+        mounted = fusefs.is_mounted(folder)
+        if mounted:
+            fusefs.unmount(folder, lazy=args.lazy)
+        else:
+            with contextlib.suppress(EnclaveError):  # "nothing is mounted", once it drops a dead mount's state
+                fusefs.unmount(folder)
+        if args.json:
+            _print_json({"mountpoint": str(folder.resolve()), "unmounted": mounted})
+        elif mounted:
+            print(f"unmounted the enclave share from {folder}")
+        else:
+            print(f"nothing was mounted at {folder}: nothing to unmount")
         return 0
     settings = import_module(f"{LIB}.settings")
     expected = import_module(f"{LIB}.client").expected_pcr0(args.expect_pcr0, args.release, args.no_attestation)
@@ -34,6 +52,9 @@ def cmd_sync(args) -> int:
     if not args.foreground:
         fusefs.mount(endpoint, folder, expect_pcr0=expect_pcr0, allow_debug=args.allow_debug)
         state = fusefs.mount_state(folder) or {}
+        if args.json:
+            _print_json(state)
+            return 0
         print(
             f"mounted the enclave share ({endpoint}) on {folder} (process {state.get('pid')}, log {state.get('log')})\n"
             f"unmount with: enclave sync -d {folder} --unmount"
@@ -58,5 +79,8 @@ def add_parser(commands, add_enclave_flags, make_client) -> None:
     sync.add_argument("--unmount", action="store_true", help="unmount the folder and stop its mount process")
     sync.add_argument("--lazy", action="store_true", help="with --unmount: detach now even if the folder is in use")
     sync.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
+    sync.add_argument(
+        "--json", action="store_true", help="print the mount's state (mountpoint, endpoint, pid, log) as JSON"
+    )
     add_enclave_flags(sync)
     sync.set_defaults(func=cmd_sync)

@@ -103,9 +103,22 @@ class Job:
     script: str
     args: list[str]
     started: float = field(default_factory=time.time)
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False)  # the request's: set to end it
+    cancelled_by_host: bool = False  # job.cancel ended it (not its own client)
 
     def describe(self) -> str:
         return f"job {self.id} ({self.script} from {self.package}, running for {time.time() - self.started:.0f}s)"
+
+    def to_json(self) -> dict:
+        """What job.status and job.cancel tell anyone who can reach the server: the host's own request, as the
+        host gave it (never the paths it maps to inside the enclave)."""
+        return {
+            "job": self.id,
+            "package": self.package,
+            "script": self.script,
+            "started": self.started,
+            "elapsed": max(0.0, time.time() - self.started),
+        }
 
 
 def parse_args(args) -> list[str]:
@@ -207,7 +220,7 @@ class JobRunner:
         given = parse_args(args)
         argv = [self._map_arg(a) for a in given]
         package_path = self._package_parts(package)
-        job = Job(uuid.uuid4().hex[:12], package, script, argv)
+        job = Job(uuid.uuid4().hex[:12], package, script, argv, cancelled=cancelled)
         deadline = time.monotonic() + timeout if timeout else None
         if not self._lock.acquire(blocking=False):
             running = self.current
@@ -221,7 +234,16 @@ class JobRunner:
                     self._kill_job_processes()  # nothing of an earlier job may see this one
                     self._prepare_output(clear_output)
                     # Taken before the key is released: a huge (sparse) input costs time, never plaintext.
-                    inputs = self._inputs(deadline, cancelled)
+                    try:
+                        inputs = self._inputs(deadline, cancelled)
+                    except JobError as err:
+                        if err.errno != errno.ECANCELED or not job.cancelled_by_host:
+                            raise
+                        raise JobError(
+                            errno.ECANCELED,
+                            f"job {job.id} was cancelled from elsewhere (enclave job cancel) while its inputs were "
+                            "hashed; the script did not start",
+                        ) from None
                     os.makedirs(workdir, mode=0o700)
                     tree = os.path.join(workdir, "app")
                     opened = []  # the header the key was released for, read through package_file
@@ -258,6 +280,28 @@ class JobRunner:
             shutil.rmtree(workdir, ignore_errors=True)
             self.current = None
             self._lock.release()
+
+    # -- job control: for any client, not only the job's own (docs/THREAT_MODEL.md, "Job control")
+
+    def status(self) -> dict | None:
+        """The running job, or None."""
+        job = self.current
+        return job.to_json() if job is not None else None
+
+    def cancel(self, job_id: str | None = None) -> dict | None:
+        """End the running job as its own client's disconnect would (its process group and every process of the
+        job uid are killed, its plaintext removed); returns it, or None when no job runs. job_id, if given, must
+        name the running job, so a cancel aimed at one job never ends the next."""
+        if job_id is not None and not isinstance(job_id, str):
+            raise JobError(errno.EINVAL, "job must be a job id (a string), as job.status names it")
+        job = self.current
+        if job is None:
+            return None
+        if job_id is not None and job_id != job.id:
+            raise JobError(errno.ESRCH, f"job {job_id} is not running ({job.describe()} is): nothing was cancelled")
+        job.cancelled_by_host = True
+        job.cancelled.set()
+        return job.to_json()
 
     def _inputs(self, deadline, cancelled) -> list[dict]:
         if self.job_uid is not None:  # the job reads them as "others": say so now, not as a withheld traceback

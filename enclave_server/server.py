@@ -25,10 +25,12 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "confidential-ml-nitro-enclave"
 INLINE_OPS = frozenset(
     {"health", "share.stat", "share.list", "share.statfs", "share.mkdir", "share.rmdir", "share.unlink",
-     "share.rename", "share.create", "share.read", "share.write", "share.truncate", "share.chmod", "share.utimens"}
+     "share.rename", "share.create", "share.read", "share.write", "share.truncate", "share.chmod", "share.utimens",
+     "job.status", "job.cancel"}
 )  # fmt: skip
 """Ops answered on the connection's reader thread (docs/PROTOCOL.md section 7): one file system call each,
-microseconds to a MiB copy. job.run, attest (the NSM) and share.manifest (hashes a whole tree) stay on the pool."""
+microseconds to a MiB copy, or a look at the running job (so a cancel never waits for a busy pool). job.run,
+attest (the NSM) and share.manifest (hashes a whole tree) stay on the pool."""
 MAX_NONCE = 512
 
 
@@ -145,6 +147,8 @@ class EnclaveServer:
             ),
             "share.manifest": lambda a, c: self.manifest(_str_arg(a, "path")),
             "job.run": self.run_job,
+            "job.status": lambda a, c: {"job": self.jobs.status()},
+            "job.cancel": lambda a, c: {"job": self.jobs.cancel(a.get("job"))},
         }
 
     def health(self) -> dict:

@@ -262,6 +262,26 @@ class EnclaveClient:
                     raise
 
     def _upload(self, src: Path, remote: str, mode: int) -> None:
+        try:
+            self._send_file(src, remote, mode)
+        except wire.RemoteError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            # No partial file stays behind to fill the share: what did fit is removed, then the space is told.
+            try:
+                self.call("share.unlink", {"path": remote})
+            except wire.RemoteError as gone:
+                if gone.errno != errno.ENOENT:
+                    raise
+            fs = self.call("share.statfs")
+            raise EnclaveError(
+                f"the enclave's share is full: {src} ({_size(src.stat().st_size)}) does not fit in {remote} (the "
+                f"share has {_size(fs['bavail'] * fs['frsize'])} free of {_size(fs['blocks'] * fs['frsize'])}); "
+                "nothing of it was left there. Make room with `enclave share rm` (`enclave share ls` shows what "
+                "is there) or give the enclave more memory, then push again: files already pushed are skipped"
+            ) from None
+
+    def _send_file(self, src: Path, remote: str, mode: int) -> None:
         pending: deque = deque()
         with open(src, "rb", buffering=0) as f:
             first = f.read(CHUNK)
@@ -394,6 +414,11 @@ def _shown(names: Sequence[str], prefix: str = "/", limit: int = 20) -> str:
     """'/dataset, /model' (at most limit names, then how many more)."""
     shown = ", ".join(prefix + n for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _size(n: int) -> str:
+    """'614.0 MiB (643825664 bytes)'."""
+    return f"{n / (1 << 20):.1f} MiB ({n} bytes)" if n >= 1 << 20 else f"{n} bytes"
 
 
 def _write_block(f, digest, block: bytes) -> None:

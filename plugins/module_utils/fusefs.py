@@ -780,6 +780,24 @@ def mount_state(mountpoint) -> dict | None:
         return None
 
 
+def mounts() -> list[dict]:
+    """The share mounts `enclave sync` made under this ENCLAVE_HOME (their state files), each with "mounted" (a
+    FUSE mount is at its mount point) and "alive" (its process runs): both false once it is gone."""
+    found = []
+    base = settings.state_home() / "mounts"
+    for path in sorted(base.glob("*.json")) if base.is_dir() else ():
+        if path.name.endswith(".stats.json"):
+            continue
+        try:
+            state = json.loads(path.read_text())
+            mountpoint = state["mountpoint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        mounted = _mounts().get(mountpoint, "").split(".")[0] in ("fuse", "fuseblk")
+        found.append(dict(state, mounted=mounted, alive=isinstance(state.get("pid"), int) and _alive(state)))
+    return found
+
+
 def _start_ticks(pid: int) -> int | None:
     """The process's start time (clock ticks since boot): tells a live pid from a reused one."""
     try:

@@ -251,11 +251,28 @@ def discover_endpoint(runtime: Runtime) -> str:
         )
     if len(running) > 1:
         listed = ", ".join(f"{e.name} (CID {e.cid})" for e in running)
+        # Each choice as the user types it: on the local backend only the unix socket reaches an enclave.
+        choices = ", ".join(f"--endpoint {e.endpoint} for {e.name}" for e in running)
+        how = "--cid CID or --endpoint" if where == "nitro" else "--endpoint"
         raise EnclaveError(
-            f"{len(running)} enclaves are running ({listed}): choose one with --cid CID, "
-            "or --endpoint / ENCLAVE_ENDPOINT"
+            f"{len(running)} enclaves are running ({listed}): choose one with {how} ({choices}), "
+            "or set ENCLAVE_ENDPOINT to one of those endpoints"
         )
     return running[0].endpoint
+
+
+def endpoint_of_cid(runtime: Runtime, cid: int) -> str:
+    """The endpoint of the running enclave with this CID (the local backend's enclaves listen on unix sockets,
+    so its --cid is looked up rather than dialled over vsock)."""
+    running = [e for e in runtime.describe() if e.state.upper() == "RUNNING"]
+    for info in running:
+        if info.cid == cid:
+            return info.endpoint
+    listed = ", ".join(f"{e.name} (CID {e.cid})" for e in running) or "none"
+    raise EnclaveError(
+        f"no running enclave on the {getattr(runtime, 'backend', 'this')} backend has CID {cid} (running: {listed}): "
+        "give the CID of one of those, or start one with that CID (run-enclave --enclave-cid)"
+    )
 
 
 def instance_credentials(region: str | None = None, profile: str | None = None) -> dict:

@@ -200,6 +200,10 @@ def resolve_endpoint(
     if os.environ.get(ENV_ENDPOINT):
         return os.environ[ENV_ENDPOINT]
     port = port or DEFAULT_SERVER_PORT
+    if cid is not None and backend() == "local":  # local enclaves listen on unix sockets: look the CID up
+        from .runtime import LocalCliRuntime, endpoint_of_cid
+
+        return endpoint_of_cid(local_runtime() if local_runtime else LocalCliRuntime(), cid)
     if cid is not None:
         return f"vsock://{cid}:{port}"
     if backend() == "nitro":

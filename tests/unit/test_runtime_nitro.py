@@ -961,3 +961,32 @@ def test_boot_fails_clearly_without_privileges(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr.startswith("enclave boot: error: mount a tmpfs (size=50%) on ")
+
+
+def enclave_cli(*args: str) -> subprocess.CompletedProcess:
+    """The `enclave` command as a user runs it, in this test's environment (the fake nitro-cli first on PATH)."""
+    result = subprocess.run([sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main", *args],
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_status_on_nitro_shows_what_nitro_cli_describes(fake, tmp_path, monkeypatch):
+    """On a Nitro parent the enclaves are `nitro-cli describe-enclaves`' (a fake nitro-cli here, which records
+    its calls); one that cannot be reached is reported as such, and a failing nitro-cli does not hide the rest."""
+    monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
+    monkeypatch.setenv("ENCLAVE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
+    fake.seed(described("ml", 16, flags="DEBUG_MODE"))
+    status = json.loads(enclave_cli("status", "--json").stdout)
+    assert status["backend"] == "nitro" and status["runtime_error"] is None and status["mounts"] == []
+    [seen] = status["enclaves"]
+    assert (seen["EnclaveName"], seen["EnclaveCID"], seen["Endpoint"]) == ("ml", 16, "vsock://16:5000")
+    assert seen["error"] and "job" not in seen  # no vsock to CID 16 from here: said, not raised
+    text = enclave_cli("status").stdout
+    assert "enclave ml (i-0123456789abcdef0-enc0000000000000010): CID 16, 2 CPUs, 1024 MiB, RUNNING, debug mode" in text
+    assert "  endpoint: --endpoint vsock://16:5000\n  unreachable: " in text
+    assert ["describe-enclaves"] in fake.argvs()
+    monkeypatch.setenv("FAKE_NITRO_CLI_FAIL", "describe-enclaves:E36")
+    failed = enclave_cli("status")
+    assert "enclaves: cannot list them: `nitro-cli describe-enclaves` failed" in failed.stdout, failed.stdout
