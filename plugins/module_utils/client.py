@@ -8,13 +8,17 @@ before it sends anything else.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import re
+import secrets
 import stat
+import sys
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +33,13 @@ IMPORT_ERROR = attestation.IMPORT_ERROR or wire.IMPORT_ERROR
 
 CHUNK = 1 << 20
 IN_FLIGHT = 8  # concurrent chunk requests per transfer: keeps the pipe full without a big buffer
+# Files up to SMALL_FILE travel whole, many to a share.batch request of at most BATCH_OPS operations (the
+# server takes 1024) and about BATCH_BYTES of data, BATCHES_IN_FLIGHT requests at a time.
+SMALL_FILE = 1 << 20
+BATCH_OPS = 256
+BATCH_BYTES = 1 << 20
+BATCHES_IN_FLIGHT = 4
+PUSH_TEMP = re.compile(r"\.push-[0-9a-f]{16}\.part")  # a bigger file's name until it is whole
 
 
 def default_trusted_roots() -> list:
@@ -104,8 +115,11 @@ def _safe_parts(rel: str) -> list[str]:
     return parts
 
 
-def local_manifest(root: Path) -> dict[str, dict]:
-    """Files and directories under root (symlinks and special files skipped, never followed)."""
+def local_manifest(root: Path, *, hashed: bool = True) -> dict[str, dict]:
+    """Files and directories under root (symlinks and special files skipped, never followed).
+
+    hashed=False leaves out the SHA-256 of files: push and pull hash only files whose size matches the
+    other side's."""
     out: dict[str, dict] = {}
 
     def walk(directory: Path, prefix: str) -> None:
@@ -117,28 +131,80 @@ def local_manifest(root: Path) -> dict[str, dict]:
                     out[rel] = {"path": rel, "type": "dir", "mode": st.st_mode & 0o777}
                     walk(Path(entry.path), rel + "/")
                 elif stat.S_ISREG(st.st_mode):
-                    out[rel] = {
-                        "path": rel,
-                        "type": "file",
-                        "mode": st.st_mode & 0o777,
-                        "size": st.st_size,
-                        "sha256": _sha256(Path(entry.path)),
-                    }
+                    out[rel] = {"path": rel, "type": "file", "mode": st.st_mode & 0o777, "size": st.st_size}
+                    if hashed:
+                        out[rel]["sha256"] = _sha256(Path(entry.path))
 
     walk(root, "")
     return out
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, meter=None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         while block := f.read(CHUNK):
             digest.update(block)
+            if meter is not None:
+                meter.update(len(block))
     return digest.hexdigest()
 
 
 def _differs(src: dict, dst: dict | None) -> bool:
     return dst is None or dst["type"] != src["type"] or (src["type"] == "file" and src["sha256"] != dst["sha256"])
+
+
+def _same_size_files(ours: dict[str, dict], theirs: dict[str, dict]) -> list[str]:
+    """Paths that are a file of the same size on both sides: only these can be unchanged, only these are hashed."""
+    return [
+        path for path, entry in ours.items()
+        if entry["type"] == "file" and (other := theirs.get(path)) is not None and other["type"] == "file"
+        and other["size"] == entry["size"]
+    ]  # fmt: skip
+
+
+def _changed(src: dict[str, dict], dst: dict[str, dict], same: set[str]) -> list[dict]:
+    """Entries of src to copy: a directory dst lacks (or holds as a file), a file not known to be the same."""
+    return [e for path, e in src.items() if path not in same and (e["type"] == "file" or _differs(e, dst.get(path)))]
+
+
+def _groups(entries: list[dict], ops_per_entry: int, max_bytes: int):
+    """entries in runs that fit one share.batch: BATCH_OPS operations and about max_bytes of file data."""
+    group: list[dict] = []
+    size = 0
+    for entry in entries:
+        if group and ((len(group) + 1) * ops_per_entry > BATCH_OPS or size + entry.get("size", 0) > max_bytes):
+            yield group
+            group, size = [], 0
+        group.append(entry)
+        size += entry.get("size", 0)
+    if group:
+        yield group
+
+
+class _NoMeter:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _meter(what: str, total: int, enabled: bool):
+    """A progress bar on stderr for work that may take more than a second (tqdm shows it only after one)."""
+    if not enabled or total <= 0:
+        return _NoMeter()
+    from tqdm import tqdm  # only where progress is shown: the Ansible modules never need it
+
+    return tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, delay=1.0,
+                leave=False)  # fmt: skip
+
+
+def _drain(pending: deque) -> None:
+    """Wait out the calls still in flight after an error (their own errors are the same one, or moot)."""
+    while pending:
+        call = pending.popleft()[1]
+        with contextlib.suppress(Exception):
+            call.result()
 
 
 class EnclaveClient:
@@ -198,16 +264,87 @@ class EnclaveClient:
             ) from err
 
     # -- transfers
+    #
+    # Push and pull compare the two sides by size first, and hash (both sides at once) only the files whose
+    # size matches. Small files travel many to a share.batch request; a bigger file goes to a temporary name
+    # beside its target and is renamed over it once whole, so an error or a dropped connection never leaves
+    # a partial file under the target's name. A server without share.batch (an older image) gets the old
+    # per-file requests, comparing by the SHA-256 in its manifest.
 
-    def push(self, local_dir, remote_dir: str, *, dry_run: bool = False) -> dict:
-        """Copy what differs from local_dir into the share's remote_dir (by SHA-256); nothing is deleted."""
+    def _batching(self) -> bool:
+        return "share.batch" in self.connection.ops
+
+    def _batch(self, ops: list[dict]) -> wire.Call:
+        return self.connection.submit("share.batch", {"ops": ops})
+
+    @staticmethod
+    def _results(call: wire.Call, count: int) -> list[dict]:
+        """A batch's results: one map per operation, or the server broke the protocol."""
+        results = call.result()
+        if not isinstance(results, list) or len(results) != count or not all(isinstance(r, dict) for r in results):
+            raise wire.ProtocolError(f"the enclave answered a batch of {count} operations with something else")
+        return results
+
+    def _remote_manifest(self, remote_root: str, batching: bool) -> list[dict]:
+        return self.call("share.manifest", {"path": remote_root, "hash": not batching})
+
+    def _same_files(self, local_dir: Path, ours: dict, remote_root: str, theirs: dict, meter) -> set[str]:
+        """Paths whose local and remote files have the same size and SHA-256: the enclave hashes its side
+        (share.sha256 in batches, unless its manifest carried the digests) while this host hashes its own."""
+        candidates = _same_size_files(ours, theirs)
+        asked = [p for p in candidates if "sha256" not in theirs[p]]
+        calls = [
+            (group, self._batch([{"op": "sha256", "path": f"{remote_root}/{p}"} for p in group]))
+            for group in (asked[i : i + BATCH_OPS] for i in range(0, len(asked), BATCH_OPS))
+        ]
+        local = {p: _sha256(local_dir.joinpath(*_safe_parts(p)), meter) for p in candidates}
+        remote = {p: theirs[p]["sha256"] for p in candidates if "sha256" in theirs[p]}
+        for group, call in calls:
+            for path, result in zip(group, self._results(call, len(group)), strict=True):
+                remote[path] = result.get("ok")  # an error (the file went away): not the same
+        return {p for p in candidates if local[p] == remote.get(p)}
+
+    def _failure(self, verb: str, remote: str, error, size: int | None = None) -> EnclaveError:
+        """The error of one file's transfer, in the user's words; a full share says how full."""
+        err = error if isinstance(error, wire.RemoteError) else wire._remote_error(error, "share.batch")
+        if err.errno == errno.ENOSPC:
+            try:
+                fs = self.call("share.statfs")
+                room = f" ({fs['bavail'] * fs['frsize']} of {fs['blocks'] * fs['frsize']} bytes free)"
+            except (wire.WireError, KeyError, TypeError):
+                room = ""
+            needed = f" ({size} bytes)" if size is not None else ""
+            return wire.RemoteError(
+                errno.ENOSPC,
+                f"the enclave's share is full: {remote}{needed} does not fit{room}; nothing partial was left. "
+                "Remove files from the share or give the enclave more memory, then push again",
+            )
+        return wire.RemoteError(err.errno, f"cannot {verb} {remote}: {err}")
+
+    def _settle(self, pending: deque, verb: str, keep: int = 0) -> None:
+        """Wait for batches in flight until at most keep remain; on a file's error wait for all of them, then
+        raise the first error."""
+        failure = None
+        while len(pending) > (0 if failure else keep):
+            entries, call = pending.popleft()
+            for entry, result in zip(entries, self._results(call, len(entries)), strict=True):
+                if "error" in result and failure is None:
+                    failure = self._failure(verb, entry["remote"], result["error"], entry.get("size"))
+        if failure is not None:
+            raise failure
+
+    def push(self, local_dir, remote_dir: str, *, dry_run: bool = False, progress: bool = False) -> dict:
+        """Copy what differs from local_dir into the share's remote_dir (size, then SHA-256); nothing is deleted.
+
+        progress: show bars on stderr for hashing and sending that take more than a second."""
+        started = time.monotonic()
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise EnclaveError(f"{local_dir} is not a directory: push copies a directory's contents")
         remote_root = "/" + remote_dir.strip("/")
-        ours = local_manifest(local_dir)
+        batching = self._batching()
         try:
-            theirs = {e["path"]: e for e in self.call("share.manifest", {"path": remote_root})}
+            theirs = {e["path"]: e for e in self._remote_manifest(remote_root, batching)}
         except wire.RemoteError as err:
             if err.errno != errno.ENOENT:
                 raise
@@ -218,21 +355,107 @@ class EnclaveClient:
                     f"{remote_root} is not in one of the share's folders ({_shown(top)}): push into one of "
                     f"them, e.g. `enclave push {local_dir} /{top[0] if top else 'dataset'}`"
                 ) from None
-        changed = [e for e in ours.values() if _differs(e, (theirs or {}).get(e["path"]))]
+        ours = local_manifest(local_dir, hashed=not batching)
+        if batching:
+            hashing = sum(ours[p]["size"] for p in _same_size_files(ours, theirs or {}))
+            meter = _meter("hashing", hashing, progress)
+            try:
+                same = self._same_files(local_dir, ours, remote_root, theirs or {}, meter)
+            finally:
+                meter.close()
+            changed = _changed(ours, theirs or {}, same)
+        else:
+            changed = [e for e in ours.values() if _differs(e, (theirs or {}).get(e["path"]))]
+        sent = sum(e.get("size", 0) for e in changed)
         if not dry_run:
+            wire.keep_freed_memory()  # bulk frames: keep freed MiB buffers (docs/PROTOCOL.md section 9)
             if theirs is None:
                 self._makedirs(remote_root)
-            for entry in changed:
-                remote = f"{remote_root}/{entry['path']}"
-                if entry["type"] == "dir":
-                    self.call("share.mkdir", {"path": remote, "mode": entry["mode"] | 0o700})
+            meter = _meter("push", sent, progress)
+            try:
+                if batching:
+                    self._send(local_dir, remote_root, changed, theirs or {}, meter)
                 else:
-                    self._upload(local_dir / entry["path"], remote, entry["mode"])
+                    for entry in changed:
+                        remote = f"{remote_root}/{entry['path']}"
+                        if entry["type"] == "dir":
+                            self.call("share.mkdir", {"path": remote, "mode": entry["mode"] | 0o700})
+                        else:
+                            self._upload(local_dir / entry["path"], remote, entry["mode"])
+            finally:
+                meter.close()
         return {
             "changed": [e["path"] for e in changed],
             "unchanged": len(ours) - len(changed),
-            "bytes": sum(e.get("size", 0) for e in changed),
+            "bytes": sent,
+            "seconds": round(time.monotonic() - started, 3),
         }
+
+    def _send(self, local_dir: Path, remote_root: str, changed: list[dict], theirs: dict, meter) -> None:
+        dirs = [{**e, "remote": f"{remote_root}/{e['path']}"} for e in changed if e["type"] == "dir"]
+        small = [{**e, "remote": f"{remote_root}/{e['path']}"} for e in changed if e["type"] == "file" and
+                 e["size"] <= SMALL_FILE]  # fmt: skip
+        pending: deque = deque()
+        # Temporary files an interrupted push left behind (a dropped connection cannot remove its own).
+        stale = [{"remote": f"{remote_root}/{p}"} for p, e in theirs.items()
+                 if e["type"] == "file" and PUSH_TEMP.fullmatch(p.rsplit("/", 1)[-1])]  # fmt: skip
+        try:
+            for group in _groups(stale, 1, 0):
+                pending.append((group, self._batch([{"op": "unlink", "path": e["remote"]} for e in group])))
+            self._settle(pending, "remove the leftover")
+            for group in _groups(dirs, 1, 0):  # in order, parents first: one batch at a time
+                ops = [{"op": "mkdir", "path": e["remote"], "mode": e["mode"] | 0o700} for e in group]
+                pending.append((group, self._batch(ops)))
+                self._settle(pending, "create the folder")
+            for group in _groups(small, 1, BATCH_BYTES):
+                ops = []
+                for entry in group:
+                    data = (local_dir / entry["path"]).read_bytes()
+                    entry["size"] = len(data)
+                    ops.append({"op": "put", "path": entry["remote"], "mode": entry["mode"], "data": data})
+                pending.append((group, self._batch(ops)))
+                meter.update(sum(e["size"] for e in group))
+                self._settle(pending, "push", keep=BATCHES_IN_FLIGHT - 1)
+            self._settle(pending, "push")
+        except BaseException:
+            _drain(pending)
+            raise
+        for entry in changed:
+            if entry["type"] == "file" and entry["size"] > SMALL_FILE:
+                self._upload_whole(local_dir / entry["path"], f"{remote_root}/{entry['path']}", entry, meter)
+
+    def _upload_whole(self, src: Path, remote: str, entry: dict, meter) -> None:
+        """A big file: written under a temporary name beside remote, renamed over it once complete."""
+        temp = f"{remote.rsplit('/', 1)[0]}/.push-{secrets.token_hex(8)}.part"
+        pending: deque = deque()
+        try:
+            self.call("share.create", {"path": temp, "mode": entry["mode"], "exclusive": True})
+            offset = 0
+            with open(src, "rb", buffering=0) as f:
+                while block := f.read(CHUNK):
+                    pending.append(self.connection.submit("share.write", {"path": temp, "offset": offset,
+                                                                          "data": block}))  # fmt: skip
+                    offset += len(block)
+                    meter.update(len(block))
+                    if len(pending) >= IN_FLIGHT:
+                        pending.popleft().result()
+            while pending:
+                pending.popleft().result()
+            self.call("share.rename", {"old": temp, "new": remote})
+        except wire.RemoteError as err:
+            self._discard(temp, pending)
+            raise self._failure("push", remote, err, entry["size"]) from None
+        except BaseException:
+            self._discard(temp, pending)
+            raise
+
+    def _discard(self, temp: str, pending: deque) -> None:
+        """Remove a failed upload's temporary file (if the connection still stands: else the next push does)."""
+        for call in pending:
+            with contextlib.suppress(Exception):
+                call.result()
+        with contextlib.suppress(Exception):
+            self.call("share.unlink", {"path": temp})
 
     def _top_level(self) -> list[str]:
         """The share's top-level folders (/dataset, /encrypted, /model, /output), as the enclave lists them."""
@@ -262,6 +485,7 @@ class EnclaveClient:
                     raise
 
     def _upload(self, src: Path, remote: str, mode: int) -> None:
+        """One file in place, for a server without share.batch (an older image)."""
         pending: deque = deque()
         with open(src, "rb", buffering=0) as f:
             first = f.read(CHUNK)
@@ -281,12 +505,17 @@ class EnclaveClient:
         while pending:
             pending.popleft().result()
 
-    def pull(self, remote_dir: str, local_dir, *, dry_run: bool = False) -> dict:
-        """Copy what differs from the share's remote_dir into local_dir (by SHA-256); nothing is deleted."""
+    def pull(self, remote_dir: str, local_dir, *, dry_run: bool = False, progress: bool = False) -> dict:
+        """Copy what differs from the share's remote_dir into local_dir (size, then SHA-256); nothing is deleted.
+
+        Each file is written under a temporary name and renamed over its target once its bytes match the
+        enclave's SHA-256 of it."""
+        started = time.monotonic()
         local_dir = Path(local_dir)
         remote_root = "/" + remote_dir.strip("/")
+        batching = self._batching()
         try:
-            theirs = self.call("share.manifest", {"path": remote_root})
+            listed = self._remote_manifest(remote_root, batching)
         except wire.RemoteError as err:
             if err.errno not in (errno.ENOENT, errno.ENOTDIR):
                 raise
@@ -294,31 +523,83 @@ class EnclaveClient:
                 f"{remote_root} is not a folder in the enclave's share ({self._what_is_there(remote_root)}): "
                 "pull a folder that is there, e.g. `enclave pull /output DIR`"
             ) from None
-        for entry in theirs:
+        for entry in listed:
             _safe_parts(entry["path"])
-        ours = local_manifest(local_dir) if local_dir.is_dir() else {}
-        changed = [e for e in theirs if _differs(e, ours.get(e["path"]))]
+        theirs = {e["path"]: e for e in listed}
+        ours = local_manifest(local_dir, hashed=False) if local_dir.is_dir() else {}
+        hashing = sum(ours[p]["size"] for p in _same_size_files(ours, theirs))
+        meter = _meter("hashing", hashing, progress)
+        try:
+            same = self._same_files(local_dir, ours, remote_root, theirs, meter)
+        finally:
+            meter.close()
+        changed = _changed(theirs, ours, same)
+        received = sum(e.get("size", 0) for e in changed)
         if not dry_run:
+            wire.keep_freed_memory()
             local_dir.mkdir(parents=True, exist_ok=True)
-            for entry in changed:
-                target = local_dir.joinpath(*_safe_parts(entry["path"]))
-                _refuse_links(local_dir, target)
-                if entry["type"] == "dir":
-                    target.mkdir(exist_ok=True)
-                else:
-                    self._download(f"{remote_root}/{entry['path']}", target, entry)
+            meter = _meter("pull", received, progress)
+            try:
+                self._receive(local_dir, remote_root, changed, batching, meter)
+            finally:
+                meter.close()
         return {
             "changed": [e["path"] for e in changed],
             "unchanged": len(theirs) - len(changed),
-            "bytes": sum(e.get("size", 0) for e in changed),
+            "bytes": received,
+            "seconds": round(time.monotonic() - started, 3),
         }
 
-    def _download(self, remote: str, target: Path, entry: dict) -> None:
+    def _receive(self, local_dir: Path, remote_root: str, changed: list[dict], batching: bool, meter) -> None:
+        small = []
+        for entry in changed:
+            target = local_dir.joinpath(*_safe_parts(entry["path"]))
+            _refuse_links(local_dir, target)
+            if entry["type"] == "dir":
+                target.mkdir(exist_ok=True)
+            elif batching and entry["size"] <= SMALL_FILE:
+                small.append({**entry, "remote": f"{remote_root}/{entry['path']}", "target": target})
+        pending: deque = deque()
+        try:
+            for group in _groups(small, 2, BATCH_BYTES):
+                ops = []
+                for entry in group:  # asks one byte more than listed: a file that grew is caught
+                    ops.append({"op": "read", "path": entry["remote"], "offset": 0, "size": entry["size"] + 1})
+                    ops.append({"op": "sha256", "path": entry["remote"]})
+                pending.append((group, self._batch(ops)))
+                if len(pending) >= BATCHES_IN_FLIGHT:
+                    self._write_pulled(*pending.popleft(), meter)
+            while pending:
+                self._write_pulled(*pending.popleft(), meter)
+        except BaseException:
+            _drain(pending)
+            raise
+        for entry in changed:
+            if entry["type"] == "file" and not (batching and entry["size"] <= SMALL_FILE):
+                target = local_dir.joinpath(*_safe_parts(entry["path"]))
+                self._download(f"{remote_root}/{entry['path']}", target, entry, batching, meter)
+
+    def _write_pulled(self, group: list[dict], call: wire.Call, meter) -> None:
+        results = self._results(call, 2 * len(group))
+        for index, entry in enumerate(group):
+            read, digest = results[2 * index], results[2 * index + 1]
+            for result in (read, digest):
+                if "error" in result:
+                    raise self._failure("pull", entry["remote"], result["error"])
+            data = read["ok"]
+            if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != digest["ok"]:
+                raise EnclaveError(f"{entry['remote']} changed while it was being pulled; pull again")
+            _write_whole(entry["target"], entry["mode"], data)
+            meter.update(len(data))
+
+    def _download(self, remote: str, target: Path, entry: dict, batching: bool, meter) -> None:
         # A short random name beside the target (O_EXCL, mode 0600): the target's own name may already
         # take the 255 bytes a name can have.
         fd, tmp_name = tempfile.mkstemp(prefix=".pull-", suffix=".part", dir=target.parent)
         tmp = Path(tmp_name)
         digest = hashlib.sha256()
+        # The enclave hashes its file while this host reads it: any change meanwhile makes the two differ.
+        expected = self.connection.submit("share.sha256", {"path": remote}) if batching else None
         try:
             with os.fdopen(fd, "wb") as f:
                 pending: deque = deque()
@@ -327,10 +608,10 @@ class EnclaveClient:
                         self.connection.submit("share.read", {"path": remote, "offset": offset, "size": CHUNK})
                     )
                     if len(pending) >= IN_FLIGHT:
-                        _write_block(f, digest, pending.popleft().result())
+                        _write_block(f, digest, pending.popleft().result(), meter)
                 while pending:
-                    _write_block(f, digest, pending.popleft().result())
-            if digest.hexdigest() != entry["sha256"]:
+                    _write_block(f, digest, pending.popleft().result(), meter)
+            if digest.hexdigest() != (expected.result() if expected is not None else entry["sha256"]):
                 raise EnclaveError(f"{remote} changed while it was being pulled; pull again")
             os.chmod(tmp, entry["mode"] & 0o755 | 0o600)
             os.replace(tmp, target)
@@ -396,9 +677,23 @@ def _shown(names: Sequence[str], prefix: str = "/", limit: int = 20) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _write_block(f, digest, block: bytes) -> None:
+def _write_block(f, digest, block: bytes, meter) -> None:
     f.write(block)
     digest.update(block)
+    meter.update(len(block))
+
+
+def _write_whole(target: Path, mode: int, data: bytes) -> None:
+    """target holds data, or (on any error) stays as it was: written beside it, then renamed over it."""
+    fd, tmp_name = tempfile.mkstemp(prefix=".pull-", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp_name, mode & 0o755 | 0o600)
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
 
 
 def _refuse_links(root: Path, target: Path) -> None:
