@@ -258,18 +258,11 @@ def _report_transfer(args, verb: str, result: dict) -> None:
     if args.dry_run:
         for path in result["changed"]:
             print(f"{verb} {path}")
-    print(f"{verb} {len(result['changed'])} changed files or folders ({_size(result['bytes'])}), skipped "
+    from importlib import import_module
+
+    size = import_module(f"{LIB}.client").human_size(result["bytes"])
+    print(f"{verb} {len(result['changed'])} changed files or folders ({size}), skipped "
           f"{result['unchanged']} unchanged, in {result['seconds']:.2f} s")  # fmt: skip
-
-
-def _size(n: float) -> str:
-    if n < 1024:
-        return f"{n} bytes"
-    for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if n < 1024 or unit == "GiB":
-            break
-    return f"{n:.1f} {unit}"
 
 
 def cmd_push(args) -> int:

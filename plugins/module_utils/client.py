@@ -39,6 +39,7 @@ SMALL_FILE = 1 << 20
 BATCH_OPS = 256
 BATCH_BYTES = 1 << 20
 BATCHES_IN_FLIGHT = 4
+PROGRESS_DELAY = 1.0  # seconds before a progress bar appears: work that ends sooner shows none
 PUSH_TEMP = re.compile(r"\.push-[0-9a-f]{16}\.part")  # a bigger file's name until it is whole
 
 
@@ -181,6 +182,17 @@ def _groups(entries: list[dict], ops_per_entry: int, max_bytes: int):
         yield group
 
 
+def human_size(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
 class _NoMeter:
     def update(self, n: int) -> None:
         pass
@@ -195,8 +207,8 @@ def _meter(what: str, total: int, enabled: bool):
         return _NoMeter()
     from tqdm import tqdm  # only where progress is shown: the Ansible modules never need it
 
-    return tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, delay=1.0,
-                leave=False)  # fmt: skip
+    return tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                delay=PROGRESS_DELAY, leave=False)  # fmt: skip
 
 
 def _drain(pending: deque) -> None:
@@ -310,16 +322,17 @@ class EnclaveClient:
         if err.errno == errno.ENOSPC:
             try:
                 fs = self.call("share.statfs")
-                room = f" ({fs['bavail'] * fs['frsize']} of {fs['blocks'] * fs['frsize']} bytes free)"
+                room = f": {human_size(fs['bavail'] * fs['frsize'])} of {human_size(fs['blocks'] * fs['frsize'])} free"
             except (wire.WireError, KeyError, TypeError):
                 room = ""
-            needed = f" ({size} bytes)" if size is not None else ""
+            needed = f" ({human_size(size)})" if size is not None else ""
             return wire.RemoteError(
                 errno.ENOSPC,
                 f"the enclave's share is full: {remote}{needed} does not fit{room}; nothing partial was left. "
                 "Remove files from the share or give the enclave more memory, then push again",
+                op=err.op,
             )
-        return wire.RemoteError(err.errno, f"cannot {verb} {remote}: {err}")
+        return wire.RemoteError(err.errno, f"cannot {verb} {remote}: {err.strerror}", name=err.name, op=err.op)
 
     def _settle(self, pending: deque, verb: str, keep: int = 0) -> None:
         """Wait for batches in flight until at most keep remain; on a file's error wait for all of them, then
