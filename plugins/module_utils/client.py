@@ -423,7 +423,8 @@ class EnclaveClient:
             for group in _groups(small, 1, BATCH_BYTES):
                 ops = []
                 for entry in group:
-                    data = (local_dir / entry["path"]).read_bytes()
+                    with open(os.path.join(local_dir, entry["path"]), "rb", buffering=0) as f:
+                        data = f.read()
                     entry["size"] = len(data)
                     ops.append({"op": "put", "path": entry["remote"], "mode": entry["mode"], "data": data})
                 pending.append((group, self._batch(ops)))
@@ -564,14 +565,22 @@ class EnclaveClient:
         }
 
     def _receive(self, local_dir: Path, remote_root: str, changed: list[dict], batching: bool, meter) -> None:
-        small = []
+        small, big = [], []
+        checked: set[str] = set()
         for entry in changed:
-            target = local_dir.joinpath(*_safe_parts(entry["path"]))
-            _refuse_links(local_dir, target)
+            target = _refuse_links(str(local_dir), _safe_parts(entry["path"]), checked)
             if entry["type"] == "dir":
-                target.mkdir(exist_ok=True)
+                try:
+                    os.mkdir(target)
+                except FileExistsError:
+                    if not os.path.isdir(target):
+                        raise EnclaveError(
+                            f"{target} is a file here but a folder in the enclave: move it away and pull again"
+                        ) from None
             elif batching and entry["size"] <= SMALL_FILE:
                 small.append({**entry, "remote": f"{remote_root}/{entry['path']}", "target": target})
+            else:
+                big.append((entry, target))
         pending: deque = deque()
         try:
             for group in _groups(small, 2, BATCH_BYTES):
@@ -587,10 +596,8 @@ class EnclaveClient:
         except BaseException:
             _drain(pending)
             raise
-        for entry in changed:
-            if entry["type"] == "file" and not (batching and entry["size"] <= SMALL_FILE):
-                target = local_dir.joinpath(*_safe_parts(entry["path"]))
-                self._download(f"{remote_root}/{entry['path']}", target, entry, batching, meter)
+        for entry, target in big:
+            self._download(f"{remote_root}/{entry['path']}", Path(target), entry, batching, meter)
 
     def _write_pulled(self, group: list[dict], call: wire.Call, meter) -> None:
         results = self._results(call, 2 * len(group))
@@ -696,26 +703,40 @@ def _write_block(f, digest, block: bytes, meter) -> None:
     meter.update(len(block))
 
 
-def _write_whole(target: Path, mode: int, data: bytes) -> None:
+def _write_whole(target: str, mode: int, data: bytes) -> None:
     """target holds data, or (on any error) stays as it was: written beside it, then renamed over it."""
-    fd, tmp_name = tempfile.mkstemp(prefix=".pull-", suffix=".part", dir=target.parent)
+    temp = os.path.join(os.path.dirname(target), f".pull-{secrets.token_hex(8)}.part")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp_name, mode & 0o755 | 0o600)
-        os.replace(tmp_name, target)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, mode & 0o755 | 0o600)
+        os.close(fd)
+        fd = -1
+        os.replace(temp, target)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
         raise
 
 
-def _refuse_links(root: Path, target: Path) -> None:
-    """Refuse to write through a symlink anywhere between root and target on the host."""
+def _refuse_links(root: str, parts: list[str], checked: set[str]) -> str:
+    """root/parts, refused if a symlink is anywhere between root and it on the host. checked: folders already
+    found not to be links (a pull checks each once)."""
     current = root
-    for part in target.relative_to(root).parts:
-        current = current / part
-        if current.is_symlink():
-            raise EnclaveError(f"{current} is a symbolic link: refusing to write through it; remove it and pull again")
+    for index, part in enumerate(parts):
+        current = os.path.join(current, part)
+        if current not in checked:
+            if os.path.islink(current):
+                raise EnclaveError(
+                    f"{current} is a symbolic link: refusing to write through it; remove it and pull again"
+                )
+            if index < len(parts) - 1:
+                checked.add(current)
+    return current
 
 
 def host_kms_settings(region: str | None = None, profile: str | None = None) -> dict:

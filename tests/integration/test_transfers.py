@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -19,6 +20,7 @@ from ansible_collections.confidential_ml.nitro.enclave_server.server import BATC
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import client as client_lib
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.tests.integration.conftest import cli
 
 MIB = 1 << 20
@@ -261,3 +263,29 @@ def test_a_dropped_connection_leaves_no_half_written_file(enclave, tmp_path, mon
     pushed = json.loads(cli("push", str(src), "/dataset", "--expect-pcr0", enclave["pcr0"], "--json").stdout)
     assert pushed["changed"] == ["big.bin"]
     assert os.listdir(share) == ["big.bin"] and (share / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+
+
+def test_pull_never_writes_through_a_link_on_the_host(enclave, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with EnclaveClient(enclave["endpoint"], expect_pcr0=enclave["pcr0"]) as client:
+        batch(client, [{"op": "mkdir", "path": "/output/sub"}, {"op": "put", "path": "/output/sub/r.csv", "data": b"1"},
+                       {"op": "put", "path": "/output/top.csv", "data": b"2"}])  # fmt: skip
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "sub").symlink_to(elsewhere)  # a planted folder link
+        with pytest.raises(EnclaveError, match="is a symbolic link: refusing to write through it"):
+            client.pull("/output", out)
+        (out / "sub").unlink()
+        (out / "top.csv").symlink_to(elsewhere / "target.csv")  # a planted file link
+        with pytest.raises(EnclaveError, match="is a symbolic link"):
+            client.pull("/output", out)
+        assert os.listdir(elsewhere) == []
+        (out / "top.csv").unlink()
+        shutil.rmtree(out / "sub")  # the pull before made it: folders come before the files
+        (out / "sub").write_text("a file where the enclave has a folder")
+        with pytest.raises(EnclaveError, match="is a file here but a folder in the enclave"):
+            client.pull("/output", out)
+        (out / "sub").unlink()
+        assert sorted(client.pull("/output", out)["changed"]) == ["sub", "sub/r.csv", "top.csv"]
+    assert tree(out) == {"sub": None, "sub/r.csv": b"1", "top.csv": b"2"}
