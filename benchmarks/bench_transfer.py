@@ -10,8 +10,8 @@ interleaved and each beside its limit (best of --repeat runs):
   EnclaveClient.push into a folder that does not exist yet (the connection attested before
   the clock starts); the same push again, which must send nothing; the `enclave push` command
   (a new process: interpreter, imports, connection and attestation included); the command's
-  fixed cost, `enclave push` of an empty folder; EnclaveClient.pull of the folder into an
-  empty tmpfs directory.
+  fixed cost, `enclave push` of an empty folder (the floor of the command's ratio);
+  EnclaveClient.pull of the folder into an empty tmpfs directory.
 - one big file of --size-mib MiB: `cp` into the FUSE mount of the same share (the limit for
   push) and EnclaveClient.push of it; `cp` out of the mount (page cache dropped first; the
   limit for pull) and EnclaveClient.pull of it.
@@ -161,6 +161,7 @@ def main(argv=None) -> int:
     ratios = {
         "small_push_over_cp": best["small_push_s"] / best["small_cp_tmpfs_s"],
         "small_push_cli_over_cp": best["small_push_cli_s"] / best["small_cp_tmpfs_s"],
+        "cli_fixed_cost_over_cp": best["cli_push_empty_s"] / best["small_cp_tmpfs_s"],  # the command's floor
         "small_pull_over_cp": best["small_pull_s"] / best["small_cp_tmpfs_s"],
         "big_push_over_mount_cp": best["big_push_s"] / best["big_cp_mount_s"],
         "big_pull_over_mount_cp": best["big_pull_s"] / best["big_cp_from_mount_s"],
@@ -173,6 +174,7 @@ def main(argv=None) -> int:
         "big_pull_mbs": opts.size_mib * MIB / best["big_pull_s"] / 1e6,
         "targets": {
             "small push <= 10x cp -r": ratios["small_push_over_cp"] <= TARGET_SMALL_RATIO,
+            "small push, the command, <= 10x cp -r": ratios["small_push_cli_over_cp"] <= TARGET_SMALL_RATIO,
             "small pull <= 10x cp -r": ratios["small_pull_over_cp"] <= TARGET_SMALL_RATIO,
             "big push <= cp into the mount": ratios["big_push_over_mount_cp"] <= TARGET_BIG_RATIO,
             "big pull <= cp out of the mount": ratios["big_pull_over_mount_cp"] <= TARGET_BIG_RATIO,
@@ -195,7 +197,8 @@ def main(argv=None) -> int:
         print(f"  {name:<28} {best[name]:>8.3f} ({medians[name]:.3f})")
     print(f"small files, {opts.files} x {opts.file_kib} KiB, time / tmpfs cp -r (target <= {TARGET_SMALL_RATIO:g}):")
     print(f"  EnclaveClient.push {ratios['small_push_over_cp']:.1f}, `enclave push` command "
-          f"{ratios['small_push_cli_over_cp']:.1f} (its fixed cost alone: {best['cli_push_empty_s']:.3f} s), "
+          f"{ratios['small_push_cli_over_cp']:.1f} (its fixed cost alone, pushing an empty folder: "
+          f"{ratios['cli_fixed_cost_over_cp']:.1f}), "
           f"EnclaveClient.pull {ratios['small_pull_over_cp']:.1f}")  # fmt: skip
     print(f"one file of {opts.size_mib} MiB, time / cp through the mount (target <= {TARGET_BIG_RATIO:g}):")
     print(f"  push {ratios['big_push_over_mount_cp']:.2f} ({results['big_push_mbs']:.0f} MB/s), "
