@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import subprocess
+import threading
 
 import pytest
 
@@ -289,3 +290,46 @@ def test_pull_never_writes_through_a_link_on_the_host(enclave, tmp_path):
         (out / "sub").unlink()
         assert sorted(client.pull("/output", out)["changed"]) == ["sub", "sub/r.csv", "top.csv"]
     assert tree(out) == {"sub": None, "sub/r.csv": b"1", "top.csv": b"2"}
+
+
+def test_pull_from_a_server_without_batch_uses_its_manifest_hashes(tmp_path):
+    """An older enclave image has no share.batch: pull compares by the SHA-256 its manifest lists and reads per
+    file, and still refuses a file whose bytes do not match that hash."""
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint
+
+    files = {"a.csv": b"small", "big.bin": os.urandom(2 * MIB + 5)}
+    listed = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    seen = []
+
+    def manifest(args, ctx):
+        seen.append(("manifest", args.get("hash")))
+        return [
+            {"path": name, "type": "file", "mode": 0o644, "size": len(data), "sha256": listed[name]}
+            for name, data in files.items()
+        ]
+
+    def read(args, ctx):
+        seen.append("read")
+        data = files[args["path"].rsplit("/", 1)[-1]]
+        return data[args["offset"] : args["offset"] + args["size"]]
+
+    endpoint = Endpoint.unix(str(tmp_path / "old.sock"))
+    server = wire.Server(endpoint.listen(), {"share.manifest": manifest, "share.read": read})
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with EnclaveClient(str(endpoint)) as client:
+            assert sorted(client.pull("/output", tmp_path / "out")["changed"]) == ["a.csv", "big.bin"]
+            assert tree(tmp_path / "out") == files and seen[0] == ("manifest", True)
+            assert client.pull("/output", tmp_path / "out")["changed"] == []
+            files["a.csv"] = b"other"  # same size, other bytes than the manifest says: refused, nothing written
+            listed["a.csv"] = hashlib.sha256(b"other").hexdigest()
+            (tmp_path / "out" / "a.csv").write_bytes(b"local")
+            files["a.csv"] = b"torn!"
+            with pytest.raises(EnclaveError, match="changed while it was being pulled"):
+                client.pull("/output", tmp_path / "out")
+            assert (tmp_path / "out" / "a.csv").read_bytes() == b"local"
+            assert sorted(os.listdir(tmp_path / "out")) == ["a.csv", "big.bin"]
+    finally:
+        server.shutdown()
+        thread.join()
