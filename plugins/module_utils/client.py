@@ -169,15 +169,16 @@ def _changed(src: dict[str, dict], dst: dict[str, dict], same: set[str]) -> list
 
 
 def _groups(entries: list[dict], ops_per_entry: int, max_bytes: int):
-    """entries in runs that fit one share.batch: BATCH_OPS operations and about max_bytes of file data."""
+    """entries in runs that fit one share.batch: BATCH_OPS operations and about max_bytes of data and paths."""
     group: list[dict] = []
     size = 0
     for entry in entries:
-        if group and ((len(group) + 1) * ops_per_entry > BATCH_OPS or size + entry.get("size", 0) > max_bytes):
+        weight = entry.get("size", 0) + ops_per_entry * (len(entry["remote"].encode()) + 64)  # data, paths, keys
+        if group and ((len(group) + 1) * ops_per_entry > BATCH_OPS or size + weight > max_bytes):
             yield group
             group, size = [], 0
         group.append(entry)
-        size += entry.get("size", 0)
+        size += weight
     if group:
         yield group
 
@@ -285,6 +286,12 @@ class EnclaveClient:
 
     def _batching(self) -> bool:
         return "share.batch" in self.connection.ops
+
+    @property
+    def _chunk(self) -> int:
+        """Bytes of file data one request or reply carries: CHUNK, or half the server's frame limit if that is
+        less (its replies are bounded by it too)."""
+        return min(CHUNK, self.connection.max_frame // 2)
 
     def _batch(self, ops: list[dict]) -> wire.Call:
         return self.connection.submit("share.batch", {"ops": ops})
@@ -407,7 +414,7 @@ class EnclaveClient:
     def _send(self, local_dir: Path, remote_root: str, changed: list[dict], theirs: dict, meter) -> None:
         dirs = [{**e, "remote": f"{remote_root}/{e['path']}"} for e in changed if e["type"] == "dir"]
         small = [{**e, "remote": f"{remote_root}/{e['path']}"} for e in changed if e["type"] == "file" and
-                 e["size"] <= SMALL_FILE]  # fmt: skip
+                 e["size"] <= min(SMALL_FILE, self._chunk)]  # fmt: skip
         pending: deque = deque()
         # Temporary files an interrupted push left behind (a dropped connection cannot remove its own).
         stale = [{"remote": f"{remote_root}/{p}"} for p, e in theirs.items()
@@ -420,7 +427,7 @@ class EnclaveClient:
                 ops = [{"op": "mkdir", "path": e["remote"], "mode": e["mode"] | 0o700} for e in group]
                 pending.append((group, self._batch(ops)))
                 self._settle(pending, "create the folder")
-            for group in _groups(small, 1, BATCH_BYTES):
+            for group in _groups(small, 1, min(BATCH_BYTES, self._chunk)):
                 ops = []
                 for entry in group:
                     with open(os.path.join(local_dir, entry["path"]), "rb", buffering=0) as f:
@@ -435,7 +442,7 @@ class EnclaveClient:
             _drain(pending)
             raise
         for entry in changed:
-            if entry["type"] == "file" and entry["size"] > SMALL_FILE:
+            if entry["type"] == "file" and entry["size"] > min(SMALL_FILE, self._chunk):
                 self._upload_whole(local_dir / entry["path"], f"{remote_root}/{entry['path']}", entry, meter)
 
     def _upload_whole(self, src: Path, remote: str, entry: dict, meter) -> None:
@@ -445,8 +452,9 @@ class EnclaveClient:
         try:
             self.call("share.create", {"path": temp, "mode": entry["mode"], "exclusive": True})
             offset = 0
+            chunk = self._chunk
             with open(src, "rb", buffering=0) as f:
-                while block := f.read(CHUNK):
+                while block := f.read(chunk):
                     pending.append(self.connection.submit("share.write", {"path": temp, "offset": offset,
                                                                           "data": block}))  # fmt: skip
                     offset += len(block)
@@ -502,7 +510,7 @@ class EnclaveClient:
         """One file in place, for a server without share.batch (an older image)."""
         pending: deque = deque()
         with open(src, "rb", buffering=0) as f:
-            first = f.read(CHUNK)
+            first = f.read(self._chunk)
             # A small file goes whole with its create: one round trip. A server that does not know create's
             # data (an older image answers None, or a stat without it) gets it as a write after all.
             created = self.call("share.create", {"path": remote, "mode": mode, "data": first})
@@ -511,7 +519,7 @@ class EnclaveClient:
             else:
                 offset = 0
                 f.seek(0)
-            while block := f.read(CHUNK):
+            while block := f.read(self._chunk):
                 pending.append(self.connection.submit("share.write", {"path": remote, "offset": offset, "data": block}))
                 offset += len(block)
                 if len(pending) >= IN_FLIGHT:
@@ -577,13 +585,13 @@ class EnclaveClient:
                         raise EnclaveError(
                             f"{target} is a file here but a folder in the enclave: move it away and pull again"
                         ) from None
-            elif batching and entry["size"] <= SMALL_FILE:
+            elif batching and entry["size"] <= min(SMALL_FILE, self._chunk):
                 small.append({**entry, "remote": f"{remote_root}/{entry['path']}", "target": target})
             else:
                 big.append((entry, target))
         pending: deque = deque()
         try:
-            for group in _groups(small, 2, BATCH_BYTES):
+            for group in _groups(small, 2, min(BATCH_BYTES, self._chunk)):
                 ops = []
                 for entry in group:  # asks one byte more than listed: a file that grew is caught
                     ops.append({"op": "read", "path": entry["remote"], "offset": 0, "size": entry["size"] + 1})
@@ -623,9 +631,10 @@ class EnclaveClient:
         try:
             with os.fdopen(fd, "wb") as f:
                 pending: deque = deque()
-                for offset in range(0, entry["size"], CHUNK):
+                chunk = self._chunk
+                for offset in range(0, entry["size"], chunk):
                     pending.append(
-                        self.connection.submit("share.read", {"path": remote, "offset": offset, "size": CHUNK})
+                        self.connection.submit("share.read", {"path": remote, "offset": offset, "size": chunk})
                     )
                     if len(pending) >= IN_FLIGHT:
                         _write_block(f, digest, pending.popleft().result(), meter)

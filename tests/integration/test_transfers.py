@@ -333,3 +333,30 @@ def test_pull_from_a_server_without_batch_uses_its_manifest_hashes(tmp_path):
     finally:
         server.shutdown()
         thread.join()
+
+
+def test_push_and_pull_fit_a_server_with_the_smallest_frame_limit(tmp_path):
+    """A server may announce max_frame 64 KiB: batches, chunks and reads shrink to fit it."""
+    from ansible_collections.confidential_ml.nitro.enclave_server.server import INLINE_OPS, EnclaveServer
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint
+
+    (tmp_path / "work").mkdir()
+    enclave = EnclaveServer(share_dir=tmp_path / "share", work_dir=tmp_path / "work", nsm=None)
+    endpoint = Endpoint.unix(str(tmp_path / "small.sock"))
+    server = wire.Server(endpoint.listen(), enclave.handlers(), max_frame=wire.MIN_FRAME, inline=INLINE_OPS)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, size in enumerate((0, 100, 20_000, 40_000, 70_000, 300_000)):
+        (src / f"f{i}").write_bytes(os.urandom(size))
+    try:
+        with EnclaveClient(str(endpoint)) as client:
+            assert client.connection.max_frame == wire.MIN_FRAME
+            assert len(client.push(src, "/dataset/d")["changed"]) == 6
+            assert client.push(src, "/dataset/d")["changed"] == []
+            assert len(client.pull("/dataset/d", tmp_path / "out")["changed"]) == 6
+    finally:
+        server.shutdown()
+        thread.join()
+    assert tree(tmp_path / "share" / "dataset" / "d") == tree(src) == tree(tmp_path / "out")
