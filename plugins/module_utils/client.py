@@ -615,6 +615,8 @@ class EnclaveClient:
                 if "error" in result:
                     raise self._failure("pull", entry["remote"], result["error"])
             data = read["ok"]
+            if not isinstance(data, bytes) or not isinstance(digest["ok"], str):
+                raise wire.ProtocolError(f"the enclave answered a read of {entry['remote']} with something else")
             if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != digest["ok"]:
                 raise EnclaveError(f"{entry['remote']} changed while it was being pulled; pull again")
             _write_whole(entry["target"], entry["mode"], data)

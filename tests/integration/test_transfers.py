@@ -335,13 +335,33 @@ def test_pull_from_a_server_without_batch_uses_its_manifest_hashes(tmp_path):
         thread.join()
 
 
-def test_push_and_pull_fit_a_server_with_the_smallest_frame_limit(tmp_path):
-    """A server may announce max_frame 64 KiB: batches, chunks and reads shrink to fit it."""
-    from ansible_collections.confidential_ml.nitro.enclave_server.server import INLINE_OPS, EnclaveServer
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint
+@pytest.fixture
+def bare_server(tmp_path):
+    """The enclave server's handlers in this process, without an NSM (share operations only)."""
+    from ansible_collections.confidential_ml.nitro.enclave_server.server import EnclaveServer
 
     (tmp_path / "work").mkdir()
-    enclave = EnclaveServer(share_dir=tmp_path / "share", work_dir=tmp_path / "work", nsm=None)
+    return EnclaveServer(share_dir=tmp_path / "share", work_dir=tmp_path / "work", nsm=None)
+
+
+def test_a_cancelled_batch_applies_nothing_more(bare_server, tmp_path):
+    cancelled = threading.Event()
+    ctx = wire.RequestContext(id=1, op="share.batch", peer="test", cancelled=cancelled, _emit=None)
+    ops = [{"op": "put", "path": f"/dataset/f{i}", "data": b"x"} for i in range(5)]
+    applied = bare_server.batch({"ops": ops[:2]}, ctx)
+    assert applied == [{"ok": 1}, {"ok": 1}]
+    cancelled.set()  # the client cancelled (or went away) while the batch waited or ran
+    results = bare_server.batch({"ops": ops[2:]}, ctx)
+    assert [r["error"]["name"] for r in results] == ["ECANCELED"] * 3
+    assert sorted(os.listdir(tmp_path / "share" / "dataset")) == ["f0", "f1"]
+
+
+def test_push_and_pull_fit_a_server_with_the_smallest_frame_limit(bare_server, tmp_path):
+    """A server may announce max_frame 64 KiB: batches, chunks and reads shrink to fit it."""
+    from ansible_collections.confidential_ml.nitro.enclave_server.server import INLINE_OPS
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint
+
+    enclave = bare_server
     endpoint = Endpoint.unix(str(tmp_path / "small.sock"))
     server = wire.Server(endpoint.listen(), enclave.handlers(), max_frame=wire.MIN_FRAME, inline=INLINE_OPS)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
