@@ -419,10 +419,10 @@ class EnclaveClient:
         # Temporary files an interrupted push left behind (a dropped connection cannot remove its own).
         stale = [{"remote": f"{remote_root}/{p}"} for p, e in theirs.items()
                  if e["type"] == "file" and PUSH_TEMP.fullmatch(p.rsplit("/", 1)[-1])]  # fmt: skip
+        for group in _groups(stale, 1, 0):  # best effort: one already gone is fine
+            self._results(self._batch([{"op": "unlink", "path": e["remote"]} for e in group]), len(group))
+        limit = min(SMALL_FILE, self._chunk)
         try:
-            for group in _groups(stale, 1, 0):
-                pending.append((group, self._batch([{"op": "unlink", "path": e["remote"]} for e in group])))
-            self._settle(pending, "remove the leftover")
             for group in _groups(dirs, 1, 0):  # in order, parents first: one batch at a time
                 ops = [{"op": "mkdir", "path": e["remote"], "mode": e["mode"] | 0o700} for e in group]
                 pending.append((group, self._batch(ops)))
@@ -431,7 +431,9 @@ class EnclaveClient:
                 ops = []
                 for entry in group:
                     with open(os.path.join(local_dir, entry["path"]), "rb", buffering=0) as f:
-                        data = f.read()
+                        data = f.read(limit + 1)
+                    if len(data) > limit:
+                        raise EnclaveError(f"{local_dir / entry['path']} grew while it was being pushed; push again")
                     entry["size"] = len(data)
                     ops.append({"op": "put", "path": entry["remote"], "mode": entry["mode"], "data": data})
                 pending.append((group, self._batch(ops)))
