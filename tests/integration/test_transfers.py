@@ -62,8 +62,10 @@ def test_push_and_pull_copy_exactly_what_differs(enclave, tmp_path):
         assert first["bytes"] == sum(len(v) for v in tree(src).values() if v is not None)
         assert tree(share) == tree(src)
 
+        before = {str(p): p.stat().st_mtime_ns for p in share.rglob("*")}
         again = client.push(src, "/dataset/run")  # unchanged files are skipped: nothing is sent
         assert again["changed"] == [] and again["unchanged"] == len(tree(src)) and again["bytes"] == 0
+        assert {str(p): p.stat().st_mtime_ns for p in share.rglob("*")} == before  # nothing was written
 
         # Same size, other bytes: found by SHA-256. Another size: found without hashing. A new file and folder.
         (src / "f0000.csv").write_bytes(b"x" * len((src / "f0000.csv").read_bytes()))
