@@ -143,8 +143,10 @@ def local_manifest(root: Path, *, hashed: bool = True) -> dict[str, dict]:
 def _sha256(path: Path, meter=None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        while block := f.read(CHUNK):
+        want = min(os.fstat(f.fileno()).st_size + 1, CHUNK)  # a small file in one read, without a 1 MiB buffer
+        while block := f.read(want):
             digest.update(block)
+            want = CHUNK
             if meter is not None:
                 meter.update(len(block))
     return digest.hexdigest()
