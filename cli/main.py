@@ -259,25 +259,33 @@ def cmd_attest(args) -> int:
 
 
 def _report_transfer(args, verb: str, result: dict) -> None:
+    """One summary line (a dry run lists what would change first: that is what it is for)."""
     if args.json:
         _print_json(result)
         return
-    for path in result["changed"]:
-        print(f"{verb} {path}")
-    print(f"{len(result['changed'])} changed ({result['bytes']} bytes), {result['unchanged']} unchanged")
+    if args.dry_run:
+        for path in result["changed"]:
+            print(f"{verb} {path}")
+    from importlib import import_module
+
+    size = import_module(f"{LIB}.client").human_size(result["bytes"])
+    print(f"{verb} {len(result['changed'])} changed files or folders ({size}), skipped "
+          f"{result['unchanged']} unchanged, in {result['seconds']:.2f} s")  # fmt: skip
 
 
 def cmd_push(args) -> int:
+    progress = not args.json and sys.stderr.isatty()
     with _client(args) as client:
-        _report_transfer(args, "would push" if args.dry_run else "pushed",
-                         client.push(args.local_dir, args.remote_dir, dry_run=args.dry_run))  # fmt: skip
+        result = client.push(args.local_dir, args.remote_dir, dry_run=args.dry_run, progress=progress)
+    _report_transfer(args, "would push" if args.dry_run else "pushed", result)
     return 0
 
 
 def cmd_pull(args) -> int:
+    progress = not args.json and sys.stderr.isatty()
     with _client(args) as client:
-        _report_transfer(args, "would pull" if args.dry_run else "pulled",
-                         client.pull(args.remote_dir, args.local_dir, dry_run=args.dry_run))  # fmt: skip
+        result = client.pull(args.remote_dir, args.local_dir, dry_run=args.dry_run, progress=progress)
+    _report_transfer(args, "would pull" if args.dry_run else "pulled", result)
     return 0
 
 

@@ -26,12 +26,20 @@ SERVER_NAME = "confidential-ml-nitro-enclave"
 INLINE_OPS = frozenset(
     {"health", "share.stat", "share.list", "share.statfs", "share.mkdir", "share.rmdir", "share.unlink",
      "share.rename", "share.create", "share.read", "share.write", "share.truncate", "share.chmod", "share.utimens",
-     "job.status", "job.cancel"}
+     "share.put", "job.status", "job.cancel"}
 )  # fmt: skip
 """Ops answered on the connection's reader thread (docs/PROTOCOL.md section 7): one file system call each,
 microseconds to a MiB copy, or a look at the running job (so a cancel never waits for a busy pool). job.run,
-attest (the NSM) and share.manifest (hashes a whole tree) stay on the pool."""
+attest (the NSM), share.manifest and share.sha256 (they hash) and share.batch (up to BATCH_MAX_OPS calls)
+stay on the pool."""
 MAX_NONCE = 512
+# share.batch (docs/PROTOCOL.md section 4): what one request may hold. Its frame is bounded by max_frame and
+# the wire's memory budget already; these bound the work and the reply (every result fits in one frame).
+BATCH_OPS = ("mkdir", "put", "create", "write", "truncate", "chmod", "utimens", "unlink", "rmdir", "rename",
+             "stat", "read", "sha256")  # fmt: skip
+BATCH_MAX_OPS = 1024
+BATCH_MAX_READ = 3 << 20  # bytes all of a batch's reads may ask for together
+BATCH_MAX_MESSAGE = 200  # an error's message in a batch result is cut to this many characters
 
 
 def _bytes_arg(args: dict, name: str, limit: int) -> bytes | None:
@@ -79,6 +87,7 @@ class EnclaveServer:
         job_python=None,
     ):
         self.share = Share(share_dir)
+        self._batch_handlers = {name: self.handlers()[f"share.{name}"] for name in BATCH_OPS}
         # owner_identity.OwnerIdentity built into the image: only packages its keys signed reach key release.
         # None (an image built without owner keys) runs any package: development images only.
         self.owner = owner
@@ -92,11 +101,12 @@ class EnclaveServer:
 
     # -- share
 
-    def manifest(self, path: str) -> list[dict]:
+    def manifest(self, path: str, with_hash: bool = True) -> list[dict]:
         """Every file and directory under a share directory with size and SHA-256, for push/pull.
 
         Walks with the share's own confined listdir, so links and special files are
-        reported as such and never followed."""
+        reported as such and never followed. Without with_hash, files carry their size and mtime_ns
+        only: a client hashes just the files whose size matches its own (share.sha256, share.batch)."""
         parts = split_path(path)
         out = []
 
@@ -109,11 +119,12 @@ class EnclaveServer:
                     out.append({"path": shown, "type": "dir", "mode": mode & 0o777})
                     walk(child)
                 elif stat.S_ISREG(mode):
-                    real = os.path.join(self.share.root, *parts, *child)
-                    out.append(
-                        {"path": shown, "type": "file", "mode": mode & 0o777, "size": entry["size"],
-                         "sha256": _sha256_file(real)}
-                    )  # fmt: skip
+                    item = {"path": shown, "type": "file", "mode": mode & 0o777, "size": entry["size"]}
+                    if with_hash:
+                        item["sha256"] = _sha256_file(os.path.join(self.share.root, *parts, *child))
+                    else:
+                        item["mtime_ns"] = entry["mtime_ns"]
+                    out.append(item)
 
         walk([])
         return out
@@ -145,11 +156,50 @@ class EnclaveServer:
             "share.utimens": lambda a, c: s.utimens(
                 _str_arg(a, "path"), _int_arg(a, "atime_ns"), _int_arg(a, "mtime_ns")
             ),
-            "share.manifest": lambda a, c: self.manifest(_str_arg(a, "path")),
+            "share.put": lambda a, c: s.put(
+                _str_arg(a, "path"), _int_arg(a, "mode", 0o644), _bytes_arg(a, "data", wire.MAX_FRAME) or b""
+            ),
+            "share.sha256": lambda a, c: s.sha256(_str_arg(a, "path")),
+            "share.manifest": lambda a, c: self.manifest(_str_arg(a, "path"), a.get("hash", True) is not False),
+            "share.batch": self.batch,
             "job.run": self.run_job,
             "job.status": lambda a, c: {"job": self.jobs.status()},
             "job.cancel": lambda a, c: {"job": self.jobs.cancel(a.get("job"))},
         }
+
+    def batch(self, args: dict, ctx) -> list[dict]:
+        """share.batch: share operations applied in order, each answered {"ok": result} or {"error": ...}.
+
+        Many small files cost one round trip instead of one each. An error stops nothing but its own
+        operation (each is checked as if it came alone); a cancel fails the ones not yet applied."""
+        ops = args.get("ops")
+        if not isinstance(ops, list) or not 0 < len(ops) <= BATCH_MAX_OPS:
+            raise OSError(errno.EINVAL, f"share.batch takes 'ops', a list of 1 to {BATCH_MAX_OPS} operations")
+        asked = sum(
+            op["size"] for op in ops
+            if isinstance(op, dict) and op.get("op") == "read" and isinstance(op.get("size"), int)
+            and not isinstance(op["size"], bool) and op["size"] > 0
+        )  # fmt: skip
+        if asked > BATCH_MAX_READ:
+            raise OSError(errno.EINVAL, f"a batch's reads may ask for {BATCH_MAX_READ} bytes together, not {asked}")
+        handlers = self._batch_handlers
+        results = []
+        for op in ops:
+            try:
+                ctx.check_cancelled()
+                name = op.get("op") if isinstance(op, dict) else None
+                handler = handlers.get(name) if isinstance(name, str) else None
+                if handler is None:
+                    raise OSError(
+                        errno.EINVAL,
+                        f"a batch operation is a map whose 'op' is one of {', '.join(BATCH_OPS)}, not {name!r:.40}",
+                    )
+                results.append({"ok": handler(op, ctx)})
+            except Exception as err:  # noqa: BLE001 - mapped as a request's error is, bugs logged there
+                error = wire.error_for(err, "share.batch")
+                error["message"] = error["message"][:BATCH_MAX_MESSAGE]
+                results.append({"error": error})
+        return results
 
     def health(self) -> dict:
         job = self.jobs.current

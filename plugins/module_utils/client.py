@@ -8,13 +8,17 @@ before it sends anything else.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import re
+import secrets
 import stat
+import sys
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +33,14 @@ IMPORT_ERROR = attestation.IMPORT_ERROR or wire.IMPORT_ERROR
 
 CHUNK = 1 << 20
 IN_FLIGHT = 8  # concurrent chunk requests per transfer: keeps the pipe full without a big buffer
+# Files up to SMALL_FILE travel whole, many to a share.batch request of at most BATCH_OPS operations (the
+# server takes 1024) and about BATCH_BYTES of data, BATCHES_IN_FLIGHT requests at a time.
+SMALL_FILE = 1 << 20
+BATCH_OPS = 256
+BATCH_BYTES = 1 << 20
+BATCHES_IN_FLIGHT = 4
+PROGRESS_DELAY = 1.0  # seconds before a progress bar appears: work that ends sooner shows none
+PUSH_TEMP = re.compile(r"\.push-[0-9a-f]{16}\.part")  # a bigger file's name until it is whole
 
 
 def default_trusted_roots() -> list:
@@ -104,8 +116,11 @@ def _safe_parts(rel: str) -> list[str]:
     return parts
 
 
-def local_manifest(root: Path) -> dict[str, dict]:
-    """Files and directories under root (symlinks and special files skipped, never followed)."""
+def local_manifest(root: Path, *, hashed: bool = True) -> dict[str, dict]:
+    """Files and directories under root (symlinks and special files skipped, never followed).
+
+    hashed=False leaves out the SHA-256 of files: push and pull hash only files whose size matches the
+    other side's."""
     out: dict[str, dict] = {}
 
     def walk(directory: Path, prefix: str) -> None:
@@ -117,28 +132,94 @@ def local_manifest(root: Path) -> dict[str, dict]:
                     out[rel] = {"path": rel, "type": "dir", "mode": st.st_mode & 0o777}
                     walk(Path(entry.path), rel + "/")
                 elif stat.S_ISREG(st.st_mode):
-                    out[rel] = {
-                        "path": rel,
-                        "type": "file",
-                        "mode": st.st_mode & 0o777,
-                        "size": st.st_size,
-                        "sha256": _sha256(Path(entry.path)),
-                    }
+                    out[rel] = {"path": rel, "type": "file", "mode": st.st_mode & 0o777, "size": st.st_size}
+                    if hashed:
+                        out[rel]["sha256"] = _sha256(Path(entry.path))
 
     walk(root, "")
     return out
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, meter=None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        while block := f.read(CHUNK):
+        want = min(os.fstat(f.fileno()).st_size + 1, CHUNK)  # a small file in one read, without a 1 MiB buffer
+        while block := f.read(want):
             digest.update(block)
+            want = CHUNK
+            if meter is not None:
+                meter.update(len(block))
     return digest.hexdigest()
 
 
 def _differs(src: dict, dst: dict | None) -> bool:
     return dst is None or dst["type"] != src["type"] or (src["type"] == "file" and src["sha256"] != dst["sha256"])
+
+
+def _same_size_files(ours: dict[str, dict], theirs: dict[str, dict]) -> list[str]:
+    """Paths that are a file of the same size on both sides: only these can be unchanged, only these are hashed."""
+    return [
+        path for path, entry in ours.items()
+        if entry["type"] == "file" and (other := theirs.get(path)) is not None and other["type"] == "file"
+        and other["size"] == entry["size"]
+    ]  # fmt: skip
+
+
+def _changed(src: dict[str, dict], dst: dict[str, dict], same: set[str]) -> list[dict]:
+    """Entries of src to copy: a directory dst lacks (or holds as a file), a file not known to be the same."""
+    return [e for path, e in src.items() if path not in same and (e["type"] == "file" or _differs(e, dst.get(path)))]
+
+
+def _groups(entries: list[dict], ops_per_entry: int, max_bytes: int):
+    """entries in runs that fit one share.batch: BATCH_OPS operations and about max_bytes of data and paths."""
+    group: list[dict] = []
+    size = 0
+    for entry in entries:
+        weight = entry.get("size", 0) + ops_per_entry * (len(entry["remote"].encode()) + 64)  # data, paths, keys
+        if group and ((len(group) + 1) * ops_per_entry > BATCH_OPS or size + weight > max_bytes):
+            yield group
+            group, size = [], 0
+        group.append(entry)
+        size += weight
+    if group:
+        yield group
+
+
+def human_size(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+class _NoMeter:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _meter(what: str, total: int, enabled: bool):
+    """A progress bar on stderr for work that may take more than a second (tqdm shows it only after one)."""
+    if not enabled or total <= 0:
+        return _NoMeter()
+    from tqdm import tqdm  # only where progress is shown: the Ansible modules never need it
+
+    return tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                delay=PROGRESS_DELAY, leave=False)  # fmt: skip
+
+
+def _drain(pending: deque) -> None:
+    """Wait out the calls still in flight after an error (their own errors are the same one, or moot)."""
+    while pending:
+        call = pending.popleft()[1]
+        with contextlib.suppress(Exception):
+            call.result()
 
 
 class EnclaveClient:
@@ -198,16 +279,96 @@ class EnclaveClient:
             ) from err
 
     # -- transfers
+    #
+    # Push and pull compare the two sides by size first, and hash (both sides at once) only the files whose
+    # size matches. Small files travel many to a share.batch request; a bigger file goes to a temporary name
+    # beside its target and is renamed over it once whole, so an error or a dropped connection never leaves
+    # a partial file under the target's name. A server without share.batch (an older image) gets the old
+    # per-file requests, comparing by the SHA-256 in its manifest.
 
-    def push(self, local_dir, remote_dir: str, *, dry_run: bool = False) -> dict:
-        """Copy what differs from local_dir into the share's remote_dir (by SHA-256); nothing is deleted."""
+    def _batching(self) -> bool:
+        return "share.batch" in self.connection.ops
+
+    @property
+    def _chunk(self) -> int:
+        """Bytes of file data one request or reply carries: CHUNK, or half the server's frame limit if that is
+        less (its replies are bounded by it too)."""
+        return min(CHUNK, self.connection.max_frame // 2)
+
+    def _batch(self, ops: list[dict]) -> wire.Call:
+        return self.connection.submit("share.batch", {"ops": ops})
+
+    @staticmethod
+    def _results(call: wire.Call, count: int) -> list[dict]:
+        """A batch's results: one map per operation, or the server broke the protocol."""
+        results = call.result()
+        if not isinstance(results, list) or len(results) != count or not all(isinstance(r, dict) for r in results):
+            raise wire.ProtocolError(f"the enclave answered a batch of {count} operations with something else")
+        return results
+
+    def _remote_manifest(self, remote_root: str, batching: bool) -> list[dict]:
+        return self.call("share.manifest", {"path": remote_root, "hash": not batching})
+
+    def _same_files(self, local_dir: Path, ours: dict, remote_root: str, theirs: dict, meter) -> set[str]:
+        """Paths whose local and remote files have the same size and SHA-256: the enclave hashes its side
+        (share.sha256 in batches, unless its manifest carried the digests) while this host hashes its own."""
+        candidates = _same_size_files(ours, theirs)
+        asked = [p for p in candidates if "sha256" not in theirs[p]]
+        calls = [
+            (group, self._batch([{"op": "sha256", "path": f"{remote_root}/{p}"} for p in group]))
+            for group in (asked[i : i + BATCH_OPS] for i in range(0, len(asked), BATCH_OPS))
+        ]
+        local = {p: _sha256(local_dir.joinpath(*_safe_parts(p)), meter) for p in candidates}
+        remote = {p: theirs[p]["sha256"] for p in candidates if "sha256" in theirs[p]}
+        for group, call in calls:
+            for path, result in zip(group, self._results(call, len(group)), strict=True):
+                remote[path] = result.get("ok")  # an error (the file went away): not the same
+        return {p for p in candidates if local[p] == remote.get(p)}
+
+    def _failure(self, verb: str, remote: str, error, size: int | None = None, source=None) -> EnclaveError:
+        """The error of one file's transfer, in the user's words; a full share says how full and what to do."""
+        err = error if isinstance(error, wire.RemoteError) else wire._remote_error(error, "share.batch")
+        if err.errno == errno.ENOSPC:
+            try:
+                fs = self.call("share.statfs")
+                free, total = fs["bavail"] * fs["frsize"], fs["blocks"] * fs["frsize"]
+                room = f" (the share has {_size(free)} free of {_size(total)})"
+            except (wire.WireError, KeyError, TypeError):
+                room = ""
+            needed = f" ({_size(size)})" if size is not None else ""
+            return EnclaveError(
+                f"the enclave's share is full: {source or remote}{needed} does not fit in {remote}{room}; nothing "
+                "partial was left there. Make room with `enclave share rm` (`enclave share ls` shows what is there) "
+                "or give the enclave more memory, then push again: files already pushed are skipped"
+            )
+        return wire.RemoteError(err.errno, f"cannot {verb} {remote}: {err.strerror}", name=err.name, op=err.op)
+
+    def _settle(self, pending: deque, verb: str, keep: int = 0) -> None:
+        """Wait for batches in flight until at most keep remain; on a file's error wait for all of them, then
+        raise the first error."""
+        failure = None
+        while len(pending) > (0 if failure else keep):
+            entries, call = pending.popleft()
+            for entry, result in zip(entries, self._results(call, len(entries)), strict=True):
+                if "error" in result and failure is None:
+                    failure = self._failure(
+                        verb, entry["remote"], result["error"], entry.get("size"), entry.get("source")
+                    )
+        if failure is not None:
+            raise failure
+
+    def push(self, local_dir, remote_dir: str, *, dry_run: bool = False, progress: bool = False) -> dict:
+        """Copy what differs from local_dir into the share's remote_dir (size, then SHA-256); nothing is deleted.
+
+        progress: show bars on stderr for hashing and sending that take more than a second."""
+        started = time.monotonic()
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise EnclaveError(f"{local_dir} is not a directory: push copies a directory's contents")
         remote_root = "/" + remote_dir.strip("/")
-        ours = local_manifest(local_dir)
+        batching = self._batching()
         try:
-            theirs = {e["path"]: e for e in self.call("share.manifest", {"path": remote_root})}
+            theirs = {e["path"]: e for e in self._remote_manifest(remote_root, batching)}
         except wire.RemoteError as err:
             if err.errno != errno.ENOENT:
                 raise
@@ -218,21 +379,112 @@ class EnclaveClient:
                     f"{remote_root} is not in one of the share's folders ({_shown(top)}): push into one of "
                     f"them, e.g. `enclave push {local_dir} /{top[0] if top else 'dataset'}`"
                 ) from None
-        changed = [e for e in ours.values() if _differs(e, (theirs or {}).get(e["path"]))]
+        ours = local_manifest(local_dir, hashed=not batching)
+        if batching:
+            hashing = sum(ours[p]["size"] for p in _same_size_files(ours, theirs or {}))
+            meter = _meter("hashing", hashing, progress)
+            try:
+                same = self._same_files(local_dir, ours, remote_root, theirs or {}, meter)
+            finally:
+                meter.close()
+            changed = _changed(ours, theirs or {}, same)
+        else:
+            changed = [e for e in ours.values() if _differs(e, (theirs or {}).get(e["path"]))]
+        sent = sum(e.get("size", 0) for e in changed)
         if not dry_run:
+            wire.keep_freed_memory()  # bulk frames: keep freed MiB buffers (docs/PROTOCOL.md section 9)
             if theirs is None:
                 self._makedirs(remote_root)
-            for entry in changed:
-                remote = f"{remote_root}/{entry['path']}"
-                if entry["type"] == "dir":
-                    self.call("share.mkdir", {"path": remote, "mode": entry["mode"] | 0o700})
+            meter = _meter("push", sent, progress)
+            try:
+                if batching:
+                    self._send(local_dir, remote_root, changed, theirs or {}, meter)
                 else:
-                    self._upload(local_dir / entry["path"], remote, entry["mode"])
+                    for entry in changed:
+                        remote = f"{remote_root}/{entry['path']}"
+                        if entry["type"] == "dir":
+                            self.call("share.mkdir", {"path": remote, "mode": entry["mode"] | 0o700})
+                        else:
+                            self._upload(local_dir / entry["path"], remote, entry["mode"])
+            finally:
+                meter.close()
         return {
             "changed": [e["path"] for e in changed],
             "unchanged": len(ours) - len(changed),
-            "bytes": sum(e.get("size", 0) for e in changed),
+            "bytes": sent,
+            "seconds": round(time.monotonic() - started, 3),
         }
+
+    def _send(self, local_dir: Path, remote_root: str, changed: list[dict], theirs: dict, meter) -> None:
+        dirs = [{**e, "remote": f"{remote_root}/{e['path']}"} for e in changed if e["type"] == "dir"]
+        small = [{**e, "remote": f"{remote_root}/{e['path']}", "source": local_dir / e["path"]} for e in changed
+                 if e["type"] == "file" and
+                 e["size"] <= min(SMALL_FILE, self._chunk)]  # fmt: skip
+        pending: deque = deque()
+        # Temporary files an interrupted push left behind (a dropped connection cannot remove its own).
+        stale = [{"remote": f"{remote_root}/{p}"} for p, e in theirs.items()
+                 if e["type"] == "file" and PUSH_TEMP.fullmatch(p.rsplit("/", 1)[-1])]  # fmt: skip
+        for group in _groups(stale, 1, 0):  # best effort: one already gone is fine
+            self._results(self._batch([{"op": "unlink", "path": e["remote"]} for e in group]), len(group))
+        limit = min(SMALL_FILE, self._chunk)
+        try:
+            for group in _groups(dirs, 1, 0):  # in order, parents first: one batch at a time
+                ops = [{"op": "mkdir", "path": e["remote"], "mode": e["mode"] | 0o700} for e in group]
+                pending.append((group, self._batch(ops)))
+                self._settle(pending, "create the folder")
+            for group in _groups(small, 1, min(BATCH_BYTES, self._chunk)):
+                ops = []
+                for entry in group:
+                    with open(os.path.join(local_dir, entry["path"]), "rb", buffering=0) as f:
+                        data = f.read(limit + 1)
+                    if len(data) > limit:
+                        raise EnclaveError(f"{local_dir / entry['path']} grew while it was being pushed; push again")
+                    entry["size"] = len(data)
+                    ops.append({"op": "put", "path": entry["remote"], "mode": entry["mode"], "data": data})
+                pending.append((group, self._batch(ops)))
+                meter.update(sum(e["size"] for e in group))
+                self._settle(pending, "push", keep=BATCHES_IN_FLIGHT - 1)
+            self._settle(pending, "push")
+        except BaseException:
+            _drain(pending)
+            raise
+        for entry in changed:
+            if entry["type"] == "file" and entry["size"] > min(SMALL_FILE, self._chunk):
+                self._upload_whole(local_dir / entry["path"], f"{remote_root}/{entry['path']}", entry, meter)
+
+    def _upload_whole(self, src: Path, remote: str, entry: dict, meter) -> None:
+        """A big file: written under a temporary name beside remote, renamed over it once complete."""
+        temp = f"{remote.rsplit('/', 1)[0]}/.push-{secrets.token_hex(8)}.part"
+        pending: deque = deque()
+        try:
+            self.call("share.create", {"path": temp, "mode": entry["mode"], "exclusive": True})
+            offset = 0
+            chunk = self._chunk
+            with open(src, "rb", buffering=0) as f:
+                while block := f.read(chunk):
+                    pending.append(self.connection.submit("share.write", {"path": temp, "offset": offset,
+                                                                          "data": block}))  # fmt: skip
+                    offset += len(block)
+                    meter.update(len(block))
+                    if len(pending) >= IN_FLIGHT:
+                        pending.popleft().result()
+            while pending:
+                pending.popleft().result()
+            self.call("share.rename", {"old": temp, "new": remote})
+        except wire.RemoteError as err:
+            self._discard(temp, pending)
+            raise self._failure("push", remote, err, entry["size"], src) from None
+        except BaseException:
+            self._discard(temp, pending)
+            raise
+
+    def _discard(self, temp: str, pending: deque) -> None:
+        """Remove a failed upload's temporary file (if the connection still stands: else the next push does)."""
+        for call in pending:
+            with contextlib.suppress(Exception):
+                call.result()
+        with contextlib.suppress(Exception):
+            self.call("share.unlink", {"path": temp})
 
     def _top_level(self) -> list[str]:
         """The share's top-level folders (/dataset, /encrypted, /model, /output), as the enclave lists them."""
@@ -262,29 +514,10 @@ class EnclaveClient:
                     raise
 
     def _upload(self, src: Path, remote: str, mode: int) -> None:
-        try:
-            self._send_file(src, remote, mode)
-        except wire.RemoteError as err:
-            if err.errno != errno.ENOSPC:
-                raise
-            # No partial file stays behind to fill the share: what did fit is removed, then the space is told.
-            try:
-                self.call("share.unlink", {"path": remote})
-            except wire.RemoteError as gone:
-                if gone.errno != errno.ENOENT:
-                    raise
-            fs = self.call("share.statfs")
-            raise EnclaveError(
-                f"the enclave's share is full: {src} ({_size(src.stat().st_size)}) does not fit in {remote} (the "
-                f"share has {_size(fs['bavail'] * fs['frsize'])} free of {_size(fs['blocks'] * fs['frsize'])}); "
-                "nothing of it was left there. Make room with `enclave share rm` (`enclave share ls` shows what "
-                "is there) or give the enclave more memory, then push again: files already pushed are skipped"
-            ) from None
-
-    def _send_file(self, src: Path, remote: str, mode: int) -> None:
+        """One file in place, for a server without share.batch (an older image)."""
         pending: deque = deque()
         with open(src, "rb", buffering=0) as f:
-            first = f.read(CHUNK)
+            first = f.read(self._chunk)
             # A small file goes whole with its create: one round trip. A server that does not know create's
             # data (an older image answers None, or a stat without it) gets it as a write after all.
             created = self.call("share.create", {"path": remote, "mode": mode, "data": first})
@@ -293,7 +526,7 @@ class EnclaveClient:
             else:
                 offset = 0
                 f.seek(0)
-            while block := f.read(CHUNK):
+            while block := f.read(self._chunk):
                 pending.append(self.connection.submit("share.write", {"path": remote, "offset": offset, "data": block}))
                 offset += len(block)
                 if len(pending) >= IN_FLIGHT:
@@ -301,12 +534,17 @@ class EnclaveClient:
         while pending:
             pending.popleft().result()
 
-    def pull(self, remote_dir: str, local_dir, *, dry_run: bool = False) -> dict:
-        """Copy what differs from the share's remote_dir into local_dir (by SHA-256); nothing is deleted."""
+    def pull(self, remote_dir: str, local_dir, *, dry_run: bool = False, progress: bool = False) -> dict:
+        """Copy what differs from the share's remote_dir into local_dir (size, then SHA-256); nothing is deleted.
+
+        Each file is written under a temporary name and renamed over its target once its bytes match the
+        enclave's SHA-256 of it."""
+        started = time.monotonic()
         local_dir = Path(local_dir)
         remote_root = "/" + remote_dir.strip("/")
+        batching = self._batching()
         try:
-            theirs = self.call("share.manifest", {"path": remote_root})
+            listed = self._remote_manifest(remote_root, batching)
         except wire.RemoteError as err:
             if err.errno not in (errno.ENOENT, errno.ENOTDIR):
                 raise
@@ -314,43 +552,104 @@ class EnclaveClient:
                 f"{remote_root} is not a folder in the enclave's share ({self._what_is_there(remote_root)}): "
                 "pull a folder that is there, e.g. `enclave pull /output DIR`"
             ) from None
-        for entry in theirs:
+        for entry in listed:
             _safe_parts(entry["path"])
-        ours = local_manifest(local_dir) if local_dir.is_dir() else {}
-        changed = [e for e in theirs if _differs(e, ours.get(e["path"]))]
+        theirs = {e["path"]: e for e in listed}
+        ours = local_manifest(local_dir, hashed=False) if local_dir.is_dir() else {}
+        hashing = sum(ours[p]["size"] for p in _same_size_files(ours, theirs))
+        meter = _meter("hashing", hashing, progress)
+        try:
+            same = self._same_files(local_dir, ours, remote_root, theirs, meter)
+        finally:
+            meter.close()
+        changed = _changed(theirs, ours, same)
+        received = sum(e.get("size", 0) for e in changed)
         if not dry_run:
+            wire.keep_freed_memory()
             local_dir.mkdir(parents=True, exist_ok=True)
-            for entry in changed:
-                target = local_dir.joinpath(*_safe_parts(entry["path"]))
-                _refuse_links(local_dir, target)
-                if entry["type"] == "dir":
-                    target.mkdir(exist_ok=True)
-                else:
-                    self._download(f"{remote_root}/{entry['path']}", target, entry)
+            meter = _meter("pull", received, progress)
+            try:
+                self._receive(local_dir, remote_root, changed, batching, meter)
+            finally:
+                meter.close()
         return {
             "changed": [e["path"] for e in changed],
             "unchanged": len(theirs) - len(changed),
-            "bytes": sum(e.get("size", 0) for e in changed),
+            "bytes": received,
+            "seconds": round(time.monotonic() - started, 3),
         }
 
-    def _download(self, remote: str, target: Path, entry: dict) -> None:
+    def _receive(self, local_dir: Path, remote_root: str, changed: list[dict], batching: bool, meter) -> None:
+        small, big = [], []
+        checked: set[str] = set()
+        for entry in changed:
+            target = _refuse_links(str(local_dir), _safe_parts(entry["path"]), checked)
+            if entry["type"] == "dir":
+                try:
+                    os.mkdir(target)
+                except FileExistsError:
+                    if not os.path.isdir(target):
+                        raise EnclaveError(
+                            f"{target} is a file here but a folder in the enclave: move it away and pull again"
+                        ) from None
+            elif batching and entry["size"] <= min(SMALL_FILE, self._chunk):
+                small.append({**entry, "remote": f"{remote_root}/{entry['path']}", "target": target})
+            else:
+                big.append((entry, target))
+        pending: deque = deque()
+        try:
+            for group in _groups(small, 2, min(BATCH_BYTES, self._chunk)):
+                ops = []
+                for entry in group:  # asks one byte more than listed: a file that grew is caught
+                    ops.append({"op": "read", "path": entry["remote"], "offset": 0, "size": entry["size"] + 1})
+                    ops.append({"op": "sha256", "path": entry["remote"]})
+                pending.append((group, self._batch(ops)))
+                if len(pending) >= BATCHES_IN_FLIGHT:
+                    self._write_pulled(*pending.popleft(), meter)
+            while pending:
+                self._write_pulled(*pending.popleft(), meter)
+        except BaseException:
+            _drain(pending)
+            raise
+        for entry, target in big:
+            self._download(f"{remote_root}/{entry['path']}", Path(target), entry, batching, meter)
+
+    def _write_pulled(self, group: list[dict], call: wire.Call, meter) -> None:
+        results = self._results(call, 2 * len(group))
+        for index, entry in enumerate(group):
+            read, digest = results[2 * index], results[2 * index + 1]
+            for result in (read, digest):
+                if "error" in result:
+                    raise self._failure("pull", entry["remote"], result["error"])
+            data = read["ok"]
+            if not isinstance(data, bytes) or not isinstance(digest["ok"], str):
+                raise wire.ProtocolError(f"the enclave answered a read of {entry['remote']} with something else")
+            if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != digest["ok"]:
+                raise EnclaveError(f"{entry['remote']} changed while it was being pulled; pull again")
+            _write_whole(entry["target"], entry["mode"], data)
+            meter.update(len(data))
+
+    def _download(self, remote: str, target: Path, entry: dict, batching: bool, meter) -> None:
         # A short random name beside the target (O_EXCL, mode 0600): the target's own name may already
         # take the 255 bytes a name can have.
         fd, tmp_name = tempfile.mkstemp(prefix=".pull-", suffix=".part", dir=target.parent)
         tmp = Path(tmp_name)
         digest = hashlib.sha256()
+        # The enclave hashes its file while this host reads it: any change meanwhile makes the two differ.
+        expected = self.connection.submit("share.sha256", {"path": remote}) if batching else None
         try:
             with os.fdopen(fd, "wb") as f:
                 pending: deque = deque()
-                for offset in range(0, entry["size"], CHUNK):
+                chunk = self._chunk
+                for offset in range(0, entry["size"], chunk):
                     pending.append(
-                        self.connection.submit("share.read", {"path": remote, "offset": offset, "size": CHUNK})
+                        self.connection.submit("share.read", {"path": remote, "offset": offset, "size": chunk})
                     )
                     if len(pending) >= IN_FLIGHT:
-                        _write_block(f, digest, pending.popleft().result())
+                        _write_block(f, digest, pending.popleft().result(), meter)
                 while pending:
-                    _write_block(f, digest, pending.popleft().result())
-            if digest.hexdigest() != entry["sha256"]:
+                    _write_block(f, digest, pending.popleft().result(), meter)
+            if digest.hexdigest() != (expected.result() if expected is not None else entry["sha256"]):
                 raise EnclaveError(f"{remote} changed while it was being pulled; pull again")
             os.chmod(tmp, entry["mode"] & 0o755 | 0o600)
             os.replace(tmp, target)
@@ -417,22 +716,50 @@ def _shown(names: Sequence[str], prefix: str = "/", limit: int = 20) -> str:
 
 
 def _size(n: int) -> str:
-    """'614.0 MiB (643825664 bytes)'."""
+    """'614.0 MiB (643825664 bytes)': exact, for an error about space."""
     return f"{n / (1 << 20):.1f} MiB ({n} bytes)" if n >= 1 << 20 else f"{n} bytes"
 
 
-def _write_block(f, digest, block: bytes) -> None:
+def _write_block(f, digest, block: bytes, meter) -> None:
     f.write(block)
     digest.update(block)
+    meter.update(len(block))
 
 
-def _refuse_links(root: Path, target: Path) -> None:
-    """Refuse to write through a symlink anywhere between root and target on the host."""
+def _write_whole(target: str, mode: int, data: bytes) -> None:
+    """target holds data, or (on any error) stays as it was: written beside it, then renamed over it."""
+    temp = os.path.join(os.path.dirname(target), f".pull-{secrets.token_hex(8)}.part")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, mode & 0o755 | 0o600)
+        os.close(fd)
+        fd = -1
+        os.replace(temp, target)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _refuse_links(root: str, parts: list[str], checked: set[str]) -> str:
+    """root/parts, refused if a symlink is anywhere between root and it on the host. checked: folders already
+    found not to be links (a pull checks each once)."""
     current = root
-    for part in target.relative_to(root).parts:
-        current = current / part
-        if current.is_symlink():
-            raise EnclaveError(f"{current} is a symbolic link: refusing to write through it; remove it and pull again")
+    for index, part in enumerate(parts):
+        current = os.path.join(current, part)
+        if current not in checked:
+            if os.path.islink(current):
+                raise EnclaveError(
+                    f"{current} is a symbolic link: refusing to write through it; remove it and pull again"
+                )
+            if index < len(parts) - 1:
+                checked.add(current)
+    return current
 
 
 def host_kms_settings(region: str | None = None, profile: str | None = None) -> dict:

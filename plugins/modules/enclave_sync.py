@@ -15,9 +15,11 @@ description:
   - With O(mode=push), copies the directory O(src) on the managed node into the share directory O(dest); with
     O(mode=pull), copies the share directory O(src) into the directory O(dest) on the managed node (created when
     missing).
-  - Files are compared by SHA-256 (computed on each side) and only those that differ or are missing are copied, so
-    the task changes something only when a file moved. Nothing is ever deleted on the receiving side. Symbolic links
-    and special files are skipped on the host and never followed or written through.
+  - Files are compared by size, then by SHA-256 (computed on each side) where the sizes match, and only those that
+    differ or are missing are copied, so the task changes something only when a file moved. A file is written under
+    a temporary name and renamed once whole, so a failed copy leaves no partial file. Nothing is ever deleted on
+    the receiving side. Symbolic links and special files are skipped on the host and never followed or written
+    through.
   - With O(state=mounted), keeps the share mounted with FUSE on the host folder O(path) (the C(enclave sync -d)
     workflow, where C(cp) puts packages and data in and C(/output) is read back), served by a background process
     that outlives the task; with O(state=unmounted), unmounts it.

@@ -34,7 +34,10 @@ def test_push_run_pull_through_the_cli(enclave):
         cli("push", str(enclave["sealed"].parent), "/encrypted", "--expect-pcr0", pcr0, "--json").stdout
     )
     assert pushed["changed"] == ["app.pkg"]
-    assert "pushed a.txt" in cli("push", str(dataset), "/dataset", "--expect-pcr0", pcr0).stdout
+    # One summary line, not a line per file (issue 12).
+    assert cli("push", str(dataset), "/dataset", "--expect-pcr0", pcr0).stdout.startswith(
+        "pushed 2 changed files or folders (20 bytes), skipped 0 unchanged, in "
+    )
     again = json.loads(cli("push", "--expect-pcr0", enclave["pcr0"], str(dataset), "/dataset", "--json").stdout)
     assert again["changed"] == [] and again["unchanged"] == 2
 
@@ -44,7 +47,9 @@ def test_push_run_pull_through_the_cli(enclave):
     assert "done" in run.stderr and "output /output/results.csv" in run.stderr
 
     out = tmp / "results"
-    assert "pulled results.csv" in cli("pull", "--expect-pcr0", enclave["pcr0"], "/output", str(out)).stdout
+    pulled = cli("pull", "--expect-pcr0", enclave["pcr0"], "/output", str(out)).stdout
+    assert pulled.startswith("pulled 1 changed files or folders (23 bytes), skipped 0 unchanged, in ")
+    assert pulled.count("\n") == 1
     assert (out / "results.csv").read_text() == "a.txt,short\nb.txt,long\n"
     assert list(enclave["work"].iterdir()) == []  # no plaintext left behind
 
@@ -284,7 +289,7 @@ def test_no_data_goes_to_an_enclave_without_attestation_unless_the_user_says_so(
     with EnclaveClient(f"unix://{enclave['sock']}") as client:
         assert client.call("share.list", {"path": "/dataset"}) == []
     # Saying so sends without attestation.
-    assert "pushed x" in cli("push", str(data), "/dataset", "--no-attestation").stdout
+    assert "pushed 1 changed" in cli("push", str(data), "/dataset", "--no-attestation").stdout
     both = cli("push", str(data), "/dataset", "--no-attestation", "--expect-pcr0", enclave["pcr0"], check=False)
     assert both.returncode == 1 and "contradicts" in both.stderr
 
@@ -298,7 +303,7 @@ def test_release_manifest_names_the_pcr0(enclave, tmp_path):
     other = cli("push", str(data), "/dataset", "--release", str(release), check=False)
     assert other.returncode == 1 and "failed attestation, nothing was sent" in other.stderr
     release.write_text(json.dumps({"image": {"measurements": {"pcr0": enclave["pcr0"].upper()}}}))
-    assert "pushed x" in cli("push", str(data), "/dataset", "--release", str(release)).stdout
+    assert "pushed 1 changed" in cli("push", str(data), "/dataset", "--release", str(release)).stdout
     attested = json.loads(cli("attest", "--release", str(release), "--json").stdout)
     assert attested["pcrs"]["0"] == enclave["pcr0"]
     release.write_text(json.dumps({"packages": []}))

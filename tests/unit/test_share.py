@@ -1,6 +1,7 @@
 """The share confines every host path to its root: no `..`, no links, no special files."""
 
 import errno
+import hashlib
 import os
 import subprocess
 
@@ -142,3 +143,71 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_put_replaces_a_file_whole_and_leaves_no_temporary_file(share):
+    assert share.put("/dataset/a.bin", 0o640, b"first") == 5
+    assert share.read("/dataset/a.bin", 0, 100) == b"first"
+    assert share.put("/dataset/a.bin", 0o640, b"second, longer") == 14
+    assert share.read("/dataset/a.bin", 0, 100) == b"second, longer"
+    assert share.put("/dataset/empty", 0o600, b"") == 0 and share.stat("/dataset/empty")["size"] == 0
+    assert sorted(e["name"] for e in share.listdir("/dataset")) == ["a.bin", "empty"]
+    assert share.sha256("/dataset/a.bin") == hashlib.sha256(b"second, longer").hexdigest()
+
+
+def test_put_and_sha256_are_confined_like_every_path(share, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("plaintext")
+    root = tmp_path / "share"
+    os.symlink(outside, root / "output" / "dirlink")
+    os.symlink(outside / "secret", root / "output" / "filelink")
+    os.mkfifo(root / "output" / "fifo")
+    share.mkdir("/output/folder")
+    for path, codes in (("/output/dirlink/x", (errno.ENOTDIR,)), ("/../outside/x", (errno.EPERM,)),
+                        ("/output/filelink", (errno.EPERM,)), ("/output/fifo", (errno.EPERM,)),
+                        ("/output/folder", (errno.EISDIR,)), ("/", (errno.EPERM,)),
+                        ("/output/missing/x", (errno.ENOENT,))):  # fmt: skip
+        with pytest.raises(OSError) as caught:
+            share.put(path, 0o644, b"escape")
+        assert caught.value.errno in codes, path
+    for path in ("/output/dirlink/secret", "/output/filelink", "/output/fifo", "/output/folder", "/../outside/secret"):
+        with pytest.raises(OSError):
+            share.sha256(path)
+    assert os.listdir(outside) == ["secret"] and (outside / "secret").read_text() == "plaintext"
+    assert os.path.islink(root / "output" / "filelink")  # the link itself was not replaced either
+    assert not [n for n in os.listdir(root / "output") if n.startswith(".put-")]
+
+
+def test_put_refuses_what_a_running_job_holds(share):
+    share.put("/encrypted/app.pkg", 0o644, b"package")
+    fd = os.open(os.path.join(share.root, "encrypted", "app.pkg"), os.O_RDONLY)
+    try:
+        share.hold("job 1", fd)
+        for path in ("/encrypted/app.pkg", "/dataset/x", "/output/y"):
+            with pytest.raises(OSError) as caught:
+                share.put(path, 0o644, b"changed")
+            assert caught.value.errno == errno.EBUSY, path
+        assert share.put("/encrypted/other.pkg", 0o644, b"fine") == 4
+    finally:
+        share.release()
+        os.close(fd)
+    assert share.read("/encrypted/app.pkg", 0, 100) == b"package"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
+def test_put_into_a_full_share_keeps_the_old_file_and_leaves_nothing_partial(tmp_path):
+    root = tmp_path / "share"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)], check=True)
+    try:
+        share = Share(root)
+        share.put("/dataset/f", 0o644, b"old contents")
+        with pytest.raises(OSError) as caught:
+            share.put("/dataset/f", 0o644, b"\1" * (2 << 20))
+        assert caught.value.errno == errno.ENOSPC
+        assert share.read("/dataset/f", 0, 100) == b"old contents"
+        assert [e["name"] for e in share.listdir("/dataset")] == ["f"]
+        assert share.statfs()["bfree"] == share.statfs()["blocks"] - 1  # the failed put's blocks are free again
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
