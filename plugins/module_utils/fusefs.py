@@ -727,16 +727,30 @@ def operations(connection, mountpoint, **kwargs):
     class Ops(ShareOperations, mfusepy.Operations):
         fuse_error = mfusepy.FuseOSError
         _fuse = None
+        _invalidating: tuple | list = ()  # threads notifying the kernel (a list of its own once mounted)
 
         def init_with_config(self, conn, config):
+            self._invalidating = []
             self._fuse = ctypes.c_void_p(mfusepy._libfuse.fuse_get_context().contents.fuse)
             super().init_with_config(conn, config)
 
         def _forget_in_kernel(self, path):
             # From a thread of its own: libfuse must not notify the kernel inside a related request.
-            if self._fuse is not None:
-                threading.Thread(target=mfusepy._libfuse.fuse_invalidate_path, args=(self._fuse, path.encode()),
-                                 name="invalidate", daemon=True).start()  # fmt: skip
+            with self._deferred_lock:  # the failed creates of deferred files are what it is for
+                if self._fuse is None:
+                    return  # not mounted yet, or being unmounted: the kernel's caches go with the mount
+                thread = threading.Thread(target=mfusepy._libfuse.fuse_invalidate_path,
+                                          args=(self._fuse, path.encode()), name="invalidate", daemon=True)  # fmt: skip
+                self._invalidating = [t for t in self._invalidating if t.is_alive()] + [thread]
+                thread.start()
+
+        def destroy(self, path):
+            with self._deferred_lock:
+                self._fuse = None  # libfuse frees it after destroy: no notification may start from now on
+                running, self._invalidating = self._invalidating, ()
+            for thread in running:
+                thread.join()
+            super().destroy(path)
 
     return Ops(connection, mountpoint, **kwargs)
 
