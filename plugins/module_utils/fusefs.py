@@ -84,6 +84,8 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 RENAME_NOREPLACE = 1
 WRITE_WINDOW = 4
+NOTIFY_WAIT = 1.0
+"""Seconds a failed create waits for the kernel to forget the file before the failure is answered."""
 """1 MiB writes of one file in flight at once."""
 
 
@@ -735,7 +737,9 @@ def operations(connection, mountpoint, **kwargs):
             super().init_with_config(conn, config)
 
         def _forget_in_kernel(self, path):
-            # From a thread of its own: libfuse must not notify the kernel inside a related request.
+            # From a thread of its own: libfuse must not notify the kernel inside a related request. Waited
+            # for a moment, so that the program told of the failure finds the file gone; a request of ours
+            # holding a page the kernel must drop (a write) lets it finish once answered.
             with self._deferred_lock:  # the failed creates of deferred files are what it is for
                 if self._fuse is None:
                     return  # not mounted yet, or being unmounted: the kernel's caches go with the mount
@@ -743,6 +747,7 @@ def operations(connection, mountpoint, **kwargs):
                                           args=(self._fuse, path.encode()), name="invalidate", daemon=True)  # fmt: skip
                 self._invalidating = [t for t in self._invalidating if t.is_alive()] + [thread]
                 thread.start()
+            thread.join(NOTIFY_WAIT)
 
         def destroy(self, path):
             with self._deferred_lock:
