@@ -14,9 +14,14 @@ Kept cheap:
   wants right after a create is known without asking (see _new_file_attrs).
   Outside /output the create itself waits for the file's first write and
   carries its data when that write is the whole file (under 1 MiB from offset
-  0), or is sent at its close: a small file costs one round trip. Anything else
-  that touches the new name first (stat after the cache expires, listing,
-  rename, read...) sends the create before it goes on.
+  0), or is sent at its close: a small file costs one round trip. That write
+  returns once the create is sent; its answer is awaited at the file's flush
+  (every close), which reports its failure (EBUSY while a job holds the folder,
+  ENOSPC...) to the program, and the kernel is told to forget the file it took
+  as created. Anything else that touches the new name first (stat after the
+  cache expires, listing, rename, read...) sends or awaits the create before it
+  goes on. Closes stay synchronous on purpose: a job started after `cp` returns
+  must find every file, and an error must reach the program that caused it.
 - Writes are pipelined: write() returns once its request is sent, up to
   WRITE_WINDOW of a file in flight; flush (every close) and fsync wait for them
   and report a failure (ENOSPC...), as network file systems do. Whatever must
@@ -39,6 +44,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -78,6 +84,8 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 RENAME_NOREPLACE = 1
 WRITE_WINDOW = 4
+NOTIFY_WAIT = 1.0
+"""Seconds a failed create waits for the kernel to forget the file before the failure is answered."""
 """1 MiB writes of one file in flight at once."""
 
 
@@ -225,6 +233,11 @@ class _WriteBehind:
             for path in paths:
                 self._failed.pop(path, None)
 
+    def fail(self, path: str, failure: OSError) -> None:
+        """A write to path failed after it returned: the next write, flush or fsync of path reports it."""
+        with self._lock:
+            self._failed.setdefault(path, failure)
+
     def raise_failure(self, path: str) -> None:
         with self._lock:
             self._collect(path)
@@ -264,13 +277,16 @@ class _WriteBehind:
 
 
 class _Deferred:
-    """A file created through the mount whose share.create is not sent yet (see ShareOperations.create)."""
+    """A file created through the mount whose share.create is not sent yet, or is sent with the file's data
+    and not answered yet (see ShareOperations.create and write)."""
 
     def __init__(self, mode: int, exclusive: bool):
         self.mode = mode
         self.exclusive = exclusive
-        self.lock = threading.Lock()  # held while its create is sent: others wait for it to land
+        self.lock = threading.Lock()  # held while its create is sent or awaited: others wait for it to land
         self.sent = False
+        self.call = None  # the create-with-data in flight, answered by whoever needs the file next (flush)
+        self.data: bytes | None = None
 
 
 class ShareOperations:
@@ -529,18 +545,26 @@ class ShareOperations:
         self._added(path, created if isinstance(created, dict) else self._new_file_attrs(path, mode))
         return 0
 
+    def _forget_in_kernel(self, path: str) -> None:
+        """Make the kernel ask again for path's attributes (what the mount told it may be wrong)."""
+
     def _learn_mode_bits(self, asked: int, got: int) -> None:
         wanted = asked & 0o777
         self._mode_bits_seen |= wanted
         self._mode_bits_removed |= wanted & ~got
 
-    def _send_create(self, path: str, entry: _Deferred, data: bytes | None) -> bool:
-        """Send a deferred create, with the file's data if given; True if the data went with it."""
+    def _create_args(self, path: str, entry: _Deferred, data: bytes | None) -> dict:
         args = {"path": path, "mode": entry.mode, "exclusive": True}
         if data is not None:
             args["data"] = data
+        return args
+
+    def _send_create(self, path: str, entry: _Deferred, data: bytes | None, call=None) -> bool:
+        """Send a deferred create (or await call, the one already sent), with the file's data if given;
+        True if the data went with it."""
         try:
-            created = self._call("share.create", args)
+            created = self._result("share.create", call or self._submit("share.create", self._create_args(
+                path, entry, data)))  # fmt: skip
         except OSError as err:
             # It appeared since (not through this mount): open it as O_CREAT without O_EXCL would.
             if err.errno != errno.EEXIST or entry.exclusive:
@@ -557,21 +581,55 @@ class ShareOperations:
         with self._deferred_lock:
             return self._deferred.get(path)
 
-    def _materialize(self, path: str, data: bytes | None = None) -> bool:
-        """Send path's create if it is deferred (and wait for one being sent); True if data went with it."""
+    def _materialize(self, path: str) -> None:
+        """Send path's create if it is deferred, or wait for the create-with-data in flight; whatever needs
+        the file on the server calls this first. A failure of a create that carried data belongs to the
+        write that returned already: it is kept for the file's flush (close) to report, as a write's is."""
+        entry = self._take_deferred(path)
+        if entry is None:
+            return
+        with entry.lock:
+            if entry.sent and entry.call is None:
+                return  # landed (or failed) while we waited for the lock
+            try:
+                if entry.call is None:
+                    try:
+                        self._send_create(path, entry, None)
+                    except OSError:
+                        self.cache.removed(path)
+                        self._forget_in_kernel(path)
+                        raise
+                    return
+                try:
+                    if not self._send_create(path, entry, entry.data, entry.call):
+                        # EEXIST opened as O_CREAT without O_EXCL would, or an older server: write it now.
+                        self._call("share.write", {"path": path, "offset": 0, "data": entry.data})
+                except OSError as err:
+                    # The kernel took the file as created at open: it must ask again (it may not exist).
+                    self.cache.changed(path)
+                    self._forget_in_kernel(path)
+                    self.writes.fail(path, err)
+            finally:
+                entry.sent = True  # failed or not: the next operation asks the server as usual
+                entry.call = entry.data = None
+                with self._deferred_lock:
+                    if self._deferred.get(path) is entry:
+                        del self._deferred[path]
+
+    def _send_with_data(self, path: str, data: bytes) -> bool:
+        """The first write of a new file that is the whole file: its create is sent with the data and
+        answered when the file is next needed (its flush at close, at the latest). True if it was sent."""
         entry = self._take_deferred(path)
         if entry is None:
             return False
         with entry.lock:
             if entry.sent:
                 return False
-            try:
-                return self._send_create(path, entry, data)
-            finally:
-                entry.sent = True  # failed or not: the next operation asks the server as usual
-                with self._deferred_lock:
-                    if self._deferred.get(path) is entry:
-                        del self._deferred[path]
+            entry.call = self._submit("share.create", self._create_args(path, entry, data))
+            entry.data = data
+            entry.sent = True
+        self.cache.changed(path)  # its size is the server's to tell once the create lands
+        return True
 
     def _materialize_all(self) -> None:
         with self._deferred_lock:
@@ -614,8 +672,9 @@ class ShareOperations:
 
     def write(self, path, data, offset, fh):
         self._count(self.write_sizes, len(data))
-        if self._materialize(path, data if offset == 0 and len(data) < MIB else None):
-            return len(data)  # a small new file: its data went with its create (and its stat came back)
+        if offset == 0 and len(data) < MIB and self._send_with_data(path, data):
+            return len(data)  # a small new file: its data goes with its create, answered at its flush
+        self._materialize(path)
         self.cache.changed(path)
         if len(data) < MIB:  # a small file, or a file's tail: nothing to overlap with, skip the hand-off
             self.writes.drain(path)
@@ -669,6 +728,34 @@ def operations(connection, mountpoint, **kwargs):
 
     class Ops(ShareOperations, mfusepy.Operations):
         fuse_error = mfusepy.FuseOSError
+        _fuse = None
+        _invalidating: tuple | list = ()  # threads notifying the kernel (a list of its own once mounted)
+
+        def init_with_config(self, conn, config):
+            self._invalidating = []
+            self._fuse = ctypes.c_void_p(mfusepy._libfuse.fuse_get_context().contents.fuse)
+            super().init_with_config(conn, config)
+
+        def _forget_in_kernel(self, path):
+            # From a thread of its own: libfuse must not notify the kernel inside a related request. Waited
+            # for a moment, so that the program told of the failure finds the file gone; a request of ours
+            # holding a page the kernel must drop (a write) lets it finish once answered.
+            with self._deferred_lock:  # the failed creates of deferred files are what it is for
+                if self._fuse is None:
+                    return  # not mounted yet, or being unmounted: the kernel's caches go with the mount
+                thread = threading.Thread(target=mfusepy._libfuse.fuse_invalidate_path,
+                                          args=(self._fuse, path.encode()), name="invalidate", daemon=True)  # fmt: skip
+                self._invalidating = [t for t in self._invalidating if t.is_alive()] + [thread]
+                thread.start()
+            thread.join(NOTIFY_WAIT)
+
+        def destroy(self, path):
+            with self._deferred_lock:
+                self._fuse = None  # libfuse frees it after destroy: no notification may start from now on
+                running, self._invalidating = self._invalidating, ()
+            for thread in running:
+                thread.join()
+            super().destroy(path)
 
     return Ops(connection, mountpoint, **kwargs)
 

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -342,6 +343,37 @@ def test_full_share_gives_enospc(tmp_path, monkeypatch):
         subprocess.run(["umount", "-l", str(share)], check=False)
 
 
+def test_full_share_fails_the_cp_of_small_files_that_filled_it(tmp_path, monkeypatch):
+    """Small new files go to the server with their create, answered at close: a full share still fails the
+    `cp -r` that filled it, and every file cp did not complain about is whole on the server."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs for the small share needs root")
+    share = tmp_path / "share"
+    share.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(share)], check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    monkeypatch.setenv("ENCLAVE_HOME", str(tmp_path / "home"))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(400):  # 1.6 MiB in 4 KiB files into 1 MiB
+        (tree / f"f{i:03}").write_bytes(os.urandom(4096))
+    try:
+        with own_server(tmp_path, share) as mnt:
+            result = sh(f"cp -r '{tree}' '{mnt}/dataset/'", check=False)
+            assert result.returncode != 0 and "No space left on device" in result.stderr, result.stderr
+            failed = {Path(name).name for name in re.findall(r"'([^']+)'", result.stderr)}
+            copied = share / "dataset" / "tree"
+            whole = {p.name for p in copied.iterdir() if p.read_bytes() == (tree / p.name).read_bytes()}
+            assert 0 < len(whole) < 400 and failed
+            # Nothing lost silently: every file cp did not complain about is whole on the server.
+            assert {f"f{i:03}" for i in range(400)} - whole <= failed, result.stderr
+            sh(f"rm -r '{mnt}/dataset/tree'")  # and the share recovers
+            sh(f"cp '{tree}/f000' '{mnt}/dataset/'")
+            assert (share / "dataset" / "f000").read_bytes() == (tree / "f000").read_bytes()
+    finally:
+        subprocess.run(["umount", "-l", str(share)], check=False)
+
+
 def test_new_files_show_the_mode_the_server_gave_them(tmp_path, monkeypatch):
     """The mount tells the kernel a new file's stat without asking the server, once it has seen what
     the server's umask (here 027, not the host's) does to the bits asked for."""
@@ -478,13 +510,61 @@ os.close(fd)
     sh(f"{sys.executable} -c '{script}'")
     assert (share / "dataset" / "renamed").read_bytes() == b"after the rename"
     assert not (share / "dataset" / "late").exists()
+    # Made on the server by another client between the kernel's create and the write (a push): taken as
+    # open(O_CREAT) without O_EXCL takes an existing file, and written over from offset 0 at the close.
+    fd = os.open(mnt / "dataset" / "raced", os.O_WRONLY | os.O_CREAT, 0o644)
+    (share / "dataset" / "raced").write_bytes(b"theirs, longer")
+    os.write(fd, b"ours")
+    os.close(fd)
+    assert (share / "dataset" / "raced").read_bytes() == b"oursrs, longer"
     # An exclusive create of a name the mount knows fails at once, as it should.
     assert sh(f"{sys.executable} -c 'import os; os.open(\"{mnt}/dataset/few/f0\", os.O_CREAT | os.O_EXCL)'",
               check=False).returncode != 0  # fmt: skip
     stats = unmount_and_stats(synced)
     # One request per small file once the umask is known: its create carries the data.
-    assert stats["ops"].get("share.write", 0) <= 2  # the first file (umask unknown yet) and "renamed"
+    # The first file (umask unknown yet), "renamed" and "raced".
+    assert stats["ops"].get("share.write", 0) <= 3
     assert stats["ops"]["share.create"] >= 20
+
+
+def test_changes_to_a_running_jobs_folders_fail_the_command_that_tried(synced):
+    """While a job runs, /dataset, /model and /output are the job's: every change through the mount fails the
+    program that made it with EBUSY (a new small file's at its write or close), and nothing lands."""
+    mnt, share, src = synced["mnt"], synced["share"], synced["src"]
+    sh(f"cp '{synced['sealed']}' '{mnt}/encrypted/app.pkg' && printf hi > '{mnt}/dataset/a.txt'")
+    (src / "new.txt").write_text("new")
+    (src / "tree").mkdir()
+    for i in range(5):
+        (src / "tree" / f"f{i}").write_bytes(os.urandom(4096))
+    job = subprocess.Popen([*ENCLAVE, "run", "-f", "app.pkg", "-s", "spin.py", "--expect-pcr0", synced["pcr0"]],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert job.stdout.readline() == "spinning\n", job.stderr.read()
+        refused = {
+            "cp of a new small file": f"cp '{src}/new.txt' '{mnt}/dataset/'",
+            "cp -r into a job folder": f"cp -r '{src}/tree' '{mnt}/model/'",
+            "touch (created, closed unwritten)": f"touch '{mnt}/model/t'",
+            "rm": f"rm '{mnt}/dataset/a.txt'",
+            "overwrite": f"printf changed > '{mnt}/dataset/a.txt'",
+            "mv out of a job folder": f"mv '{mnt}/dataset/a.txt' '{mnt}/encrypted/'",
+            "mkdir": f"mkdir '{mnt}/dataset/sub'",
+        }
+        for what, command in refused.items():
+            result = sh(command, check=False)
+            assert result.returncode != 0 and "Device or resource busy" in result.stderr, (what, result.stderr)
+        for name in ("dataset/new.txt", "model/tree", "model/t", "dataset/sub"):
+            assert not (share / name).exists(), name
+            assert not os.path.lexists(mnt / name), name  # the mount does not show what failed to land
+        assert (share / "dataset" / "a.txt").read_text() == "hi"
+        sh(f"cp '{src}/new.txt' '{mnt}/encrypted/'")  # outside the job's folders the host works on
+    finally:
+        job.send_signal(2)  # Ctrl-C cancels the job
+        job.communicate(timeout=60)
+    deadline = time.monotonic() + 30
+    while sh(f"cp '{src}/new.txt' '{mnt}/dataset/'", check=False).returncode != 0:  # the job's end frees them
+        assert time.monotonic() < deadline, "the share stayed busy after the job ended"
+        time.sleep(0.1)
+    assert (share / "dataset" / "new.txt").read_text() == "new"
 
 
 def test_mount_without_attestation_is_refused(enclave, tmp_path_factory):
