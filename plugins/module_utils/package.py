@@ -10,7 +10,8 @@ the reasons each attack is detected are in docs/PACKAGE_FORMAT.md; keep the two 
              || Tink AES256_GCM_HKDF_1MB streaming ciphertext of a tar stream
     tar    = .package-manifest.cbor, then every manifest entry in manifest order
 
-Both directions stream in 256 KiB pieces: memory stays flat whatever the package size.
+Both directions stream (seal in 256 KiB pieces, open a 1 MiB segment at a time): memory stays flat whatever
+the package size. Seal encrypts with Tink; open decrypts Tink's format with cryptography's AES-GCM.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ DATA_KEY_BYTES = 32
 SEGMENT_BYTES = 1 << 20  # Tink ciphertext segment size
 TINK_HEADER_BYTES = 1 + 32 + 7  # Tink's streaming header: its own length, HKDF salt, nonce prefix
 TAG_BYTES = 16  # AES-GCM tag at the end of every segment
-# Every read and write moves 256 KiB: measured here, 1 MiB pieces cost ~60x more page faults (glibc hands
-# buffers that large back to the kernel on free) and made open ~40% slower.
+# Seal reads and writes 256 KiB at a time: 1 MiB buffers allocated per piece cost ~60x more page faults (glibc
+# hands buffers that large back to the kernel on free). Open reads ciphertext into two reused segment buffers
+# and writes views of each decrypted segment; it hashes files of at least IO_BYTES on a second thread.
 IO_BYTES = 256 << 10
 _HASH_AHEAD = 2  # pieces a file's hashing may lag behind its writing: memory stays flat
 MAX_HEADER_BYTES = 64 << 10
@@ -497,11 +499,12 @@ class _SegmentFailed(Exception):
 def _decrypt_segments(package: BinaryIO, data_key: bytes, associated_data: bytes) -> Iterator[bytes]:
     """Tink's AES-GCM-HKDF streaming decryption (docs/PACKAGE_FORMAT.md section 3), one verified segment at a time.
 
-    It accepts exactly the ciphertexts Tink's decrypting stream accepts (tests hold it to Tink and to the
-    vectors), with cryptography's AES-GCM: several times faster than Tink's Python binding here, and it releases
-    the GIL, which Tink's holds while it decrypts, so hashing on another thread overlaps it. Nothing is yielded
-    before its tag verifies. A segment is the last one only if the file ends right after it (the next one is read
-    ahead), so a cut on a segment boundary fails like any other truncation.
+    It accepts every ciphertext Tink writes and refuses every one Tink refuses (tests hold it to Tink and to the
+    vectors), with cryptography's AES-GCM: faster than Tink's Python binding, and it releases the GIL, which
+    Tink's binding holds while it decrypts, so hashing on another thread overlaps it. Nothing is yielded before
+    its tag verifies. A segment is the last one only if the file ends right after it (the next one is read
+    ahead), so a cut on a segment boundary fails like any other truncation, and bytes after a full final
+    segment make it fail too (Tink's binding ignores them).
     """
     tink_header = _read_into(package, bytearray(TINK_HEADER_BYTES))
     if len(tink_header) != TINK_HEADER_BYTES or tink_header[0] != TINK_HEADER_BYTES:
@@ -954,7 +957,7 @@ def _read_manifest(tar: tarfile.TarFile, header: PackageHeader, max_total_bytes:
         raise _Refused(f"its first member is {member.name if member else None!r}, not the manifest {MANIFEST_NAME!r}")
     if member.size > MAX_MANIFEST_BYTES:
         raise _Refused(f"its manifest claims {member.size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
-    data = tar.fileobj.read(member.size)
+    data = tar.fileobj.read(member.size)  # the _Plaintext: content is read past tarfile
     if len(data) != member.size:
         raise tarfile.ReadError("unexpected end of data in the manifest")
     if hashlib.sha256(data).digest() != header.manifest_digest:
