@@ -1043,9 +1043,9 @@ def test_open_decrypts_what_tink_writes_and_refuses_what_tink_refuses(size):
     for what, (data, associated_data) in damaged.items():
         assert own_decrypt(data, associated_data) is None, what
         if what in ("appended byte", "last segment repeated") and len(ciphertext) % SEGMENT == 0:
-            # Tink's Python binding stops after a full final segment and ignores whatever follows (the
-            # plaintext it returns is still whole and authentic); open refuses the package instead.
-            assert tink_decrypt(data, associated_data) == plaintext, what
+            # Tink's Python binding (1.16 here) stops after a full final segment and ignores whatever follows:
+            # the plaintext it returns is still whole and authentic. Open refuses the package instead.
+            assert tink_decrypt(data, associated_data) in (None, plaintext), what
         else:
             assert tink_decrypt(data, associated_data) is None, what
 
