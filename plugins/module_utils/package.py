@@ -568,8 +568,8 @@ class _Plaintext:
         return self._position
 
     def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
-        if whence != io.SEEK_SET or position < self._position:
-            raise io.UnsupportedOperation("the package body is read forward only")
+        if whence != io.SEEK_SET or position < self._position:  # tarfile only skips forward in a valid archive
+            raise tarfile.ReadError(f"the archive asks to go back to byte {position} of its stream")
         for _piece in self.pieces(position - self._position):
             pass
         return self._position
