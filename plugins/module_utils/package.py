@@ -541,18 +541,29 @@ def _read_into(stream: BinaryIO, buffer) -> memoryview:
 
 class _Plaintext:
     """The decrypted body, read forward only: tarfile reads member headers through read/tell/seek, and pieces()
-    hands member content over as views of the verified segments, with no copy."""
+    hands member content over as views of the verified segments, with no copy.
 
-    def __init__(self, segments: Iterator[bytes]):
+    The next segment is read and decrypted on the worker thread while this one writes the current one (file
+    reads and AES-GCM release the GIL); the worker also hashes large files, in order with the segments."""
+
+    def __init__(self, segments: Iterator[bytes], worker: ThreadPoolExecutor):
         self._segments = segments
+        self._worker = worker
+        self._next = worker.submit(next, segments, b"")
         self._rest = memoryview(b"")
         self._position = 0
+
+    def _segment(self) -> bytes:
+        segment = self._next.result()  # re-raises the worker's _SegmentFailed here
+        if segment:
+            self._next = self._worker.submit(next, self._segments, b"")
+        return segment
 
     def pieces(self, size: int) -> Iterator[memoryview]:
         """The next size bytes (fewer at the end of the body), in pieces no longer than a segment."""
         while size > 0:
             if not self._rest:
-                self._rest = memoryview(next(self._segments, b""))
+                self._rest = memoryview(self._segment())
                 if not self._rest:
                     return
             piece = self._rest[:size]
@@ -853,8 +864,10 @@ def _open_body(
     written: list[str],
 ) -> list[ManifestEntry]:
     try:
-        plaintext = _Plaintext(_decrypt_segments(package, data_key, header.raw))
-        return _extract(plaintext, target, header, max_total_bytes, written)
+        # One worker thread decrypts the segment ahead and hashes large files; leaving this block waits for it.
+        with ThreadPoolExecutor(1, thread_name_prefix="package-open") as worker:
+            plaintext = _Plaintext(_decrypt_segments(package, data_key, header.raw), worker)
+            return _extract(plaintext, target, header, max_total_bytes, written, worker)
     except _SegmentFailed as exc:
         cause = _authentication_failure(header, exc.segment, os.fstat(package.fileno()).st_size)
         raise PackageError(f"{where} {cause}") from None
@@ -921,13 +934,15 @@ def _remove_written(target: Path, written: list[str], created_target: bool, caus
 
 
 def _extract(
-    plaintext: _Plaintext, target: Path, header: PackageHeader, max_total_bytes: int, written: list[str]
+    plaintext: _Plaintext,
+    target: Path,
+    header: PackageHeader,
+    max_total_bytes: int,
+    written: list[str],
+    hasher: ThreadPoolExecutor,
 ) -> list[ManifestEntry]:
     # tarfile parses the member headers; member content is read past it, straight from the plaintext.
-    with (
-        tarfile.TarFile(fileobj=plaintext, mode="r") as tar,
-        ThreadPoolExecutor(1, thread_name_prefix="package-sha256") as hasher,
-    ):
+    with tarfile.TarFile(fileobj=plaintext, mode="r") as tar:
         entries = _read_manifest(tar, header, max_total_bytes)
         for entry in entries:
             member = tar.next()
