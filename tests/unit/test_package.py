@@ -11,6 +11,8 @@ import json
 import os
 import stat
 import struct
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -694,6 +696,68 @@ def test_segments_holding_only_end_padding_are_authenticated_too(tmp_path):
         assert_refused(path, tmp_path / "out", known_key, f"failed authentication in encrypted segment {segment} ")
 
 
+def test_bytes_appended_after_a_full_final_segment_are_detected(tmp_path):
+    """A plaintext that exactly fills its segments ends with a full segment sealed as the last one; Tink's Python
+    binding ignores what follows it (see test_open_decrypts_what_tink_writes_and_refuses_what_tink_refuses)."""
+    entries, members = [file_entry("a", b"a")], [(member("a", size=1), b"a")]
+    tar = build_tar(members, encode_manifest(entries))
+    path = hostile_package(tmp_path, entries, members, tail=b"\0" * (FIRST_PLAINTEXT - len(tar)))
+    data = path.read_bytes()
+    assert len(data) == read_header(path).body_offset + SEGMENT
+    open_package(path, tmp_path / "intact", unwrap_key=known_key)
+    path.write_bytes(data + b"\0" * 16)
+    assert_refused(path, tmp_path / "out", known_key, "failed authentication in encrypted segment 0 ")
+
+
+@pytest.mark.parametrize("where", [0, 300_000, 3 * SEGMENT - 1])
+def test_a_large_file_differing_from_its_manifest_is_refused(tmp_path, where):
+    """Files of IO_BYTES or more are hashed on a second thread while they are written: a difference anywhere
+    in them still refuses the package, after the last piece, and removes everything written."""
+    content = os.urandom(3 * SEGMENT)
+    entries = [file_entry("+first.txt", OK), file_entry("model.bin", content)]
+    altered = flip(content, where)
+    members = [(member("+first.txt", size=len(OK)), OK), (member("model.bin", size=len(content)), altered)]
+    path = hostile_package(tmp_path, entries, members)
+    assert_refused(path, tmp_path / "out", known_key, "content of 'model.bin' does not match its manifest entry")
+
+
+def test_a_body_ending_inside_a_member_is_refused(tmp_path):
+    """The plaintext is authentic (sealed so, under the key) but stops in the middle of a file's content."""
+    content = os.urandom(400_000)
+    entries, members = [file_entry("cut.bin", content)], [(member("cut.bin", size=len(content)), content)]
+    tar = build_tar(members, encode_manifest(entries))
+    path = hostile_package(tmp_path, entries, None, manifest=encode_manifest(entries), tail=tar[:300_000])
+    assert_refused(path, tmp_path / "out", known_key, "not a valid tar stream", "unexpected end of data")
+
+
+def test_a_failing_write_fails_the_open_and_removes_everything(tmp_path):
+    """The target fills up (here RLIMIT_FSIZE in a child process: EFBIG, as ENOSPC would be) while the file
+    being written is hashed on the second thread: the error reaches the caller and nothing is left."""
+    content = os.urandom(3 * SEGMENT)
+    entries = [file_entry("+first.txt", OK), file_entry("model.bin", content)]
+    members = [(member("+first.txt", size=len(OK)), OK), (member("model.bin", size=len(content)), content)]
+    path = hostile_package(tmp_path, entries, members)
+    target = tmp_path / "out"
+    child = f"""
+import resource, signal, sys
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import PackageError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import open_package
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({SEGMENT}, resource.RLIM_INFINITY))
+try:
+    open_package({str(path)!r}, {str(target)!r}, unwrap_key=lambda header: bytes.fromhex({KEY.hex()!r}))
+except PackageError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=False)
+    assert result.returncode == 3, result.stderr
+    assert "could not be opened into" in result.stdout and "File too large" in result.stdout
+    assert not target.exists()
+    open_package(path, target, unwrap_key=known_key)  # the package itself is fine
+    assert (target / "model.bin").read_bytes() == content
+
+
 def test_body_that_is_not_a_tar_stream_is_refused(tmp_path):
     path = hostile_package(tmp_path, [], None, tail=os.urandom(5000))
     assert_refused(path, tmp_path / "out", known_key, "not a valid tar stream")
@@ -919,6 +983,94 @@ def test_multi_segment_package_decrypts_by_the_spec_alone(tmp_path):
     _raw, plaintext = decrypt_per_spec(path, KEY)
     with tarfile.open(fileobj=io.BytesIO(plaintext), mode="r:") as tar:
         assert tar.extractfile("big").read() == content
+
+
+FIRST_PLAINTEXT = SEGMENT - TINK_HEADER - 16  # plaintext room of segment 0, then of every later segment:
+LATER_PLAINTEXT = SEGMENT - 16
+AGREEMENT_SIZES = [0, 1, FIRST_PLAINTEXT - 1, FIRST_PLAINTEXT, FIRST_PLAINTEXT + 1,
+                   FIRST_PLAINTEXT + LATER_PLAINTEXT, FIRST_PLAINTEXT + LATER_PLAINTEXT + 4321]  # fmt: skip
+
+
+def tink_decrypt(ciphertext: bytes, associated_data: bytes) -> bytes | None:
+    """What Tink's own decrypting stream returns for a ciphertext, or None if it refuses it."""
+    stream = package._streaming_aead(KEY).new_decrypting_stream(io.BytesIO(ciphertext), associated_data)
+    try:
+        return stream.read()
+    except package.tink.TinkError:
+        return None
+
+
+def own_decrypt(ciphertext: bytes, associated_data: bytes) -> bytes | None:
+    """What open_package's decryption (cryptography's AES-GCM on Tink's segment format) returns, or None."""
+    try:
+        return b"".join(package._decrypt_segments(io.BytesIO(ciphertext), KEY, associated_data))
+    except package._SegmentFailed:
+        return None
+
+
+@pytest.mark.parametrize("size", AGREEMENT_SIZES)
+def test_open_decrypts_what_tink_writes_and_refuses_what_tink_refuses(size):
+    """open_package does not use Tink to decrypt: hold its decryption to Tink's, on every segment-boundary case
+    and on the damage that must fail (cuts on and inside segments, appended bytes, flipped bytes, dropped,
+    repeated and reordered segments). It is stricter than Tink's binding in one case, pinned here."""
+    plaintext, ad = os.urandom(size), b"header bytes, the associated data"
+    buffer = io.BytesIO()
+    buffer.close = lambda: None  # Tink closes its destination when the stream ends
+    with package._streaming_aead(KEY).new_encrypting_stream(buffer, ad) as stream:
+        stream.write(plaintext)
+    ciphertext = buffer.getvalue()
+    assert tink_decrypt(ciphertext, ad) == plaintext == own_decrypt(ciphertext, ad)
+    segments = [ciphertext[:SEGMENT]] + [ciphertext[i : i + SEGMENT] for i in range(SEGMENT, len(ciphertext), SEGMENT)]
+    damaged = {
+        "other associated data": (ciphertext, ad + b"!"),
+        "appended byte": (ciphertext + b"\0", ad),
+        "one byte short": (ciphertext[:-1], ad),
+        "cut inside the Tink header": (ciphertext[: TINK_HEADER - 1], ad),
+        "only the Tink header": (ciphertext[:TINK_HEADER], ad),
+        "Tink header length byte": (b"\x29" + ciphertext[1:], ad),
+        "last tag": (flip(ciphertext, len(ciphertext) - 1), ad),
+        "first ciphertext byte": (flip(ciphertext, TINK_HEADER), ad) if size else (ciphertext[:-1], ad),
+        "nonce prefix": (flip(ciphertext, TINK_HEADER - 1), ad),
+    }
+    if len(segments) > 1:
+        damaged |= {
+            "cut on a segment boundary": (b"".join(segments[:-1]), ad),
+            "last segment repeated": (ciphertext + segments[-1], ad),
+            "segment 0 repeated": (segments[0] + ciphertext[TINK_HEADER:SEGMENT] + b"".join(segments[1:]), ad),
+        }
+    if len(segments) > 2:
+        damaged["segments 1 and 2 swapped"] = (segments[0] + segments[2] + segments[1], ad)
+    for what, (data, associated_data) in damaged.items():
+        assert own_decrypt(data, associated_data) is None, what
+        if what in ("appended byte", "last segment repeated") and len(ciphertext) % SEGMENT == 0:
+            # Tink's Python binding (1.16 here) stops after a full final segment and ignores whatever follows:
+            # the plaintext it returns is still whole and authentic. Open refuses the package instead.
+            assert tink_decrypt(data, associated_data) in (None, plaintext), what
+        else:
+            assert tink_decrypt(data, associated_data) is None, what
+
+
+def test_a_segment_from_another_package_under_the_same_key_and_header_fails(tmp_path):
+    """The claim open relies on instead of trusting the sealer's tooling: a segment verifies only in its own
+    package, at its own index. Even two packages with the same data key, byte-identical headers and the same
+    plaintext share no segment: each draws its own salt (so its own segment key) and nonce prefix."""
+    content = os.urandom(2 * SEGMENT)
+    entries, members = [file_entry("model.bin", content)], [(member("model.bin", size=len(content)), content)]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one, two = hostile_package(tmp_path / "one", entries, members), hostile_package(tmp_path / "two", entries, members)
+    a, b = one.read_bytes(), two.read_bytes()
+    h = read_header(one).body_offset
+    assert read_header(two).raw == read_header(one).raw and a[h:] != b[h:]
+    open_package(two, tmp_path / "intact", unwrap_key=known_key)  # each opens on its own
+    spliced = {
+        1: a[: h + SEGMENT] + b[h + SEGMENT : h + 2 * SEGMENT] + a[h + 2 * SEGMENT :],  # segment 1 of the other
+        2: a[: h + 2 * SEGMENT] + b[h + 2 * SEGMENT :],  # the other's last segment (the same plaintext)
+        0: a[:h] + b[h : h + TINK_HEADER] + a[h + TINK_HEADER :],  # the other's salt and nonce prefix
+    }
+    for segment, data in spliced.items():
+        path = tampered(tmp_path, data)
+        assert_refused(path, tmp_path / "out", known_key, f"failed authentication in encrypted segment {segment} ")
 
 
 # --------------------------------------------------------------------------- the owner's signature (format 2)
