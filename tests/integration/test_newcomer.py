@@ -65,10 +65,23 @@ def test_local_flow_with_a_deep_enclave_home(deep_home, tmp_path):
     assert "a.csv" in json.dumps(pushed)
     attested = json.loads(enclave("attest", "--json", env=env).stdout)
     assert attested["pcrs"]["0"] == pcr0
+    # A FUSE mount of the enclave's share, left mounted: `local down` must not leave it dangling.
+    synced = tmp_path / "synced_folder"
+    enclave("sync", "-d", str(synced), "--expect-pcr0", pcr0, env=env)
+    assert (synced / "dataset" / "a.csv").read_text() == "x,y\n1,2\n"
 
-    enclave("local", "down", env=env)
+    stopped = json.loads(enclave("local", "down", "--json", env=env).stdout)
+    assert stopped["unmounted"] == [str(synced)] and len(stopped["enclaves"]) == 1 and stopped["kms"]
+    assert not os.path.ismount(synced) and os.listdir(synced) == []  # no "Transport endpoint is not connected"
+    assert [p.name for p in (home / "mounts").glob("*.json") if not p.name.endswith(".stats.json")] == []
     assert json.loads(enclave("local", "describe-enclaves", env=env).stdout) == []
     assert [p.name for p in (runtime / "enclaves").iterdir()] == [".lock"]
+    # Item 4: nothing left to stop is no error, for each stop command.
+    again = enclave("local", "down", env=env)
+    assert again.stdout == "the local KMS was not running\n", again.stdout
+    assert json.loads(enclave("local", "down", "--json", env=env).stdout) == {"unmounted": [], "enclaves": [],
+                                                                             "kms": None}  # fmt: skip
+    assert json.loads(enclave("local", "terminate-enclave", "--all", env=env).stdout) == []
 
 
 MODULES_PLAYBOOK = """\
@@ -411,3 +424,57 @@ def test_a_socket_directory_still_too_long_is_named_with_what_to_set(tmp_path, m
         )
         assert "set ENCLAVE_RUNTIME_DIR to a directory of at most" in message and "ENCLAVE_HOME" in message
         assert "nitro-cli" not in message
+
+
+def test_local_env_and_seal_use_the_running_local_cloud(tmp_path):
+    """Item 2: `eval "$(enclave local env)"` points boto3, the AWS CLI and `enclave` at the local cloud; and
+    `enclave package seal` finds the local KMS by itself, with no region and no endpoint, even with a region of
+    real AWS in the environment (no network here: had it called AWS, it would fail)."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "hello.py").write_text("print('hello')\n")
+    env = bare_aws_env(tmp_path, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    not_running = enclave("local", "env", env=env, check=False)
+    assert not_running.returncode == 1 and not_running.stdout == ""
+    assert not_running.stderr == (f"enclave: error: the local cloud of {tmp_path / 'home'} is not running: start it "
+                                  "with `enclave local up` (same ENCLAVE_HOME), then run this again\n")  # fmt: skip
+    cloud = json.loads(enclave("local", "up", "--json", env=env).stdout)
+    try:
+        # In a shell as the README does it: boto3 and the AWS CLI (if installed) reach the local KMS as the owner.
+        script = """
+            eval "$(enclave local env --profile owner)"
+            python -c 'import boto3; k = boto3.client("kms"); print(k.create_key()["KeyMetadata"]["Arn"])'
+            if command -v aws >/dev/null; then aws kms list-keys --query 'length(Keys)'; else echo 1; fi
+            echo "$ENCLAVE_HOME $AWS_PROFILE ${AWS_ACCESS_KEY_ID-unset}"
+        """
+        done = subprocess.run(["bash", "-euc", script], env={**env, "AWS_ACCESS_KEY_ID": "a-stray-key"},
+                              capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        key_arn, count, shell = done.stdout.splitlines()
+        assert key_arn.startswith("arn:aws:kms:us-east-1:") and count == "1"
+        assert shell == f"{tmp_path / 'home'} owner unset"
+
+        # Seal with only a profile chosen: the local KMS, although AWS_DEFAULT_REGION names another region.
+        profiled = dict(env, AWS_SHARED_CREDENTIALS_FILE=cloud["kms_credentials"], AWS_PROFILE="owner",
+                        AWS_DEFAULT_REGION="eu-west-3")  # fmt: skip
+        sealed = json.loads(enclave("package", "seal", str(app), "-o", str(tmp_path / "app.pkg"), "--key", key_arn,
+                                    "--json", env=profiled).stdout)  # fmt: skip
+        assert sealed["key_id"] == key_arn
+        # Without the local KMS's credentials: one line that says how to get them.
+        done = enclave("package", "seal", str(app), "-o", str(tmp_path / "b.pkg"), "--key", key_arn, env=env,
+                       check=False)  # fmt: skip
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith(f"enclave: error: the local KMS at {cloud['kms_endpoint_url']} needs the "
+                                      'credentials it issued: eval "$(enclave local env --profile owner)"')  # fmt: skip
+        # An explicit endpoint still wins: nothing listens there, so it fails saying where it tried.
+        done = enclave("package", "seal", str(app), "-o", str(tmp_path / "c.pkg"), "--key", key_arn,
+                       "--kms-endpoint", "http://127.0.0.1:9", env=profiled, check=False)  # fmt: skip
+        assert done.returncode != 0 and "127.0.0.1:9" in done.stderr
+    finally:
+        enclave("local", "down", env=env, check=False)
+    # With the cloud down, no region and no endpoint: one line, naming the local cloud as the other way.
+    done = enclave("package", "seal", str(app), "-o", str(tmp_path / "d.pkg"), "--key", "alias/app",
+                   env=dict(env, AWS_ACCESS_KEY_ID="owner", AWS_SECRET_ACCESS_KEY="x"), check=False)  # fmt: skip
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("enclave: error: no AWS region configured for KMS")
+    assert done.stderr.rstrip().endswith("or start the local cloud (`enclave local up`), which is then used")
