@@ -46,6 +46,15 @@ KMS_LOG = "kms.log"
 KMS_HOST = "127.0.0.1"
 KMS_PORT_FILE = "port"  # in kms/: the port the KMS had last, which it takes again when it is free
 KMS_REGION = "us-east-1"  # the region the local KMS signs and answers for (LocalKms's default)
+# The parties, in the accounts the threat model wants: the owner and its key administrator in the owner's account,
+# the user's parent host in an account of its own (a user in the owner's account could be given kms:PutKeyPolicy
+# by that account's IAM, through the key policy's root statement). The README's commands use these ARNs.
+OWNER_ACCOUNT, USER_ACCOUNT = "111122223333", "444455556666"
+PRINCIPALS = {
+    "owner": f"arn:aws:iam::{OWNER_ACCOUNT}:role/owner",
+    "enclave-host": f"arn:aws:iam::{USER_ACCOUNT}:role/enclave-host",
+    "admin": f"arn:aws:iam::{OWNER_ACCOUNT}:role/admin",
+}
 
 
 def _home(home) -> Path:
@@ -184,7 +193,7 @@ def serve(home: Path, port: int, ready_fd: int) -> int:
     try:
         ca = LocalCA.load_or_create(home)
         roots = [aws_nitro_root(), ca.root_certificate]
-        kms = LocalKms(home / "kms", trusted_roots=roots)
+        kms = LocalKms(home / "kms", trusted_roots=roots, account_id=OWNER_ACCOUNT, principals=PRINCIPALS)
         server = _kms_server(kms, home, port)
         tls_context, bundle = kms_server_context(home)
         tls_server = LocalKmsServer(kms, host=KMS_HOST, tls=tls_context)

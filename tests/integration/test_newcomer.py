@@ -198,7 +198,7 @@ def test_user_modules_discover_the_local_enclave_through_ansible_playbook(local_
                          aws_access_key_id=issued["aws_access_key_id"],
                          aws_secret_access_key=issued["aws_secret_access_key"])  # fmt: skip
     key_id = owner.create_key()["KeyMetadata"]["KeyId"]
-    policy = render_policy(account_id="111122223333", user_principals=["arn:aws:iam::111122223333:role/enclave-host"],
+    policy = render_policy(account_id="111122223333", user_principals=["arn:aws:iam::444455556666:role/enclave-host"],
                            admin_principals=["arn:aws:iam::111122223333:role/owner"], pcr0=[pcr0])  # fmt: skip
     owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
     app = tmp_path / "app"
@@ -478,3 +478,95 @@ def test_local_env_and_seal_use_the_running_local_cloud(tmp_path):
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("enclave: error: no AWS region configured for KMS")
     assert done.stderr.rstrip().endswith("or start the local cloud (`enclave local up`), which is then used")
+
+
+def test_the_demo_accounts_follow_the_threat_model(tmp_path):
+    """The demo's accounts: the local cloud issues the owner and the user's host in different accounts, the demo's role
+    defaults name them so, and the rendered policy has no account-root statement: lint calls it sound. The
+    unsafe variant (the host in the owner's account, AWS's root statement kept) is refused by lint, and the
+    host breaks it on the local KMS as it would on AWS: it rewrites the policy and decrypts without an
+    attestation. In the demo's layout the same attempts are refused."""
+    import boto3
+    import yaml
+    from botocore.exceptions import ClientError
+
+    from ansible_collections.confidential_ml.nitro.enclave_local.kms import load_credentials
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import SID_AWS_DEFAULT
+
+    env = bare_aws_env(tmp_path, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    cloud = json.loads(enclave("local", "up", "--json", env=env).stdout)
+    try:
+        issued = load_credentials(cloud["kms_credentials"])
+
+        def client(profile):
+            return boto3.client("kms", endpoint_url=cloud["kms_endpoint_url"], region_name="us-east-1",
+                                aws_access_key_id=issued[profile]["aws_access_key_id"],
+                                aws_secret_access_key=issued[profile]["aws_secret_access_key"])  # fmt: skip
+
+        owner_arn, host_arn = issued["owner"]["principal_arn"], issued["enclave-host"]["principal_arn"]
+        assert owner_arn == "arn:aws:iam::111122223333:role/owner"
+        assert host_arn == "arn:aws:iam::444455556666:role/enclave-host"
+        defaults = yaml.safe_load((ROOT / "roles" / "owner_pipeline" / "defaults" / "main.yml").read_text())
+        assert defaults["owner_pipeline_user_principals"] == [host_arn]
+        admins = [a.replace("{{ owner_pipeline_account_id }}", defaults["owner_pipeline_account_id"])
+                  for a in defaults["owner_pipeline_admin_principals"]]  # fmt: skip
+        assert admins == [owner_arn]
+
+        pcr0 = "ab" * 48
+        rendered = enclave("policy", "render", "--account-id", "111122223333", "--pcr0", pcr0, "--user-principal",
+                           host_arn, "--admin-principal", owner_arn, env=env).stdout  # fmt: skip
+        safe = json.loads(rendered)
+        assert [s["Sid"] for s in safe["Statement"] if ":root" in json.dumps(s.get("Principal"))] == []
+        (tmp_path / "safe.json").write_text(rendered)
+        lint = enclave("policy", "lint", str(tmp_path / "safe.json"), "--user-principal", host_arn, env=env)
+        assert lint.stdout == f"{tmp_path / 'safe.json'}: sound\n"
+
+        # The unsafe variant: the host's role in the owner's account (here the local cloud's "admin" profile, a
+        # role of 111122223333 that administers nothing) and AWS's default root statement kept.
+        same_account = issued["admin"]["principal_arn"]
+        root = {"Sid": SID_AWS_DEFAULT, "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::111122223333:root"},
+                "Action": "kms:*", "Resource": "*"}  # fmt: skip
+        unsafe = json.loads(enclave("policy", "render", "--account-id", "111122223333", "--pcr0", pcr0,
+                                    "--user-principal", same_account, "--admin-principal", owner_arn,
+                                    env=env).stdout)  # fmt: skip
+        unsafe["Statement"].insert(0, root)
+        (tmp_path / "unsafe.json").write_text(json.dumps(unsafe))
+        lint = enclave("policy", "lint", str(tmp_path / "unsafe.json"), "--user-principal", same_account, "--json",
+                       env=env, check=False)  # fmt: skip
+        assert lint.returncode == 1
+        problems = json.loads(lint.stdout)["problems"]
+        assert any("to the whole account arn:aws:iam::111122223333:root without conditions" in p for p in problems)
+        assert any(f"the user {same_account} is in that account" in p and "drop the Deny" in p for p in problems)
+
+        owner = client("owner")
+        blobs = {}
+        for name, policy in (("unsafe", unsafe), ("safe", safe)):
+            key = owner.create_key(Policy=json.dumps(policy))["KeyMetadata"]
+            assert key["AWSAccountId"] == "111122223333"
+            owner.create_alias(AliasName=f"alias/{name}", TargetKeyId=key["KeyId"])
+            blobs[name] = (key["Arn"], owner.generate_data_key(KeyId=key["Arn"], KeySpec="AES_256")["CiphertextBlob"])
+
+        # The host in the owner's account, as the root statement lets it: rewrite the policy, then decrypt.
+        arn, blob = blobs["unsafe"]
+        insider = client("admin")
+        with pytest.raises(ClientError, match="AccessDenied"):
+            insider.decrypt(CiphertextBlob=blob)
+        insider.put_key_policy(KeyId=arn, PolicyName="default", Policy=json.dumps({"Version": "2012-10-17",
+                               "Statement": [root]}))  # fmt: skip
+        assert len(insider.decrypt(CiphertextBlob=blob)["Plaintext"]) == 32
+
+        # The demo's host, in its own account: the same attempts are refused (a cross-account caller can never
+        # change a key policy, whatever it says), and the owner's alias is not even its name for the key.
+        arn, blob = blobs["safe"]
+        host = client("enclave-host")
+        with pytest.raises(ClientError, match="not a cross-account operation"):
+            host.put_key_policy(KeyId=arn, PolicyName="default", Policy=json.dumps({"Version": "2012-10-17",
+                                "Statement": [root | {"Principal": {"AWS": host_arn}}]}))  # fmt: skip
+        with pytest.raises(ClientError, match="AccessDenied.*explicit deny"):
+            host.decrypt(CiphertextBlob=blob)
+        with pytest.raises(ClientError, match="NotFoundException.*444455556666:alias/safe"):
+            host.describe_key(KeyId="alias/safe")
+        assert host.list_keys()["Keys"] == []  # keys are per account
+        assert host.create_key()["KeyMetadata"]["Arn"].startswith("arn:aws:kms:us-east-1:444455556666:key/")
+    finally:
+        enclave("local", "down", env=env, check=False)
