@@ -52,6 +52,15 @@ def shell_blocks(text: str) -> list[tuple[int, str, str | None]]:
     return blocks
 
 
+def readme_script(blocks: list[tuple[int, str, str | None]]) -> str:
+    """One bash script of the blocks to run, in order: it stops at the first command that fails, naming its block."""
+    script = ["set -euo pipefail", "set -x"]
+    for line, body, why in blocks:
+        if why is None:
+            script += [f"trap 'echo \"README block of line {line} failed: $BASH_COMMAND\" >&2' ERR", body]
+    return "\n".join([*script, "echo README-DONE"])
+
+
 def test_the_readme_blocks_are_all_found():
     """The parser sees what the README holds: blocks to run, a few skipped with a reason, none hidden."""
     blocks = shell_blocks((ROOT / "README.md").read_text())
@@ -60,6 +69,11 @@ def test_the_readme_blocks_are_all_found():
     assert run[0].startswith("make demo") and len(run) >= 5
     assert len(skipped) <= 3 and all(len(why) > 20 for why in skipped)
     assert any("enclave local env" in body for body in run) and any("package seal" in body for body in run)
+    # A command that fails stops the script there, naming the README line of its block.
+    broken = shell_blocks("```sh\nX=1\n```\n\n```sh\ntest $X = 2\necho never\n```\n")
+    done = subprocess.run(["bash", "-c", readme_script(broken)], capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and "never" not in done.stdout and "README-DONE" not in done.stdout
+    assert "README block of line 5 failed: test $X = 2" in done.stderr
     with pytest.raises(AssertionError, match="indented block"):
         shell_blocks("text\n\n    enclave local up\n")
     with pytest.raises(AssertionError, match="skip before no block"):
@@ -95,11 +109,6 @@ def test_every_readme_block_runs_as_written_from_a_deep_checkout():
     checkout.mkdir(parents=True)
     copy_checkout(checkout)
     blocks = shell_blocks((checkout / "README.md").read_text())
-    script = ["set -euo pipefail", "set -x"]
-    for line, body, why in blocks:
-        if why is None:
-            script += [f"trap 'echo \"README block of line {line} failed: $BASH_COMMAND\" >&2' ERR", body]
-    script.append("echo README-DONE")
     # A newcomer's environment: no AWS settings, no venv on PATH, this project's variables unset.
     env = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -111,14 +120,14 @@ def test_every_readme_block_runs_as_written_from_a_deep_checkout():
         "ANSIBLE_NOCOLOR": "1",
     }
     try:
-        done = subprocess.run(["bash", "-c", "\n".join(script)], cwd=checkout, env=env, capture_output=True,
+        done = subprocess.run(["bash", "-c", readme_script(blocks)], cwd=checkout, env=env, capture_output=True,
                               text=True, timeout=2400, check=False)  # fmt: skip
         output = (
             f"exit {done.returncode}\n--- stdout (end)\n{done.stdout[-8000:]}\n--- stderr (end)\n{done.stderr[-8000:]}"
         )
         assert done.returncode == 0 and done.stdout.rstrip().endswith("README-DONE"), output
         # What the README's commands show: the demo's predictions, the session's metrics, verified receipts.
-        assert done.stdout.count("receipt verified: ml_algorithm.py from digits-classifier.pkg") == 3, output
+        assert done.stdout.count("receipt verified: ml_algorithm.py from digits-classifier 1.0.0 ran") == 3, output
         assert '"accuracy"' in done.stdout, output
         assert done.stdout.count(": sound\n") == 2, output
         # Everything stopped, nothing left for git outside build/.
