@@ -570,3 +570,32 @@ def test_the_demo_accounts_follow_the_threat_model(tmp_path):
         assert host.create_key()["KeyMetadata"]["Arn"].startswith("arn:aws:kms:us-east-1:444455556666:key/")
     finally:
         enclave("local", "down", env=env, check=False)
+
+
+def test_the_local_kms_keeps_its_port_and_upgrades_old_credentials(tmp_path):
+    """`enclave local env`'s exports stay true across `local down` and `local up` (the KMS takes its port again),
+    and a home whose credentials were issued before the parties had accounts of their own gets them, keys kept."""
+    import configparser
+
+    from ansible_collections.confidential_ml.nitro.enclave_local import cloud
+    from ansible_collections.confidential_ml.nitro.enclave_local.kms import issue_credentials, load_credentials
+
+    env = bare_aws_env(tmp_path, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    old = issue_credentials(tmp_path / "home" / "kms")  # as issued before: no principal_arn
+    before = load_credentials(old)
+    assert all("principal_arn" not in entry for entry in before.values())
+    try:
+        first = json.loads(enclave("local", "up", "--json", env=env).stdout)
+        exported = enclave("local", "env", env=env).stdout
+        assert f"export AWS_ENDPOINT_URL_KMS={first['kms_endpoint_url']}\n" in exported
+        enclave("local", "down", env=env)
+        again = json.loads(enclave("local", "up", "--json", env=env).stdout)
+        assert again["started"] and again["kms_endpoint_url"] == first["kms_endpoint_url"]
+        assert enclave("local", "env", env=env).stdout == exported
+    finally:
+        enclave("local", "down", env=env, check=False)
+    after = load_credentials(old)
+    assert {name: entry.pop("principal_arn") for name, entry in after.items()} == cloud.PRINCIPALS
+    assert after == before
+    configparser.ConfigParser(interpolation=None).read_string(old.read_text())  # still a shared-credentials file
+    assert oct(old.stat().st_mode & 0o777) == "0o600"
