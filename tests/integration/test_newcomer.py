@@ -79,8 +79,8 @@ def test_local_flow_with_a_deep_enclave_home(deep_home, tmp_path):
     # Item 4: nothing left to stop is no error, for each stop command.
     again = enclave("local", "down", env=env)
     assert again.stdout == "the local KMS was not running\n", again.stdout
-    assert json.loads(enclave("local", "down", "--json", env=env).stdout) == {"unmounted": [], "enclaves": [],
-                                                                             "kms": None}  # fmt: skip
+    nothing = {"unmounted": [], "enclaves": [], "kms": None}
+    assert json.loads(enclave("local", "down", "--json", env=env).stdout) == nothing
     assert json.loads(enclave("local", "terminate-enclave", "--all", env=env).stdout) == []
 
 
