@@ -64,8 +64,8 @@ def readme_script(blocks: list[tuple[int, str, str | None]]) -> str:
 def test_the_readme_blocks_are_all_found():
     """The parser sees what the README holds: blocks to run, a few skipped with a reason, none hidden."""
     blocks = shell_blocks((ROOT / "README.md").read_text())
-    run = [body for _, body, why in blocks if why is None]
-    skipped = [why for _, _, why in blocks if why is not None]
+    run = [block[1] for block in blocks if block[2] is None]
+    skipped = [block[2] for block in blocks if block[2] is not None]
     assert run[0].startswith("make demo") and len(run) >= 5
     assert len(skipped) <= 3 and all(len(why) > 20 for why in skipped)
     assert any("enclave local env" in body for body in run) and any("package seal" in body for body in run)
