@@ -159,7 +159,7 @@ def main() -> int:
             owner = boto3.client("kms", endpoint_url=running["kms_endpoint_url"], region_name="us-east-1",
                                  **issued("owner"))  # fmt: skip
             key_id = owner.create_key()["KeyMetadata"]["KeyId"]
-            policy = render_policy(account_id=ACCOUNT, user_principals=[f"arn:aws:iam::{ACCOUNT}:role/enclave-host"],
+            policy = render_policy(account_id=ACCOUNT, user_principals=[cloud.PRINCIPALS["enclave-host"]],
                                    admin_principals=[f"arn:aws:iam::{ACCOUNT}:role/owner"], pcr0=[pcr0])  # fmt: skip
             owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
             app, published = Path(tmp) / "app", Path(tmp) / "published"

@@ -1,7 +1,9 @@
 """`enclave local ...`: the local backend, with nitro-cli's commands, options and JSON.
 
     enclave local up [--kms-port P]          start the local cloud (KMS), idempotent
-    enclave local down                       stop every local enclave and the local cloud
+    enclave local down                       unmount their shares, stop every local enclave and the local cloud
+    enclave local env [--profile NAME]       the exports that point boto3, the AWS CLI and `enclave` at the
+                                             running local cloud: eval "$(enclave local env)"
     enclave local build [--output FILE] [--owner-key KEY ... | --owner-identity FILE]
                                              build-enclave: a reproducible image and its PCRs, bound to
                                              the owner's package-signing keys
@@ -59,9 +61,22 @@ def cmd_down(args) -> int:
     if args.json:
         _print_json(stopped)
     else:
+        for folder in stopped["unmounted"]:
+            print(f"unmounted the enclave share from {folder}")
         for enclave_id in stopped["enclaves"]:
             print(f"terminated local enclave {enclave_id}")
         print(f"stopped the local KMS at {stopped['kms']}" if stopped["kms"] else "the local KMS was not running")
+    return 0
+
+
+def cmd_env(args) -> int:
+    import shlex
+    from importlib import import_module
+
+    exports = import_module(f"{LOCAL}.cloud").env_exports(profile=args.profile)
+    print(f'# the local cloud of {dict(exports)["ENCLAVE_HOME"]}: eval "$(enclave local env)" in your shell')
+    for name, value in exports:
+        print(f"unset {name}" if value is None else f"export {name}={shlex.quote(value)}")
     return 0
 
 
@@ -137,6 +152,18 @@ def register(commands) -> None:
     down = sub.add_parser("down", help="terminate every local enclave and stop the local cloud")
     down.add_argument("--json", action="store_true", help="print what was stopped as JSON")
     down.set_defaults(func=cmd_down)
+    env = sub.add_parser(
+        "env",
+        help="print the exports that point boto3, the AWS CLI and `enclave` at the running local cloud: "
+        'eval "$(enclave local env)"',
+    )
+    env.add_argument(
+        "--profile",
+        default="enclave-host",
+        help="the party to act as: a profile of the credentials the local KMS issued (owner, enclave-host, admin; "
+        "default enclave-host, the user's host, which can never change a key policy)",
+    )
+    env.set_defaults(func=cmd_env)
 
     build = sub.add_parser("build", help="build the enclave image reproducibly and print its measurements")
     build.add_argument("--output", help="image file to write (default: $ENCLAVE_HOME/images/enclave.eif)")

@@ -15,8 +15,10 @@ CA (enclave_local/tls.py), as AWS KMS is reached from a Nitro enclave. It writes
                                     (owner, enclave-host, admin), an AWS shared-credentials file
                                     (kms_credentials; use it with AWS_SHARED_CREDENTIALS_FILE + AWS_PROFILE)
 
-and is idempotent: when the cloud already runs, it says where. `down` terminates every local
-enclave (supervisors, namespaces, mounts, sockets) and stops the KMS; keys and the CA stay.
+and is idempotent: when the cloud already runs, it says where. The KMS comes back on the port it had
+(remembered in state_home()/kms/port), so the exports of `enclave local env` stay true across a down and
+up. `down` unmounts the `enclave sync` folders of the local enclaves, terminates every local enclave
+(supervisors, namespaces, mounts, sockets) and stops the KMS; keys and the CA stay. Both are idempotent.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,6 +44,17 @@ CLOUD_FILE = "cloud.json"
 VSOCK_PROXY_CONFIG = "vsock-proxy.yaml"
 KMS_LOG = "kms.log"
 KMS_HOST = "127.0.0.1"
+KMS_PORT_FILE = "port"  # in kms/: the port the KMS had last, which it takes again when it is free
+KMS_REGION = "us-east-1"  # the region the local KMS signs and answers for (LocalKms's default)
+# The parties, in the accounts the threat model wants: the owner and its key administrator in the owner's account,
+# the user's parent host in an account of its own (a user in the owner's account could be given kms:PutKeyPolicy
+# by that account's IAM, through the key policy's root statement). The README's commands use these ARNs.
+OWNER_ACCOUNT, USER_ACCOUNT = "111122223333", "444455556666"
+PRINCIPALS = {
+    "owner": f"arn:aws:iam::{OWNER_ACCOUNT}:role/owner",
+    "enclave-host": f"arn:aws:iam::{USER_ACCOUNT}:role/enclave-host",
+    "admin": f"arn:aws:iam::{OWNER_ACCOUNT}:role/admin",
+}
 
 
 def _home(home) -> Path:
@@ -78,9 +92,12 @@ def up(kms_port: int = 0, *, home: str | Path | None = None) -> dict:
 
 
 def down(*, home: str | Path | None = None) -> dict:
-    """Terminate every local enclave and stop the local KMS. What was stopped."""
+    """Unmount the local enclaves' shares, terminate every local enclave and stop the local KMS. What was
+    stopped; nothing to stop is no error."""
     home = _home(home)
-    stopped = {"enclaves": LocalRuntime(home).terminate(all=True), "kms": None}
+    stopped = {"unmounted": unmount_shares(home)}
+    stopped["enclaves"] = LocalRuntime(home).terminate(all=True)
+    stopped["kms"] = None
     with settings.locked(home / ".cloud.lock"):
         running = status(home)
         if running is not None:
@@ -89,6 +106,75 @@ def down(*, home: str | Path | None = None) -> dict:
         for name in (CLOUD_FILE, VSOCK_PROXY_CONFIG):
             (home / name).unlink(missing_ok=True)
     return stopped
+
+
+def unmount_shares(home: str | Path) -> list[str]:
+    """Unmount every `enclave sync` folder that serves a local enclave of this home (as `enclave sync --unmount`
+    would), before the enclaves go: a FUSE mount whose server is gone leaves its folder answering "Transport
+    endpoint is not connected". The folders unmounted.
+
+    The mounts are found in the state files the mount processes keep (fusefs.mount_state: state_home()/mounts/),
+    and by their endpoint: a unix socket in this home's runtime directory. A folder still in use is detached
+    lazily (fusermount3 -z), as the enclave behind it stops anyway."""
+    from ..plugins.module_utils import fusefs
+    from ..plugins.module_utils.errors import EnclaveError
+
+    ours = f"unix://{settings.runtime_dir(home)}/"
+    unmounted = []
+    for path in sorted((Path(home) / "mounts").glob("*.json")):
+        try:
+            state = json.loads(path.read_text())
+            folder, endpoint = state["mountpoint"], state["endpoint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not str(endpoint).startswith(ours):
+            continue
+        if fusefs.is_mounted(folder):
+            try:
+                fusefs.unmount(folder)
+            except EnclaveError as err:
+                log.info("unmounting %s lazily: %s", folder, err)
+                subprocess.run(["fusermount3", "-u", "-z", folder], capture_output=True, check=False)
+            unmounted.append(folder)
+        path.unlink(missing_ok=True)
+    return unmounted
+
+
+def env_exports(home: str | Path | None = None, profile: str = "enclave-host") -> list[tuple[str, str | None]]:
+    """What points boto3, the AWS CLI and the `enclave` command at the running local cloud, as (name, value)
+    pairs; value None means unset (credentials in the environment would win over the profile)."""
+    home = _home(home)
+    cloud = status(home)
+    if cloud is None:
+        raise RuntimeFailure(
+            f"the local cloud of {home} is not running: start it with `enclave local up` (same ENCLAVE_HOME), "
+            "then run this again"
+        )
+    return [
+        ("ENCLAVE_HOME", str(Path(home).absolute())),
+        # The host's endpoint is plain HTTP on loopback, so no CA bundle; enclaves use the HTTPS one.
+        ("AWS_ENDPOINT_URL_KMS", cloud["kms_endpoint_url"]),
+        ("AWS_SHARED_CREDENTIALS_FILE", cloud["kms_credentials"]),
+        ("AWS_PROFILE", profile),
+        ("AWS_DEFAULT_REGION", KMS_REGION),
+        ("AWS_REGION", KMS_REGION),
+        ("AWS_ACCESS_KEY_ID", None),
+        ("AWS_SECRET_ACCESS_KEY", None),
+        ("AWS_SESSION_TOKEN", None),
+    ]
+
+
+def _kms_server(kms, home: Path, port: int):
+    """The host's KMS listener: on port if given, else on the port it had last when that is free."""
+    from .kms import LocalKmsServer
+
+    remembered = home / "kms" / KMS_PORT_FILE
+    if not port:
+        with contextlib.suppress(OSError, ValueError):  # none yet, or taken meanwhile: any free port
+            return LocalKmsServer(kms, host=KMS_HOST, port=int(remembered.read_text()))
+    server = LocalKmsServer(kms, host=KMS_HOST, port=port)
+    remembered.write_text(f"{server.port}\n")
+    return server
 
 
 def serve(home: Path, port: int, ready_fd: int) -> int:
@@ -107,8 +193,8 @@ def serve(home: Path, port: int, ready_fd: int) -> int:
     try:
         ca = LocalCA.load_or_create(home)
         roots = [aws_nitro_root(), ca.root_certificate]
-        kms = LocalKms(home / "kms", trusted_roots=roots)
-        server = LocalKmsServer(kms, host=KMS_HOST, port=port)
+        kms = LocalKms(home / "kms", trusted_roots=roots, account_id=OWNER_ACCOUNT, principals=PRINCIPALS)
+        server = _kms_server(kms, home, port)
         tls_context, bundle = kms_server_context(home)
         tls_server = LocalKmsServer(kms, host=KMS_HOST, tls=tls_context)
         (home / VSOCK_PROXY_CONFIG).write_text(render_allowlist([(KMS_HOST, tls_server.port)]))

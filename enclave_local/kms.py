@@ -15,7 +15,17 @@ shape AWS KMS sends. It is a development stand-in, so:
   0700 directory), an AWS shared-credentials file with one profile per principal
   (owner, enclave-host, admin; random AKIA key ids and 40-character secrets): point
   AWS_SHARED_CREDENTIALS_FILE at it and choose AWS_PROFILE. Profile ``<name>`` is
-  ``arn:aws:iam::<account>:role/<name>``, unless it sets ``principal_arn``.
+  ``arn:aws:iam::<account>:role/<name>``, unless it sets ``principal_arn``: the local cloud
+  (enclave_local/cloud.py) issues the parties as the threat model wants them, the owner and
+  its administrator in the owner's account, the parent host in an account of its own.
+* Accounts as in AWS: a key belongs to the account of the principal that created it (its
+  ARN, its default policy's root statement); a key id or alias name means one of the
+  caller's own account, another account's key is named by its ARN, and then only the
+  cross-account operations work (Decrypt, Encrypt, GenerateDataKey*, ReEncrypt*,
+  DescribeKey, GetPublicKey, Sign, Verify, ...); the key policy cannot grant the others
+  (PutKeyPolicy, ScheduleKeyDeletion, ...) to another account. Aliases and ListKeys are
+  per account. The caller's own IAM policy, which AWS also requires for a cross-account
+  call, is not modelled: there is no IAM here.
 * CreateKey, ListKeys, ListAliases and GenerateRandom are IAM-only permissions
   in AWS; there is no IAM here, so any authenticated caller may make them. Everything done to
   a key is checked against that key's policy only.
@@ -82,6 +92,14 @@ log = logging.getLogger(__name__)
 STATE_FILE = "kms-state.json"
 CREDENTIALS_FILE = "credentials"
 PRINCIPALS = ("owner", "enclave-host", "admin")  # the key owner, the parent host, a key administrator
+# The operations another account may call with a key its policy shares (the KMS Developer Guide's "Cross-account
+# use: Yes"); a key policy's grant of any other action to another account has no effect.
+_CROSS_ACCOUNT = frozenset(
+    {"CreateGrant", "Decrypt", "DescribeKey", "Encrypt", "GenerateDataKey", "GenerateDataKeyPair",
+     "GenerateDataKeyPairWithoutPlaintext", "GenerateDataKeyWithoutPlaintext", "GenerateMac", "GetKeyRotationStatus",
+     "GetPublicKey", "ListGrants", "ReEncryptFrom", "ReEncryptTo", "RetireGrant", "RevokeGrant", "Sign", "Verify",
+     "VerifyMac", "DeriveSharedSecret"}
+)  # fmt: skip
 SIGNATURE_SKEW = timedelta(minutes=5)  # how far X-Amz-Date may be from now, as in AWS
 ATTESTATION_MAX_AGE_S = 300
 MAX_REQUEST_BYTES = 1 << 20  # an attestation document is at most 256 KiB, 4/3 of that in base64
@@ -212,14 +230,19 @@ def _indefinite(tag: int, *contents: bytes) -> bytes:
 # ---------------------------------------------------------------- credentials
 
 
-def issue_credentials(state_dir: str | os.PathLike, principals: Sequence[str] = PRINCIPALS) -> Path:
+def issue_credentials(
+    state_dir: str | os.PathLike, principals: Sequence[str] | Mapping[str, str | None] = PRINCIPALS
+) -> Path:
     """state_dir/credentials, written once with a random access key and secret per principal; kept after.
 
     An AWS shared-credentials file (one [profile] per principal), 0600 in a 0700 directory. Created under a
-    temporary name and linked into place, so two first starts cannot both write it."""
+    temporary name and linked into place, so two first starts cannot both write it. principals may map each
+    profile to its principal ARN (written as principal_arn); a file from before that lacks one gets it added."""
     state_dir = Path(state_dir)
     path = state_dir / CREDENTIALS_FILE
+    arns = {name: arn for name, arn in principals.items() if arn} if isinstance(principals, Mapping) else {}
     if path.exists():
+        _add_principal_arns(path, arns)
         return path
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(state_dir, 0o700)
@@ -230,7 +253,8 @@ def issue_credentials(state_dir: str | os.PathLike, principals: Sequence[str] = 
     for name in principals:
         key_id = "AKIA" + base64.b32encode(os.urandom(10)).decode()  # 20 characters, like AWS's
         secret = base64.b64encode(os.urandom(30)).decode()  # 40 characters, like AWS's
-        lines += [f"[{name}]", f"aws_access_key_id = {key_id}", f"aws_secret_access_key = {secret}", ""]
+        lines += [f"[{name}]", f"aws_access_key_id = {key_id}", f"aws_secret_access_key = {secret}"]
+        lines += [f"principal_arn = {arns[name]}", ""] if name in arns else [""]
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".credentials.", suffix=".tmp")  # mode 0600
     try:
         with os.fdopen(fd, "w") as out:
@@ -242,6 +266,29 @@ def issue_credentials(state_dir: str | os.PathLike, principals: Sequence[str] = 
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _add_principal_arns(path: Path, arns: Mapping[str, str]) -> None:
+    """Name the principal of each profile in arns that the file does not name yet (a file issued before profiles
+    had their own accounts), rewriting it atomically; keys and secrets stay."""
+    text = path.read_text()
+    profiles = load_credentials(path)
+    missing = {name: arn for name, arn in arns.items() if name in profiles and "principal_arn" not in profiles[name]}
+    if not missing:
+        return
+    lines = []
+    for line in text.splitlines():
+        lines.append(line)
+        section = line.strip()[1:-1] if line.strip().startswith("[") and line.strip().endswith("]") else None
+        if section in missing:
+            lines.append(f"principal_arn = {missing[section]}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".credentials.", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def load_credentials(path: str | os.PathLike) -> dict[str, dict[str, str]]:
@@ -399,6 +446,7 @@ class LocalKms:
         trusted_roots: Sequence[x509.Certificate] = (),
         account_id: str = "111122223333",
         region: str = "us-east-1",
+        principals: Sequence[str] | Mapping[str, str | None] = PRINCIPALS,
     ):
         self.state_dir = Path(state_dir)
         self.trusted_roots = list(trusted_roots)
@@ -410,7 +458,13 @@ class LocalKms:
         os.chmod(self.state_dir, 0o700)
         state_path = self.state_dir / STATE_FILE
         self._state = _read_json(state_path, {"keys": {}, "aliases": {}})
-        self.credentials_file = issue_credentials(self.state_dir)
+        # Aliases are kept by alias ARN (per account); a state from before named them in account_id only.
+        self._state["aliases"] = {
+            name if name.startswith("arn:") else self._arn("alias", name[len("alias/") :], account_id): entry
+            for name, entry in self._state["aliases"].items()
+        }
+        self._caller_account = account_id  # the account of the principal whose request is being handled
+        self.credentials_file = issue_credentials(self.state_dir, principals)
         self._keys = {entry["aws_access_key_id"]: entry for entry in load_credentials(self.credentials_file).values()}
 
     # ------------------------------------------------------------ identity and state
@@ -502,34 +556,45 @@ class LocalKms:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def _arn(self, kind: str, name: str) -> str:
-        return f"arn:aws:kms:{self.region}:{self.account_id}:{kind}/{name}"
+    def _arn(self, kind: str, name: str, account: str | None = None) -> str:
+        """The ARN of a key or alias in account (default: the caller's)."""
+        return f"arn:aws:kms:{self.region}:{account or self._caller_account}:{kind}/{name}"
+
+    @staticmethod
+    def _key_account(key: dict) -> str:
+        return key["Arn"].split(":")[4]
 
     def _resolve(self, key_ref: str) -> dict:
-        """The key a KeyId names: key id, key ARN, alias name or alias ARN."""
-        ref = key_ref
-        prefix = f"arn:aws:kms:{self.region}:{self.account_id}:"
-        if ref.startswith("arn:"):
-            if not ref.startswith(prefix):
-                raise KmsApiError(
-                    "NotFoundException", f"{key_ref} is not in this KMS ({self.region}, account {self.account_id})"
-                )
-            ref = ref[len(prefix) :]
-            if ref.startswith("key/"):
-                ref = ref[len("key/") :]
+        """The key a KeyId names: key id or alias name (of the caller's account), key ARN or alias ARN."""
+        if key_ref.startswith("arn:"):
+            parts = key_ref.split(":", 5)
+            if len(parts) < 6 or parts[2] != "kms" or parts[3] != self.region:
+                raise KmsApiError("NotFoundException", f"{key_ref} is not in this KMS (region {self.region})")
+            account, ref = parts[4], parts[5]
+        else:
+            account, ref = self._caller_account, key_ref
         if ref.startswith("alias/"):
-            alias = self._state["aliases"].get(ref)
+            alias = self._state["aliases"].get(self._arn("alias", ref[len("alias/") :], account))
             if alias is None:
-                raise KmsApiError("NotFoundException", f"Alias {self._arn('alias', ref[6:])} is not found.")
+                raise KmsApiError("NotFoundException", f"Alias {self._arn('alias', ref[6:], account)} is not found.")
             ref = alias["TargetKeyId"]
-        key = self._state["keys"].get(ref)
-        if key is None:
-            raise KmsApiError("NotFoundException", f"Key '{self._arn('key', ref)}' does not exist")
+        key = self._state["keys"].get(ref.removeprefix("key/"))
+        if key is None or self._key_account(key) != account:  # a bare key id names a key of the caller's account
+            name = self._arn("key", ref.removeprefix("key/"), account)
+            raise KmsApiError("NotFoundException", f"Key '{name}' does not exist")
         return key
 
     # ------------------------------------------------------------ authorisation
 
     def _authorize(self, key: dict, action: str, principal: str, context: Mapping | None = None) -> None:
+        if _account_of(principal) != self._key_account(key) and action not in _CROSS_ACCOUNT:
+            self._audit.update(key=key["KeyId"], decision="deny (not a cross-account operation)")
+            raise KmsApiError(
+                "AccessDeniedException",
+                f"User: {principal} is not authorized to perform: kms:{action} on resource: {key['Arn']}: "
+                f"kms:{action} is not a cross-account operation, so only principals of account "
+                f"{self._key_account(key)} may call it, whatever the key policy says",
+            )
         full_context = {
             "kms:CallerAccount": _account_of(principal),
             **{f"aws:ResourceTag/{tag['TagKey']}": tag["TagValue"] for tag in key.get("Tags", ())},
@@ -668,6 +733,7 @@ class LocalKms:
         method = getattr(self, f"_op_{operation}", None) if operation.isalnum() else None
         with self._lock:
             self._audit = {"key": "-", "decision": "-", "pcr0": "-"}
+            self._caller_account = _account_of(principal) or self.account_id
             try:
                 if method is None:
                     raise KmsApiError("UnsupportedOperationException", f"the local KMS does not implement {operation}")
@@ -696,7 +762,7 @@ class LocalKms:
 
     def _metadata(self, key: dict) -> dict:
         metadata = {
-            "AWSAccountId": self.account_id,
+            "AWSAccountId": self._key_account(key),
             "KeyId": key["KeyId"],
             "Arn": key["Arn"],
             "CreationDate": key["CreationDate"],
@@ -748,7 +814,7 @@ class LocalKms:
             raise KmsApiError("UnsupportedOperationException", "the local KMS has no custom key stores or replicas")
         policy = request.text("Policy", max_len=131072)
         if policy is None:
-            policy = _default_policy(self.account_id)
+            policy = _default_policy(self._caller_account)
         else:
             self._validate_policy(policy, principal, request.flag("BypassPolicyLockoutSafetyCheck"))
         tags = request.tags()
@@ -783,7 +849,11 @@ class LocalKms:
         return {"KeyMetadata": self._metadata(key)}
 
     def _op_ListKeys(self, request: _Request, principal: str) -> dict:
-        keys = [{"KeyId": k["KeyId"], "KeyArn": k["Arn"]} for k in self._state["keys"].values()]
+        keys = [
+            {"KeyId": k["KeyId"], "KeyArn": k["Arn"]}
+            for k in self._state["keys"].values()
+            if self._key_account(k) == self._caller_account
+        ]
         return self._page(request, sorted(keys, key=lambda k: k["KeyId"]), "Keys", default_limit=100)
 
     def _op_UpdateKeyDescription(self, request: _Request, principal: str) -> dict:
@@ -953,27 +1023,31 @@ class LocalKms:
         target = request.text("TargetKeyId", required=True)
         if "alias/" in target:
             raise KmsApiError("ValidationException", "TargetKeyId must be a key id or key ARN, not an alias")
-        return self._resolve(target)
+        key = self._resolve(target)
+        if self._key_account(key) != self._caller_account:
+            raise KmsApiError("NotFoundException", f"{target}: an alias can name a key of its own account only")
+        return key
 
     def _op_CreateAlias(self, request: _Request, principal: str) -> dict:
         alias = self._alias_name(request)
         key = self._target_key(request)
         self._authorize(key, "CreateAlias", principal)
         self._check_state(key, "CreateAlias")
-        if alias in self._state["aliases"]:
+        if self._arn("alias", alias[6:]) in self._state["aliases"]:
             raise KmsApiError(
                 "AlreadyExistsException",
                 f"An alias with the name {self._arn('alias', alias[6:])} already exists: use UpdateAlias instead",
             )
         now = time.time()
-        self._state["aliases"][alias] = {"TargetKeyId": key["KeyId"], "CreationDate": now, "LastUpdatedDate": now}
+        entry = {"TargetKeyId": key["KeyId"], "CreationDate": now, "LastUpdatedDate": now}
+        self._state["aliases"][self._arn("alias", alias[6:])] = entry
         self._save()
         return {}
 
     def _existing_alias(self, request: _Request) -> tuple[str, dict]:
-        alias = self._alias_name(request)
+        alias = self._arn("alias", self._alias_name(request)[6:])
         if alias not in self._state["aliases"]:
-            raise KmsApiError("NotFoundException", f"Alias {self._arn('alias', alias[6:])} is not found.")
+            raise KmsApiError("NotFoundException", f"Alias {alias} is not found.")
         return alias, self._state["aliases"][alias]
 
     def _op_UpdateAlias(self, request: _Request, principal: str) -> dict:
@@ -995,10 +1069,11 @@ class LocalKms:
     def _op_ListAliases(self, request: _Request, principal: str) -> dict:
         key_ref = request.text("KeyId")
         key_id = self._resolve(key_ref)["KeyId"] if key_ref else None
+        ours = self._arn("alias", "")
         entries = [
-            {"AliasName": name, "AliasArn": self._arn("alias", name[6:]), **entry}
-            for name, entry in sorted(self._state["aliases"].items())
-            if key_id is None or entry["TargetKeyId"] == key_id
+            {"AliasName": "alias/" + arn[len(ours) :], "AliasArn": arn, **entry}
+            for arn, entry in sorted(self._state["aliases"].items())
+            if arn.startswith(ours) and (key_id is None or entry["TargetKeyId"] == key_id)
         ]
         return self._page(request, entries, "Aliases", default_limit=50)
 

@@ -836,6 +836,15 @@ def lint(policy: dict | str, *, user_principals: Sequence[str] = (), allow_debug
         ]
 
     for user in users:
+        # A user in an account whose IAM the policy trusts with kms:PutKeyPolicy (its root, or the account id):
+        # that IAM can let the host rewrite the policy and drop the Deny; a key policy cannot see IAM.
+        problems += [
+            f"statement {s.label} lets the whole account {_account_of(user)} (its IAM) call kms:PutKeyPolicy and"
+            f" the user {user} is in that account, so its IAM can let the host rewrite the policy and drop the Deny;"
+            " keep the user in an account of its own, and name the owner's roles instead of the account."
+            for s in statements
+            if s.effect == "Allow" and s.covers("kms:PutKeyPolicy") and s.principal_match(user) == "account"
+        ]
         # No Allow may name the user for Decrypt without an attestation, even if a Deny saves it today.
         problems += [
             f"statement {s.label} grants kms:Decrypt to {user} without requiring an attestation, so only a Deny"

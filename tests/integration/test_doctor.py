@@ -22,8 +22,7 @@ from ansible_collections.confidential_ml.nitro.tests.integration.conftest import
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = ROOT / "tests" / "fixtures" / "fake-nitro-cli"
 ENCLAVE = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
-ACCOUNT = "111122223333"
-HOST_ROLE = f"arn:aws:iam::{ACCOUNT}:role/enclave-host"
+HOST_ROLE = cloud.PRINCIPALS["enclave-host"]  # the host's role, in the user's own account
 STEPS = ["nitro-cli", "services", "device", "allocator", "kms-access", "vsock-proxy", "build", "resources",
          "run", "attestation", "key-policy", "host-refused", "job", "cleanup"]  # fmt: skip
 NITRO_ONLY = STEPS[:4]

@@ -189,7 +189,7 @@ def cloud_up(home, images, tmp_path):
     key_id = owner.create_key()["KeyMetadata"]["KeyId"]
     policy = render_policy(
         account_id=ACCOUNT,
-        user_principals=[f"arn:aws:iam::{ACCOUNT}:role/enclave-host"],
+        user_principals=[cloud.PRINCIPALS["enclave-host"]],  # the host, in the user's own account
         admin_principals=[f"arn:aws:iam::{ACCOUNT}:role/owner"],
         pcr0=[images["good"].measurements.pcr0],
     )

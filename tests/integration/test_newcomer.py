@@ -65,10 +65,23 @@ def test_local_flow_with_a_deep_enclave_home(deep_home, tmp_path):
     assert "a.csv" in json.dumps(pushed)
     attested = json.loads(enclave("attest", "--json", env=env).stdout)
     assert attested["pcrs"]["0"] == pcr0
+    # A FUSE mount of the enclave's share, left mounted: `local down` must not leave it dangling.
+    synced = tmp_path / "synced_folder"
+    enclave("sync", "-d", str(synced), "--expect-pcr0", pcr0, env=env)
+    assert (synced / "dataset" / "a.csv").read_text() == "x,y\n1,2\n"
 
-    enclave("local", "down", env=env)
+    stopped = json.loads(enclave("local", "down", "--json", env=env).stdout)
+    assert stopped["unmounted"] == [str(synced)] and len(stopped["enclaves"]) == 1 and stopped["kms"]
+    assert not os.path.ismount(synced) and os.listdir(synced) == []  # no "Transport endpoint is not connected"
+    assert [p.name for p in (home / "mounts").glob("*.json") if not p.name.endswith(".stats.json")] == []
     assert json.loads(enclave("local", "describe-enclaves", env=env).stdout) == []
     assert [p.name for p in (runtime / "enclaves").iterdir()] == [".lock"]
+    # Item 4: nothing left to stop is no error, for each stop command.
+    again = enclave("local", "down", env=env)
+    assert again.stdout == "the local KMS was not running\n", again.stdout
+    nothing = {"unmounted": [], "enclaves": [], "kms": None}
+    assert json.loads(enclave("local", "down", "--json", env=env).stdout) == nothing
+    assert json.loads(enclave("local", "terminate-enclave", "--all", env=env).stdout) == []
 
 
 MODULES_PLAYBOOK = """\
@@ -185,7 +198,7 @@ def test_user_modules_discover_the_local_enclave_through_ansible_playbook(local_
                          aws_access_key_id=issued["aws_access_key_id"],
                          aws_secret_access_key=issued["aws_secret_access_key"])  # fmt: skip
     key_id = owner.create_key()["KeyMetadata"]["KeyId"]
-    policy = render_policy(account_id="111122223333", user_principals=["arn:aws:iam::111122223333:role/enclave-host"],
+    policy = render_policy(account_id="111122223333", user_principals=["arn:aws:iam::444455556666:role/enclave-host"],
                            admin_principals=["arn:aws:iam::111122223333:role/owner"], pcr0=[pcr0])  # fmt: skip
     owner.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
     app = tmp_path / "app"
@@ -411,3 +424,178 @@ def test_a_socket_directory_still_too_long_is_named_with_what_to_set(tmp_path, m
         )
         assert "set ENCLAVE_RUNTIME_DIR to a directory of at most" in message and "ENCLAVE_HOME" in message
         assert "nitro-cli" not in message
+
+
+def test_local_env_and_seal_use_the_running_local_cloud(tmp_path):
+    """Item 2: `eval "$(enclave local env)"` points boto3, the AWS CLI and `enclave` at the local cloud; and
+    `enclave package seal` finds the local KMS by itself, with no region and no endpoint, even with a region of
+    real AWS in the environment (no network here: had it called AWS, it would fail)."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "hello.py").write_text("print('hello')\n")
+    env = bare_aws_env(tmp_path, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    not_running = enclave("local", "env", env=env, check=False)
+    assert not_running.returncode == 1 and not_running.stdout == ""
+    assert not_running.stderr == (f"enclave: error: the local cloud of {tmp_path / 'home'} is not running: start it "
+                                  "with `enclave local up` (same ENCLAVE_HOME), then run this again\n")  # fmt: skip
+    cloud = json.loads(enclave("local", "up", "--json", env=env).stdout)
+    try:
+        # In a shell as the README does it: boto3 and the AWS CLI (if installed) reach the local KMS as the owner.
+        script = """
+            eval "$(enclave local env --profile owner)"
+            python -c 'import boto3; k = boto3.client("kms"); print(k.create_key()["KeyMetadata"]["Arn"])'
+            if command -v aws >/dev/null; then aws kms list-keys --query 'length(Keys)'; else echo 1; fi
+            echo "$ENCLAVE_HOME $AWS_PROFILE ${AWS_ACCESS_KEY_ID-unset}"
+        """
+        done = subprocess.run(["bash", "-euc", script], env={**env, "AWS_ACCESS_KEY_ID": "a-stray-key"},
+                              capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        key_arn, count, shell = done.stdout.splitlines()
+        assert key_arn.startswith("arn:aws:kms:us-east-1:") and count == "1"
+        assert shell == f"{tmp_path / 'home'} owner unset"
+
+        # Seal with only a profile chosen: the local KMS, although AWS_DEFAULT_REGION names another region.
+        profiled = dict(env, AWS_SHARED_CREDENTIALS_FILE=cloud["kms_credentials"], AWS_PROFILE="owner",
+                        AWS_DEFAULT_REGION="eu-west-3")  # fmt: skip
+        sealed = json.loads(enclave("package", "seal", str(app), "-o", str(tmp_path / "app.pkg"), "--key", key_arn,
+                                    "--json", env=profiled).stdout)  # fmt: skip
+        assert sealed["key_id"] == key_arn
+        # Without the local KMS's credentials: one line that says how to get them.
+        done = enclave("package", "seal", str(app), "-o", str(tmp_path / "b.pkg"), "--key", key_arn, env=env,
+                       check=False)  # fmt: skip
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith(f"enclave: error: the local KMS at {cloud['kms_endpoint_url']} needs the "
+                                      'credentials it issued: eval "$(enclave local env --profile owner)"')  # fmt: skip
+        # An explicit endpoint still wins: nothing listens there, so it fails saying where it tried.
+        done = enclave("package", "seal", str(app), "-o", str(tmp_path / "c.pkg"), "--key", key_arn,
+                       "--kms-endpoint", "http://127.0.0.1:9", env=profiled, check=False)  # fmt: skip
+        assert done.returncode != 0 and "127.0.0.1:9" in done.stderr
+    finally:
+        enclave("local", "down", env=env, check=False)
+    # With the cloud down, no region and no endpoint: one line, naming the local cloud as the other way.
+    done = enclave("package", "seal", str(app), "-o", str(tmp_path / "d.pkg"), "--key", "alias/app",
+                   env=dict(env, AWS_ACCESS_KEY_ID="owner", AWS_SECRET_ACCESS_KEY="x"), check=False)  # fmt: skip
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("enclave: error: no AWS region configured for KMS")
+    assert done.stderr.rstrip().endswith("or start the local cloud (`enclave local up`), which is then used")
+
+
+def test_the_demo_accounts_follow_the_threat_model(tmp_path):
+    """The demo's accounts: the local cloud issues the owner and the user's host in different accounts, the demo's role
+    defaults name them so, and the rendered policy has no account-root statement: lint calls it sound. The
+    unsafe variant (the host in the owner's account, AWS's root statement kept) is refused by lint, and the
+    host breaks it on the local KMS as it would on AWS: it rewrites the policy and decrypts without an
+    attestation. In the demo's layout the same attempts are refused."""
+    import boto3
+    import yaml
+    from botocore.exceptions import ClientError
+
+    from ansible_collections.confidential_ml.nitro.enclave_local.kms import load_credentials
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import SID_AWS_DEFAULT
+
+    env = bare_aws_env(tmp_path, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    cloud = json.loads(enclave("local", "up", "--json", env=env).stdout)
+    try:
+        issued = load_credentials(cloud["kms_credentials"])
+
+        def client(profile):
+            return boto3.client("kms", endpoint_url=cloud["kms_endpoint_url"], region_name="us-east-1",
+                                aws_access_key_id=issued[profile]["aws_access_key_id"],
+                                aws_secret_access_key=issued[profile]["aws_secret_access_key"])  # fmt: skip
+
+        owner_arn, host_arn = issued["owner"]["principal_arn"], issued["enclave-host"]["principal_arn"]
+        assert owner_arn == "arn:aws:iam::111122223333:role/owner"
+        assert host_arn == "arn:aws:iam::444455556666:role/enclave-host"
+        defaults = yaml.safe_load((ROOT / "roles" / "owner_pipeline" / "defaults" / "main.yml").read_text())
+        assert defaults["owner_pipeline_user_principals"] == [host_arn]
+        admins = [a.replace("{{ owner_pipeline_account_id }}", defaults["owner_pipeline_account_id"])
+                  for a in defaults["owner_pipeline_admin_principals"]]  # fmt: skip
+        assert admins == [owner_arn]
+
+        pcr0 = "ab" * 48
+        rendered = enclave("policy", "render", "--account-id", "111122223333", "--pcr0", pcr0, "--user-principal",
+                           host_arn, "--admin-principal", owner_arn, env=env).stdout  # fmt: skip
+        safe = json.loads(rendered)
+        assert [s["Sid"] for s in safe["Statement"] if ":root" in json.dumps(s.get("Principal"))] == []
+        (tmp_path / "safe.json").write_text(rendered)
+        lint = enclave("policy", "lint", str(tmp_path / "safe.json"), "--user-principal", host_arn, env=env)
+        assert lint.stdout == f"{tmp_path / 'safe.json'}: sound\n"
+
+        # The unsafe variant: the host's role in the owner's account (here the local cloud's "admin" profile, a
+        # role of 111122223333 that administers nothing) and AWS's default root statement kept.
+        same_account = issued["admin"]["principal_arn"]
+        root = {"Sid": SID_AWS_DEFAULT, "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::111122223333:root"},
+                "Action": "kms:*", "Resource": "*"}  # fmt: skip
+        unsafe = json.loads(enclave("policy", "render", "--account-id", "111122223333", "--pcr0", pcr0,
+                                    "--user-principal", same_account, "--admin-principal", owner_arn,
+                                    env=env).stdout)  # fmt: skip
+        unsafe["Statement"].insert(0, root)
+        (tmp_path / "unsafe.json").write_text(json.dumps(unsafe))
+        lint = enclave("policy", "lint", str(tmp_path / "unsafe.json"), "--user-principal", same_account, "--json",
+                       env=env, check=False)  # fmt: skip
+        assert lint.returncode == 1
+        problems = json.loads(lint.stdout)["problems"]
+        assert any("to the whole account arn:aws:iam::111122223333:root without conditions" in p for p in problems)
+        assert any(f"the user {same_account} is in that account" in p and "drop the Deny" in p for p in problems)
+
+        owner = client("owner")
+        blobs = {}
+        for name, policy in (("unsafe", unsafe), ("safe", safe)):
+            key = owner.create_key(Policy=json.dumps(policy))["KeyMetadata"]
+            assert key["AWSAccountId"] == "111122223333"
+            owner.create_alias(AliasName=f"alias/{name}", TargetKeyId=key["KeyId"])
+            blobs[name] = (key["Arn"], owner.generate_data_key(KeyId=key["Arn"], KeySpec="AES_256")["CiphertextBlob"])
+
+        # The host in the owner's account, as the root statement lets it: rewrite the policy, then decrypt.
+        arn, blob = blobs["unsafe"]
+        insider = client("admin")
+        with pytest.raises(ClientError, match="AccessDenied"):
+            insider.decrypt(CiphertextBlob=blob)
+        insider.put_key_policy(KeyId=arn, PolicyName="default", Policy=json.dumps({"Version": "2012-10-17",
+                               "Statement": [root]}))  # fmt: skip
+        assert len(insider.decrypt(CiphertextBlob=blob)["Plaintext"]) == 32
+
+        # The demo's host, in its own account: the same attempts are refused (a cross-account caller can never
+        # change a key policy, whatever it says), and the owner's alias is not even its name for the key.
+        arn, blob = blobs["safe"]
+        host = client("enclave-host")
+        with pytest.raises(ClientError, match="not a cross-account operation"):
+            host.put_key_policy(KeyId=arn, PolicyName="default", Policy=json.dumps({"Version": "2012-10-17",
+                                "Statement": [root | {"Principal": {"AWS": host_arn}}]}))  # fmt: skip
+        with pytest.raises(ClientError, match="AccessDenied.*explicit deny"):
+            host.decrypt(CiphertextBlob=blob)
+        with pytest.raises(ClientError, match="NotFoundException.*444455556666:alias/safe"):
+            host.describe_key(KeyId="alias/safe")
+        assert host.list_keys()["Keys"] == []  # keys are per account
+        assert host.create_key()["KeyMetadata"]["Arn"].startswith("arn:aws:kms:us-east-1:444455556666:key/")
+    finally:
+        enclave("local", "down", env=env, check=False)
+
+
+def test_the_local_kms_keeps_its_port_and_upgrades_old_credentials(tmp_path):
+    """`enclave local env`'s exports stay true across `local down` and `local up` (the KMS takes its port again),
+    and a home whose credentials were issued before the parties had accounts of their own gets them, keys kept."""
+    import configparser
+
+    from ansible_collections.confidential_ml.nitro.enclave_local import cloud
+    from ansible_collections.confidential_ml.nitro.enclave_local.kms import issue_credentials, load_credentials
+
+    env = bare_aws_env(tmp_path, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    old = issue_credentials(tmp_path / "home" / "kms")  # as issued before: no principal_arn
+    before = load_credentials(old)
+    assert all("principal_arn" not in entry for entry in before.values())
+    try:
+        first = json.loads(enclave("local", "up", "--json", env=env).stdout)
+        exported = enclave("local", "env", env=env).stdout
+        assert f"export AWS_ENDPOINT_URL_KMS={first['kms_endpoint_url']}\n" in exported
+        enclave("local", "down", env=env)
+        again = json.loads(enclave("local", "up", "--json", env=env).stdout)
+        assert again["started"] and again["kms_endpoint_url"] == first["kms_endpoint_url"]
+        assert enclave("local", "env", env=env).stdout == exported
+    finally:
+        enclave("local", "down", env=env, check=False)
+    after = load_credentials(old)
+    assert {name: entry.pop("principal_arn") for name, entry in after.items()} == cloud.PRINCIPALS
+    assert after == before
+    configparser.ConfigParser(interpolation=None).read_string(old.read_text())  # still a shared-credentials file
+    assert oct(old.stat().st_mode & 0o777) == "0o600"
