@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="enclave", description="Confidential ML in AWS Nitro Enclaves (and the local embedded backend)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug output (also after the command)")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--version", action=_PrintVersion)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     package = commands.add_parser("package", help="seal and inspect encrypted application packages")
@@ -483,6 +483,17 @@ def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
                     sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                                      help="log debug output")  # fmt: skip
                 _verbose_everywhere(sub)
+
+
+class _PrintVersion(argparse.Action):
+    """--version, looked up only when asked for: importlib.metadata costs ~10 ms of every command's start."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):  # noqa: A002
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help="show the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {version()}")
+        parser.exit()
 
 
 def version() -> str:
