@@ -414,7 +414,7 @@ def _refuse_links(root: Path, target: Path) -> None:
 _AWS_FILES = (("AWS_CONFIG_FILE", "~/.aws/config"), ("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"))
 
 
-def _credentials_from_environment(region: str | None, profile: str | None, environ=os.environ) -> tuple | None:
+def _credentials_from_environment(region: str | None, profile: str | None) -> tuple | None:
     """(region, access key, secret key, token) as botocore would find them, read without boto3; None when
     botocore could find them elsewhere.
 
@@ -425,6 +425,7 @@ def _credentials_from_environment(region: str | None, profile: str | None, envir
     or a profile they lack), botocore's chain stops at its first provider, the environment, and the region
     is the argument, else AWS_DEFAULT_REGION. Anything else goes to boto3, errors included
     (tests/unit/test_client_credentials.py holds the two to the same answers)."""
+    environ = os.environ
     if profile is not None or "AWS_PROFILE" in environ or "AWS_DEFAULT_PROFILE" in environ:
         return None
     access_key, secret_key = environ.get("AWS_ACCESS_KEY_ID", ""), environ.get("AWS_SECRET_ACCESS_KEY", "")
