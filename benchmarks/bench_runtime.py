@@ -1,25 +1,36 @@
-"""Local runtime latency: enclave start and job start, side by side with `python -c pass`.
+"""Local runtime latency: enclave start and job start, each beside its limit in the same run.
 
     python benchmarks/bench_runtime.py [--runs 10] [--json] [--profile]
 
 Needs root (the local runtime's namespaces). Works in a temporary ENCLAVE_HOME with its own
-local cloud, removed at the end. Medians of --runs:
+local cloud, removed at the end. Medians of --runs; the three job-start figures are taken
+interleaved, run by run:
 
-    python -c pass        the interpreter starting and exiting: the floor under every figure
+    python -c pass        the interpreter starting and exiting: the floor under every process
     run-enclave           `enclave local run-enclave` (a new process, as a user runs it) until the
                           enclave server answers its first request
-    job start             EnclaveClient(endpoint, expect_pcr0).run of a hello-world package until its
-                          first line arrives: connect, attestation verified by the client, job
-                          request, attestation by the enclave, local KMS Decrypt through the
-                          forwarder and vsock-proxy, package opened, script started
-    enclave run           the same through the `enclave run` command (a new process), until the first line
+    job start             EnclaveClient(endpoint, expect_pcr0).run of a hello-world package in this
+                          (warm) process until its first line arrives: connect, attestation verified by
+                          the client, job request, attestation by the enclave, local KMS Decrypt through
+                          the forwarder and vsock-proxy, package opened, script started
+    enclave run           the same through the `enclave run` command as a user runs it (the venv's
+                          console script, a new process, credentials in the environment), from process
+                          start to the script's first line
 
-The first job of a fresh enclave server is shown apart (it imports boto3). Target: job start <= 150 ms.
---profile prints where the enclave server's time goes in one job (py-spy is not needed: the
-server's log timestamps and a client-side breakdown).
+Target (issue 13): `enclave run` at most 2x the in-process job start, and under 150 ms. The first
+job of a fresh enclave server is shown apart (it imports boto3). The checkout's modules are compiled
+to bytecode first, as an installed copy has them (pip compiles on install; with
+PYTHONDONTWRITEBYTECODE set, every command would compile the project's modules again).
+--profile breaks a job down, every part measured in this run: the CLI's interpreter start and
+imports (fresh processes, wall and CPU time) beside the floor of any Python client that checks
+attestation documents with cryptography (its imports alone), and a warm client's connect,
+attestation, the server's work from the job request until it spawns the script (its summary's
+start time; host and local enclave share one clock), and the script's interpreter start to its
+first line.
 """
 
 import argparse
+import compileall
 import contextlib
 import json
 import os
@@ -29,6 +40,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from functools import partial
 from pathlib import Path
 
 import checkout
@@ -44,7 +56,20 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils import packa
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient  # noqa: E402
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy  # noqa: E402
 
+# The console script a user runs (it imports this checkout: checkout.use() put it first on PYTHONPATH).
+CONSOLE_SCRIPT = Path(sys.executable).parent / "enclave"
 ENCLAVE_CLI = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
+USER_CLI = [sys.executable, str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.is_file() else ENCLAVE_CLI
+# What any Python client that checks attestation documents with cryptography imports: the CLI's floor.
+CLIENT_FLOOR = (
+    "import argparse, json, logging, socket, cbor2; from cryptography import x509; "
+    "from cryptography.x509 import verification; from cryptography.hazmat.primitives.asymmetric import ec; "
+    "from cryptography.hazmat.backends.openssl.backend import backend"
+)
+CLI_IMPORTS = (
+    "import ansible_collections.confidential_ml.nitro.cli.main as m; m.build_parser(); "
+    "import ansible_collections.confidential_ml.nitro.plugins.module_utils.client"
+)
 ACCOUNT = "111122223333"
 
 
@@ -59,7 +84,14 @@ def user_kms() -> dict:
     return {"region": "us-east-1", **issued("enclave-host")}
 
 
-TARGET_JOB_START_MS = 150
+TARGET_JOB_START_MS = 150  # `enclave run` to the first line
+TARGET_CLI_OVER_IN_PROCESS = 2.0  # `enclave run` over the in-process job start
+
+
+def compile_checkout() -> None:
+    """Bytecode for the checkout's modules, as an installed copy has (pip compiles them on install)."""
+    for folder in ("cli", "plugins", "enclave_server", "enclave_local"):
+        compileall.compile_dir(checkout.ROOT / folder, quiet=1)
 
 
 def python_pass() -> float:
@@ -101,17 +133,29 @@ def job_start(endpoint: str, pcr0: str) -> float:
     return first[0] - start
 
 
-def cli_job_start(endpoint: str, pcr0: str) -> float:
+def cli_env(tmp: Path, *, profile: bool = False) -> dict:
+    """The environment of `enclave run`: the user's credentials in AWS_* variables and no shared AWS files, or
+    (profile) in a shared credentials file named by AWS_PROFILE, which only boto3's credential chain reads."""
     user = issued("enclave-host")
-    env = dict(os.environ, AWS_DEFAULT_REGION="us-east-1", AWS_ACCESS_KEY_ID=user["aws_access_key_id"],
-               AWS_SECRET_ACCESS_KEY=user["aws_secret_access_key"])  # fmt: skip
-    command = [*ENCLAVE_CLI, "run", "-f", "hello.pkg", "-s", "hello.py", "--endpoint", endpoint, "--expect-pcr0", pcr0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=str(tmp / "no-aws-config"))
+    if not profile:
+        env.update(AWS_ACCESS_KEY_ID=user["aws_access_key_id"], AWS_SECRET_ACCESS_KEY=user["aws_secret_access_key"])
+        return dict(env, AWS_SHARED_CREDENTIALS_FILE=str(tmp / "no-aws-credentials"))
+    credentials = tmp / "aws-credentials"
+    credentials.write_text(f"[user]\naws_access_key_id = {user['aws_access_key_id']}\n"
+                           f"aws_secret_access_key = {user['aws_secret_access_key']}\n")  # fmt: skip
+    return dict(env, AWS_PROFILE="user", AWS_SHARED_CREDENTIALS_FILE=str(credentials))
+
+
+def cli_job_start(endpoint: str, pcr0: str, env: dict) -> float:
+    command = [*USER_CLI, "run", "-f", "hello.pkg", "-s", "hello.py", "--endpoint", endpoint, "--expect-pcr0", pcr0]
     start = time.perf_counter()
     with subprocess.Popen(command, stdout=subprocess.PIPE, env=env) as proc:
-        proc.stdout.readline()
+        first = proc.stdout.readline()
         elapsed = time.perf_counter() - start
         proc.stdout.read()
-    if proc.returncode != 0:
+    if proc.returncode != 0 or first != b"hello\n":
         raise SystemExit("`enclave run` of the hello-world package failed")
     return elapsed
 
@@ -120,8 +164,23 @@ def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
+def process_start(code: str, cpu: list | None = None) -> float:
+    """Wall time of `python -c code`; its CPU time (user + system, which load on a shared machine inflates
+    far less) is appended to cpu."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"python -c {code!r} failed")
+    if cpu is not None:
+        cpu.append(usage.ru_utime + usage.ru_stime)
+    return elapsed
+
+
 def profile_job(endpoint: str, pcr0: str) -> dict:
-    """Client-side breakdown of one warm job: connect, attest, then the job until its first line."""
+    """One warm job in parts: connect, attest, the server's work until it spawns the script (the summary's
+    start, on the clock host and local enclave share), then the script's interpreter until its first line."""
     marks = {}
     kms = user_kms()
     start = time.perf_counter()
@@ -130,14 +189,26 @@ def profile_job(endpoint: str, pcr0: str) -> dict:
         client.attest(expect_pcr0=pcr0)
         marks["attestation (enclave NSM + client verify)"] = time.perf_counter() - start
         first = []
-        client.run("hello.pkg", "hello.py", kms=kms,
-                   on_output=lambda n, d: first or first.append(time.perf_counter()))  # fmt: skip
-        marks["job request to first line"] = first[0] - start
+        offset = time.time() - time.perf_counter()  # the summary's times are wall-clock
+        summary = client.run("hello.pkg", "hello.py", kms=kms,
+                             on_output=lambda n, d: first or first.append(time.perf_counter()))  # fmt: skip
+        marks["server: checks, NSM, KMS key release, package open"] = summary["start"] - offset - start
+        marks["script: interpreter start to first line"] = first[0] - start
     previous, out = 0.0, {}
     for name, at in marks.items():
-        out[name] = round((at - previous) * 1000, 1)
+        out[name] = (at - previous) * 1000
         previous = at
     return out
+
+
+def interleaved(runs: int, measures: dict) -> dict:
+    """{name: median ms} of each measure, taken in turn run by run, so that load on a shared machine falls on
+    all of them alike."""
+    samples = {name: [] for name in measures}
+    for _run in range(runs):
+        for name, measure in measures.items():
+            samples[name].append(measure())
+    return {name: median_ms(values) for name, values in samples.items()}
 
 
 def main() -> int:
@@ -168,8 +239,15 @@ def main() -> int:
             (app / "hello.py").write_text(textwrap.dedent("print('hello', flush=True)\n"))
             package.seal(app, published / "hello.pkg", kms_client=owner, key_id=key_id, name="hello", version="1")
 
-            # Settings and the target: not measured, and kept apart from the figures (run_all.py).
-            results = {"options": {"runs": args.runs}, "given": {"target_job_start_ms": TARGET_JOB_START_MS}}
+            # Settings and the targets: not measured, and kept apart from the figures (run_all.py).
+            results = {
+                "options": {"runs": args.runs, "enclave_cpus": 1, "cli": " ".join(USER_CLI[1:]) + " run",
+                            "cli_credentials": "environment (and a profile: boto3's chain)",
+                            "bytecode": "compiled before measuring"},
+                "given": {"target_enclave_run_ms": TARGET_JOB_START_MS,
+                          "target_enclave_run_over_job_start": TARGET_CLI_OVER_IN_PROCESS},
+            }  # fmt: skip
+            compile_checkout()
             results["python_pass_ms"] = median_ms([python_pass() for _run in range(args.runs)])
             results["run_enclave_ms"] = median_ms([run_enclave(built.image) for _run in range(args.runs)])
 
@@ -177,10 +255,26 @@ def main() -> int:
             with EnclaveClient(info.endpoint, expect_pcr0=pcr0) as client:
                 client.push(published, "/encrypted")
             results["first_job_start_ms"] = job_start(info.endpoint, pcr0) * 1000
-            results["job_start_ms"] = median_ms([job_start(info.endpoint, pcr0) for _run in range(args.runs)])
-            results["enclave_run_cli_ms"] = median_ms([cli_job_start(info.endpoint, pcr0) for _run in range(args.runs)])
+            env, profile_env = cli_env(Path(tmp)), cli_env(Path(tmp), profile=True)
+            figures = interleaved(args.runs, {
+                "job_start_ms": lambda: job_start(info.endpoint, pcr0),
+                "enclave_run_cli_ms": lambda: cli_job_start(info.endpoint, pcr0, env),
+                "enclave_run_cli_with_profile_ms": lambda: cli_job_start(info.endpoint, pcr0, profile_env),
+            })  # fmt: skip
+            results.update(figures)
             if args.profile:
-                results["job_breakdown_ms"] = profile_job(info.endpoint, pcr0)
+                parts = [profile_job(info.endpoint, pcr0) for _run in range(args.runs)]
+                results["job_breakdown_ms"] = {name: statistics.median(p[name] for p in parts) for name in parts[0]}
+                starts = {
+                    "interpreter start (python -c pass)": "pass",
+                    "interpreter and the floor (argparse, cbor2, x509 verifier)": CLIENT_FLOOR,
+                    "interpreter, CLI modules and parser, client library": CLI_IMPORTS,
+                }
+                cpu = {name: [] for name in starts}
+                results["cli_breakdown_ms"] = interleaved(
+                    args.runs, {name: partial(process_start, code, cpu[name]) for name, code in starts.items()}
+                )
+                results["cli_breakdown_cpu_ms"] = {name: median_ms(samples) for name, samples in cpu.items()}
         finally:
             with contextlib.suppress(Exception):
                 cloud.down(home=home)
@@ -188,11 +282,16 @@ def main() -> int:
     base = results["python_pass_ms"]
     for key in ("run_enclave_ms", "first_job_start_ms", "job_start_ms", "enclave_run_cli_ms"):
         results[key.replace("_ms", "_ratio")] = round(results[key] / base, 2)
-    results["job_start_within_target"] = results["job_start_ms"] <= TARGET_JOB_START_MS
+    # The targets: `enclave run` over the in-process job start (limit 2), and `enclave run` in ms (limit 150).
+    results["enclave_run_over_job_start_ratio"] = round(results["enclave_run_cli_ms"] / results["job_start_ms"], 2)
+    results["enclave_run_within_targets"] = (
+        results["enclave_run_over_job_start_ratio"] <= TARGET_CLI_OVER_IN_PROCESS
+        and results["enclave_run_cli_ms"] <= TARGET_JOB_START_MS
+    )
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"median of {args.runs}                          ms    x python -c pass")
+    print(f"median of {args.runs} (job starts interleaved)      ms    x python -c pass")
     print(f"python -c pass                       {base:8.1f}")
     for label, key in (
         ("run-enclave to first served request", "run_enclave"),
@@ -201,10 +300,18 @@ def main() -> int:
         ("`enclave run` to first line (CLI)", "enclave_run_cli"),
     ):
         print(f"{label:36} {results[key + '_ms']:8.1f}  {results[key + '_ratio']:6.2f}")
-    verdict = "within" if results["job_start_within_target"] else "MISSES"
-    print(f"job start {verdict} the target of {TARGET_JOB_START_MS} ms")
-    for name, ms in results.get("job_breakdown_ms", {}).items():
-        print(f"  {name:44} {ms:8.1f} ms")
+    print(f"`enclave run`, credentials by profile {results['enclave_run_cli_with_profile_ms']:7.1f}")
+    ratio, cli_ms = results["enclave_run_over_job_start_ratio"], results["enclave_run_cli_ms"]
+    print(f"target: `enclave run` / job start   {ratio:8.2f}  (limit {TARGET_CLI_OVER_IN_PROCESS:.2f})"
+          f"  {'within' if ratio <= TARGET_CLI_OVER_IN_PROCESS else 'MISSES'}")  # fmt: skip
+    print(f"target: `enclave run`               {cli_ms:8.1f}  (limit {TARGET_JOB_START_MS} ms)"
+          f"  {'within' if cli_ms <= TARGET_JOB_START_MS else 'MISSES'}")  # fmt: skip
+    for title, key in (("a warm job, in parts", "job_breakdown_ms"), ("the CLI's start", "cli_breakdown_ms"),
+                       ("the CLI's start, CPU time", "cli_breakdown_cpu_ms")):  # fmt: skip
+        if key in results:
+            print(f"{title} (medians, ms):")
+            for name, ms in results[key].items():
+                print(f"  {name:56} {ms:8.1f}")
     return 0
 
 

@@ -53,21 +53,22 @@ from .share import TOP_LEVEL, Share, split_path
 # file, line, function and exception type reach the host, never source lines
 # or exception messages (either can carry the owner's code or data).
 _BOOTSTRAP = r"""
-import ctypes, os, runpy, sys
+import ctypes, io, os, sys
 ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
 stderr_mode, root, script = sys.argv[1:4]
 sys.argv = sys.argv[3:]
 sys.path.insert(0, root)
 if stderr_mode != "full":
-    import threading, traceback, warnings
+    import threading, warnings
     def _name(path):
         return os.path.relpath(path, root) if path.startswith(root + os.sep) else path
     def _where(kind, value, tb):
         lines = ["Traceback (source lines and messages withheld; the package's enclave.json can allow them):"]
-        for frame, line in traceback.walk_tb(tb):
-            code = frame.f_code
-            if not code.co_filename.startswith("<") and code.co_filename not in (traceback.__file__, runpy.__file__):
-                lines.append(f'  File "{_name(code.co_filename)}", line {line}, in {code.co_name}')
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if not code.co_filename.startswith("<"):
+                lines.append(f'  File "{_name(code.co_filename)}", line {tb.tb_lineno}, in {code.co_name}')
+            tb = tb.tb_next
         if isinstance(value, SyntaxError) and value.filename:
             lines.append(f'  File "{_name(value.filename)}", line {value.lineno}')
         lines.append(kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}")
@@ -78,7 +79,14 @@ if stderr_mode != "full":
     warnings.formatwarning = lambda m, category, filename, lineno, line=None: (
         f"{_name(filename)}:{lineno}: {category.__name__} (message withheld)\n"
     )
-runpy.run_path(script, run_name="__main__")
+# The script runs as __main__ from its source, as runpy.run_path would run it, without importing runpy
+# and traceback (a third of this interpreter's start).
+main = type(sys)("__main__")
+main.__file__, main.__cached__, main.__loader__, main.__package__, main.__spec__ = script, None, None, "", None
+sys.modules["__main__"] = main
+with io.open_code(script) as source:
+    code = compile(source.read(), script, "exec")
+exec(code, main.__dict__)
 """
 _CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
 _READ_CHUNK = 64 * 1024

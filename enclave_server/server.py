@@ -74,6 +74,15 @@ def _sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
+def _warm_kms() -> None:
+    """Import boto3 and load KMS's service model and endpoint rules into its default session, which every
+    job's client comes from (the first job paid for both). The client is dropped: a job's carries the job's
+    credentials. Nothing is sent."""
+    import boto3
+
+    boto3.client("kms", region_name="us-east-1", aws_access_key_id="warm-up", aws_secret_access_key="warm-up")  # noqa: S106
+
+
 class EnclaveServer:
     def __init__(
         self,
@@ -95,9 +104,10 @@ class EnclaveServer:
         self.nsm = nsm
         self.kms_endpoint_url = kms_endpoint_url
         self._kms_cached: tuple[tuple, object] | None = None  # (region and credentials, client)
-        # Off the first job's path: its single-use RSA key, and boto3's ~300 ms import.
+        # Off the first job's path: its single-use RSA key, boto3's ~300 ms import and KMS's service model.
         kms_recipient.prepare()
-        threading.Thread(target=lambda: __import__("boto3"), name="import-boto3", daemon=True).start()
+        self._kms_warm = threading.Thread(target=_warm_kms, name="warm-kms", daemon=True)
+        self._kms_warm.start()
 
     # -- share
 
@@ -218,6 +228,7 @@ class EnclaveServer:
     # -- jobs
 
     def _kms_client(self, kms: dict):
+        self._kms_warm.join()  # botocore's session may not make two clients at once
         import boto3  # deferred: only jobs need it, and it costs ~100 ms to import
 
         if not isinstance(kms, dict):

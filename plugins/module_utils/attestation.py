@@ -31,7 +31,7 @@ try:
     import cbor2
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
     from cryptography.x509 import verification
@@ -286,18 +286,16 @@ def _leaf_policy() -> verification.ExtensionPolicy:
     return policy.may_be_present(x509.AuthorityKeyIdentifier, verification.Criticality.AGNOSTIC, None)
 
 
-def _der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
 def _describe(cert: x509.Certificate) -> str:
     return f"{cert.subject.rfc4514_string()} (SHA-256 {cert.fingerprint(hashes.SHA256()).hex()})"
 
 
 def _verify_chain(doc: AttestationDocument, roots: Sequence[x509.Certificate]) -> x509.Certificate:
-    trusted = {_der(root): root for root in roots}
+    # Certificates compare (and hash) by their DER bytes: cryptography's serialization module, which
+    # public_bytes would need, costs a CLI ~5 ms to import.
+    trusted = list(dict.fromkeys(roots))
     bundle_root = x509.load_der_x509_certificate(doc.cabundle[0])
-    if doc.cabundle[0] not in trusted:
+    if bundle_root not in trusted:
         raise AttestationError(
             f"the document's root certificate {_describe(bundle_root)} is not a trusted root "
             f"({'; '.join(_describe(r) for r in roots)}): the document was not issued by the pinned "
@@ -307,7 +305,7 @@ def _verify_chain(doc: AttestationDocument, roots: Sequence[x509.Certificate]) -
     intermediates = [x509.load_der_x509_certificate(der) for der in doc.cabundle[1:]]
     verifier = (
         verification.PolicyBuilder()
-        .store(verification.Store(list(trusted.values())))
+        .store(verification.Store(trusted))
         .time(doc.time)
         .extension_policies(ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(), ee_policy=_leaf_policy())
         .build_client_verifier()
@@ -320,7 +318,7 @@ def _verify_chain(doc: AttestationDocument, roots: Sequence[x509.Certificate]) -
             f"document's time {doc.time.isoformat()}: {exc}. The document is forged or its certificates had "
             "expired; ask the enclave for a fresh document"
         ) from exc
-    if _der(chain[-1]) != doc.cabundle[0]:
+    if chain[-1] != bundle_root:
         raise AttestationError(
             f"the chain ends at {_describe(chain[-1])}, not at the document's own root {_describe(bundle_root)}: "
             "the cabundle is inconsistent"
@@ -501,7 +499,4 @@ def load_trusted_roots(pem_paths: Sequence[str] = (), *, include_aws: bool = Tru
                     "give the root certificate of the NSM's chain"
                 )
             roots.append(cert)
-    unique: dict[bytes, x509.Certificate] = {}
-    for cert in roots:
-        unique.setdefault(_der(cert), cert)
-    return list(unique.values())
+    return list(dict.fromkeys(roots))  # the first of equal certificates (equal DER) kept

@@ -762,8 +762,36 @@ def _refuse_links(root: str, parts: list[str], checked: set[str]) -> str:
     return current
 
 
-def host_kms_settings(region: str | None = None, profile: str | None = None) -> dict:
-    """Region and credentials from the host's boto3 configuration (on nitro: the instance role via IMDSv2)."""
+# botocore's shared config and credentials files: (the variable that moves one, its default path).
+_AWS_FILES = (("AWS_CONFIG_FILE", "~/.aws/config"), ("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"))
+
+
+def _credentials_from_environment(region: str | None, profile: str | None) -> tuple | None:
+    """(region, access key, secret key, token) as botocore would find them, read without boto3; None when
+    botocore could find them elsewhere.
+
+    Importing boto3 and resolving credentials costs ~150 ms, most of a job's start from the command line.
+    When no profile is named (argument, AWS_PROFILE or AWS_DEFAULT_PROFILE), AWS_ACCESS_KEY_ID and
+    AWS_SECRET_ACCESS_KEY are both set, they do not expire (no AWS_CREDENTIAL_EXPIRATION), and neither the
+    shared config nor the credentials file exists (botocore parses both even then, and fails on a broken one
+    or a profile they lack), botocore's chain stops at its first provider, the environment, and the region
+    is the argument, else AWS_DEFAULT_REGION. Anything else goes to boto3, errors included
+    (tests/unit/test_client_credentials.py holds the two to the same answers)."""
+    environ = os.environ
+    if profile is not None or "AWS_PROFILE" in environ or "AWS_DEFAULT_PROFILE" in environ:
+        return None
+    access_key, secret_key = environ.get("AWS_ACCESS_KEY_ID", ""), environ.get("AWS_SECRET_ACCESS_KEY", "")
+    if not access_key or not secret_key or "AWS_CREDENTIAL_EXPIRATION" in environ:
+        return None
+    for variable, default in _AWS_FILES:
+        if os.path.isfile(os.path.expanduser(os.path.expandvars(environ.get(variable, default)))):
+            return None
+    region = region if region is not None else environ.get("AWS_DEFAULT_REGION")
+    # botocore's order: AWS_SECURITY_TOKEN (the older name) before AWS_SESSION_TOKEN; empty counts as unset.
+    return region, access_key, secret_key, environ.get("AWS_SECURITY_TOKEN") or environ.get("AWS_SESSION_TOKEN")
+
+
+def _credentials_from_boto3(region: str | None, profile: str | None) -> tuple:
     import boto3
 
     with settings.aws_errors():  # partial credentials or an unknown profile: one line saying what to set
@@ -772,13 +800,16 @@ def host_kms_settings(region: str | None = None, profile: str | None = None) -> 
     if credentials is None:
         raise EnclaveError("no AWS credentials on this host for KMS: configure a profile or the instance role")
     frozen = credentials.get_frozen_credentials()
-    out = {
-        "region": session.region_name,
-        "aws_access_key_id": frozen.access_key,
-        "aws_secret_access_key": frozen.secret_key,
-    }
-    if frozen.token:
-        out["aws_session_token"] = frozen.token
-    if not out["region"]:
-        raise EnclaveError("no AWS region configured: pass --region or set AWS_REGION")
+    return session.region_name, frozen.access_key, frozen.secret_key, frozen.token
+
+
+def host_kms_settings(region: str | None = None, profile: str | None = None) -> dict:
+    """Region and credentials from the host's boto3 configuration (on nitro: the instance role via IMDSv2)."""
+    found = _credentials_from_environment(region, profile) or _credentials_from_boto3(region, profile)
+    region, access_key, secret_key, token = found
+    if not region:
+        raise EnclaveError("no AWS region configured: pass --region or set AWS_DEFAULT_REGION")
+    out = {"region": region, "aws_access_key_id": access_key, "aws_secret_access_key": secret_key}
+    if token:
+        out["aws_session_token"] = token
     return out

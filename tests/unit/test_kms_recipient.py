@@ -1,6 +1,9 @@
 """Recipient.unwrap against a real AWS KMS answer and envelopes made by the local KMS's builder."""
 
 import hashlib
+import os
+import sys
+import threading
 
 import pytest
 from asn1crypto import algos, cms
@@ -11,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ansible_collections.confidential_ml.nitro.enclave_local.kms import build_envelope
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import kms_recipient
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import KmsError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.kms_recipient import Recipient
 from ansible_collections.confidential_ml.nitro.tests.vectors.shapes import aws_vector, ber_items, ber_shape
@@ -343,3 +347,11 @@ def test_local_kms_answer_has_the_shape_of_the_real_one():
     assert [length for _d, _t, constructed, length, _c in real if constructed].count(None) == 5
     rid = [(n, c) for _d, tag, _c, n, c in real if tag == "CONTEXT 0" and c is not None][0]
     assert rid == (32, hashlib.sha256(public_der).digest())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_the_next_key_is_made_at_the_lowest_priority():
+    """The key made ahead must not take the CPU from the job that is starting (one vCPU in small enclaves)."""
+    made_at = kms_recipient._start(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert made_at == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # the server's own threads keep theirs

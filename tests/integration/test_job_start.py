@@ -1,0 +1,59 @@
+"""What `enclave run` does before a job starts, checked without timing it (issue 13).
+
+The CLI's start is most of a job's start from the command line: importing boto3 and resolving credentials
+alone took ~150 ms. With credentials in the environment `enclave run` must reach the script's first line
+without importing boto3 or botocore, still attesting the enclave before it sends them.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
+
+# `enclave run` in a fresh interpreter, reporting which AWS SDK modules it imported on the way.
+RUN_AND_REPORT = """
+import json, sys
+from ansible_collections.confidential_ml.nitro.cli.main import main
+rc = main(sys.argv[1:])
+sdk = sorted(name for name in sys.modules if name.split(".")[0] in ("boto3", "botocore", "s3transfer"))
+print(json.dumps({"rc": rc, "sdk": sdk}), file=sys.stderr)
+"""
+
+
+def run_cli(enclave, tmp_path, *args, **env):
+    """The CLI with the user's credentials in the environment and no shared AWS files."""
+    environment = {
+        **{k: v for k, v in os.environ.items() if k not in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE")},
+        "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"),
+        **env,
+    }
+    command = [sys.executable, "-c", RUN_AND_REPORT, "run", "-f", "app.pkg", "-s", "ml_algorithm.py", *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, check=False, timeout=120)
+    report = json.loads(result.stderr.strip().splitlines()[-1]) if result.stderr.strip() else {}
+    return result, report
+
+
+def push_app(enclave):
+    with EnclaveClient(enclave["endpoint"], expect_pcr0=enclave["pcr0"]) as client:
+        client.push(enclave["sealed"].parent, "/encrypted")
+        client.call("share.create", {"path": "/model/model.h5", "mode": 0o644, "data": b"5\n"})
+
+
+def test_enclave_run_attests_and_runs_without_the_aws_sdk(enclave, tmp_path):
+    push_app(enclave)
+    args = ["-a", "-m /model/model.h5 -d /dataset -o /output", "--expect-pcr0", enclave["pcr0"]]
+    result, report = run_cli(enclave, tmp_path, *args)
+    assert report.get("rc") == 0, result.stderr
+    assert report["sdk"] == [], "`enclave run` imported the AWS SDK to read credentials from the environment"
+    assert "done" in result.stderr  # the script ran, with the key KMS released for these credentials
+
+
+def test_enclave_run_still_refuses_an_enclave_of_another_image_first(enclave, tmp_path):
+    """The credentials go out only after attestation: the wrong PCR0 stops the CLI before the job request."""
+    push_app(enclave)
+    result, report = run_cli(enclave, tmp_path, "--expect-pcr0", "ab" * 48)
+    assert report["rc"] == 1 and "failed attestation, nothing was sent" in result.stderr
+    assert "done" not in result.stderr and not any((enclave["share"] / "output").iterdir())
