@@ -52,7 +52,7 @@ from .share import TOP_LEVEL, Share, split_path
 # unless the package allows full stderr it replaces the traceback printers:
 # file, line, function and exception type reach the host, never source lines
 # or exception messages (either can carry the owner's code or data).
-_BOOTSTRAP = r"""
+_BOOTSTRAP = r"""# confidential_ml.nitro job bootstrap (a job's command line says so: ps and the tests find it by this)
 import ctypes, io, os, sys
 ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
 stderr_mode, root, script = sys.argv[1:4]

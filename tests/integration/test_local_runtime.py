@@ -103,7 +103,9 @@ APP = {
                 return "answered" if conn.recv(16) else "closed"
 
         def server_memory():
-            server = next(pid for pid, cmd in processes().items() if "enclave_server" in cmd and "runpy" not in cmd)
+            server = next(
+                pid for pid, cmd in processes().items() if "enclave_server" in cmd and "job bootstrap" not in cmd
+            )
             with open(f"/proc/{server}/mem", "rb") as f:
                 f.read(1)
 
@@ -344,7 +346,8 @@ def test_enclave_is_isolated_from_the_host(images, cloud_up, home):
     processes = report["processes"]
     assert "enclave_local.runtime init" in processes["1"]
     assert all(
-        "enclave_local.runtime init" in cmd or "enclave_server" in cmd or "runpy" in cmd for cmd in processes.values()
+        "enclave_local.runtime init" in cmd or "enclave_server" in cmd or "job bootstrap" in cmd
+        for cmd in processes.values()
     ), processes
     assert str(os.getpid()) not in processes or "pytest" not in processes[str(os.getpid())]
 
