@@ -410,8 +410,10 @@ def _refuse_links(root: Path, target: Path) -> None:
             raise EnclaveError(f"{current} is a symbolic link: refusing to write through it; remove it and pull again")
 
 
-def host_kms_settings(region: str | None = None, profile: str | None = None) -> dict:
-    """Region and credentials from the host's boto3 configuration (on nitro: the instance role via IMDSv2)."""
+def host_kms_settings(region: str | None = None, profile: str | None = None, *, need_region: bool = True) -> dict:
+    """Region and credentials from the host's boto3 configuration (on nitro: the instance role via IMDSv2).
+
+    need_region=False checks the credentials alone (a pre-flight run before the region is decided)."""
     import boto3
 
     with settings.aws_errors():  # partial credentials or an unknown profile: one line saying what to set
@@ -427,6 +429,6 @@ def host_kms_settings(region: str | None = None, profile: str | None = None) -> 
     }
     if frozen.token:
         out["aws_session_token"] = frozen.token
-    if not out["region"]:
+    if not out["region"] and need_region:
         raise EnclaveError("no AWS region configured: pass --region or set AWS_REGION")
     return out
