@@ -346,3 +346,40 @@ def test_fleet_over_ssh_runs_the_job_on_hosts_that_cannot_see_the_controllers_fi
 
 def inventory_port(inventory: Path) -> int:
     return yaml.safe_load(inventory.read_text())["all"]["children"]["enclave_hosts"]["vars"]["ansible_port"]
+
+
+def test_a_failing_host_does_not_stop_the_others_and_a_rerun_finishes_it(fleet_env, tmp_path):
+    """Failures are contained (issue 15): enclave-b's enclave cannot start (its image is not where its inventory
+    says), yet enclave-a and enclave-c run their jobs to verified receipts; run_job.yml again, limited to the
+    retry list Ansible wrote, with enclave-b fixed, finishes the job there and touches no other host."""
+    work, env = fleet_env
+    release = work / "owner" / "release"
+    playbook(env, "playbooks/owner.yml", "-e", f"owner_pipeline_workdir={work / 'owner'}", principal="owner")
+    broken = yaml.safe_load(FLEET.read_text())
+    broken["all"]["children"]["enclave_hosts"]["hosts"]["enclave-b"]["enclave_host_image"] = str(tmp_path / "none.img")
+    inventory = tmp_path / "fleet.yml"
+    inventory.write_text(yaml.safe_dump(broken))
+    common = ["--forks", "3", "-e", f"release_dir={release}", "-e", host_dir(work),
+              "-e", f"job_dir={work / 'jobs'}/{{{{ inventory_hostname }}}}"]  # fmt: skip
+    retry = tmp_path / "retry"
+    first = subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", str(inventory), "playbooks/run_job.yml", *common],
+        cwd=ROOT, env={**env, "AWS_PROFILE": "enclave-host", "ANSIBLE_RETRY_FILES_ENABLED": "1",
+                       "ANSIBLE_RETRY_FILES_SAVE_PATH": str(retry)},
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert first.returncode == 2, first.stdout[-4000:]
+    counters = recap(first.stdout)
+    assert counters["enclave-b"]["failed"] == 1, counters
+    assert "The enclave image " + str(tmp_path / "none.img") + " does not exist on enclave-b" in first.stdout
+    for host in ("enclave-a", "enclave-c"):
+        assert counters[host]["failed"] == 0 and (work / "jobs" / host / "receipt.json").is_file(), counters
+    assert not (work / "jobs" / "enclave-b").exists()
+    assert (retry / "run_job.retry").read_text().split() == ["enclave-b"]
+    receipts = {h: (work / "jobs" / h / "receipt.json").read_bytes() for h in ("enclave-a", "enclave-c")}
+
+    again = playbook(env, "playbooks/run_job.yml", "--limit", f"@{retry / 'run_job.retry'}", *common,
+                     principal="enclave-host")  # fmt: skip
+    assert set(recap(again.stdout)) == {"enclave-b"}, again.stdout[-3000:]
+    assert json.loads((work / "jobs" / "enclave-b" / "output" / "metrics.json").read_text())["accuracy"] > 0.9
+    assert {h: (work / "jobs" / h / "receipt.json").read_bytes() for h in receipts} == receipts
