@@ -156,8 +156,9 @@ mkdir "$stage/overlay/upper" "$stage/overlay/work"
 mount -t overlay overlay -o "lowerdir=$VENV,upperdir=$stage/overlay/upper,workdir=$stage/overlay/work" "$stage/venv"
 mount --bind "$PYTHON_PREFIX" "$stage/python"
 for dir in $MASK; do mount -t tmpfs -o mode=0755 tmpfs "$dir"; done
-mkdir -p "$VENV" && mount --bind "$stage/venv" "$VENV"
 mount -t tmpfs -o mode=0700 tmpfs "$HOME_DIR"
+# After the masks and the home (either may hold them): the venv and the interpreter, bound back at their paths.
+mkdir -p "$VENV" && mount --bind "$stage/venv" "$VENV"
 mkdir -p "$PYTHON_PREFIX" && mount --bind "$stage/python" "$PYTHON_PREFIX"
 mkdir -p /var/lib/confidential-ml && mount -t tmpfs -o mode=0755 tmpfs /var/lib/confidential-ml
 mkdir -p /run/sshd
