@@ -13,12 +13,14 @@ export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 
 all: test
 
-# Debian packages the project needs at run time (FUSE 3 for `enclave sync`).
+# Debian packages the project needs at run time (FUSE 3 for `enclave sync`), and openssh-server for the
+# test fleet (tests/integration/test_fleet.py starts sshd on loopback addresses; the service is not enabled).
+DEBS := fuse3 libfuse3-3 openssh-server
 deps:
-	@if ! dpkg -s fuse3 libfuse3-3 >/dev/null 2>&1; then \
+	@if ! dpkg -s $(DEBS) >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-3 >/dev/null; \
-	  else echo "warning: install fuse3 and libfuse3-3 (sudo apt-get install fuse3 libfuse3-3)" >&2; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBS) >/dev/null; \
+	  else echo "warning: install $(DEBS) (sudo apt-get install $(DEBS))" >&2; fi; \
 	fi
 
 # Editable (pyproject.toml: dev-mode-dirs): the venv runs this checkout as it is now, never a stale copy.

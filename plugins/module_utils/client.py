@@ -803,11 +803,13 @@ def _credentials_from_boto3(region: str | None, profile: str | None) -> tuple:
     return session.region_name, frozen.access_key, frozen.secret_key, frozen.token
 
 
-def host_kms_settings(region: str | None = None, profile: str | None = None) -> dict:
-    """Region and credentials from the host's boto3 configuration (on nitro: the instance role via IMDSv2)."""
+def host_kms_settings(region: str | None = None, profile: str | None = None, *, need_region: bool = True) -> dict:
+    """Region and credentials from the host's boto3 configuration (on nitro: the instance role via IMDSv2).
+
+    need_region=False checks the credentials alone (a pre-flight run before the region is decided)."""
     found = _credentials_from_environment(region, profile) or _credentials_from_boto3(region, profile)
     region, access_key, secret_key, token = found
-    if not region:
+    if not region and need_region:
         raise EnclaveError("no AWS region configured: pass --region or set AWS_DEFAULT_REGION")
     out = {"region": region, "aws_access_key_id": access_key, "aws_secret_access_key": secret_key}
     if token:

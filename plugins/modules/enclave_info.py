@@ -17,6 +17,10 @@ description:
   - V(attestation), the claims of a fresh attestation document from the enclave (random nonce), verified against
     the trusted roots (AWS Nitro root G1, and the local backend's root when this host has one), and against
     O(expect_pcr0) when given.
+  - V(credentials), only when asked for, this host's AWS credentials for the job's KMS calls, found as
+    M(confidential_ml.nitro.enclave_run) finds them (O(profile), the environment, shared files, the instance role);
+    the task fails, saying what to set, when there are none or they are incomplete. Nothing is sent to AWS, so
+    credentials that exist but are refused are not detected. run_job.yml checks this before it starts anything.
   - Changes nothing. When no endpoint is configured or nobody answers there, RV(health) and RV(attestation) are
     null and RV(endpoint_error) says why, without failing, so that the module can wait for an enclave to come up
     (C(until)). A document that does not verify fails the task.
@@ -28,7 +32,7 @@ options:
       - The sections to gather; the others are not returned.
     type: list
     elements: str
-    choices: [enclaves, health, attestation]
+    choices: [enclaves, health, attestation, credentials]
     default: [enclaves, health, attestation]
   backend:
     description:
@@ -37,6 +41,18 @@ options:
       - When not set, E(ENCLAVE_BACKEND), else V(local).
     type: str
     choices: [local, nitro]
+  region:
+    description:
+      - With V(credentials) in O(gather), the region to report; when not set, boto3 reads E(AWS_REGION),
+        E(AWS_DEFAULT_REGION) or the profile's region (none is required).
+    type: str
+    aliases: [aws_region]
+  profile:
+    description:
+      - With V(credentials) in O(gather), the named profile whose credentials to check (as
+        O(confidential_ml.nitro.enclave_run#module:profile)).
+    type: str
+    aliases: [aws_profile]
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - confidential_ml.nitro.enclave
@@ -72,6 +88,10 @@ EXAMPLES = r"""
   retries: 30
   delay: 1
 
+- name: Pre-flight, before starting anything - this host has AWS credentials for the job's KMS calls
+  confidential_ml.nitro.enclave_info:
+    gather: [credentials]
+
 - name: The enclaves nitro-cli knows
   confidential_ml.nitro.enclave_info:
     backend: nitro
@@ -96,6 +116,19 @@ enclaves:
       State: RUNNING
       Flags: NONE
       Endpoint: vsock://16:5000
+credentials:
+  description: Where this host's AWS credentials for KMS were found (the secret key is never returned).
+  returned: when V(credentials) is in O(gather)
+  type: dict
+  contains:
+    access_key_id:
+      description: The access key id boto3 found.
+      type: str
+      sample: AKIAIOSFODNN7EXAMPLE
+    region:
+      description: The region boto3 found or O(region) gave; null when none is configured.
+      type: str
+      sample: eu-west-1
 backend:
   description: The backend that listed RV(enclaves).
   returned: when V(enclaves) is in O(gather)
@@ -189,9 +222,11 @@ attestation:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import IMPORT_ERROR as CLIENT_IMPORT_ERROR
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import host_kms_settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import AttestationError, EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import (
     BACKEND_OPTIONS,
+    BOTO3_IMPORT_ERROR,
     ENCLAVE_MUTUALLY_EXCLUSIVE,
     ENCLAVE_OPTIONS,
     ENCLAVE_REQUIRED_BY,
@@ -201,7 +236,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_optio
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import get_runtime
 
-SECTIONS = ["enclaves", "health", "attestation"]
+SECTIONS = ["enclaves", "health", "attestation", "credentials"]
 
 
 def enclaves(module):
@@ -211,6 +246,16 @@ def enclaves(module):
     except EnclaveError as err:
         module.fail_json(msg=f"cannot list the enclaves: {err}")
     return {"backend": getattr(runtime, "backend", module.params["backend"]), "enclaves": listed}
+
+
+def credentials(module):
+    """This host's AWS credentials for KMS, found as enclave_run finds them; fails the task when there are none."""
+    require_libraries(module, BOTO3_IMPORT_ERROR)
+    try:
+        found = host_kms_settings(region=module.params["region"], profile=module.params["profile"], need_region=False)
+    except EnclaveError as err:
+        module.fail_json(msg=f"this host has no usable AWS credentials for the job's KMS calls: {err}")
+    return {"credentials": {"access_key_id": found["aws_access_key_id"], "region": found["region"]}}
 
 
 def server(module, gather):
@@ -240,7 +285,9 @@ def server(module, gather):
 def main():
     module = AnsibleModule(
         argument_spec={
-            "gather": {"type": "list", "elements": "str", "choices": SECTIONS, "default": SECTIONS},
+            "gather": {"type": "list", "elements": "str", "choices": SECTIONS, "default": SECTIONS[:3]},
+            "region": {"type": "str", "aliases": ["aws_region"]},
+            "profile": {"type": "str", "aliases": ["aws_profile"]},
             **BACKEND_OPTIONS,
             **ENCLAVE_OPTIONS,
         },
@@ -251,6 +298,8 @@ def main():
     require_libraries(module, CLIENT_IMPORT_ERROR)
     gather = module.params["gather"]
     result = {"changed": False}
+    if "credentials" in gather:
+        result.update(credentials(module))
     if "enclaves" in gather:
         result.update(enclaves(module))
     if "health" in gather or "attestation" in gather:

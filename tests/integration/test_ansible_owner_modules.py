@@ -6,6 +6,9 @@ nothing, and a check-mode run after a source change must predict the reseal and 
 
 import hashlib
 import json
+import re
+import shutil
+from pathlib import Path
 
 import boto3
 import pytest
@@ -110,3 +113,47 @@ def test_playbook_is_idempotent_and_check_mode_writes_nothing(workspace):
     assert sealed["changed"] is True
     assert sealed["diff"]["before"] != sealed["diff"]["after"]
     assert dest.read_bytes() == package
+
+
+IMAGE_PLAYBOOK = """\
+- name: Owner builds and measures the enclave image
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Build the image
+      confidential_ml.nitro.enclave_image:
+        backend: local
+        source: "{{ source }}"
+        output: "{{ output }}"
+      register: image
+"""
+
+
+def test_check_mode_reports_an_image_that_would_change_through_ansible_playbook(tmp_path, ansible_playbook):
+    """Issue 12: after an edit to the enclave's code, `--check --diff` reports the image as changed with the PCRs
+    before and after, and leaves the image and its measurements file as they were."""
+    root = Path(__file__).resolve().parents[2]
+    source = tmp_path / "source"
+    for part in ("enclave_server", "plugins/module_utils"):
+        shutil.copytree(root / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    output = tmp_path / "release" / "enclave.img"
+    output.parent.mkdir()
+    (tmp_path / "image.yml").write_text(IMAGE_PLAYBOOK)
+    extra_vars = {"source": str(source), "output": str(output)}
+    built = ansible_playbook(tmp_path / "image.yml", extra_vars)[1]["Build the image"]
+    assert built["changed"] is True
+    image, record = output.read_bytes(), Path(built["measurements_file"]).read_bytes()
+
+    stats, tasks = ansible_playbook(tmp_path / "image.yml", extra_vars, "--check", "--diff")[:2]
+    assert stats["changed"] == 0 and tasks["Build the image"]["measurements"] == built["measurements"]
+
+    server = next((source / "enclave_server").glob("*.py"))
+    server.write_text(server.read_text() + "\n# the owner's next release\n")
+    stats, tasks, stdout = ansible_playbook(tmp_path / "image.yml", extra_vars, "--check", "--diff")
+    check = tasks["Build the image"]
+    assert stats["changed"] == 1 and check["changed"] is True
+    assert check["measurements"]["pcr0"] != built["measurements"]["pcr0"]
+    assert json.loads(check["diff"]["before"])["pcr0"] == built["measurements"]["pcr0"]
+    assert json.loads(check["diff"]["after"])["pcr0"] == check["measurements"]["pcr0"]
+    assert re.search(rf'^\+ +"pcr0": "{check["measurements"]["pcr0"]}"', stdout, re.M), stdout
+    assert output.read_bytes() == image and Path(built["measurements_file"]).read_bytes() == record
