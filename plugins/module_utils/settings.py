@@ -109,7 +109,7 @@ def aws_errors() -> Iterator[None]:
         yield
     except exceptions.NoRegionError:
         raise EnclaveError(
-            "no AWS region configured for KMS: set AWS_DEFAULT_REGION (or AWS_REGION), e.g. us-east-1, pass "
+            "no AWS region configured for KMS: set AWS_DEFAULT_REGION, e.g. us-east-1, pass "
             "--region (a module's region option), or use a profile that names one"
         ) from None
     except exceptions.PartialCredentialsError as err:

@@ -43,8 +43,8 @@ options:
     choices: [local, nitro]
   region:
     description:
-      - With V(credentials) in O(gather), the region to report; when not set, boto3 reads E(AWS_REGION),
-        E(AWS_DEFAULT_REGION) or the profile's region (none is required).
+      - With V(credentials) in O(gather), the region to report; when not set, boto3 reads
+        E(AWS_DEFAULT_REGION) or the profile's region (none is required; botocore does not read E(AWS_REGION)).
     type: str
     aliases: [aws_region]
   profile:

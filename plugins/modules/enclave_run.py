@@ -66,7 +66,8 @@ options:
   region:
     description:
       - The AWS region of the package's KMS key.
-      - When not set, boto3 reads E(AWS_REGION), E(AWS_DEFAULT_REGION) or the profile's region.
+      - When not set, boto3 reads E(AWS_DEFAULT_REGION) or the profile's region (botocore does not read
+        E(AWS_REGION)).
     type: str
     aliases: [aws_region]
   profile:
