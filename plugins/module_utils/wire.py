@@ -498,6 +498,16 @@ class _Channel:
                 self.sock.close()
 
 
+def _consume(buffers: list, sent: int) -> None:
+    """Drop the first `sent` bytes from a list of buffers (a sendmsg that took only part of them)."""
+    while sent and buffers:
+        if sent >= len(buffers[0]):
+            sent -= len(buffers.pop(0))
+        else:
+            buffers[0] = memoryview(buffers[0])[sent:]
+            sent = 0
+
+
 def _check_limit(value, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not MIN_FRAME <= value <= 0xFFFFFFFF:
         raise ProtocolError(f"{what} must be an integer from {MIN_FRAME} to {0xFFFFFFFF}, not {value!r}")
@@ -1017,12 +1027,19 @@ class _ServerConnection:
         it is sent. block=False sends only what fits now and leaves the rest to the writer thread;
         block=True waits until this frame is out (up to send_timeout). Raises ConnectionClosed."""
         entry = [[HEADER.pack(len(body)), body], reserved, False]  # buffers left, reserved, sent
+        lock = self.channel._send_lock
+        if not self.outbox and lock.acquire(blocking=False):
+            try:
+                if not self.outbox:  # checked again under the lock: a frame queued meanwhile goes first
+                    self._send_now(entry, block)
+                    return
+            finally:
+                lock.release()
         with self.outbox_lock:
             if self.channel.down:
                 self.server.budget.release(self, reserved)
                 raise ConnectionClosed(f"the connection to {self.peer} is closed")
             self.outbox.append(entry)
-        lock = self.channel._send_lock
         if lock.acquire(blocking=block):
             try:
                 self._flush(block=block)
@@ -1033,6 +1050,39 @@ class _ServerConnection:
                 raise ConnectionClosed(f"the connection to {self.peer} is closed")
             with self.outbox_lock:
                 self.outbox_ready.notify()
+
+    def _send_now(self, entry: list, block: bool) -> None:
+        """With the send lock held and the outbox empty (the usual case): write the frame from this thread
+        at once, without queueing it; what the socket does not take goes to the head of the outbox, for the
+        blocking flush (block=True) or the writer thread. Raises ConnectionClosed."""
+        buffers, reserved = entry[0], entry[1]
+        try:
+            if self.channel.down:
+                raise ConnectionClosed(f"the connection to {self.peer} is closed")
+            sent = self.channel.sock.sendmsg(buffers, (), 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0  # the socket is full (block=True: SO_SNDTIMEO ran out; the blocking flush below reports it)
+        except OSError as e:
+            self.server.budget.release(self, reserved)
+            if not isinstance(e, ConnectionClosed):
+                self._fail(f"sending to {self.peer} failed: {e.strerror or e}")
+            raise ConnectionClosed(f"the connection to {self.peer} is closed") from None
+        if sent == len(buffers[0]) + len(buffers[1]):
+            entry[2] = True
+            self.server.budget.release(self, reserved)
+            return
+        _consume(buffers, sent)
+        with self.outbox_lock:
+            if self.channel.down:
+                self.server.budget.release(self, reserved)
+                raise ConnectionClosed(f"the connection to {self.peer} is closed")
+            self.outbox.appendleft(entry)  # under the send lock: nothing went out since its first bytes
+            if not block:
+                self.outbox_ready.notify()
+        if block:
+            self._flush(block=True)
+            if not entry[2]:
+                raise ConnectionClosed(f"the connection to {self.peer} is closed")
 
     def _flush(self, *, block: bool) -> None:
         """With the send lock held: send outbox frames until it is empty, or (block=False) the socket is full."""
@@ -1052,12 +1102,7 @@ class _ServerConnection:
             except OSError as e:
                 self._fail(f"sending to {self.peer} failed: {e.strerror or e}")
                 return
-            while sent and buffers:
-                if sent >= len(buffers[0]):
-                    sent -= len(buffers.pop(0))
-                else:
-                    buffers[0] = memoryview(buffers[0])[sent:]
-                    sent = 0
+            _consume(buffers, sent)
             if not buffers:
                 with self.outbox_lock:
                     if not self.outbox or self.outbox[0] is not entry:
