@@ -573,6 +573,42 @@ def _remote_error(payload, op: str) -> RemoteError:
 # --- server ---------------------------------------------------------------------------------
 
 
+_CANCEL_LOCK = threading.Lock()  # orders set() against the building of a waiter's Event, for every request
+
+
+class _Cancelled:
+    """A request's cancellation flag with threading.Event's is_set, set and wait. Its Event is built only
+    once someone waits: building one (a Condition) costs more than decoding a small request, and most
+    requests are never waited on."""
+
+    __slots__ = ("_event", "_flag")
+
+    def __init__(self):
+        self._flag = False
+        self._event: threading.Event | None = None
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        with _CANCEL_LOCK:
+            self._flag = True
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._flag:
+            return True
+        with _CANCEL_LOCK:
+            if self._event is None:
+                self._event = threading.Event()
+                if self._flag:
+                    self._event.set()
+            event = self._event
+        return event.wait(timeout)
+
+
 @dataclass
 class RequestContext:
     """What a handler gets besides its args."""
@@ -580,7 +616,7 @@ class RequestContext:
     id: int
     op: str
     peer: str
-    cancelled: threading.Event  # set when the client cancels or disconnects
+    cancelled: threading.Event | _Cancelled  # set when the client cancels or disconnects
     _emit: Callable[[Any], None] = field(repr=False)
 
     def emit(self, event: Any) -> None:
@@ -604,7 +640,10 @@ def _bulk(args: dict) -> bool:
     size = args.get("size")
     if isinstance(size, int) and not isinstance(size, bool) and size > INLINE_MAX_BYTES:
         return True
-    return any(isinstance(value, bytes) and len(value) > INLINE_MAX_BYTES for value in args.values())
+    for value in args.values():  # noqa: SIM110 (a loop: any() over a generator costs twice as much, per request)
+        if isinstance(value, bytes) and len(value) > INLINE_MAX_BYTES:
+            return True
+    return False
 
 
 def _describe_peer(sock: socket.socket, address) -> str:
@@ -801,7 +840,7 @@ class _ServerConnection:
         self.server = server
         self.channel = _Channel(sock, peer)
         self.peer = peer
-        self.inflight: dict[int, threading.Event] = {}  # the requests running, at most server.max_inflight
+        self.inflight: dict[int, _Cancelled] = {}  # the requests running, at most server.max_inflight
         self.lock = threading.Lock()
         self.slot_free = threading.Condition(self.lock)  # the reader waits on it while max_inflight run
         self.slot_wanted = False
@@ -948,7 +987,7 @@ class _ServerConnection:
             message = f"this enclave server has no operation {op!r}: update the enclave image or the client"
             self.reply({"id": rid, "error": _error_payload(errno.ENOSYS, message)}, op, reserved, block=True)
             return
-        cancelled = threading.Event()
+        cancelled = _Cancelled()
         with self.lock:
             while len(self.inflight) >= self.server.max_inflight:  # back-pressure: stop reading meanwhile
                 self.slot_wanted = True
@@ -966,7 +1005,7 @@ class _ServerConnection:
             log.warning("%s: no new worker thread for %s (%s); it waits for a running worker", self.peer, op, e)
 
     def run_request(
-        self, rid: int, op: str, handler: Handler, args: dict, cancelled: threading.Event, reserved: int, *, block
+        self, rid: int, op: str, handler: Handler, args: dict, cancelled: _Cancelled, reserved: int, *, block
     ):
         def emit(event):
             # Events are sent by the handler's own thread: a job streaming to a client that does not

@@ -502,6 +502,23 @@ def test_cancel_sets_ctx_cancelled(serve, probe):
         assert conn.call("echo", {"still": "works"}, timeout=WAIT) == {"still": "works"}
 
 
+def test_cancelled_flag_wakes_its_waiter_whenever_it_is_set():
+    # ctx.cancelled builds its Event only for a waiter: a set before, during or after that must not be lost.
+    flag = wire._Cancelled()
+    assert not flag.is_set()
+    assert flag.wait(0.01) is False
+    woke = []
+    waiter = threading.Thread(target=lambda: woke.append(flag.wait(WAIT)))
+    waiter.start()
+    wait_until(lambda: flag._event is not None, "the waiter")
+    flag.set()
+    waiter.join()
+    assert woke == [True]
+    early = wire._Cancelled()
+    early.set()
+    assert early.is_set() and early.wait(WAIT) is True
+
+
 def test_failing_event_consumer_cancels_the_request(serve, probe):
     endpoint, _server = serve()
 
