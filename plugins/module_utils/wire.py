@@ -33,7 +33,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -700,6 +699,53 @@ class _Budget:
             self._cond.notify_all()
 
 
+class _Pool:
+    """Runs calls on up to `workers` threads, started as needed: ThreadPoolExecutor without the Future it
+    builds per call (whose Condition alone costs more than a small request), as nothing here waits on one.
+    The calls catch their own errors; one that escapes is logged."""
+
+    def __init__(self, workers: int, name: str):
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers = workers
+        self._name = name
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # workers waiting for work that no submitted call has claimed yet
+
+    def submit(self, fn: Callable, *args, **kwargs) -> None:
+        """Queue fn(*args, **kwargs); RuntimeError if no worker runs and none can start (it stays queued)."""
+        self._work.put((fn, args, kwargs))
+        with self._lock:
+            if self._idle:
+                self._idle -= 1  # a waiting worker takes it
+                return
+            if len(self._threads) >= self._workers:
+                return  # the next worker to finish takes it
+            thread = threading.Thread(target=self._run, name=f"{self._name}_{len(self._threads)}", daemon=True)
+            thread.start()  # RuntimeError when it cannot: the call waits for the running workers
+            self._threads.append(thread)
+
+    def _run(self) -> None:
+        while (item := self._work.get()) is not None:
+            fn, args, kwargs = item
+            try:
+                fn(*args, **kwargs)
+            except BaseException:  # a worker outlives whatever one call does
+                log.exception("a call on %s failed", self._name)
+            del item, fn, args, kwargs  # hold nothing of a finished call while waiting for the next
+            with self._lock:
+                self._idle += 1
+
+    def shutdown(self) -> None:
+        """Run what is queued, then stop the workers."""
+        with self._lock:
+            threads, self._workers = list(self._threads), 0
+        for _i in range(len(threads)):
+            self._work.put(None)
+        for thread in threads:
+            thread.join()
+
+
 class Server:
     """Serves handlers on a listening socket: a thread per connection reads frames,
     a bounded pool of workers runs handlers, so one slow request holds up neither its
@@ -757,7 +803,7 @@ class Server:
             raise TypeError("handler names (ops) must be strings")
         # Short ops run on the connection's reader thread: no hand-off to a worker and back.
         self._inline = frozenset(inline)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-worker")
+        self._pool = _Pool(workers, f"{name}-worker")
         self._lock = threading.Lock()
         self._connections: dict[_ServerConnection, threading.Thread] = {}
         self._wake_r, self._wake_w = socket.socketpair()
@@ -824,7 +870,7 @@ class Server:
             conn.close_down()
         for _conn, thread in connections:
             thread.join()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown()
         self._wake_r.close()
         self._wake_w.close()
 
