@@ -502,6 +502,26 @@ def test_cancel_sets_ctx_cancelled(serve, probe):
         assert conn.call("echo", {"still": "works"}, timeout=WAIT) == {"still": "works"}
 
 
+def test_pool_runs_up_to_its_workers_at_once_and_everything_queued():
+    pool = wire._Pool(2, "p-worker")
+    gate = threading.Event()
+    started, done = [], []
+
+    def job(n):
+        started.append(n)
+        gate.wait(WAIT)
+        done.append(n)
+
+    for n in range(5):
+        pool.submit(job, n)
+    wait_until(lambda: len(started) == 2, "two calls to start")
+    assert len(pool._threads) == 2  # no more threads than workers: the other three wait
+    gate.set()
+    pool.shutdown()  # runs what is queued first
+    assert sorted(done) == list(range(5))
+    assert all(not thread.is_alive() for thread in pool._threads)
+
+
 def test_cancelled_flag_wakes_its_waiter_whenever_it_is_set():
     # ctx.cancelled builds its Event only for a waiter: a set before, during or after that must not be lost.
     flag = wire._Cancelled()
