@@ -13,6 +13,9 @@ inline", as it answers the mount's share.* requests); raw is a ping-pong of
 messages of the same size with an echo process (4 threads: 4 raw sockets, since a
 raw socket cannot multiplex). The measurements alternate between wire and raw,
 --repeat times, and each keeps its best (the machine's cores are shared).
+cpu: for the 1-thread runs, the CPU time (user and system, both processes) one
+round trip costs, beside the raw ping-pong's: the per-request cost itself, which
+waits for a core less than the wall clock does on a busy machine.
 bulk: 1 MiB chunks; wire uploads with a request per chunk ("write") and downloads
 with a reply per chunk ("read"), each once in sequence and once with 4 threads;
 raw streams the same bytes with sendall / recv_into a preallocated buffer.
@@ -91,9 +94,19 @@ for t in threads:
 """
 
 
+def cpu_seconds(pid=None):
+    """CPU time (user + system) used so far by this process, or by process pid."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def raw_pingpong(calls, threads, size):
-    """Seconds for `calls` round trips of `size`-byte messages, spread over `threads` socket pairs
-    to an echo process."""
+    """(seconds, CPU seconds of both processes) for `calls` round trips of `size`-byte messages,
+    spread over `threads` socket pairs to an echo process."""
     pairs = [socket.socketpair() for _i in range(threads)]
     fds = [b.fileno() for _a, b in pairs]
     peer = subprocess.Popen([sys.executable, "-c", ECHO, str(size), *map(str, fds)], pass_fds=fds)
@@ -112,12 +125,14 @@ def raw_pingpong(calls, threads, size):
     for a, _b in pairs:  # the peer is up and answering before the clock starts
         a.sendall(message)
         _recv_exact_into(a, bytearray(size))
+    cpu = cpu_seconds() + cpu_seconds(peer.pid)
     elapsed = _threads(threads, client)
+    cpu = cpu_seconds() + cpu_seconds(peer.pid) - cpu
     for a, _b in pairs:
         a.close()
     if peer.wait(timeout=60) != 0:
         raise SystemExit(f"bench_wire: the raw echo process failed (exit status {peer.returncode})")
-    return elapsed
+    return elapsed, cpu
 
 
 def raw_stream(total):
@@ -233,11 +248,17 @@ def main(argv=None):
 
                 for op, name in (("echo", "small"), ("echo_inline", "small inline")):
                     for threads in (1, 4):
-                        w = r = float("inf")
+                        w = r = w_cpu = r_cpu = float("inf")
                         for _i in range(opts.repeat):  # interleaved: both see the same load
+                            cpu = cpu_seconds() + cpu_seconds(server.pid)
                             w = min(w, wire_calls(conn, opts.calls, threads, op, SMALL_ARGS))
-                            r = min(r, raw_pingpong(opts.calls, threads, small_size))
+                            w_cpu = min(w_cpu, cpu_seconds() + cpu_seconds(server.pid) - cpu)
+                            elapsed, cpu = raw_pingpong(opts.calls, threads, small_size)
+                            r, r_cpu = min(r, elapsed), min(r_cpu, cpu)
                         record(f"{name} x{threads} threads", "calls/s", opts.calls / w, opts.calls / r, True)
+                        if threads == 1:
+                            per_call = 1e6 / opts.calls
+                            record(f"{name} cpu", "us/call", w_cpu * per_call, r_cpu * per_call, False)
 
                 n = total // CHUNK
                 chunk = os.urandom(CHUNK)
