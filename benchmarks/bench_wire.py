@@ -2,9 +2,20 @@
 
     python benchmarks/bench_wire.py [--calls 10000] [--bulk-mib 1024] [--json]
 
+The server runs in a process of its own, as the enclave server does (client and
+server in one process would share one GIL, which no deployment does); so does the
+raw socket's echo peer.
+
 small: request/reply round trips of a typical small request over one connection,
-from 1 thread and from 4 threads sharing it; raw is a ping-pong of messages of
-the same size (4 threads: 4 raw sockets, since a raw socket cannot multiplex).
+from 1 thread and from 4 threads sharing it, of an op the server runs on its pool
+("small") and of an op it answers on the connection's reader thread ("small
+inline", as it answers the mount's share.* requests); raw is a ping-pong of
+messages of the same size with an echo process (4 threads: 4 raw sockets, since a
+raw socket cannot multiplex). The measurements alternate between wire and raw,
+--repeat times, and each keeps its best (the machine's cores are shared).
+cpu: for the 1-thread runs, the CPU time (user and system, both processes) one
+round trip costs, beside the raw ping-pong's: the per-request cost itself, which
+waits for a core less than the wall clock does on a busy machine.
 bulk: 1 MiB chunks; wire uploads with a request per chunk ("write") and downloads
 with a reply per chunk ("read"), each once in sequence and once with 4 threads;
 raw streams the same bytes with sendall / recv_into a preallocated buffer.
@@ -20,6 +31,8 @@ import ctypes
 import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -57,21 +70,50 @@ def _threads(n, target):
 # --- raw AF_UNIX ------------------------------------------------------------------------------
 
 
+ECHO = """
+import socket, sys, threading
+
+def echo(fd, size):
+    sock = socket.socket(fileno=fd)
+    buf = memoryview(bytearray(size))
+    while True:
+        view = buf
+        while view:
+            n = sock.recv_into(view)
+            if not n:
+                return
+            view = view[n:]
+        sock.sendall(buf)
+
+size = int(sys.argv[1])
+threads = [threading.Thread(target=echo, args=(int(fd), size)) for fd in sys.argv[2:]]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+
+
+def cpu_seconds(pid=None):
+    """CPU time (user + system) used so far by this process, or by process pid."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def raw_pingpong(calls, threads, size):
-    """Seconds for `calls` round trips of `size`-byte messages, spread over `threads` socket pairs."""
+    """(seconds, CPU seconds of both processes) for `calls` round trips of `size`-byte messages,
+    spread over `threads` socket pairs to an echo process."""
     pairs = [socket.socketpair() for _i in range(threads)]
-
-    def echo(sock, n):
-        buf = bytearray(size)
-        for _i in range(n):
-            _recv_exact_into(sock, buf)
-            sock.sendall(buf)
-
+    fds = [b.fileno() for _a, b in pairs]
+    peer = subprocess.Popen([sys.executable, "-c", ECHO, str(size), *map(str, fds)], pass_fds=fds)
+    for _a, b in pairs:
+        b.close()
     message = os.urandom(size)
     per_thread = calls // threads
-    servers = [threading.Thread(target=echo, args=(b, per_thread)) for _a, b in pairs]
-    for t in servers:
-        t.start()
 
     def client(i):
         sock = pairs[i][0]
@@ -80,13 +122,17 @@ def raw_pingpong(calls, threads, size):
             sock.sendall(message)
             _recv_exact_into(sock, buf)
 
+    for a, _b in pairs:  # the peer is up and answering before the clock starts
+        a.sendall(message)
+        _recv_exact_into(a, bytearray(size))
+    cpu = cpu_seconds() + cpu_seconds(peer.pid)
     elapsed = _threads(threads, client)
-    for t in servers:
-        t.join()
-    for a, b in pairs:
+    cpu = cpu_seconds() + cpu_seconds(peer.pid) - cpu
+    for a, _b in pairs:
         a.close()
-        b.close()
-    return elapsed
+    if peer.wait(timeout=60) != 0:
+        raise SystemExit(f"bench_wire: the raw echo process failed (exit status {peer.returncode})")
+    return elapsed, cpu
 
 
 def raw_stream(total):
@@ -116,18 +162,30 @@ def raw_stream(total):
 # --- wire -------------------------------------------------------------------------------------
 
 
-def start_server(sockdir):
+def serve(path, mallopt):
+    """The benchmark's server process: echo on the pool, echo_inline on the reader thread, bulk write and read."""
+    if mallopt:
+        keep_freed_memory()
     data = os.urandom(CHUNK)
     handlers = {
         "echo": lambda args, ctx: args,
+        "echo_inline": lambda args, ctx: args,
         "write": lambda args, ctx: len(args["data"]),
         "read": lambda args, ctx: data,
     }
-    endpoint = Endpoint.unix(os.path.join(sockdir, "bench.sock"))
-    server = wire.Server(endpoint.listen(), handlers)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return endpoint, server, thread
+    server = wire.Server(Endpoint.unix(path).listen(), handlers, inline={"echo_inline"})
+    print("ready", flush=True)
+    server.serve_forever()
+
+
+def start_server(sockdir, mallopt):
+    path = os.path.join(sockdir, "bench.sock")
+    command = [sys.executable, __file__, "--serve", path] + (["--mallopt"] if mallopt else [])
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline() != "ready\n":
+        proc.kill()
+        raise SystemExit(f"bench_wire: the server process did not start (exit status {proc.wait()})")
+    return Endpoint.unix(path), proc
 
 
 def wire_calls(conn, calls, threads, op, args):
@@ -153,7 +211,12 @@ def main(argv=None):
     parser.add_argument("--bulk-mib", type=int, default=1024, help="MiB moved per bulk measurement")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--mallopt", action="store_true", help="keep freed memory in the process (see above)")
+    parser.add_argument("--repeat", type=int, default=3, help="keep the best of N small measurements (default 3)")
+    parser.add_argument("--serve", metavar="SOCKET", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
+    if opts.serve:
+        serve(opts.serve, opts.mallopt)
+        return
     if opts.mallopt:
         keep_freed_memory()
     total = opts.bulk_mib * CHUNK
@@ -169,23 +232,33 @@ def main(argv=None):
             "ratio": round(ratio, 3),
         }
         if not opts.json:
-            print(f"{name:<24} wire {wire_value:>10.1f}  raw {raw_value:>10.1f}  {unit:<10} wire/raw speed {ratio:.2f}")
+            print(f"{name:<26} wire {wire_value:>10.1f}  raw {raw_value:>10.1f}  {unit:<10} wire/raw speed {ratio:.2f}")
 
     with tempfile.TemporaryDirectory(prefix="bench-wire-") as sockdir:
-        endpoint, server, thread = start_server(sockdir)
+        endpoint, server = start_server(sockdir, opts.mallopt)
         try:
             with wire.Connection.open(endpoint) as conn:
                 # Warm up: threads, the pool and the allocator's handling of MiB buffers.
                 wire_calls(conn, 200, 1, "echo", SMALL_ARGS)
+                wire_calls(conn, 200, 1, "echo_inline", SMALL_ARGS)
                 for _i in range(16):
                     conn.call("write", {"data": b"\0" * CHUNK})
                     conn.call("read")
                 raw_stream(16 * CHUNK)
 
-                for threads in (1, 4):
-                    w = wire_calls(conn, opts.calls, threads, "echo", SMALL_ARGS)
-                    r = raw_pingpong(opts.calls, threads, small_size)
-                    record(f"small x{threads} threads", "calls/s", opts.calls / w, opts.calls / r, True)
+                for op, name in (("echo", "small"), ("echo_inline", "small inline")):
+                    for threads in (1, 4):
+                        w = r = w_cpu = r_cpu = float("inf")
+                        for _i in range(opts.repeat):  # interleaved: both see the same load
+                            cpu = cpu_seconds() + cpu_seconds(server.pid)
+                            w = min(w, wire_calls(conn, opts.calls, threads, op, SMALL_ARGS))
+                            w_cpu = min(w_cpu, cpu_seconds() + cpu_seconds(server.pid) - cpu)
+                            elapsed, cpu = raw_pingpong(opts.calls, threads, small_size)
+                            r, r_cpu = min(r, elapsed), min(r_cpu, cpu)
+                        record(f"{name} x{threads} threads", "calls/s", opts.calls / w, opts.calls / r, True)
+                        if threads == 1:
+                            per_call = 1e6 / opts.calls
+                            record(f"{name} cpu", "us/call", w_cpu * per_call, r_cpu * per_call, False)
 
                 n = total // CHUNK
                 chunk = os.urandom(CHUNK)
@@ -196,13 +269,15 @@ def main(argv=None):
                     w = wire_calls(conn, n, threads, "read", None)
                     record(f"download 1 MiB x{threads}", "MB/s", total / w / 1e6, raw, True)
         finally:
-            server.shutdown()
-            thread.join()
+            server.terminate()
+            server.wait()
+            server.stdout.close()
     results["config"] = {
         "calls": opts.calls,
         "bulk_mib": opts.bulk_mib,
         "small_message_bytes": small_size,
         "mallopt": opts.mallopt,
+        "repeat": opts.repeat,
     }
     if opts.json:
         print(json.dumps(results, indent=2))

@@ -33,7 +33,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,30 +178,78 @@ def _refuse_tag(decoder, *_args):
     raise cbor2.CBORDecodeError("CBOR tags are not allowed on this wire")
 
 
-class _NoTags(Mapping):
-    """Every semantic tag maps to a refusal, except bignums (2, 3), left to cbor2."""
+class _NoTags(dict):
+    """Every semantic tag maps to a refusal, except bignums (2, 3), left to cbor2.
 
-    def __getitem__(self, tag):
+    A dict (empty, answering through __missing__), not a Mapping: cbor2 checks a Mapping
+    argument with an isinstance that costs more than decoding a small frame."""
+
+    def __missing__(self, tag):
         if tag in (2, 3):
             raise KeyError(tag)
         return _refuse_tag
 
-    def __iter__(self):
-        return iter(())
-
-    def __len__(self):
-        return 0
-
 
 _NO_TAGS = _NoTags()
+_PLAIN = frozenset((str, bytes, int, float, bool, type(None)))
+
+
+def _plain(value, depth: int = 0) -> bool:
+    """Whether value holds nothing but dicts, lists, tuples and the exact types in _PLAIN.
+
+    Such a message encodes to the same bytes with or without _ENCODERS (none of their types
+    is in it), and cbor2 encodes several times faster without them: it looks every value up
+    in an encoders mapping, and each miss raises and catches a KeyError."""
+    kind = type(value)
+    if kind is dict:
+        if depth >= MAX_DEPTH:
+            return False
+        for key, item in value.items():
+            if type(key) not in _PLAIN or (type(item) not in _PLAIN and not _plain(item, depth + 1)):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        if depth >= MAX_DEPTH:
+            return False
+        for item in value:  # noqa: SIM110 (a loop: all() over a generator costs twice as much per item)
+            if type(item) not in _PLAIN and not _plain(item, depth + 1):
+                return False
+        return True
+    return kind in _PLAIN
 
 
 def encode(msg: Mapping) -> bytes:
     """The CBOR body of a frame. Raises WireError if msg holds something other than plain data."""
     try:
+        if _plain(msg):
+            return cbor2.dumps(msg)
         return cbor2.dumps(msg, encoders=_ENCODERS)
     except (TypeError, ValueError, cbor2.CBOREncodeError) as e:
         raise WireError(f"cannot encode a message: {e}") from e
+
+
+def _cbor_decoder(fp, read_size: int, string_keys: bool):
+    return cbor2.CBORDecoder(
+        fp,
+        read_size=read_size,
+        semantic_decoders=_NO_TAGS,
+        max_depth=MAX_DEPTH,
+        allow_indefinite=False,
+        allow_duplicate_keys=False,
+        strict_hashable_types=string_keys,
+    )
+
+
+def _decoded(decoder, fp: io.BytesIO, length: int) -> dict:
+    try:
+        msg = decoder.decode()
+    except Exception as e:  # hostile bytes may trip any error inside cbor2: all mean a bad frame
+        raise ProtocolError(f"malformed CBOR in a frame of {length} bytes: {e}") from None
+    if fp.tell() != length:
+        raise ProtocolError(f"{length - fp.tell()} stray bytes after the CBOR map in a frame")
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"a frame must hold a CBOR map, not {type(msg).__name__}")
+    return msg
 
 
 def decode(body: bytes, *, string_keys: bool = False) -> dict:
@@ -211,24 +258,112 @@ def decode(body: bytes, *, string_keys: bool = False) -> dict:
     string_keys: refuse map keys other than text/byte strings (whose hashes are
     randomised), so a hostile peer cannot flood a dict with colliding int keys."""
     fp = io.BytesIO(body)
-    try:
-        msg = cbor2.CBORDecoder(
-            fp,
-            # One read of the whole body: cbor2's default small reads are several times slower on MiB frames.
-            read_size=max(len(body), 1),
-            semantic_decoders=_NO_TAGS,
-            max_depth=MAX_DEPTH,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-            strict_hashable_types=string_keys,
-        ).decode()
-    except Exception as e:  # hostile bytes may trip any error inside cbor2: all mean a bad frame
-        raise ProtocolError(f"malformed CBOR in a frame of {len(body)} bytes: {e}") from None
-    if fp.tell() != len(body):
-        raise ProtocolError(f"{len(body) - fp.tell()} stray bytes after the CBOR map in a frame")
-    if not isinstance(msg, dict):
-        raise ProtocolError(f"a frame must hold a CBOR map, not {type(msg).__name__}")
-    return msg
+    # One read of the whole body: cbor2's default small reads are several times slower on MiB frames.
+    return _decoded(_cbor_decoder(fp, max(len(body), 1), string_keys), fp, len(body))
+
+
+READ_BUFFER = 64 * 1024
+"""A frame reader's buffer: a frame that fits comes in with its header, in one system call."""
+
+
+class _FrameReader:
+    """Reads frames off one socket for one reader at a time (not thread-safe).
+
+    A small frame usually arrives whole with one recv into a fixed buffer, header and body, and
+    is decoded by one cbor2 decoder kept for the purpose (building one costs more than decoding
+    a small map). A frame larger than the buffer is read as recv_frame does, its body in one
+    recv of its exact size; after such a frame the next header is read alone, so a stream of
+    MiB frames never copies a body it has begun into the buffer."""
+
+    def __init__(self, sock: socket.socket, max_frame: int, *, string_keys: bool = False):
+        self.sock = sock
+        self.max_frame = max_frame
+        self.string_keys = string_keys
+        self._buffer = bytearray(READ_BUFFER)
+        self._view = memoryview(self._buffer)
+        self._start = 0  # buffered bytes not consumed yet: _buffer[_start:_end]
+        self._end = 0
+        self._bulk = False  # the last frame was larger than the buffer
+        self._decoder = None
+
+    def has_frame(self) -> bool:
+        """Whether a whole frame is already buffered (the socket may have nothing more to say)."""
+        have = self._end - self._start
+        return have >= HEADER.size and have >= HEADER.size + HEADER.unpack_from(self._buffer, self._start)[0]
+
+    def _fill(self, want: int, most: int) -> int:
+        """Buffer at least `want` bytes, holding at most `most`; the bytes buffered (fewer: the stream ended)."""
+        if self._start and self._start + most > len(self._buffer):
+            have = self._end - self._start
+            self._buffer[:have] = self._view[self._start : self._end]
+            self._start, self._end = 0, have
+        limit = self._start + most
+        while self._end - self._start < want:
+            n = self.sock.recv_into(self._view[self._end : limit])
+            if not n:
+                break
+            self._end += n
+        return self._end - self._start
+
+    def length(self) -> int | None:
+        """The next frame's length, checked against max_frame; None if the peer closed between frames."""
+        if self._end - self._start < HEADER.size:
+            # After a large frame, the header alone: its body is read whole into its own bytes (no copy).
+            have = self._fill(HEADER.size, HEADER.size if self._bulk else len(self._buffer))
+            if have < HEADER.size:
+                if have:
+                    raise ProtocolError("the connection closed inside a frame header")
+                return None
+        (length,) = HEADER.unpack_from(self._buffer, self._start)
+        if length > self.max_frame:
+            raise ProtocolError(
+                f"a frame claims {length} bytes, over the limit of {self.max_frame}: the peer is broken "
+                f"or does not speak {PROTOCOL}"
+            )
+        self._start += HEADER.size
+        return length
+
+    def body(self, length: int) -> bytes:
+        """The body of the frame whose length() was just read."""
+        have = self._end - self._start
+        self._bulk = length > len(self._buffer)
+        if self._bulk:
+            prefix = bytes(self._view[self._start : self._end])
+            self._start = self._end = 0
+            rest = _recv_exact(self.sock, length - have)
+            if len(rest) < length - have:
+                raise ProtocolError(f"the connection closed inside a frame ({have + len(rest)} of {length} bytes)")
+            return prefix + rest if prefix else rest
+        if have < length:
+            have = self._fill(length, len(self._buffer))
+            if have < length:
+                raise ProtocolError(f"the connection closed inside a frame ({have} of {length} bytes)")
+        body = bytes(self._view[self._start : self._start + length])
+        self._start += length
+        if self._start == self._end:
+            self._start = self._end = 0
+        return body
+
+    def decode(self, body: bytes) -> dict:
+        if len(body) > len(self._buffer):
+            return decode(body, string_keys=self.string_keys)
+        fp = io.BytesIO(body)
+        if self._decoder is None:
+            self._decoder = _cbor_decoder(fp, len(self._buffer), self.string_keys)
+        else:
+            self._decoder.fp = fp
+        try:
+            return _decoded(self._decoder, fp, len(body))
+        except ProtocolError:
+            self._decoder = None  # its state after a failure is cbor2's business: start afresh
+            raise
+
+    def frame(self) -> dict | None:
+        """The next message, or None if the peer closed the connection between frames."""
+        length = self.length()
+        if length is None:
+            return None
+        return self.decode(self.body(length))
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -273,7 +408,9 @@ def _recv_body(sock: socket.socket, length: int) -> bytes:
 def recv_frame(sock: socket.socket, max_frame: int = MAX_FRAME, *, string_keys: bool = False) -> dict | None:
     """The next message, or None if the peer closed the connection between frames.
 
-    The claimed length is checked against max_frame before anything is allocated."""
+    The claimed length is checked against max_frame before anything is allocated. Reads
+    exactly one frame (nothing past it), for handshakes and simple peers; the server and
+    Connection read through a _FrameReader."""
     length = _recv_length(sock, max_frame)
     if length is None:
         return None
@@ -360,6 +497,16 @@ class _Channel:
                 self.sock.close()
 
 
+def _consume(buffers: list, sent: int) -> None:
+    """Drop the first `sent` bytes from a list of buffers (a sendmsg that took only part of them)."""
+    while sent and buffers:
+        if sent >= len(buffers[0]):
+            sent -= len(buffers.pop(0))
+        else:
+            buffers[0] = memoryview(buffers[0])[sent:]
+            sent = 0
+
+
 def _check_limit(value, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not MIN_FRAME <= value <= 0xFFFFFFFF:
         raise ProtocolError(f"{what} must be an integer from {MIN_FRAME} to {0xFFFFFFFF}, not {value!r}")
@@ -425,6 +572,42 @@ def _remote_error(payload, op: str) -> RemoteError:
 # --- server ---------------------------------------------------------------------------------
 
 
+_CANCEL_LOCK = threading.Lock()  # orders set() against the building of a waiter's Event, for every request
+
+
+class _Cancelled:
+    """A request's cancellation flag with threading.Event's is_set, set and wait. Its Event is built only
+    once someone waits: building one (a Condition) costs more than decoding a small request, and most
+    requests are never waited on."""
+
+    __slots__ = ("_event", "_flag")
+
+    def __init__(self):
+        self._flag = False
+        self._event: threading.Event | None = None
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        with _CANCEL_LOCK:
+            self._flag = True
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._flag:
+            return True
+        with _CANCEL_LOCK:
+            if self._event is None:
+                self._event = threading.Event()
+                if self._flag:
+                    self._event.set()
+            event = self._event
+        return event.wait(timeout)
+
+
 @dataclass
 class RequestContext:
     """What a handler gets besides its args."""
@@ -432,7 +615,7 @@ class RequestContext:
     id: int
     op: str
     peer: str
-    cancelled: threading.Event  # set when the client cancels or disconnects
+    cancelled: threading.Event | _Cancelled  # set when the client cancels or disconnects
     _emit: Callable[[Any], None] = field(repr=False)
 
     def emit(self, event: Any) -> None:
@@ -456,7 +639,10 @@ def _bulk(args: dict) -> bool:
     size = args.get("size")
     if isinstance(size, int) and not isinstance(size, bool) and size > INLINE_MAX_BYTES:
         return True
-    return any(isinstance(value, bytes) and len(value) > INLINE_MAX_BYTES for value in args.values())
+    for value in args.values():  # noqa: SIM110 (a loop: any() over a generator costs twice as much, per request)
+        if isinstance(value, bytes) and len(value) > INLINE_MAX_BYTES:
+            return True
+    return False
 
 
 def _describe_peer(sock: socket.socket, address) -> str:
@@ -478,15 +664,22 @@ class _Budget:
         self.total = total
         self.per_connection = per_connection
         self.used = 0
-        self._cond = threading.Condition()
+        # The plain lock under the condition: taken directly on the paths every request runs.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0
 
     def acquire(self, conn: _ServerConnection, n: int) -> bool:
         """Wait until n bytes fit; False if the connection went down meanwhile."""
-        with self._cond:
+        with self._lock:
             while self.used + n > self.total or conn.held + n > self.per_connection:
                 if conn.channel.down:
                     return False
-                self._cond.wait(1.0)  # woken by release() and wake(); the timeout only guards against a lost wake
+                self._waiting += 1
+                try:
+                    self._cond.wait(1.0)  # woken by release() and wake(); the timeout only guards against a lost wake
+                finally:
+                    self._waiting -= 1
             if conn.channel.down:
                 return False
             self.used += n
@@ -495,14 +688,62 @@ class _Budget:
 
     def release(self, conn: _ServerConnection, n: int) -> None:
         if n:
-            with self._cond:
+            with self._lock:
                 self.used -= n
                 conn.held -= n
-                self._cond.notify_all()
+                if self._waiting:
+                    self._cond.notify_all()
 
     def wake(self) -> None:
-        with self._cond:
+        with self._lock:
             self._cond.notify_all()
+
+
+class _Pool:
+    """Runs calls on up to `workers` threads, started as needed: ThreadPoolExecutor without the Future it
+    builds per call (whose Condition alone costs more than a small request), as nothing here waits on one.
+    The calls catch their own errors; one that escapes is logged."""
+
+    def __init__(self, workers: int, name: str):
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers = workers
+        self._name = name
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # workers waiting for work that no submitted call has claimed yet
+
+    def submit(self, fn: Callable, *args, **kwargs) -> None:
+        """Queue fn(*args, **kwargs); RuntimeError if no worker runs and none can start (it stays queued)."""
+        self._work.put((fn, args, kwargs))
+        with self._lock:
+            if self._idle:
+                self._idle -= 1  # a waiting worker takes it
+                return
+            if len(self._threads) >= self._workers:
+                return  # the next worker to finish takes it
+            thread = threading.Thread(target=self._run, name=f"{self._name}_{len(self._threads)}", daemon=True)
+            thread.start()  # RuntimeError when it cannot: the call waits for the running workers
+            self._threads.append(thread)
+
+    def _run(self) -> None:
+        while (item := self._work.get()) is not None:
+            fn, args, kwargs = item
+            try:
+                fn(*args, **kwargs)
+            except BaseException:  # a worker outlives whatever one call does
+                log.exception("a call on %s failed", self._name)
+            del item, fn, args, kwargs  # hold nothing of a finished call while waiting for the next
+            with self._lock:
+                self._idle += 1
+
+    def shutdown(self) -> None:
+        """Run what is queued, then stop the workers."""
+        with self._lock:
+            threads, self._workers = list(self._threads), 0
+        for _i in range(len(threads)):
+            self._work.put(None)
+        for thread in threads:
+            thread.join()
 
 
 class Server:
@@ -562,7 +803,7 @@ class Server:
             raise TypeError("handler names (ops) must be strings")
         # Short ops run on the connection's reader thread: no hand-off to a worker and back.
         self._inline = frozenset(inline)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-worker")
+        self._pool = _Pool(workers, f"{name}-worker")
         self._lock = threading.Lock()
         self._connections: dict[_ServerConnection, threading.Thread] = {}
         self._wake_r, self._wake_w = socket.socketpair()
@@ -629,7 +870,7 @@ class Server:
             conn.close_down()
         for _conn, thread in connections:
             thread.join()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown()
         self._wake_r.close()
         self._wake_w.close()
 
@@ -645,20 +886,22 @@ class _ServerConnection:
         self.server = server
         self.channel = _Channel(sock, peer)
         self.peer = peer
-        self.inflight: dict[int, threading.Event] = {}
+        self.inflight: dict[int, _Cancelled] = {}  # the requests running, at most server.max_inflight
         self.lock = threading.Lock()
-        self.slots = threading.Semaphore(server.max_inflight)
+        self.slot_free = threading.Condition(self.lock)  # the reader waits on it while max_inflight run
+        self.slot_wanted = False
         self.held = 0  # bytes reserved from server.budget (changed under the budget's lock)
         # Frames waiting to be sent, each [buffers not yet sent, bytes reserved, sent]; the first may be half sent.
-        # Guarded by outbox_ready's lock; the socket itself by the channel's send lock.
+        # Guarded by outbox_lock (outbox_ready's lock); the socket itself by the channel's send lock.
         self.outbox: deque[list] = deque()
-        self.outbox_ready = threading.Condition()
+        self.outbox_lock = threading.Lock()
+        self.outbox_ready = threading.Condition(self.outbox_lock)
 
     def close_down(self) -> None:
         """Shut the socket: the reader, the writer and any budget wait end; in-flight requests see cancelled."""
         self.channel.shutdown()
         self.server.budget.wake()
-        with self.outbox_ready:
+        with self.outbox_lock:
             self.outbox_ready.notify_all()
 
     def run(self):
@@ -695,19 +938,19 @@ class _ServerConnection:
             self.server._forget(self)
 
     def read_loop(self):
-        """Read requests; each waits for its share of the budget before its body is read."""
-        sock = self.channel.sock
+        """Read requests; each waits for its share of the budget before its body is read (beyond what
+        the reader's fixed buffer already holds)."""
+        reader = _FrameReader(self.channel.sock, self.server.max_frame, string_keys=True)
         budget = self.server.budget
-        max_frame = self.server.max_frame
         while True:
-            length = _recv_length(sock, max_frame)
+            length = reader.length()
             if length is None:
                 return
             reserved = Server.request_reservation(length, self.channel.peer_max_frame)
             if not budget.acquire(self, reserved):
                 return  # closed while waiting
             try:
-                msg = decode(_recv_body(sock, length), string_keys=True)
+                msg = reader.decode(reader.body(length))
             except BaseException:
                 budget.release(self, reserved)
                 raise
@@ -790,9 +1033,11 @@ class _ServerConnection:
             message = f"this enclave server has no operation {op!r}: update the enclave image or the client"
             self.reply({"id": rid, "error": _error_payload(errno.ENOSYS, message)}, op, reserved, block=True)
             return
-        self.slots.acquire()  # back-pressure: stop reading while max_inflight requests are running
-        cancelled = threading.Event()
+        cancelled = _Cancelled()
         with self.lock:
+            while len(self.inflight) >= self.server.max_inflight:  # back-pressure: stop reading meanwhile
+                self.slot_wanted = True
+                self.slot_free.wait()
             self.inflight[rid] = cancelled
         if op in self.server._inline and not _bulk(args):
             # A short op: answered from this reader thread, which reads nothing else meanwhile.
@@ -806,7 +1051,7 @@ class _ServerConnection:
             log.warning("%s: no new worker thread for %s (%s); it waits for a running worker", self.peer, op, e)
 
     def run_request(
-        self, rid: int, op: str, handler: Handler, args: dict, cancelled: threading.Event, reserved: int, *, block
+        self, rid: int, op: str, handler: Handler, args: dict, cancelled: _Cancelled, reserved: int, *, block
     ):
         def emit(event):
             # Events are sent by the handler's own thread: a job streaming to a client that does not
@@ -823,7 +1068,9 @@ class _ServerConnection:
             # Before the reply goes out: the client may reuse the id as soon as it has it.
             with self.lock:
                 del self.inflight[rid]
-            self.slots.release()
+                if self.slot_wanted:
+                    self.slot_wanted = False
+                    self.slot_free.notify()
         del args
         # The reader sends its own replies (block: its client's pace); a worker never waits for a client.
         self.reply(reply, op, reserved, block=block)
@@ -864,13 +1111,20 @@ class _ServerConnection:
         """Queue one frame body and send what the socket takes; `reserved` budget bytes are released once
         it is sent. block=False sends only what fits now and leaves the rest to the writer thread;
         block=True waits until this frame is out (up to send_timeout). Raises ConnectionClosed."""
-        entry = [[HEADER.pack(len(body)), memoryview(body)], reserved, False]  # buffers left, reserved, sent
-        with self.outbox_ready:
+        entry = [[HEADER.pack(len(body)), body], reserved, False]  # buffers left, reserved, sent
+        lock = self.channel._send_lock
+        if not self.outbox and lock.acquire(blocking=False):
+            try:
+                if not self.outbox:  # checked again under the lock: a frame queued meanwhile goes first
+                    self._send_now(entry, block)
+                    return
+            finally:
+                lock.release()
+        with self.outbox_lock:
             if self.channel.down:
                 self.server.budget.release(self, reserved)
                 raise ConnectionClosed(f"the connection to {self.peer} is closed")
             self.outbox.append(entry)
-        lock = self.channel._send_lock
         if lock.acquire(blocking=block):
             try:
                 self._flush(block=block)
@@ -879,14 +1133,47 @@ class _ServerConnection:
         if not entry[2]:  # not all sent: the writer takes it from here
             if block or self.channel.down:  # a blocking flush leaves a frame only when the connection failed
                 raise ConnectionClosed(f"the connection to {self.peer} is closed")
-            with self.outbox_ready:
+            with self.outbox_lock:
                 self.outbox_ready.notify()
+
+    def _send_now(self, entry: list, block: bool) -> None:
+        """With the send lock held and the outbox empty (the usual case): write the frame from this thread
+        at once, without queueing it; what the socket does not take goes to the head of the outbox, for the
+        blocking flush (block=True) or the writer thread. Raises ConnectionClosed."""
+        buffers, reserved = entry[0], entry[1]
+        try:
+            if self.channel.down:
+                raise ConnectionClosed(f"the connection to {self.peer} is closed")
+            sent = self.channel.sock.sendmsg(buffers, (), 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0  # the socket is full (block=True: SO_SNDTIMEO ran out; the blocking flush below reports it)
+        except OSError as e:
+            self.server.budget.release(self, reserved)
+            if not isinstance(e, ConnectionClosed):
+                self._fail(f"sending to {self.peer} failed: {e.strerror or e}")
+            raise ConnectionClosed(f"the connection to {self.peer} is closed") from None
+        if sent == len(buffers[0]) + len(buffers[1]):
+            entry[2] = True
+            self.server.budget.release(self, reserved)
+            return
+        _consume(buffers, sent)
+        with self.outbox_lock:
+            if self.channel.down:
+                self.server.budget.release(self, reserved)
+                raise ConnectionClosed(f"the connection to {self.peer} is closed")
+            self.outbox.appendleft(entry)  # under the send lock: nothing went out since its first bytes
+            if not block:
+                self.outbox_ready.notify()
+        if block:
+            self._flush(block=True)
+            if not entry[2]:
+                raise ConnectionClosed(f"the connection to {self.peer} is closed")
 
     def _flush(self, *, block: bool) -> None:
         """With the send lock held: send outbox frames until it is empty, or (block=False) the socket is full."""
         flags = 0 if block else socket.MSG_DONTWAIT
         while True:
-            with self.outbox_ready:
+            with self.outbox_lock:
                 if not self.outbox or self.channel.down:
                     return
                 entry = self.outbox[0]
@@ -900,14 +1187,9 @@ class _ServerConnection:
             except OSError as e:
                 self._fail(f"sending to {self.peer} failed: {e.strerror or e}")
                 return
-            while sent and buffers:
-                if sent >= len(buffers[0]):
-                    sent -= len(buffers.pop(0))
-                else:
-                    buffers[0] = buffers[0][sent:]
-                    sent = 0
+            _consume(buffers, sent)
             if not buffers:
-                with self.outbox_ready:
+                with self.outbox_lock:
                     if not self.outbox or self.outbox[0] is not entry:
                         return  # dropped meanwhile (the connection failed): its bytes were released then
                     self.outbox.popleft()
@@ -920,7 +1202,7 @@ class _ServerConnection:
         self._drop_outbox()
 
     def _drop_outbox(self) -> None:
-        with self.outbox_ready:
+        with self.outbox_lock:
             dropped, self.outbox = self.outbox, deque()
         for entry in dropped:
             self.server.budget.release(self, entry[1])
@@ -1060,14 +1342,18 @@ class Connection:
         self.ops: tuple[str, ...] = tuple(op for op in ops if isinstance(op, str)) if isinstance(ops, list) else ()
         self._channel.peer_max_frame = self.max_frame
         sock.settimeout(None)
+        self._frames = _FrameReader(sock, self._max_frame)  # read only with _read_lock held
+        self._poller = select.poll()  # polled only with _read_lock held
+        self._poller.register(sock, select.POLLIN)
 
-    def _readable(self, timeout: float | None) -> bool:
-        """Whether a frame (or the end of the stream) waits on the socket; timeout None waits for ever."""
-        poller = select.poll()
-        try:
-            poller.register(self._channel.sock, select.POLLIN)
-        except (OSError, ValueError):  # closed under us: let the read find out and report it
-            return True
+    def _readable(self, timeout: float | None, poller=None) -> bool:
+        """Whether a frame (or the end of the stream) waits on the socket; timeout None waits for ever.
+
+        Without a poller, with _read_lock held: the connection's own poller (and its buffered frames)."""
+        if poller is None:
+            if self._channel.sock.fileno() < 0:  # closed under us: let the read find out and report it
+                return True
+            poller = self._poller
         return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
 
     def _read_one(self) -> bool:
@@ -1075,10 +1361,14 @@ class Connection:
 
         Only with _read_lock held, and only when the socket is readable (a frame is arriving)."""
         peer = self._channel.peer
+        frames = self._frames
         try:
-            msg = recv_frame(self._channel.sock, self._max_frame)
+            msg = frames.frame()
             if msg is not None:
                 self._dispatch(msg)
+                # Frames that came in the same read: routed now, for nothing wakes a poll for them.
+                while frames.has_frame():
+                    self._dispatch(frames.frame())
                 return True
             reason = f"{peer} closed the connection"
         except ConnectionResetError:
@@ -1113,12 +1403,14 @@ class Connection:
         """The background reader: reads for the calls that wait while no caller reads for itself.
 
         Idle while the only caller reads its own reply, so a lone call wakes no other thread."""
+        poller = select.poll()  # its own: it polls without _read_lock
+        poller.register(self._channel.sock, select.POLLIN)
         while True:
             self._watch.wait()
             if self._closed_reason is not None:
                 return
             try:
-                self._readable(None)
+                self._readable(None, poller)
             except OSError:  # the descriptor is gone (closed): treat as the end
                 self._fail_all(f"the connection to {self._channel.peer} failed")
                 return
@@ -1135,17 +1427,18 @@ class Connection:
         reading (no hand-off through the background reader), else handed over by whoever reads.
         Raises queue.Empty after timeout seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        replies = call._queue
         while True:
-            with contextlib.suppress(queue.Empty):
-                return call._queue.get_nowait()
+            if not replies.empty():  # only this thread takes from it
+                return replies.get_nowait()
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise queue.Empty
             if not self._read_lock.acquire(blocking=False):
                 # Another thread reads: it routes our reply to us, or leaves the socket to the background reader.
-                return call._queue.get(timeout=remaining)
+                return replies.get(timeout=remaining)
             try:
-                if not call._queue.empty():
+                if not replies.empty():
                     continue
                 if self._closed_reason is not None:  # nothing more will come: a call already forgotten
                     return (_ERROR, ConnectionClosed(self._closed_reason))

@@ -272,6 +272,78 @@ def test_fuzz_recv_frame(data, well_formed_prefix):
         b.close()
 
 
+PLAIN_DATA = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text() | st.binary(),
+    lambda children: st.lists(children) | st.tuples(children, children) | st.dictionaries(st.text(), children),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(PLAIN_DATA)
+def test_plain_messages_encode_as_the_refusing_encoders_would(value):
+    """encode() skips cbor2's encoders mapping for plain data: the bytes must not change."""
+    msg = {"id": 1, "ok": value}
+    assert encode(msg) == cbor2.dumps(msg, encoders=wire._ENCODERS)
+
+
+@pytest.mark.parametrize("value", [[{"a": (1, datetime.date.today())}], {"k": [b"x", {2, 3}]}, {"k": [object()]}])
+def test_encode_looks_inside_containers(value):
+    with pytest.raises(WireError, match="cannot encode"):
+        encode({"v": value})
+    assert decode(encode({"v": [{"m": memoryview(b"abc")[1:]}]})) == {"v": [{"m": b"bc"}]}
+
+
+def _outcomes(read):
+    """What read() yields until the end of the stream: messages, then None or the error that ended it."""
+    seen = []
+    while True:
+        try:
+            msg = read()
+        except ProtocolError as e:
+            return [*seen, f"ProtocolError: {e}"]
+        seen.append(msg)
+        if msg is None:
+            return seen
+
+
+FRAME_BODIES = st.one_of(
+    st.binary(max_size=200).map(lambda data: encode({"id": 1, "data": data})),
+    st.sampled_from([wire.READ_BUFFER - 40, wire.READ_BUFFER - 4, wire.READ_BUFFER + 1, 200_000]).map(
+        lambda size: encode({"id": 2, "data": b"x" * (size - 16)})[:size]
+    ),
+    st.binary(max_size=40),  # not CBOR, or not a map
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(FRAME_BODIES, max_size=6), st.binary(max_size=16))
+def test_frame_reader_reads_what_recv_frame_reads(bodies, tail):
+    """The buffered reader the server and Connection use yields the same messages and errors as recv_frame
+    on the same stream: small and large frames in any order, junk, a truncated end."""
+    stream = b"".join(struct.pack(">I", len(body)) + body for body in bodies) + tail
+    results = []
+    for reader in ("recv_frame", "frame reader"):
+        a, b = socket.socketpair()
+        with a, b:
+
+            def write(a=a):
+                with contextlib.suppress(OSError):  # the reader stopped at an error and shut its end
+                    a.sendall(stream)
+                    a.shutdown(socket.SHUT_WR)
+
+            writer = threading.Thread(target=write)
+            writer.start()
+            if reader == "recv_frame":
+                results.append(_outcomes(lambda b=b: recv_frame(b, max_frame=wire.READ_BUFFER * 4)))
+            else:
+                frames = wire._FrameReader(b, wire.READ_BUFFER * 4)
+                results.append(_outcomes(frames.frame))
+            b.shutdown(socket.SHUT_RD)  # a writer blocked on a full socket after an error ends too
+            writer.join()
+    assert results[0] == results[1]
+
+
 def test_recv_frame_checks_length_before_reading():
     a, b = socket.socketpair()
     with a, b:
@@ -428,6 +500,43 @@ def test_cancel_sets_ctx_cancelled(serve, probe):
         assert info.value.errno == errno.ECANCELED
         assert probe.saw_cancel.is_set()
         assert conn.call("echo", {"still": "works"}, timeout=WAIT) == {"still": "works"}
+
+
+def test_pool_runs_up_to_its_workers_at_once_and_everything_queued():
+    pool = wire._Pool(2, "p-worker")
+    gate = threading.Event()
+    started, done = [], []
+
+    def job(n):
+        started.append(n)
+        gate.wait(WAIT)
+        done.append(n)
+
+    for n in range(5):
+        pool.submit(job, n)
+    wait_until(lambda: len(started) == 2, "two calls to start")
+    assert len(pool._threads) == 2  # no more threads than workers: the other three wait
+    gate.set()
+    pool.shutdown()  # runs what is queued first
+    assert sorted(done) == list(range(5))
+    assert all(not thread.is_alive() for thread in pool._threads)
+
+
+def test_cancelled_flag_wakes_its_waiter_whenever_it_is_set():
+    # ctx.cancelled builds its Event only for a waiter: a set before, during or after that must not be lost.
+    flag = wire._Cancelled()
+    assert not flag.is_set()
+    assert flag.wait(0.01) is False
+    woke = []
+    waiter = threading.Thread(target=lambda: woke.append(flag.wait(WAIT)))
+    waiter.start()
+    wait_until(lambda: flag._event is not None, "the waiter")
+    flag.set()
+    waiter.join()
+    assert woke == [True]
+    early = wire._Cancelled()
+    early.set()
+    assert early.is_set() and early.wait(WAIT) is True
 
 
 def test_failing_event_consumer_cancels_the_request(serve, probe):
@@ -683,6 +792,43 @@ def test_client_drops_a_server_that_breaks_the_protocol(sockdir):
 
 
 # --- inline ops and callers reading their own replies -------------------------------------------
+
+
+@pytest.mark.parametrize("inline", [set(), {"echo"}])
+def test_requests_that_arrive_together_are_all_answered(serve, inline):
+    # The server's reader takes in several small frames with one recv: each must still be served.
+    endpoint, _server = serve(inline=inline)
+    sock, _reply = raw_hello(endpoint)
+    with sock:
+        bodies = [encode({"id": rid, "op": "echo", "args": {"n": rid}}) for rid in (1, 2, 3)]
+        sock.sendall(b"".join(struct.pack(">I", len(body)) + body for body in bodies))
+        replies = {msg["id"]: msg for msg in (recv_frame(sock) for _i in range(3))}
+    assert replies == {rid: {"id": rid, "ok": {"n": rid}} for rid in (1, 2, 3)}
+
+
+def test_replies_that_arrive_together_reach_their_callers(sockdir):
+    # A server whose two replies reach the client in one write: whoever reads them routes both (left in a
+    # buffer, the second would wake no poll and its caller would wait for ever).
+    endpoint = Endpoint.unix(os.path.join(sockdir, "together.sock"))
+    listener = endpoint.listen()
+
+    def together():
+        sock, _address = listener.accept()
+        with sock:
+            recv_frame(sock)
+            send_frame(sock, {"hello": PROTOCOL, "version": 1, "max_frame": MAX_FRAME, "server": "together"})
+            first, second = recv_frame(sock), recv_frame(sock)
+            replies = ({"id": second["id"], "ok": "second"}, {"id": first["id"], "ok": "first"})
+            sock.sendall(b"".join(struct.pack(">I", len(encode(m))) + encode(m) for m in replies))
+            read_until_closed(sock)
+        listener.close()
+
+    threading.Thread(target=together, daemon=True).start()
+    with Connection.open(endpoint, timeout=WAIT) as conn:
+        first, second = conn.submit("a"), conn.submit("b")
+        # A CallTimeout here means a reply was read and never routed.
+        assert first.result(WAIT) == "first"
+        assert second.result(WAIT) == "second"
 
 
 def test_inline_ops_run_on_the_reader_thread_and_pool_ops_stay_concurrent(serve, probe):
