@@ -40,7 +40,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.package impo
     write_package,
 )
 
-VECTORS = Path(__file__).resolve().parents[1] / "vectors"
+VECTORS = Path(__file__).resolve().parents[3] / "vectors"
 SEGMENT = 1 << 20
 TINK_HEADER = 1 + 32 + 7
 KEY = bytes(range(32))  # data key of the hostile packages built here

@@ -33,7 +33,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime impo
     get_runtime,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[4]
 FAKE = ROOT / "tests" / "fixtures" / "fake-nitro-cli"
 DOCKERFILE = ROOT / "enclave_server" / "Dockerfile"
 REQUIREMENTS = ROOT / "enclave_server" / "requirements.txt"
