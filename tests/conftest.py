@@ -23,3 +23,7 @@ os.environ.setdefault("ANSIBLE_COLLECTIONS_PATH", str(COLLECTIONS))
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+# Fixtures that start servers are plugins every test directory may use; tests import their helpers from them,
+# never from a conftest.
+pytest_plugins = ["ansible_collections.confidential_ml.nitro.tests.fixtures.served"]

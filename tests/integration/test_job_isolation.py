@@ -16,7 +16,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils import attes
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient, host_kms_settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
-from ansible_collections.confidential_ml.nitro.tests.integration.conftest import JOB_UID
+from ansible_collections.confidential_ml.nitro.tests.fixtures.served import JOB_UID
 
 pytestmark = pytest.mark.skipif(JOB_UID is None, reason="jobs run under their own uid only when the server is root")
 
