@@ -420,6 +420,7 @@ def test_tar_stream_follows_the_profile(kms, tmp_path):
 # --------------------------------------------------------------------------- tampering
 
 
+@pytest.mark.slow
 def test_every_header_byte_is_authenticated(sealed, kms, tmp_path):
     target = tmp_path / "out"
     unwrap = kms_unwrap(kms[0])

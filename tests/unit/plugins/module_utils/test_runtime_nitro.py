@@ -971,6 +971,7 @@ def enclave_cli(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_status_on_nitro_shows_what_nitro_cli_describes(fake, tmp_path, monkeypatch):
     """On a Nitro parent the enclaves are `nitro-cli describe-enclaves`' (a fake nitro-cli here, which records
     its calls); one that cannot be reached is reported as such, and a failing nitro-cli does not hide the rest."""
