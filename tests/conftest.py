@@ -33,7 +33,7 @@ pytest_plugins = ["ansible_collections.confidential_ml.nitro.tests.fixtures.serv
 
 # The fast tier (make test-fast) is every test that starts no enclave, no local cloud, no ansible-playbook and
 # no FUSE mount. All of tests/integration/ does; elsewhere the fixtures that start them say so.
-_STARTS_SERVERS = {"enclave", "local_cloud", "ansible_playbook"}
+_STARTS_SERVERS = {"enclave", "local_cloud", "owner_release", "ansible_playbook"}
 
 
 def pytest_collection_modifyitems(items):

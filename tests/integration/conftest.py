@@ -3,6 +3,8 @@ playbook on localhost, its results recorded) and local_cloud (a fresh ENCLAVE_HO
 The served enclave and the helpers tests import live in tests/fixtures/served.py.
 """
 
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -16,6 +18,7 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.tests.fixtures.served import BIN
 
+ROOT = Path(__file__).resolve().parents[2]
 CALLBACK_PLUGINS = Path(__file__).resolve().parent / "callback_plugins"
 
 
@@ -76,6 +79,40 @@ def local_cloud():
     up` (each test chooses its principal with AWS_PROFILE). Afterwards whatever was started there is
     stopped and the directory removed.
     """
+    with _fresh_cloud() as cloud:
+        yield cloud
+
+
+@pytest.fixture(scope="session")
+def owner_release():
+    """(work, env): a local cloud of its own in which playbooks/owner.yml ran once for the session (profile owner,
+    owner_pipeline_workdir=work/owner: the release is in work/owner/release).
+
+    For tests that only read what the owner published: they run run_job.yml into a job_dir of their own and
+    stop their enclaves (cleanup.yml; run_job.yml brings the local KMS back up). A test that changes the
+    owner's side (another image, key or policy) takes local_cloud and runs owner.yml itself. The release must
+    be as published when the session ends.
+    """
+    with _fresh_cloud() as (work, env):
+        done = subprocess.run(
+            [str(BIN / "ansible-playbook"), "playbooks/owner.yml", "-e", f"owner_pipeline_workdir={work / 'owner'}"],
+            cwd=ROOT, env={**env, "AWS_PROFILE": "owner"}, capture_output=True, text=True, timeout=900, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, (
+            f"owner.yml exited {done.returncode}:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
+        )
+        published = _digests(work / "owner" / "release")
+        yield work, env
+        assert _digests(work / "owner" / "release") == published, "a test changed the session's owner release"
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _fresh_cloud():
     work = Path(tempfile.mkdtemp(prefix="cloud-", dir="/tmp"))
     env = {
         **{k: v for k, v in os.environ.items() if k not in _ENV_CREDENTIALS},  # they would win over AWS_PROFILE
@@ -88,7 +125,9 @@ def local_cloud():
         "ANSIBLE_FORCE_COLOR": "0",
     }
     env.pop("ENCLAVE_ENDPOINT", None)  # each play finds its own enclave
-    yield work, env
-    subprocess.run([str(BIN / "enclave"), "local", "down", "--json"], env=env, capture_output=True, timeout=120,
-                   check=False)  # fmt: skip
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        yield work, env
+    finally:
+        subprocess.run([str(BIN / "enclave"), "local", "down", "--json"], env=env, capture_output=True, timeout=120,
+                       check=False)  # fmt: skip
+        shutil.rmtree(work, ignore_errors=True)

@@ -36,8 +36,8 @@ def recap(output: str) -> dict[str, dict[str, int]]:
 
 
 @pytest.fixture
-def fleet_env(local_cloud):
-    work, env = local_cloud
+def fleet_env(owner_release):
+    work, env = owner_release  # owner.yml ran once for the session
     yield work, env
     cleanup = subprocess.run(
         [str(BIN / "ansible-playbook"), "-i", str(FLEET), "playbooks/cleanup.yml"],
@@ -72,7 +72,6 @@ def test_fleet_runs_the_job_in_parallel_each_host_on_its_own_enclave(fleet_env):
     assert len(hosts) == 3, f"inventory/fleet.yml should hold three enclave hosts, it holds {sorted(hosts)}"
     release = work / "owner" / "release"
 
-    playbook(env, "playbooks/owner.yml", "-e", f"owner_pipeline_workdir={work / 'owner'}", principal="owner")
     run = playbook(
         env,
         "playbooks/run_job.yml",
