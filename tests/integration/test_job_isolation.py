@@ -1,4 +1,4 @@
-"""A job's script is hostile to the server it runs beside: against a real server (conftest's enclave: the
+"""A job's script is hostile to the server it runs beside: against a real server (the served enclave: the
 real NSM service socket, the local KMS over HTTP), it tries what an exploited script would, as the job uid.
 Also: a real KMS forwarder relays the server's connections and closes a job's."""
 
