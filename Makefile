@@ -9,7 +9,7 @@ COLLECTIONS := $(CURDIR)/collections
 export PYTHONPATH := $(COLLECTIONS)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 
-.PHONY: all deps venv link test test-lowest ansible-checks lint demo bench clean
+.PHONY: all deps venv link test test-fast test-lowest ansible-checks lint demo bench clean
 
 all: test
 
@@ -44,6 +44,11 @@ test: venv ansible-checks
 	$(BIN)/antsibull-changelog lint
 	$(BIN)/python -m pytest
 	$(MAKE) test-lowest
+
+# The fast tier, for a developer between edits: no enclave, local cloud, ansible-playbook or FUSE mount
+# (marker integration, tests/conftest.py) and nothing that takes seconds (marker slow). `make test` runs all.
+test-fast: venv
+	$(BIN)/python -m pytest -m "not integration and not slow"
 
 # The unit tests on the lowest versions pyproject.toml allows for each direct dependency (uv's
 # lowest-direct resolution; their own dependencies at the newest that fit), so the floors stay true.

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTIONS = ROOT / "collections"
 _link = COLLECTIONS / "ansible_collections" / "confidential_ml" / "nitro"
@@ -23,3 +25,19 @@ os.environ.setdefault("ANSIBLE_COLLECTIONS_PATH", str(COLLECTIONS))
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+# Fixtures that start servers are plugins every test directory may use; tests import their helpers from them,
+# never from a conftest.
+pytest_plugins = ["ansible_collections.confidential_ml.nitro.tests.fixtures.served"]
+
+
+# The fast tier (make test-fast) is every test that starts no enclave, no local cloud, no ansible-playbook and
+# no FUSE mount. All of tests/integration/ does; elsewhere the fixtures that start them say so.
+_STARTS_SERVERS = {"enclave", "local_cloud", "owner_release", "ansible_playbook"}
+
+
+def pytest_collection_modifyitems(items):
+    integration = ROOT / "tests" / "integration"
+    for item in items:
+        if integration in Path(item.path).resolve().parents or _STARTS_SERVERS & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)

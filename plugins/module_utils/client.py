@@ -776,7 +776,7 @@ def _credentials_from_environment(region: str | None, profile: str | None) -> tu
     shared config nor the credentials file exists (botocore parses both even then, and fails on a broken one
     or a profile they lack), botocore's chain stops at its first provider, the environment, and the region
     is the argument, else AWS_DEFAULT_REGION. Anything else goes to boto3, errors included
-    (tests/unit/test_client_credentials.py holds the two to the same answers)."""
+    (tests/unit/plugins/module_utils/test_client_credentials.py holds the two to the same answers)."""
     environ = os.environ
     if profile is not None or "AWS_PROFILE" in environ or "AWS_DEFAULT_PROFILE" in environ:
         return None

@@ -18,7 +18,7 @@ import yaml
 
 from ansible_collections.confidential_ml.nitro.cli import main
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
-from ansible_collections.confidential_ml.nitro.tests.integration.conftest import ENCLAVE, cli
+from ansible_collections.confidential_ml.nitro.tests.fixtures.served import ENCLAVE, cli
 
 
 def push_app(enclave):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
-from ansible_collections.confidential_ml.nitro.tests.integration.conftest import ENCLAVE, cli
+from ansible_collections.confidential_ml.nitro.tests.fixtures.served import ENCLAVE, cli
 
 
 def push_app(enclave):

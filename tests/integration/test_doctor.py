@@ -17,7 +17,7 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.cli.doctor import StepFailed, read_allocator
 from ansible_collections.confidential_ml.nitro.enclave_local import cloud
-from ansible_collections.confidential_ml.nitro.tests.integration.conftest import processes_mentioning
+from ansible_collections.confidential_ml.nitro.tests.fixtures.served import processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = ROOT / "tests" / "fixtures" / "fake-nitro-cli"

@@ -39,8 +39,8 @@ def recap(output: str) -> dict[str, dict[str, int]]:
 
 
 @pytest.fixture
-def fleet_env(local_cloud):
-    work, env = local_cloud
+def fleet_env(owner_release):
+    work, env = owner_release  # owner.yml ran once for the session
     yield work, env
     cleanup = subprocess.run(
         [str(BIN / "ansible-playbook"), "-i", str(FLEET), "playbooks/cleanup.yml", "-e", host_dir(work)],
@@ -80,7 +80,6 @@ def test_fleet_runs_the_job_in_parallel_each_host_on_its_own_enclave(fleet_env):
     assert len(hosts) == 3, f"inventory/fleet.yml should hold three enclave hosts, it holds {sorted(hosts)}"
     release = work / "owner" / "release"
 
-    playbook(env, "playbooks/owner.yml", "-e", f"owner_pipeline_workdir={work / 'owner'}", principal="owner")
     run = playbook(
         env,
         "playbooks/run_job.yml",
@@ -354,8 +353,7 @@ def test_a_failing_host_does_not_stop_the_others_and_a_rerun_finishes_it(fleet_e
     says), yet enclave-a and enclave-c run their jobs to verified receipts; run_job.yml again, limited to the
     retry list Ansible wrote, with enclave-b fixed, finishes the job there and touches no other host."""
     work, env = fleet_env
-    release = work / "owner" / "release"
-    playbook(env, "playbooks/owner.yml", "-e", f"owner_pipeline_workdir={work / 'owner'}", principal="owner")
+    release = work / "owner" / "release"  # the session's owner.yml published it
     broken = yaml.safe_load(FLEET.read_text())
     broken["all"]["children"]["enclave_hosts"]["hosts"]["enclave-b"]["enclave_host_image"] = str(tmp_path / "none.img")
     inventory = tmp_path / "fleet.yml"

@@ -1,4 +1,4 @@
-"""A job's script is hostile to the server it runs beside: against a real server (conftest's enclave: the
+"""A job's script is hostile to the server it runs beside: against a real server (the served enclave: the
 real NSM service socket, the local KMS over HTTP), it tries what an exploited script would, as the job uid.
 Also: a real KMS forwarder relays the server's connections and closes a job's."""
 
@@ -16,7 +16,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils import attes
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient, host_kms_settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
-from ansible_collections.confidential_ml.nitro.tests.integration.conftest import JOB_UID
+from ansible_collections.confidential_ml.nitro.tests.fixtures.served import JOB_UID
 
 pytestmark = pytest.mark.skipif(JOB_UID is None, reason="jobs run under their own uid only when the server is root")
 

@@ -44,7 +44,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors impor
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import RuntimeFailure
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import ConnectionClosed, RemoteError
-from ansible_collections.confidential_ml.nitro.tests.integration.conftest import processes_mentioning
+from ansible_collections.confidential_ml.nitro.tests.fixtures.served import processes_mentioning
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the local runtime's namespaces and mounts need root")
 

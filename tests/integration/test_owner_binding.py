@@ -32,7 +32,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identi
     owner_key_from_kms,
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import RemoteError
-from ansible_collections.confidential_ml.nitro.tests.integration.conftest import JOB_PYTHON, JOB_UID, owner_key
+from ansible_collections.confidential_ml.nitro.tests.fixtures.served import JOB_PYTHON, JOB_UID, owner_key
 
 ACCOUNT = "111122223333"
 LOCAL_PCR0 = hashlib.sha384(b"the owner's bound image").digest()

@@ -24,13 +24,12 @@ def digests(directory: Path) -> dict:
             for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
 
 
-def test_run_job_check_mode_changes_nothing(tmp_path, local_cloud):
-    env = local_cloud[1]
-    extra = ["-e", f"owner_pipeline_workdir={tmp_path}/owner", "-e", f"release_dir={tmp_path}/owner/release",
+def test_run_job_check_mode_changes_nothing(tmp_path, owner_release):
+    work, env = owner_release  # owner.yml ran once for the session
+    extra = ["-e", f"owner_pipeline_workdir={work}/owner", "-e", f"release_dir={work}/owner/release",
              "-e", f"job_dir={tmp_path}/job", "-e", f"enclave_host_dir={tmp_path}/host"]  # fmt: skip
     describe = [str(BIN / "enclave"), "local", "describe-enclaves"]
     try:
-        play(env, "owner.yml", "owner", extra)
         assert play(env, "run_job.yml", "enclave-host", extra) != {0}
         before = digests(tmp_path / "job")
         assert "receipt.json" in before and "output/results.csv" in before

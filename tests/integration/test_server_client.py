@@ -18,7 +18,7 @@ import pytest
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient, host_kms_settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import Connection
-from ansible_collections.confidential_ml.nitro.tests.integration.conftest import cli
+from ansible_collections.confidential_ml.nitro.tests.fixtures.served import cli
 
 
 def test_push_run_pull_through_the_cli(enclave):

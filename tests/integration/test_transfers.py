@@ -22,7 +22,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils import clien
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
-from ansible_collections.confidential_ml.nitro.tests.integration.conftest import cli
+from ansible_collections.confidential_ml.nitro.tests.fixtures.served import cli
 
 MIB = 1 << 20
 

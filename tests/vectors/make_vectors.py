@@ -6,7 +6,7 @@ Seals TREE with seal() and a stand-in KMS that returns the published DATA_KEY, s
 real sealing path: v2-tiny signed by the published SIGNING_KEY (format 2), v1-tiny unsigned (format 1, which
 unbound images still open). Tink draws a fresh salt and nonce prefix on every run, and ECDSA a fresh nonce,
 so the package bytes differ each time while the header and the tree stay the same;
-tests/unit/test_package.py pins the committed files. Give a name to regenerate only that vector.
+tests/unit/plugins/module_utils/test_package.py pins the committed files. Give a name to regenerate only that vector.
 """
 
 import base64

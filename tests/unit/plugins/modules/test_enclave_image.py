@@ -39,6 +39,7 @@ def leftovers(directory):
     return [p.name for p in Path(directory).iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_local_build_then_unchanged(run_module, out):
     first = run_module(enclave_image.main, {"output": str(out), "backend": "local"}, diff=True)
     assert first["changed"] is True
@@ -60,6 +61,7 @@ def test_local_build_then_unchanged(run_module, out):
     assert leftovers(out.parent) == []
 
 
+@pytest.mark.slow
 def test_check_mode_reports_the_measurements_and_writes_nothing(run_module, out):
     check = run_module(enclave_image.main, {"output": str(out), "backend": "local"}, check_mode=True, diff=True)
     assert check["changed"] is True
@@ -71,6 +73,7 @@ def test_check_mode_reports_the_measurements_and_writes_nothing(run_module, out)
     assert again["changed"] is False
 
 
+@pytest.mark.slow
 def test_a_changed_or_unrecorded_image_is_replaced(run_module, out):
     args = {"output": str(out), "backend": "local"}
     first = run_module(enclave_image.main, args)
@@ -88,6 +91,7 @@ def test_a_changed_or_unrecorded_image_is_replaced(run_module, out):
     assert run_module(enclave_image.main, args)["changed"] is False
 
 
+@pytest.mark.slow
 def test_changed_sources_give_a_new_pcr0(run_module, out, tmp_path):
     source = tmp_path / "source"
     for top in ("enclave_server", "plugins/module_utils"):
@@ -204,6 +208,7 @@ def test_nitro_without_nitro_cli_says_so(run_module, tmp_path, monkeypatch):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_owner_signing_keys_bind_the_image_and_change_its_pcr0(run_module, out, owner, connection):
     from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import OwnerIdentity
 

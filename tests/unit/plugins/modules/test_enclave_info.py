@@ -12,9 +12,6 @@ import pytest
 from ansible_collections.confidential_ml.nitro.enclave_server.server import SERVER_NAME
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient, host_kms_settings
 from ansible_collections.confidential_ml.nitro.plugins.modules import enclave_info
-from ansible_collections.confidential_ml.nitro.tests.integration import conftest as served
-
-enclave = served.enclave  # the served-enclave fixture of the integration tests
 
 DESCRIBE = [
     {

@@ -17,9 +17,6 @@ from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import Loca
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import attestation
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
 from ansible_collections.confidential_ml.nitro.plugins.modules import enclave_run
-from ansible_collections.confidential_ml.nitro.tests.integration import conftest as served
-
-enclave = served.enclave  # the served-enclave fixture of the integration tests
 
 TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}$")
 DELTA = re.compile(r"^\d+:\d\d:\d\d\.\d{6}$")

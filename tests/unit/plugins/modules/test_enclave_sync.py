@@ -13,9 +13,6 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import fusefs
 from ansible_collections.confidential_ml.nitro.plugins.modules import enclave_sync
-from ansible_collections.confidential_ml.nitro.tests.integration import conftest as served
-
-enclave = served.enclave  # the served-enclave fixture of the integration tests
 
 
 def tree(root):

@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+pytestmark = pytest.mark.slow  # each trains or runs the example's model: seconds of CPU
 
 
 def build(tmp_path, name):

@@ -33,7 +33,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime impo
     get_runtime,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[4]
 FAKE = ROOT / "tests" / "fixtures" / "fake-nitro-cli"
 DOCKERFILE = ROOT / "enclave_server" / "Dockerfile"
 REQUIREMENTS = ROOT / "enclave_server" / "requirements.txt"
@@ -971,6 +971,7 @@ def enclave_cli(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_status_on_nitro_shows_what_nitro_cli_describes(fake, tmp_path, monkeypatch):
     """On a Nitro parent the enclaves are `nitro-cli describe-enclaves`' (a fake nitro-cli here, which records
     its calls); one that cannot be reached is reported as such, and a failing nitro-cli does not hide the rest."""

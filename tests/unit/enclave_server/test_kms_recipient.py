@@ -69,6 +69,7 @@ def test_unwrap_any_plaintext(recipient, plaintext, ber):
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), ber=st.booleans())
+@pytest.mark.slow
 def test_any_damaged_byte_gives_kms_error_or_bytes(recipient, data, ber):
     """CBC has no integrity (neither has AWS's envelope), so some edits decrypt to other bytes; but no
     edit may escape as anything other than KmsError (an asn1crypto or cryptography exception)."""

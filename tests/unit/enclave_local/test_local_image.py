@@ -8,6 +8,7 @@ from ansible_collections.confidential_ml.nitro.enclave_local import image
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.enclave_code import ImageError
 
 
+@pytest.mark.slow
 def test_a_pth_file_added_to_site_packages_changes_the_measurement_and_is_refused(tmp_path, monkeypatch):
     """A .pth in a site directory runs in every job (python -I still reads them) but is in no RECORD."""
     site_dir = tmp_path / "site-packages"
