@@ -354,12 +354,13 @@ def test_a_failing_host_does_not_stop_the_others_and_a_rerun_finishes_it(fleet_e
     retry list Ansible wrote, with enclave-b fixed, finishes the job there and touches no other host."""
     work, env = fleet_env
     release = work / "owner" / "release"  # the session's owner.yml published it
+    jobs = tmp_path / "jobs"  # the session's work folder is shared: another test's jobs may be there
     broken = yaml.safe_load(FLEET.read_text())
     broken["all"]["children"]["enclave_hosts"]["hosts"]["enclave-b"]["enclave_host_image"] = str(tmp_path / "none.img")
     inventory = tmp_path / "fleet.yml"
     inventory.write_text(yaml.safe_dump(broken))
     common = ["--forks", "3", "-e", f"release_dir={release}", "-e", host_dir(work),
-              "-e", f"job_dir={work / 'jobs'}/{{{{ inventory_hostname }}}}"]  # fmt: skip
+              "-e", f"job_dir={jobs}/{{{{ inventory_hostname }}}}"]  # fmt: skip
     retry = tmp_path / "retry"
     first = subprocess.run(
         [str(BIN / "ansible-playbook"), "-i", str(inventory), "playbooks/run_job.yml", *common],
@@ -372,13 +373,13 @@ def test_a_failing_host_does_not_stop_the_others_and_a_rerun_finishes_it(fleet_e
     assert counters["enclave-b"]["failed"] == 1, counters
     assert "The enclave image " + str(tmp_path / "none.img") + " does not exist on enclave-b" in first.stdout
     for host in ("enclave-a", "enclave-c"):
-        assert counters[host]["failed"] == 0 and (work / "jobs" / host / "receipt.json").is_file(), counters
-    assert not (work / "jobs" / "enclave-b").exists()
+        assert counters[host]["failed"] == 0 and (jobs / host / "receipt.json").is_file(), counters
+    assert not (jobs / "enclave-b").exists()
     assert (retry / "run_job.retry").read_text().split() == ["enclave-b"]
-    receipts = {h: (work / "jobs" / h / "receipt.json").read_bytes() for h in ("enclave-a", "enclave-c")}
+    receipts = {h: (jobs / h / "receipt.json").read_bytes() for h in ("enclave-a", "enclave-c")}
 
     again = playbook(env, "playbooks/run_job.yml", "--limit", f"@{retry / 'run_job.retry'}", *common,
                      principal="enclave-host")  # fmt: skip
     assert set(recap(again.stdout)) == {"enclave-b"}, again.stdout[-3000:]
-    assert json.loads((work / "jobs" / "enclave-b" / "output" / "metrics.json").read_text())["accuracy"] > 0.9
-    assert {h: (work / "jobs" / h / "receipt.json").read_bytes() for h in receipts} == receipts
+    assert json.loads((jobs / "enclave-b" / "output" / "metrics.json").read_text())["accuracy"] > 0.9
+    assert {h: (jobs / h / "receipt.json").read_bytes() for h in receipts} == receipts
