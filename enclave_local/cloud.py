@@ -113,10 +113,10 @@ def unmount_shares(home: str | Path) -> list[str]:
     would), before the enclaves go: a FUSE mount whose server is gone leaves its folder answering "Transport
     endpoint is not connected". The folders unmounted.
 
-    The mounts are found in the state files the mount processes keep (fusefs.mount_state: state_home()/mounts/),
+    The mounts are found in the state files the mount processes keep (mounts.mount_state: state_home()/mounts/),
     and by their endpoint: a unix socket in this home's runtime directory. A folder still in use is detached
     lazily (fusermount3 -z), as the enclave behind it stops anyway."""
-    from ..plugins.module_utils import fusefs
+    from ..plugins.module_utils import mounts
     from ..plugins.module_utils.errors import EnclaveError
 
     ours = f"unix://{settings.runtime_dir(home)}/"
@@ -129,9 +129,9 @@ def unmount_shares(home: str | Path) -> list[str]:
             continue
         if not str(endpoint).startswith(ours):
             continue
-        if fusefs.is_mounted(folder):
+        if mounts.is_mounted(folder):
             try:
-                fusefs.unmount(folder)
+                mounts.unmount(folder)
             except EnclaveError as err:
                 log.info("unmounting %s lazily: %s", folder, err)
                 subprocess.run(["fusermount3", "-u", "-z", folder], capture_output=True, check=False)

@@ -2,7 +2,7 @@
 
 One function, enclave_sources, decides it for both backends: the local image archives
 its result (enclave_local/image.py) and the EIF's build context stages the same files
-for the Dockerfile to copy (runtime.stage_image_context). So host-only code (fusefs.py,
+for the Dockerfile to copy (runtime.stage_image_context). So host-only code (mounts.py,
 module_options.py, cli/, enclave_local/) never enters a measurement on either backend,
 and the two backends measure the same code.
 

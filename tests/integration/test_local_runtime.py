@@ -672,7 +672,7 @@ def test_an_image_that_leaves_kms_to_dns_fails_at_start(tmp_path, home):
 
 def test_host_only_code_leaves_pcr0_alone_and_server_code_does_not(images, tmp_path):
     src = _tree_copy(tmp_path / "src")
-    with open(src / "plugins" / "module_utils" / "fusefs.py", "a") as f:
+    with open(src / "plugins" / "module_utils" / "mounts.py", "a") as f:
         f.write("# a host-side edit\n")
     fuse = LocalRuntime(tmp_path / "home").build(output=str(tmp_path / "fuse.eif"), source=str(src))
     assert fuse.measurements == images["good"].measurements

@@ -235,7 +235,7 @@ def test_build_default_source_stages_the_project_image(fake, tmp_path):
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
     assert not [f for f in files if f != "Dockerfile" and not f.startswith(app)]
     # Only the server's import closure: host-side module_utils stay out of the measured image.
-    assert not {f"{app}plugins/module_utils/{name}" for name in ("runtime.py", "fusefs.py", "module_options.py")} & set(
+    assert not {f"{app}plugins/module_utils/{name}" for name in ("runtime.py", "mounts.py", "module_options.py")} & set(
         files
     )
     assert not Path(argv[4]).exists(), "the staged context is removed after the build"
@@ -861,10 +861,10 @@ def test_image_command_follows_nitro_cli_and_docker():
 
 def test_host_only_code_stays_out_of_the_eif_and_the_server_is_in(tmp_path):
     tree = tmp_path / "tree"
-    for part in ("enclave_server", "plugins/module_utils"):
+    for part in ("enclave_server", "nitro_api", "plugins/module_utils"):
         shutil.copytree(ROOT / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
     base = runtime.context_digest(runtime.stage_image_context(tmp_path / "base", source=tree))
-    with open(tree / "plugins" / "module_utils" / "fusefs.py", "a") as f:
+    with open(tree / "plugins" / "module_utils" / "mounts.py", "a") as f:
         f.write("# host-only edit\n")
     assert runtime.context_digest(runtime.stage_image_context(tmp_path / "fuse", source=tree)) == base
     with open(tree / "enclave_server" / "server.py", "a") as f:
