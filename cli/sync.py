@@ -41,12 +41,12 @@ def cmd_sync(args) -> int:
         else:
             print(f"nothing was mounted at {folder}: nothing to unmount")
         return 0
-    settings = import_module(f"{LIB}.settings")
+    runtime = import_module(f"{LIB}.runtime")
     expected = import_module(f"{LIB}.client").expected_pcr0(args.expect_pcr0, args.release, args.no_attestation)
     if expected is not None and len(expected) != 1:
         raise EnclaveError(f"a mount checks one PCR0, {len(expected)} were given")
     expect_pcr0 = expected[0] if expected else None
-    endpoint = settings.resolve_endpoint(args.endpoint, cid=args.cid, port=args.port, local_runtime=local_cmd.runtime)
+    endpoint = runtime.resolve_endpoint(args.endpoint, cid=args.cid, port=args.port, local_runtime=local_cmd.runtime)
     if not folder.exists():
         folder.mkdir(parents=True)
     fusefs = import_module(".fusefs", __package__)

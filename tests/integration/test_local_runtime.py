@@ -42,7 +42,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.client impor
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.enclave_code import IMAGE_PYTHON
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import RuntimeFailure
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import RuntimeFailure, resolve_endpoint
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import ConnectionClosed, RemoteError
 from ansible_collections.confidential_ml.nitro.tests.integration.conftest import processes_mentioning
 
@@ -482,7 +482,7 @@ def test_debug_mode_attests_zero_pcrs_and_keeps_a_console(images, home, monkeypa
     assert debug.debug_mode and debug.to_json()["Flags"] == "DEBUG_MODE"
     monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
     monkeypatch.delenv("ENCLAVE_BACKEND", raising=False)
-    assert settings.resolve_endpoint() == discover_local_endpoint() == debug.endpoint
+    assert resolve_endpoint() == discover_local_endpoint() == debug.endpoint
     with EnclaveClient(debug.endpoint, allow_debug=True) as client:
         document = client.attest()
     assert document.debug_mode

@@ -696,8 +696,8 @@ def test_resolve_endpoint_discovers_the_one_running_enclave(fake, monkeypatch):
     monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
     monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
     fake.seed(described("ml", 19), described("old", 20, state="TERMINATING"))
-    assert settings.resolve_endpoint() == "vsock://19:5000"
-    assert settings.resolve_endpoint(port=5100) == "vsock://19:5100"
+    assert runtime.resolve_endpoint() == "vsock://19:5000"
+    assert runtime.resolve_endpoint(port=5100) == "vsock://19:5100"
     assert fake.argvs() == [["describe-enclaves"], ["describe-enclaves"]]
 
 
@@ -705,10 +705,10 @@ def test_resolve_endpoint_explicit_choices_do_not_ask_nitro_cli(fake, monkeypatc
     monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
     monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
     fake.seed(described("a", 16), described("b", 17))
-    assert settings.resolve_endpoint("vsock://30:5000") == "vsock://30:5000"
-    assert settings.resolve_endpoint(cid=17) == "vsock://17:5000"
+    assert runtime.resolve_endpoint("vsock://30:5000") == "vsock://30:5000"
+    assert runtime.resolve_endpoint(cid=17) == "vsock://17:5000"
     monkeypatch.setenv("ENCLAVE_ENDPOINT", "vsock://31:5000")
-    assert settings.resolve_endpoint() == "vsock://31:5000"
+    assert runtime.resolve_endpoint() == "vsock://31:5000"
     assert fake.calls() == []
 
 
@@ -716,7 +716,7 @@ def test_resolve_endpoint_with_no_running_enclave(fake, monkeypatch):
     monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
     monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
     with pytest.raises(EnclaveError, match="no running enclave found on the nitro backend: start one first"):
-        settings.resolve_endpoint()
+        runtime.resolve_endpoint()
 
 
 def test_resolve_endpoint_with_two_running_enclaves_asks_for_cid(fake, monkeypatch):
@@ -726,7 +726,7 @@ def test_resolve_endpoint_with_two_running_enclaves_asks_for_cid(fake, monkeypat
     with pytest.raises(
         EnclaveError, match=r"2 enclaves are running \(a \(CID 16\), b \(CID 17\)\): choose one with --cid"
     ):
-        settings.resolve_endpoint()
+        runtime.resolve_endpoint()
 
 
 def test_resolve_endpoint_passes_nitro_cli_failures_on(fake, monkeypatch):
@@ -734,7 +734,7 @@ def test_resolve_endpoint_passes_nitro_cli_failures_on(fake, monkeypatch):
     monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
     monkeypatch.setenv("FAKE_NITRO_CLI_FAIL", "describe-enclaves:E36")
     with pytest.raises(RuntimeFailure, match=r"\[ E36 \]"):
-        settings.resolve_endpoint()
+        runtime.resolve_endpoint()
 
 
 def test_instance_credentials_come_from_boto3s_chain(monkeypatch):
