@@ -20,9 +20,9 @@ from pathlib import Path
 
 from . import settings
 from .errors import EnclaveError
+from .runtime import LOCAL_CLI
 
 EXIT_TIMEOUT = 30.0  # for a mount process to exit once unmounted
-ENCLAVE_CLI = "ansible_collections.confidential_ml.nitro.cli.main"  # what `enclave` runs
 
 
 def _unescape(field: str) -> str:
@@ -162,7 +162,7 @@ def mount_with_cli(endpoint: str, mountpoint, *, expect_pcr0: str | None, allow_
     if expect_pcr0 is not None and not expect_pcr0:  # never "no check" by accident
         raise EnclaveError("expect_pcr0 is empty: give the image's PCR0, or None to mount without attestation")
     # The Python running this code has the project installed (a module's interpreter does too).
-    command = [sys.executable, "-m", ENCLAVE_CLI, "sync", "-d", os.fspath(mountpoint), "--endpoint", endpoint, "--json"]
+    command = [sys.executable, "-m", LOCAL_CLI, "sync", "-d", os.fspath(mountpoint), "--endpoint", endpoint, "--json"]
     command += ["--expect-pcr0", expect_pcr0] if expect_pcr0 else ["--no-attestation"]
     if allow_debug:
         command.append("--allow-debug")
