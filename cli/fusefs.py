@@ -949,8 +949,8 @@ def _serve_here(endpoint, mountpoint, *, expect_pcr0, allow_debug, ready_fd) -> 
             return
         if ready_fd is None:  # foreground: we are the mount's process
             mounts.write_state(paths, {"pid": os.getpid(), "start_ticks": mounts.start_ticks(os.getpid()),
-                                 "mountpoint": mountpoint, "endpoint": endpoint, "log": None,
-                                 "stats": str(paths["stats"]), "started": time.time()})  # fmt: skip
+                                       "mountpoint": mountpoint, "endpoint": endpoint, "log": None,
+                                       "stats": str(paths["stats"]), "started": time.time()})  # fmt: skip
         answer("ready")
 
     try:
