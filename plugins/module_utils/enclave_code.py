@@ -98,7 +98,7 @@ def enclave_sources(source: str | os.PathLike) -> dict[str, bytes]:
             if found.startswith(HOST_SIDE):
                 raise ImageError(
                     f"the enclave code imports {module} ({found} in {source}), which is host-side code: "
-                    "move what the enclave needs into plugins/module_utils"
+                    "move what the enclave needs into enclave_server/, or into nitro_api/ if the host side needs it too"
                 )
             parts = found.split("/")
             for depth in range(1, len(parts)):  # the packages on the way must import too
