@@ -157,7 +157,7 @@ def images(tmp_path_factory):
     good = runtime.build(output=str(out / "good.eif"))
     again = runtime.build(output=str(out / "again.eif"))
     src = out / "src"
-    for tree in ("enclave_server", "plugins/module_utils"):
+    for tree in ("enclave_server", "nitro_api", "plugins/module_utils"):
         shutil.copytree(ROOT / tree, src / tree, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     server = src / "enclave_server" / "server.py"
     original = server.read_bytes()
@@ -626,7 +626,7 @@ def test_kms_is_reached_by_name_over_tls_through_forwarder_and_proxy(images, clo
 
 
 def _tree_copy(dest: Path) -> Path:
-    for part in ("enclave_server", "plugins/module_utils"):
+    for part in ("enclave_server", "nitro_api", "plugins/module_utils"):
         shutil.copytree(ROOT / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return dest
 
