@@ -877,6 +877,20 @@ def test_host_only_code_stays_out_of_the_eif_and_the_server_is_in(tmp_path):
         runtime.stage_image_context(tmp_path / "bad", source=tree)
 
 
+def test_a_tree_missing_what_the_enclave_imports_is_refused_not_left_out(tmp_path):
+    """A partial tree once built an image without the code the server imports (it failed at start, in the
+    enclave): the closure now refuses it, naming the import."""
+    tree = tmp_path / "tree"
+    for part in ("enclave_server", "plugins/module_utils"):  # no nitro_api/
+        shutil.copytree(ROOT / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+    with pytest.raises(
+        enclave_code.ImageError, match=r"imports .*nitro_api\.\w+, which is not in .*whole project tree"
+    ):
+        enclave_code.enclave_sources(tree)
+    shutil.copytree(ROOT / "nitro_api", tree / "nitro_api", ignore=shutil.ignore_patterns("__pycache__"))
+    assert {"nitro_api/kms_route.py", "nitro_api/recipient_cms.py"} <= set(enclave_code.enclave_sources(tree))
+
+
 def _requirement_entries(path: Path) -> list[str]:
     text = re.sub(r"\\\n", " ", path.read_text())
     return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
