@@ -171,8 +171,8 @@ def mount_with_cli(endpoint: str, mountpoint, *, expect_pcr0: str | None, allow_
     except OSError as err:
         raise EnclaveError(f"cannot start `enclave sync`: {err}") from err
     if result.returncode != 0:
-        why = result.stderr.strip().splitlines()[-1:] or [f"exit status {result.returncode}"]
-        raise EnclaveError(why[0].removeprefix("enclave: error: "))
+        why = result.stderr.strip().replace("enclave: error: ", "") or f"exit status {result.returncode}"
+        raise EnclaveError(why)
     try:
         return json.loads(result.stdout)
     except ValueError as err:
