@@ -61,7 +61,8 @@ import checkout
 
 checkout.use()  # the imports below come from this tree
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import fusefs  # noqa: E402
+from ansible_collections.confidential_ml.nitro.cli import fusefs  # noqa: E402
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import mounts  # noqa: E402
 
 MIB = 1 << 20
 # Given, not measured here: the original AWS sample's FUSE client, 1,000 files of 4 KiB.
@@ -427,7 +428,7 @@ def reference_mount(mountpoint: Path, backing: Path | None = None):
         ["--serve-memfs", str(mountpoint)]  # fmt: skip
     proc = subprocess.Popen([sys.executable, __file__, *serve], env=env)
     try:
-        wait_until(lambda: fusefs.is_mounted(mountpoint) or proc.poll() is not None, f"the mount at {mountpoint}")
+        wait_until(lambda: mounts.is_mounted(mountpoint) or proc.poll() is not None, f"the mount at {mountpoint}")
         if proc.poll() is not None:
             raise SystemExit(
                 f"bench_fuse: the reference file system at {mountpoint} exited with status {proc.returncode} "
@@ -437,7 +438,7 @@ def reference_mount(mountpoint: Path, backing: Path | None = None):
         os.stat(mountpoint)
         yield mountpoint
     finally:
-        if fusefs.is_mounted(mountpoint):
+        if mounts.is_mounted(mountpoint):
             subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
         proc.wait(timeout=30)
 
@@ -447,14 +448,14 @@ def enclave_mount(endpoint: str, mountpoint: Path, pcr0: str):
     mountpoint.mkdir()
     fusefs.mount(endpoint, mountpoint, expect_pcr0=pcr0)
     require_fuse_mount(mountpoint, "the enclave mount")
-    state = fusefs.mount_state(mountpoint)
+    state = mounts.mount_state(mountpoint)
     report = {}
     try:
         yield report
     finally:
         with contextlib.suppress(Exception):
-            fusefs.unmount(mountpoint)
-        if fusefs.is_mounted(mountpoint):
+            mounts.unmount(mountpoint)
+        if mounts.is_mounted(mountpoint):
             subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
         with contextlib.suppress(OSError, ValueError):
             report.update(json.loads(Path(state["stats"]).read_text()))

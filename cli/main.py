@@ -221,9 +221,9 @@ def _client(args, *, attest_first: bool = True):
     from importlib import import_module
 
     client = import_module(f"{LIB}.client")
-    settings = import_module(f"{LIB}.settings")
+    runtime = import_module(f"{LIB}.runtime")
     expect = expected_pcr0(args) if attest_first else None
-    endpoint = settings.resolve_endpoint(args.endpoint, cid=args.cid, port=args.port, local_runtime=local_cmd.runtime)
+    endpoint = runtime.resolve_endpoint(args.endpoint, cid=args.cid, port=args.port, local_runtime=local_cmd.runtime)
     return client.EnclaveClient(endpoint, expect_pcr0=expect, allow_debug=args.allow_debug)
 
 

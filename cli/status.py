@@ -65,9 +65,8 @@ def _enclaves(args) -> tuple[str, list[dict], str | None]:
 
 
 def cmd_status(args) -> int:
-    fusefs = import_module(f"{LIB}.fusefs")
     backend, enclaves, problem = _enclaves(args)
-    mounts = fusefs.mounts()
+    mounts = import_module(f"{LIB}.mounts").mounts()
     if args.json:
         _print_json({"backend": backend, "enclaves": enclaves, "mounts": mounts, "runtime_error": problem})
         return 0

@@ -24,16 +24,16 @@ def _print_json(data) -> None:
 
 
 def cmd_sync(args) -> int:
-    fusefs = import_module(f"{LIB}.fusefs")
+    mounts = import_module(f"{LIB}.mounts")
     folder = Path(args.dir).expanduser()
     if args.unmount:
         # Like every stop command: nothing mounted is not a failure (a second --unmount, or after `local down`).
-        mounted = fusefs.is_mounted(folder)
+        mounted = mounts.is_mounted(folder)
         if mounted:
-            fusefs.unmount(folder, lazy=args.lazy)
+            mounts.unmount(folder, lazy=args.lazy)
         else:
             with contextlib.suppress(EnclaveError):  # "nothing is mounted", once it drops a dead mount's state
-                fusefs.unmount(folder)
+                mounts.unmount(folder)
         if args.json:
             _print_json({"mountpoint": str(folder.resolve()), "unmounted": mounted})
         elif mounted:
@@ -41,17 +41,18 @@ def cmd_sync(args) -> int:
         else:
             print(f"nothing was mounted at {folder}: nothing to unmount")
         return 0
-    settings = import_module(f"{LIB}.settings")
+    runtime = import_module(f"{LIB}.runtime")
     expected = import_module(f"{LIB}.client").expected_pcr0(args.expect_pcr0, args.release, args.no_attestation)
     if expected is not None and len(expected) != 1:
         raise EnclaveError(f"a mount checks one PCR0, {len(expected)} were given")
     expect_pcr0 = expected[0] if expected else None
-    endpoint = settings.resolve_endpoint(args.endpoint, cid=args.cid, port=args.port, local_runtime=local_cmd.runtime)
+    endpoint = runtime.resolve_endpoint(args.endpoint, cid=args.cid, port=args.port, local_runtime=local_cmd.runtime)
     if not folder.exists():
         folder.mkdir(parents=True)
+    fusefs = import_module(".fusefs", __package__)
     if not args.foreground:
         fusefs.mount(endpoint, folder, expect_pcr0=expect_pcr0, allow_debug=args.allow_debug)
-        state = fusefs.mount_state(folder) or {}
+        state = mounts.mount_state(folder) or {}
         if args.json:
             _print_json(state)
             return 0

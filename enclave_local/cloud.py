@@ -35,13 +35,12 @@ from pathlib import Path
 
 from ..plugins.module_utils import settings
 from ..plugins.module_utils.runtime import RuntimeFailure
-from .runtime import LocalRuntime, Proc, Ready, spawn_daemon, write_json
+from .daemons import CLOUD_FILE, VSOCK_PROXY_CONFIG, Proc, Ready, cloud_status, spawn_daemon, write_json
+from .runtime import LocalRuntime
 
 log = logging.getLogger(__name__)
 
 MODULE = "ansible_collections.confidential_ml.nitro.enclave_local.cloud"
-CLOUD_FILE = "cloud.json"
-VSOCK_PROXY_CONFIG = "vsock-proxy.yaml"
 KMS_LOG = "kms.log"
 KMS_HOST = "127.0.0.1"
 KMS_PORT_FILE = "port"  # in kms/: the port the KMS had last, which it takes again when it is free
@@ -63,12 +62,7 @@ def _home(home) -> Path:
 
 def status(home: str | Path | None = None) -> dict | None:
     """The running local cloud's description (cloud.json), or None when it is not running."""
-    try:
-        cloud = json.loads((_home(home) / CLOUD_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    process = Proc.from_json(cloud.get("process"))
-    return cloud if process is not None and process.alive() else None
+    return cloud_status(_home(home))
 
 
 def up(kms_port: int = 0, *, home: str | Path | None = None) -> dict:
@@ -113,10 +107,10 @@ def unmount_shares(home: str | Path) -> list[str]:
     would), before the enclaves go: a FUSE mount whose server is gone leaves its folder answering "Transport
     endpoint is not connected". The folders unmounted.
 
-    The mounts are found in the state files the mount processes keep (fusefs.mount_state: state_home()/mounts/),
+    The mounts are found in the state files the mount processes keep (mounts.mount_state: state_home()/mounts/),
     and by their endpoint: a unix socket in this home's runtime directory. A folder still in use is detached
     lazily (fusermount3 -z), as the enclave behind it stops anyway."""
-    from ..plugins.module_utils import fusefs
+    from ..plugins.module_utils import mounts
     from ..plugins.module_utils.errors import EnclaveError
 
     ours = f"unix://{settings.runtime_dir(home)}/"
@@ -129,9 +123,9 @@ def unmount_shares(home: str | Path) -> list[str]:
             continue
         if not str(endpoint).startswith(ours):
             continue
-        if fusefs.is_mounted(folder):
+        if mounts.is_mounted(folder):
             try:
-                fusefs.unmount(folder)
+                mounts.unmount(folder)
             except EnclaveError as err:
                 log.info("unmounting %s lazily: %s", folder, err)
                 subprocess.run(["fusermount3", "-u", "-z", folder], capture_output=True, check=False)

@@ -67,25 +67,19 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from asn1crypto import algos, cms, core
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes, padding, serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.padding import MGF1, OAEP
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ansible_collections.confidential_ml.nitro.nitro_api.recipient_cms import KEY_ENCRYPTION_ALGORITHM, build_envelope
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import attestation, key_policy
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import AttestationError, PolicyError
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.kms_recipient import (
-    KEY_ENCRYPTION_ALGORITHM,
-    subject_key_identifier,
-)
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +128,6 @@ _NO_GRANTS = (
 )
 _POLL_S = 0.05  # how soon stop() takes effect
 _TLS_HANDSHAKE_S = 10
-_BER_CHUNK = 1024  # encrypted content is sent in chunks of this size, as a streaming CMS encoder does
 
 
 class KmsApiError(Exception):
@@ -145,86 +138,6 @@ class KmsApiError(Exception):
         self.code = code
         self.message = message
         self.status = status
-
-
-# ---------------------------------------------------------------- CMS envelope
-
-
-def build_envelope(plaintext: bytes, recipient_public_key_der: bytes, *, ber: bool = True) -> bytes:
-    """CiphertextForRecipient: plaintext in a CMS EnvelopedData for the RSA key in recipient_public_key_der.
-
-    EnvelopedData v2, one KeyTransRecipientInfo v2 naming the key by its subjectKeyIdentifier, a fresh
-    AES-256 content key wrapped with RSAES-OAEP SHA-256/MGF1-SHA-256, content AES-256-CBC (PKCS#7
-    padding, IV in the algorithm parameters). With ber=True the outer structures use indefinite
-    lengths and the content is chunked, the BER that AWS KMS sends; ber=False gives plain DER.
-    """
-    public_key = serialization.load_der_public_key(recipient_public_key_der)
-    if not isinstance(public_key, rsa.RSAPublicKey):
-        raise ValueError("the recipient's public key is not an RSA key; RSAES_OAEP_SHA_256 needs one")
-    cek, iv = os.urandom(32), os.urandom(16)
-    padder = padding.PKCS7(128).padder()
-    encryptor = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
-    content = encryptor.update(padder.update(plaintext) + padder.finalize()) + encryptor.finalize()
-    encrypted_key = public_key.encrypt(
-        cek, OAEP(mgf=MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
-    )
-
-    recipient_infos = cms.RecipientInfos(
-        [
-            cms.RecipientInfo(
-                name="ktri",
-                value=cms.KeyTransRecipientInfo(
-                    {
-                        "version": "v2",
-                        "rid": cms.RecipientIdentifier(
-                            name="subject_key_identifier", value=subject_key_identifier(recipient_public_key_der)
-                        ),
-                        "key_encryption_algorithm": {
-                            "algorithm": "rsaes_oaep",
-                            "parameters": {
-                                "hash_algorithm": {"algorithm": "sha256"},
-                                "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": "sha256"}},
-                            },
-                        },
-                        "encrypted_key": encrypted_key,
-                    }
-                ),
-            )
-        ]
-    )
-    content_algorithm = algos.EncryptionAlgorithm({"algorithm": "aes256_cbc", "parameters": iv})
-    if not ber:
-        return cms.ContentInfo(
-            {
-                "content_type": "enveloped_data",
-                "content": cms.EnvelopedData(
-                    {
-                        "version": "v2",
-                        "recipient_infos": recipient_infos,
-                        "encrypted_content_info": {
-                            "content_type": "data",
-                            "content_encryption_algorithm": content_algorithm,
-                            "encrypted_content": content,
-                        },
-                    }
-                ),
-            }
-        ).dump()
-    # asn1crypto writes DER only; the indefinite-length wrappers AWS uses are framed here by hand
-    # (tag, 0x80, contents, end-of-contents), with every inner element still encoded by asn1crypto.
-    chunks = [core.OctetString(content[i : i + _BER_CHUNK]).dump() for i in range(0, len(content), _BER_CHUNK)]
-    encrypted_content_info = _indefinite(
-        0x30,  # SEQUENCE
-        cms.ContentType("data").dump(),
-        content_algorithm.dump(),
-        _indefinite(0xA0, *chunks),  # [0] IMPLICIT OCTET STRING, constructed
-    )
-    enveloped = _indefinite(0x30, core.Integer(2).dump(), recipient_infos.dump(), encrypted_content_info)
-    return _indefinite(0x30, cms.ContentType("enveloped_data").dump(), _indefinite(0xA0, enveloped))
-
-
-def _indefinite(tag: int, *contents: bytes) -> bytes:
-    return bytes((tag, 0x80)) + b"".join(contents) + b"\x00\x00"
 
 
 # ---------------------------------------------------------------- credentials

@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.nsm import (
+from ansible_collections.confidential_ml.nitro.nitro_api.nsm_messages import (
     NSM_REQUEST_MAX_SIZE,
     NSM_SOCKET_FRAME,
 )

@@ -33,14 +33,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import settings
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import AttestationError, EnclaveError
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.nsm import (
+from ansible_collections.confidential_ml.nitro.nitro_api.nsm_messages import (
     MAX_ATTESTATION_INPUT,
     PCR_COUNT,
     attestation_request,
     check_pcr_index,
 )
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import settings
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import AttestationError, EnclaveError
 
 COSE_ALG_ES384 = -35
 PCR_LENGTH = 48

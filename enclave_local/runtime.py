@@ -64,7 +64,6 @@ import logging
 import os
 import platform
 import secrets
-import select
 import shutil
 import signal
 import socket
@@ -72,7 +71,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..plugins.module_utils import settings
@@ -93,6 +91,16 @@ from ..plugins.module_utils.runtime import (
     RuntimeFailure,
     discover_endpoint,
 )
+from .daemons import (
+    START_TIMEOUT,
+    VSOCK_PROXY_CONFIG,
+    Proc,
+    Ready,
+    cloud_status,
+    log_tail,
+    spawn_daemon,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +114,6 @@ SHARE_PERCENT = 60  # of the enclave's memory: the share the host fills
 WORK_PERCENT = 30  # decrypted packages
 SYSTEM_PERCENT = 10  # the root (image, /tmp) and /dev/shm each, at least MIN_SYSTEM_MIB
 MIN_SYSTEM_MIB = 16
-START_TIMEOUT = 60.0
-STOP_TIMEOUT = 10.0
 NON_ROOT_WARNING = (
     "NOT ISOLATED: the local runtime is not running as root, so this enclave is a plain process: the host "
     "can read its share and the decrypted packages on disk, and it can reach the network. Run as root for "
@@ -144,195 +150,6 @@ kill(-1) (no CAP_KILL: that child signals only its own uid); chown to hand the j
 and take them back; dac_override to read, hash and remove what the job left with any mode. Not fowner: the
 job's files are the server's again (chown) before the host touches them."""
 ENCLAVE_CAPS = f"+sys_admin,+net_admin,+setpcap,+net_bind_service,{SERVER_CAPS}"
-
-
-# ---------------------------------------------------------------- processes that are not our children
-
-
-def _start_time(pid: int) -> int | None:
-    """When a live process started (clock ticks since boot); None if it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])  # field 22, starttime
-
-
-@dataclass(frozen=True)
-class Proc:
-    """A process named by pid and start time, so a reused pid is never mistaken for it."""
-
-    pid: int
-    start_time: int
-
-    @classmethod
-    def of(cls, pid: int) -> Proc | None:
-        started = _start_time(pid)
-        return cls(pid, started) if started is not None else None
-
-    @classmethod
-    def from_json(cls, data) -> Proc | None:
-        fields = (data.get("pid"), data.get("start_time")) if isinstance(data, dict) else (None,)
-        if not all(isinstance(value, int) and not isinstance(value, bool) for value in fields):
-            return None
-        return cls(data["pid"], data["start_time"])
-
-    def to_json(self) -> dict:
-        return {"pid": self.pid, "start_time": self.start_time}
-
-    def alive(self) -> bool:
-        return _start_time(self.pid) == self.start_time
-
-    def wait(self, timeout: float) -> bool:
-        """True once the process has ended (within timeout)."""
-        try:
-            fd = os.pidfd_open(self.pid)
-        except ProcessLookupError:
-            return True
-        try:
-            if not self.alive():
-                return True
-            # A pidfd becomes readable when its process ends, whoever its parent is.
-            return bool(select.select([fd], [], [], timeout)[0]) or not self.alive()
-        finally:
-            os.close(fd)
-
-    def signal(self, signum: int) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signum)
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM, then SIGKILL if it is still there after timeout."""
-        self.signal(signal.SIGTERM)
-        if not self.wait(timeout):
-            self.kill(timeout)
-
-    def kill(self, timeout: float = STOP_TIMEOUT) -> None:
-        self.signal(signal.SIGKILL)
-        self.wait(timeout)
-
-    def children(self) -> list[Proc]:
-        found = []
-        for entry in Path("/proc").iterdir():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if entry.name.isdigit() and int(stat[stat.rindex(")") + 2 :].split()[1]) == self.pid:
-                child = Proc.of(int(entry.name))
-                found += [child] if child else []
-        return found
-
-
-# ---------------------------------------------------------------- daemons (the supervisor, the local KMS)
-
-
-def _import_root() -> str:
-    """The directory that holds ansible_collections/, for the daemons' PYTHONPATH."""
-    return str(Path(__file__).absolute().parents[4])
-
-
-def daemon_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_import_root(), env.get("PYTHONPATH")]))
-    return env
-
-
-def log_tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(text[-lines:]) or "(empty log)"
-
-
-def spawn_daemon(argv: list[str], *, what: str, log_path: Path, timeout: float = START_TIMEOUT) -> dict:
-    """Start argv as a daemon that reports on a pipe (see Ready); its final report, or a RuntimeFailure.
-
-    The daemon forks away from the process started here, so it outlives the caller and is
-    nobody's zombie; it tells its pid first, so a daemon that hangs in start-up can be stopped."""
-    read_fd, write_fd = os.pipe()
-    try:
-        with open(log_path, "ab") as log_file:
-            first = subprocess.Popen(
-                [*argv, "--ready-fd", str(write_fd)],
-                pass_fds=(write_fd,),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                start_new_session=True,
-                env=daemon_env(),
-                cwd="/",
-            )
-    except BaseException:
-        os.close(read_fd)
-        raise
-    finally:
-        os.close(write_fd)
-    first.wait()
-    reports, buffer, daemon = [], b"", None
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            if not select.select([read_fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                if daemon:
-                    daemon.stop()
-                raise RuntimeFailure(
-                    f"{what} did not start within {timeout:g} s and was stopped; its log ({log_path}):\n"
-                    f"{log_tail(log_path)}"
-                )
-            chunk = os.read(read_fd, 65536)
-            if not chunk:
-                break
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                report = json.loads(line)
-                if "pid" in report:
-                    daemon = Proc.from_json(report)
-                reports.append(report)
-    finally:
-        os.close(read_fd)
-    final = reports[-1] if reports and "pid" not in reports[-1] else None
-    if final is None:
-        raise RuntimeFailure(f"{what} exited during start-up; its log ({log_path}):\n{log_tail(log_path)}")
-    if "error" in final:
-        if daemon and not daemon.wait(STOP_TIMEOUT):  # it exits after reporting: nothing may be left behind
-            daemon.stop()
-        raise RuntimeFailure(final["error"])
-    return final
-
-
-class Ready:
-    """The daemon's side of spawn_daemon: fork away, then report the pid, then success or failure."""
-
-    def __init__(self, fd: int):
-        if os.fork():
-            os._exit(0)  # the process the caller started; the daemon is its child, now an orphan
-        self._pipe = os.fdopen(fd, "w")
-        self._send({"pid": os.getpid(), "start_time": _start_time(os.getpid())})
-
-    def _send(self, report: dict) -> None:
-        self._pipe.write(json.dumps(report) + "\n")
-        self._pipe.flush()
-
-    def ok(self, report: dict) -> None:
-        self._send(report)
-        self._pipe.close()
-
-    def fail(self, message: str) -> None:
-        self._send({"error": message})
-        self._pipe.close()
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- the runtime
@@ -571,16 +388,15 @@ def discover_local_endpoint() -> str:
 def _start_kms_proxy(home: Path, listen: Path):
     """The enclave's vsock port 8000 on the host, relayed to the local KMS's HTTPS listener if the
     local cloud is up (the enclave's boto3 speaks TLS to it, through this proxy)."""
-    from . import cloud
     from .vsock_proxy import VsockProxy, load_allowlist
 
-    running = cloud.status(home)
+    running = cloud_status(home)
     if running is None:
         return None, [
             f"the local cloud is not running, so this enclave cannot reach KMS: start it with `enclave local up` "
             f"(ENCLAVE_HOME={home}) and run the enclave again"
         ]
-    allowlist = load_allowlist(home / cloud.VSOCK_PROXY_CONFIG)
+    allowlist = load_allowlist(home / VSOCK_PROXY_CONFIG)
     proxy = VsockProxy(Endpoint.unix(listen), running["kms_host"], running["kms_tls_port"], allowlist)
     return proxy.start(), []
 

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..enclave_server.kms_forwarder import kms_hostnames
+from ..nitro_api.kms_route import kms_hostnames
 from ..plugins.module_utils import settings
 from ..plugins.module_utils.errors import EnclaveError
 

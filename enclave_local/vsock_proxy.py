@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from ..enclave_server.kms_forwarder import CONNECT_TIMEOUT, Relay
+from ..nitro_api.kms_route import CONNECT_TIMEOUT, Relay
 from ..plugins.module_utils.endpoints import Endpoint
 from ..plugins.module_utils.errors import EnclaveError
 

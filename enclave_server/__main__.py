@@ -14,11 +14,11 @@ from pathlib import Path
 
 from ..plugins.module_utils.endpoints import Endpoint
 from ..plugins.module_utils.errors import EnclaveError
-from ..plugins.module_utils.nsm import NsmDevice, NsmSocket
 from ..plugins.module_utils.owner_identity import IDENTITY_FILE, OwnerIdentity
 from ..plugins.module_utils.wire import keep_freed_memory
 from . import kms_forwarder
 from .jobs import JOB_UID
+from .nsm import NsmDevice, NsmSocket
 from .server import EnclaveServer, serve
 
 

@@ -14,113 +14,24 @@ TLS runs end to end between boto3 in the enclave and KMS: the forwarder and the 
 relay ciphertext only, and a host that answers in KMS's place has no certificate for
 its name. Only the server's own uid is relayed (only_the_server): a job runs as another
 uid and gets its connection closed. The same code runs on both backends; the local runtime's vsock-proxy
-(enclave_local/vsock_proxy.py) uses this module's Relay for the host side.
+(enclave_local/vsock_proxy.py) runs the same Relay (nitro_api/kms_route.py) on the host side.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
-import threading
 from collections.abc import Callable
 
+from ..nitro_api.kms_route import CONNECT_TIMEOUT, Relay, kms_hostnames
 from ..plugins.module_utils.endpoints import Endpoint
 from ..plugins.module_utils.errors import EnclaveError
 
 log = logging.getLogger(__name__)
 
-CHUNK = 64 * 1024
-CONNECT_TIMEOUT = 10
 KMS_TLS_PORT = 443
 LOOPBACK = "127.0.0.1"
-
-
-class Relay:
-    """Accept connections on a listening socket; relay each to a fresh upstream connection.
-
-    Bytes are copied both ways until each side has closed its half, so request/response
-    protocols (HTTP, TLS) pass through unchanged. One thread per direction and connection:
-    KMS traffic is a few small requests at a time."""
-
-    def __init__(
-        self,
-        listener: socket.socket,
-        connect: Callable[[], socket.socket],
-        *,
-        name: str,
-        admit: Callable[[socket.socket], bool] | None = None,
-    ):
-        self.listener = listener
-        self.connect = connect
-        self.name = name
-        self.admit = admit  # decides, per accepted connection, whether it is relayed at all
-        self._open: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self.serve_forever, name=name, daemon=True)
-
-    def start(self) -> Relay:
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        while True:
-            try:
-                client, _address = self.listener.accept()
-            except OSError:
-                return  # the listener was closed by stop()
-            threading.Thread(target=self._session, args=(client,), name=f"{self.name}-session", daemon=True).start()
-
-    def _track(self, sock: socket.socket, add: bool) -> None:
-        with self._lock:
-            (self._open.add if add else self._open.discard)(sock)
-
-    def _session(self, client: socket.socket) -> None:
-        self._track(client, True)
-        try:
-            if self.admit is not None and not self.admit(client):
-                log.warning("%s: refused a connection from %s (not the server's)", self.name, client.getpeername())
-                return
-            try:
-                upstream = self.connect()
-            except Exception as err:  # noqa: BLE001 - any failure to reach upstream ends this connection only
-                log.warning("%s: cannot reach the upstream, dropping a connection: %s", self.name, err)
-                return
-            self._track(upstream, True)
-            try:
-                back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
-                back.start()
-                _pump(client, upstream)
-                back.join()
-            finally:
-                self._track(upstream, False)
-                upstream.close()
-        finally:
-            self._track(client, False)
-            client.close()
-
-    def stop(self) -> None:
-        """Stop accepting and cut every relayed connection."""
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        with self._lock:
-            for sock in list(self._open):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    """Copy src to dst until src ends, then pass the end on (half-close), so the peer sees EOF too."""
-    try:
-        while data := src.recv(CHUNK):
-            dst.sendall(data)
-    except OSError:
-        pass  # a reset on either side ends this direction; the other one sees it too
-    finally:
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
 
 
 def peer_uid(conn: socket.socket) -> int | None:
@@ -155,18 +66,6 @@ def connector(endpoint: Endpoint) -> Callable[[], socket.socket]:
         return sock
 
     return connect
-
-
-def kms_hostnames() -> list[str]:
-    """Every hostname boto3 builds for KMS (kms.<region>.<partition's DNS suffix>), from the
-    partitions botocore ships: the names /etc/hosts maps to the forwarder."""
-    from botocore.loaders import Loader
-
-    names = []
-    for partition in Loader().load_data("partitions")["partitions"]:
-        suffix = partition["outputs"]["dnsSuffix"]
-        names.extend(f"kms.{region}.{suffix}" for region in partition["regions"] if not region.endswith("-global"))
-    return sorted(names)
 
 
 def hosts_file() -> str:

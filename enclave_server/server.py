@@ -15,8 +15,9 @@ import stat
 import sys
 import threading
 
-from ..plugins.module_utils import kms_recipient, receipt, wire
+from ..plugins.module_utils import receipt, wire
 from ..plugins.module_utils.endpoints import Endpoint
+from . import kms_recipient
 from .jobs import JobRunner
 from .share import Share, split_path
 

@@ -2,7 +2,7 @@
 
 One function, enclave_sources, decides it for both backends: the local image archives
 its result (enclave_local/image.py) and the EIF's build context stages the same files
-for the Dockerfile to copy (runtime.stage_image_context). So host-only code (fusefs.py,
+for the Dockerfile to copy (runtime.stage_image_context). So host-only code (mounts.py,
 module_options.py, cli/, enclave_local/) never enters a measurement on either backend,
 and the two backends measure the same code.
 
@@ -43,29 +43,41 @@ def _read_file(path: Path) -> bytes:
 def imports(path: str, content: bytes) -> set[str]:
     """Module names a Python file imports, absolute; for `from X import y`, both X and X.y
     (y may be a submodule). Imports inside functions count: they run in the enclave too."""
+    return _imports(path, content)[0]
+
+
+def _imports(path: str, content: bytes) -> tuple[set[str], set[str]]:
+    """(imports(), the modules that must exist for the file to import: X of `import X`, `from X import y`)."""
     try:
         tree = ast.parse(content, filename=path)
     except SyntaxError as err:
         raise ImageError(f"{path} is not valid Python ({err.msg}, line {err.lineno}): fix it before building") from None
     # Relative imports start from the file's package: its directory (for __init__.py, the package itself).
     package = f"{PACKAGE_NAME}.{Path(path).parent.as_posix().replace('/', '.')}"
-    names = set()
+    names, required = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
+            required.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = f"{anchor}.{base}" if base else anchor
             names.add(base)
+            required.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
-    return names
+    return names, required
+
+
+def _relative(module: str) -> str:
+    """A module of this project as a path under the project tree, without suffix."""
+    return module[len(PACKAGE_NAME) + 1 :].replace(".", "/")
 
 
 def _project_file(source: Path, module: str) -> str | None:
     """The file under source that defines a module of this project, if any."""
-    rel = module[len(PACKAGE_NAME) + 1 :].replace(".", "/")
+    rel = _relative(module)
     for candidate in (f"{rel}.py", f"{rel}/__init__.py"):
         if (source / candidate).is_file():
             return candidate
@@ -89,16 +101,23 @@ def enclave_sources(source: str | os.PathLike) -> dict[str, bytes]:
     todo = [path for path in files if path.endswith(".py")]
     while todo:
         path = todo.pop()
-        for module in imports(path, files[path]):
+        names, required = _imports(path, files[path])
+        for module in names:
             if not module.startswith(PACKAGE_NAME + "."):
                 continue
             found = _project_file(source, module)
+            if found is None and module in required and not (source / _relative(module)).is_dir():
+                # An image without it would fail at start, in the enclave, where it is hardest to see.
+                raise ImageError(
+                    f"{path} imports {module}, which is not in {source}: "
+                    "the source must be a whole project tree (the enclave code imports it)"
+                )
             if found is None or found in files:
                 continue
             if found.startswith(HOST_SIDE):
                 raise ImageError(
                     f"the enclave code imports {module} ({found} in {source}), which is host-side code: "
-                    "move what the enclave needs into plugins/module_utils"
+                    "move what the enclave needs into enclave_server/, or into nitro_api/ if the host side needs it too"
                 )
             parts = found.split("/")
             for depth in range(1, len(parts)):  # the packages on the way must import too

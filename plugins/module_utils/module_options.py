@@ -15,8 +15,8 @@ from ansible.module_utils.basic import missing_required_lib
 
 from .client import EnclaveClient, default_trusted_roots, expected_pcr0
 from .errors import EnclaveError
+from .runtime import resolve_endpoint
 from .settings import kms_client as settings_kms_client
-from .settings import resolve_endpoint
 
 try:
     # Only checked for here (settings.kms_client imports it), so that require_libraries can name it.

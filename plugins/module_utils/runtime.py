@@ -275,6 +275,34 @@ def endpoint_of_cid(runtime: Runtime, cid: int) -> str:
     )
 
 
+def resolve_endpoint(
+    endpoint: str | None = None, *, cid: int | None = None, port: int | None = None, local_runtime=None
+) -> str:
+    """Where the enclave server listens: an explicit endpoint, $ENCLAVE_ENDPOINT, a CID, or discovery.
+
+    On the local backend discovery asks local_runtime() when given, else the installed `enclave local`
+    command (all a module can reach); the CLI passes its own LocalRuntime and saves starting that process."""
+    if endpoint:
+        return endpoint
+    if os.environ.get(settings.ENV_ENDPOINT):
+        return os.environ[settings.ENV_ENDPOINT]
+    port = port or settings.DEFAULT_SERVER_PORT
+    if cid is not None and settings.backend() == "local":  # local enclaves listen on unix sockets: look the CID up
+        return endpoint_of_cid(local_runtime() if local_runtime else LocalCliRuntime(), cid)
+    if cid is not None:
+        return f"vsock://{cid}:{port}"
+    if settings.backend() == "nitro":
+        # The one RUNNING enclave of `nitro-cli describe-enclaves`.
+        return discover_endpoint(NitroRuntime(port=port))
+    if settings.backend() == "local":
+        # Through the installed `enclave local describe-enclaves`, as for nitro-cli: a module's AnsiballZ
+        # payload carries module_utils only, never the local runtime's package.
+        return discover_endpoint(local_runtime() if local_runtime else LocalCliRuntime())
+    raise EnclaveError(
+        "no enclave given: pass --endpoint unix:///PATH or vsock://CID:PORT, --cid, or set ENCLAVE_ENDPOINT"
+    )
+
+
 def instance_credentials(region: str | None = None, profile: str | None = None) -> dict:
     """Region and credentials of this host for the enclave's KMS calls.
 

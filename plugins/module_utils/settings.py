@@ -186,39 +186,3 @@ def backend(name: str | None = None) -> str:
             'or "nitro" (a Nitro parent instance with nitro-cli)'
         )
     return chosen
-
-
-def resolve_endpoint(
-    endpoint: str | None = None, *, cid: int | None = None, port: int | None = None, local_runtime=None
-) -> str:
-    """Where the enclave server listens: an explicit endpoint, $ENCLAVE_ENDPOINT, a CID, or discovery.
-
-    On the local backend discovery asks local_runtime() when given, else the installed `enclave local`
-    command (all a module can reach); the CLI passes its own LocalRuntime and saves starting that process."""
-    if endpoint:
-        return endpoint
-    if os.environ.get(ENV_ENDPOINT):
-        return os.environ[ENV_ENDPOINT]
-    port = port or DEFAULT_SERVER_PORT
-    if cid is not None and backend() == "local":  # local enclaves listen on unix sockets: look the CID up
-        from .runtime import LocalCliRuntime, endpoint_of_cid
-
-        return endpoint_of_cid(local_runtime() if local_runtime else LocalCliRuntime(), cid)
-    if cid is not None:
-        return f"vsock://{cid}:{port}"
-    if backend() == "nitro":
-        # Lazy: runtime imports this module. The one RUNNING enclave of `nitro-cli describe-enclaves`.
-        from .runtime import NitroRuntime, discover_endpoint
-
-        return discover_endpoint(NitroRuntime(port=port))
-    if backend() == "local":
-        # Through the installed `enclave local describe-enclaves`, as for nitro-cli: a module's AnsiballZ
-        # payload carries module_utils only, never the local runtime's package.
-        from .runtime import LocalCliRuntime, discover_endpoint
-
-        return discover_endpoint(local_runtime() if local_runtime else LocalCliRuntime())
-    from .errors import EnclaveError
-
-    raise EnclaveError(
-        "no enclave given: pass --endpoint unix:///PATH or vsock://CID:PORT, --cid, or set ENCLAVE_ENDPOINT"
-    )

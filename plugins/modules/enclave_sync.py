@@ -169,7 +169,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import fusefs
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import mounts
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import IMPORT_ERROR as CLIENT_IMPORT_ERROR
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import (
@@ -228,7 +228,7 @@ def transfer(module):
 def mount_point(module):
     params = module.params
     path = os.path.realpath(params["path"])
-    mounted = fusefs.is_mounted(path)
+    mounted = mounts.is_mounted(path)
     result = {"changed": False, "path": path, "mounted": mounted}
 
     if params["state"] == "mounted":
@@ -243,7 +243,7 @@ def mount_point(module):
                 msg=f"a mount checks one expected PCR0, {len(pcr0)} were given: give the one the enclave should run"
             )
         if mounted:
-            state = fusefs.mount_state(path)
+            state = mounts.mount_state(path)
             if state is None:
                 module.fail_json(
                     msg=f"{path} is already a mount point, but not of an enclave share mounted from this host: "
@@ -261,7 +261,7 @@ def mount_point(module):
             if not module.check_mode:
                 try:
                     os.makedirs(path, exist_ok=True)
-                    fusefs.mount(
+                    mounts.mount_with_cli(
                         endpoint, path, expect_pcr0=pcr0[0] if pcr0 else None, allow_debug=params["allow_debug"]
                     )
                 except (EnclaveError, OSError) as err:
@@ -270,9 +270,9 @@ def mount_point(module):
         result.update(changed=True, mounted=False)
         if not module.check_mode:
             try:
-                fusefs.unmount(path)
+                mounts.unmount(path)
             except (EnclaveError, OSError) as err:
-                module.fail_json(msg=str(err), changed=False, path=path, mounted=fusefs.is_mounted(path))
+                module.fail_json(msg=str(err), changed=False, path=path, mounted=mounts.is_mounted(path))
 
     if module._diff:
         result["diff"] = {

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import fusefs
+from ansible_collections.confidential_ml.nitro.cli import fusefs
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import mounts
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import Connection
 
 ENCLAVE = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
@@ -65,10 +66,10 @@ def gone(pid: int) -> bool:
 
 def force_unmount(mnt: Path) -> None:
     """Teardown of last resort: whatever state the test left, no mount and no mount process remain."""
-    state = fusefs.mount_state(mnt)
-    if fusefs.is_mounted(mnt) and cli("sync", "-d", mnt, "--unmount", check=False).returncode != 0:
+    state = mounts.mount_state(mnt)
+    if mounts.is_mounted(mnt) and cli("sync", "-d", mnt, "--unmount", check=False).returncode != 0:
         for command in (["fusermount3", "-u", "-z", str(mnt)], ["umount", "-l", str(mnt)]):
-            if not fusefs.is_mounted(mnt):
+            if not mounts.is_mounted(mnt):
                 break
             subprocess.run(command, capture_output=True, check=False)
     if state and not gone(state["pid"]):
@@ -79,8 +80,8 @@ def force_unmount(mnt: Path) -> None:
 def mount(mnt: Path, *flags) -> dict:
     result = cli("sync", "-d", mnt, *flags)
     assert f"on {mnt}" in result.stdout
-    state = fusefs.mount_state(mnt)
-    assert state and fusefs.is_mounted(mnt)
+    state = mounts.mount_state(mnt)
+    assert state and mounts.is_mounted(mnt)
     return state
 
 
@@ -99,7 +100,7 @@ def unmount_and_stats(synced) -> dict:
     """Unmount through the CLI, check nothing is left, and return what the mount did."""
     mnt, state = synced["mnt"], synced["state"]
     assert "unmounted" in cli("sync", "-d", mnt, "--unmount").stdout
-    assert not fusefs.is_mounted(mnt)
+    assert not mounts.is_mounted(mnt)
     assert gone(state["pid"])
     return json.loads(Path(state["stats"]).read_text())
 
@@ -411,7 +412,7 @@ def test_unmount_leaves_no_process_and_no_mount(synced):
     again = cli("sync", "-d", mnt, "--expect-pcr0", synced["pcr0"], check=False)
     assert again.returncode == 1 and "already a mount point" in again.stderr
     unmount_and_stats(synced)
-    assert fusefs.mount_state(mnt) is None
+    assert mounts.mount_state(mnt) is None
     assert os.listdir(mnt) == []
     second = cli("sync", "-d", mnt, "--unmount")  # a stop command with nothing to stop succeeds (issue 12)
     assert f"nothing was mounted at {mnt}" in second.stdout
@@ -423,9 +424,9 @@ def test_busy_mount_says_so_and_unmounts_once_free(synced):
     try:
         result = cli("sync", "-d", mnt, "--unmount", check=False)
         assert result.returncode == 1 and "a process still uses it" in result.stderr
-        assert fusefs.is_mounted(mnt)
+        assert mounts.is_mounted(mnt)
         cli("sync", "-d", mnt, "--unmount", "--lazy")  # detached now; the process serves the user until it leaves
-        assert not fusefs.is_mounted(mnt) and not gone(synced["state"]["pid"])
+        assert not mounts.is_mounted(mnt) and not gone(synced["state"]["pid"])
     finally:
         shell.kill()
         shell.wait()
@@ -433,7 +434,7 @@ def test_busy_mount_says_so_and_unmounts_once_free(synced):
     while not gone(synced["state"]["pid"]):
         assert time.monotonic() < deadline, "the mount process did not exit once its last user left"
         time.sleep(0.05)
-    assert fusefs.mount_state(mnt) is None
+    assert mounts.mount_state(mnt) is None
 
 
 def test_killed_mount_process_can_still_be_unmounted(synced):
@@ -447,7 +448,7 @@ def test_killed_mount_process_can_still_be_unmounted(synced):
     assert result.returncode != 0
     assert "Software caused connection abort" in result.stderr or "not connected" in result.stderr
     cli("sync", "-d", mnt, "--unmount")
-    assert not fusefs.is_mounted(mnt) and fusefs.mount_state(mnt) is None
+    assert not mounts.is_mounted(mnt) and mounts.mount_state(mnt) is None
 
 
 def test_unattested_enclave_gets_no_mount(enclave, tmp_path_factory):
@@ -455,7 +456,7 @@ def test_unattested_enclave_gets_no_mount(enclave, tmp_path_factory):
     try:
         result = cli("sync", "-d", mnt, "--expect-pcr0", "ab" * 48, check=False)
         assert result.returncode == 1 and "failed attestation" in result.stderr
-        assert not fusefs.is_mounted(mnt) and fusefs.mount_state(mnt) is None
+        assert not mounts.is_mounted(mnt) and mounts.mount_state(mnt) is None
     finally:
         force_unmount(mnt)
 
@@ -469,11 +470,11 @@ def test_foreground_mount_serves_until_unmounted(enclave, tmp_path_factory):
     )
     try:
         deadline = time.monotonic() + 60
-        while fusefs.mount_state(mnt) is None:  # written once the mount answers
+        while mounts.mount_state(mnt) is None:  # written once the mount answers
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline, "the foreground mount never came up"
             time.sleep(0.05)
-        assert fusefs.mount_state(mnt)["pid"] == proc.pid
+        assert mounts.mount_state(mnt)["pid"] == proc.pid
         assert sh(f"ls '{mnt}'").stdout.split() == TOP_LEVEL
         cli("sync", "-d", mnt, "--unmount")
         assert proc.wait(timeout=30) == 0
@@ -575,6 +576,6 @@ def test_mount_without_attestation_is_refused(enclave, tmp_path_factory):
         assert "has not proven its image" in result.stderr and "--release release.json" in result.stderr
         empty = cli("sync", "-d", mnt, "--expect-pcr0", "", check=False)
         assert empty.returncode == 1 and "--expect-pcr0 is empty" in empty.stderr
-        assert not fusefs.is_mounted(mnt) and fusefs.mount_state(mnt) is None
+        assert not mounts.is_mounted(mnt) and mounts.mount_state(mnt) is None
     finally:
         force_unmount(mnt)

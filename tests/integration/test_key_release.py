@@ -18,7 +18,8 @@ from botocore.exceptions import ClientError
 
 from ansible_collections.confidential_ml.nitro.enclave_local.kms import LocalKms, LocalKmsServer, load_credentials
 from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA, SimulatedNsm
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import kms_recipient, package
+from ansible_collections.confidential_ml.nitro.enclave_server import kms_recipient
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import KmsError, PackageError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import lint, render_policy
 

@@ -40,7 +40,7 @@ from ansible_collections.confidential_ml.nitro.enclave_local.kms import (
     load_credentials,
 )
 from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA, SimulatedNsm
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import kms_recipient
+from ansible_collections.confidential_ml.nitro.enclave_server import kms_recipient
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import KmsError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
 from ansible_collections.confidential_ml.nitro.tests.vectors.shapes import aws_vector, ber_shape

@@ -42,7 +42,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.client impor
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.enclave_code import IMAGE_PYTHON
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import RuntimeFailure
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import RuntimeFailure, resolve_endpoint
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import ConnectionClosed, RemoteError
 from ansible_collections.confidential_ml.nitro.tests.fixtures.served import processes_mentioning
 
@@ -157,7 +157,7 @@ def images(tmp_path_factory):
     good = runtime.build(output=str(out / "good.eif"))
     again = runtime.build(output=str(out / "again.eif"))
     src = out / "src"
-    for tree in ("enclave_server", "plugins/module_utils"):
+    for tree in ("enclave_server", "nitro_api", "plugins/module_utils"):
         shutil.copytree(ROOT / tree, src / tree, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     server = src / "enclave_server" / "server.py"
     original = server.read_bytes()
@@ -482,7 +482,7 @@ def test_debug_mode_attests_zero_pcrs_and_keeps_a_console(images, home, monkeypa
     assert debug.debug_mode and debug.to_json()["Flags"] == "DEBUG_MODE"
     monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
     monkeypatch.delenv("ENCLAVE_BACKEND", raising=False)
-    assert settings.resolve_endpoint() == discover_local_endpoint() == debug.endpoint
+    assert resolve_endpoint() == discover_local_endpoint() == debug.endpoint
     with EnclaveClient(debug.endpoint, allow_debug=True) as client:
         document = client.attest()
     assert document.debug_mode
@@ -626,7 +626,7 @@ def test_kms_is_reached_by_name_over_tls_through_forwarder_and_proxy(images, clo
 
 
 def _tree_copy(dest: Path) -> Path:
-    for part in ("enclave_server", "plugins/module_utils"):
+    for part in ("enclave_server", "nitro_api", "plugins/module_utils"):
         shutil.copytree(ROOT / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return dest
 
@@ -672,7 +672,7 @@ def test_an_image_that_leaves_kms_to_dns_fails_at_start(tmp_path, home):
 
 def test_host_only_code_leaves_pcr0_alone_and_server_code_does_not(images, tmp_path):
     src = _tree_copy(tmp_path / "src")
-    with open(src / "plugins" / "module_utils" / "fusefs.py", "a") as f:
+    with open(src / "plugins" / "module_utils" / "mounts.py", "a") as f:
         f.write("# a host-side edit\n")
     fuse = LocalRuntime(tmp_path / "home").build(output=str(tmp_path / "fuse.eif"), source=str(src))
     assert fuse.measurements == images["good"].measurements

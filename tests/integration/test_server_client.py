@@ -344,8 +344,8 @@ def test_a_client_that_does_not_read_cannot_delay_attestation(enclave):
 
 
 def test_the_attestation_rule_every_front_end_follows(tmp_path):
+    from ansible_collections.confidential_ml.nitro.cli import fusefs
     from ansible_collections.confidential_ml.nitro.plugins.module_utils import client as client_lib
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils import fusefs
 
     pcr0 = "AB" * 48
     assert client_lib.expected_pcr0(pcr0) == ["ab" * 48]

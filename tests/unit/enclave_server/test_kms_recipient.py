@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ansible_collections.confidential_ml.nitro.enclave_local.kms import build_envelope
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import kms_recipient
+from ansible_collections.confidential_ml.nitro.enclave_server import kms_recipient
+from ansible_collections.confidential_ml.nitro.enclave_server.kms_recipient import Recipient
+from ansible_collections.confidential_ml.nitro.nitro_api.recipient_cms import build_envelope
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import KmsError
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.kms_recipient import Recipient
 from ansible_collections.confidential_ml.nitro.tests.vectors.shapes import aws_vector, ber_items, ber_shape
 
 # tests/vectors/aws (see its README): a real CiphertextForRecipient and the throwaway key it was made for.

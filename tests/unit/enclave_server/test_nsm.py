@@ -15,15 +15,15 @@ import cbor2
 import pytest
 
 from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA, SimulatedNsm
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.attestation import verify_document
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import AttestationError, EnclaveError
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.nsm import (
+from ansible_collections.confidential_ml.nitro.enclave_server.nsm import (
     NSM_IOCTL_RAW,
     NSM_RESPONSE_MAX_SIZE,
     NsmDevice,
     NsmMessage,
     decode_response,
 )
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.attestation import verify_document
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import AttestationError, EnclaveError
 
 PCR0 = bytes.fromhex("5e" * 48)
 PCR1 = bytes.fromhex("6f" * 48)

@@ -235,7 +235,7 @@ def test_build_default_source_stages_the_project_image(fake, tmp_path):
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
     assert not [f for f in files if f != "Dockerfile" and not f.startswith(app)]
     # Only the server's import closure: host-side module_utils stay out of the measured image.
-    assert not {f"{app}plugins/module_utils/{name}" for name in ("runtime.py", "fusefs.py", "module_options.py")} & set(
+    assert not {f"{app}plugins/module_utils/{name}" for name in ("runtime.py", "mounts.py", "module_options.py")} & set(
         files
     )
     assert not Path(argv[4]).exists(), "the staged context is removed after the build"
@@ -696,8 +696,8 @@ def test_resolve_endpoint_discovers_the_one_running_enclave(fake, monkeypatch):
     monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
     monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
     fake.seed(described("ml", 19), described("old", 20, state="TERMINATING"))
-    assert settings.resolve_endpoint() == "vsock://19:5000"
-    assert settings.resolve_endpoint(port=5100) == "vsock://19:5100"
+    assert runtime.resolve_endpoint() == "vsock://19:5000"
+    assert runtime.resolve_endpoint(port=5100) == "vsock://19:5100"
     assert fake.argvs() == [["describe-enclaves"], ["describe-enclaves"]]
 
 
@@ -705,10 +705,10 @@ def test_resolve_endpoint_explicit_choices_do_not_ask_nitro_cli(fake, monkeypatc
     monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
     monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
     fake.seed(described("a", 16), described("b", 17))
-    assert settings.resolve_endpoint("vsock://30:5000") == "vsock://30:5000"
-    assert settings.resolve_endpoint(cid=17) == "vsock://17:5000"
+    assert runtime.resolve_endpoint("vsock://30:5000") == "vsock://30:5000"
+    assert runtime.resolve_endpoint(cid=17) == "vsock://17:5000"
     monkeypatch.setenv("ENCLAVE_ENDPOINT", "vsock://31:5000")
-    assert settings.resolve_endpoint() == "vsock://31:5000"
+    assert runtime.resolve_endpoint() == "vsock://31:5000"
     assert fake.calls() == []
 
 
@@ -716,7 +716,7 @@ def test_resolve_endpoint_with_no_running_enclave(fake, monkeypatch):
     monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
     monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
     with pytest.raises(EnclaveError, match="no running enclave found on the nitro backend: start one first"):
-        settings.resolve_endpoint()
+        runtime.resolve_endpoint()
 
 
 def test_resolve_endpoint_with_two_running_enclaves_asks_for_cid(fake, monkeypatch):
@@ -726,7 +726,7 @@ def test_resolve_endpoint_with_two_running_enclaves_asks_for_cid(fake, monkeypat
     with pytest.raises(
         EnclaveError, match=r"2 enclaves are running \(a \(CID 16\), b \(CID 17\)\): choose one with --cid"
     ):
-        settings.resolve_endpoint()
+        runtime.resolve_endpoint()
 
 
 def test_resolve_endpoint_passes_nitro_cli_failures_on(fake, monkeypatch):
@@ -734,7 +734,7 @@ def test_resolve_endpoint_passes_nitro_cli_failures_on(fake, monkeypatch):
     monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
     monkeypatch.setenv("FAKE_NITRO_CLI_FAIL", "describe-enclaves:E36")
     with pytest.raises(RuntimeFailure, match=r"\[ E36 \]"):
-        settings.resolve_endpoint()
+        runtime.resolve_endpoint()
 
 
 def test_instance_credentials_come_from_boto3s_chain(monkeypatch):
@@ -861,10 +861,10 @@ def test_image_command_follows_nitro_cli_and_docker():
 
 def test_host_only_code_stays_out_of_the_eif_and_the_server_is_in(tmp_path):
     tree = tmp_path / "tree"
-    for part in ("enclave_server", "plugins/module_utils"):
+    for part in ("enclave_server", "nitro_api", "plugins/module_utils"):
         shutil.copytree(ROOT / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
     base = runtime.context_digest(runtime.stage_image_context(tmp_path / "base", source=tree))
-    with open(tree / "plugins" / "module_utils" / "fusefs.py", "a") as f:
+    with open(tree / "plugins" / "module_utils" / "mounts.py", "a") as f:
         f.write("# host-only edit\n")
     assert runtime.context_digest(runtime.stage_image_context(tmp_path / "fuse", source=tree)) == base
     with open(tree / "enclave_server" / "server.py", "a") as f:
@@ -875,6 +875,20 @@ def test_host_only_code_stays_out_of_the_eif_and_the_server_is_in(tmp_path):
     (tree / "enclave_server" / "uses_host.py").write_text("from ..enclave_local import runtime\n")
     with pytest.raises(RuntimeFailure, match="host-side code"):
         runtime.stage_image_context(tmp_path / "bad", source=tree)
+
+
+def test_a_tree_missing_what_the_enclave_imports_is_refused_not_left_out(tmp_path):
+    """A partial tree once built an image without the code the server imports (it failed at start, in the
+    enclave): the closure now refuses it, naming the import."""
+    tree = tmp_path / "tree"
+    for part in ("enclave_server", "plugins/module_utils"):  # no nitro_api/
+        shutil.copytree(ROOT / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+    with pytest.raises(
+        enclave_code.ImageError, match=r"imports .*nitro_api\.\w+, which is not in .*whole project tree"
+    ):
+        enclave_code.enclave_sources(tree)
+    shutil.copytree(ROOT / "nitro_api", tree / "nitro_api", ignore=shutil.ignore_patterns("__pycache__"))
+    assert {"nitro_api/kms_route.py", "nitro_api/recipient_cms.py"} <= set(enclave_code.enclave_sources(tree))
 
 
 def _requirement_entries(path: Path) -> list[str]:

@@ -94,7 +94,7 @@ def test_a_changed_or_unrecorded_image_is_replaced(run_module, out):
 @pytest.mark.slow
 def test_changed_sources_give_a_new_pcr0(run_module, out, tmp_path):
     source = tmp_path / "source"
-    for top in ("enclave_server", "plugins/module_utils"):
+    for top in ("enclave_server", "nitro_api", "plugins/module_utils"):
         shutil.copytree(ROOT / top, source / top, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     args = {"output": str(out), "backend": "local", "source": str(source)}
     first = run_module(enclave_image.main, args)

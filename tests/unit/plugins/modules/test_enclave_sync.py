@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import fusefs
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import mounts
 from ansible_collections.confidential_ml.nitro.plugins.modules import enclave_sync
 
 
@@ -146,9 +146,9 @@ def test_argument_rules(run_module, args, words):
 def mountpoint(enclave, tmp_path):
     path = tmp_path / "synced_folder"
     yield path
-    if fusefs.is_mounted(path):
+    if mounts.is_mounted(path):
         with contextlib.suppress(Exception):
-            fusefs.unmount(path, lazy=True)
+            mounts.unmount(path, lazy=True)
 
 
 def test_mount_is_kept_present_then_absent(run_module, enclave, mountpoint, dataset):
@@ -156,12 +156,12 @@ def test_mount_is_kept_present_then_absent(run_module, enclave, mountpoint, data
     check = run_module(enclave_sync.main, args, check_mode=True, diff=True)
     assert check["changed"] is True and check["mounted"] is True
     assert check["diff"]["before"] == "mounted: false\n" and check["diff"]["after"] == "mounted: true\n"
-    assert not fusefs.is_mounted(mountpoint)
+    assert not mounts.is_mounted(mountpoint)
 
     first = run_module(enclave_sync.main, args)
     assert first["changed"] is True and first["mounted"] is True
     assert first["path"] == str(mountpoint) and first["endpoint"] == enclave["endpoint"]
-    assert fusefs.is_mounted(mountpoint)
+    assert mounts.is_mounted(mountpoint)
     # The share is there: a file copied in through the mount lands in the enclave's share.
     assert sorted(os.listdir(mountpoint)) == ["dataset", "encrypted", "model", "output"]
     (mountpoint / "dataset" / "a.csv").write_bytes((dataset / "a.csv").read_bytes())
@@ -176,12 +176,12 @@ def test_mount_is_kept_present_then_absent(run_module, enclave, mountpoint, data
     unmount = {"state": "unmounted", "path": str(mountpoint)}
     check = run_module(enclave_sync.main, unmount, check_mode=True)
     assert check["changed"] is True and check["mounted"] is False
-    assert fusefs.is_mounted(mountpoint)
+    assert mounts.is_mounted(mountpoint)
 
     gone = run_module(enclave_sync.main, unmount)
     assert gone["changed"] is True and gone["mounted"] is False
-    assert not fusefs.is_mounted(mountpoint)
-    assert fusefs.mount_state(mountpoint) is None
+    assert not mounts.is_mounted(mountpoint)
+    assert mounts.mount_state(mountpoint) is None
     assert run_module(enclave_sync.main, unmount)["changed"] is False
 
 
@@ -189,7 +189,7 @@ def test_mount_refuses_a_wrong_enclave(run_module, enclave, mountpoint):
     result = run_module(enclave_sync.main, {"state": "mounted", "path": str(mountpoint), "expect_pcr0": "ab" * 48})
     assert result["failed"] is True and result["mounted"] is False
     assert "failed attestation" in result["msg"]
-    assert not fusefs.is_mounted(mountpoint)
+    assert not mounts.is_mounted(mountpoint)
     result = run_module(
         enclave_sync.main, {"state": "mounted", "path": str(mountpoint), "expect_pcr0": ["ab" * 48, "cd" * 48]}
     )
@@ -206,6 +206,6 @@ def test_nothing_is_sent_without_attestation_unless_the_task_says_so(run_module,
         empty = run_module(enclave_sync.main, dict(args, expect_pcr0=""))
         assert empty["failed"] is True and "expect_pcr0 is empty" in empty["msg"]
     assert list((enclave["share"] / "dataset").iterdir()) == []
-    assert not fusefs.is_mounted(mountpoint) and not (dataset.parent / "out").exists()
+    assert not mounts.is_mounted(mountpoint) and not (dataset.parent / "out").exists()
     sent = run_module(enclave_sync.main, push(dataset, no_attestation=True))
     assert sent["changed"] is True and "a.csv" in sent["changed_files"]

@@ -46,13 +46,10 @@ import collections
 import contextlib
 import ctypes
 import errno
-import hashlib
 import json
 import logging
 import os
-import re
 import select
-import signal
 import stat
 import subprocess
 import sys
@@ -61,9 +58,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from . import settings
-from .errors import EnclaveError
-from .wire import CallTimeout, ConnectionClosed, RemoteError, keep_freed_memory
+from ..plugins.module_utils import mounts, settings
+from ..plugins.module_utils.errors import EnclaveError
+from ..plugins.module_utils.wire import CallTimeout, ConnectionClosed, RemoteError, keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +71,6 @@ CALL_TIMEOUT = 120.0
 """A request unanswered this long fails with ETIMEDOUT (the server is alive but stuck)."""
 READY_TIMEOUT = 60.0
 """How long `mount` waits for the background mount to come up (attestation included)."""
-EXIT_TIMEOUT = 30.0
 """How long `unmount` waits for the mount's process to exit."""
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=16777216:glibc.malloc.trim_threshold=268435456"
 OUTPUT = "/output"
@@ -789,7 +785,7 @@ def raise_readahead(mountpoint: str) -> None:
 
     FUSE caps a mount's readahead at the kernel default (128 KiB) whatever max_readahead says;
     only root may raise it (/sys/class/bdi/MAJOR:MINOR/read_ahead_kb). Others keep 128 KiB reads."""
-    device = _mount_devices().get(mountpoint)
+    device = mounts.mount_devices().get(mountpoint)
     if device is None:
         return
     try:
@@ -815,102 +811,10 @@ def serve(connection, mountpoint, *, on_ready=None) -> dict:
     return ops.report()
 
 
-# ---------------------------------------------------------------- mount table and state
-
-
-def _unescape(field: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as \ooo
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
-
-
-def _mountinfo() -> list[tuple[str, str, str]]:
-    """(mount point, MAJOR:MINOR, filesystem type) of every mount, from /proc/self/mountinfo."""
-    rows = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, right = line.partition(" - ")[::2]
-            fields = left.split()
-            if len(fields) >= 5 and right:
-                rows.append((_unescape(fields[4]), fields[2], right.split()[0]))
-    return rows
-
-
-def _mounts() -> dict[str, str]:
-    """Mount point -> filesystem type (the last mount on a point wins)."""
-    return {row[0]: row[2] for row in _mountinfo()}
-
-
-def _mount_devices() -> dict[str, str]:
-    return {row[0]: row[1] for row in _mountinfo()}
-
-
-def _canonical(mountpoint) -> str:
-    return os.path.realpath(os.path.abspath(os.fspath(mountpoint)))
-
-
-def is_mounted(mountpoint) -> bool:
-    """Whether a filesystem is mounted exactly at mountpoint."""
-    return _canonical(mountpoint) in _mounts()
-
-
-def _state_paths(mountpoint: str) -> dict[str, Path]:
-    key = hashlib.sha256(mountpoint.encode()).hexdigest()[:16]
-    base = settings.state_home() / "mounts"
-    return {"state": base / f"{key}.json", "log": base / f"{key}.log", "stats": base / f"{key}.stats.json"}
-
-
-def mount_state(mountpoint) -> dict | None:
-    """The state file of the mount at mountpoint (pid, endpoint, log, ...), if this host made one."""
-    try:
-        return json.loads(_state_paths(_canonical(mountpoint))["state"].read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def mounts() -> list[dict]:
-    """The share mounts `enclave sync` made under this ENCLAVE_HOME (their state files), each with "mounted" (a
-    FUSE mount is at its mount point) and "alive" (its process runs): both false once it is gone."""
-    found = []
-    base = settings.state_home() / "mounts"
-    for path in sorted(base.glob("*.json")) if base.is_dir() else ():
-        if path.name.endswith(".stats.json"):
-            continue
-        try:
-            state = json.loads(path.read_text())
-            mountpoint = state["mountpoint"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        mounted = _mounts().get(mountpoint, "").split(".")[0] in ("fuse", "fuseblk")
-        found.append(dict(state, mounted=mounted, alive=isinstance(state.get("pid"), int) and _alive(state)))
-    return found
-
-
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot): tells a live pid from a reused one."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] == "Z" else int(fields[19])
-
-
-def _alive(state: dict) -> bool:
-    ticks = _start_ticks(state["pid"])
-    return ticks is not None and ticks == state.get("start_ticks")
-
-
-def _write_state(paths: dict, state: dict) -> None:
-    settings.private_dir(paths["state"].parent)
-    tmp = paths["state"].with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(paths["state"])
-
-
 def _check_mountpoint(mountpoint: str) -> None:
-    if is_mounted(mountpoint):
-        state = mount_state(mountpoint)
-        owner = f" by process {state['pid']}" if state and _alive(state) else ""
+    if mounts.is_mounted(mountpoint):
+        state = mounts.mount_state(mountpoint)
+        owner = f" by process {state['pid']}" if state and mounts.alive(state) else ""
         raise EnclaveError(
             f"{mountpoint} is already a mount point{owner}: unmount it first (enclave sync -d {mountpoint} --unmount)"
         )
@@ -920,7 +824,7 @@ def _check_mountpoint(mountpoint: str) -> None:
         raise EnclaveError(f"{mountpoint} is not empty: mounting would hide its files; choose an empty or new folder")
 
 
-# ---------------------------------------------------------------- mount / unmount
+# ---------------------------------------------------------------- mount (unmount: mounts.unmount)
 
 
 def mount(
@@ -935,17 +839,17 @@ def mount(
 
     In the background (the default) a mount process is started and this returns
     once the mount works, or raises with the reason it did not (attestation
-    included); its pid is in the state file (mount_state()). In the foreground
+    included); its pid is in the state file (mounts.mount_state()). In the foreground
     this serves until the share is unmounted (Ctrl-C or unmount() elsewhere)."""
     if expect_pcr0 is not None and not expect_pcr0:  # never "no check" by accident
         raise EnclaveError("expect_pcr0 is empty: give the image's PCR0, or None to mount without attestation")
-    mountpoint = _canonical(mountpoint)
+    mountpoint = mounts.canonical(mountpoint)
     _check_mountpoint(mountpoint)
     if foreground:
         _serve_here(endpoint, mountpoint, expect_pcr0=expect_pcr0, allow_debug=allow_debug, ready_fd=None)
         return
     _load_mfusepy()  # fail here, with the reason, rather than in the background
-    paths = _state_paths(mountpoint)
+    paths = mounts.state_paths(mountpoint)
     settings.private_dir(paths["log"].parent)
     read_end, write_end = os.pipe()
     # Module of the package root, so the child imports this same tree however we were imported.
@@ -985,14 +889,14 @@ def mount(
         raise EnclaveError(f"mounting the enclave share at {mountpoint} failed: {answer} (log: {paths['log']})")
     state = {
         "pid": child.pid,
-        "start_ticks": _start_ticks(child.pid),
+        "start_ticks": mounts.start_ticks(child.pid),
         "mountpoint": mountpoint,
         "endpoint": endpoint,
         "log": str(paths["log"]),
         "stats": str(paths["stats"]),
         "started": time.time(),
     }
-    _write_state(paths, state)
+    mounts.write_state(paths, state)
 
 
 def _read_answer(fd: int, child: subprocess.Popen) -> str:
@@ -1007,7 +911,7 @@ def _read_answer(fd: int, child: subprocess.Popen) -> str:
             continue
         chunk = os.read(fd, 4096)
         if not chunk:
-            child.wait(timeout=EXIT_TIMEOUT)
+            child.wait(timeout=mounts.EXIT_TIMEOUT)
             return f"the mount process exited (status {child.returncode}) before the mount was ready"
         data += chunk
     line = data.split(b"\n", 1)[0].decode(errors="replace")
@@ -1016,9 +920,9 @@ def _read_answer(fd: int, child: subprocess.Popen) -> str:
 
 def _serve_here(endpoint, mountpoint, *, expect_pcr0, allow_debug, ready_fd) -> int:
     """Connect (attesting first when asked), mount and serve in this process; the mount process's body."""
-    from .client import EnclaveClient
+    from ..plugins.module_utils.client import EnclaveClient
 
-    paths = _state_paths(mountpoint)
+    paths = mounts.state_paths(mountpoint)
 
     answered = []
 
@@ -1044,9 +948,9 @@ def _serve_here(endpoint, mountpoint, *, expect_pcr0, allow_debug, ready_fd) -> 
             answer(f"error: {problem}")
             return
         if ready_fd is None:  # foreground: we are the mount's process
-            _write_state(paths, {"pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()),
-                                 "mountpoint": mountpoint, "endpoint": endpoint, "log": None,
-                                 "stats": str(paths["stats"]), "started": time.time()})  # fmt: skip
+            mounts.write_state(paths, {"pid": os.getpid(), "start_ticks": mounts.start_ticks(os.getpid()),
+                                       "mountpoint": mountpoint, "endpoint": endpoint, "log": None,
+                                       "stats": str(paths["stats"]), "started": time.time()})  # fmt: skip
         answer("ready")
 
     try:
@@ -1058,50 +962,10 @@ def _serve_here(endpoint, mountpoint, *, expect_pcr0, allow_debug, ready_fd) -> 
         raise
     finally:
         client.close()
-        state = mount_state(mountpoint)
+        state = mounts.mount_state(mountpoint)
         if state and state.get("pid") == os.getpid():
             paths["state"].unlink(missing_ok=True)
     return 0
-
-
-def unmount(mountpoint, *, lazy: bool = False) -> None:
-    """Unmount the share at mountpoint and wait for its mount process to exit.
-
-    lazy detaches it even while in use (fusermount3 -z): the process then exits once nothing uses it."""
-    mountpoint = _canonical(mountpoint)
-    paths = _state_paths(mountpoint)
-    state = mount_state(mountpoint)
-    if not is_mounted(mountpoint):
-        if state is not None and not _alive(state):
-            paths["state"].unlink(missing_ok=True)
-        raise EnclaveError(f"nothing is mounted at {mountpoint}: there is nothing to unmount")
-    if _mounts().get(mountpoint, "").split(".")[0] not in ("fuse", "fuseblk"):
-        raise EnclaveError(f"{mountpoint} is a {_mounts()[mountpoint]} mount, not an enclave share: not touching it")
-    command = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise EnclaveError("fusermount3 is not installed: apt-get install fuse3") from None
-    if result.returncode != 0:
-        why = result.stderr.strip() or f"exit status {result.returncode}"
-        hint = (
-            "a process still uses it (an open file or a shell inside it; `fuser -vm` shows which): "
-            "close it and retry, or detach it now and let it go when unused (enclave sync --unmount --lazy)"
-            if "busy" in why.lower()
-            else "see the message"
-        )
-        raise EnclaveError(f"could not unmount {mountpoint}: {why}; {hint}")
-    if state is not None and not lazy:  # lazily detached, the process serves what is still open, then exits
-        deadline = time.monotonic() + EXIT_TIMEOUT
-        while _alive(state):
-            if time.monotonic() > deadline:
-                os.kill(state["pid"], signal.SIGTERM)
-                raise EnclaveError(
-                    f"{mountpoint} is unmounted but its process {state['pid']} did not exit within "
-                    f"{EXIT_TIMEOUT:.0f} s; it was sent SIGTERM (log: {state.get('log')})"
-                )
-            time.sleep(0.02)
-        paths["state"].unlink(missing_ok=True)
 
 
 def _daemon_main(argv=None) -> int:

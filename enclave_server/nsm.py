@@ -13,7 +13,8 @@ serde's externally tagged enums, as in aws-nitro-enclaves-nsm-api:
     any                            -> {"Error": "InputTooLarge" | ...}
 
 The simulated NSM of the local backend answers the same messages
-(enclave_local/nsm_sim.py, SimulatedNsm.handle), so both share the codec here.
+(enclave_local/nsm_sim.py, SimulatedNsm.handle); the requests and limits both sides
+need are in nitro_api/nsm_messages.py.
 """
 
 from __future__ import annotations
@@ -22,27 +23,24 @@ import ctypes
 import fcntl
 import os
 import socket
-import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
-try:
-    import cbor2
-except ImportError as exc:  # the modules report it: module_options.require_libraries
-    IMPORT_ERROR = exc
-else:
-    IMPORT_ERROR = None
+import cbor2
 
-from .errors import AttestationError, EnclaveError
+from ..nitro_api.nsm_messages import (
+    MAX_ATTESTATION_INPUT,
+    NSM_REQUEST_MAX_SIZE,
+    NSM_RESPONSE_MAX_SIZE,
+    NSM_SOCKET_FRAME,
+    PCR_COUNT,
+    attestation_request,
+    check_pcr_index,
+)
+from ..plugins.module_utils.errors import EnclaveError
 
 NSM_PATH = "/dev/nsm"
 NSM_IOCTL_MAGIC = 0x0A
-# Sizes from the kernel's include/uapi/linux/nsm.h.
-NSM_REQUEST_MAX_SIZE = 0x1000
-NSM_RESPONSE_MAX_SIZE = 0x3000
-# The NSM refuses larger attestation inputs with "InputTooLarge".
-MAX_ATTESTATION_INPUT = 1024
-PCR_COUNT = 32
 
 _ERROR_HINTS = {
     "InputTooLarge": f"user_data, nonce and public_key are limited to {MAX_ATTESTATION_INPUT} bytes each",
@@ -70,38 +68,6 @@ def _iowr(magic: int, number: int, size: int) -> int:
 
 # _IOWR(0x0A, 0, struct nsm_raw) == 0xC0200A00 on 64-bit Linux.
 NSM_IOCTL_RAW = _iowr(NSM_IOCTL_MAGIC, 0, ctypes.sizeof(NsmMessage))
-
-
-def _check_input(name: str, value: bytes | None) -> bytes | None:
-    if value is None:
-        return None
-    if not isinstance(value, bytes | bytearray | memoryview):
-        raise AttestationError(f"{name} must be bytes, not {type(value).__name__}: pass raw bytes or None")
-    value = bytes(value)
-    if len(value) > MAX_ATTESTATION_INPUT:
-        raise AttestationError(
-            f"{name} is {len(value)} bytes; the NSM accepts at most {MAX_ATTESTATION_INPUT}: "
-            "pass a digest of the data instead of the data itself"
-        )
-    return value
-
-
-def check_pcr_index(index: int) -> int:
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < PCR_COUNT:
-        raise EnclaveError(f"PCR index {index!r} is out of range: the NSM has PCRs 0 to {PCR_COUNT - 1}")
-    return index
-
-
-def attestation_request(
-    *, user_data: bytes | None = None, nonce: bytes | None = None, public_key: bytes | None = None
-) -> dict[str, Any]:
-    return {
-        "Attestation": {
-            "user_data": _check_input("user_data", user_data),
-            "nonce": _check_input("nonce", nonce),
-            "public_key": _check_input("public_key", public_key),
-        }
-    }
 
 
 def decode_response(raw: bytes, operation: str) -> Mapping[str, Any]:
@@ -205,9 +171,6 @@ class NsmDevice:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-NSM_SOCKET_FRAME = struct.Struct(">I")
 
 
 class NsmSocket(NsmDevice):
