@@ -41,6 +41,7 @@ link:
 # builds its own virtual environments from PyPI on the first run).
 test: venv ansible-checks
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/antsibull-changelog lint
 	$(BIN)/python -m pytest

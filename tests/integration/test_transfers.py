@@ -90,8 +90,9 @@ def test_push_and_pull_copy_exactly_what_differs(enclave, tmp_path):
         assert not [p for p in tree(out) if ".part" in p]
 
 
-def test_push_with_progress_shows_it_on_stderr_and_the_cli_without_a_tty_does_not(enclave, tmp_path, capsys,
-                                                                                    monkeypatch):  # fmt: skip
+def test_push_with_progress_shows_it_on_stderr_and_the_cli_without_a_tty_does_not(
+    enclave, tmp_path, capsys, monkeypatch
+):
     src = tmp_path / "src"
     make_source(src, files=10, big=2 * MIB)
     monkeypatch.setattr(client_lib, "PROGRESS_DELAY", 0)  # the bars appear after a second; this push is faster
@@ -142,18 +143,21 @@ def test_hostile_batches_are_refused_and_change_nothing_outside_the_share(enclav
             "/dataset/../../outside/x", "../x", "/output/dirlink/x", "/output/filelink", "/", "/dataset/\0x",
             "/" + "n" * 300, "x/" * 3000,
         )]  # fmt: skip
-        escapes += [{"op": "sha256", "path": "/output/filelink"}, {"op": "read", "path": "/output/dirlink/secret",
-                                                                    "offset": 0, "size": 10},
-                    {"op": "rename", "old": "/dataset", "new": "/gone"}, {"op": "rmdir", "path": "/output"},
-                    {"op": "mkdir", "path": "/output/dirlink/new"}]  # fmt: skip
+        escapes += [
+            {"op": "sha256", "path": "/output/filelink"},
+            {"op": "read", "path": "/output/dirlink/secret", "offset": 0, "size": 10},
+            {"op": "rename", "old": "/dataset", "new": "/gone"},
+            {"op": "rmdir", "path": "/output"},
+            {"op": "mkdir", "path": "/output/dirlink/new"},
+        ]
         for result in batch(client, escapes):
             assert result["error"]["name"] in ("EPERM", "EINVAL", "ENOTDIR", "ENAMETOOLONG", "ENOENT"), result
             assert len(result["error"]["message"]) <= 200
         # Wrong types, per operation: each is EINVAL, and the others are still applied.
         wrong = [None, 7, "put", [], {}, {"op": 3}, {"op": "batch", "ops": []}, {"op": "manifest", "path": "/"},
                  {"op": "list", "path": "/"}, {"op": "put", "path": 5, "data": b""},
-                 {"op": "put", "path": "/dataset/t", "data": "text"}, {"op": "put", "path": "/dataset/t",
-                                                                        "mode": True, "data": b""},
+                 {"op": "put", "path": "/dataset/t", "data": "text"},
+                 {"op": "put", "path": "/dataset/t", "mode": True, "data": b""},
                  {"op": "read", "path": "/dataset/t", "offset": -1, "size": 1},
                  {"op": "write", "path": "/dataset/t", "offset": "0", "data": b""},
                  {"op": "put", "path": "/dataset/ok", "data": b"applied"}]  # fmt: skip

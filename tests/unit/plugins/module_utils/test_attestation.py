@@ -1,5 +1,7 @@
 """The attestation verifier, against documents from the simulated NSM and one real AWS document."""
 
+from __future__ import annotations
+
 import base64
 import os
 import stat
@@ -269,11 +271,11 @@ def reencode(value, *, maps=True, arrays=True, strings=True) -> bytes:
 
     if isinstance(value, dict) and maps:
         return b"\xbf" + b"".join(again(k) + again(v) for k, v in value.items()) + b"\xff"
-    if isinstance(value, list | tuple) and arrays:
+    if isinstance(value, (list, tuple)) and arrays:
         return b"\x9f" + b"".join(again(v) for v in value) + b"\xff"
     if isinstance(value, dict):
         return _head(5, len(value)) + b"".join(again(k) + again(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
+    if isinstance(value, (list, tuple)):
         return _head(4, len(value)) + b"".join(again(v) for v in value)
     if isinstance(value, bytes) and strings:
         return b"\x5f" + b"".join(cbor2.dumps(value[i : i + 37]) for i in range(0, len(value), 37)) + b"\xff"

@@ -4,6 +4,8 @@ KMS is moto's (boto3 calls, real KMS JSON shapes); hostile packages are real tar
 write_package() under a known key, so every refusal is reached through the authenticated body.
 """
 
+from __future__ import annotations
+
 import base64
 import hashlib
 import io
