@@ -7,7 +7,6 @@ nothing, and a check-mode run after a source change must predict the reseal and 
 import hashlib
 import json
 import re
-import shutil
 from pathlib import Path
 
 import boto3
@@ -15,6 +14,7 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.enclave_local.kms import LocalKms, LocalKmsServer
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import read_header
+from ansible_collections.confidential_ml.nitro.tests.fixtures.sources import copy_enclave_sources
 
 ACCOUNT = "111122223333"
 USER_ARN = f"arn:aws:iam::{ACCOUNT}:role/enclave-host"
@@ -132,10 +132,7 @@ IMAGE_PLAYBOOK = """\
 def test_check_mode_reports_an_image_that_would_change_through_ansible_playbook(tmp_path, ansible_playbook):
     """Issue 12: after an edit to the enclave's code, `--check --diff` reports the image as changed with the PCRs
     before and after, and leaves the image and its measurements file as they were."""
-    root = Path(__file__).resolve().parents[2]
-    source = tmp_path / "source"
-    for part in ("enclave_server", "plugins/module_utils"):
-        shutil.copytree(root / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    source = copy_enclave_sources(tmp_path / "source")
     output = tmp_path / "release" / "enclave.img"
     output.parent.mkdir()
     (tmp_path / "image.yml").write_text(IMAGE_PLAYBOOK)

@@ -8,7 +8,6 @@ KMS through the in-enclave forwarder and the host's vsock-proxy.
 
 import json
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -45,6 +44,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy i
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import RuntimeFailure, resolve_endpoint
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import ConnectionClosed, RemoteError
 from ansible_collections.confidential_ml.nitro.tests.fixtures.served import processes_mentioning
+from ansible_collections.confidential_ml.nitro.tests.fixtures.sources import copy_enclave_sources
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the local runtime's namespaces and mounts need root")
 
@@ -157,8 +157,7 @@ def images(tmp_path_factory):
     good = runtime.build(output=str(out / "good.eif"))
     again = runtime.build(output=str(out / "again.eif"))
     src = out / "src"
-    for tree in ("enclave_server", "nitro_api", "plugins/module_utils"):
-        shutil.copytree(ROOT / tree, src / tree, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    copy_enclave_sources(src)
     server = src / "enclave_server" / "server.py"
     original = server.read_bytes()
     changed = original.replace(b'"""The enclave server', b'"""the enclave server', 1)
@@ -570,6 +569,7 @@ def test_vsock_proxy_relays_only_to_allowed_destinations(tmp_path, caplog):
 TLS_PROBE = """
 import json, socket
 
+
 def forwarder():  # a job is not the server: the forwarder closes its connection before any TLS
     with socket.create_connection(("kms.us-east-1.amazonaws.com", 443), timeout=10) as sock:
         sock.sendall(b"\\x16\\x03\\x01\\x00\\x00")
@@ -626,9 +626,7 @@ def test_kms_is_reached_by_name_over_tls_through_forwarder_and_proxy(images, clo
 
 
 def _tree_copy(dest: Path) -> Path:
-    for part in ("enclave_server", "nitro_api", "plugins/module_utils"):
-        shutil.copytree(ROOT / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return dest
+    return copy_enclave_sources(dest)
 
 
 def _edit(path: Path, old: str, new: str) -> None:

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import OwnerIdentity
+from ansible_collections.confidential_ml.nitro.tests.fixtures.sources import copy_enclave_sources
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -68,14 +68,6 @@ def moto_s3(tmp_path):
     log.close()
 
 
-def snapshot_enclave_sources(dest: Path) -> Path:
-    """The part of the tree the local image is built from (enclave_server/ and what it imports)."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(ROOT / "enclave_server", dest / "enclave_server", ignore=ignore)
-    shutil.copytree(ROOT / "plugins", dest / "plugins", ignore=ignore)
-    return dest
-
-
 def owner_playbook(env: dict, work: Path, endpoint: str) -> str:
     proc = subprocess.run(
         [str(BIN / "ansible-playbook"), "playbooks/owner.yml",
@@ -101,7 +93,7 @@ def changed_count(output: str) -> int:
 def test_owner_publishes_the_release_to_s3_and_a_second_run_uploads_nothing(moto_s3, local_cloud):
     work, env = local_cloud
     env["AWS_PROFILE"] = "owner"  # the local KMS's credentials (moto's S3 takes any)
-    snapshot_enclave_sources(work / "src")
+    copy_enclave_sources(work / "src")
     first = owner_playbook(env, work, moto_s3)
     assert changed_count(first) > 0
 

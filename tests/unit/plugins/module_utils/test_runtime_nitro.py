@@ -32,6 +32,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime impo
     RuntimeFailure,
     get_runtime,
 )
+from ansible_collections.confidential_ml.nitro.tests.fixtures.sources import copy_enclave_sources
 
 ROOT = Path(__file__).resolve().parents[4]
 FAKE = ROOT / "tests" / "fixtures" / "fake-nitro-cli"
@@ -861,8 +862,7 @@ def test_image_command_follows_nitro_cli_and_docker():
 
 def test_host_only_code_stays_out_of_the_eif_and_the_server_is_in(tmp_path):
     tree = tmp_path / "tree"
-    for part in ("enclave_server", "nitro_api", "plugins/module_utils"):
-        shutil.copytree(ROOT / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_enclave_sources(tree)
     base = runtime.context_digest(runtime.stage_image_context(tmp_path / "base", source=tree))
     with open(tree / "plugins" / "module_utils" / "mounts.py", "a") as f:
         f.write("# host-only edit\n")
@@ -915,6 +915,7 @@ def test_every_requirement_is_pinned_with_hashes():
 BOOT_PROBE = """
 import json, os, socket, sys
 from ansible_collections.confidential_ml.nitro.enclave_server import boot, kms_forwarder
+
 hosts, args = sys.argv[1], sys.argv[2:]
 listener = socket.create_server(("127.0.0.1", 0))
 try:

@@ -6,7 +6,6 @@ measurements it is told to).
 import hashlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.enclave_local.image import Image
 from ansible_collections.confidential_ml.nitro.plugins.modules import enclave_image
+from ansible_collections.confidential_ml.nitro.tests.fixtures.sources import copy_enclave_sources
 
 ROOT = Path(enclave_image.__file__).resolve().parents[2]
 
@@ -94,8 +94,7 @@ def test_a_changed_or_unrecorded_image_is_replaced(run_module, out):
 @pytest.mark.slow
 def test_changed_sources_give_a_new_pcr0(run_module, out, tmp_path):
     source = tmp_path / "source"
-    for top in ("enclave_server", "nitro_api", "plugins/module_utils"):
-        shutil.copytree(ROOT / top, source / top, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    copy_enclave_sources(source)
     args = {"output": str(out), "backend": "local", "source": str(source)}
     first = run_module(enclave_image.main, args)
     assert run_module(enclave_image.main, args)["changed"] is False
@@ -128,6 +127,7 @@ def test_failures_say_what_to_do(run_module, out, tmp_path):
 
 FAKE_NITRO_CLI = """\
 import json, os, sys
+
 args = sys.argv[1:]
 with open(os.environ["FAKE_NITRO_LOG"], "a") as log:
     log.write(json.dumps(args) + "\\n")
