@@ -8,9 +8,7 @@ them, this module only routes. Same code on both backends: the NSM is
 """
 
 import errno
-import hashlib
 import logging
-import os
 import stat
 import sys
 import threading
@@ -64,15 +62,6 @@ def _int_arg(args: dict, name: str, default: int | None = None) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise OSError(errno.EINVAL, f"argument {name!r} must be an integer")
     return value
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _warm_kms() -> None:
@@ -132,7 +121,7 @@ class EnclaveServer:
                 elif stat.S_ISREG(mode):
                     item = {"path": shown, "type": "file", "mode": mode & 0o777, "size": entry["size"]}
                     if with_hash:
-                        item["sha256"] = _sha256_file(os.path.join(self.share.root, *parts, *child))
+                        item["sha256"] = self.share.sha256("/" + "/".join(parts + child))
                     else:
                         item["mtime_ns"] = entry["mtime_ns"]
                     out.append(item)
