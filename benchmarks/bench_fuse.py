@@ -299,7 +299,7 @@ def small_files(directory: Path, source: Path) -> dict:
 def wire_small_files(endpoint: str, source: Path) -> dict:
     """The wire's share of the small-file commands: the requests the mount sends for them, one after
     another (as cp and rm issue them) on a connection of this process, without FUSE."""
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import Connection
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire_client import Connection
 
     files = [(f"/dataset/wire-floor/{p.name}", p.read_bytes()) for p in sorted(source.iterdir())]
     with Connection.open(endpoint) as connection:

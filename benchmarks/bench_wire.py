@@ -41,7 +41,12 @@ import checkout
 
 checkout.use()  # the imports below come from this tree
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire  # noqa: E402
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import (  # noqa: E402
+    wire_client,
+    wire_codec,
+    wire_frames,
+    wire_server,
+)
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint  # noqa: E402
 
 CHUNK = 1024 * 1024
@@ -173,7 +178,7 @@ def serve(path, mallopt):
         "write": lambda args, ctx: len(args["data"]),
         "read": lambda args, ctx: data,
     }
-    server = wire.Server(Endpoint.unix(path).listen(), handlers, inline={"echo_inline"})
+    server = wire_server.Server(Endpoint.unix(path).listen(), handlers, inline={"echo_inline"})
     print("ready", flush=True)
     server.serve_forever()
 
@@ -220,7 +225,7 @@ def main(argv=None):
     if opts.mallopt:
         keep_freed_memory()
     total = opts.bulk_mib * CHUNK
-    small_size = len(wire.encode({"id": 1, "op": "echo", "args": SMALL_ARGS})) + wire.HEADER.size
+    small_size = len(wire_codec.encode({"id": 1, "op": "echo", "args": SMALL_ARGS})) + wire_frames.HEADER.size
     results = {}
 
     def record(name, unit, wire_value, raw_value, higher_is_better):
@@ -237,7 +242,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench-wire-") as sockdir:
         endpoint, server = start_server(sockdir, opts.mallopt)
         try:
-            with wire.Connection.open(endpoint) as conn:
+            with wire_client.Connection.open(endpoint) as conn:
                 # Warm up: threads, the pool and the allocator's handling of MiB buffers.
                 wire_calls(conn, 200, 1, "echo", SMALL_ARGS)
                 wire_calls(conn, 200, 1, "echo_inline", SMALL_ARGS)

@@ -59,8 +59,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ..plugins.module_utils import mounts, settings
-from ..plugins.module_utils.errors import EnclaveError
-from ..plugins.module_utils.wire import CallTimeout, ConnectionClosed, RemoteError, keep_freed_memory
+from ..plugins.module_utils.errors import CallTimeout, ConnectionClosed, EnclaveError, RemoteError
+from ..plugins.module_utils.wire_frames import keep_freed_memory
 
 log = logging.getLogger(__name__)
 

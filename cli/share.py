@@ -12,9 +12,8 @@ import json
 import stat
 import sys
 import time
-from importlib import import_module
 
-from ..plugins.module_utils.errors import EnclaveError
+from ..plugins.module_utils.errors import EnclaveError, RemoteError
 
 LIB = "ansible_collections.confidential_ml.nitro.plugins.module_utils"
 
@@ -29,10 +28,9 @@ def _share_path(path: str) -> str:
 
 
 def _stat(client, path: str) -> dict | None:
-    wire = import_module(f"{LIB}.wire")
     try:
         return client.call("share.stat", {"path": path})
-    except wire.RemoteError as err:
+    except RemoteError as err:
         if err.errno in (errno.ENOENT, errno.ENOTDIR):
             return None
         raise
@@ -104,7 +102,6 @@ def _remove(client, path: str, st: dict, counts: dict) -> None:
 
 
 def cmd_rm(args, make_client) -> int:
-    wire = import_module(f"{LIB}.wire")
     paths = [_share_path(p) for p in args.paths]
     counts = {"files": 0, "folders": 0, "bytes": 0}
     removed = []
@@ -125,7 +122,7 @@ def cmd_rm(args, make_client) -> int:
         for path, st in targets:
             try:
                 _remove(client, path, st, counts)
-            except wire.RemoteError as err:
+            except RemoteError as err:
                 if err.errno != errno.EBUSY:
                     raise
                 done = f" ({', '.join(removed)} removed before)" if removed else ""

@@ -402,7 +402,7 @@ def _start_kms_proxy(home: Path, listen: Path):
 
 
 def _wait_until_serving(endpoint: Endpoint, enclave: subprocess.Popen, deadline: float) -> None:
-    from ..plugins.module_utils.wire import Connection
+    from ..plugins.module_utils.wire_client import Connection
 
     while True:
         if enclave.poll() is not None:

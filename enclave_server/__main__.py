@@ -15,7 +15,7 @@ from pathlib import Path
 from ..plugins.module_utils.endpoints import Endpoint
 from ..plugins.module_utils.errors import EnclaveError
 from ..plugins.module_utils.owner_identity import IDENTITY_FILE, OwnerIdentity
-from ..plugins.module_utils.wire import keep_freed_memory
+from ..plugins.module_utils.wire_frames import keep_freed_memory
 from . import kms_forwarder
 from .jobs import JOB_UID
 from .nsm import NsmDevice, NsmSocket

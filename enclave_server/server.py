@@ -13,8 +13,11 @@ import stat
 import sys
 import threading
 
-from ..plugins.module_utils import receipt, wire
+from ..plugins.module_utils import receipt
 from ..plugins.module_utils.endpoints import Endpoint
+from ..plugins.module_utils.errors import WireError
+from ..plugins.module_utils.wire_frames import MAX_FRAME
+from ..plugins.module_utils.wire_server import MAX_BUFFERED, Server, error_for
 from . import kms_recipient
 from .jobs import JobRunner
 from .share import Share, split_path
@@ -145,11 +148,11 @@ class EnclaveServer:
                 _str_arg(a, "path"),
                 _int_arg(a, "mode", 0o644),
                 bool(a.get("exclusive", False)),
-                _bytes_arg(a, "data", wire.MAX_FRAME),
+                _bytes_arg(a, "data", MAX_FRAME),
             ),
             "share.read": lambda a, c: s.read(_str_arg(a, "path"), _int_arg(a, "offset"), _int_arg(a, "size")),
             "share.write": lambda a, c: s.write(
-                _str_arg(a, "path"), _int_arg(a, "offset"), _bytes_arg(a, "data", wire.MAX_FRAME) or b""
+                _str_arg(a, "path"), _int_arg(a, "offset"), _bytes_arg(a, "data", MAX_FRAME) or b""
             ),
             "share.truncate": lambda a, c: s.truncate(_str_arg(a, "path"), _int_arg(a, "size")),
             "share.chmod": lambda a, c: s.chmod(_str_arg(a, "path"), _int_arg(a, "mode")),
@@ -157,7 +160,7 @@ class EnclaveServer:
                 _str_arg(a, "path"), _int_arg(a, "atime_ns"), _int_arg(a, "mtime_ns")
             ),
             "share.put": lambda a, c: s.put(
-                _str_arg(a, "path"), _int_arg(a, "mode", 0o644), _bytes_arg(a, "data", wire.MAX_FRAME) or b""
+                _str_arg(a, "path"), _int_arg(a, "mode", 0o644), _bytes_arg(a, "data", MAX_FRAME) or b""
             ),
             "share.sha256": lambda a, c: s.sha256(_str_arg(a, "path")),
             "share.manifest": lambda a, c: self.manifest(_str_arg(a, "path"), a.get("hash", True) is not False),
@@ -196,7 +199,7 @@ class EnclaveServer:
                     )
                 results.append({"ok": handler(op, ctx)})
             except Exception as err:  # noqa: BLE001 - mapped as a request's error is, bugs logged there
-                error = wire.error_for(err, "share.batch")
+                error = error_for(err, "share.batch")
                 error["message"] = error["message"][:BATCH_MAX_MESSAGE]
                 results.append({"error": error})
         return results
@@ -254,7 +257,7 @@ class EnclaveServer:
         def emit(event):
             try:
                 ctx.emit(event)
-            except wire.WireError:
+            except WireError:
                 ctx.cancelled.set()  # the client is gone: stop the job rather than run it blind
 
         summary = self.jobs.run(
@@ -274,24 +277,22 @@ class EnclaveServer:
 
 
 def buffer_budget(meminfo: str = "/proc/meminfo") -> int:
-    """wire.Server's max_buffered here: wire.MAX_BUFFERED, or a quarter of the memory this system has when that
+    """wire_server.Server's max_buffered here: MAX_BUFFERED, or a quarter of the memory this system has when that
     is less (inside a Nitro Enclave, MemTotal is the enclave's memory), but never below what one 4 MiB frame
     each way needs (docs/PROTOCOL.md section 7)."""
-    smallest = 4 * wire.Server.request_reservation(wire.MAX_FRAME, wire.MAX_FRAME)
+    smallest = 4 * Server.request_reservation(MAX_FRAME, MAX_FRAME)
     try:
         with open(meminfo) as f:
             total = next(int(line.split()[1]) << 10 for line in f if line.startswith("MemTotal:"))
     except (OSError, StopIteration, ValueError, IndexError):
-        return wire.MAX_BUFFERED
-    return max(smallest, min(wire.MAX_BUFFERED, total // 4))
+        return MAX_BUFFERED
+    return max(smallest, min(MAX_BUFFERED, total // 4))
 
 
 def serve(endpoint: Endpoint, server: EnclaveServer, *, ready: threading.Event | None = None) -> None:
     """Listen on endpoint and serve until the process ends."""
     listener = endpoint.listen()
-    wire_server = wire.Server(
-        listener, server.handlers(), name=SERVER_NAME, inline=INLINE_OPS, max_buffered=buffer_budget()
-    )
+    wire_server = Server(listener, server.handlers(), name=SERVER_NAME, inline=INLINE_OPS, max_buffered=buffer_budget())
     log.info("enclave server listening on %s", endpoint)
     if ready is not None:
         ready.set()

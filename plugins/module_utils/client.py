@@ -23,13 +23,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import attestation, settings, wire
+from . import attestation, settings, wire_codec
 from .endpoints import Endpoint
-from .errors import AttestationError, EnclaveError
-from .wire import Connection
+from .errors import AttestationError, EnclaveError, ProtocolError, RemoteError, WireError
+from .wire_client import Call, Connection, _remote_error
+from .wire_frames import keep_freed_memory
 
 # What the client needs (cbor2, cryptography) and could not import, or None; the modules report it.
-IMPORT_ERROR = attestation.IMPORT_ERROR or wire.IMPORT_ERROR
+IMPORT_ERROR = attestation.IMPORT_ERROR or wire_codec.IMPORT_ERROR
 
 CHUNK = 1 << 20
 IN_FLIGHT = 8  # concurrent chunk requests per transfer: keeps the pipe full without a big buffer
@@ -295,15 +296,15 @@ class EnclaveClient:
         less (its replies are bounded by it too)."""
         return min(CHUNK, self.connection.max_frame // 2)
 
-    def _batch(self, ops: list[dict]) -> wire.Call:
+    def _batch(self, ops: list[dict]) -> Call:
         return self.connection.submit("share.batch", {"ops": ops})
 
     @staticmethod
-    def _results(call: wire.Call, count: int) -> list[dict]:
+    def _results(call: Call, count: int) -> list[dict]:
         """A batch's results: one map per operation, or the server broke the protocol."""
         results = call.result()
         if not isinstance(results, list) or len(results) != count or not all(isinstance(r, dict) for r in results):
-            raise wire.ProtocolError(f"the enclave answered a batch of {count} operations with something else")
+            raise ProtocolError(f"the enclave answered a batch of {count} operations with something else")
         return results
 
     def _remote_manifest(self, remote_root: str, batching: bool) -> list[dict]:
@@ -327,13 +328,13 @@ class EnclaveClient:
 
     def _failure(self, verb: str, remote: str, error, size: int | None = None, source=None) -> EnclaveError:
         """The error of one file's transfer, in the user's words; a full share says how full and what to do."""
-        err = error if isinstance(error, wire.RemoteError) else wire._remote_error(error, "share.batch")
+        err = error if isinstance(error, RemoteError) else _remote_error(error, "share.batch")
         if err.errno == errno.ENOSPC:
             try:
                 fs = self.call("share.statfs")
                 free, total = fs["bavail"] * fs["frsize"], fs["blocks"] * fs["frsize"]
                 room = f" (the share has {_size(free)} free of {_size(total)})"
-            except (wire.WireError, KeyError, TypeError):
+            except (WireError, KeyError, TypeError):
                 room = ""
             needed = f" ({_size(size)})" if size is not None else ""
             return EnclaveError(
@@ -341,7 +342,7 @@ class EnclaveClient:
                 "partial was left there. Make room with `enclave share rm` (`enclave share ls` shows what is there) "
                 "or give the enclave more memory, then push again: files already pushed are skipped"
             )
-        return wire.RemoteError(err.errno, f"cannot {verb} {remote}: {err.strerror}", name=err.name, op=err.op)
+        return RemoteError(err.errno, f"cannot {verb} {remote}: {err.strerror}", name=err.name, op=err.op)
 
     def _settle(self, pending: deque, verb: str, keep: int = 0) -> None:
         """Wait for batches in flight until at most keep remain; on a file's error wait for all of them, then
@@ -369,7 +370,7 @@ class EnclaveClient:
         batching = self._batching()
         try:
             theirs = {e["path"]: e for e in self._remote_manifest(remote_root, batching)}
-        except wire.RemoteError as err:
+        except RemoteError as err:
             if err.errno != errno.ENOENT:
                 raise
             theirs = None  # a folder that does not exist yet: created below, as mkdir -p would
@@ -392,7 +393,7 @@ class EnclaveClient:
             changed = [e for e in ours.values() if _differs(e, (theirs or {}).get(e["path"]))]
         sent = sum(e.get("size", 0) for e in changed)
         if not dry_run:
-            wire.keep_freed_memory()  # bulk frames: keep freed MiB buffers (docs/PROTOCOL.md section 9)
+            keep_freed_memory()  # bulk frames: keep freed MiB buffers (docs/PROTOCOL.md section 9)
             if theirs is None:
                 self._makedirs(remote_root)
             meter = _meter("push", sent, progress)
@@ -471,7 +472,7 @@ class EnclaveClient:
             while pending:
                 pending.popleft().result()
             self.call("share.rename", {"old": temp, "new": remote})
-        except wire.RemoteError as err:
+        except RemoteError as err:
             self._discard(temp, pending)
             raise self._failure("push", remote, err, entry["size"], src) from None
         except BaseException:
@@ -497,7 +498,7 @@ class EnclaveClient:
             folder = "/" + "/".join(parts[:depth])
             try:
                 entries = self.call("share.list", {"path": folder})
-            except wire.RemoteError:
+            except RemoteError:
                 continue
             names = sorted(e["name"] + ("/" if stat.S_ISDIR(e["mode"]) else "") for e in entries)
             return f"{folder} holds {_shown(names, folder + '/')}" if names else f"{folder} is empty"
@@ -509,7 +510,7 @@ class EnclaveClient:
         for depth in range(2, len(parts) + 1):
             try:
                 self.call("share.mkdir", {"path": "/" + "/".join(parts[:depth]), "mode": 0o755})
-            except wire.RemoteError as err:
+            except RemoteError as err:
                 if err.errno != errno.EEXIST:
                     raise
 
@@ -545,7 +546,7 @@ class EnclaveClient:
         batching = self._batching()
         try:
             listed = self._remote_manifest(remote_root, batching)
-        except wire.RemoteError as err:
+        except RemoteError as err:
             if err.errno not in (errno.ENOENT, errno.ENOTDIR):
                 raise
             raise EnclaveError(
@@ -565,7 +566,7 @@ class EnclaveClient:
         changed = _changed(theirs, ours, same)
         received = sum(e.get("size", 0) for e in changed)
         if not dry_run:
-            wire.keep_freed_memory()
+            keep_freed_memory()
             local_dir.mkdir(parents=True, exist_ok=True)
             meter = _meter("pull", received, progress)
             try:
@@ -614,7 +615,7 @@ class EnclaveClient:
         for entry, target in big:
             self._download(f"{remote_root}/{entry['path']}", Path(target), entry, batching, meter)
 
-    def _write_pulled(self, group: list[dict], call: wire.Call, meter) -> None:
+    def _write_pulled(self, group: list[dict], call: Call, meter) -> None:
         results = self._results(call, 2 * len(group))
         for index, entry in enumerate(group):
             read, digest = results[2 * index], results[2 * index + 1]
@@ -623,7 +624,7 @@ class EnclaveClient:
                     raise self._failure("pull", entry["remote"], result["error"])
             data = read["ok"]
             if not isinstance(data, bytes) or not isinstance(digest["ok"], str):
-                raise wire.ProtocolError(f"the enclave answered a read of {entry['remote']} with something else")
+                raise ProtocolError(f"the enclave answered a read of {entry['remote']} with something else")
             if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != digest["ok"]:
                 raise EnclaveError(f"{entry['remote']} changed while it was being pulled; pull again")
             _write_whole(entry["target"], entry["mode"], data)
@@ -690,7 +691,7 @@ class EnclaveClient:
 
         try:
             return self.connection.stream("job.run", request, on_event=on_event)
-        except wire.RemoteError as err:
+        except RemoteError as err:
             if err.errno != errno.ENOENT or self._exists(request["package"]):
                 raise
             raise EnclaveError(
@@ -702,7 +703,7 @@ class EnclaveClient:
     def _exists(self, path: str) -> bool:
         try:
             self.call("share.stat", {"path": path})
-        except wire.RemoteError as err:
+        except RemoteError as err:
             if err.errno in (errno.ENOENT, errno.ENOTDIR):
                 return False
             raise

@@ -24,7 +24,7 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.cli import fusefs
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import mounts
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import Connection
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire_client import Connection
 
 ENCLAVE = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
 TOP_LEVEL = ["dataset", "encrypted", "model", "output"]

@@ -39,10 +39,13 @@ from ansible_collections.confidential_ml.nitro.enclave_local.vsock_proxy import 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import package, settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.enclave_code import IMAGE_PYTHON
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import (
+    ConnectionClosed,
+    EnclaveError,
+    RemoteError,
+)
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import RuntimeFailure, resolve_endpoint
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import ConnectionClosed, RemoteError
 from ansible_collections.confidential_ml.nitro.tests.fixtures.served import processes_mentioning
 from ansible_collections.confidential_ml.nitro.tests.fixtures.sources import copy_enclave_sources
 

@@ -26,12 +26,12 @@ from ansible_collections.confidential_ml.nitro.enclave_local.nsm_service import 
 from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA, SimulatedNsm
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import RemoteError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import (
     KmsSigner,
     OwnerIdentity,
     owner_key_from_kms,
 )
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import RemoteError
 from ansible_collections.confidential_ml.nitro.tests.fixtures.served import JOB_PYTHON, JOB_UID, owner_key
 
 ACCOUNT = "111122223333"

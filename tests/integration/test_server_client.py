@@ -17,7 +17,7 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient, host_kms_settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import Connection
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire_client import Connection
 from ansible_collections.confidential_ml.nitro.tests.fixtures.served import cli
 
 
@@ -189,18 +189,22 @@ def test_receipt_proves_what_ran_and_what_it_produced(enclave, tmp_path):
 
 
 def test_client_that_disconnects_mid_write_leaves_the_share_consistent(enclave):
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire_codec, wire_frames
 
     with EnclaveClient(enclave["endpoint"]) as client:
         client.call("share.create", {"path": "/dataset/f.bin"})
         client.call("share.write", {"path": "/dataset/f.bin", "offset": 0, "data": b"a" * 1000})
     with socket.socket(socket.AF_UNIX) as raw:
         raw.connect(str(enclave["sock"]))
-        wire.send_frame(raw, {"hello": wire.PROTOCOL, "versions": [1], "max_frame": wire.MAX_FRAME}, wire.MIN_FRAME)
-        assert wire.recv_frame(raw)["version"] == 1
+        wire_frames.send_frame(
+            raw,
+            {"hello": wire_frames.PROTOCOL, "versions": [1], "max_frame": wire_frames.MAX_FRAME},
+            wire_frames.MIN_FRAME,
+        )
+        assert wire_frames.recv_frame(raw)["version"] == 1
         write = {"path": "/dataset/f.bin", "offset": 0, "data": b"b" * (1 << 20)}
-        frame = wire.encode({"id": 1, "op": "share.write", "args": write})
-        raw.sendall(wire.HEADER.pack(len(frame)) + frame[: len(frame) // 2])  # half a frame, then gone
+        frame = wire_codec.encode({"id": 1, "op": "share.write", "args": write})
+        raw.sendall(wire_frames.HEADER.pack(len(frame)) + frame[: len(frame) // 2])  # half a frame, then gone
     with EnclaveClient(enclave["endpoint"]) as client:
         assert client.call("share.read", {"path": "/dataset/f.bin", "offset": 0, "size": 1 << 20}) == b"a" * 1000
         assert client.call("health")["job"] is None
@@ -223,7 +227,7 @@ def test_push_sends_small_files_with_their_create(enclave, tmp_path):
 
 def test_push_to_a_server_whose_create_takes_no_data(tmp_path):
     """An older enclave image ignores create's data and answers None: push writes the data after all."""
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire_server
     from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint
 
     files: dict[str, bytearray] = {}
@@ -239,7 +243,7 @@ def test_push_to_a_server_whose_create_takes_no_data(tmp_path):
     handlers = {"share.manifest": lambda a, c: [], "share.create": create, "share.write": write,
                 "share.mkdir": lambda a, c: None}  # fmt: skip
     endpoint = Endpoint.unix(str(tmp_path / "old.sock"))
-    server = wire.Server(endpoint.listen(), handlers)
+    server = wire_server.Server(endpoint.listen(), handlers)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     src = tmp_path / "src"
@@ -323,18 +327,20 @@ def test_pull_of_a_name_of_255_bytes(enclave, tmp_path):
 
 def test_a_client_that_does_not_read_cannot_delay_attestation(enclave):
     """16 x 1 MiB reads never read back: another client still attests within a second."""
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire_frames
 
     sock_path = f"unix://{enclave['sock']}"
     with EnclaveClient(sock_path, expect_pcr0=enclave["pcr0"]) as client:
         client.call("share.create", {"path": "/dataset/big", "mode": 0o644, "data": b"\x05" * (1 << 20)})
     with socket.socket(socket.AF_UNIX) as stalled:
         stalled.connect(str(enclave["sock"]))
-        wire.send_frame(stalled, {"hello": wire.PROTOCOL, "versions": [1], "max_frame": wire.MAX_FRAME})
-        assert wire.recv_frame(stalled)["version"] == 1
+        wire_frames.send_frame(
+            stalled, {"hello": wire_frames.PROTOCOL, "versions": [1], "max_frame": wire_frames.MAX_FRAME}
+        )
+        assert wire_frames.recv_frame(stalled)["version"] == 1
         read = {"path": "/dataset/big", "offset": 0, "size": 1 << 20}
         for rid in range(1, 17):
-            wire.send_frame(stalled, {"id": rid, "op": "share.read", "args": read})
+            wire_frames.send_frame(stalled, {"id": rid, "op": "share.read", "args": read})
         time.sleep(0.5)  # let the server take them in: today's server then has every worker stuck sending
         started = time.monotonic()
         with EnclaveClient(sock_path, expect_pcr0=enclave["pcr0"]) as other:
@@ -376,15 +382,15 @@ def test_the_attestation_rule_every_front_end_follows(tmp_path):
 
 def test_the_servers_memory_budget_follows_the_enclaves_memory(tmp_path):
     from ansible_collections.confidential_ml.nitro.enclave_server.server import buffer_budget
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire_frames, wire_server
 
     def budget(mib):
         meminfo = tmp_path / f"meminfo-{mib}"
         meminfo.write_text(f"MemTotal:       {mib * 1024} kB\nMemFree:        1000 kB\n")
         return buffer_budget(str(meminfo))
 
-    assert budget(16384) == wire.MAX_BUFFERED == 128 << 20
+    assert budget(16384) == wire_server.MAX_BUFFERED == 128 << 20
     assert budget(256) == 64 << 20  # a quarter of a 256 MiB enclave
     smallest = budget(64)  # the local runtime's smallest enclave: one 4 MiB frame each way still fits
-    assert smallest == 4 * wire.Server.request_reservation(wire.MAX_FRAME, wire.MAX_FRAME)
-    assert buffer_budget(str(tmp_path / "absent")) == wire.MAX_BUFFERED
+    assert smallest == 4 * wire_server.Server.request_reservation(wire_frames.MAX_FRAME, wire_frames.MAX_FRAME)
+    assert buffer_budget(str(tmp_path / "absent")) == wire_server.MAX_BUFFERED

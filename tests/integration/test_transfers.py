@@ -19,7 +19,7 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.enclave_server.server import BATCH_MAX_OPS, BATCH_MAX_READ
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import client as client_lib
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import errors, wire_frames, wire_server
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.tests.fixtures.served import cli
@@ -169,11 +169,11 @@ def test_hostile_batches_are_refused_and_change_nothing_outside_the_share(enclav
         greedy = [{"op": "read", "path": "/dataset/ok", "offset": 0, "size": BATCH_MAX_READ // 2 + 1}] * 2
         for args in ({"ops": None}, {"ops": {}}, {"ops": []}, {}, {"ops": many},
                      {"ops": [{"op": "mkdir", "path": "/dataset/first"}, *greedy]}):  # fmt: skip
-            with pytest.raises(wire.RemoteError) as caught:
+            with pytest.raises(errors.RemoteError) as caught:
                 client.call("share.batch", args)
             assert caught.value.errno == errno.EINVAL
         # A batch over the frame limit is never sent; the connection stays usable.
-        with pytest.raises(wire.FrameTooLarge):
+        with pytest.raises(errors.FrameTooLarge):
             batch(client, [{"op": "put", "path": "/dataset/huge", "data": b"\0" * (4 * MIB)}])
         assert client.call("health")["server"]
     assert sorted(os.listdir(outside)) == ["secret"] and (outside / "secret").read_text() == "plaintext"
@@ -197,7 +197,7 @@ def test_fuzzed_batches_get_an_answer_and_leave_the_server_serving(enclave):
                 ops.append(op if rng.random() > 0.05 else rng.choice(values))
             try:
                 results = batch(client, ops)
-            except wire.RemoteError as err:
+            except errors.RemoteError as err:
                 assert err.errno == errno.EINVAL  # a read asked for more than a batch may
                 continue
             assert len(results) == len(ops)
@@ -259,7 +259,7 @@ def test_a_dropped_connection_leaves_no_half_written_file(enclave, tmp_path, mon
             return submit(op, args, **kw)
 
         monkeypatch.setattr(client.connection, "submit", drop_after_two_writes)
-        with pytest.raises(wire.ConnectionClosed):
+        with pytest.raises(errors.ConnectionClosed):
             client.push(src, "/dataset")
     # The target is untouched; the dropped push's temporary file could not be removed over a closed connection.
     assert (share / "big.bin").read_bytes() == b"the previous version"
@@ -320,7 +320,7 @@ def test_pull_from_a_server_without_batch_uses_its_manifest_hashes(tmp_path):
         return data[args["offset"] : args["offset"] + args["size"]]
 
     endpoint = Endpoint.unix(str(tmp_path / "old.sock"))
-    server = wire.Server(endpoint.listen(), {"share.manifest": manifest, "share.read": read})
+    server = wire_server.Server(endpoint.listen(), {"share.manifest": manifest, "share.read": read})
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -352,7 +352,7 @@ def bare_server(tmp_path):
 
 def test_a_cancelled_batch_applies_nothing_more(bare_server, tmp_path):
     cancelled = threading.Event()
-    ctx = wire.RequestContext(id=1, op="share.batch", peer="test", cancelled=cancelled, _emit=None)
+    ctx = wire_server.RequestContext(id=1, op="share.batch", peer="test", cancelled=cancelled, _emit=None)
     ops = [{"op": "put", "path": f"/dataset/f{i}", "data": b"x"} for i in range(5)]
     applied = bare_server.batch({"ops": ops[:2]}, ctx)
     assert applied == [{"ok": 1}, {"ok": 1}]
@@ -369,7 +369,9 @@ def test_push_and_pull_fit_a_server_with_the_smallest_frame_limit(bare_server, t
 
     enclave = bare_server
     endpoint = Endpoint.unix(str(tmp_path / "small.sock"))
-    server = wire.Server(endpoint.listen(), enclave.handlers(), max_frame=wire.MIN_FRAME, inline=INLINE_OPS)
+    server = wire_server.Server(
+        endpoint.listen(), enclave.handlers(), max_frame=wire_frames.MIN_FRAME, inline=INLINE_OPS
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     src = tmp_path / "src"
@@ -378,7 +380,7 @@ def test_push_and_pull_fit_a_server_with_the_smallest_frame_limit(bare_server, t
         (src / f"f{i}").write_bytes(os.urandom(size))
     try:
         with EnclaveClient(str(endpoint)) as client:
-            assert client.connection.max_frame == wire.MIN_FRAME
+            assert client.connection.max_frame == wire_frames.MIN_FRAME
             assert len(client.push(src, "/dataset/d")["changed"]) == 6
             assert client.push(src, "/dataset/d")["changed"] == []
             assert len(client.pull("/dataset/d", tmp_path / "out")["changed"]) == 6

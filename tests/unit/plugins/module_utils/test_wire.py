@@ -17,28 +17,30 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire_codec, wire_frames, wire_server
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError, PackageError
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import (
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import (
+    CallTimeout,
+    ConnectionClosed,
+    EnclaveError,
+    FrameTooLarge,
+    PackageError,
+    ProtocolError,
+    RemoteError,
+    WireError,
+)
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire_client import Connection
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire_codec import decode, encode
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire_frames import (
     MAX_FRAME,
     MIN_FRAME,
     PROTOCOL,
-    CallTimeout,
-    Connection,
-    ConnectionClosed,
-    FrameTooLarge,
-    ProtocolError,
-    RemoteError,
-    Server,
-    WireError,
-    decode,
-    encode,
     recv_frame,
     send_frame,
 )
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire_server import Server
 
-WIRE_LOGGER = wire.log.name
+WIRE_LOGGER = wire_server.log.name
 WAIT = 30  # generous bound on waits that should end at once; never asserted on
 
 
@@ -284,7 +286,7 @@ PLAIN_DATA = st.recursive(
 def test_plain_messages_encode_as_the_refusing_encoders_would(value):
     """encode() skips cbor2's encoders mapping for plain data: the bytes must not change."""
     msg = {"id": 1, "ok": value}
-    assert encode(msg) == cbor2.dumps(msg, encoders=wire._ENCODERS)
+    assert encode(msg) == cbor2.dumps(msg, encoders=wire_codec._ENCODERS)
 
 
 @pytest.mark.parametrize("value", [[{"a": (1, datetime.date.today())}], {"k": [b"x", {2, 3}]}, {"k": [object()]}])
@@ -309,9 +311,9 @@ def _outcomes(read):
 
 FRAME_BODIES = st.one_of(
     st.binary(max_size=200).map(lambda data: encode({"id": 1, "data": data})),
-    st.sampled_from([wire.READ_BUFFER - 40, wire.READ_BUFFER - 4, wire.READ_BUFFER + 1, 200_000]).map(
-        lambda size: encode({"id": 2, "data": b"x" * (size - 16)})[:size]
-    ),
+    st.sampled_from(
+        [wire_frames.READ_BUFFER - 40, wire_frames.READ_BUFFER - 4, wire_frames.READ_BUFFER + 1, 200_000]
+    ).map(lambda size: encode({"id": 2, "data": b"x" * (size - 16)})[:size]),
     st.binary(max_size=40),  # not CBOR, or not a map
 )
 
@@ -335,9 +337,9 @@ def test_frame_reader_reads_what_recv_frame_reads(bodies, tail):
             writer = threading.Thread(target=write)
             writer.start()
             if reader == "recv_frame":
-                results.append(_outcomes(lambda b=b: recv_frame(b, max_frame=wire.READ_BUFFER * 4)))
+                results.append(_outcomes(lambda b=b: recv_frame(b, max_frame=wire_frames.READ_BUFFER * 4)))
             else:
-                frames = wire._FrameReader(b, wire.READ_BUFFER * 4)
+                frames = wire_frames._FrameReader(b, wire_frames.READ_BUFFER * 4)
                 results.append(_outcomes(frames.frame))
             b.shutdown(socket.SHUT_RD)  # a writer blocked on a full socket after an error ends too
             writer.join()
@@ -503,7 +505,7 @@ def test_cancel_sets_ctx_cancelled(serve, probe):
 
 
 def test_pool_runs_up_to_its_workers_at_once_and_everything_queued():
-    pool = wire._Pool(2, "p-worker")
+    pool = wire_server._Pool(2, "p-worker")
     gate = threading.Event()
     started, done = [], []
 
@@ -524,7 +526,7 @@ def test_pool_runs_up_to_its_workers_at_once_and_everything_queued():
 
 def test_cancelled_flag_wakes_its_waiter_whenever_it_is_set():
     # ctx.cancelled builds its Event only for a waiter: a set before, during or after that must not be lost.
-    flag = wire._Cancelled()
+    flag = wire_server._Cancelled()
     assert not flag.is_set()
     assert flag.wait(0.01) is False
     woke = []
@@ -534,7 +536,7 @@ def test_cancelled_flag_wakes_its_waiter_whenever_it_is_set():
     flag.set()
     waiter.join()
     assert woke == [True]
-    early = wire._Cancelled()
+    early = wire_server._Cancelled()
     early.set()
     assert early.is_set() and early.wait(WAIT) is True
 
@@ -732,7 +734,7 @@ def test_server_shutdown_mid_call_fails_the_call(serve, probe):
 SERVER_SCRIPT = """
 import os, sys, threading
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import Server
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire_server import Server
 
 def hang(args, ctx):
     os.write(1, b"hanging\\n")  # one atomic write: three of these run at once
@@ -908,9 +910,11 @@ def test_bulk_requests_of_inline_ops_run_on_the_pool(serve, probe):
     handlers["where"] = where
     endpoint, _server = serve(handlers, inline={"where"}, name="inl")
     with Connection.open(endpoint) as conn:
-        assert conn.call("where", {"data": b"x" * wire.INLINE_MAX_BYTES}, timeout=WAIT) == "inl-conn"
-        assert conn.call("where", {"size": wire.INLINE_MAX_BYTES}, timeout=WAIT) == "inl-conn"
-        assert conn.call("where", {"data": b"x" * (wire.INLINE_MAX_BYTES + 1)}, timeout=WAIT).startswith("inl-worker")
+        assert conn.call("where", {"data": b"x" * wire_server.INLINE_MAX_BYTES}, timeout=WAIT) == "inl-conn"
+        assert conn.call("where", {"size": wire_server.INLINE_MAX_BYTES}, timeout=WAIT) == "inl-conn"
+        assert conn.call("where", {"data": b"x" * (wire_server.INLINE_MAX_BYTES + 1)}, timeout=WAIT).startswith(
+            "inl-worker"
+        )
         assert conn.call("where", {"size": 1 << 20}, timeout=WAIT).startswith("inl-worker")
 
 
@@ -949,7 +953,7 @@ def test_client_that_does_not_read_cannot_delay_another(serve):
 FLOOD_SERVER = """
 import sys, threading
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire import Server
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire_server import Server
 
 stall = threading.Event()
 def hang(args, ctx):
