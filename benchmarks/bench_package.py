@@ -42,7 +42,7 @@ import checkout
 
 checkout.use()  # the imports below come from this tree
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import package  # noqa: E402
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import package_format, package_open, package_seal  # noqa: E402
 
 CHUNK = 1 << 20
 MIB = 1 << 20
@@ -90,9 +90,9 @@ def child(args: argparse.Namespace) -> None:
     """Run one seal or open in this (fresh) process and print its wall and CPU time and peak RSS as JSON."""
     start, cpu, main_cpu = time.perf_counter(), time.process_time(), time.thread_time()
     if args.child == "seal":
-        package.seal(args.src, args.pkg, kms_client=StandInKms(), key_id="bench", name="bench", version="1")
+        package_seal.seal(args.src, args.pkg, kms_client=StandInKms(), key_id="bench", name="bench", version="1")
     else:
-        package.open_package(args.pkg, args.out, unwrap_key=lambda header: header.wrapped_key)
+        package_open.open_package(args.pkg, args.out, unwrap_key=lambda header: header.wrapped_key)
     seconds, cpu, main_cpu = time.perf_counter() - start, time.process_time() - cpu, time.thread_time() - main_cpu
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "main_thread_cpu_seconds": main_cpu,
                       "peak_rss_mib": peak_rss_mib()}))  # fmt: skip
@@ -117,7 +117,7 @@ def timed(step) -> float:
 
 def references(pkg: Path, total: int, open_dir: Path) -> dict:
     """The primitives open is built on, each on total bytes: the named step -> a callable to time."""
-    header = package.read_header(pkg)
+    header = package_format.read_header(pkg)
     key = header.wrapped_key  # StandInKms wraps a key as itself
     scratch = open_dir / "reference.bin"
     piece = os.urandom(CHUNK)  # the same bytes over again: the cost of the step, not of producing its input
@@ -126,14 +126,14 @@ def references(pkg: Path, total: int, open_dir: Path) -> dict:
     def decrypt():
         with open(pkg, "rb") as stream:
             stream.seek(header.body_offset)
-            for _segment in package._decrypt_segments(stream, key, header.raw):
+            for _segment in package_open._decrypt_segments(stream, key, header.raw):
                 pass
 
     def tink_decrypt():
         with open(pkg, "rb") as stream:
             stream.seek(header.body_offset)
-            plaintext = package._streaming_aead(key).new_decrypting_stream(stream, header.raw)
-            while plaintext.read(package.IO_BYTES):  # open's former read size: Tink's best case here
+            plaintext = package_seal._streaming_aead(key).new_decrypting_stream(stream, header.raw)
+            while plaintext.read(package_format.IO_BYTES):  # open's former read size: Tink's best case here
                 pass
 
     def write():
@@ -159,7 +159,7 @@ def references(pkg: Path, total: int, open_dir: Path) -> dict:
 
 def tink_encrypt(src: Path, work: Path) -> float:
     """Bare Tink encryption of the tree's bytes (read from the files, as seal reads them) into one file."""
-    aead = package._streaming_aead(os.urandom(32))
+    aead = package_seal._streaming_aead(os.urandom(32))
     ciphertext = work / "bare.tink"
 
     def encrypt():

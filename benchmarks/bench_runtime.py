@@ -52,7 +52,7 @@ import boto3  # noqa: E402
 from ansible_collections.confidential_ml.nitro.enclave_local import cloud  # noqa: E402
 from ansible_collections.confidential_ml.nitro.enclave_local.kms import load_credentials  # noqa: E402
 from ansible_collections.confidential_ml.nitro.enclave_local.runtime import LocalRuntime  # noqa: E402
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import package  # noqa: E402
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import package_seal  # noqa: E402
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient  # noqa: E402
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy  # noqa: E402
 
@@ -237,7 +237,7 @@ def main() -> int:
             app.mkdir()
             published.mkdir()
             (app / "hello.py").write_text(textwrap.dedent("print('hello', flush=True)\n"))
-            package.seal(app, published / "hello.pkg", kms_client=owner, key_id=key_id, name="hello", version="1")
+            package_seal.seal(app, published / "hello.pkg", kms_client=owner, key_id=key_id, name="hello", version="1")
 
             # Settings and the targets: not measured, and kept apart from the figures (run_all.py).
             results = {

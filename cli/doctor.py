@@ -1,7 +1,7 @@
 """`enclave doctor`: prove that this host can run a job, one step at a time.
 
 Each step checks one thing a job needs, with the project's own pieces (the runtime,
-the client, attestation, key_policy, package.seal), prints one line (ok / FAIL / skip,
+the client, attestation, key_policy, package_seal.seal), prints one line (ok / FAIL / skip,
 what it checked, how long it took) and the doctor stops at the first failure with what
 to do. Cleanup always runs: the throwaway enclave is terminated, the throwaway KMS key
 scheduled for deletion with the shortest window KMS allows (7 days), the scratch files
@@ -637,14 +637,14 @@ class Doctor:
         )
 
     def run_job(self) -> str:
-        from ..plugins.module_utils import attestation, package, receipt
+        from ..plugins.module_utils import attestation, package_seal, receipt
 
         app, published = self.work / "app", self.work / "published"
         app.mkdir()
         published.mkdir()
         (app / SCRIPT).write_text(SCRIPT_SOURCE)
         sealed = published / f"{APP_NAME}-{self.token}.pkg"
-        header = package.seal(
+        header = package_seal.seal(
             app, sealed, kms_client=self.kms, key_id=self.key_arn, name=APP_NAME, version="1", signer=self.signer
         )
         self.client.push(published, "/encrypted")

@@ -53,7 +53,7 @@ def _read_text(path: str) -> str:
 def cmd_package_seal(args) -> int:
     from importlib import import_module
 
-    package = import_module(f"{LIB}.package")
+    package = import_module(f"{LIB}.package_seal")
     src = Path(args.dir)
     kms = options.kms_client(args)
     signer = import_module(f"{LIB}.owner_identity").KmsSigner(kms, args.signing_key) if args.signing_key else None
@@ -83,7 +83,7 @@ def cmd_package_inspect(args) -> int:
     if not path.is_file():
         what = "a folder" if path.is_dir() else "not there" if not path.exists() else "not a regular file"
         raise EnclaveError(f"{path} is {what}: give the path of a package file (the .pkg the owner published)")
-    header = import_module(f"{LIB}.package").read_header(path)
+    header = import_module(f"{LIB}.package_format").read_header(path)
     data = header.to_json()
     if args.json:
         _print_json(data)

@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..plugins.module_utils import package as package_format
+from ..plugins.module_utils import package_open
 from .share import TOP_LEVEL, Share, split_path
 
 # -I: ignore PYTHON* variables and the user site, and put neither the cwd nor
@@ -262,7 +262,7 @@ class JobRunner:
 
                     # check_package (the owner's signature) runs on the header open_package unwraps, before
                     # KMS or the NSM.
-                    package_format.open_package(package_file, tree, unwrap_key=unwrap, check_header=check_package)
+                    package_open.open_package(package_file, tree, unwrap_key=unwrap, check_header=check_package)
                     header = opened[-1]
                     script_path = os.path.join(tree, *script_parts)
                     if not os.path.isfile(script_path) or os.path.islink(script_path):

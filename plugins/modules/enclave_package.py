@@ -194,16 +194,18 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_optio
     require_libraries,
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import KmsSigner
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import (
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_format import (
     FORMAT_VERSION,
-    build_manifest,
     manifest_digest,
-    package_context,
     read_header,
-    seal,
 )
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import (
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_seal import (
     IMPORT_ERROR as PACKAGE_IMPORT_ERROR,
+)
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_seal import (
+    build_manifest,
+    package_context,
+    seal,
 )
 
 with contextlib.suppress(ImportError):  # require_libraries(module, BOTO3_IMPORT_ERROR) reports it

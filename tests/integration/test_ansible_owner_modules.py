@@ -13,7 +13,7 @@ import boto3
 import pytest
 
 from ansible_collections.confidential_ml.nitro.enclave_local.kms import LocalKms, LocalKmsServer
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import read_header
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_format import read_header
 from ansible_collections.confidential_ml.nitro.tests.fixtures.sources import copy_enclave_sources
 
 ACCOUNT = "111122223333"

@@ -12,7 +12,7 @@ import boto3
 import pytest
 
 from ansible_collections.confidential_ml.nitro.enclave_server import kms_forwarder
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import attestation, package, receipt
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import attestation, package_seal, receipt
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient, host_kms_settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
@@ -95,7 +95,7 @@ def seal_probe(enclave, tmp_path) -> None:
     owner = boto3.client("kms", endpoint_url=enclave["kms_url"], region_name="us-east-1",
                          **enclave["kms"].credentials("owner"))  # fmt: skip
     sealed = tmp_path / "hostile.pkg"
-    package.seal(src, sealed, kms_client=owner, key_id=enclave["key_id"], name="hostile", version="1")
+    package_seal.seal(src, sealed, kms_client=owner, key_id=enclave["key_id"], name="hostile", version="1")
     with EnclaveClient(enclave["endpoint"]) as client:
         client.call("share.create", {"path": "/encrypted/hostile.pkg", "data": sealed.read_bytes()})
 

@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError
 from ansible_collections.confidential_ml.nitro.enclave_local.kms import LocalKms, LocalKmsServer, load_credentials
 from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA, SimulatedNsm
 from ansible_collections.confidential_ml.nitro.enclave_server import kms_recipient
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import package_open, package_seal
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import KmsError, PackageError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import lint, render_policy
 
@@ -74,7 +74,7 @@ def released(cloud, tmp_path):
     (src / "model" / "weights.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 17))
     (src / "empty").write_bytes(b"")
     sealed = tmp_path / "app.pkg"
-    header = package.seal(src, sealed, kms_client=owner, key_id=key_id, name="app", version="1.0")
+    header = package_seal.seal(src, sealed, kms_client=owner, key_id=key_id, name="app", version="1.0")
     return ca, server, src, sealed, header
 
 
@@ -89,7 +89,7 @@ def test_attested_enclave_opens_the_package(released, tmp_path):
         )
 
     target = tmp_path / "opened"
-    package.open_package(sealed, target, unwrap_key=unwrap)
+    package_open.open_package(sealed, target, unwrap_key=unwrap)
     assert tree_digest(target) == tree_digest(src)
 
 
@@ -111,7 +111,7 @@ def test_enclave_with_another_measurement_gets_access_denied(released, tmp_path)
         return kms_recipient.decrypt(user, nsm, h.wrapped_key, encryption_context=h.encryption_context)
 
     with pytest.raises((KmsError, PackageError)):
-        package.open_package(sealed, target, unwrap_key=unwrap)
+        package_open.open_package(sealed, target, unwrap_key=unwrap)
     assert not target.exists() or not any(target.iterdir())
 
 

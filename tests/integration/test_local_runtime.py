@@ -36,7 +36,7 @@ from ansible_collections.confidential_ml.nitro.enclave_local.vsock_proxy import 
     VsockProxyError,
     parse_allowlist,
 )
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import package, settings
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import package_seal, settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.enclave_code import IMAGE_PYTHON
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import (
@@ -204,7 +204,7 @@ def cloud_up(home, images, tmp_path):
         (app / name).write_text(textwrap.dedent(body))
     published = tmp_path / "published"
     published.mkdir()
-    package.seal(app, published / "app.pkg", kms_client=owner, key_id=key_id, name="app", version="1.0")
+    package_seal.seal(app, published / "app.pkg", kms_client=owner, key_id=key_id, name="app", version="1.0")
     return {**running, "published": published}
 
 
@@ -606,7 +606,7 @@ def test_kms_is_reached_by_name_over_tls_through_forwarder_and_proxy(images, clo
     app = tmp_path / "tls-app"
     app.mkdir()
     (app / "tls_probe.py").write_text(TLS_PROBE)
-    package.seal(app, cloud_up["published"] / "tls.pkg", kms_client=owner, key_id=key_id, name="tls", version="1")
+    package_seal.seal(app, cloud_up["published"] / "tls.pkg", kms_client=owner, key_id=key_id, name="tls", version="1")
     out = []
     with EnclaveClient(info.endpoint, expect_pcr0=pcr0) as client:
         client.push(cloud_up["published"], "/encrypted")

@@ -171,7 +171,7 @@ def test_user_modules_discover_the_local_enclave_through_ansible_playbook(local_
     import boto3
 
     from ansible_collections.confidential_ml.nitro.enclave_local.kms import load_credentials
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils import package_seal
     from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
 
     work, env = local_cloud
@@ -206,7 +206,7 @@ def test_user_modules_discover_the_local_enclave_through_ansible_playbook(local_
     (app / "hello.py").write_text(f"print('hello from {endpoint}')\n")
     published = tmp_path / "published"
     published.mkdir()
-    package.seal(app, published / "app.pkg", kms_client=owner, key_id=key_id, name="app", version="1.0")
+    package_seal.seal(app, published / "app.pkg", kms_client=owner, key_id=key_id, name="app", version="1.0")
 
     variables = {"dataset": str(dataset), "published": str(published), "pcr0": pcr0, "endpoint": endpoint}
     ansible_playbook(playbook, {**variables, "enclave_running": True}, env=play_env)

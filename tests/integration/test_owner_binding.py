@@ -24,7 +24,7 @@ import pytest
 from ansible_collections.confidential_ml.nitro.enclave_local.kms import LocalKms, LocalKmsServer
 from ansible_collections.confidential_ml.nitro.enclave_local.nsm_service import NsmService
 from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA, SimulatedNsm
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import package_format, package_seal
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import RemoteError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import (
@@ -82,8 +82,9 @@ def bound(tmp_path):
     (inside / "work").mkdir()
     encrypted = inside / "share" / "encrypted"
     encrypted.mkdir(parents=True)
-    header = package.seal(write_tree(tmp_path / "app", APP), encrypted / "app.pkg", kms_client=owner, key_id=key_id,
-                          name="app", version="1.0", signer=KmsSigner(owner, signing_id))  # fmt: skip
+    header = package_seal.seal(write_tree(tmp_path / "app", APP), encrypted / "app.pkg", kms_client=owner,
+                               key_id=key_id, name="app", version="1.0",
+                               signer=KmsSigner(owner, signing_id))  # fmt: skip
 
     simulated = SimulatedNsm(ca, {0: LOCAL_PCR0, 1: bytes(48), 2: bytes(48)})
     nsm_calls: list = []
@@ -157,7 +158,7 @@ def test_the_hosts_own_package_under_its_own_key_is_refused(bound, tmp_path):
     """The host makes its own KMS key (its policy its own), seals its own code under it, signs nothing."""
     host = bound["client"]("enclave-host")
     host_key = host.create_key(Description="the host's own")["KeyMetadata"]["KeyId"]
-    package.seal(write_tree(tmp_path / "evil", EVIL), bound["encrypted"] / "evil.pkg", kms_client=host,
+    package_seal.seal(write_tree(tmp_path / "evil", EVIL), bound["encrypted"] / "evil.pkg", kms_client=host,
                  key_id=host_key, name="evil", version="1")  # fmt: skip
     owner_key = bound["identity"].keys[0]
     assert_refused_before_key_release(
@@ -173,7 +174,7 @@ def test_a_package_signed_by_another_kms_key_is_refused(bound, tmp_path):
     host_signing = host.create_key(KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
     signer = KmsSigner(host, host_signing)
     owner_header = bound["header"]
-    package.write_package(
+    package_seal.write_package(
         bound["encrypted"] / "evil.pkg", name="app", version="1.0", key_id=owner_header.key_id,
         encryption_context=owner_header.encryption_context, wrapped_key=owner_header.wrapped_key,
         manifest_digest=owner_header.manifest_digest, data_key=os.urandom(32), body_chunks=[b"\0" * 10240],
@@ -191,10 +192,10 @@ def test_the_owners_signature_transplanted_onto_a_modified_header_is_refused(bou
     header = bound["header"]
     fields = cbor2.loads(header.raw[12:]) | {"version": "1.0-evil"}
     body = cbor2.dumps(fields, canonical=True)
-    raw = package.MAGIC + len(body).to_bytes(4, "big") + body
+    raw = package_format.MAGIC + len(body).to_bytes(4, "big") + body
     signature_block = original[len(header.raw) : header.body_offset]
     (bound["encrypted"] / "evil.pkg").write_bytes(raw + signature_block + original[header.body_offset :])
-    assert package.read_header(bound["encrypted"] / "evil.pkg").signature == header.signature
+    assert package_format.read_header(bound["encrypted"] / "evil.pkg").signature == header.signature
     assert_refused_before_key_release(bound, "evil.pkg", "its signature does not verify over its header")
 
 
@@ -244,7 +245,7 @@ def test_a_local_image_carries_the_owner_identity_and_its_server_loads_it(bound,
     (tmp_path / "work").mkdir()
     host = bound["client"]("enclave-host")
     host_key = host.create_key()["KeyMetadata"]["KeyId"]
-    package.seal(write_tree(tmp_path / "evil", EVIL), share / "encrypted" / "evil.pkg", kms_client=host,
+    package_seal.seal(write_tree(tmp_path / "evil", EVIL), share / "encrypted" / "evil.pkg", kms_client=host,
                  key_id=host_key, name="evil", version="1")  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(root / "app"))
     server = subprocess.Popen(
@@ -305,7 +306,7 @@ def test_cli_seals_signed_inspect_shows_the_signer_and_build_binds_the_owner_key
             "ansible_collections/confidential_ml/nitro/owner_identity.json"
         ]
         assert OwnerIdentity.loads(carried) == OwnerIdentity((expected,))
-        assert OwnerIdentity.loads(carried).check_package(package.read_header(tmp_path / "app.pkg")) == expected
+        assert OwnerIdentity.loads(carried).check_package(package_format.read_header(tmp_path / "app.pkg")) == expected
 
 
 def test_cli_lints_the_signing_key_policy(tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import package_format
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import OwnerIdentity
 from ansible_collections.confidential_ml.nitro.tests.fixtures.sources import copy_enclave_sources
 
@@ -123,7 +123,7 @@ def test_owner_publishes_the_release_to_s3_and_a_second_run_uploads_nothing(moto
     # The image is bound to the owner's signing key that release.json publishes, and the package is signed by it.
     (signing,) = release["signing_keys"]
     assert signing["key_id"].startswith("arn:aws:kms:") and len(signing["fingerprint"]) == 64
-    header = package.read_header(published / package_file)
+    header = package_format.read_header(published / package_file)
     assert (header.signer_key_id, header.signer_fingerprint.hex()) == (signing["key_id"], signing["fingerprint"])
     with tarfile.open(fileobj=io.BytesIO(image)) as tar:
         carried = tar.extractfile("app/ansible_collections/confidential_ml/nitro/owner_identity.json").read()

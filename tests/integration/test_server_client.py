@@ -146,7 +146,7 @@ def test_client_refuses_unverifiable_enclave(enclave):
 
 
 def test_receipt_proves_what_ran_and_what_it_produced(enclave, tmp_path):
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import read_header
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_format import read_header
 
     header = read_header(enclave["sealed"])
     release = {

@@ -19,7 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import package_seal
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import OwnerKey
 
 HERE = Path(__file__).resolve().parent
@@ -85,11 +85,11 @@ def make(name: str) -> None:
         src = Path(tmp) / "tree"
         src.mkdir()
         write_tree(src)
-        header = package.seal(
+        header = package_seal.seal(
             src, vector, kms_client=VectorKms(), key_id=KEY_ID, name=NAME, version=VERSION,
             encryption_context=EXTRA_CONTEXT, signer=signer,
         )  # fmt: skip
-        entries = package.build_manifest(src)
+        entries = package_seal.build_manifest(src)
     data = vector.read_bytes()
     signing = {}
     if signer is not None:

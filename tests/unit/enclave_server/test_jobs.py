@@ -14,7 +14,8 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.enclave_server.jobs import JobError, JobRunner
 from ansible_collections.confidential_ml.nitro.enclave_server.share import Share
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import package_seal
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import PackageError
 
 DATA_KEY = bytes(range(32))
 
@@ -64,7 +65,7 @@ def seal(tmp_path, files: dict, dest, version="1"):
     src.mkdir()
     for name, body in files.items():
         (src / name).write_text(textwrap.dedent(body))
-    package.seal(src, dest, kms_client=FixedKeyKms(), key_id="k", name="app", version=version)
+    package_seal.seal(src, dest, kms_client=FixedKeyKms(), key_id="k", name="app", version=version)
 
 
 @pytest.fixture
@@ -224,7 +225,7 @@ def test_tampered_package_runs_nothing_and_leaves_nothing(env, tmp_path):
     data = bytearray(path.read_bytes())
     data[-40] ^= 1
     path.write_bytes(bytes(data))
-    with pytest.raises(package.PackageError):
+    with pytest.raises(PackageError):
         run(runner, "ml_algorithm.py", "-d /dataset -o /output")
     assert list(work.iterdir()) == []
     assert os.listdir(tmp_path / "share/output") == []

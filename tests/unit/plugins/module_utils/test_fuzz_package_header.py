@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import PackageError
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import MAGIC, read_header
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_format import MAGIC, read_header
 
 VALID_FIELDS = {
     "format_version": 1,

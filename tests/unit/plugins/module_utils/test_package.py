@@ -27,17 +27,19 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from moto import mock_aws
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import package
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import package_format, package_open, package_seal
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import KmsError, PackageError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import OwnerIdentity, OwnerKey
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import (
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_format import (
     ManifestEntry,
     PackageHeader,
-    build_manifest,
     encode_manifest,
     manifest_digest,
-    open_package,
     read_header,
+)
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_open import open_package
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_seal import (
+    build_manifest,
     seal,
     write_package,
 )
@@ -200,7 +202,7 @@ def build_tar(members, manifest: bytes | None, tail: bytes = b"") -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         if manifest is not None:
-            tar.addfile(member(package.MANIFEST_NAME, size=len(manifest)), io.BytesIO(manifest))
+            tar.addfile(member(package_format.MANIFEST_NAME, size=len(manifest)), io.BytesIO(manifest))
         for info, data in members:
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
     return buffer.getvalue() + tail
@@ -291,7 +293,7 @@ def test_header_is_readable_without_the_key_and_records_what_kms_returned(sealed
     client, key_id = kms
     header = read_header(sealed["path"])
     assert header == sealed["header"]
-    assert header.format_version == package.FORMAT_VERSION
+    assert header.format_version == package_format.FORMAT_VERSION
     assert (header.name, header.version) == ("digits-classifier", "1.0")
     assert header.key_id == client.describe_key(KeyId=key_id)["KeyMetadata"]["Arn"]
     assert header.encryption_context == {
@@ -407,7 +409,7 @@ def test_tar_stream_follows_the_profile(kms, tmp_path):
     with tarfile.open(fileobj=io.BytesIO(plaintext), mode="r:") as tar:
         members = tar.getmembers()
         manifest = tar.extractfile(members[0]).read()
-    assert members[0].name == package.MANIFEST_NAME
+    assert members[0].name == package_format.MANIFEST_NAME
     assert hashlib.sha256(manifest).digest() == header.manifest_digest
     entries = build_manifest(src)
     assert [m.name for m in members[1:]] == [e.path for e in entries]
@@ -508,7 +510,7 @@ def test_header_transplanted_from_another_package_fails(sealed, kms, tmp_path):
 def test_header_with_the_right_key_but_edited_fields_fails(sealed, kms, tmp_path):
     """Re-encode a well-formed header with another version: the key unwraps, the associated data differs."""
     h = sealed["header"]
-    edited = package._make_header(
+    edited = package_format._make_header(
         name=h.name, version="1.1", key_id=h.key_id, encryption_context=h.encryption_context,
         wrapped_key=h.wrapped_key, manifest_digest=h.manifest_digest,
     )  # fmt: skip
@@ -593,8 +595,8 @@ def hostile_cases():
              [(member("x", size=6), evil), (member("x", size=6), evil)], "duplicated or out of order"),
         case("file under a file", [file_entry("f", evil), file_entry("f/g", evil)],
              [(member("f", size=6), evil), (member("f/g", size=6), evil)], "not inside a directory"),
-        case("manifest name reused", [file_entry(package.MANIFEST_NAME, evil)],
-             [(member(package.MANIFEST_NAME, size=6), evil)], "reserved"),
+        case("manifest name reused", [file_entry(package_format.MANIFEST_NAME, evil)],
+             [(member(package_format.MANIFEST_NAME, size=6), evil)], "reserved"),
         case("extra pax record", [file_entry("p", evil)], [(member("p", size=6, pax_headers={"uid": "0"}), evil)],
              "PAX records"),
         case("linkpath pax record", [file_entry("p", evil)],
@@ -651,8 +653,8 @@ def test_bad_manifest_is_refused(tmp_path, kwargs, phrase):
 
 def test_first_member_must_be_the_manifest(tmp_path):
     manifest = encode_manifest([file_entry("a", b"a")])
-    body = build_tar([(member("a", size=1), b"a"), (member(package.MANIFEST_NAME, size=len(manifest)), manifest)],
-                     manifest=None)  # fmt: skip
+    body = build_tar([(member("a", size=1), b"a"),
+                      (member(package_format.MANIFEST_NAME, size=len(manifest)), manifest)], manifest=None)  # fmt: skip
     path = hostile_package(tmp_path, [], None, manifest=manifest, tail=body)
     assert_refused(path, tmp_path / "out", known_key, "first member is 'a', not the manifest")
 
@@ -663,7 +665,7 @@ def test_global_pax_header_is_refused(tmp_path, records):
     manifest = encode_manifest(entries)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT, pax_headers=records) as tar:
-        tar.addfile(member(package.MANIFEST_NAME, size=len(manifest)), io.BytesIO(manifest))
+        tar.addfile(member(package_format.MANIFEST_NAME, size=len(manifest)), io.BytesIO(manifest))
         tar.addfile(member("a", size=1), io.BytesIO(b"a"))
     path = hostile_package(tmp_path, entries, None, manifest=manifest, tail=buffer.getvalue())
     assert_refused(path, tmp_path / "out", known_key, "global pax header")
@@ -744,7 +746,7 @@ def test_a_failing_write_fails_the_open_and_removes_everything(tmp_path):
     child = f"""
 import resource, signal, sys
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import PackageError
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import open_package
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_open import open_package
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, ({SEGMENT}, resource.RLIM_INFINITY))
 try:
@@ -793,7 +795,7 @@ def assert_seal_refused(kms, src: Path, out: Path, phrase: str) -> None:
         (lambda src: (src / "link").symlink_to(src / "a.txt"), "'link' is a symbolic link"),
         (lambda src: (src / "dirlink").symlink_to("/etc"), "'dirlink' is a symbolic link"),
         (lambda src: os.mkfifo(src / "pipe"), "'pipe' is a fifo"),
-        (lambda src: (src / package.MANIFEST_NAME).write_text("x"), "reserved"),
+        (lambda src: (src / package_format.MANIFEST_NAME).write_text("x"), "reserved"),
         (lambda src: os.mkdir(os.path.join(os.fsencode(src), b"bad\xffname")), "not valid UTF-8"),
     ],
     ids=["symlink", "symlink to dir", "fifo", "reserved name", "non-utf8 name"],
@@ -827,14 +829,14 @@ def test_seal_fails_cleanly_if_a_file_changes_between_the_passes(kms, tmp_path, 
     (src / "a.txt").write_text("first")
     victim = src / "b.bin"
     victim.write_bytes(os.urandom(400_000))
-    first_pass = package._build_manifest
+    first_pass = package_seal._build_manifest
 
     def first_pass_then_change(root, meter):
         entries = first_pass(root, meter)
         change(victim)
         return entries
 
-    monkeypatch.setattr(package, "_build_manifest", first_pass_then_change)
+    monkeypatch.setattr(package_seal, "_build_manifest", first_pass_then_change)
     assert_seal_refused(kms, src, tmp_path / "a.pkg", phrase)
 
 
@@ -855,7 +857,7 @@ def test_read_header_refuses_other_files_clearly(tmp_path):
     with pytest.raises(PackageError, match="does not start with the package magic"):
         read_header(path)
     body = cbor2.dumps({"format_version": 1, "name": "n"}, canonical=True)
-    path.write_bytes(package.MAGIC + struct.pack(">I", len(body)) + body)
+    path.write_bytes(package_format.MAGIC + struct.pack(">I", len(body)) + body)
     with pytest.raises(PackageError, match="has fields \\['format_version', 'name'\\], expected"):
         read_header(path)
     with pytest.raises(PackageError, match="cannot read package"):
@@ -866,7 +868,7 @@ def test_read_header_names_a_newer_format(tmp_path):
     # Format 2 (signed) exists now: 3 is the first one this release cannot read.
     body = cbor2.dumps({"format_version": 3, "a field v2 does not know": b""}, canonical=True)
     path = tmp_path / "new.pkg"
-    path.write_bytes(package.MAGIC + struct.pack(">I", len(body)) + body)
+    path.write_bytes(package_format.MAGIC + struct.pack(">I", len(body)) + body)
     with pytest.raises(PackageError, match="uses package format 3; this confidential_ml.nitro reads formats 1, 2"):
         read_header(path)
 
@@ -972,8 +974,8 @@ def test_vector_decrypts_by_the_spec_alone(vector):
     assert raw.hex() == expected["header_raw_hex"]
     with tarfile.open(fileobj=io.BytesIO(plaintext), mode="r:") as tar:
         names = tar.getnames()
-        manifest = tar.extractfile(package.MANIFEST_NAME).read()
-    assert names == [package.MANIFEST_NAME, *(entry["path"] for entry in expected["manifest"])]
+        manifest = tar.extractfile(package_format.MANIFEST_NAME).read()
+    assert names == [package_format.MANIFEST_NAME, *(entry["path"] for entry in expected["manifest"])]
     assert hashlib.sha256(manifest).hexdigest() == expected["header"]["manifest_digest"]
     assert cbor2.loads(manifest) == expected["manifest"]
 
@@ -996,18 +998,18 @@ AGREEMENT_SIZES = [0, 1, FIRST_PLAINTEXT - 1, FIRST_PLAINTEXT, FIRST_PLAINTEXT +
 
 def tink_decrypt(ciphertext: bytes, associated_data: bytes) -> bytes | None:
     """What Tink's own decrypting stream returns for a ciphertext, or None if it refuses it."""
-    stream = package._streaming_aead(KEY).new_decrypting_stream(io.BytesIO(ciphertext), associated_data)
+    stream = package_seal._streaming_aead(KEY).new_decrypting_stream(io.BytesIO(ciphertext), associated_data)
     try:
         return stream.read()
-    except package.tink.TinkError:
+    except package_seal.tink.TinkError:
         return None
 
 
 def own_decrypt(ciphertext: bytes, associated_data: bytes) -> bytes | None:
     """What open_package's decryption (cryptography's AES-GCM on Tink's segment format) returns, or None."""
     try:
-        return b"".join(package._decrypt_segments(io.BytesIO(ciphertext), KEY, associated_data))
-    except package._SegmentFailed:
+        return b"".join(package_open._decrypt_segments(io.BytesIO(ciphertext), KEY, associated_data))
+    except package_open._SegmentFailed:
         return None
 
 
@@ -1019,7 +1021,7 @@ def test_open_decrypts_what_tink_writes_and_refuses_what_tink_refuses(size):
     plaintext, ad = os.urandom(size), b"header bytes, the associated data"
     buffer = io.BytesIO()
     buffer.close = lambda: None  # Tink closes its destination when the stream ends
-    with package._streaming_aead(KEY).new_encrypting_stream(buffer, ad) as stream:
+    with package_seal._streaming_aead(KEY).new_encrypting_stream(buffer, ad) as stream:
         stream.write(plaintext)
     ciphertext = buffer.getvalue()
     assert tink_decrypt(ciphertext, ad) == plaintext == own_decrypt(ciphertext, ad)
@@ -1179,7 +1181,7 @@ def test_owner_signature_transplanted_onto_a_modified_header_is_refused(sealed, 
     client, key_id = kms
     h = sealed["header"]
     host_key = client.generate_data_key(KeyId=key_id, KeySpec="AES_256", EncryptionContext=h.encryption_context)
-    edited = package._make_header(
+    edited = package_format._make_header(
         name=h.name, version=h.version, key_id=h.key_id, encryption_context=h.encryption_context,
         wrapped_key=host_key["CiphertextBlob"], manifest_digest=h.manifest_digest,
     )  # fmt: skip
@@ -1188,7 +1190,7 @@ def test_owner_signature_transplanted_onto_a_modified_header_is_refused(sealed, 
         "format_version": 2, "signer_key_id": h.signer_key_id, "signer_fingerprint": h.signer_fingerprint,
     }  # fmt: skip
     body = cbor2.dumps(fields, canonical=True)
-    raw = package.MAGIC + struct.pack(">I", len(body)) + body
+    raw = package_format.MAGIC + struct.pack(">I", len(body)) + body
     path = tampered(
         tmp_path, raw + struct.pack(">H", len(h.signature)) + h.signature + sealed["bytes"][h.body_offset :]
     )
@@ -1259,6 +1261,6 @@ def test_format_version_must_be_an_integer(tmp_path, version):
     }  # fmt: skip
     body = cbor2.dumps(fields, canonical=True)
     path = tmp_path / "odd.pkg"
-    path.write_bytes(package.MAGIC + struct.pack(">I", len(body)) + body)
+    path.write_bytes(package_format.MAGIC + struct.pack(">I", len(body)) + body)
     with pytest.raises(PackageError, match="uses package format"):
         read_header(path)

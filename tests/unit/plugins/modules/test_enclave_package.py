@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.package import (
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_format import (
     CONTEXT_PACKAGE,
     CONTEXT_VERSION,
-    build_manifest,
     manifest_digest,
-    open_package,
     read_header,
 )
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_open import open_package
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_seal import build_manifest
 from ansible_collections.confidential_ml.nitro.plugins.modules import enclave_package
 
 
