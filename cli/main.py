@@ -57,19 +57,42 @@ def cmd_package_seal(args) -> int:
     src = Path(args.dir)
     kms = options.kms_client(args)
     signer = import_module(f"{LIB}.owner_identity").KmsSigner(kms, args.signing_key) if args.signing_key else None
+    name = args.name or src.resolve().name
+    context = _parse_context(args.context)
+    # Idempotent, as the enclave_package module: an up-to-date package is left alone (--force seals it again).
+    check = package.needs_seal(
+        src,
+        args.output,
+        key_id=args.key,
+        name=name,
+        version=args.version,
+        encryption_context=context,
+        signer=signer,
+        kms=lambda: kms,
+        force=args.force,
+    )
+    if not check.needed:
+        if args.json:
+            _print_json({"path": args.output, "changed": False, **check.before})
+        else:
+            print(
+                f"{args.output} is up to date: package {name!r} {args.version} of {src} under key "
+                f"{check.before['key_id']}; nothing sealed (--force seals it again with a fresh data key)"
+            )
+        return 0
     header = package.seal(
         src,
         Path(args.output),
         kms_client=kms,
         signer=signer,
         key_id=args.key,
-        name=args.name or src.resolve().name,
+        name=name,
         version=args.version,
-        encryption_context=_parse_context(args.context),
+        encryption_context=context,
         progress=not args.json and sys.stderr.isatty(),
     )
     if args.json:
-        _print_json({"path": args.output, **header.to_json()})
+        _print_json({"path": args.output, "changed": True, **header.to_json()})
     else:
         signed = f", signed by {header.signer_key_id}" if signer else ", UNSIGNED: only unbound images run it"
         print(f"sealed {src} -> {args.output}: package {header.name!r} {header.version}, key {header.key_id}{signed}")
@@ -409,7 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     seal.add_argument("--name", help="package name (default: the directory's name)")
     seal.add_argument("--version", default="0.0.0", help="package version (default 0.0.0)")
     seal.add_argument("--context", action="append", metavar="KEY=VALUE", help="extra KMS encryption context")
-    seal.add_argument("--json", action="store_true", help="print the header as JSON")
+    seal.add_argument(
+        "--force",
+        action="store_true",
+        help="seal even when the output already is this directory's package as it is now (a fresh data key), or "
+        "when the output is a file that is not a package",
+    )
+    seal.add_argument("--json", action="store_true", help="print the header as JSON, with changed: true or false")
     options.add_kms_flags(seal)
     seal.set_defaults(func=cmd_package_seal)
     inspect = package_cmds.add_parser("inspect", help="print a package's header (needs no key)")

@@ -15,7 +15,8 @@ import stat
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,6 +37,7 @@ from .package_format import (
     CONTEXT_PACKAGE,
     CONTEXT_VERSION,
     DIR_MODE,
+    FORMAT_VERSION,
     IO_BYTES,
     MANIFEST_NAME,
     SEGMENT_BYTES,
@@ -46,6 +48,8 @@ from .package_format import (
     _describe,
     _make_header,
     encode_manifest,
+    manifest_digest,
+    read_header,
 )
 from .package_format import IMPORT_ERROR as FORMAT_IMPORT_ERROR
 
@@ -298,6 +302,110 @@ def seal(
             "directory writable, and that it has room"
         ) from exc
     return header
+
+
+# --------------------------------------------------------------------------- idempotence
+
+
+@dataclass(frozen=True)
+class SealCheck:
+    """Whether dest must be sealed (again), and the two headers that decided it (as PackageHeader.to_json())."""
+
+    needed: bool
+    before: dict | None  # dest's header; None when there is no package there (or force set over another file)
+    wanted: dict  # what a seal now would write, but the wrapped key and the signature (new at every seal)
+
+
+def names_key(key_id: str, key_arn: str) -> bool | None:
+    """Whether key_id (a key id or key ARN) is the key key_arn; None when only KMS can tell (an alias)."""
+    if key_id == key_arn:
+        return True
+    if key_id.startswith("alias/") or ":alias/" in key_id:
+        return None
+    return not key_id.startswith("arn:") and key_arn.endswith(f":key/{key_id}")
+
+
+def current_header(dest, *, force: bool = False) -> PackageHeader | None:
+    """The header of the package at dest; None when there is none, or (with force) when dest is another file."""
+    if not os.path.lexists(dest):
+        return None
+    if os.path.isdir(dest):
+        raise PackageError(f"{dest} is a directory; give the path of the package file to write")
+    try:
+        return read_header(dest)
+    except PackageError as err:
+        if force:
+            return None
+        raise PackageError(
+            f"{dest} exists and is not a package ({err}); remove it, choose another destination, or force a "
+            "seal over it (force=true, or --force)"
+        ) from err
+    except OSError as err:
+        raise PackageError(f"cannot read {dest}: {err}; check its permissions") from err
+
+
+def needs_seal(
+    src_dir,
+    dest,
+    *,
+    key_id: str,
+    name: str,
+    version: str,
+    encryption_context: dict | None = None,
+    signer=None,
+    kms: Callable[[], object] | None = None,
+    force: bool = False,
+) -> SealCheck:
+    """Whether seal(src_dir, dest, ...) would write anything but a new data key: needed unless dest already is
+    a package of src_dir as it is now (manifest digest), with the same name, version, encryption context, key,
+    format and signing key. force: always needed.
+
+    kms makes a KMS client, called only when key_id is an alias (DescribeKey tells which key it names now):
+    with a key id or ARN this calls KMS not at all (without kms, an alias always needs a seal)."""
+    wanted = {
+        "format_version": FORMAT_VERSION if signer else 1,
+        "name": name,
+        "version": version,
+        "key_id": key_id,
+        "encryption_context": package_context(name, version, encryption_context),
+        "manifest_digest": _digest_of(src_dir),
+    }
+    if signer is not None:
+        wanted["signer"] = {"key_id": signer.key.key_id, "fingerprint": signer.key.fingerprint.hex()}
+    header = current_header(dest, force=force)
+    before = None if header is None else header.to_json()
+    return SealCheck(not _up_to_date(before, wanted, kms) or force, before, wanted)
+
+
+def _digest_of(src_dir) -> str:
+    try:
+        return manifest_digest(build_manifest(src_dir)).hex()
+    except OSError as exc:
+        raise PackageError(f"cannot read {src_dir}: {exc}; check that it is a readable directory") from exc
+
+
+def _up_to_date(before: dict | None, wanted: dict, kms) -> bool:
+    if before is None:
+        return False
+    if (before.get("signer") or {}).get("fingerprint") != (wanted.get("signer") or {}).get("fingerprint"):
+        return False
+    for field in ("format_version", "name", "version", "encryption_context", "manifest_digest"):
+        if before[field] != wanted[field]:
+            return False
+    same_key = names_key(wanted["key_id"], before["key_id"])
+    if same_key is None:  # an alias: ask KMS which key it names now
+        if kms is None:
+            return False
+        try:
+            same_key = kms().describe_key(KeyId=wanted["key_id"])["KeyMetadata"]["Arn"] == before["key_id"]
+        except EnclaveError:
+            raise
+        except Exception as exc:  # botocore's ClientError/BotoCoreError, or a stand-in's own error
+            raise KmsError(
+                f"KMS DescribeKey on {wanted['key_id']} failed: {exc}; check the key id, the region, the KMS "
+                "endpoint and that these credentials may use the key"
+            ) from exc
+    return same_key
 
 
 def _generate_data_key(kms_client, key_id: str, context: dict[str, str], what: str) -> dict:

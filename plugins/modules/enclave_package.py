@@ -179,13 +179,12 @@ header:
       sample: 9f2c0d3b1e5a7c4f8d6b2a1e0c9f7d5b3a1e9c7f5d3b1a9e7c5f3d1b9a7e5c3f
 """
 
-import contextlib
 import json
 import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError, PackageError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import (
     BOTO3_IMPORT_ERROR,
     KMS_MUTUALLY_EXCLUSIVE,
@@ -194,22 +193,10 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_optio
     require_libraries,
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import KmsSigner
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_format import (
-    FORMAT_VERSION,
-    manifest_digest,
-    read_header,
-)
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_seal import (
     IMPORT_ERROR as PACKAGE_IMPORT_ERROR,
 )
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_seal import (
-    build_manifest,
-    package_context,
-    seal,
-)
-
-with contextlib.suppress(ImportError):  # require_libraries(module, BOTO3_IMPORT_ERROR) reports it
-    from botocore.exceptions import BotoCoreError, ClientError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.package_seal import needs_seal, seal
 
 
 def summary(header):
@@ -220,57 +207,6 @@ def summary(header):
     if header.get("signer"):  # the signature is new at every seal too
         fields["signer"] = {key: value for key, value in header["signer"].items() if key != "signature"}
     return json.dumps(fields, indent=2, sort_keys=True) + "\n"
-
-
-def names_key(key_id, key_arn):
-    """Whether key_id (a key id or key ARN) is the key key_arn; None when only KMS can tell (an alias)."""
-    if key_id == key_arn:
-        return True
-    if key_id.startswith("alias/") or ":alias/" in key_id:
-        return None
-    return not key_id.startswith("arn:") and key_arn.endswith(f":key/{key_id}")
-
-
-def current_header(module, dest):
-    """The header of the package at dest as to_json() gives it, or None when there is none."""
-    if not os.path.lexists(dest):
-        return None
-    if os.path.isdir(dest):
-        module.fail_json(msg=f"dest {dest} is a directory; give the path of the package file to write.")
-    try:
-        return read_header(dest).to_json()
-    except PackageError as err:
-        if module.params["force"]:
-            return None
-        module.fail_json(
-            msg=f"dest {dest} exists and is not a package this module can read ({err}); remove it, choose another"
-            " dest, or set force=true to overwrite it."
-        )
-    except OSError as err:
-        module.fail_json(msg=f"cannot read dest {dest}: {err}; check its permissions.")
-
-
-def up_to_date(module, before, wanted, signer):
-    """Whether the existing header already is what sealing now would give (ignoring the wrapped key)."""
-    if before is None or module.params["force"]:
-        return False
-    signed_by = (before.get("signer") or {}).get("fingerprint")
-    if signed_by != (signer.key.fingerprint.hex() if signer else None):
-        return False
-    for field in ("format_version", "name", "version", "encryption_context", "manifest_digest"):
-        if before[field] != wanted[field]:
-            return False
-    same_key = names_key(module.params["key_id"], before["key_id"])
-    if same_key is None:  # an alias: ask KMS which key it names now
-        try:
-            metadata = kms_client(module).describe_key(KeyId=module.params["key_id"])["KeyMetadata"]
-        except (BotoCoreError, ClientError) as err:
-            module.fail_json(
-                msg=f"KMS DescribeKey on {module.params['key_id']} failed: {err}; check key_id, region,"
-                " kms_endpoint_url and that the caller may use the key."
-            )
-        same_key = metadata["Arn"] == before["key_id"]
-    return same_key
 
 
 def main():
@@ -300,26 +236,25 @@ def main():
     context = {str(key): str(value) for key, value in params["encryption_context"].items()}
 
     try:
-        digest = manifest_digest(build_manifest(src)).hex()
         # The signing key's public half (KMS GetPublicKey), also in check mode: which key signed decides the change.
         signer = KmsSigner(kms_client(module), params["signing_key_id"]) if params["signing_key_id"] else None
-        wanted = {
-            "format_version": FORMAT_VERSION if signer else 1,
-            "name": params["name"],
-            "version": params["version"],
-            "key_id": params["key_id"],
-            "encryption_context": package_context(params["name"], params["version"], context),
-            "manifest_digest": digest,
-        }
+        check = needs_seal(
+            src,
+            dest,
+            key_id=params["key_id"],
+            name=params["name"],
+            version=params["version"],
+            encryption_context=context,
+            signer=signer,
+            kms=lambda: kms_client(module),
+            force=params["force"],
+        )
     except EnclaveError as err:
         module.fail_json(msg=str(err))
     except OSError as err:
         module.fail_json(msg=f"cannot read src {src}: {err}; check that it is readable.")
 
-    before = current_header(module, dest)
-    changed = not up_to_date(module, before, wanted, signer)
-    if changed and module.check_mode and signer:
-        wanted["signer"] = {"key_id": signer.key.key_id, "fingerprint": signer.key.fingerprint.hex()}
+    before, wanted, changed = check.before, check.wanted, check.needed
     if not changed:
         after = before
     elif module.check_mode:
