@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..plugins.module_utils import settings
-from ..plugins.module_utils.errors import EnclaveError
+from ..plugins.module_utils.errors import EnclaveError, StepFailedError
 
 # The rest of the library is imported by the steps that use it, so `enclave --help` stays fast.
 
@@ -107,14 +107,6 @@ ADVICE = {
 }
 
 
-class StepFailed(EnclaveError):
-    """A step found something wrong; todo says what to do about it."""
-
-    def __init__(self, message: str, todo: str):
-        super().__init__(message)
-        self.todo = todo
-
-
 class Skipped(Exception):
     """A step that does not apply to this backend; the message says why."""
 
@@ -152,7 +144,7 @@ def _cpu_pool_size(pool) -> int:
 
 
 def read_allocator(path: Path) -> tuple[int, int]:
-    """(memory_mib, CPUs) of an allocator.yaml, or StepFailed saying what is wrong with it."""
+    """(memory_mib, CPUs) of an allocator.yaml, or StepFailedError saying what is wrong with it."""
     import yaml
 
     todo = (
@@ -162,24 +154,24 @@ def read_allocator(path: Path) -> tuple[int, int]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise StepFailed(f"{path} does not exist: the allocator reserves nothing for enclaves", todo) from None
+        raise StepFailedError(f"{path} does not exist: the allocator reserves nothing for enclaves", todo) from None
     if not text.startswith("---"):
-        raise StepFailed(f"{path} does not start with `---`, which the allocator service requires", todo)
+        raise StepFailedError(f"{path} does not start with `---`, which the allocator service requires", todo)
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise StepFailed(f"{path} is not valid YAML: {err}", todo) from None
+        raise StepFailedError(f"{path} is not valid YAML: {err}", todo) from None
     config = config if isinstance(config, dict) else {}
     memory = config.get("memory_mib")
     if not isinstance(memory, int) or isinstance(memory, bool) or memory <= 0:
-        raise StepFailed(f"{path} has no positive memory_mib (got {memory!r})", todo)
+        raise StepFailedError(f"{path} has no positive memory_mib (got {memory!r})", todo)
     given = [k for k in ("cpu_count", "cpu_pool") if k in config]
     if len(given) != 1:
-        raise StepFailed(f"{path} must set exactly one of cpu_count and cpu_pool, not {given or 'neither'}", todo)
+        raise StepFailedError(f"{path} must set exactly one of cpu_count and cpu_pool, not {given or 'neither'}", todo)
     try:
         cpus = int(config["cpu_count"]) if given == ["cpu_count"] else _cpu_pool_size(config["cpu_pool"])
     except (TypeError, ValueError):
-        raise StepFailed(f"{path} has an unreadable {given[0]}: {config[given[0]]!r}", todo) from None
+        raise StepFailedError(f"{path} has an unreadable {given[0]}: {config[given[0]]!r}", todo) from None
     return memory, cpus
 
 
@@ -295,7 +287,7 @@ class Doctor:
             detail, status, todo = step(), "ok", None
         except Skipped as skip:
             detail, status, todo = str(skip), "skip", None
-        except StepFailed as err:
+        except StepFailedError as err:
             detail, status, todo = str(err), "fail", err.todo
         except Exception as err:  # the runtime's, boto3's or the client's own error, which names what happened
             detail, sep, todo = _describe(err).partition("\nWhat to do: ")  # nitro-cli's hints (runtime._HINTS)
@@ -312,7 +304,7 @@ class Doctor:
         self._nitro_only()
         found = shutil.which(self.nitro_cli)
         if found is None:
-            raise StepFailed(f"{self.nitro_cli} is not installed (not found on PATH)", ADVICE["nitro-cli"])
+            raise StepFailedError(f"{self.nitro_cli} is not installed (not found on PATH)", ADVICE["nitro-cli"])
         running = self.runtime.describe()
         return f"{found} answers describe-enclaves ({len(running)} enclave(s) running)"
 
@@ -325,7 +317,7 @@ class Doctor:
                     ["systemctl", "is-active", service], capture_output=True, text=True, timeout=30, check=False
                 )
             except FileNotFoundError:
-                raise StepFailed(
+                raise StepFailedError(
                     "systemctl is not installed: cannot tell whether the Nitro Enclaves services run",
                     "run the doctor on the parent instance itself (Amazon Linux 2023 with systemd)",
                 ) from None
@@ -333,7 +325,7 @@ class Doctor:
         down = {service: state for service, state in states.items() if state != "active"}
         if down:
             listed = ", ".join(f"{service} is {state}" for service, state in down.items())
-            raise StepFailed(
+            raise StepFailedError(
                 listed,
                 f"systemctl enable --now {' '.join(down)}; `journalctl -u SERVICE` says why one stopped (the "
                 "vsock-proxy exits when its allowlist lacks the region's KMS, the allocator when it cannot "
@@ -345,7 +337,7 @@ class Doctor:
         self._nitro_only()
         device = self.root / "dev" / "nitro_enclaves"
         if not device.exists():
-            raise StepFailed(
+            raise StepFailedError(
                 f"{device} does not exist: the Nitro Enclaves driver is not loaded or enclaves are not enabled",
                 "launch the instance with enclaves enabled (EnclaveOptions Enabled=true, a Nitro instance type "
                 "with at least 4 vCPUs), then `modprobe nitro_enclaves`",
@@ -359,7 +351,7 @@ class Doctor:
         except KeyError:
             ne = None
         if ne is None or ne not in os.getgroups():
-            raise StepFailed(
+            raise StepFailedError(
                 f"this user is not in group ne, so nitro-cli cannot use {device}",
                 "add the user to group ne (`usermod -aG ne USER`, the enclave_host role's enclave_host_users) "
                 "and log in again",
@@ -434,7 +426,7 @@ class Doctor:
         for entry in load_credentials(path).values():
             if entry["aws_access_key_id"] == access_key:
                 return entry
-        raise StepFailed(
+        raise StepFailedError(
             f"access key {access_key} is not one the local KMS issued (in {path}), so it refuses every request",
             f"use the local KMS's credentials: AWS_SHARED_CREDENTIALS_FILE={path} AWS_PROFILE=enclave-host, and "
             "unset AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (credentials in the environment win over a profile)",
@@ -447,7 +439,8 @@ class Doctor:
         return entry.get("principal_arn") or f"arn:aws:iam::{account}:role/{entry['profile']}"
 
     def check_vsock_proxy(self) -> str:
-        from ..enclave_local.vsock_proxy import VsockProxyError, load_allowlist
+        from ..enclave_local.vsock_proxy import load_allowlist
+        from ..plugins.module_utils.errors import VsockProxyError
 
         if self.nitro:
             path = self.root / "etc" / "nitro_enclaves" / "vsock-proxy.yaml"
@@ -464,10 +457,10 @@ class Doctor:
         try:
             allowed = load_allowlist(path)
         except VsockProxyError as err:
-            raise StepFailed(str(err), todo) from None
+            raise StepFailedError(str(err), todo) from None
         if needed not in allowed:
             listed = ", ".join(f"{a}:{p}" for a, p in allowed) or "nothing"
-            raise StepFailed(
+            raise StepFailedError(
                 f"{path} allows {listed}, not {needed[0]}:{needed[1]}, so the enclave cannot reach KMS", todo
             )
         return f"{path} allows {needed[0]}:{needed[1]}"
@@ -492,7 +485,7 @@ class Doctor:
         if self.memory_mib is None:
             self.memory_mib = max(MIN_MEMORY_MIB, needed)
         elif self.memory_mib < needed:
-            raise StepFailed(
+            raise StepFailedError(
                 f"--memory {self.memory_mib} MiB is less than 4x the image ({needed} MiB)",
                 f"give the enclave at least {needed} MiB (--memory)",
             )
@@ -503,14 +496,14 @@ class Doctor:
         memory, cpus = self.allocator
         allocator = self.root / "etc" / "nitro_enclaves" / "allocator.yaml"
         if memory < self.memory_mib:
-            raise StepFailed(
+            raise StepFailedError(
                 f"the allocator reserves {memory} MiB, the enclave needs {self.memory_mib} MiB (4x the image is "
                 f"{needed} MiB)",
                 f"set memory_mib: {self.memory_mib} in {allocator} and `systemctl restart nitro-enclaves-allocator` "
                 "(the enclave_host role sizes it from the image)",
             )
         if cpus < self.cpu_count:
-            raise StepFailed(
+            raise StepFailedError(
                 f"the allocator reserves {cpus} CPU(s), the enclave asks for {self.cpu_count}",
                 f"set cpu_count: {self.cpu_count} in {allocator} and restart nitro-enclaves-allocator, "
                 "or pass a smaller --cpu-count",
@@ -519,7 +512,7 @@ class Doctor:
         used_memory, used_cpus = sum(e.memory_mib for e in running), sum(e.cpu_count for e in running)
         if memory - used_memory < self.memory_mib or cpus - used_cpus < self.cpu_count:
             listed = ", ".join(f"{e.name} ({e.enclave_id}: {e.memory_mib} MiB, {e.cpu_count} CPUs)" for e in running)
-            raise StepFailed(
+            raise StepFailedError(
                 f"running enclaves hold {used_memory} MiB and {used_cpus} CPU(s) of the allocator's {memory} MiB and "
                 f"{cpus}, leaving less than the {self.memory_mib} MiB and {self.cpu_count} CPU(s) needed: {listed}",
                 "terminate one (`nitro-cli terminate-enclave --enclave-id ID`), or raise the allocator's resources",
@@ -550,7 +543,7 @@ class Doctor:
                 break
             except (ConnectionError, OSError) as err:
                 if time.monotonic() >= deadline:
-                    raise StepFailed(
+                    raise StepFailedError(
                         f"enclave {self.enclave.enclave_id} runs, but no enclave server answered at "
                         f"{self.enclave.endpoint} within {self.boot_timeout:g} s: {err}",
                         "start the image in debug mode (`nitro-cli run-enclave --debug-mode ...`) and read "
@@ -585,7 +578,7 @@ class Doctor:
                 text = text.replace("${" + name + "}", value)
             return json.loads(text)
         except (OSError, ValueError) as err:
-            raise StepFailed(
+            raise StepFailedError(
                 f"cannot read the key policy {self.key_policy_file}: {err}",
                 "give --key-policy a JSON key policy (${ACCOUNT}, ${PCR0} and ${USER} are filled in)",
             ) from None
@@ -608,10 +601,10 @@ class Doctor:
         )
         problems = key_policy.lint(policy, user_principals=[self.user_principal])
         if problems:
-            raise StepFailed("the key policy is unsound: " + "; ".join(problems), todo)
+            raise StepFailedError("the key policy is unsound: " + "; ".join(problems), todo)
         allowed = key_policy.allowed_pcr0(policy)
         if self.pcr0 not in allowed:
-            raise StepFailed(
+            raise StepFailedError(
                 f"the key policy allows PCR0 {', '.join(allowed) or 'none'}, not this image's {self.pcr0}", todo
             )
         # The bypass: the policy leaves the host no kms:PutKeyPolicy, as the owner's policy leaves it none.
@@ -629,7 +622,7 @@ class Doctor:
             if _error_code(err) == "AccessDeniedException":
                 return "Decrypt without an attestation document: AccessDeniedException, as it must be"
             raise
-        raise StepFailed(
+        raise StepFailedError(
             "this host decrypted a data key of the throwaway key without any attestation: whoever runs the host "
             "could read every package sealed under such a key",
             "the key policy needs the Deny without attestation (`enclave policy render` writes it), and no grant "
@@ -657,7 +650,7 @@ class Doctor:
         except EnclaveError as err:
             if "KMS" not in str(err):
                 raise
-            raise StepFailed(
+            raise StepFailedError(
                 str(err),
                 "the enclave's KMS Decrypt with Recipient was refused: the key policy must allow this host's role "
                 "kms:Decrypt on this image's PCR0, with conditions only on PCRs the image has (PCR8 only for signed "
@@ -665,7 +658,7 @@ class Doctor:
             ) from None
         output = "".join(printed)
         if summary["rc"] != 0 or f"enclave-doctor {self.token}" not in output:
-            raise StepFailed(
+            raise StepFailedError(
                 f"the job ended by {summary['ended_by']} with status {summary['rc']}; it printed {output!r}",
                 "run a debug-mode enclave and read its console; the enclave's Python must run a plain script",
             )
@@ -675,7 +668,7 @@ class Doctor:
             summary["attestation"], trusted_roots=self._roots(), expected_pcrs={0: self.pcr0}, max_age_s=None
         )
         if doc.user_data != receipt.job_digest(signed):
-            raise StepFailed("the enclave signed a different job summary than it returned", ADVICE["job"])
+            raise StepFailedError("the enclave signed a different job summary than it returned", ADVICE["job"])
         return (
             f"the enclave took the package signed by {header.signer_fingerprint.hex()[:16]}, unwrapped its key with "
             f"KMS Decrypt with Recipient, ran {SCRIPT} (status 0) and signed the job's receipt{isolation}"
@@ -685,13 +678,13 @@ class Doctor:
         """What the job could reach: nothing of the server's (a non-root local server runs jobs as itself)."""
         line = next((x for x in output.splitlines() if x.startswith("enclave-doctor-isolation ")), None)
         if line is None:
-            raise StepFailed(f"the job did not report what it could reach; it printed {output!r}", ADVICE["job"])
+            raise StepFailedError(f"the job did not report what it could reach; it printed {output!r}", ADVICE["job"])
         seen = json.loads(line.split(" ", 1)[1])
         if not self.nitro and os.geteuid() != 0:
             return "; jobs are not isolated on a local backend run without root"
         reached = [what for what in ("nsm", "kms_forwarder", "tmp") if seen[what] == "allowed"]
         if seen["uid"] == 0 or reached:
-            raise StepFailed(
+            raise StepFailedError(
                 f"the job ran as uid {seen['uid']} and could reach {', '.join(reached) or 'what root reaches'}: {seen}",
                 "jobs are not isolated in this enclave: the server must run as root and the enclave's kernel must "
                 "give it setuid, file modes and /proc/net/tcp (docs/THREAT_MODEL.md, Jobs); do not run owners' "
@@ -729,13 +722,13 @@ class Doctor:
         if self.cloud_started:
             attempt("stopped the local cloud it started", self._stop_cloud)
         if problems:
-            raise StepFailed("could not clean up: " + "; ".join(problems), ADVICE["cleanup"])
+            raise StepFailedError("could not clean up: " + "; ".join(problems), ADVICE["cleanup"])
         return "; ".join(done) or "nothing to clean up"
 
     def _terminate_by_name(self) -> None:
-        from ..plugins.module_utils.runtime import EnclaveNotFound
+        from ..plugins.module_utils.errors import EnclaveNotFoundError
 
-        with contextlib.suppress(EnclaveNotFound):  # it never started
+        with contextlib.suppress(EnclaveNotFoundError):  # it never started
             self.runtime.terminate(self.enclave_name)
 
     def _stop_cloud(self) -> None:
@@ -743,7 +736,7 @@ class Doctor:
 
         others = [e.enclave_id for e in self.runtime.describe()]
         if others:  # `down` would stop them too: leave the cloud to them
-            raise StepFailed(f"enclaves {others} came up meanwhile; the local cloud stays up", ADVICE["cleanup"])
+            raise StepFailedError(f"enclaves {others} came up meanwhile; the local cloud stays up", ADVICE["cleanup"])
         cloud.down()
 
 

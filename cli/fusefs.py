@@ -59,7 +59,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ..plugins.module_utils import mounts, settings
-from ..plugins.module_utils.errors import CallTimeout, ConnectionClosed, EnclaveError, RemoteError
+from ..plugins.module_utils.errors import CallTimeoutError, ConnectionClosedError, EnclaveError, RemoteError
 from ..plugins.module_utils.wire_frames import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ class ShareOperations:
     def _result(self, op: str, call):
         try:
             return call.result(CALL_TIMEOUT)
-        except CallTimeout:
+        except CallTimeoutError:
             call.cancel()
             log.error("%s got no answer from the enclave within %s s: is the enclave server stuck?", op, CALL_TIMEOUT)
             raise self._fail(errno.ETIMEDOUT) from None
@@ -341,7 +341,7 @@ class ShareOperations:
     def _as_errno(self, op: str, err: Exception) -> OSError:
         if isinstance(err, RemoteError):
             return self._fail(err.errno or errno.EIO)
-        if isinstance(err, ConnectionClosed):
+        if isinstance(err, ConnectionClosedError):
             if not self._lost.is_set():
                 self._lost.set()
                 log.error(

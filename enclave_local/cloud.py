@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 from ..plugins.module_utils import settings
-from ..plugins.module_utils.runtime import RuntimeFailure
+from ..plugins.module_utils.errors import EnclaveRuntimeError
 from .daemons import CLOUD_FILE, VSOCK_PROXY_CONFIG, Proc, Ready, cloud_status, spawn_daemon, write_json
 from .runtime import LocalRuntime
 
@@ -72,7 +72,7 @@ def up(kms_port: int = 0, *, home: str | Path | None = None) -> dict:
         running = status(home)
         if running is not None:
             if kms_port and kms_port != running["kms_port"]:
-                raise RuntimeFailure(
+                raise EnclaveRuntimeError(
                     f"the local cloud already runs with its KMS on port {running['kms_port']}, not {kms_port}: "
                     "run `enclave local down` first to move it"
                 )
@@ -140,7 +140,7 @@ def env_exports(home: str | Path | None = None, profile: str = "enclave-host") -
     home = _home(home)
     cloud = status(home)
     if cloud is None:
-        raise RuntimeFailure(
+        raise EnclaveRuntimeError(
             f"the local cloud of {home} is not running: start it with `enclave local up` (same ENCLAVE_HOME), "
             "then run this again"
         )

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..plugins.module_utils.runtime import RuntimeFailure
+from ..plugins.module_utils.errors import EnclaveRuntimeError
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -130,7 +130,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 def spawn_daemon(argv: list[str], *, what: str, log_path: Path, timeout: float = START_TIMEOUT) -> dict:
-    """Start argv as a daemon that reports on a pipe (see Ready); its final report, or a RuntimeFailure.
+    """Start argv as a daemon that reports on a pipe (see Ready); its final report, or a EnclaveRuntimeError.
 
     The daemon forks away from the process started here, so it outlives the caller and is
     nobody's zombie; it tells its pid first, so a daemon that hangs in start-up can be stopped."""
@@ -160,7 +160,7 @@ def spawn_daemon(argv: list[str], *, what: str, log_path: Path, timeout: float =
             if not select.select([read_fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
                 if daemon:
                     daemon.stop()
-                raise RuntimeFailure(
+                raise EnclaveRuntimeError(
                     f"{what} did not start within {timeout:g} s and was stopped; its log ({log_path}):\n"
                     f"{log_tail(log_path)}"
                 )
@@ -178,11 +178,11 @@ def spawn_daemon(argv: list[str], *, what: str, log_path: Path, timeout: float =
         os.close(read_fd)
     final = reports[-1] if reports and "pid" not in reports[-1] else None
     if final is None:
-        raise RuntimeFailure(f"{what} exited during start-up; its log ({log_path}):\n{log_tail(log_path)}")
+        raise EnclaveRuntimeError(f"{what} exited during start-up; its log ({log_path}):\n{log_tail(log_path)}")
     if "error" in final:
         if daemon and not daemon.wait(STOP_TIMEOUT):  # it exits after reporting: nothing may be left behind
             daemon.stop()
-        raise RuntimeFailure(final["error"])
+        raise EnclaveRuntimeError(final["error"])
     return final
 
 

@@ -50,14 +50,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..plugins.module_utils.enclave_code import (
-    DOCKERFILE_PATH,
-    PACKAGE_PATH,
-    ImageError,
-    enclave_sources,
-    image_command,
-    imports,
-)
+from ..plugins.module_utils.enclave_code import DOCKERFILE_PATH, PACKAGE_PATH, enclave_sources, image_command, imports
+from ..plugins.module_utils.errors import ImageError
 from ..plugins.module_utils.runtime import (
     COLLECTION_ROOT,
     OWNER_IDENTITY_FILE,

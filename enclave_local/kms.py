@@ -79,7 +79,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ansible_collections.confidential_ml.nitro.nitro_api.recipient_cms import KEY_ENCRYPTION_ALGORITHM, build_envelope
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import attestation, key_policy
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import AttestationError, PolicyError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import (
+    AttestationError,
+    KmsApiError,
+    PolicyError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +132,6 @@ _NO_GRANTS = (
 )
 _POLL_S = 0.05  # how soon stop() takes effect
 _TLS_HANDSHAKE_S = 10
-
-
-class KmsApiError(Exception):
-    """An error answer of the KMS API: boto3 raises it as ClientError (or the modeled subclass) with ``code``."""
-
-    def __init__(self, code: str, message: str, status: int = 400):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.status = status
 
 
 # ---------------------------------------------------------------- credentials

@@ -83,14 +83,8 @@ from ..plugins.module_utils.endpoints import (
     Endpoint,
     local_socket_path,
 )
-from ..plugins.module_utils.errors import EnclaveError
-from ..plugins.module_utils.runtime import (
-    BuildResult,
-    EnclaveInfo,
-    EnclaveNotFound,
-    RuntimeFailure,
-    discover_endpoint,
-)
+from ..plugins.module_utils.errors import EnclaveError, EnclaveNotFoundError, EnclaveRuntimeError
+from ..plugins.module_utils.runtime import BuildResult, EnclaveInfo, discover_endpoint
 from .daemons import (
     START_TIMEOUT,
     VSOCK_PROXY_CONFIG,
@@ -193,7 +187,7 @@ class LocalRuntime:
         """A reproducible local image of the enclave server (see enclave_local/image.py), bound to the owner
         identity file if one is given."""
         if signing_certificate is not None or private_key is not None:
-            raise RuntimeFailure(
+            raise EnclaveRuntimeError(
                 "the local backend does not sign images (PCR8): build without a signing certificate, "
                 "or sign on the nitro backend with nitro-cli"
             )
@@ -256,7 +250,7 @@ class LocalRuntime:
         if len(named) == 1:
             return named[0]
         listed = ", ".join(f"{r['name']} ({r['id']})" for r in running) or "none"
-        raise EnclaveNotFound(f"no local enclave has the ID or name {enclave!r}; running: {listed}")
+        raise EnclaveNotFoundError(f"no local enclave has the ID or name {enclave!r}; running: {listed}")
 
     # -- Runtime
 
@@ -273,16 +267,16 @@ class LocalRuntime:
         """Start an enclave from a local image; returns once its server answers."""
         image_path = Path(image).absolute()
         if not image_path.is_file():
-            raise RuntimeFailure(f"no enclave image at {image_path}: build one with `enclave local build`")
+            raise EnclaveRuntimeError(f"no enclave image at {image_path}: build one with `enclave local build`")
         cpus = sorted(os.sched_getaffinity(0))
         if not isinstance(cpu_count, int) or isinstance(cpu_count, bool) or not 1 <= cpu_count <= len(cpus):
-            raise RuntimeFailure(
+            raise EnclaveRuntimeError(
                 f"cpu_count must be from 1 to {len(cpus)} (the CPUs this host can give an enclave), not {cpu_count!r}"
             )
         if not isinstance(memory_mib, int) or isinstance(memory_mib, bool) or memory_mib < MIN_MEMORY_MIB:
-            raise RuntimeFailure(f"memory_mib must be an integer of at least {MIN_MEMORY_MIB}, not {memory_mib!r}")
+            raise EnclaveRuntimeError(f"memory_mib must be an integer of at least {MIN_MEMORY_MIB}, not {memory_mib!r}")
         if cid is not None and (not isinstance(cid, int) or isinstance(cid, bool) or not MIN_CID <= cid <= MAX_CID):
-            raise RuntimeFailure(f"an enclave CID is an integer from {MIN_CID} to {MAX_CID} (0-3 are reserved)")
+            raise EnclaveRuntimeError(f"an enclave CID is an integer from {MIN_CID} to {MAX_CID} (0-3 are reserved)")
         if os.geteuid() != 0:
             log.warning(NON_ROOT_WARNING)
         _require_tools(isolated=os.geteuid() == 0)
@@ -290,7 +284,7 @@ class LocalRuntime:
             running = self._running()
             if len(running) >= MAX_ENCLAVES:
                 listed = ", ".join(f"{r['name']} ({r['id']}, CID {r['cid']})" for r in running)
-                raise RuntimeFailure(
+                raise EnclaveRuntimeError(
                     f"this host already runs {MAX_ENCLAVES} local enclaves, the most it allows ({listed}): "
                     "terminate one with `enclave local terminate-enclave --enclave-id ID` first"
                 )
@@ -298,10 +292,12 @@ class LocalRuntime:
             if cid is None:
                 cid = next(c for c in range(FIRST_CID, FIRST_CID + MAX_ENCLAVES + 1) if c not in used)
             elif cid in used:
-                raise RuntimeFailure(f"CID {cid} is taken by another local enclave: choose another or leave it out")
+                raise EnclaveRuntimeError(
+                    f"CID {cid} is taken by another local enclave: choose another or leave it out"
+                )
             name = name or image_path.stem
             if any(r["name"] == name for r in running):
-                raise RuntimeFailure(
+                raise EnclaveRuntimeError(
                     f"a local enclave named {name!r} is already running: choose another --enclave-name"
                 )
             enclave_id = f"i-local-enc{secrets.token_hex(8)}"
@@ -342,7 +338,7 @@ class LocalRuntime:
     def terminate(self, enclave: str | None = None, *, all: bool = False) -> list[str]:  # noqa: A002
         """Stop an enclave (ID or name), or all, with everything that belongs to it. The IDs stopped."""
         if all == (enclave is not None):
-            raise RuntimeFailure("terminate needs either an enclave (ID or name) or all=True")
+            raise EnclaveRuntimeError("terminate needs either an enclave (ID or name) or all=True")
         with self._lock():
             running = self._running()
             targets = running if all else [self._find(enclave, running)]
@@ -354,7 +350,7 @@ class LocalRuntime:
         with self._lock():
             record = self._find(enclave, self._running())
         if not record["debug_mode"]:
-            raise RuntimeFailure(
+            raise EnclaveRuntimeError(
                 f"enclave {record['name']} ({record['id']}) was not started in debug mode, so it keeps no console "
                 "(as on Nitro): start it with --debug-mode to read its log (it then attests all-zero PCRs)"
             )
@@ -372,7 +368,7 @@ def _require_tools(*, isolated: bool) -> None:
     )
     if missing:
         packages = " ".join(sorted({tools[m.split()[0]] for m in missing}))
-        raise RuntimeFailure(
+        raise EnclaveRuntimeError(
             f"the local runtime needs {', '.join(missing)}, which this host lacks: apt-get install {packages}"
         )
 
@@ -406,7 +402,7 @@ def _wait_until_serving(endpoint: Endpoint, enclave: subprocess.Popen, deadline:
 
     while True:
         if enclave.poll() is not None:
-            raise RuntimeFailure(f"the enclave stopped during start-up (exit status {enclave.returncode})")
+            raise EnclaveRuntimeError(f"the enclave stopped during start-up (exit status {enclave.returncode})")
         if os.path.exists(endpoint.path):
             try:
                 with Connection.open(endpoint, timeout=5) as connection:
@@ -415,7 +411,7 @@ def _wait_until_serving(endpoint: Endpoint, enclave: subprocess.Popen, deadline:
             except EnclaveError:
                 pass  # listening, but not answering yet
         if time.monotonic() > deadline:
-            raise RuntimeFailure(f"the enclave server did not answer on {endpoint} within {START_TIMEOUT:g} s")
+            raise EnclaveRuntimeError(f"the enclave server did not answer on {endpoint} within {START_TIMEOUT:g} s")
         time.sleep(0.005)
 
 
@@ -511,7 +507,7 @@ def supervise(path: Path, ready_fd: int) -> int:
         # Isolated, the enclave's PID 1 is the child of unshare; plain, init is the process launched.
         inits.extend((launched.children() if isolated else [launched]) if launched else [])
         if len(inits) != 1:
-            raise RuntimeFailure("the enclave stopped during start-up (its init is gone)")
+            raise EnclaveRuntimeError("the enclave stopped during start-up (its init is gone)")
         record = dict(
             launch,
             measurements=measured.to_json(),

@@ -29,15 +29,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..nitro_api.kms_route import kms_hostnames
 from ..plugins.module_utils import settings
-from ..plugins.module_utils.errors import EnclaveError
+from ..plugins.module_utils.errors import TlsError
 
 TLS_DIR = "tls"
 CA_DAYS = 3650
 LEAF_DAYS = 30
-
-
-class TlsError(EnclaveError):
-    """The local TLS CA is unreadable or inconsistent."""
 
 
 def _write_private(path: Path, data: bytes) -> None:

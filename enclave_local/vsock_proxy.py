@@ -24,13 +24,9 @@ import yaml
 
 from ..nitro_api.kms_route import CONNECT_TIMEOUT, Relay
 from ..plugins.module_utils.endpoints import Endpoint
-from ..plugins.module_utils.errors import EnclaveError
+from ..plugins.module_utils.errors import VsockProxyError
 
 log = logging.getLogger(__name__)
-
-
-class VsockProxyError(EnclaveError):
-    """The proxy's configuration is unreadable, or its destination is not allowed."""
 
 
 def parse_allowlist(text: str, *, origin: str = "the vsock-proxy configuration") -> list[tuple[str, int]]:

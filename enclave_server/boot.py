@@ -34,6 +34,7 @@ import socket
 import struct
 import sys
 
+from ..plugins.module_utils.errors import BootError
 from . import kms_forwarder
 
 SERVER_MODULE = "ansible_collections.confidential_ml.nitro.enclave_server"
@@ -46,10 +47,6 @@ PR_CAPBSET_DROP = 24
 BOOT_CAPABILITIES = {"CAP_SYS_ADMIN": 21, "CAP_NET_ADMIN": 12, "CAP_SETPCAP": 8}
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-class BootError(Exception):
-    """A boot step failed: the enclave cannot serve."""
 
 
 def _failed(what: str) -> BootError:

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..plugins.module_utils import package_open
+from ..plugins.module_utils.errors import JobError
 from .share import TOP_LEVEL, Share, split_path
 
 # -I: ignore PYTHON* variables and the user site, and put neither the cwd nor
@@ -98,10 +99,6 @@ JOB_UID = 65534
 """The job identity when the server is root (65534 is nobody's in most images; the enclave runs nothing
 else as it). A server that is not root (the local backend for development) runs jobs as itself."""
 SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # where a job's leftovers are removed by owner uid
-
-
-class JobError(OSError):
-    """A job request that cannot run; carries an errno for the wire."""
 
 
 @dataclass

@@ -20,17 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..nitro_api.recipient_cms import KEY_ENCRYPTION_ALGORITHM, open_envelope, subject_key_identifier
-from ..plugins.module_utils.errors import KmsError
-
-
-class KmsCallError(KmsError):
-    """A KMS call failed. ``code`` is KMS's error code (e.g. "AccessDeniedException"); ``__cause__`` is
-    botocore's original exception, so a caller can still catch or inspect exactly what boto3 raised."""
-
-    def __init__(self, message: str, *, code: str, operation: str):
-        super().__init__(message)
-        self.code = code
-        self.operation = operation
+from ..plugins.module_utils.errors import KmsCallError, KmsError
 
 
 def _new_key() -> rsa.RSAPrivateKey:

@@ -20,7 +20,7 @@ import re
 import shlex
 from pathlib import Path
 
-from .errors import EnclaveError
+from .errors import ImageError
 
 PACKAGE_PATH = "ansible_collections/confidential_ml/nitro"
 PACKAGE_NAME = PACKAGE_PATH.replace("/", ".")
@@ -28,10 +28,6 @@ ENCLAVE_DIR = "enclave_server"
 HOST_SIDE = ("cli/", "enclave_local/")
 SKIPPED_DIRS = {"__pycache__"}
 SKIPPED_SUFFIXES = (".pyc", ".pyo")
-
-
-class ImageError(EnclaveError):
-    """An image cannot be built, read, or run on this host."""
 
 
 def _read_file(path: Path) -> bytes:

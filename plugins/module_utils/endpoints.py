@@ -27,7 +27,7 @@ import socket
 import stat
 from dataclasses import dataclass
 
-from .errors import EnclaveError
+from .errors import EndpointError, EndpointUnreachableError
 
 DEFAULT_PORT = 5000
 """The port the enclave server listens on; every service shares it."""
@@ -49,14 +49,6 @@ DEFAULT_SOCKET_MODE = 0o600
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _UNIX_PATH_MAX = 107
 _DIGITS = re.compile(r"[0-9]+")
-
-
-class EndpointError(EnclaveError, ValueError):
-    """An endpoint is malformed, or cannot be listened on."""
-
-
-class EndpointUnreachable(EnclaveError, ConnectionError):
-    """Nothing answers at an endpoint. .errno carries the socket error."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +120,7 @@ class Endpoint:
         try:
             return socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         except (AttributeError, OSError) as e:
-            raise EndpointUnreachable(
+            raise EndpointUnreachableError(
                 f"this host cannot open vsock sockets ({e}): on a Nitro parent instance install and start "
                 "the nitro_enclaves driver (aws-nitro-enclaves-cli); elsewhere use the local backend (unix://)"
             ) from e
@@ -137,7 +129,7 @@ class Endpoint:
         return self.path if self.scheme == "unix" else (self.cid, self.port)
 
     def connect(self, timeout: float | None = 10) -> socket.socket:
-        """A connected stream socket; EndpointUnreachable (an EnclaveError) with advice if nobody answers."""
+        """A connected stream socket; EndpointUnreachableError (an EnclaveError) with advice if nobody answers."""
         if self.scheme == "vsock" and self.cid == VMADDR_CID_ANY:
             raise EndpointError(f"cannot connect to {self}: 'any' is for listening; give the enclave's CID")
         sock = self._socket()
@@ -149,7 +141,7 @@ class Endpoint:
             raise self._unreachable(e, timeout) from e
         return sock
 
-    def _unreachable(self, e: OSError, timeout: float | None) -> EndpointUnreachable:
+    def _unreachable(self, e: OSError, timeout: float | None) -> EndpointUnreachableError:
         if isinstance(e, TimeoutError) and e.errno is None:
             what = f"timed out after {timeout} s"
         else:
@@ -160,7 +152,7 @@ class Endpoint:
             hint = "is the enclave running? `nitro-cli describe-enclaves` shows its EnclaveCID"
         else:
             hint = "is the local enclave running? its runtime creates this socket when it starts"
-        error = EndpointUnreachable(f"no enclave listens on {self} ({what}): {hint}")
+        error = EndpointUnreachableError(f"no enclave listens on {self} ({what}): {hint}")
         error.errno = e.errno if e.errno is not None else errno.ETIMEDOUT
         return error
 

@@ -29,17 +29,13 @@ except ImportError as exc:  # the modules report it: module_options.require_libr
 else:
     IMPORT_ERROR = None
 
-from .errors import EnclaveError, KmsError, PackageError
+from .errors import EnclaveError, KmsError, OwnerIdentityError, PackageError
 
 IDENTITY_FORMAT = "confidential-ml-nitro/owner-identity/1"
 IDENTITY_FILE = "owner_identity.json"  # at the collection root inside the image, beside enclave_server/
 KEY_SPEC, KEY_USAGE, SIGNING_ALGORITHM = "ECC_NIST_P384", "SIGN_VERIFY", "ECDSA_SHA_384"
 MAX_KEYS = 16
 MAX_IDENTITY_BYTES = 64 << 10
-
-
-class OwnerIdentityError(EnclaveError):
-    """An owner identity file or signing key is unusable."""
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from . import settings
-from .enclave_code import DOCKERFILE_PATH, PACKAGE_PATH, ImageError, enclave_sources
+from .enclave_code import DOCKERFILE_PATH, PACKAGE_PATH, enclave_sources
 from .endpoints import DEFAULT_PORT, Endpoint
-from .errors import EnclaveError
+from .errors import EnclaveError, EnclaveNotFoundError, EnclaveRuntimeError, ImageError
 
 HASH_ALGORITHM = "Sha384 { ... }"
 LOCAL_CLI = "ansible_collections.confidential_ml.nitro.cli.main"
@@ -48,32 +48,6 @@ COLLECTION_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = DOCKERFILE_PATH
 OWNER_IDENTITY_FILE = "owner_identity.json"  # owner_identity.IDENTITY_FILE, beside enclave_server/ in the image
 IMAGE_REPOSITORY = "confidential-ml-nitro-enclave"
-
-
-class RuntimeFailure(EnclaveError):
-    """A runtime operation failed. For nitro-cli failures: the command, its exit status, its
-    output and the nitro-cli error code (E19, E26, ...) when it printed one."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        command: list[str] | None = None,
-        returncode: int | None = None,
-        stdout: str = "",
-        stderr: str = "",
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.command = command
-        self.returncode = returncode
-        self.stdout = stdout
-        self.stderr = stderr
-        self.code = code
-
-
-class EnclaveNotFound(RuntimeFailure):
-    """No running enclave has the ID or name asked for."""
 
 
 # ------------------------------------------------------------------ data
@@ -94,7 +68,7 @@ class Measurements:
             if value is None and name == "pcr8":
                 continue
             if not isinstance(value, str) or not _PCR_HEX.fullmatch(value):
-                raise RuntimeFailure(
+                raise EnclaveRuntimeError(
                     f"{name.upper()} must be 96 lowercase hex characters (a SHA-384 digest), got {value!r}"
                 )
 
@@ -111,13 +85,13 @@ class Measurements:
         if isinstance(data, dict) and isinstance(data.get("Measurements"), dict):
             data = data["Measurements"]
         if not isinstance(data, dict):
-            raise RuntimeFailure(f"expected a Measurements object such as nitro-cli prints, got {data!r}")
+            raise EnclaveRuntimeError(f"expected a Measurements object such as nitro-cli prints, got {data!r}")
         algorithm = data.get("HashAlgorithm")
         if algorithm is not None and not str(algorithm).startswith("Sha384"):
-            raise RuntimeFailure(f"measurements use {algorithm!r}; only SHA-384 PCRs (Nitro's) are supported")
+            raise EnclaveRuntimeError(f"measurements use {algorithm!r}; only SHA-384 PCRs (Nitro's) are supported")
         missing = [k for k in ("PCR0", "PCR1", "PCR2") if not isinstance(data.get(k), str)]
         if missing:
-            raise RuntimeFailure(f"measurements lack {', '.join(missing)}: got {sorted(data)}")
+            raise EnclaveRuntimeError(f"measurements lack {', '.join(missing)}: got {sorted(data)}")
         pcr8 = data.get("PCR8")
         # nitro-cli prints lowercase; key policies compare case-insensitively, we store lowercase.
         return cls(
@@ -167,12 +141,12 @@ class EnclaveInfo:
         """Read a describe-enclaves (or completed run-enclave) object; the endpoint is
         data["Endpoint"] if present, else vsock://EnclaveCID:port."""
         if not isinstance(data, dict):
-            raise RuntimeFailure(f"expected an enclave description object, got {data!r}")
+            raise EnclaveRuntimeError(f"expected an enclave description object, got {data!r}")
         missing = [
             k for k in ("EnclaveID", "EnclaveCID", "NumberOfCPUs", "MemoryMiB", "State", "Flags") if k not in data
         ]
         if missing:
-            raise RuntimeFailure(
+            raise EnclaveRuntimeError(
                 f"enclave description lacks {', '.join(missing)} (got {sorted(data)}): "
                 "is this nitro-cli version supported? `nitro-cli --version` should be 1.2 or later"
             )
@@ -193,7 +167,7 @@ class EnclaveInfo:
                 cpu_ids=tuple(int(c) for c in data.get("CPUIDs") or ()),
             )
         except (TypeError, ValueError) as err:
-            raise RuntimeFailure(f"malformed enclave description {data!r}: {err}") from err
+            raise EnclaveRuntimeError(f"malformed enclave description {data!r}: {err}") from err
 
 
 # ------------------------------------------------------------------ interface
@@ -341,12 +315,12 @@ def stage_image_context(
     source is the project tree (default: this one)."""
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
-        raise RuntimeFailure(f"cannot stage the enclave image context in {dest}: the directory is not empty")
+        raise EnclaveRuntimeError(f"cannot stage the enclave image context in {dest}: the directory is not empty")
     root = Path(source) if source is not None else COLLECTION_ROOT
     try:
         files = enclave_sources(root)
     except ImageError as err:
-        raise RuntimeFailure(f"cannot stage the enclave image context: {err}") from None
+        raise EnclaveRuntimeError(f"cannot stage the enclave image context: {err}") from None
     dest.mkdir(parents=True, exist_ok=True)
     for rel, content in files.items():
         path = dest / "app" / PACKAGE_PATH / rel
@@ -518,16 +492,16 @@ class NitroRuntime:
                 errors="replace",
             )
         except FileNotFoundError as err:
-            raise RuntimeFailure(
+            raise EnclaveRuntimeError(
                 f"{self.nitro_cli} not found: install the AWS Nitro Enclaves CLI on this parent instance "
                 "(the enclave_host role does), pass its path, or use the local backend (ENCLAVE_BACKEND=local)",
                 command=command,
             ) from err
         except PermissionError as err:
-            raise RuntimeFailure(f"cannot execute {self.nitro_cli}: {err.strerror}", command=command) from err
+            raise EnclaveRuntimeError(f"cannot execute {self.nitro_cli}: {err.strerror}", command=command) from err
 
     def _call(self, subcommand: str, args: list[str], *, timeout: float) -> str:
-        """Run nitro-cli; its stdout, or a RuntimeFailure with its stderr and what to do."""
+        """Run nitro-cli; its stdout, or a EnclaveRuntimeError with its stderr and what to do."""
         command = self._command(subcommand, args)
         proc = self._spawn(command)
         try:
@@ -535,7 +509,7 @@ class NitroRuntime:
         except subprocess.TimeoutExpired as err:
             proc.kill()
             stdout, stderr = proc.communicate()
-            raise RuntimeFailure(
+            raise EnclaveRuntimeError(
                 f"`{self.nitro_cli} {subcommand}` did not finish within {timeout:g} s and was stopped; "
                 f"its output so far: {(stderr or stdout).strip() or 'none'}",
                 command=command,
@@ -546,7 +520,7 @@ class NitroRuntime:
             raise self._failure(subcommand, command, proc.returncode, stdout, stderr)
         return stdout
 
-    def _failure(self, subcommand, command, returncode, stdout, stderr) -> RuntimeFailure:
+    def _failure(self, subcommand, command, returncode, stdout, stderr) -> EnclaveRuntimeError:
         match = _ERROR_CODE.search(stderr) or _ERROR_CODE.search(stdout)
         code = match.group(1) if match else None
         output = stderr.strip() or stdout.strip() or "no output"
@@ -557,12 +531,14 @@ class NitroRuntime:
             message += f"\nWhat to do: {hint}. Explanation: `nitro-cli explain --error-code {code}`"
             if f"{ERRORS_URL}#{code}" not in output:
                 message += f", {ERRORS_URL}#{code}"
-        return RuntimeFailure(message, command=command, returncode=returncode, stdout=stdout, stderr=stderr, code=code)
+        return EnclaveRuntimeError(
+            message, command=command, returncode=returncode, stdout=stdout, stderr=stderr, code=code
+        )
 
     def _one_json(self, subcommand: str, stdout: str, kind: type):
         values = [v for v in _json_values(stdout) if isinstance(v, kind)]
         if len(values) != 1:
-            raise RuntimeFailure(
+            raise EnclaveRuntimeError(
                 f"`nitro-cli {subcommand}` printed {len(values)} JSON {kind.__name__}s where one was expected: "
                 f"{stdout.strip() or 'nothing'}; is this nitro-cli version supported (1.2 or later)?",
                 stdout=stdout,
@@ -584,25 +560,25 @@ class NitroRuntime:
         or a docker image URI; default: this project's enclave image, bound to the owner_identity file,
         which it then requires). Needs docker on the host."""
         if (signing_certificate is None) != (private_key is None):
-            raise RuntimeFailure("to sign the image give both signing_certificate and private_key, or neither")
+            raise EnclaveRuntimeError("to sign the image give both signing_certificate and private_key, or neither")
         if signing_certificate is not None and not os.path.isfile(signing_certificate):
-            raise RuntimeFailure(f"the signing certificate {signing_certificate} does not exist")
+            raise EnclaveRuntimeError(f"the signing certificate {signing_certificate} does not exist")
         # The key is a PEM file, or a KMS key ARN (nitro-cli then signs through KMS with the host's credentials).
         if private_key is not None and not KMS_KEY_ARN.fullmatch(private_key) and not os.path.isfile(private_key):
-            raise RuntimeFailure(
+            raise EnclaveRuntimeError(
                 f"the private key {private_key} does not exist: give a PEM file or a KMS key ARN "
                 "(arn:aws:kms:REGION:ACCOUNT:key/KEY-ID)"
             )
         output = os.path.abspath(output)
         if not os.path.isdir(os.path.dirname(output)):
-            raise RuntimeFailure(f"cannot write {output}: create the directory {os.path.dirname(output)} first")
+            raise EnclaveRuntimeError(f"cannot write {output}: create the directory {os.path.dirname(output)} first")
         if source is None and owner_identity is None:
-            raise RuntimeFailure(
+            raise EnclaveRuntimeError(
                 "this project's enclave image must be bound to its owner: give owner_identity (the owner's "
                 "package-signing keys; the enclave_image module's owner_signing_keys writes it)"
             )
         if source is not None and owner_identity is not None:
-            raise RuntimeFailure(
+            raise EnclaveRuntimeError(
                 "owner_identity is staged into this project's image only: with your own source, put "
                 f"{OWNER_IDENTITY_FILE} into its context yourself"
             )
@@ -613,10 +589,10 @@ class NitroRuntime:
                 source_args = self._docker_dir_args(context / "context")
             elif os.path.isdir(source):
                 if not os.path.isfile(os.path.join(source, "Dockerfile")):
-                    raise RuntimeFailure(f"{source} has no Dockerfile: nitro-cli builds the Dockerfile at the top")
+                    raise EnclaveRuntimeError(f"{source} has no Dockerfile: nitro-cli builds the Dockerfile at the top")
                 source_args = self._docker_dir_args(Path(source).resolve())
             elif _looks_like_path(source):
-                raise RuntimeFailure(f"{source} is not a directory: give a docker build directory or an image URI")
+                raise EnclaveRuntimeError(f"{source} is not a directory: give a docker build directory or an image URI")
             else:
                 source_args = ["--docker-uri", source]
             args = [*source_args, "--output-file", output]
@@ -625,7 +601,7 @@ class NitroRuntime:
             stdout = self._call("build-enclave", args, timeout=self.build_timeout)
         measurements = Measurements.from_json(self._one_json("build-enclave", stdout, dict))
         if signing_certificate is not None and measurements.pcr8 is None:
-            raise RuntimeFailure("nitro-cli signed nothing: the build printed no PCR8 for a signed image")
+            raise EnclaveRuntimeError("nitro-cli signed nothing: the build printed no PCR8 for a signed image")
         return BuildResult(image=output, measurements=measurements)
 
     @staticmethod
@@ -647,13 +623,13 @@ class NitroRuntime:
         """`nitro-cli run-enclave`. debug_mode opens the console, and makes the enclave attest
         all-zero PCRs: KMS key policies keyed on PCR0 release nothing to it."""
         if not os.path.isfile(image):
-            raise RuntimeFailure(f"no enclave image at {image}: build one first")
+            raise EnclaveRuntimeError(f"no enclave image at {image}: build one first")
         if not isinstance(cpu_count, int) or isinstance(cpu_count, bool) or cpu_count < 1:
-            raise RuntimeFailure(f"cpu_count must be a positive integer, not {cpu_count!r}")
+            raise EnclaveRuntimeError(f"cpu_count must be a positive integer, not {cpu_count!r}")
         if not isinstance(memory_mib, int) or isinstance(memory_mib, bool) or memory_mib < 64:
-            raise RuntimeFailure(f"memory_mib must be an integer of at least 64, not {memory_mib!r}")
+            raise EnclaveRuntimeError(f"memory_mib must be an integer of at least 64, not {memory_mib!r}")
         if cid is not None and (not isinstance(cid, int) or isinstance(cid, bool) or not 4 <= cid < 0xFFFFFFFF):
-            raise RuntimeFailure(f"an enclave CID is an integer from 4 up (0-3 are reserved), not {cid!r}")
+            raise EnclaveRuntimeError(f"an enclave CID is an integer from 4 up (0-3 are reserved), not {cid!r}")
         args = ["--eif-path", os.path.abspath(image), "--cpu-count", str(cpu_count), "--memory", str(memory_mib)]
         if cid is not None:
             args += ["--enclave-cid", str(cid)]
@@ -686,13 +662,15 @@ class NitroRuntime:
             return named[0]
         listed = ", ".join(f"{e.name} ({e.enclave_id})" for e in enclaves) or "none"
         if named:
-            raise RuntimeFailure(f"{len(named)} enclaves are named {enclave!r}: give its EnclaveID instead ({listed})")
-        raise EnclaveNotFound(f"no enclave has the ID or name {enclave!r}; running: {listed}")
+            raise EnclaveRuntimeError(
+                f"{len(named)} enclaves are named {enclave!r}: give its EnclaveID instead ({listed})"
+            )
+        raise EnclaveNotFoundError(f"no enclave has the ID or name {enclave!r}; running: {listed}")
 
     def terminate(self, enclave: str | None = None, *, all: bool = False) -> list[str]:  # noqa: A002
         """`nitro-cli terminate-enclave`: one enclave (ID or name), or all. The IDs terminated."""
         if all == (enclave is not None):
-            raise RuntimeFailure("terminate needs either an enclave (ID or name) or all=True")
+            raise EnclaveRuntimeError("terminate needs either an enclave (ID or name) or all=True")
         target = None
         if all:
             stdout = self._call("terminate-enclave", ["--all"], timeout=self.timeout)
@@ -703,7 +681,7 @@ class NitroRuntime:
         answers = [a for v in _json_values(stdout) for a in (v if isinstance(v, list) else [v])]
         terminated = [a["EnclaveID"] for a in answers if isinstance(a, dict) and a.get("Terminated") is True]
         if not all and target not in terminated:
-            raise RuntimeFailure(
+            raise EnclaveRuntimeError(
                 f"nitro-cli did not confirm that enclave {target} terminated: {stdout.strip() or 'no output'}; "
                 "check `nitro-cli describe-enclaves`",
                 stdout=stdout,
@@ -715,7 +693,7 @@ class NitroRuntime:
         silent for disconnect_timeout seconds (default: console_timeout)."""
         info = self.find(enclave)
         if not info.debug_mode:
-            raise RuntimeFailure(
+            raise EnclaveRuntimeError(
                 f"enclave {info.name} ({info.enclave_id}) was not started in debug mode, so it has no console: "
                 "start it with debug_mode to read one (a debug enclave attests all-zero PCRs and gets no keys)"
             )
@@ -761,7 +739,7 @@ class LocalCliRuntime(NitroRuntime):
                 text=True, errors="replace", env=env,
             )  # fmt: skip
         except OSError as err:
-            raise RuntimeFailure(f"cannot start `enclave local`: {err}", command=command) from err
+            raise EnclaveRuntimeError(f"cannot start `enclave local`: {err}", command=command) from err
 
     def build(
         self,
@@ -774,7 +752,9 @@ class LocalCliRuntime(NitroRuntime):
     ) -> BuildResult:
         """`enclave local build`: a reproducible image of this installation (or of the project tree `source`)."""
         if signing_certificate is not None or private_key is not None:
-            raise RuntimeFailure("the local backend does not sign images (PCR8 exists on nitro only): drop the key")
+            raise EnclaveRuntimeError(
+                "the local backend does not sign images (PCR8 exists on nitro only): drop the key"
+            )
         output = os.path.abspath(output)
         args = ["--output", output, *(["--source", str(source)] if source else [])]
         if owner_identity is not None:

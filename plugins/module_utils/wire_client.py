@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .endpoints import Endpoint
-from .errors import CallTimeout, ConnectionClosed, ProtocolError, RemoteError
+from .errors import CallTimeoutError, ConnectionClosedError, ProtocolError, RemoteError
 from .wire_frames import (
     MAX_FRAME,
     MIN_FRAME,
@@ -84,7 +84,7 @@ class Call:
             try:
                 kind, value = self._connection._next(self, remaining)
             except queue.Empty:
-                raise CallTimeout(
+                raise CallTimeoutError(
                     f"{self.op} got no reply within {timeout} s: the enclave may be busy; retry with a longer timeout"
                 ) from None
             except KeyboardInterrupt:
@@ -151,13 +151,15 @@ class Connection:
             send_frame(sock, hello, MIN_FRAME)
             reply = recv_frame(sock, self._max_frame)
         except TimeoutError:
-            raise CallTimeout(
+            raise CallTimeoutError(
                 f"{peer} did not answer the handshake within {timeout} s: is it the enclave server?"
             ) from None
         except OSError as e:
-            raise ConnectionClosed(f"the handshake with {peer} failed: {e.strerror or e}") from e
+            raise ConnectionClosedError(f"the handshake with {peer} failed: {e.strerror or e}") from e
         if reply is None:
-            raise ConnectionClosed(f"{peer} closed the connection during the handshake: see the enclave server log")
+            raise ConnectionClosedError(
+                f"{peer} closed the connection during the handshake: see the enclave server log"
+            )
         if reply.get("hello") != PROTOCOL:
             raise ProtocolError(f"{peer} does not speak {PROTOCOL}")
         if "error" in reply:
@@ -225,7 +227,7 @@ class Connection:
             reason = self._closed_reason
             pending, self._pending = self._pending, {}
         for call in pending.values():
-            call._queue.put((_ERROR, ConnectionClosed(reason)))
+            call._queue.put((_ERROR, ConnectionClosedError(reason)))
         self._watch.set()  # the background reader ends
 
     def _read_loop(self):
@@ -270,7 +272,7 @@ class Connection:
                 if not replies.empty():
                     continue
                 if self._closed_reason is not None:  # nothing more will come: a call already forgotten
-                    return (_ERROR, ConnectionClosed(self._closed_reason))
+                    return (_ERROR, ConnectionClosedError(self._closed_reason))
                 if self._readable(remaining):
                     self._read_one()
             finally:
@@ -305,7 +307,7 @@ class Connection:
         call = Call(self, next(self._ids), op, on_event)
         with self._lock:
             if self._closed_reason is not None:
-                raise ConnectionClosed(self._closed_reason)
+                raise ConnectionClosedError(self._closed_reason)
             self._pending[call.id] = call
             if len(self._pending) > 1:
                 # Several calls in flight: someone must read even while their callers send, or a big
@@ -351,7 +353,7 @@ class Connection:
         with self._lock:
             if request_id not in self._pending:
                 return
-        with contextlib.suppress(ConnectionClosed):
+        with contextlib.suppress(ConnectionClosedError):
             self._channel.send({"id": request_id, "cancel": True})
 
     @property
@@ -359,7 +361,7 @@ class Connection:
         return self._closed_reason is not None
 
     def close(self) -> None:
-        """Close the connection; pending calls fail with ConnectionClosed."""
+        """Close the connection; pending calls fail with ConnectionClosedError."""
         self._closing = True
         self._channel.shutdown()
         self._watch.set()

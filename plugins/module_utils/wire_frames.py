@@ -16,7 +16,7 @@ import struct
 import threading
 from collections.abc import Mapping
 
-from .errors import ConnectionClosed, FrameTooLarge, ProtocolError
+from .errors import ConnectionClosedError, FrameTooLargeError, ProtocolError
 from .wire_codec import _cbor_decoder, _decoded, decode, encode
 
 PROTOCOL = "confidential-ml-nitro"
@@ -229,7 +229,7 @@ def send_frame(sock: socket.socket, msg: Mapping, max_frame: int = MAX_FRAME) ->
     """Encode and send one message. Not thread-safe: Server and Connection serialise their writers."""
     body = encode(msg)
     if len(body) > max_frame:
-        raise FrameTooLarge(
+        raise FrameTooLargeError(
             f"a message of {len(body)} bytes exceeds the peer's frame limit of {max_frame}", len(body), max_frame
         )
     _send_body(sock, body)
@@ -252,10 +252,10 @@ class _Channel:
         self._closed = False
 
     def send(self, msg: Mapping) -> None:
-        """Raises WireError (FrameTooLarge, unencodable) with nothing sent, or ConnectionClosed."""
+        """Raises WireError (FrameTooLargeError, unencodable) with nothing sent, or ConnectionClosedError."""
         body = encode(msg)
         if len(body) > self.peer_max_frame:
-            raise FrameTooLarge(
+            raise FrameTooLargeError(
                 f"a message of {len(body)} bytes exceeds {self.peer}'s frame limit of {self.peer_max_frame}: "
                 "send less data per call",
                 len(body),
@@ -263,7 +263,7 @@ class _Channel:
             )
         with self._send_lock:
             if self._down:
-                raise ConnectionClosed(f"the connection to {self.peer} is closed")
+                raise ConnectionClosedError(f"the connection to {self.peer} is closed")
             try:
                 _send_body(self.sock, body)
             except OSError as e:
@@ -272,7 +272,7 @@ class _Channel:
                 return
         # A frame may be half written: the stream cannot be trusted any more.
         self.shutdown()
-        raise ConnectionClosed(f"sending to {self.peer} failed: {failure.strerror or failure}") from failure
+        raise ConnectionClosedError(f"sending to {self.peer} failed: {failure.strerror or failure}") from failure
 
     @property
     def down(self) -> bool:

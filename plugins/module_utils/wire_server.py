@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConnectionClosed, EnclaveError, FrameTooLarge, ProtocolError, WireError
+from .errors import ConnectionClosedError, EnclaveError, FrameTooLargeError, ProtocolError, WireError
 from .wire_codec import encode
 from .wire_frames import (
     HEADER,
@@ -147,7 +147,7 @@ class RequestContext:
     _emit: Callable[[Any], None] = field(repr=False)
 
     def emit(self, event: Any) -> None:
-        """Stream an event to the client, ahead of the reply. Raises ConnectionClosed once the client is gone."""
+        """Stream an event to the client, ahead of the reply. Raises ConnectionClosedError once the client is gone."""
         self._emit(event)
 
     def check_cancelled(self) -> None:
@@ -608,7 +608,7 @@ class _ServerConnection:
         try:
             try:
                 body = self.body(reply)
-            except FrameTooLarge as e:
+            except FrameTooLargeError as e:
                 message = (
                     f"the result of {op} ({e.size} bytes) exceeds this client's frame limit of {e.limit}: "
                     "ask for less data per call"
@@ -619,14 +619,15 @@ class _ServerConnection:
                 body = encode({"id": rid, "error": _internal_error(op)})
             del reply
             self.send(body, reserved, block=block)
-        except ConnectionClosed:
+        except ConnectionClosedError:
             log.debug("the reply to %s %d for %s is lost: the connection is closed", op, rid, self.peer)
 
     def body(self, msg: dict) -> bytes:
-        """msg encoded; WireError if it cannot be, FrameTooLarge if it exceeds the client's (or our) frame limit."""
+        """msg encoded; WireError if it cannot be, FrameTooLargeError if it exceeds the client's (or our) frame
+        limit."""
         body = encode(msg)
         if len(body) > self.channel.peer_max_frame:
-            raise FrameTooLarge(
+            raise FrameTooLargeError(
                 f"a message of {len(body)} bytes exceeds the frame limit of {self.channel.peer_max_frame}",
                 len(body),
                 self.channel.peer_max_frame,
@@ -638,7 +639,7 @@ class _ServerConnection:
     def send(self, body: bytes, reserved: int, *, block: bool) -> None:
         """Queue one frame body and send what the socket takes; `reserved` budget bytes are released once
         it is sent. block=False sends only what fits now and leaves the rest to the writer thread;
-        block=True waits until this frame is out (up to send_timeout). Raises ConnectionClosed."""
+        block=True waits until this frame is out (up to send_timeout). Raises ConnectionClosedError."""
         entry = [[HEADER.pack(len(body)), body], reserved, False]  # buffers left, reserved, sent
         lock = self.channel._send_lock
         if not self.outbox and lock.acquire(blocking=False):
@@ -651,7 +652,7 @@ class _ServerConnection:
         with self.outbox_lock:
             if self.channel.down:
                 self.server.budget.release(self, reserved)
-                raise ConnectionClosed(f"the connection to {self.peer} is closed")
+                raise ConnectionClosedError(f"the connection to {self.peer} is closed")
             self.outbox.append(entry)
         if lock.acquire(blocking=block):
             try:
@@ -660,26 +661,26 @@ class _ServerConnection:
                 lock.release()
         if not entry[2]:  # not all sent: the writer takes it from here
             if block or self.channel.down:  # a blocking flush leaves a frame only when the connection failed
-                raise ConnectionClosed(f"the connection to {self.peer} is closed")
+                raise ConnectionClosedError(f"the connection to {self.peer} is closed")
             with self.outbox_lock:
                 self.outbox_ready.notify()
 
     def _send_now(self, entry: list, block: bool) -> None:
         """With the send lock held and the outbox empty (the usual case): write the frame from this thread
         at once, without queueing it; what the socket does not take goes to the head of the outbox, for the
-        blocking flush (block=True) or the writer thread. Raises ConnectionClosed."""
+        blocking flush (block=True) or the writer thread. Raises ConnectionClosedError."""
         buffers, reserved = entry[0], entry[1]
         try:
             if self.channel.down:
-                raise ConnectionClosed(f"the connection to {self.peer} is closed")
+                raise ConnectionClosedError(f"the connection to {self.peer} is closed")
             sent = self.channel.sock.sendmsg(buffers, (), 0 if block else socket.MSG_DONTWAIT)
         except BlockingIOError:
             sent = 0  # the socket is full (block=True: SO_SNDTIMEO ran out; the blocking flush below reports it)
         except OSError as e:
             self.server.budget.release(self, reserved)
-            if not isinstance(e, ConnectionClosed):
+            if not isinstance(e, ConnectionClosedError):
                 self._fail(f"sending to {self.peer} failed: {e.strerror or e}")
-            raise ConnectionClosed(f"the connection to {self.peer} is closed") from None
+            raise ConnectionClosedError(f"the connection to {self.peer} is closed") from None
         if sent == len(buffers[0]) + len(buffers[1]):
             entry[2] = True
             self.server.budget.release(self, reserved)
@@ -688,14 +689,14 @@ class _ServerConnection:
         with self.outbox_lock:
             if self.channel.down:
                 self.server.budget.release(self, reserved)
-                raise ConnectionClosed(f"the connection to {self.peer} is closed")
+                raise ConnectionClosedError(f"the connection to {self.peer} is closed")
             self.outbox.appendleft(entry)  # under the send lock: nothing went out since its first bytes
             if not block:
                 self.outbox_ready.notify()
         if block:
             self._flush(block=True)
             if not entry[2]:
-                raise ConnectionClosed(f"the connection to {self.peer} is closed")
+                raise ConnectionClosedError(f"the connection to {self.peer} is closed")
 
     def _flush(self, *, block: bool) -> None:
         """With the send lock held: send outbox frames until it is empty, or (block=False) the socket is full."""

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.confidential_ml.nitro.cli.doctor import StepFailed, read_allocator
+from ansible_collections.confidential_ml.nitro.cli.doctor import read_allocator
 from ansible_collections.confidential_ml.nitro.enclave_local import cloud
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import StepFailedError
 from ansible_collections.confidential_ml.nitro.tests.fixtures.served import processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -417,7 +418,7 @@ def test_allocator_resources_are_read_as_the_allocator_reads_them(tmp_path, text
 @pytest.mark.parametrize("pool", ["5-2", "one,two", ""])
 def test_an_unreadable_cpu_pool_is_refused(tmp_path, pool):
     (tmp_path / "allocator.yaml").write_text(f"---\nmemory_mib: 512\ncpu_pool: '{pool}'\n")
-    with pytest.raises(StepFailed, match="unreadable cpu_pool") as failed:
+    with pytest.raises(StepFailedError, match="unreadable cpu_pool") as failed:
         read_allocator(tmp_path / "allocator.yaml")
     assert "systemctl restart nitro-enclaves-allocator" in failed.value.todo
 
@@ -437,7 +438,7 @@ def test_a_job_that_reaches_what_only_the_server_may_fails_the_job_step(seen, re
     from ansible_collections.confidential_ml.nitro.cli.doctor import Doctor
 
     output = f"enclave-doctor abc\nenclave-doctor-isolation {json.dumps(seen)}\n"
-    with pytest.raises(StepFailed, match=f"could reach {reached}") as failed:
+    with pytest.raises(StepFailedError, match=f"could reach {reached}") as failed:
         Doctor._check_job_isolation(SimpleNamespace(nitro=True), output)
     assert "jobs are not isolated in this enclave" in failed.value.todo
     isolated = {"uid": 65534, "nsm": "PermissionError", "kms_forwarder": "ConnectionResetError", "tmp": "OSError"}

@@ -33,7 +33,6 @@ from ansible_collections.confidential_ml.nitro.enclave_local.kms import (
     CREDENTIALS_FILE,
     PRINCIPALS,
     STATE_FILE,
-    KmsApiError,
     LocalKms,
     LocalKmsServer,
     issue_credentials,
@@ -41,7 +40,7 @@ from ansible_collections.confidential_ml.nitro.enclave_local.kms import (
 )
 from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA, SimulatedNsm
 from ansible_collections.confidential_ml.nitro.enclave_server import kms_recipient
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import KmsError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import KmsApiError, KmsError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
 from ansible_collections.confidential_ml.nitro.tests.vectors.shapes import aws_vector, ber_shape
 

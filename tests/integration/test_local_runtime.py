@@ -31,21 +31,19 @@ from ansible_collections.confidential_ml.nitro.enclave_local.runtime import (
     local_command,
 )
 from ansible_collections.confidential_ml.nitro.enclave_local.tls import LocalTlsCA
-from ansible_collections.confidential_ml.nitro.enclave_local.vsock_proxy import (
-    VsockProxy,
-    VsockProxyError,
-    parse_allowlist,
-)
+from ansible_collections.confidential_ml.nitro.enclave_local.vsock_proxy import VsockProxy, parse_allowlist
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import package_seal, settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.enclave_code import IMAGE_PYTHON
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import (
-    ConnectionClosed,
+    ConnectionClosedError,
     EnclaveError,
+    EnclaveRuntimeError,
     RemoteError,
+    VsockProxyError,
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import RuntimeFailure, resolve_endpoint
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import resolve_endpoint
 from ansible_collections.confidential_ml.nitro.tests.fixtures.served import processes_mentioning
 from ansible_collections.confidential_ml.nitro.tests.fixtures.sources import copy_enclave_sources
 
@@ -412,7 +410,7 @@ def test_killing_the_enclave_mid_job(images, cloud_up, home):
         worker.join(60)
     finally:
         client.close()
-    assert isinstance(outcome.get("error"), ConnectionClosed), outcome
+    assert isinstance(outcome.get("error"), ConnectionClosedError), outcome
     assert "closed the connection" in str(outcome["error"])
 
     assert supervisor.wait(30), "the supervisor did not notice its enclave died"
@@ -498,7 +496,7 @@ def test_debug_mode_attests_zero_pcrs_and_keeps_a_console(images, home, monkeypa
     production = runtime.run(images["good"].image, cpu_count=1, memory_mib=64, name="production")
     with EnclaveClient(production.endpoint, expect_pcr0=images["good"].measurements.pcr0) as client:
         assert client.attested.pcr_hex(0) == images["good"].measurements.pcr0
-    with pytest.raises(RuntimeFailure, match="not started in debug mode"):
+    with pytest.raises(EnclaveRuntimeError, match="not started in debug mode"):
         runtime.console(production.enclave_id)
 
 
@@ -640,7 +638,7 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 def _fails_to_start(tmp_path, home, name) -> str:
     image = LocalRuntime().build(output=str(tmp_path / f"{name}.eif"), source=str(tmp_path / "src"))
-    with pytest.raises(RuntimeFailure) as failed:
+    with pytest.raises(EnclaveRuntimeError) as failed:
         LocalRuntime().run(image.image, cpu_count=1, memory_mib=64, name=name, debug_mode=True)
     assert LocalRuntime().describe() == []
     return str(failed.value)

@@ -411,16 +411,13 @@ def test_the_readme_sessions_leave_nothing_for_git(tmp_path):
 def test_a_socket_directory_still_too_long_is_named_with_what_to_set(tmp_path, monkeypatch):
     """Item 1: when the runtime directory is too long after all (a long $ENCLAVE_RUNTIME_DIR), the local backend's
     commands, as modules and discovery run them, say so naming `enclave local` and the variables, not nitro-cli."""
-    from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import (
-        LocalCliRuntime,
-        RuntimeFailure,
-        resolve_endpoint,
-    )
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveRuntimeError
+    from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import LocalCliRuntime, resolve_endpoint
 
     monkeypatch.setenv(settings.ENV_RUNTIME_DIR, str(tmp_path / ("r" * 80)))
     monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
     for call in (LocalCliRuntime(home=tmp_path / "home").describe, resolve_endpoint):
-        with pytest.raises(RuntimeFailure) as raised:
+        with pytest.raises(EnclaveRuntimeError) as raised:
             call()
         message = str(raised.value)
         assert message.startswith(

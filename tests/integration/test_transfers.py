@@ -173,7 +173,7 @@ def test_hostile_batches_are_refused_and_change_nothing_outside_the_share(enclav
                 client.call("share.batch", args)
             assert caught.value.errno == errno.EINVAL
         # A batch over the frame limit is never sent; the connection stays usable.
-        with pytest.raises(errors.FrameTooLarge):
+        with pytest.raises(errors.FrameTooLargeError):
             batch(client, [{"op": "put", "path": "/dataset/huge", "data": b"\0" * (4 * MIB)}])
         assert client.call("health")["server"]
     assert sorted(os.listdir(outside)) == ["secret"] and (outside / "secret").read_text() == "plaintext"
@@ -259,7 +259,7 @@ def test_a_dropped_connection_leaves_no_half_written_file(enclave, tmp_path, mon
             return submit(op, args, **kw)
 
         monkeypatch.setattr(client.connection, "submit", drop_after_two_writes)
-        with pytest.raises(errors.ConnectionClosed):
+        with pytest.raises(errors.ConnectionClosedError):
             client.push(src, "/dataset")
     # The target is untouched; the dropped push's temporary file could not be removed over a closed connection.
     assert (share / "big.bin").read_bytes() == b"the previous version"

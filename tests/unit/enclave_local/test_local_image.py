@@ -5,7 +5,7 @@ import site
 import pytest
 
 from ansible_collections.confidential_ml.nitro.enclave_local import image
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.enclave_code import ImageError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import ImageError
 
 
 @pytest.mark.slow

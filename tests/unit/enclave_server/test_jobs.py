@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.confidential_ml.nitro.enclave_server.jobs import JobError, JobRunner
+from ansible_collections.confidential_ml.nitro.enclave_server.jobs import JobRunner
 from ansible_collections.confidential_ml.nitro.enclave_server.share import Share
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import package_seal
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import PackageError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import JobError, PackageError
 
 DATA_KEY = bytes(range(32))
 

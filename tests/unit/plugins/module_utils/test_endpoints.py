@@ -12,11 +12,13 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints im
     DEFAULT_SOCKET_MODE,
     VMADDR_CID_ANY,
     Endpoint,
-    EndpointError,
-    EndpointUnreachable,
     local_socket_path,
 )
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import (
+    EnclaveError,
+    EndpointError,
+    EndpointUnreachableError,
+)
 
 
 @pytest.fixture
@@ -196,7 +198,7 @@ def test_unix_listen_in_missing_directory(sockdir):
 
 def test_connect_to_missing_socket(sockdir):
     endpoint = Endpoint.unix(os.path.join(sockdir, "16_5000.sock"))
-    with pytest.raises(EndpointUnreachable) as info:
+    with pytest.raises(EndpointUnreachableError) as info:
         endpoint.connect(timeout=5)
     assert isinstance(info.value, EnclaveError)
     assert isinstance(info.value, ConnectionError)
@@ -208,7 +210,7 @@ def test_connect_to_missing_socket(sockdir):
 def test_connect_to_stale_socket(sockdir):
     endpoint = Endpoint.unix(os.path.join(sockdir, "s.sock"))
     endpoint.listen().close()
-    with pytest.raises(EndpointUnreachable) as info:
+    with pytest.raises(EndpointUnreachableError) as info:
         endpoint.connect(timeout=5)
     assert info.value.errno == errno.ECONNREFUSED
 
@@ -236,5 +238,7 @@ def test_vsock_listen_and_unreachable_connect():
     finally:
         listener.close()
     # Nothing runs at this address (there is no vsock loopback here): the error says what to check.
-    with pytest.raises(EndpointUnreachable, match=r"no enclave listens on vsock://3:\d+ .*nitro-cli describe-enclaves"):
+    with pytest.raises(
+        EndpointUnreachableError, match=r"no enclave listens on vsock://3:\d+ .*nitro-cli describe-enclaves"
+    ):
         Endpoint.vsock(3, port).connect(timeout=1)

@@ -20,16 +20,18 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.enclave_server import kms_forwarder
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import enclave_code, runtime, settings
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import (
+    EnclaveError,
+    EnclaveNotFoundError,
+    EnclaveRuntimeError,
+)
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime import (
     BuildResult,
     EnclaveInfo,
-    EnclaveNotFound,
     LocalCliRuntime,
     Measurements,
     NitroRuntime,
     Runtime,
-    RuntimeFailure,
     get_runtime,
 )
 from ansible_collections.confidential_ml.nitro.tests.fixtures.sources import copy_enclave_sources
@@ -137,14 +139,14 @@ def test_measurements_round_trip_in_nitro_cli_shape():
     ],
 )
 def test_measurements_are_validated(fields, message):
-    with pytest.raises(RuntimeFailure, match=message):
+    with pytest.raises(EnclaveRuntimeError, match=message):
         Measurements(*fields)
 
 
 def test_measurements_from_json_refuses_other_shapes():
-    with pytest.raises(RuntimeFailure, match="lack PCR1, PCR2"):
+    with pytest.raises(EnclaveRuntimeError, match="lack PCR1, PCR2"):
         Measurements.from_json({"PCR0": P0})
-    with pytest.raises(RuntimeFailure, match="only SHA-384"):
+    with pytest.raises(EnclaveRuntimeError, match="only SHA-384"):
         Measurements.from_json({"HashAlgorithm": "Sha256 { ... }", "PCR0": P0, "PCR1": P1, "PCR2": P2})
 
 
@@ -174,7 +176,7 @@ def test_enclave_info_round_trip_in_describe_shape():
 def test_enclave_info_reports_a_missing_field():
     data = described("ml", 16)
     del data["EnclaveCID"]
-    with pytest.raises(RuntimeFailure, match="lacks EnclaveCID.*nitro-cli version"):
+    with pytest.raises(EnclaveRuntimeError, match="lacks EnclaveCID.*nitro-cli version"):
         EnclaveInfo.from_json(data)
 
 
@@ -254,7 +256,7 @@ def test_build_default_source_stages_the_project_image(fake, tmp_path):
 
 
 def test_project_image_without_an_owner_is_refused(fake, tmp_path):
-    with pytest.raises(RuntimeFailure, match="must be bound to its owner: give owner_identity"):
+    with pytest.raises(EnclaveRuntimeError, match="must be bound to its owner: give owner_identity"):
         NitroRuntime().build(output=str(tmp_path / "x.eif"))
     broken = tmp_path / "owner_identity.json"
     broken.write_text("{}")
@@ -324,7 +326,7 @@ def test_build_signs_with_a_kms_key_arn(fake, tmp_path):
 def test_build_refuses_a_private_key_that_is_neither_a_file_nor_a_kms_key_arn(fake, tmp_path, key):
     cert = tmp_path / "cert.pem"
     cert.write_text("certificate")
-    with pytest.raises(RuntimeFailure, match="give a PEM file or a KMS key ARN"):
+    with pytest.raises(EnclaveRuntimeError, match="give a PEM file or a KMS key ARN"):
         NitroRuntime().build(
             output=str(tmp_path / "x.eif"), source="a:1", signing_certificate=str(cert), private_key=key
         )
@@ -352,7 +354,7 @@ def test_build_from_an_image_uri(fake, tmp_path):
 )
 def test_build_refuses_bad_arguments_before_calling_nitro_cli(fake, tmp_path, kwargs, message):
     kwargs = {"output": str(tmp_path / "x.eif"), **kwargs}
-    with pytest.raises(RuntimeFailure, match=message):
+    with pytest.raises(EnclaveRuntimeError, match=message):
         NitroRuntime().build(**kwargs)
     assert fake.calls() == []
 
@@ -360,12 +362,12 @@ def test_build_refuses_bad_arguments_before_calling_nitro_cli(fake, tmp_path, kw
 def test_build_failure_carries_stderr_and_hint(fake, tmp_path, monkeypatch):
     docker_dir = tmp_path / "app"
     docker_dir.mkdir()
-    with pytest.raises(RuntimeFailure, match="has no Dockerfile"):
+    with pytest.raises(EnclaveRuntimeError, match="has no Dockerfile"):
         NitroRuntime().build(output=str(tmp_path / "x.eif"), source=str(docker_dir))
     assert fake.calls() == []
     (docker_dir / "Dockerfile").write_text("FROM scratch\n")
     monkeypatch.setenv("FAKE_NITRO_CLI_FAIL", "build-enclave:E49")
-    with pytest.raises(RuntimeFailure) as caught:
+    with pytest.raises(EnclaveRuntimeError) as caught:
         NitroRuntime().build(output=str(tmp_path / "x.eif"), source=str(docker_dir))
     assert caught.value.code == "E49" and caught.value.returncode == 1
     assert caught.value.stderr.startswith("[ E49 ] Docker image build error")
@@ -449,7 +451,7 @@ def test_memory_comes_from_the_hugepages_the_allocator_reserved(fake, eif, tmp_p
     assert rt.run(str(eif), cpu_count=2, memory_mib=64, name="b").memory_mib == 1024
     assert "_pages" not in fake.run("describe-enclaves").stdout, "the fake's bookkeeping stays private"
     rt.terminate("b")
-    with pytest.raises(RuntimeFailure, match=r"\[ E27 \] Insufficient memory available") as caught:
+    with pytest.raises(EnclaveRuntimeError, match=r"\[ E27 \] Insufficient memory available") as caught:
         rt.run(str(eif), cpu_count=2, memory_mib=1100, name="c")
     assert caught.value.code == "E27"
 
@@ -488,7 +490,7 @@ def test_run_refuses_less_than_four_times_the_image(fake, tmp_path):
     big = tmp_path / "big.eif"
     with big.open("wb") as f:
         f.truncate(40 * 2**20 + 1)
-    with pytest.raises(RuntimeFailure, match=r"\[ E26 \]") as caught:
+    with pytest.raises(EnclaveRuntimeError, match=r"\[ E26 \]") as caught:
         NitroRuntime().run(str(big), memory_mib=160)
     assert "minimum memory should be 164 MB" in caught.value.stderr
     assert NitroRuntime().run(str(big), memory_mib=161).memory_mib == 162
@@ -534,16 +536,16 @@ def test_run_defaults_and_port_setting(fake, eif):
     ],
 )
 def test_run_refuses_bad_arguments_before_calling_nitro_cli(fake, eif, kwargs, message):
-    with pytest.raises(RuntimeFailure, match=message):
+    with pytest.raises(EnclaveRuntimeError, match=message):
         NitroRuntime().run(str(eif), **kwargs)
-    with pytest.raises(RuntimeFailure, match="no enclave image at"):
+    with pytest.raises(EnclaveRuntimeError, match="no enclave image at"):
         NitroRuntime().run(str(eif) + ".missing")
     assert fake.calls() == []
 
 
 def test_run_failure_carries_stderr_code_and_what_to_do(fake, eif, monkeypatch):
     monkeypatch.setenv("FAKE_NITRO_CLI_FAIL", "run-enclave:E26")
-    with pytest.raises(RuntimeFailure) as caught:
+    with pytest.raises(EnclaveRuntimeError) as caught:
         NitroRuntime().run(str(eif), memory_mib=128)
     failure = caught.value
     assert failure.returncode == 1 and failure.code == "E26"
@@ -558,13 +560,13 @@ def test_run_failure_carries_stderr_code_and_what_to_do(fake, eif, monkeypatch):
 
 def test_run_reports_nitro_cli_refusals_from_its_own_checks(fake, eif, monkeypatch):
     monkeypatch.setenv("FAKE_NITRO_CLI_CPUS", "2")
-    with pytest.raises(RuntimeFailure, match=r"(?s)\[ E22 \].*What to do: not enough CPUs") as caught:
+    with pytest.raises(EnclaveRuntimeError, match=r"(?s)\[ E22 \].*What to do: not enough CPUs") as caught:
         NitroRuntime().run(str(eif), cpu_count=3)
     assert caught.value.code == "E22"
 
 
 def test_missing_nitro_cli_says_what_to_install(tmp_path):
-    with pytest.raises(RuntimeFailure, match="not found: install the AWS Nitro Enclaves CLI"):
+    with pytest.raises(EnclaveRuntimeError, match="not found: install the AWS Nitro Enclaves CLI"):
         NitroRuntime(nitro_cli=str(tmp_path / "nitro-cli")).describe()
 
 
@@ -581,7 +583,7 @@ def test_a_slow_nitro_cli_is_stopped(tmp_path):
     slow = tmp_path / "nitro-cli"
     slow.write_text("#!/bin/sh\necho 'Start allocating memory...' >&2\nexec sleep 30\n")
     slow.chmod(0o755)
-    with pytest.raises(RuntimeFailure, match="did not finish within 0.5 s.*Start allocating memory"):
+    with pytest.raises(EnclaveRuntimeError, match="did not finish within 0.5 s.*Start allocating memory"):
         NitroRuntime(nitro_cli=str(slow), timeout=0.5).describe()
 
 
@@ -623,13 +625,13 @@ def test_terminate_all_prints_one_json_array_as_nitro_cli_does(fake):
 
 def test_terminate_refuses_unknown_ambiguous_and_unclear_requests(fake):
     fake.seed(described("twin", 16), described("twin", 17))
-    with pytest.raises(EnclaveNotFound, match="no enclave has the ID or name 'ghost'; running: twin"):
+    with pytest.raises(EnclaveNotFoundError, match="no enclave has the ID or name 'ghost'; running: twin"):
         NitroRuntime().terminate("ghost")
-    with pytest.raises(RuntimeFailure, match="2 enclaves are named 'twin': give its EnclaveID"):
+    with pytest.raises(EnclaveRuntimeError, match="2 enclaves are named 'twin': give its EnclaveID"):
         NitroRuntime().terminate("twin")
-    with pytest.raises(RuntimeFailure, match="either an enclave"):
+    with pytest.raises(EnclaveRuntimeError, match="either an enclave"):
         NitroRuntime().terminate()
-    with pytest.raises(RuntimeFailure, match="either an enclave"):
+    with pytest.raises(EnclaveRuntimeError, match="either an enclave"):
         NitroRuntime().terminate("twin", all=True)
     assert not [argv for argv in fake.argvs() if argv[0] == "terminate-enclave"]
     assert len(fake.enclaves()) == 2
@@ -648,7 +650,7 @@ def test_console_reads_a_debug_enclave_until_idle(fake):
 
 def test_console_of_a_production_enclave_is_refused(fake):
     fake.seed(described("prod", 16))
-    with pytest.raises(RuntimeFailure, match="not started in debug mode"):
+    with pytest.raises(EnclaveRuntimeError, match="not started in debug mode"):
         NitroRuntime().console("prod")
     assert fake.argvs() == [["describe-enclaves"]]
 
@@ -676,9 +678,9 @@ def test_get_runtime_local_is_the_default_and_drives_enclave_local(monkeypatch, 
     assert isinstance(local, Runtime)
     # The same nitro-cli style commands, through the installed `enclave local`, with its own state directory.
     assert local.describe() == []
-    with pytest.raises(RuntimeFailure, match="does not sign images"):
+    with pytest.raises(EnclaveRuntimeError, match="does not sign images"):
         local.build(output=str(tmp_path / "x.eif"), signing_certificate="c", private_key="k")
-    with pytest.raises(RuntimeFailure, match="no enclave has the ID or name 'nope'"):
+    with pytest.raises(EnclaveRuntimeError, match="no enclave has the ID or name 'nope'"):
         local.terminate("nope")
 
 
@@ -734,7 +736,7 @@ def test_resolve_endpoint_passes_nitro_cli_failures_on(fake, monkeypatch):
     monkeypatch.delenv("ENCLAVE_ENDPOINT", raising=False)
     monkeypatch.setenv("ENCLAVE_BACKEND", "nitro")
     monkeypatch.setenv("FAKE_NITRO_CLI_FAIL", "describe-enclaves:E36")
-    with pytest.raises(RuntimeFailure, match=r"\[ E36 \]"):
+    with pytest.raises(EnclaveRuntimeError, match=r"\[ E36 \]"):
         runtime.resolve_endpoint()
 
 
@@ -772,7 +774,7 @@ def test_staged_context_is_fixed_and_reproducible(tmp_path, monkeypatch):
     assert runtime.context_digest(first) == runtime.context_digest(second)
     (second / APP / "enclave_server" / "server.py").write_text("# changed\n")
     assert runtime.context_digest(first) != runtime.context_digest(second)
-    with pytest.raises(RuntimeFailure, match="is not empty"):
+    with pytest.raises(EnclaveRuntimeError, match="is not empty"):
         runtime.stage_image_context(first)
 
 
@@ -873,7 +875,7 @@ def test_host_only_code_stays_out_of_the_eif_and_the_server_is_in(tmp_path):
     (tree / "enclave_local").mkdir()
     (tree / "enclave_local" / "__init__.py").write_text("")
     (tree / "enclave_server" / "uses_host.py").write_text("from ..enclave_local import runtime\n")
-    with pytest.raises(RuntimeFailure, match="host-side code"):
+    with pytest.raises(EnclaveRuntimeError, match="host-side code"):
         runtime.stage_image_context(tmp_path / "bad", source=tree)
 
 

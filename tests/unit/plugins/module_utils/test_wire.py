@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire_codec, wire_frames, wire_server
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.endpoints import Endpoint
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import (
-    CallTimeout,
-    ConnectionClosed,
+    CallTimeoutError,
+    ConnectionClosedError,
     EnclaveError,
-    FrameTooLarge,
+    FrameTooLargeError,
     PackageError,
     ProtocolError,
     RemoteError,
@@ -111,7 +111,7 @@ def make_handlers(probe):
         try:
             while True:
                 ctx.emit(chunk)
-        except ConnectionClosed:
+        except ConnectionClosedError:
             probe.saw_closed.set()
             raise
 
@@ -356,7 +356,7 @@ def test_recv_frame_checks_length_before_reading():
 
 def test_send_frame_refuses_oversize_messages():
     a, b = socket.socketpair()
-    with a, b, pytest.raises(FrameTooLarge) as info:
+    with a, b, pytest.raises(FrameTooLargeError) as info:
         send_frame(a, {"data": b"x" * MIN_FRAME}, max_frame=MIN_FRAME)
     assert info.value.errno == errno.EMSGSIZE
 
@@ -557,7 +557,7 @@ def test_failing_event_consumer_cancels_the_request(serve, probe):
 def test_call_timeout_names_the_op_and_cancels(serve, probe):
     endpoint, _server = serve()
     with Connection.open(endpoint) as conn:
-        with pytest.raises(CallTimeout, match="wait_cancel got no reply within 0.2 s") as info:
+        with pytest.raises(CallTimeoutError, match="wait_cancel got no reply within 0.2 s") as info:
             conn.call("wait_cancel", timeout=0.2)
         assert isinstance(info.value, TimeoutError)
         assert probe.saw_cancel.wait(WAIT)
@@ -570,10 +570,10 @@ def test_client_disconnect_sets_ctx_cancelled(serve, probe):
     call = conn.submit("wait_cancel")
     assert probe.started.wait(WAIT)
     conn.close()
-    with pytest.raises(ConnectionClosed, match="closed by this client"):
+    with pytest.raises(ConnectionClosedError, match="closed by this client"):
         call.result(WAIT)
     assert probe.saw_cancel.wait(WAIT)
-    with pytest.raises(ConnectionClosed):
+    with pytest.raises(ConnectionClosedError):
         conn.call("echo")
 
 
@@ -621,7 +621,7 @@ def test_errno_mapping(serve, caplog, kind, code, words):
 def test_request_over_the_server_limit_is_refused_locally(serve):
     endpoint, _server = serve(max_frame=MIN_FRAME)
     with Connection.open(endpoint) as conn:
-        with pytest.raises(FrameTooLarge, match="frame limit of 65536"):
+        with pytest.raises(FrameTooLargeError, match="frame limit of 65536"):
             conn.call("echo", {"data": b"x" * MIN_FRAME})
         assert conn.call("echo", {"data": b"x" * 1000}, timeout=WAIT) == {"data": b"x" * 1000}
 
@@ -724,10 +724,10 @@ def test_server_shutdown_mid_call_fails_the_call(serve, probe):
         call = conn.submit("wait_release")
         assert probe.started.wait(WAIT)
         threading.Thread(target=server.shutdown).start()
-        with pytest.raises(ConnectionClosed, match="closed the connection"):
+        with pytest.raises(ConnectionClosedError, match="closed the connection"):
             call.result(WAIT)
         probe.release.set()
-        with pytest.raises(ConnectionClosed):
+        with pytest.raises(ConnectionClosedError):
             conn.call("echo")
 
 
@@ -759,10 +759,11 @@ def test_server_death_mid_call_fails_every_call_at_once(sockdir):
             assert proc.stdout.readline() == "hanging\n"
             proc.send_signal(signal.SIGKILL)
             for call in calls:
-                # A timeout here would be a CallTimeout, not ConnectionClosed: the test tells a hang from a drop.
-                with pytest.raises(ConnectionClosed, match="closed the connection"):
+                # A timeout here would be a CallTimeoutError, not ConnectionClosedError: the test tells a hang
+                # from a drop.
+                with pytest.raises(ConnectionClosedError, match="closed the connection"):
                     call.result(WAIT)
-            with pytest.raises(ConnectionClosed, match="closed the connection"):
+            with pytest.raises(ConnectionClosedError, match="closed the connection"):
                 conn.call("echo", timeout=WAIT)
             assert conn.closed
     finally:
@@ -788,7 +789,7 @@ def test_client_drops_a_server_that_breaks_the_protocol(sockdir):
     threading.Thread(target=rogue, daemon=True).start()
     with (
         Connection.open(endpoint, timeout=WAIT) as conn,
-        pytest.raises(ConnectionClosed, match="broke the protocol .*claims 4294967295 bytes"),
+        pytest.raises(ConnectionClosedError, match="broke the protocol .*claims 4294967295 bytes"),
     ):
         conn.call("anything", timeout=WAIT)
 
@@ -828,7 +829,7 @@ def test_replies_that_arrive_together_reach_their_callers(sockdir):
     threading.Thread(target=together, daemon=True).start()
     with Connection.open(endpoint, timeout=WAIT) as conn:
         first, second = conn.submit("a"), conn.submit("b")
-        # A CallTimeout here means a reply was read and never routed.
+        # A CallTimeoutError here means a reply was read and never routed.
         assert first.result(WAIT) == "first"
         assert second.result(WAIT) == "second"
 
@@ -884,7 +885,7 @@ def test_lone_caller_reads_its_own_reply(serve):
 def test_call_timeout_while_reading_for_itself(serve, probe):
     endpoint, _server = serve()
     with Connection.open(endpoint) as conn:
-        with pytest.raises(CallTimeout):
+        with pytest.raises(CallTimeoutError):
             conn.call("wait_cancel", timeout=0.2)
         assert probe.saw_cancel.wait(WAIT)
         assert conn.call("echo", {"after": "timeout"}, timeout=WAIT) == {"after": "timeout"}
@@ -1036,7 +1037,7 @@ def test_a_thread_that_cannot_start_refuses_one_connection(serve, monkeypatch, c
         return start(self)
 
     monkeypatch.setattr(threading.Thread, "start", start_or_fail)
-    with pytest.raises(ConnectionClosed):
+    with pytest.raises(ConnectionClosedError):
         Connection.open(endpoint, timeout=WAIT)
     assert failures == [f"srv-{thread}"]
     assert "cannot start its" in caplog.text
@@ -1057,7 +1058,7 @@ def test_event_over_the_client_limit_fails_in_the_handler_only(serve, probe):
     def big_event(args, ctx):
         try:
             ctx.emit(b"x" * MIN_FRAME)
-        except FrameTooLarge as e:
+        except FrameTooLargeError as e:
             return f"refused {e.size} > {e.limit}"
         return "sent"
 
