@@ -50,10 +50,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..plugins.module_utils.enclave_code import DOCKERFILE_PATH, PACKAGE_PATH, enclave_sources, image_command, imports
+from ..plugins.module_utils.enclave_code import (
+    DOCKERFILE_PATH,
+    PACKAGE_PATH,
+    collection_root,
+    enclave_sources,
+    image_command,
+    imports,
+)
 from ..plugins.module_utils.errors import ImageError
 from ..plugins.module_utils.runtime import (
-    COLLECTION_ROOT,
     OWNER_IDENTITY_FILE,
     BuildResult,
     Measurements,
@@ -319,7 +325,7 @@ def build(
 ) -> BuildResult:
     """Write the image of the enclave code under source (default: this project) to output, bound to the owner
     identity file (the owner's package-signing keys) if one is given: then PCR0 measures those keys too."""
-    source_dir = Path(source) if source is not None else COLLECTION_ROOT
+    source_dir = Path(source) if source is not None else collection_root()
     files = enclave_sources(source_dir)
     runtime = _canonical_json(runtime_description(files))
     if owner_identity is not None:

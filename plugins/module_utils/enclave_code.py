@@ -14,6 +14,8 @@ in the enclave too), with their packages' __init__.py.
 from __future__ import annotations
 
 import ast
+import contextlib
+import importlib.metadata
 import json
 import os
 import re
@@ -28,6 +30,7 @@ ENCLAVE_DIR = "enclave_server"
 HOST_SIDE = ("cli/", "enclave_local/")
 SKIPPED_DIRS = {"__pycache__"}
 SKIPPED_SUFFIXES = (".pyc", ".pyo")
+DISTRIBUTION = "confidential-ml-nitro"  # the Python package that installs the collection (pyproject.toml)
 
 
 def _read_file(path: Path) -> bytes:
@@ -129,6 +132,27 @@ def enclave_sources(source: str | os.PathLike) -> dict[str, bytes]:
 # ---------------------------------------------------------------- what the enclave runs
 
 DOCKERFILE_PATH = "enclave_server/Dockerfile"
+
+
+def collection_root() -> Path:
+    """The tree this project's own enclave image is built from: the collection that holds enclave_server/ (and
+    its Dockerfile) beside plugins/module_utils/.
+
+    The tree this file sits in (a checkout, an installed collection); else, where module_utils travels alone (an
+    AnsiballZ payload), the installed Python package's. ImageError, saying what to do, when neither holds it."""
+    candidates = [Path(__file__).resolve().parents[2]]
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        candidates.append(Path(importlib.metadata.distribution(DISTRIBUTION).locate_file(PACKAGE_PATH)))
+    for root in candidates:
+        if (root / DOCKERFILE_PATH).is_file():
+            return root
+    raise ImageError(
+        f"this collection's enclave image is built from its {ENCLAVE_DIR}/ ({DOCKERFILE_PATH} and the code beside "
+        f"it), and neither {candidates[0]} nor an installed {DISTRIBUTION} Python package holds it: install the "
+        f"package where this runs (pip install {DISTRIBUTION}), or give the image's source"
+    )
+
+
 IMAGE_PYTHON = "/usr/local/bin/python3"
 """Where the Dockerfile's base image (python:3.11-slim-bookworm) installs Python."""
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from . import settings
-from .enclave_code import DOCKERFILE_PATH, PACKAGE_PATH, enclave_sources
+from .enclave_code import DOCKERFILE_PATH, PACKAGE_PATH, collection_root, enclave_sources
 from .endpoints import DEFAULT_PORT, Endpoint
 from .errors import EnclaveError, EnclaveNotFoundError, EnclaveRuntimeError, ImageError
 
@@ -41,9 +41,6 @@ _PCR_HEX = re.compile(r"[0-9a-f]{96}")
 KMS_KEY_ARN = re.compile(r"arn:(?:aws|aws-cn|aws-us-gov):kms:[a-z0-9-]+:\d{12}:key[:/][a-zA-Z0-9-]+")
 _ERROR_CODE = re.compile(r"\[\s*(E\d{2,3})\s*\]")
 ERRORS_URL = "https://docs.aws.amazon.com/enclaves/latest/user/cli-errors.html"
-
-COLLECTION_ROOT = Path(__file__).resolve().parents[2]
-"""The collection's root: enclave_server/ and plugins/module_utils/ live under it."""
 
 DOCKERFILE = DOCKERFILE_PATH
 OWNER_IDENTITY_FILE = "owner_identity.json"  # owner_identity.IDENTITY_FILE, beside enclave_server/ in the image
@@ -316,11 +313,16 @@ def stage_image_context(
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise EnclaveRuntimeError(f"cannot stage the enclave image context in {dest}: the directory is not empty")
-    root = Path(source) if source is not None else COLLECTION_ROOT
     try:
+        root = Path(source) if source is not None else collection_root()
         files = enclave_sources(root)
     except ImageError as err:
         raise EnclaveRuntimeError(f"cannot stage the enclave image context: {err}") from None
+    if DOCKERFILE not in files:
+        raise EnclaveRuntimeError(
+            f"cannot stage the enclave image context: {root} has no {DOCKERFILE}, which builds the image; restore it "
+            "from the collection"
+        )
     dest.mkdir(parents=True, exist_ok=True)
     for rel, content in files.items():
         path = dest / "app" / PACKAGE_PATH / rel

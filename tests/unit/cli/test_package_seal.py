@@ -10,7 +10,7 @@ import boto3
 import pytest
 
 from ansible_collections.confidential_ml.nitro.enclave_local.kms import LocalKms, LocalKmsServer
-from tests.fixtures.served import cli
+from ansible_collections.confidential_ml.nitro.tests.fixtures.served import cli
 
 
 @pytest.fixture
