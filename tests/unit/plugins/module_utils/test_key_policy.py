@@ -530,6 +530,86 @@ def test_policy_diff():
     assert kp.policy_diff(None, after)["before"] == ""
 
 
+# ---------------------------------------------------------------------------
+# The decision the module and `enclave policy apply` share: rotation window and the policy to write
+
+A, B, C = PCR0, PCR0_NEXT, OTHER
+
+
+@pytest.mark.parametrize(
+    ("given", "allowed", "keep", "window"),
+    [
+        ([B], [A], None, [B, A]),  # without a window every allowed value stays, the new one first
+        ([C], [A, B], 2, [C, A]),  # the policy's order says which allowed value is newer
+        ([C], [C, A], 2, [C, A]),  # the same rotation again: the same window
+        ([f" {C.upper()} ", B, A], [A], 2, [C, B]),  # given values first, in their order; case and space ignored
+        ([], [A, B], 1, [A]),  # nothing new: narrow what is allowed
+        ([], [A, B], None, [A, B]),
+    ],
+)
+def test_rotation_window(given, allowed, keep, window):
+    assert kp.rotation_window(given, allowed, keep) == (window, [])
+
+
+def test_rotation_window_drops_what_is_no_pcr0_with_a_warning():
+    window, warnings = kp.rotation_window([A], [ZERO, "abc", B])
+    assert window == [A, B]
+    assert len(warnings) == 2 and "not carried over" in warnings[0] and "all zeros" in warnings[0]
+
+
+@pytest.mark.parametrize("keep", [0, -1, True, 1.5, "2"])
+def test_keep_newest_must_be_a_positive_count(keep):
+    with pytest.raises(PolicyError, match=f"keep_newest is {keep}; give 1 or more"):
+        kp.rotation_window([A], [], keep)
+    with pytest.raises(PolicyError, match="give 1 or more"):  # refused before anything is read from KMS
+        kp.OwnerKeyPolicy(keep_newest=keep)
+
+
+def owner_policy(**kwargs):
+    args = {"account_id": OWNER, "user_principals": [USER], "admin_principals": [OWNER_ROLE], "pcr0": [A]} | kwargs
+    return kp.OwnerKeyPolicy(**args)
+
+
+KEY_ARN = f"arn:aws:kms:us-east-1:{OWNER}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+NEW_KEY = AWS_DEFAULT | {"Statement": AWS_DEFAULT["Statement"][:1]}  # the policy KMS gives a new key
+
+
+def test_plan_is_idempotent_and_keeps_the_owners_statements():
+    foreign = allow(sid="OwnerAudit", action="kms:DescribeKey", principal={"AWS": OWNER_ROLE})
+    first = owner_policy().plan(NEW_KEY | {"Statement": [*NEW_KEY["Statement"], foreign]}, KEY_ARN)
+    assert first.changed and first.allowed_pcr0 == [A] and first.key_arn == KEY_ARN
+    assert [s["Sid"] for s in first.after["Statement"]] == ["OwnerAudit", kp.SID_ADMIN, kp.SID_ALLOW, kp.SID_DENY]
+    again = owner_policy().plan(json.dumps(first.after, indent=4), KEY_ARN)  # text and layout do not count
+    assert not again.changed and again.after == first.after
+    assert json.loads(again.diff()["before"]) == json.loads(again.diff()["after"])
+    rotated = owner_policy(pcr0=[B], keep_newest=1).plan(first.after, KEY_ARN)
+    assert rotated.changed and rotated.allowed_pcr0 == [B]
+    assert not decide(rotated.after, {KEY: A}).allowed and decide(rotated.after, {KEY: B}).allowed
+
+
+def test_plan_absent_takes_ours_out_and_restores_the_default_when_nothing_is_left():
+    present = owner_policy().plan(NEW_KEY, KEY_ARN).after
+    gone = kp.OwnerKeyPolicy(state="absent").plan(present, KEY_ARN)
+    assert gone.changed and [s["Sid"] for s in gone.after["Statement"]] == [kp.SID_AWS_DEFAULT]
+    assert gone.allowed_pcr0 == []
+    assert not kp.OwnerKeyPolicy(state="absent").plan(gone.after, KEY_ARN).changed
+
+
+def test_plan_refuses_an_unsound_result_and_says_why():
+    """The host's role sneaks in an unconditioned Decrypt beside ours: the plan refuses to write over it."""
+    legacy = allow(sid="LegacyHostAccess", principal={"AWS": USER})
+    with pytest.raises(kp.UnsoundPolicyError, match="refusing to write an unsound key policy") as refused:
+        owner_policy().plan(policy(legacy), KEY_ARN)
+    assert any("LegacyHostAccess" in problem for problem in refused.value.problems)
+    assert kp.SID_DENY in [s["Sid"] for s in refused.value.policy["Statement"]]
+
+
+def test_plan_carries_no_debug_pcr0_over():
+    debug = render(pcr0=[ZERO], allow_debug=True)
+    change = owner_policy(pcr0=[B]).plan(debug, KEY_ARN)
+    assert change.allowed_pcr0 == [B] and "all zeros" in change.warnings[0]
+
+
 _measurement = st.binary(min_size=48, max_size=48).filter(any)  # all zeros is the debug PCR, refused
 
 
