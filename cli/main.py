@@ -188,13 +188,13 @@ def cmd_policy_apply(args) -> int:
     writing), written to KMS only when it changes the policy; --check writes nothing."""
     from importlib import import_module
 
-    key_policy = import_module(f"{LIB}.key_policy")
+    update = import_module(f"{LIB}.key_policy_update")
     if not args.absent:
         given = {"--account-id": args.account_id, "--user-principal": args.user_principal}
         missing = [flag for flag, value in {**given, "--admin-principal": args.admin_principal}.items() if not value]
         if missing:
             raise EnclaveError(f"policy apply needs {', '.join(missing)} (or --absent to take our statements out)")
-    wanted = key_policy.OwnerKeyPolicy(
+    wanted = update.OwnerKeyPolicy(
         state="absent" if args.absent else "present",
         account_id=args.account_id,
         user_principals=args.user_principal or (),
@@ -209,9 +209,7 @@ def cmd_policy_apply(args) -> int:
         "kms_endpoint_url": "--kms-endpoint",
         "admin_principals": "--admin-principal",
     }
-    change = key_policy.apply_key_policy(
-        options.kms_client(args), args.key_id, wanted, check_mode=args.check, names=names
-    )
+    change = update.apply_key_policy(options.kms_client(args), args.key_id, wanted, check_mode=args.check, names=names)
     for warning in change.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:
@@ -232,13 +230,13 @@ def cmd_policy_apply(args) -> int:
 def cmd_policy_lint(args) -> int:
     from importlib import import_module
 
-    key_policy = import_module(f"{LIB}.key_policy")
+    policy_lint = import_module(f"{LIB}.policy_lint")
     if args.signing_key:  # the owner's package-signing key: only the owner may kms:Sign
         if not args.owner_principal:
             raise EnclaveError("--signing-key needs --owner-principal ARN (each role of the owner that signs)")
-        problems = key_policy.lint_signing_policy(_read_text(args.file), owner_principals=args.owner_principal)
+        problems = policy_lint.lint_signing_policy(_read_text(args.file), owner_principals=args.owner_principal)
     else:
-        problems = key_policy.lint(_read_text(args.file), user_principals=args.user_principal or ())
+        problems = policy_lint.lint(_read_text(args.file), user_principals=args.user_principal or ())
     if args.json:
         _print_json({"sound": not problems, "problems": problems})
     elif problems:

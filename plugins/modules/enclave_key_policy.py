@@ -176,7 +176,7 @@ allowed_pcr0:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import (
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy_update import (
     KeyPolicyKmsError,
     OwnerKeyPolicy,
     UnsoundPolicyError,
