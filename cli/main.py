@@ -356,9 +356,7 @@ def cmd_run(args) -> int:
             clear_output=args.clear_output,
         )
     if args.receipt:
-        receipt = import_module(f"{LIB}.receipt")
-        signed = {k: v for k, v in summary.items() if k != "attestation"}
-        Path(args.receipt).write_text(json.dumps(receipt.make_receipt(signed, summary["attestation"]), indent=2) + "\n")
+        import_module(f"{LIB}.receipt").Receipt.from_job(summary).save(args.receipt)
     if args.json:
         summary = dict(summary, attestation=summary["attestation"].hex())
         _print_json(summary)
@@ -381,12 +379,12 @@ def cmd_receipt_verify(args) -> int:
     attestation = import_module(f"{LIB}.attestation")
     roots = attestation.load_trusted_roots(args.root) if args.root else client.default_trusted_roots()
     proof = receipt.verify_receipt(
-        receipt.load_json(args.file),
-        release=receipt.load_json(args.release),
+        receipt.Receipt.load(args.file),
+        release=receipt.Release.load(args.release),
         trusted_roots=roots,
         outputs_dir=args.outputs,
         allow_debug=args.allow_debug,
-    )
+    ).to_dict()
     if args.json:
         _print_json(proof)
     else:

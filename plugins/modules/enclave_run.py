@@ -303,7 +303,6 @@ from datetime import datetime, timedelta
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import attestation
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import IMPORT_ERROR as CLIENT_IMPORT_ERROR
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import host_kms_settings
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import AttestationError, EnclaveError
@@ -316,7 +315,11 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_optio
     require_libraries,
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import IMPORT_ERROR as RECEIPT_IMPORT_ERROR
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import check_receipt_user_data, make_receipt
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import (
+    JUST_SIGNED_MAX_AGE_S,
+    Receipt,
+    verify_receipt,
+)
 
 with contextlib.suppress(ImportError):  # require_libraries(module, BOTO3_IMPORT_ERROR) reports it
     from botocore.exceptions import BotoCoreError
@@ -386,28 +389,25 @@ def text(data):
 
 
 def receipt(module, client, summary, result):
-    """The job's attestation document, verified, with its claims; fails the task when it does not verify."""
-    params = module.params
-    document = summary["attestation"]
+    """The job's receipt, verified (the PCR0 the enclave attested before the job, if it was asked to), with the
+    document's claims; fails the task when it does not verify."""
+    job = Receipt.from_job(summary)
     try:
-        claims = attestation.verify_document(
-            document,
+        verified = verify_receipt(
+            job,
             trusted_roots=client.trusted_roots,
-            # The PCR0 the enclave attested before the job (one of those expected), if it was asked to.
-            expected_pcrs={0: client.attested.pcr_hex(0)} if client.attested else None,
-            allow_debug=params["allow_debug"],
-        ).to_json()
+            expected_pcr0=client.attested.pcr_hex(0) if client.attested else None,
+            allow_debug=module.params["allow_debug"],
+            max_age_s=JUST_SIGNED_MAX_AGE_S,
+        )
     except AttestationError as err:
         module.fail_json(
             msg=f"the job ran, but its receipt (attestation document) did not verify: {err}; do not trust its results",
             **result,
         )
-    signed = {key: value for key, value in summary.items() if key != "attestation"}
-    try:
-        check_receipt_user_data(bytes.fromhex(claims["user_data"] or ""), signed)
     except EnclaveError as err:
         module.fail_json(msg=f"{err}; do not trust the job's results", **result)
-    return {**make_receipt(signed, document), **claims}
+    return {**job.to_dict(), **verified.document.to_json()}
 
 
 def main():

@@ -16,6 +16,7 @@ import pytest
 from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import attestation
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import Receipt
 from ansible_collections.confidential_ml.nitro.plugins.modules import enclave_run
 
 TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}$")
@@ -77,6 +78,11 @@ def test_run_returns_output_outputs_and_a_verified_receipt(run_module, ready):
     ]
 
     receipt = result["attestation"]
+    # What RETURN documents, and what run_job.yml saves and `enclave receipt verify` reads: unchanged.
+    claims = {"module_id", "timestamp", "time", "digest", "debug_mode", "pcrs", "user_data", "public_key", "nonce"}
+    assert set(receipt) == {"format", "summary", "document", "certificate", "root", *claims}
+    saved = {key: receipt[key] for key in ("format", "summary", "document")}
+    assert saved["format"] == 2 and Receipt.from_dict(json.loads(json.dumps(saved))).to_dict() == saved
     assert receipt["pcrs"]["0"] == ready["pcr0"]
     assert receipt["module_id"] and receipt["debug_mode"] is False
     # The document verifies again on its own against the local root, and its claims are the returned ones.
