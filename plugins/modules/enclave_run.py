@@ -297,7 +297,6 @@ msg:
 """
 
 import contextlib
-import errno
 import stat
 from datetime import datetime, timedelta
 
@@ -361,13 +360,13 @@ def share_path(package):
 def check_package(module, client, path):
     """Fail unless path is a regular file in the share."""
     try:
-        info = client.call("share.stat", {"path": path})
+        info = client.stat(path)
     except EnclaveError as err:
-        if getattr(err, "errno", None) == errno.ENOENT:
-            module.fail_json(
-                msg=f"package {path} is not in the enclave's share: push it into /encrypted first (enclave_sync)"
-            )
         module.fail_json(msg=f"cannot look up package {path} in the enclave's share: {err}")
+    if info is None:
+        module.fail_json(
+            msg=f"package {path} is not in the enclave's share: push it into /encrypted first (enclave_sync)"
+        )
     if not stat.S_ISREG(info["mode"]):
         module.fail_json(msg=f"package {path} in the enclave's share is not a regular file; give the package file")
 

@@ -180,6 +180,16 @@ def test_check_mode_fails_when_the_package_is_not_in_the_share(run_module, encla
         enclave_run.main, {"package": "/dataset", "script": "x.py", "no_attestation": True}, check_mode=True
     )
     assert result["failed"] is True and "not a regular file" in result["msg"]
+    # Under a file, not under a folder: nothing there either (EnclaveClient.stat answers None to ENOTDIR too).
+    (enclave["share"] / "dataset" / "notes.txt").write_text("a file")
+    nested = {"package": "/dataset/notes.txt/app.pkg", "script": "x.py", "no_attestation": True}
+    result = run_module(enclave_run.main, nested, check_mode=True)
+    assert result["failed"] is True and "/dataset/notes.txt/app.pkg is not in the enclave's share" in result["msg"]
+    # A path the share refuses is an error the task names, not "missing".
+    result = run_module(
+        enclave_run.main, {"package": "/../etc/passwd", "script": "x.py", "no_attestation": True}, check_mode=True
+    )
+    assert result["failed"] is True and "cannot look up package /../etc/passwd" in result["msg"], result["msg"]
 
 
 @pytest.mark.parametrize("check_mode", [False, True])
