@@ -356,7 +356,13 @@ def cmd_run(args) -> int:
             clear_output=args.clear_output,
         )
     if args.receipt:
-        import_module(f"{LIB}.receipt").Receipt.from_job(summary).save(args.receipt)
+        # Checked as enclave_run checks it before it is saved: a receipt that does not verify proves nothing.
+        roots = client.trusted_roots if client.trusted_roots is not None else client_lib.default_trusted_roots()
+        receipt = import_module(f"{LIB}.receipt")
+        verified = receipt.verify_job_receipt(
+            summary, trusted_roots=roots, attested=client.attested, allow_debug=args.allow_debug
+        )
+        verified.receipt.save(args.receipt)
     if args.json:
         summary = dict(summary, attestation=summary["attestation"].hex())
         _print_json(summary)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import attestation
-from .errors import EnclaveError
+from .errors import AttestationError, EnclaveError
 
 try:
     import cbor2
@@ -229,14 +229,14 @@ class Release:
 class VerifiedReceipt:
     """What a receipt proves, once verify_receipt has checked it."""
 
+    receipt: Receipt
     document: attestation.AttestationDocument  # the verified claims
-    summary: dict
     package: ReleasePackage | None  # None when no release was given
     outputs_checked: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         """What `enclave receipt verify --json` prints."""
-        summary, package = self.summary, self.package
+        summary, package = self.receipt.summary, self.package
         return {
             "pcr0": self.document.pcr_hex(0),
             "module_id": self.document.module_id,
@@ -299,4 +299,23 @@ def verify_receipt(
             if _file_sha256(local) != output["sha256"]:
                 raise EnclaveError(f"{local} differs from the {output['path']} the enclave produced")
             checked.append(str(local))
-    return VerifiedReceipt(doc, summary, package, tuple(checked))
+    return VerifiedReceipt(receipt, doc, package, tuple(checked))
+
+
+def verify_job_receipt(
+    result: Mapping, *, trusted_roots, attested: attestation.AttestationDocument | None = None, allow_debug=False
+) -> VerifiedReceipt:
+    """The receipt of a job that has just ended (what job.run returned), checked as enclave_run and `enclave run
+    --receipt` check it: signed just now, with the PCR0 the enclave attested before the job when it was asked to
+    attest. The error says the job ran and its results are not to be trusted."""
+    try:
+        return verify_receipt(
+            Receipt.from_job(result),
+            trusted_roots=trusted_roots,
+            expected_pcr0=attested.pcr_hex(0) if attested is not None else None,
+            allow_debug=allow_debug,
+            max_age_s=JUST_SIGNED_MAX_AGE_S,
+        )
+    except EnclaveError as err:
+        error = AttestationError if isinstance(err, AttestationError) else EnclaveError
+        raise error(f"the job ran, but its receipt did not verify: {err}; do not trust its results") from err

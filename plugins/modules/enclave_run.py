@@ -304,7 +304,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import IMPORT_ERROR as CLIENT_IMPORT_ERROR
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import host_kms_settings
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import AttestationError, EnclaveError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import (
     BOTO3_IMPORT_ERROR,
     ENCLAVE_MUTUALLY_EXCLUSIVE,
@@ -314,11 +314,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_optio
     require_libraries,
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import IMPORT_ERROR as RECEIPT_IMPORT_ERROR
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import (
-    JUST_SIGNED_MAX_AGE_S,
-    Receipt,
-    verify_receipt,
-)
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import verify_job_receipt
 
 with contextlib.suppress(ImportError):  # require_libraries(module, BOTO3_IMPORT_ERROR) reports it
     from botocore.exceptions import BotoCoreError
@@ -388,25 +384,17 @@ def text(data):
 
 
 def receipt(module, client, summary, result):
-    """The job's receipt, verified (the PCR0 the enclave attested before the job, if it was asked to), with the
-    document's claims; fails the task when it does not verify."""
-    job = Receipt.from_job(summary)
+    """The job's receipt, verified, with the document's claims; fails the task when it does not verify."""
     try:
-        verified = verify_receipt(
-            job,
+        verified = verify_job_receipt(
+            summary,
             trusted_roots=client.trusted_roots,
-            expected_pcr0=client.attested.pcr_hex(0) if client.attested else None,
+            attested=client.attested,
             allow_debug=module.params["allow_debug"],
-            max_age_s=JUST_SIGNED_MAX_AGE_S,
-        )
-    except AttestationError as err:
-        module.fail_json(
-            msg=f"the job ran, but its receipt (attestation document) did not verify: {err}; do not trust its results",
-            **result,
         )
     except EnclaveError as err:
-        module.fail_json(msg=f"{err}; do not trust the job's results", **result)
-    return {**job.to_dict(), **verified.document.to_json()}
+        module.fail_json(msg=str(err), **result)
+    return {**verified.receipt.to_dict(), **verified.document.to_json()}
 
 
 def main():

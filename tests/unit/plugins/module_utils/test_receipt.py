@@ -18,6 +18,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt impo
     Receipt,
     Release,
     ReleasePackage,
+    verify_job_receipt,
     verify_receipt,
 )
 
@@ -174,3 +175,14 @@ def test_the_host_cannot_swap_the_document_outputs_release_or_roots(roots, tmp_p
     (outputs / "results.csv").unlink()
     with pytest.raises(EnclaveError, match="missing from"):
         verify_receipt(genuine, release=release, trusted_roots=roots, outputs_dir=outputs)
+
+
+def test_a_finished_jobs_receipt_must_be_signed_just_now(roots):
+    """enclave_run and `enclave run --receipt` check the document the job just returned: an old one (a replayed
+    receipt of an earlier run, say) is refused, and the error says the job's results are not to be trusted."""
+    genuine = Receipt.load(VECTOR / "receipt.json")
+    result = genuine.summary | {"attestation": genuine.document}  # what job.run returns
+    assert Receipt.from_job(result) == genuine
+    with pytest.raises(AttestationError, match="the job ran, but its receipt did not verify: .* s limit") as old:
+        verify_job_receipt(result, trusted_roots=roots)
+    assert str(old.value).endswith("; do not trust its results")
