@@ -584,7 +584,7 @@ class Doctor:
             ) from None
 
     def make_key(self) -> str:
-        from ..plugins.module_utils import key_policy
+        from ..plugins.module_utils import key_policy, policy_lint
 
         created = self.kms.create_key(
             Description=f"enclave doctor {self.token}: throwaway, scheduled for deletion when the doctor ends",
@@ -599,7 +599,7 @@ class Doctor:
             "render the key policy for this image: `enclave policy render --account-id ACCOUNT --pcr0 PCR0 "
             "--user-principal ARN` (or the enclave_key_policy module), and check it with `enclave policy lint`"
         )
-        problems = key_policy.lint(policy, user_principals=[self.user_principal])
+        problems = policy_lint.lint(policy, user_principals=[self.user_principal])
         if problems:
             raise StepFailedError("the key policy is unsound: " + "; ".join(problems), todo)
         allowed = key_policy.allowed_pcr0(policy)

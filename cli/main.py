@@ -206,16 +206,60 @@ def cmd_policy_render(args) -> int:
     return 0
 
 
+def cmd_policy_apply(args) -> int:
+    """What the enclave_key_policy module does, from the shell: the same decision (rotation window, lint before
+    writing), written to KMS only when it changes the policy; --check writes nothing."""
+    from importlib import import_module
+
+    update = import_module(f"{LIB}.key_policy_update")
+    if not args.absent:
+        given = {"--account-id": args.account_id, "--user-principal": args.user_principal}
+        missing = [flag for flag, value in {**given, "--admin-principal": args.admin_principal}.items() if not value]
+        if missing:
+            raise EnclaveError(f"policy apply needs {', '.join(missing)} (or --absent to take our statements out)")
+    wanted = update.OwnerKeyPolicy(
+        state="absent" if args.absent else "present",
+        account_id=args.account_id,
+        user_principals=args.user_principal or (),
+        admin_principals=args.admin_principal,
+        pcr0=args.pcr0 or (),
+        pcr8=args.pcr8 or (),
+        keep_newest=args.keep_newest,
+    )
+    names = {
+        "key_id": "KEY_ID",
+        "region": "--region",
+        "kms_endpoint_url": "--kms-endpoint",
+        "admin_principals": "--admin-principal",
+    }
+    change = update.apply_key_policy(options.kms_client(args), args.key_id, wanted, check_mode=args.check, names=names)
+    for warning in change.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.json:
+        result = {"changed": change.changed, "key_arn": change.key_arn, "policy": change.after}
+        _print_json({**result, "allowed_pcr0": change.allowed_pcr0})
+    else:
+        if args.diff and change.changed:
+            import difflib
+
+            diff = change.diff()
+            before, after = diff["before"].splitlines(True), diff["after"].splitlines(True)
+            sys.stdout.writelines(difflib.unified_diff(before, after, "before", "after"))
+        verb = ("would change" if args.check else "changed") if change.changed else "unchanged"
+        print(f"key policy of {change.key_arn} {verb}; allowed PCR0: {', '.join(change.allowed_pcr0) or 'none'}")
+    return 0
+
+
 def cmd_policy_lint(args) -> int:
     from importlib import import_module
 
-    key_policy = import_module(f"{LIB}.key_policy")
+    policy_lint = import_module(f"{LIB}.policy_lint")
     if args.signing_key:  # the owner's package-signing key: only the owner may kms:Sign
         if not args.owner_principal:
             raise EnclaveError("--signing-key needs --owner-principal ARN (each role of the owner that signs)")
-        problems = key_policy.lint_signing_policy(_read_text(args.file), owner_principals=args.owner_principal)
+        problems = policy_lint.lint_signing_policy(_read_text(args.file), owner_principals=args.owner_principal)
     else:
-        problems = key_policy.lint(_read_text(args.file), user_principals=args.user_principal or ())
+        problems = policy_lint.lint(_read_text(args.file), user_principals=args.user_principal or ())
     if args.json:
         _print_json({"sound": not problems, "problems": problems})
     elif problems:
@@ -335,9 +379,13 @@ def cmd_run(args) -> int:
             clear_output=args.clear_output,
         )
     if args.receipt:
+        # Checked as enclave_run checks it before it is saved: a receipt that does not verify proves nothing.
+        roots = client.trusted_roots if client.trusted_roots is not None else client_lib.default_trusted_roots()
         receipt = import_module(f"{LIB}.receipt")
-        signed = {k: v for k, v in summary.items() if k != "attestation"}
-        Path(args.receipt).write_text(json.dumps(receipt.make_receipt(signed, summary["attestation"]), indent=2) + "\n")
+        verified = receipt.verify_job_receipt(
+            summary, trusted_roots=roots, attested=client.attested, allow_debug=args.allow_debug
+        )
+        verified.receipt.save(args.receipt)
     if args.json:
         summary = dict(summary, attestation=summary["attestation"].hex())
         _print_json(summary)
@@ -360,12 +408,12 @@ def cmd_receipt_verify(args) -> int:
     attestation = import_module(f"{LIB}.attestation")
     roots = attestation.load_trusted_roots(args.root) if args.root else client.default_trusted_roots()
     proof = receipt.verify_receipt(
-        receipt.load_json(args.file),
-        release=receipt.load_json(args.release),
+        receipt.Receipt.load(args.file),
+        release=receipt.Release.load(args.release),
         trusted_roots=roots,
         outputs_dir=args.outputs,
         allow_debug=args.allow_debug,
-    )
+    ).to_dict()
     if args.json:
         _print_json(proof)
     else:
@@ -470,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print the verified document as JSON")
     verify.set_defaults(func=cmd_attestation_verify)
 
-    policy = commands.add_parser("policy", help="render and lint KMS key policies")
+    policy = commands.add_parser("policy", help="render, lint and apply KMS key policies")
     policy_cmds = policy.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     render = policy_cmds.add_parser("render", help="render the owner's key policy for the allowed measurements")
     render.add_argument("--pcr0", action="append", required=True, metavar="HEX", help="allowed PCR0 (repeatable)")
@@ -485,6 +533,22 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--existing", metavar="FILE", help="existing policy to merge into ('-' for stdin)")
     render.add_argument("-o", "--output", help="write to FILE instead of stdout")
     render.set_defaults(func=cmd_policy_render)
+    apply = policy_cmds.add_parser(
+        "apply", help="write the enclave statements into a KMS key's policy, as the enclave_key_policy module does"
+    )
+    apply.add_argument("key_id", metavar="KEY_ID", help="the KMS key: key id, key ARN, alias/NAME or alias ARN")
+    apply.add_argument("--pcr0", action="append", metavar="HEX", help="PCR0 to allow, newest first (repeatable)")
+    apply.add_argument("--keep-newest", type=int, metavar="N", help="keep only the N newest allowed PCR0 values")
+    apply.add_argument("--pcr8", action="append", metavar="HEX", help="required PCR8 (replaces the current ones)")
+    apply.add_argument("--account-id", help="the owner's AWS account id")
+    apply.add_argument("--user-principal", action="append", metavar="ARN", help="principal of the enclave's host")
+    apply.add_argument("--admin-principal", action="append", metavar="ARN", help="the owner's roles (administer)")
+    apply.add_argument("--absent", action="store_true", help="take the enclave statements out instead")
+    apply.add_argument("--check", action="store_true", help="only report whether the policy would change")
+    apply.add_argument("--diff", action="store_true", help="show the policy's change as a unified diff")
+    apply.add_argument("--json", action="store_true", help="print changed, key_arn, policy, allowed_pcr0 as JSON")
+    options.add_kms_flags(apply)
+    apply.set_defaults(func=cmd_policy_apply)
     lint = policy_cmds.add_parser("lint", help="check that a key policy releases keys only to attested enclaves")
     lint.add_argument("file", help="policy JSON ('-' for stdin)")
     lint.add_argument("--user-principal", action="append", metavar="ARN", help="principal of the enclave's host")

@@ -78,7 +78,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ansible_collections.confidential_ml.nitro.nitro_api.recipient_cms import KEY_ENCRYPTION_ALGORITHM, build_envelope
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import attestation, key_policy
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import attestation, policy_eval
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import (
     AttestationError,
     KmsApiError,
@@ -508,7 +508,7 @@ class LocalKms:
             **(context or {}),
         }
         try:
-            decision = key_policy.evaluate(
+            decision = policy_eval.evaluate(
                 key["Policy"], action=f"kms:{action}", principal=principal, context=full_context, resource=key["Arn"]
             )
         except PolicyError as err:
@@ -607,7 +607,7 @@ class LocalKms:
         return keys
 
     def _validate_policy(self, text: str, principal: str, bypass: bool) -> None:
-        """MalformedPolicyDocumentException for a policy key_policy cannot read, or one that would lock out
+        """MalformedPolicyDocumentException for a policy policy_eval cannot read, or one that would lock out
         its author: like AWS, the caller must still be allowed kms:PutKeyPolicy under the new policy,
         unless BypassPolicyLockoutSafetyCheck is set."""
         if len(text.encode()) > MAX_POLICY_BYTES:
@@ -617,7 +617,7 @@ class LocalKms:
             )
         try:
             # evaluate() parses the whole policy before deciding, so it also rejects any malformed statement.
-            decision = key_policy.evaluate(
+            decision = policy_eval.evaluate(
                 text,
                 action="kms:PutKeyPolicy",
                 principal=principal,

@@ -259,6 +259,15 @@ class EnclaveClient:
     def call(self, op: str, args: dict | None = None, **kw):
         return self.connection.call(op, args, **kw)
 
+    def stat(self, path: str) -> dict | None:
+        """What the share holds at path (mode, size, mtime, as share.stat answers), or None when nothing is there."""
+        try:
+            return self.call("share.stat", {"path": path})
+        except wire.RemoteError as err:
+            if err.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise
+
     # -- attestation
 
     def attest(self, *, nonce: bytes | None = None, expect_pcr0=None) -> attestation.AttestationDocument:
@@ -701,13 +710,7 @@ class EnclaveClient:
             ) from None
 
     def _exists(self, path: str) -> bool:
-        try:
-            self.call("share.stat", {"path": path})
-        except RemoteError as err:
-            if err.errno in (errno.ENOENT, errno.ENOTDIR):
-                return False
-            raise
-        return True
+        return self.stat(path) is not None
 
 
 def _shown(names: Sequence[str], prefix: str = "/", limit: int = 20) -> str:

@@ -173,19 +173,14 @@ allowed_pcr0:
   sample: ["5f1b...e3a9"]
 """
 
-import contextlib
-import json
-
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import PolicyError
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import (
-    allowed_pcr0,
-    lint,
-    normalize_pcr,
-    policy_diff,
-    remove_ours,
-    render_policy,
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy_update import (
+    KeyPolicyKmsError,
+    OwnerKeyPolicy,
+    UnsoundPolicyError,
+    apply_key_policy,
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import (
     BOTO3_IMPORT_ERROR,
@@ -194,56 +189,6 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_optio
     kms_client,
     require_libraries,
 )
-
-with contextlib.suppress(ImportError):  # require_libraries(module, BOTO3_IMPORT_ERROR) reports it
-    from botocore.exceptions import BotoCoreError, ClientError
-
-
-def fail_kms(module, err, operation, key_id):
-    code = err.response.get("Error", {}).get("Code", "") if isinstance(err, ClientError) else ""
-    advice = {
-        "AccessDeniedException": "the caller is not allowed to do this; run as one of the key's administrators",
-        "NotFoundException": "check key_id, region and kms_endpoint_url",
-        "MalformedPolicyDocumentException": "KMS refused the policy; keep the caller among admin_principals (or in"
-        " another statement that allows kms:PutKeyPolicy)",
-    }.get(code, "check the KMS connection options and the key")
-    module.fail_json(msg=f"KMS {operation} on {key_id} failed: {err}; {advice}", error_code=code or None)
-
-
-def window(module, pcr0, current, keep_newest):
-    """Newest first: the values given now, then the ones the current policy allows; the first keep_newest."""
-    candidates = [normalize_pcr(value) for value in pcr0]
-    for value in current:
-        try:
-            candidates.append(normalize_pcr(value))
-        except PolicyError as err:  # e.g. a debug (all-zero) PCR0: make the policy sound rather than carry it over
-            module.warn(f"the current key policy allows a PCR0 that is not carried over: {err}")
-    ordered = list(dict.fromkeys(candidates))
-    return ordered if keep_newest is None else ordered[:keep_newest]
-
-
-def desired_policy(module, current, key_arn):
-    params = module.params
-    if params["state"] == "absent":
-        return remove_ours(current, key_arn)
-    pcr0 = window(module, params["pcr0"], allowed_pcr0(current), params["keep_newest"])
-    policy = render_policy(
-        account_id=params["account_id"],
-        user_principals=params["user_principals"],
-        admin_principals=params["admin_principals"],
-        pcr0=pcr0,
-        pcr8=params["pcr8"],
-        existing=current,
-    )
-    problems = lint(policy, user_principals=params["user_principals"])
-    if problems:
-        module.fail_json(
-            msg="refusing to write an unsound key policy for "
-            f"{params['key_id']}: {' '.join(problems)} Nothing was written; fix the statements named above.",
-            problems=problems,
-            policy=policy,
-        )
-    return policy
 
 
 def main():
@@ -265,40 +210,34 @@ def main():
     )
     require_libraries(module, BOTO3_IMPORT_ERROR)
     params = module.params
-    if params["keep_newest"] is not None and params["keep_newest"] < 1:
-        module.fail_json(msg=f"keep_newest is {params['keep_newest']}; give 1 or more, or leave it unset.")
-
-    client = kms_client(module)
-    key_id = params["key_id"]
     try:
-        # GetKeyPolicy and PutKeyPolicy take no alias: resolve it first.
-        key_arn = client.describe_key(KeyId=key_id)["KeyMetadata"]["Arn"]
-    except (BotoCoreError, ClientError) as err:
-        fail_kms(module, err, "DescribeKey", key_id)
-    try:
-        text = client.get_key_policy(KeyId=key_arn, PolicyName="default")["Policy"]
-    except (BotoCoreError, ClientError) as err:
-        fail_kms(module, err, "GetKeyPolicy", key_arn)
-    try:
-        current = json.loads(text)
-    except ValueError as err:
-        module.fail_json(msg=f"the key policy of {key_arn} is not JSON ({err}); fix it in KMS first.")
+        wanted = OwnerKeyPolicy(
+            state=params["state"],
+            account_id=params["account_id"],
+            user_principals=params["user_principals"] or (),
+            admin_principals=params["admin_principals"],
+            pcr0=params["pcr0"] or (),
+            pcr8=params["pcr8"],
+            keep_newest=params["keep_newest"],
+        )
+        change = apply_key_policy(kms_client(module), params["key_id"], wanted, check_mode=module.check_mode)
+    except UnsoundPolicyError as err:
+        module.fail_json(msg=str(err), problems=err.problems, policy=err.policy)
+    except KeyPolicyKmsError as err:
+        module.fail_json(msg=str(err), error_code=err.code)
+    except EnclaveError as err:
+        module.fail_json(msg=str(err))
 
-    try:
-        policy = desired_policy(module, current, key_arn)
-    except PolicyError as err:
-        module.fail_json(msg=f"cannot compute the key policy of {key_arn}: {err}")
-
-    changed = policy != current
-    if changed and not module.check_mode:
-        try:
-            client.put_key_policy(KeyId=key_arn, PolicyName="default", Policy=json.dumps(policy, indent=2))
-        except (BotoCoreError, ClientError) as err:
-            fail_kms(module, err, "PutKeyPolicy", key_arn)
-
-    result = {"changed": changed, "key_arn": key_arn, "policy": policy, "allowed_pcr0": allowed_pcr0(policy)}
+    for warning in change.warnings:
+        module.warn(warning)
+    result = {
+        "changed": change.changed,
+        "key_arn": change.key_arn,
+        "policy": change.after,
+        "allowed_pcr0": change.allowed_pcr0,
+    }
     if module._diff:
-        result["diff"] = policy_diff(current, policy)
+        result["diff"] = change.diff()
     module.exit_json(**result)
 
 

@@ -297,16 +297,14 @@ msg:
 """
 
 import contextlib
-import errno
 import stat
 from datetime import datetime, timedelta
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils import attestation
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import IMPORT_ERROR as CLIENT_IMPORT_ERROR
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import host_kms_settings
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import AttestationError, EnclaveError
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import (
     BOTO3_IMPORT_ERROR,
     ENCLAVE_MUTUALLY_EXCLUSIVE,
@@ -316,7 +314,7 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_optio
     require_libraries,
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import IMPORT_ERROR as RECEIPT_IMPORT_ERROR
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import check_receipt_user_data, make_receipt
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import verify_job_receipt
 
 with contextlib.suppress(ImportError):  # require_libraries(module, BOTO3_IMPORT_ERROR) reports it
     from botocore.exceptions import BotoCoreError
@@ -358,13 +356,13 @@ def share_path(package):
 def check_package(module, client, path):
     """Fail unless path is a regular file in the share."""
     try:
-        info = client.call("share.stat", {"path": path})
+        info = client.stat(path)
     except EnclaveError as err:
-        if getattr(err, "errno", None) == errno.ENOENT:
-            module.fail_json(
-                msg=f"package {path} is not in the enclave's share: push it into /encrypted first (enclave_sync)"
-            )
         module.fail_json(msg=f"cannot look up package {path} in the enclave's share: {err}")
+    if info is None:
+        module.fail_json(
+            msg=f"package {path} is not in the enclave's share: push it into /encrypted first (enclave_sync)"
+        )
     if not stat.S_ISREG(info["mode"]):
         module.fail_json(msg=f"package {path} in the enclave's share is not a regular file; give the package file")
 
@@ -386,28 +384,17 @@ def text(data):
 
 
 def receipt(module, client, summary, result):
-    """The job's attestation document, verified, with its claims; fails the task when it does not verify."""
-    params = module.params
-    document = summary["attestation"]
+    """The job's receipt, verified, with the document's claims; fails the task when it does not verify."""
     try:
-        claims = attestation.verify_document(
-            document,
+        verified = verify_job_receipt(
+            summary,
             trusted_roots=client.trusted_roots,
-            # The PCR0 the enclave attested before the job (one of those expected), if it was asked to.
-            expected_pcrs={0: client.attested.pcr_hex(0)} if client.attested else None,
-            allow_debug=params["allow_debug"],
-        ).to_json()
-    except AttestationError as err:
-        module.fail_json(
-            msg=f"the job ran, but its receipt (attestation document) did not verify: {err}; do not trust its results",
-            **result,
+            attested=client.attested,
+            allow_debug=module.params["allow_debug"],
         )
-    signed = {key: value for key, value in summary.items() if key != "attestation"}
-    try:
-        check_receipt_user_data(bytes.fromhex(claims["user_data"] or ""), signed)
     except EnclaveError as err:
-        module.fail_json(msg=f"{err}; do not trust the job's results", **result)
-    return {**make_receipt(signed, document), **claims}
+        module.fail_json(msg=str(err), **result)
+    return {**verified.receipt.to_dict(), **verified.document.to_json()}
 
 
 def main():

@@ -131,14 +131,14 @@ def test_attest_cannot_sign_a_receipt(enclave):
     with EnclaveClient(enclave["endpoint"]) as client:
         document = client.call("attest", {"user_data": receipt.job_digest(summary)})["document"]
     assert attestation.parse_document(document).user_data == receipt.ATTEST_DOMAIN + receipt.job_digest(summary)
-    forged = receipt.make_receipt(summary, document)
+    forged = receipt.Receipt(summary, document)
     release = {
         "allowed_pcr0": [enclave["pcr0"]],
         "packages": [{"manifest_digest": "00" * 32, "name": "x", "version": "1"}],
     }
     ca_root = _local_root(enclave)
     with pytest.raises(EnclaveError, match="not a job receipt"):
-        receipt.verify_receipt(forged, release=release, trusted_roots=[ca_root])
+        receipt.verify_receipt(forged, release=receipt.Release.from_dict(release), trusted_roots=[ca_root])
 
 
 def _local_root(enclave):

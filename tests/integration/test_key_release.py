@@ -21,7 +21,8 @@ from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import Loca
 from ansible_collections.confidential_ml.nitro.enclave_server import kms_recipient
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import package_open, package_seal
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import KmsError, PackageError
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import lint, render_policy
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy import render_policy
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.policy_lint import lint
 
 ACCOUNT = "111122223333"
 OWNER = "owner"  # access key ids name the two parties to the local KMS

@@ -2,6 +2,9 @@
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from botocore.exceptions import ClientError
@@ -21,6 +24,7 @@ USER_ARN = f"arn:aws:iam::{ACCOUNT}:role/enclave-host"
 # Five image measurements, A..E in ascending hex order.
 A, B, C, D, E = sorted(hashlib.sha384(b"image %d" % n).hexdigest() for n in range(5))
 PCR8 = hashlib.sha384(b"the owner's signing certificate").hexdigest()
+ENCLAVE = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
 DEFAULT_SID = "Enable IAM User Permissions"  # the statement of KMS's default key policy
 
 
@@ -305,3 +309,68 @@ def test_secret_key_is_not_logged(run_module, args):
     assert result["invocation"]["module_args"]["secret_key"] == "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"
     # The access key id is no secret: hiding it would mask every ARN or text that contains it.
     assert result["invocation"]["module_args"]["access_key"] == args["access_key"]
+
+
+def policy_apply(connection, key_id, *flags):
+    """`enclave policy apply` as the owner runs it, with the owner's credentials of the local KMS."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {"AWS_ACCESS_KEY_ID": connection["access_key"], "AWS_SECRET_ACCESS_KEY": connection["secret_key"]}
+    where = ["--kms-endpoint", connection["kms_endpoint_url"], "--region", connection["region"]]
+    command = [*ENCLAVE, "policy", "apply", key_id, *where, *flags]
+    return subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+
+
+@pytest.mark.slow  # a dozen `enclave` processes
+def test_the_cli_makes_the_same_decisions_as_the_module(run_module, args, owner, connection):
+    """`enclave policy apply` and the module share one decision: on two keys, the same steps give the same
+    policies, the same changed/unchanged answers (--check too), the same refusals."""
+    other = owner.create_key(Description="the CLI's key")["KeyMetadata"]
+    principals = ["--account-id", ACCOUNT, "--user-principal", USER_ARN, "--admin-principal", OWNER_ARN]
+    steps = [
+        ({"pcr0": [A, B]}, ["--pcr0", A, "--pcr0", B]),
+        ({"pcr0": [C], "keep_newest": 2}, ["--pcr0", C, "--keep-newest", "2"]),
+        ({"pcr0": [C], "keep_newest": 2}, ["--pcr0", C, "--keep-newest", "2"]),  # again: unchanged
+        ({"pcr0": [], "keep_newest": 1}, ["--keep-newest", "1"]),
+    ]
+    changes = []
+    for change, flags in steps:
+        by_module = run_module(enclave_key_policy.main, dict(args, **change))
+        check = policy_apply(connection, other["KeyId"], *principals, *flags, "--check", "--json")
+        assert check.returncode == 0, check.stderr
+        by_cli = policy_apply(connection, other["KeyId"], *principals, *flags, "--json")
+        assert by_cli.returncode == 0, by_cli.stderr
+        checked, applied = json.loads(check.stdout), json.loads(by_cli.stdout)
+        assert applied["changed"] is checked["changed"] is by_module["changed"]
+        assert applied["allowed_pcr0"] == by_module["allowed_pcr0"]
+        assert applied["key_arn"] == other["Arn"]
+        assert applied["policy"] == json.loads(stored(owner, other)) == by_module["policy"]
+        changes.append(applied["changed"])
+    assert changes == [True, True, False, True]
+    again = policy_apply(connection, other["KeyId"], *principals, "--keep-newest", "1")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == f"key policy of {other['Arn']} unchanged; allowed PCR0: {C}\n"
+
+    # A refusal names the problems and writes nothing, in both.
+    sound = json.loads(stored(owner, other))
+    legacy = {"Sid": "LegacyHostAccess", "Effect": "Allow", "Principal": {"AWS": USER_ARN}, "Action": "kms:Decrypt"}
+    unsound = sound | {"Statement": [*sound["Statement"], legacy | {"Resource": "*"}]}
+    owner.put_key_policy(KeyId=other["KeyId"], PolicyName="default", Policy=json.dumps(unsound))
+    before = stored(owner, other)
+    refused = policy_apply(connection, other["KeyId"], *principals, "--pcr0", D)
+    assert refused.returncode != 0
+    assert "refusing to write an unsound key policy" in refused.stderr and "LegacyHostAccess" in refused.stderr
+    assert stored(owner, other) == before
+    owner.put_key_policy(KeyId=other["KeyId"], PolicyName="default", Policy=json.dumps(sound))
+
+    # --absent takes ours out (KMS's default statement comes back); errors say what to do, in the CLI's words.
+    gone = policy_apply(connection, other["KeyId"], "--absent", "--diff")
+    assert gone.returncode == 0, gone.stderr
+    assert f'-      "Sid": "{SID_ALLOW}"' in gone.stdout and " changed; allowed PCR0: none" in gone.stdout
+    assert sids(json.loads(stored(owner, other))) == [DEFAULT_SID]
+    missing = policy_apply(connection, "alias/does-not-exist", "--absent")
+    assert missing.returncode != 0
+    assert "KMS DescribeKey on alias/does-not-exist failed" in missing.stderr
+    assert "check KEY_ID, --region and --kms-endpoint" in missing.stderr
+    unnamed = policy_apply(connection, other["KeyId"], "--pcr0", A)
+    assert unnamed.returncode != 0
+    assert "policy apply needs --account-id, --user-principal, --admin-principal" in unnamed.stderr

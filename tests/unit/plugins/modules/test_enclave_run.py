@@ -16,6 +16,7 @@ import pytest
 from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import attestation
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.receipt import Receipt
 from ansible_collections.confidential_ml.nitro.plugins.modules import enclave_run
 
 TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}$")
@@ -77,6 +78,11 @@ def test_run_returns_output_outputs_and_a_verified_receipt(run_module, ready):
     ]
 
     receipt = result["attestation"]
+    # What RETURN documents, and what run_job.yml saves and `enclave receipt verify` reads: unchanged.
+    claims = {"module_id", "timestamp", "time", "digest", "debug_mode", "pcrs", "user_data", "public_key", "nonce"}
+    assert set(receipt) == {"format", "summary", "document", "certificate", "root", *claims}
+    saved = {key: receipt[key] for key in ("format", "summary", "document")}
+    assert saved["format"] == 2 and Receipt.from_dict(json.loads(json.dumps(saved))).to_dict() == saved
     assert receipt["pcrs"]["0"] == ready["pcr0"]
     assert receipt["module_id"] and receipt["debug_mode"] is False
     # The document verifies again on its own against the local root, and its claims are the returned ones.
@@ -174,6 +180,16 @@ def test_check_mode_fails_when_the_package_is_not_in_the_share(run_module, encla
         enclave_run.main, {"package": "/dataset", "script": "x.py", "no_attestation": True}, check_mode=True
     )
     assert result["failed"] is True and "not a regular file" in result["msg"]
+    # Under a file, not under a folder: nothing there either (EnclaveClient.stat answers None to ENOTDIR too).
+    (enclave["share"] / "dataset" / "notes.txt").write_text("a file")
+    nested = {"package": "/dataset/notes.txt/app.pkg", "script": "x.py", "no_attestation": True}
+    result = run_module(enclave_run.main, nested, check_mode=True)
+    assert result["failed"] is True and "/dataset/notes.txt/app.pkg is not in the enclave's share" in result["msg"]
+    # A path the share refuses is an error the task names, not "missing".
+    result = run_module(
+        enclave_run.main, {"package": "/../etc/passwd", "script": "x.py", "no_attestation": True}, check_mode=True
+    )
+    assert result["failed"] is True and "cannot look up package /../etc/passwd" in result["msg"], result["msg"]
 
 
 @pytest.mark.parametrize("check_mode", [False, True])
