@@ -25,7 +25,7 @@ try:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 except ImportError as exc:  # the modules report it: module_options.require_libraries
-    IMPORT_ERROR = exc
+    IMPORT_ERROR: ImportError | None = exc
 else:
     IMPORT_ERROR = None
 
@@ -74,6 +74,8 @@ class OwnerKey:
 
     def verifies(self, signature: bytes, message: bytes) -> bool:
         key = serialization.load_der_public_key(self.public_key)
+        if not isinstance(key, ec.EllipticCurvePublicKey):  # an RSA key's verify() would raise TypeError
+            return False
         try:
             key.verify(signature, message, ec.ECDSA(hashes.SHA384()))
         except (InvalidSignature, ValueError):
