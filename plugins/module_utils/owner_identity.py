@@ -74,7 +74,7 @@ class OwnerKey:
 
     def verifies(self, signature: bytes, message: bytes) -> bool:
         key = serialization.load_der_public_key(self.public_key)
-        if not isinstance(key, ec.EllipticCurvePublicKey):  # an RSA key's verify() would raise TypeError
+        if not isinstance(key, ec.EllipticCurvePublicKey):  # never: __post_init__ took only P-384 keys
             return False
         try:
             key.verify(signature, message, ec.ECDSA(hashes.SHA384()))
