@@ -291,8 +291,10 @@ class _Request:
     # A required parameter is never None: the overloads say so to the type checker.
     @overload
     def text(self, name: str, *, required: Literal[True], max_len: int = ..., min_len: int = ...) -> str: ...
+
     @overload
     def text(self, name: str, *, required: bool = ..., max_len: int = ..., min_len: int = ...) -> str | None: ...
+
     def text(self, name: str, *, required: bool = False, max_len: int = 2048, min_len: int = 1) -> str | None:
         value = self.typed(name, str, required)
         if value is not None and not min_len <= len(value) <= max_len:
@@ -304,8 +306,10 @@ class _Request:
 
     @overload
     def number(self, name: str, *, low: int, high: int, required: Literal[True]) -> int: ...
+
     @overload
     def number(self, name: str, *, low: int, high: int, required: bool = ...) -> int | None: ...
+
     def number(self, name: str, *, low: int, high: int, required: bool = False) -> int | None:
         value = self.typed(name, int, required)
         if value is not None and not low <= value <= high:
@@ -314,8 +318,10 @@ class _Request:
 
     @overload
     def blob(self, name: str, *, required: Literal[True], max_len: int = ...) -> bytes: ...
+
     @overload
     def blob(self, name: str, *, required: bool = ..., max_len: int = ...) -> bytes | None: ...
+
     def blob(self, name: str, *, required: bool = False, max_len: int = 6144) -> bytes | None:
         value = self.typed(name, str, required)
         if value is None:
