@@ -623,8 +623,8 @@ class Doctor:
             Description=f"enclave doctor {self.token}: throwaway, scheduled for deletion when the doctor ends",
             Tags=[{"TagKey": "created-by", "TagValue": APP_NAME}],
         )
-        self.key_arn = created["KeyMetadata"]["Arn"]
-        account = self.key_arn.split(":")[4]
+        self.key_arn = key_arn = created["KeyMetadata"]["Arn"]
+        account = key_arn.split(":")[4]
         if self.user_principal is None:
             self.user_principal = self._local_principal(account)
         policy = self._policy(account)
