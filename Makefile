@@ -43,6 +43,7 @@ test: venv ansible-checks
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 	$(BIN)/antsibull-changelog lint
 	$(BIN)/python -m pytest
 	$(MAKE) test-lowest
@@ -104,4 +105,4 @@ bench: venv
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) $(LOWEST_VENV) $(COLLECTIONS) build .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST_VENV) $(COLLECTIONS) build .pytest_cache .ruff_cache .mypy_cache

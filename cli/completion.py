@@ -37,7 +37,8 @@ def _mark_paths(parser: argparse.ArgumentParser, top: bool = True) -> None:
             for sub in set(action.choices.values()):
                 _mark_paths(sub, top=False)
         elif action.dest in HOST_PATHS and not (action.dest == "file" and parser.prog.endswith(" run")):
-            action.complete = HOST_PATHS[action.dest]  # run -f names a package in the share, not a host file
+            # shtab reads `complete` off the action; run -f names a package in the share, not a host file
+            action.complete = HOST_PATHS[action.dest]  # type: ignore[attr-defined]
 
 
 def cmd_completion(args, build_parser) -> int:

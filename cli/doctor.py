@@ -44,11 +44,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..plugins.module_utils import settings
 from ..plugins.module_utils.errors import EnclaveError, StepFailedError
+
+if TYPE_CHECKING:
+    from ..plugins.module_utils.client import EnclaveClient
+    from ..plugins.module_utils.runtime import EnclaveInfo
 
 # The rest of the library is imported by the steps that use it, so `enclave --help` stays fast.
 
@@ -105,6 +111,16 @@ ADVICE = {
     "cleanup": "remove what is listed by hand: `nitro-cli terminate-enclave --enclave-id ID` (local: "
     "`enclave local terminate-enclave`), `aws kms schedule-key-deletion --key-id ARN --pending-window-in-days 7`",
 }
+
+
+T = TypeVar("T")
+
+
+def _made(value: T | None, step: str) -> T:
+    """What an earlier step made: the doctor runs its steps in order and stops at the first that fails."""
+    if value is None:
+        raise StepFailedError(f"the {step} step has not run", "run the doctor's steps in order (`enclave doctor`)")
+    return value
 
 
 class Skipped(Exception):
@@ -239,17 +255,17 @@ class Doctor:
         self.cloud: dict | None = None
         self.cloud_started = False
         self.allocator: tuple[int, int] | None = None
-        self.kms = None
+        self.kms: Any = None  # a boto3 KMS client (boto3 ships no types)
         self.kms_settings: dict = {}
         self.issued_profile: dict = {}  # local: the profile of the local KMS's credentials these are
         self.signer: ThrowawaySigner | None = None
         self.image: str | None = None
         self.pcr0: str | None = None
-        self.enclave = None
-        self.client = None  # the EnclaveClient of the throwaway enclave
+        self.enclave: EnclaveInfo | None = None
+        self.client: EnclaveClient | None = None  # the client of the throwaway enclave
         self.key_arn: str | None = None
 
-    def steps(self) -> list[tuple[str, callable]]:
+    def steps(self) -> list[tuple[str, Callable[[], str]]]:
         return [
             ("nitro-cli", self.check_nitro_cli),
             ("services", self.check_services),
@@ -396,7 +412,7 @@ class Doctor:
         else:
             self.issued_profile = self._issued_profile()
             self.kms.list_keys(Limit=1)  # the local KMS checks every request's SigV4 signature, as AWS does
-        who = self.user_principal or f"profile {self.issued_profile['profile']} of {self.cloud['kms_credentials']}"
+        who = self.user_principal or f"profile {self.issued_profile['profile']} of {self._cloud['kms_credentials']}"
         where = f"the local KMS at {endpoint_url}" + (" (started)" if self.cloud_started else "")
         return f"{where if endpoint_url else f'AWS KMS in {self.region}'}, as {who}"
 
@@ -417,11 +433,16 @@ class Doctor:
             return f"{prefix.replace(':sts:', ':iam:')}:role/{rest.split('/')[0]}"
         return arn
 
+    @property
+    def _cloud(self) -> dict:
+        """The local cloud the kms-access step found or started (local backend)."""
+        return _made(self.cloud, "kms-access")
+
     def _issued_profile(self) -> dict:
         """The profile of the local KMS's credentials file that holds these credentials."""
         from ..enclave_local.kms import load_credentials
 
-        path = self.cloud["kms_credentials"]
+        path = self._cloud["kms_credentials"]
         access_key = self.kms_settings["aws_access_key_id"]
         for entry in load_credentials(path).values():
             if entry["aws_access_key_id"] == access_key:
@@ -446,8 +467,8 @@ class Doctor:
             path = self.root / "etc" / "nitro_enclaves" / "vsock-proxy.yaml"
             needed = (f"kms.{self.region}.amazonaws.com", 443)
         else:
-            path = Path(self.cloud["vsock_proxy_config"])
-            needed = (self.cloud["kms_host"], int(self.cloud["kms_tls_port"]))  # enclaves reach KMS over HTTPS
+            path = Path(self._cloud["vsock_proxy_config"])
+            needed = (self._cloud["kms_host"], int(self._cloud["kms_tls_port"]))  # enclaves reach KMS over HTTPS
         todo = (
             f"add `- {{address: {needed[0]}, port: {needed[1]}}}` to the allowlist in {path} (the enclave_host "
             "role writes it from enclave_host_region), then `systemctl restart nitro-enclaves-vsock-proxy`"
@@ -481,7 +502,7 @@ class Doctor:
         return f"{self.image} ({size / 2**20:.1f} MiB, {bound}), PCR0 {self.pcr0}"
 
     def check_resources(self) -> str:
-        needed = math.ceil(4 * os.path.getsize(self.image) / 2**20)  # nitro-cli's rule: 4x the image
+        needed = math.ceil(4 * os.path.getsize(_made(self.image, "build")) / 2**20)  # nitro-cli's rule: 4x the image
         if self.memory_mib is None:
             self.memory_mib = max(MIN_MEMORY_MIB, needed)
         elif self.memory_mib < needed:
@@ -493,7 +514,7 @@ class Doctor:
             return (
                 f"{self.memory_mib} MiB (at least 4x the image), {self.cpu_count} CPU(s); local backend: no allocator"
             )
-        memory, cpus = self.allocator
+        memory, cpus = _made(self.allocator, "allocator")
         allocator = self.root / "etc" / "nitro_enclaves" / "allocator.yaml"
         if memory < self.memory_mib:
             raise StepFailedError(
@@ -521,52 +542,57 @@ class Doctor:
 
     def run_enclave(self) -> str:
         self.run_attempted = True
-        self.enclave = self.runtime.run(
-            self.image, cpu_count=self.cpu_count, memory_mib=self.memory_mib, name=self.enclave_name
+        self.enclave = enclave = self.runtime.run(
+            _made(self.image, "build"),
+            cpu_count=self.cpu_count,
+            memory_mib=_made(self.memory_mib, "resources"),
+            name=self.enclave_name,
         )
-        return f"enclave {self.enclave.enclave_id} (CID {self.enclave.cid}) at {self.enclave.endpoint}"
+        return f"enclave {enclave.enclave_id} (CID {enclave.cid}) at {enclave.endpoint}"
 
     def _roots(self) -> list:
         from ..plugins.module_utils import attestation
 
         if self.nitro:
             return attestation.load_trusted_roots([], include_aws=True)
-        return attestation.load_trusted_roots([self.cloud["ca_root"]], include_aws=False)
+        return attestation.load_trusted_roots([self._cloud["ca_root"]], include_aws=False)
 
     def attest(self) -> str:
         from ..plugins.module_utils.client import EnclaveClient
 
+        enclave, pcr0 = _made(self.enclave, "run"), _made(self.pcr0, "build")
         deadline = time.monotonic() + self.boot_timeout
         while True:
             try:
-                self.client = EnclaveClient(self.enclave.endpoint, trusted_roots=self._roots(), timeout=30)
+                self.client = client = EnclaveClient(enclave.endpoint, trusted_roots=self._roots(), timeout=30)
                 break
             except (ConnectionError, OSError) as err:
                 if time.monotonic() >= deadline:
                     raise StepFailedError(
-                        f"enclave {self.enclave.enclave_id} runs, but no enclave server answered at "
-                        f"{self.enclave.endpoint} within {self.boot_timeout:g} s: {err}",
+                        f"enclave {enclave.enclave_id} runs, but no enclave server answered at "
+                        f"{enclave.endpoint} within {self.boot_timeout:g} s: {err}",
                         "start the image in debug mode (`nitro-cli run-enclave --debug-mode ...`) and read "
                         "`nitro-cli console`; give it more time with --boot-timeout",
                     ) from None
                 time.sleep(1)
-        doc = self.client.attest(expect_pcr0=self.pcr0)
+        doc = client.attest(expect_pcr0=pcr0)
         root = "the AWS Nitro root" if self.nitro else "the local root"
-        return f"{doc.module_id} attested PCR0 {self.pcr0[:16]}... with a fresh nonce, verified against {root}"
+        return f"{doc.module_id} attested PCR0 {pcr0[:16]}... with a fresh nonce, verified against {root}"
 
     # ------------------------------------------------------------ the key and the job
 
     def _policy(self, account: str) -> dict:
         from ..plugins.module_utils import key_policy
 
+        user, pcr0 = _made(self.user_principal, "make-key"), _made(self.pcr0, "build")
         if self.key_policy_file is None:
             # The owner's policy, but the throwaway key has no administrator: the host (which must never be
             # able to rewrite the policy, it could drop the Deny) may only make data keys and delete the key.
             policy = key_policy.render_policy(
                 account_id=account,
-                user_principals=[self.user_principal],
+                user_principals=[user],
                 admin_principals=[f"arn:aws:iam::{account}:root"],  # replaced below
-                pcr0=[self.pcr0],
+                pcr0=[pcr0],
             )
             doctor = {"Sid": "DoctorSealsAndDeletes", "Effect": "Allow", "Principal": {"AWS": [self.user_principal]},
                       "Action": list(DOCTOR_ACTIONS), "Resource": "*"}  # fmt: skip
@@ -574,7 +600,7 @@ class Doctor:
             return policy
         try:
             text = Path(self.key_policy_file).read_text()
-            for name, value in (("ACCOUNT", account), ("PCR0", self.pcr0), ("USER", self.user_principal)):
+            for name, value in (("ACCOUNT", account), ("PCR0", pcr0), ("USER", user)):
                 text = text.replace("${" + name + "}", value)
             return json.loads(text)
         except (OSError, ValueError) as err:
@@ -590,8 +616,8 @@ class Doctor:
             Description=f"enclave doctor {self.token}: throwaway, scheduled for deletion when the doctor ends",
             Tags=[{"TagKey": "created-by", "TagValue": APP_NAME}],
         )
-        self.key_arn = created["KeyMetadata"]["Arn"]
-        account = self.key_arn.split(":")[4]
+        self.key_arn = key_arn = created["KeyMetadata"]["Arn"]
+        account = key_arn.split(":")[4]
         if self.user_principal is None:
             self.user_principal = self._local_principal(account)
         policy = self._policy(account)
@@ -632,18 +658,25 @@ class Doctor:
     def run_job(self) -> str:
         from ..plugins.module_utils import attestation, package_seal, receipt
 
-        app, published = self.work / "app", self.work / "published"
+        work, client, pcr0 = _made(self.work, "build"), _made(self.client, "attest"), _made(self.pcr0, "build")
+        app, published = work / "app", work / "published"
         app.mkdir()
         published.mkdir()
         (app / SCRIPT).write_text(SCRIPT_SOURCE)
         sealed = published / f"{APP_NAME}-{self.token}.pkg"
-        header = package_seal.seal(
-            app, sealed, kms_client=self.kms, key_id=self.key_arn, name=APP_NAME, version="1", signer=self.signer
+        header = package.seal(
+            app,
+            sealed,
+            kms_client=self.kms,
+            key_id=_made(self.key_arn, "make-key"),
+            name=APP_NAME,
+            version="1",
+            signer=self.signer,
         )
-        self.client.push(published, "/encrypted")
+        client.push(published, "/encrypted")
         printed = []
         try:
-            summary = self.client.run(
+            summary = client.run(
                 sealed.name, SCRIPT, [self.token], kms=self.kms_settings, timeout=300,
                 on_output=lambda stream, data: printed.append(data.decode(errors="replace")),
             )  # fmt: skip
@@ -665,10 +698,11 @@ class Doctor:
         isolation = self._check_job_isolation(output)
         signed = {k: v for k, v in summary.items() if k != "attestation"}
         doc = attestation.verify_document(
-            summary["attestation"], trusted_roots=self._roots(), expected_pcrs={0: self.pcr0}, max_age_s=None
+            summary["attestation"], trusted_roots=self._roots(), expected_pcrs={0: pcr0}, max_age_s=None
         )
         if doc.user_data != receipt.job_digest(signed):
             raise StepFailedError("the enclave signed a different job summary than it returned", ADVICE["job"])
+        assert header.signer_fingerprint is not None  # sealed with self.signer above
         return (
             f"the enclave took the package signed by {header.signer_fingerprint.hex()[:16]}, unwrapped its key with "
             f"KMS Decrypt with Recipient, ran {SCRIPT} (status 0) and signed the job's receipt{isolation}"

@@ -206,7 +206,7 @@ class _WriteBehind:
         self.window = window
         self._lock = threading.Lock()
         self._pending: dict[str, list[tuple[int, int, Future]]] = {}
-        self._failed: dict[str, OSError] = {}
+        self._failed: dict[str, BaseException] = {}  # what finish() raised in the background
         self._pool = ThreadPoolExecutor(max_workers=4 * window, thread_name_prefix="write-reply")
 
     def _collect(self, path: str) -> list[tuple[int, int, Future]]:
@@ -215,8 +215,8 @@ class _WriteBehind:
         for start, end, future in self._pending.get(path, ()):
             if not future.done():
                 running.append((start, end, future))
-            elif future.exception() is not None and path not in self._failed:
-                self._failed[path] = future.exception()
+            elif (failure := future.exception()) is not None and path not in self._failed:
+                self._failed[path] = failure
         if running:
             self._pending[path] = running
         else:
@@ -289,6 +289,7 @@ class ShareOperations:
     """mfusepy operations over the wire connection (built by `operations()`, which subclasses mfusepy's base)."""
 
     use_ns = True  # times as integer nanoseconds, as the server keeps them
+    fuse_error: type[OSError]  # mfusepy's FuseOSError, set by `operations()`
 
     def __init__(self, connection, mountpoint: str, *, ttl: float = ATTR_TIMEOUT, on_ready=None):
         self.connection = connection
@@ -924,7 +925,7 @@ def _serve_here(endpoint, mountpoint, *, expect_pcr0, allow_debug, ready_fd) -> 
 
     paths = mounts.state_paths(mountpoint)
 
-    answered = []
+    answered: list[str] = []
 
     def answer(text: str) -> None:
         """Tell the parent, once: "ready" or "error: why" (the fd is closed after, its number may be reused)."""

@@ -429,7 +429,7 @@ def cmd_receipt_verify(args) -> int:
 # ---------------------------------------------------------------- parser
 
 
-def _top_parser() -> tuple[argparse.ArgumentParser, argparse.Action]:
+def _top_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """The `enclave` parser without its commands, and the action that holds them."""
     parser = argparse.ArgumentParser(
         prog="enclave", description="Confidential ML in AWS Nitro Enclaves (and the local embedded backend)."
@@ -670,7 +670,7 @@ def main(argv=None) -> int:
         remote = isinstance(err, OSError) and getattr(err, "op", None) and err.strerror
         if remote:
             logging.debug("the enclave server answered %s", err)
-        print(f"enclave: error: {err.strerror if remote else err}", file=sys.stderr)
+        print(f"enclave: error: {remote or err}", file=sys.stderr)
         return 1
     except OSError as err:
         print(f"enclave: error: {err}", file=sys.stderr)

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -89,13 +88,14 @@ def down(*, home: str | Path | None = None) -> dict:
     """Unmount the local enclaves' shares, terminate every local enclave and stop the local KMS. What was
     stopped; nothing to stop is no error."""
     home = _home(home)
-    stopped = {"unmounted": unmount_shares(home)}
+    stopped: dict[str, object] = {"unmounted": unmount_shares(home)}
     stopped["enclaves"] = LocalRuntime(home).terminate(all=True)
     stopped["kms"] = None
     with settings.locked(home / ".cloud.lock"):
         running = status(home)
-        if running is not None:
-            Proc.from_json(running["process"]).stop()
+        process = Proc.from_json(running["process"]) if running is not None else None
+        if running is not None and process is not None:  # status() answers only for a live process
+            process.stop()
             stopped["kms"] = running["kms_endpoint_url"]
         for name in (CLOUD_FILE, VSOCK_PROXY_CONFIG):
             (home / name).unlink(missing_ok=True)
@@ -202,7 +202,7 @@ def serve(home: Path, port: int, ready_fd: int) -> int:
             "kms_credentials": str(server.kms.credentials_file.absolute()),
             "ca_root": str(home / "ca" / "root.pem"),
             "vsock_proxy_config": str(home / VSOCK_PROXY_CONFIG),
-            "process": Proc.of(os.getpid()).to_json(),
+            "process": Proc.current().to_json(),
         }
         write_json(home / CLOUD_FILE, cloud)
         server.start()

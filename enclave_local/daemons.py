@@ -53,6 +53,14 @@ class Proc:
         return cls(pid, started) if started is not None else None
 
     @classmethod
+    def current(cls) -> Proc:
+        """This process, whose own /proc entry is always there to read."""
+        own = cls.of(os.getpid())
+        if own is None:
+            raise RuntimeFailure(f"cannot read /proc/{os.getpid()}/stat, this process's start time: is /proc mounted?")
+        return own
+
+    @classmethod
     def from_json(cls, data) -> Proc | None:
         fields = (data.get("pid"), data.get("start_time")) if isinstance(data, dict) else (None,)
         if not all(isinstance(value, int) and not isinstance(value, bool) for value in fields):

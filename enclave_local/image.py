@@ -234,9 +234,10 @@ class Image:
         try:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
                 for member in tar:
-                    if not member.isfile():
+                    extracted = tar.extractfile(member) if member.isfile() else None
+                    if extracted is None:
                         raise ImageError(f"{origin} holds {member.name!r}, which is not a regular file")
-                    content = tar.extractfile(member).read()
+                    content = extracted.read()
                     if member.name == RUNTIME_ENTRY and runtime_bytes is None:
                         runtime_bytes = content
                     elif member.name.startswith(APP_PREFIX) and member.name[len(APP_PREFIX) :] not in app:
@@ -297,12 +298,11 @@ class Image:
                 problems.append(
                     f"{entry['name']} {entry['version']} is installed here as another build ({dist.version})"
                 )
-        built = {(h["file"], h["sha256"]) for h in self.runtime.get("site_hooks") or ()}
-        here = {(h["file"], h["sha256"]) for h in site_hooks()}
-        if built != here:
-            problems.append(
-                f"the interpreter's start-up hooks differ ({', '.join(sorted({entry[0] for entry in built ^ here}))})"
-            )
+        built_hooks = {(h["file"], h["sha256"]) for h in self.runtime.get("site_hooks") or ()}
+        hooks_here = {(h["file"], h["sha256"]) for h in site_hooks()}
+        if built_hooks != hooks_here:
+            differ = sorted({entry[0] for entry in built_hooks ^ hooks_here})
+            problems.append(f"the interpreter's start-up hooks differ ({', '.join(differ)})")
         if problems:
             raise ImageError(
                 "this image does not match this host, so it would not run the code it measured: "

@@ -66,6 +66,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Literal, overload
 
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -281,6 +282,13 @@ class _Request:
             raise KmsApiError("ValidationException", f"{name} must be a {kind.__name__}")
         return value
 
+    # A required parameter is never None: the overloads say so to the type checker.
+    @overload
+    def text(self, name: str, *, required: Literal[True], max_len: int = ..., min_len: int = ...) -> str: ...
+
+    @overload
+    def text(self, name: str, *, required: bool = ..., max_len: int = ..., min_len: int = ...) -> str | None: ...
+
     def text(self, name: str, *, required: bool = False, max_len: int = 2048, min_len: int = 1) -> str | None:
         value = self.typed(name, str, required)
         if value is not None and not min_len <= len(value) <= max_len:
@@ -290,11 +298,23 @@ class _Request:
     def flag(self, name: str) -> bool:
         return bool(self.typed(name, bool, False))
 
+    @overload
+    def number(self, name: str, *, low: int, high: int, required: Literal[True]) -> int: ...
+
+    @overload
+    def number(self, name: str, *, low: int, high: int, required: bool = ...) -> int | None: ...
+
     def number(self, name: str, *, low: int, high: int, required: bool = False) -> int | None:
         value = self.typed(name, int, required)
         if value is not None and not low <= value <= high:
             raise KmsApiError("ValidationException", f"{name} must be between {low} and {high}, not {value}")
         return value
+
+    @overload
+    def blob(self, name: str, *, required: Literal[True], max_len: int = ...) -> bytes: ...
+
+    @overload
+    def blob(self, name: str, *, required: bool = ..., max_len: int = ...) -> bytes | None: ...
 
     def blob(self, name: str, *, required: bool = False, max_len: int = 6144) -> bytes | None:
         value = self.typed(name, str, required)
@@ -601,7 +621,7 @@ class LocalKms:
 
     @staticmethod
     def _context_keys(context: Mapping[str, str]) -> dict:
-        keys = {f"kms:EncryptionContext:{k}": v for k, v in context.items()}
+        keys: dict[str, str | list[str]] = {f"kms:EncryptionContext:{k}": v for k, v in context.items()}
         if context:
             keys["kms:EncryptionContextKeys"] = sorted(context)
         return keys
@@ -1073,7 +1093,8 @@ class LocalKms:
         context = request.context()
         self._symmetric_only(request)
         key = self._blob_key(blob)
-        if request.text("KeyId") and self._resolve(request.text("KeyId"))["KeyId"] != key["KeyId"]:
+        key_id = request.text("KeyId")
+        if key_id and self._resolve(key_id)["KeyId"] != key["KeyId"]:
             raise KmsApiError(
                 "IncorrectKeyException",
                 "The key ID in the request does not identify the KMS key used to encrypt the ciphertext "
@@ -1094,7 +1115,7 @@ class LocalKms:
         count = request.number("NumberOfBytes", low=1, high=1024)
         if (spec is None) == (count is None):
             raise KmsApiError("ValidationException", "give exactly one of KeySpec (AES_256, AES_128) or NumberOfBytes")
-        if spec is not None:
+        if count is None:
             if spec not in ("AES_256", "AES_128"):
                 raise KmsApiError("ValidationException", f"KeySpec must be AES_256 or AES_128, not {spec!r}")
             count = 32 if spec == "AES_256" else 16
@@ -1155,7 +1176,10 @@ class LocalKms:
 
     @staticmethod
     def _private_key(key: dict) -> ec.EllipticCurvePrivateKey:
-        return serialization.load_der_private_key(base64.b64decode(key["Material"]), password=None)
+        private_key = serialization.load_der_private_key(base64.b64decode(key["Material"]), password=None)
+        if not isinstance(private_key, ec.EllipticCurvePrivateKey):  # the only asymmetric spec it creates
+            raise KmsApiError("KMSInternalException", f"key {key['KeyId']} holds no ECC private key", 500)
+        return private_key
 
     def _op_Sign(self, request: _Request, principal: str) -> dict:
         key = self._signing_key(request, principal, "Sign")

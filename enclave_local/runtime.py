@@ -226,8 +226,9 @@ class LocalRuntime:
         if procs["supervisor"]:
             procs["supervisor"].stop()  # it stops the enclave and cleans up
         for key in ("enclave", "init"):  # if it could not: terminate is abrupt, as on Nitro
-            if procs[key]:
-                procs[key].kill()
+            proc = procs[key]
+            if proc:
+                proc.kill()
         shutil.rmtree(path, ignore_errors=True)
 
     def _running(self) -> list[dict]:
@@ -341,7 +342,7 @@ class LocalRuntime:
             raise EnclaveRuntimeError("terminate needs either an enclave (ID or name) or all=True")
         with self._lock():
             running = self._running()
-            targets = running if all else [self._find(enclave, running)]
+            targets = running if enclave is None else [self._find(enclave, running)]  # None: all (checked above)
             for record in targets:
                 self._reap(self.enclaves_dir / record["id"], record)
         return [r["id"] for r in targets]
@@ -403,7 +404,7 @@ def _wait_until_serving(endpoint: Endpoint, enclave: subprocess.Popen, deadline:
     while True:
         if enclave.poll() is not None:
             raise EnclaveRuntimeError(f"the enclave stopped during start-up (exit status {enclave.returncode})")
-        if os.path.exists(endpoint.path):
+        if endpoint.path is not None and os.path.exists(endpoint.path):  # a local enclave listens on unix
             try:
                 with Connection.open(endpoint, timeout=5) as connection:
                     connection.call("health", timeout=5)
@@ -498,6 +499,7 @@ def supervise(path: Path, ready_fd: int) -> int:
                 init_proc.kill()
 
         cleanup.callback(stop_enclave)
+        assert enclave.stdin is not None  # stdin=PIPE
         with contextlib.suppress(BrokenPipeError):  # init failed: its log says why
             enclave.stdin.write(image.data)  # init unpacks these very bytes, the ones measured above
             enclave.stdin.close()
@@ -506,12 +508,12 @@ def supervise(path: Path, ready_fd: int) -> int:
         launched = Proc.of(enclave.pid)
         # Isolated, the enclave's PID 1 is the child of unshare; plain, init is the process launched.
         inits.extend((launched.children() if isolated else [launched]) if launched else [])
-        if len(inits) != 1:
+        if launched is None or len(inits) != 1:
             raise EnclaveRuntimeError("the enclave stopped during start-up (its init is gone)")
         record = dict(
             launch,
             measurements=measured.to_json(),
-            supervisor=Proc.of(os.getpid()).to_json(),
+            supervisor=Proc.current().to_json(),
             enclave=launched.to_json(),
             init=inits[0].to_json(),
             isolated=isolated,
@@ -656,6 +658,7 @@ def local_command(command: dict, *, cid: int, vsock_dir: str) -> list[str]:
     for index, word in enumerate(argv):
         if word.startswith("vsock://"):
             endpoint = Endpoint.parse(word)
+            assert endpoint.cid is not None and endpoint.port is not None  # a vsock endpoint has both
             target = cid if endpoint.cid == VMADDR_CID_ANY else endpoint.cid
             argv[index] = f"unix://{local_socket_path(vsock_dir, target, endpoint.port)}"
     return argv

@@ -43,7 +43,7 @@ def parse_allowlist(text: str, *, origin: str = "the vsock-proxy configuration")
         address = entry.get("address") if isinstance(entry, dict) else None
         port = entry.get("port") if isinstance(entry, dict) else None
         port_ok = isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
-        if not isinstance(address, str) or not address or not port_ok:
+        if not isinstance(address, str) or not address or not isinstance(port, int) or not port_ok:
             raise VsockProxyError(
                 f"{origin} has a bad allowlist entry {entry!r}: each is {{address: HOST, port: 1-65535}}"
             )
@@ -91,7 +91,7 @@ class VsockProxy:
 
     def stop(self) -> None:
         self.relay.stop()
-        if self.listen_endpoint.scheme == "unix":
+        if self.listen_endpoint.path is not None:  # a unix endpoint
             Path(self.listen_endpoint.path).unlink(missing_ok=True)
 
     def __enter__(self) -> VsockProxy:

@@ -78,7 +78,7 @@ def check_route(port: int = KMS_TLS_PORT) -> None:
     resolve to the forwarder's address, and a connection there must be accepted."""
     for name in kms_hostnames():
         try:
-            addresses = {info[4][0] for info in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)}
+            addresses = {str(info[4][0]) for info in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)}
         except OSError as err:
             raise EnclaveError(
                 f"{name} does not resolve ({err}): the enclave has no DNS, so boot must map every KMS hostname "

@@ -176,7 +176,7 @@ def decrypt(
 ) -> bytes:
     """KMS Decrypt, released only to this attested enclave."""
     recipient, document = _attested(nsm)
-    kwargs = {"CiphertextBlob": ciphertext_blob}
+    kwargs: dict[str, object] = {"CiphertextBlob": ciphertext_blob}
     if encryption_context:
         kwargs["EncryptionContext"] = encryption_context
     if key_id:
@@ -189,7 +189,7 @@ def generate_data_key(
 ) -> tuple[bytes, bytes]:
     """KMS GenerateDataKey: (plaintext key, seen only by this enclave; the key wrapped under key_id)."""
     recipient, document = _attested(nsm)
-    kwargs = {"KeyId": key_id, "KeySpec": key_spec}
+    kwargs: dict[str, object] = {"KeyId": key_id, "KeySpec": key_spec}
     if encryption_context:
         kwargs["EncryptionContext"] = encryption_context
     response = _call(kms_client, "GenerateDataKey", recipient, document, key_id, **kwargs)

@@ -23,7 +23,7 @@ def kms_hostnames() -> list[str]:
     partitions botocore ships: the names /etc/hosts maps to the forwarder."""
     from botocore.loaders import Loader
 
-    names = []
+    names: list[str] = []
     for partition in Loader().load_data("partitions")["partitions"]:
         suffix = partition["outputs"]["dnsSuffix"]
         names.extend(f"kms.{region}.{suffix}" for region in partition["regions"] if not region.endswith("-global"))

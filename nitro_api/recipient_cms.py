@@ -36,9 +36,9 @@ def subject_key_identifier(public_key_der: bytes) -> bytes:
     return digest.finalize()
 
 
-def _rfc5280_key_identifier(public_key_der: bytes) -> bytes:
+def _rfc5280_key_identifier(public_key: rsa.RSAPublicKey) -> bytes:
     """RFC 5280 4.2.1.2 method 1 (SHA-1 of the key bits): only to explain an envelope that uses it."""
-    return x509.SubjectKeyIdentifier.from_public_key(serialization.load_der_public_key(public_key_der)).digest
+    return x509.SubjectKeyIdentifier.from_public_key(public_key).digest
 
 
 def build_envelope(plaintext: bytes, recipient_public_key_der: bytes, *, ber: bool = True) -> bytes:
@@ -126,7 +126,9 @@ def open_envelope(ciphertext_for_recipient: bytes, private_key: rsa.RSAPrivateKe
     )
     try:
         encrypted_key, iv, ciphertext = parse_envelope(
-            ciphertext_for_recipient, subject_key_identifier(public_key_der), _rfc5280_key_identifier(public_key_der)
+            ciphertext_for_recipient,
+            subject_key_identifier(public_key_der),
+            _rfc5280_key_identifier(private_key.public_key()),
         )
     except KmsError:
         raise

@@ -263,7 +263,7 @@ class EnclaveClient:
         """What the share holds at path (mode, size, mtime, as share.stat answers), or None when nothing is there."""
         try:
             return self.call("share.stat", {"path": path})
-        except wire.RemoteError as err:
+        except RemoteError as err:
             if err.errno in (errno.ENOENT, errno.ENOTDIR):
                 return None
             raise

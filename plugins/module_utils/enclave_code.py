@@ -53,7 +53,8 @@ def _imports(path: str, content: bytes) -> tuple[set[str], set[str]]:
         raise ImageError(f"{path} is not valid Python ({err.msg}, line {err.lineno}): fix it before building") from None
     # Relative imports start from the file's package: its directory (for __init__.py, the package itself).
     package = f"{PACKAGE_NAME}.{Path(path).parent.as_posix().replace('/', '.')}"
-    names, required = set(), set()
+    names: set[str] = set()
+    required: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
@@ -99,8 +100,8 @@ def enclave_sources(source: str | os.PathLike) -> dict[str, bytes]:
                 files[path.relative_to(source).as_posix()] = _read_file(path)
     todo = [path for path in files if path.endswith(".py")]
     while todo:
-        path = todo.pop()
-        names, required = _imports(path, files[path])
+        importer = todo.pop()
+        names, required = _imports(importer, files[importer])
         for module in names:
             if not module.startswith(PACKAGE_NAME + "."):
                 continue
@@ -108,7 +109,7 @@ def enclave_sources(source: str | os.PathLike) -> dict[str, bytes]:
             if found is None and module in required and not (source / _relative(module)).is_dir():
                 # An image without it would fail at start, in the enclave, where it is hardest to see.
                 raise ImageError(
-                    f"{path} imports {module}, which is not in {source}: "
+                    f"{importer} imports {module}, which is not in {source}: "
                     "the source must be a whole project tree (the enclave code imports it)"
                 )
             if found is None or found in files:

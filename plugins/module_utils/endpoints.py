@@ -178,7 +178,7 @@ class Endpoint:
             sock.listen(backlog)
             if bound is not None:
                 try:
-                    os.link(bound, self.path)
+                    os.link(bound, self._socket_file())
                 except FileExistsError:
                     raise EndpointError(
                         f"cannot listen on {self}: another server started listening there meanwhile; stop it first"
@@ -191,16 +191,21 @@ class Endpoint:
                 os.unlink(bound)
         return sock
 
+    def _socket_file(self) -> str:
+        if self.path is None:  # __post_init__ gives every unix endpoint a path and no vsock one
+            raise EndpointError(f"{self} is a vsock endpoint: it has no socket file")
+        return self.path
+
     def _temp_path(self) -> str:
         # As long as the file name (at least 2 bytes), so that it fits wherever the path itself fits.
-        directory, name = os.path.split(self.path)
+        directory, name = os.path.split(self._socket_file())
         return os.path.join(directory, "." + secrets.token_hex(len(name))[: max(1, len(name) - 1)])
 
     def _bind_hint(self, e: OSError) -> str:
         if e.errno == errno.EADDRINUSE:
             return "another server already uses it; stop that server or choose another port"
         if e.errno == errno.ENOENT:
-            return f"create the directory {os.path.dirname(self.path)} first"
+            return f"create the directory {os.path.dirname(self._socket_file())} first"
         if e.errno == errno.EACCES:
             return "run as a user allowed to bind there (ports below 1024 and system directories need root)"
         return "check the address"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import traceback
+from typing import Any, NoReturn, Protocol
 
 from ansible.module_utils.basic import missing_required_lib
 
@@ -23,9 +24,17 @@ try:
     import boto3  # noqa: F401  # pylint: disable=unused-import
     from botocore.exceptions import BotoCoreError
 except ImportError as exc:  # the modules report it: require_libraries(module, BOTO3_IMPORT_ERROR)
-    BOTO3_IMPORT_ERROR = exc
+    BOTO3_IMPORT_ERROR: ImportError | None = exc
 else:
     BOTO3_IMPORT_ERROR = None
+
+
+class Module(Protocol):
+    """What these helpers use of an AnsibleModule (ansible-core ships no types): fail_json exits."""
+
+    params: dict[str, Any]
+
+    def fail_json(self, msg: str, **kwargs: Any) -> NoReturn: ...
 
 
 def require_libraries(module, *import_errors):
@@ -93,7 +102,7 @@ def enclave_endpoint(module) -> str:
     return resolve_endpoint(params["endpoint"], cid=params["cid"], port=params["port"])
 
 
-def enclave_pcr0(module, *, required: bool = True) -> list[str] | None:
+def enclave_pcr0(module: Module, *, required: bool = True) -> list[str] | None:
     """The PCR0 values the enclave must attest: expect_pcr0, else release's image, else None with
     no_attestation; fails the task when none is given and required (a module that sends data) or one is bad."""
     params = module.params
@@ -123,7 +132,7 @@ def enclave_client(module, endpoint: str, *, required: bool = True) -> EnclaveCl
     )
 
 
-def connect(module) -> EnclaveClient:
+def connect(module: Module) -> EnclaveClient:
     """enclave_client at enclave_endpoint; fails the task with the reason when either fails."""
     try:
         return enclave_client(module, enclave_endpoint(module))

@@ -25,7 +25,7 @@ try:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 except ImportError as exc:  # the modules report it: module_options.require_libraries
-    IMPORT_ERROR = exc
+    IMPORT_ERROR: ImportError | None = exc
 else:
     IMPORT_ERROR = None
 
@@ -70,6 +70,8 @@ class OwnerKey:
 
     def verifies(self, signature: bytes, message: bytes) -> bool:
         key = serialization.load_der_public_key(self.public_key)
+        if not isinstance(key, ec.EllipticCurvePublicKey):  # never: __post_init__ took only P-384 keys
+            return False
         try:
             key.verify(signature, message, ec.ECDSA(hashes.SHA384()))
         except (InvalidSignature, ValueError):

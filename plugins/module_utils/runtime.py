@@ -598,7 +598,7 @@ class NitroRuntime:
             else:
                 source_args = ["--docker-uri", source]
             args = [*source_args, "--output-file", output]
-            if signing_certificate is not None:
+            if signing_certificate is not None and private_key is not None:  # both or neither (checked above)
                 args += ["--signing-certificate", signing_certificate, "--private-key", private_key]
             stdout = self._call("build-enclave", args, timeout=self.build_timeout)
         measurements = Measurements.from_json(self._one_json("build-enclave", stdout, dict))
@@ -674,7 +674,7 @@ class NitroRuntime:
         if all == (enclave is not None):
             raise EnclaveRuntimeError("terminate needs either an enclave (ID or name) or all=True")
         target = None
-        if all:
+        if enclave is None:  # all (checked above)
             stdout = self._call("terminate-enclave", ["--all"], timeout=self.timeout)
         else:
             target = self.find(enclave).enclave_id
