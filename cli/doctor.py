@@ -664,7 +664,7 @@ class Doctor:
         published.mkdir()
         (app / SCRIPT).write_text(SCRIPT_SOURCE)
         sealed = published / f"{APP_NAME}-{self.token}.pkg"
-        header = package.seal(
+        header = package_seal.seal(
             app,
             sealed,
             kms_client=self.kms,

@@ -57,7 +57,9 @@ class Proc:
         """This process, whose own /proc entry is always there to read."""
         own = cls.of(os.getpid())
         if own is None:
-            raise RuntimeFailure(f"cannot read /proc/{os.getpid()}/stat, this process's start time: is /proc mounted?")
+            raise EnclaveRuntimeError(
+                f"cannot read /proc/{os.getpid()}/stat, this process's start time: is /proc mounted?"
+            )
         return own
 
     @classmethod
@@ -138,7 +140,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 def spawn_daemon(argv: list[str], *, what: str, log_path: Path, timeout: float = START_TIMEOUT) -> dict:
-    """Start argv as a daemon that reports on a pipe (see Ready); its final report, or a EnclaveRuntimeError.
+    """Start argv as a daemon that reports on a pipe (see Ready); its final report, or an EnclaveRuntimeError.
 
     The daemon forks away from the process started here, so it outlives the caller and is
     nobody's zombie; it tells its pid first, so a daemon that hangs in start-up can be stopped."""

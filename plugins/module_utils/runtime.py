@@ -503,7 +503,7 @@ class NitroRuntime:
             raise EnclaveRuntimeError(f"cannot execute {self.nitro_cli}: {err.strerror}", command=command) from err
 
     def _call(self, subcommand: str, args: list[str], *, timeout: float) -> str:
-        """Run nitro-cli; its stdout, or a EnclaveRuntimeError with its stderr and what to do."""
+        """Run nitro-cli; its stdout, or an EnclaveRuntimeError with its stderr and what to do."""
         command = self._command(subcommand, args)
         proc = self._spawn(command)
         try:
