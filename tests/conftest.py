@@ -10,6 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests check what happens, never how fast: no per-example deadline (hypothesis's 200 ms default failed
+# a CMS fuzz on a loaded machine) and no too_slow health check. A test's own @settings still sets its examples.
+settings.register_profile("untimed", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("untimed")
 
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTIONS = ROOT / "collections"
