@@ -27,6 +27,17 @@ class PolicyError(EnclaveError):
     """A key policy is malformed or unsound."""
 
 
+class UnsoundPolicyError(PolicyError):
+    """The policy that would be written fails lint; nothing was written. problems: lint's list; policy: that policy."""
+
+    def __init__(self, key: str, problems: list[str], policy: dict):
+        super().__init__(
+            f"refusing to write an unsound key policy for {key}: {' '.join(problems)} Nothing was written; fix the"
+            " statements named above."
+        )
+        self.problems, self.policy = problems, policy
+
+
 class KmsError(EnclaveError):
     """A KMS call failed in a way the caller should see (wraps botocore's ClientError)."""
 
@@ -129,10 +140,11 @@ class OwnerIdentityError(EnclaveError):
 
 
 class KmsCallError(KmsError):
-    """A KMS call failed. ``code`` is KMS's error code (e.g. "AccessDeniedException"); ``__cause__`` is
-    botocore's original exception, so a caller can still catch or inspect exactly what boto3 raised."""
+    """A KMS call failed. ``code`` is KMS's error code (e.g. "AccessDeniedException"), None when botocore failed
+    before KMS answered; ``__cause__`` is botocore's original exception, so a caller can still catch or inspect
+    exactly what boto3 raised."""
 
-    def __init__(self, message: str, *, code: str, operation: str):
+    def __init__(self, message: str, *, code: str | None, operation: str):
         super().__init__(message)
         self.code = code
         self.operation = operation

@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import KmsError, PolicyError
+from .errors import KmsCallError, PolicyError, UnsoundPolicyError
 from .key_policy import allowed_pcr0, check_keep_newest, policy_diff, remove_ours, render_policy, rotation_window
 from .policy_eval import load_policy
 from .policy_lint import lint
@@ -20,26 +20,6 @@ except ImportError:  # only apply_key_policy talks to KMS; the modules report a 
     _BOTO_ERRORS: tuple = ()
 else:
     _BOTO_ERRORS = (BotoCoreError, ClientError)
-
-
-class UnsoundPolicyError(PolicyError):
-    """The policy that would be written fails lint; nothing was written. problems: lint's list; policy: that policy.
-    (Kept here until the error classes gather in errors.py.)"""
-
-    def __init__(self, key: str, problems: list[str], policy: dict):
-        super().__init__(
-            f"refusing to write an unsound key policy for {key}: {' '.join(problems)} Nothing was written; fix the"
-            " statements named above."
-        )
-        self.problems, self.policy = problems, policy
-
-
-class KeyPolicyKmsError(KmsError):
-    """A KMS call of apply_key_policy failed. operation: the KMS operation; code: KMS's error code, or None."""
-
-    def __init__(self, message: str, operation: str, code: str | None):
-        super().__init__(message)
-        self.operation, self.code = operation, code
 
 
 @dataclass(frozen=True)
@@ -127,7 +107,9 @@ def apply_key_policy(
         except _BOTO_ERRORS as err:
             code = (getattr(err, "response", None) or {}).get("Error", {}).get("Code") or None
             advice = _KMS_ADVICE.get(code, _KMS_DEFAULT_ADVICE).format(**{**OPTION_NAMES, **names})
-            raise KeyPolicyKmsError(f"KMS {operation} on {target} failed: {err}; {advice}", operation, code) from err
+            raise KmsCallError(
+                f"KMS {operation} on {target} failed: {err}; {advice}", code=code, operation=operation
+            ) from err
 
     key_arn = call("DescribeKey", kms.describe_key, key_id, KeyId=key_id)["KeyMetadata"]["Arn"]
     text = call("GetKeyPolicy", kms.get_key_policy, key_arn, KeyId=key_arn, PolicyName="default")["Policy"]

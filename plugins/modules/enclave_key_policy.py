@@ -175,11 +175,13 @@ allowed_pcr0:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
-from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy_update import (
-    KeyPolicyKmsError,
-    OwnerKeyPolicy,
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import (
+    EnclaveError,
+    KmsCallError,
     UnsoundPolicyError,
+)
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.key_policy_update import (
+    OwnerKeyPolicy,
     apply_key_policy,
 )
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.module_options import (
@@ -223,7 +225,7 @@ def main():
         change = apply_key_policy(kms_client(module), params["key_id"], wanted, check_mode=module.check_mode)
     except UnsoundPolicyError as err:
         module.fail_json(msg=str(err), problems=err.problems, policy=err.policy)
-    except KeyPolicyKmsError as err:
+    except KmsCallError as err:
         module.fail_json(msg=str(err), error_code=err.code)
     except EnclaveError as err:
         module.fail_json(msg=str(err))

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import key_policy, key_policy_update
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import UnsoundPolicyError
 from ansible_collections.confidential_ml.nitro.tests.fixtures.key_policies import (
     AWS_DEFAULT,
     KEY,
@@ -63,9 +64,7 @@ def test_plan_absent_takes_ours_out_and_restores_the_default_when_nothing_is_lef
 def test_plan_refuses_an_unsound_result_and_says_why():
     """The host's role sneaks in an unconditioned Decrypt beside ours: the plan refuses to write over it."""
     legacy = allow(sid="LegacyHostAccess", principal={"AWS": USER})
-    with pytest.raises(
-        key_policy_update.UnsoundPolicyError, match="refusing to write an unsound key policy"
-    ) as refused:
+    with pytest.raises(UnsoundPolicyError, match="refusing to write an unsound key policy") as refused:
         owner_policy().plan(policy(legacy), KEY_ARN)
     assert any("LegacyHostAccess" in problem for problem in refused.value.problems)
     assert key_policy.SID_DENY in [s["Sid"] for s in refused.value.policy["Statement"]]
