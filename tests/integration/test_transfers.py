@@ -131,6 +131,54 @@ def test_batch_applies_operations_in_order_and_answers_each(enclave):
     assert sorted(os.listdir(enclave["share"] / "dataset" / "b")) == ["z"]
 
 
+def test_a_batch_reaches_the_folder_its_paths_name_after_it_moved_or_removed_one(enclave):
+    """A batch keeps the folder its last path resolved to open (Share.batch_folder): an operation after a
+    rename or rmdir in the same batch must still land where its path names now, not in the old folder."""
+    with EnclaveClient(enclave["endpoint"], expect_pcr0=enclave["pcr0"]) as client:
+        results = batch(client, [
+            {"op": "mkdir", "path": "/dataset/a"},
+            {"op": "put", "path": "/dataset/a/1", "data": b"1"},  # /dataset/a is the batch's folder now
+            {"op": "rename", "old": "/dataset/a", "new": "/dataset/b"},
+            {"op": "mkdir", "path": "/dataset/a"},
+            {"op": "put", "path": "/dataset/a/2", "data": b"2"},  # the new /dataset/a, not /dataset/b
+            {"op": "put", "path": "/dataset/b/3", "data": b"3"},
+            {"op": "unlink", "path": "/dataset/a/2"},
+            {"op": "rmdir", "path": "/dataset/a"},
+            {"op": "put", "path": "/dataset/a/4", "data": b"4"},  # no such folder any more
+            {"op": "mkdir", "path": "/dataset/a"},
+            {"op": "put", "path": "/dataset/a/5", "data": b"5"},
+            {"op": "read", "path": "/dataset/a/5", "offset": 0, "size": 10},
+        ])  # fmt: skip
+        assert [next(iter(r)) for r in results] == ["ok"] * 8 + ["error", "ok", "ok", "ok"], results
+        assert results[8]["error"]["name"] == "ENOENT" and results[11] == {"ok": b"5"}
+    assert tree(enclave["share"] / "dataset") == {"a": None, "a/5": b"5", "b": None, "b/1": b"1", "b/3": b"3"}
+
+
+def test_batches_leave_no_descriptor_open_in_the_server(enclave):
+    """Whatever a batch holds open while it runs (its folder) is closed when it ends, failed operations and
+    refused batches included: the host cannot make the server run out of descriptors."""
+
+    def open_fds() -> int:
+        return len(os.listdir(f"/proc/{enclave['server'].pid}/fd"))
+
+    with EnclaveClient(enclave["endpoint"], expect_pcr0=enclave["pcr0"]) as client:
+        batch(client, [{"op": "put", "path": "/dataset/warm", "data": b""}])
+        before = open_fds()
+        for round_ in range(50):
+            results = batch(client, [
+                {"op": "mkdir", "path": f"/dataset/d{round_}"},
+                *({"op": "put", "path": f"/dataset/d{round_}/{i}", "data": b"x"} for i in range(20)),
+                {"op": "put", "path": f"/dataset/missing/{round_}", "data": b"x"},
+                {"op": "sha256", "path": f"/dataset/d{round_}"},  # a folder: EISDIR
+                {"op": "stat", "path": "/dataset/warm"},
+            ])  # fmt: skip
+            assert sum("error" in r for r in results) == 2
+            with pytest.raises(wire.RemoteError):
+                client.call("share.batch", {"ops": [{"op": "read", "path": "/dataset/warm", "offset": 0,
+                                                     "size": BATCH_MAX_READ + 1}]})  # fmt: skip
+        assert open_fds() == before
+
+
 def test_hostile_batches_are_refused_and_change_nothing_outside_the_share(enclave, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
