@@ -13,11 +13,13 @@ import errno
 import hashlib
 import json
 import os
+import queue
 import re
 import secrets
 import stat
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -416,17 +418,17 @@ class EnclaveClient:
         }
 
     def _send(self, local_dir: Path, remote_root: str, changed: list[dict], theirs: dict, meter) -> None:
+        limit = min(SMALL_FILE, self._chunk)
+        base = os.path.join(local_dir, "")
         dirs = [{**e, "remote": f"{remote_root}/{e['path']}"} for e in changed if e["type"] == "dir"]
-        small = [{**e, "remote": f"{remote_root}/{e['path']}", "source": local_dir / e["path"]} for e in changed
-                 if e["type"] == "file" and
-                 e["size"] <= min(SMALL_FILE, self._chunk)]  # fmt: skip
+        small = [{**e, "remote": f"{remote_root}/{e['path']}", "source": base + e["path"]} for e in changed
+                 if e["type"] == "file" and e["size"] <= limit]  # fmt: skip
         pending: deque = deque()
         # Temporary files an interrupted push left behind (a dropped connection cannot remove its own).
         stale = [{"remote": f"{remote_root}/{p}"} for p, e in theirs.items()
                  if e["type"] == "file" and PUSH_TEMP.fullmatch(p.rsplit("/", 1)[-1])]  # fmt: skip
         for group in _groups(stale, 1, 0):  # best effort: one already gone is fine
             self._results(self._batch([{"op": "unlink", "path": e["remote"]} for e in group]), len(group))
-        limit = min(SMALL_FILE, self._chunk)
         try:
             for group in _groups(dirs, 1, 0):  # in order, parents first: one batch at a time
                 ops = [{"op": "mkdir", "path": e["remote"], "mode": e["mode"] | 0o700} for e in group]
@@ -435,10 +437,9 @@ class EnclaveClient:
             for group in _groups(small, 1, min(BATCH_BYTES, self._chunk)):
                 ops = []
                 for entry in group:
-                    with open(os.path.join(local_dir, entry["path"]), "rb", buffering=0) as f:
-                        data = f.read(limit + 1)
+                    data = _read_small(entry["source"], entry["size"], limit)
                     if len(data) > limit:
-                        raise EnclaveError(f"{local_dir / entry['path']} grew while it was being pushed; push again")
+                        raise EnclaveError(f"{entry['source']} grew while it was being pushed; push again")
                     entry["size"] = len(data)
                     ops.append({"op": "put", "path": entry["remote"], "mode": entry["mode"], "data": data})
                 pending.append((group, self._batch(ops)))
@@ -634,7 +635,7 @@ class EnclaveClient:
         # take the 255 bytes a name can have.
         fd, tmp_name = tempfile.mkstemp(prefix=".pull-", suffix=".part", dir=target.parent)
         tmp = Path(tmp_name)
-        digest = hashlib.sha256()
+        digest = _BackgroundHash()
         # The enclave hashes its file while this host reads it: any change meanwhile makes the two differ.
         expected = self.connection.submit("share.sha256", {"path": remote}) if batching else None
         try:
@@ -654,6 +655,7 @@ class EnclaveClient:
             os.chmod(tmp, entry["mode"] & 0o755 | 0o600)
             os.replace(tmp, target)
         except BaseException:
+            digest.stop()
             tmp.unlink(missing_ok=True)
             raise
 
@@ -720,10 +722,52 @@ def _size(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB ({n} bytes)" if n >= 1 << 20 else f"{n} bytes"
 
 
+class _BackgroundHash:
+    """The SHA-256 of blocks given in order, computed on a thread of its own while the caller receives and
+    writes the next ones (hashlib releases the GIL for big updates): a big pull's hash is no longer a third
+    step after its receive and its write. At most IN_FLIGHT blocks wait for it."""
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+        self._blocks: queue.Queue = queue.Queue(IN_FLIGHT)
+        self._thread = threading.Thread(target=self._run, name="pull-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (block := self._blocks.get()) is not None:
+            self._digest.update(block)
+
+    def update(self, block: bytes) -> None:
+        self._blocks.put(block)
+
+    def hexdigest(self) -> str:
+        self.stop()
+        return self._digest.hexdigest()
+
+    def stop(self) -> None:
+        """End the thread once it has hashed what it was given (idempotent)."""
+        if self._thread.is_alive():
+            self._blocks.put(None)
+            self._thread.join()
+
+
 def _write_block(f, digest, block: bytes, meter) -> None:
+    digest.update(block)  # first: the hash runs while the block is written
     f.write(block)
-    digest.update(block)
     meter.update(len(block))
+
+
+def _read_small(path: str, size: int, limit: int) -> bytes:
+    """The file at path, listed with size bytes, in one read of size + 1 (no buffered file object, no buffer of
+    limit bytes per file); if it grew, up to limit + 1 bytes, so that the caller sees it is now too big."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, size + 1)
+        if len(data) > size:
+            data += os.read(fd, limit + 1 - len(data))
+        return data
+    finally:
+        os.close(fd)
 
 
 def _write_whole(target: str, mode: int, data: bytes) -> None:
