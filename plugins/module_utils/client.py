@@ -158,6 +158,11 @@ def _differs(src: dict, dst: dict | None) -> bool:
     return dst is None or dst["type"] != src["type"] or (src["type"] == "file" and src["sha256"] != dst["sha256"])
 
 
+def _push_temporary(entry: dict) -> bool:
+    """Whether a manifest entry is a push's temporary file (a bigger file's name until it is whole)."""
+    return entry["type"] == "file" and PUSH_TEMP.fullmatch(entry["path"].rsplit("/", 1)[-1]) is not None
+
+
 def _same_size_files(ours: dict[str, dict], theirs: dict[str, dict]) -> list[str]:
     """Paths that are a file of the same size on both sides: only these can be unchanged, only these are hashed."""
     return [
@@ -362,6 +367,10 @@ class EnclaveClient:
     def push(self, local_dir, remote_dir: str, *, dry_run: bool = False, progress: bool = False) -> dict:
         """Copy what differs from local_dir into the share's remote_dir (size, then SHA-256); nothing is deleted.
 
+        Folders go first, then files, each file whole or not at all. A push that fails partway (a full share, a
+        dropped connection) leaves the folders it made and the files it finished: the user's tree, partly
+        copied, which the next push completes without sending them again. A bigger file's temporary that a
+        dropped connection could not remove is removed by the next push of that folder (pull never copies one).
         progress: show bars on stderr for hashing and sending that take more than a second."""
         started = time.monotonic()
         local_dir = Path(local_dir)
@@ -425,8 +434,7 @@ class EnclaveClient:
                  if e["type"] == "file" and e["size"] <= limit]  # fmt: skip
         pending: deque = deque()
         # Temporary files an interrupted push left behind (a dropped connection cannot remove its own).
-        stale = [{"remote": f"{remote_root}/{p}"} for p, e in theirs.items()
-                 if e["type"] == "file" and PUSH_TEMP.fullmatch(p.rsplit("/", 1)[-1])]  # fmt: skip
+        stale = [{"remote": f"{remote_root}/{p}"} for p, e in theirs.items() if _push_temporary(e)]
         for group in _groups(stale, 1, 0):  # best effort: one already gone is fine
             self._results(self._batch([{"op": "unlink", "path": e["remote"]} for e in group]), len(group))
         try:
@@ -555,7 +563,9 @@ class EnclaveClient:
             ) from None
         for entry in listed:
             _safe_parts(entry["path"])
-        theirs = {e["path"]: e for e in listed}
+        # A push's temporary file (one a dropped connection left, until the next push removes it) is half a
+        # file, not the enclave's data: never copied to the host.
+        theirs = {e["path"]: e for e in listed if not _push_temporary(e)}
         ours = local_manifest(local_dir, hashed=False) if local_dir.is_dir() else {}
         hashing = sum(ours[p]["size"] for p in _same_size_files(ours, theirs))
         meter = _meter("hashing", hashing, progress)
