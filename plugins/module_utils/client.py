@@ -158,6 +158,14 @@ def _differs(src: dict, dst: dict | None) -> bool:
     return dst is None or dst["type"] != src["type"] or (src["type"] == "file" and src["sha256"] != dst["sha256"])
 
 
+def _streaming(changed: list[dict]) -> None:
+    """Before a transfer: if it streams a bigger file in chunks, keep freed MiB buffers (docs/PROTOCOL.md section
+    9). Only then: a few batches of small files gain nothing from it, and looking libc up (ctypes.util runs
+    ldconfig) cost a push of small files ~10 ms."""
+    if any(e.get("size", 0) > SMALL_FILE for e in changed):
+        wire.keep_freed_memory()
+
+
 def _push_temporary(entry: dict) -> bool:
     """Whether a manifest entry is a push's temporary file (a bigger file's name until it is whole)."""
     return entry["type"] == "file" and PUSH_TEMP.fullmatch(entry["path"].rsplit("/", 1)[-1]) is not None
@@ -403,7 +411,7 @@ class EnclaveClient:
             changed = [e for e in ours.values() if _differs(e, (theirs or {}).get(e["path"]))]
         sent = sum(e.get("size", 0) for e in changed)
         if not dry_run:
-            wire.keep_freed_memory()  # bulk frames: keep freed MiB buffers (docs/PROTOCOL.md section 9)
+            _streaming(changed)
             if theirs is None:
                 self._makedirs(remote_root)
             meter = _meter("push", sent, progress)
@@ -576,7 +584,7 @@ class EnclaveClient:
         changed = _changed(theirs, ours, same)
         received = sum(e.get("size", 0) for e in changed)
         if not dry_run:
-            wire.keep_freed_memory()
+            _streaming(changed)
             local_dir.mkdir(parents=True, exist_ok=True)
             meter = _meter("pull", received, progress)
             try:

@@ -107,6 +107,22 @@ def test_push_with_progress_shows_it_on_stderr_and_the_cli_without_a_tty_does_no
     assert "%" not in quiet.stderr and quiet.stdout.count("\n") == 1
 
 
+def test_only_a_transfer_that_streams_a_bigger_file_tunes_malloc(enclave, tmp_path, monkeypatch):
+    """keep_freed_memory looks libc up (ctypes.util runs ldconfig, ~10 ms): small files in batches skip it."""
+    tuned = []
+    monkeypatch.setattr(wire, "keep_freed_memory", lambda: tuned.append(True))
+    src = tmp_path / "src"
+    make_source(src, files=20)
+    with EnclaveClient(enclave["endpoint"], expect_pcr0=enclave["pcr0"]) as client:
+        client.push(src, "/dataset/t")
+        client.pull("/dataset/t", tmp_path / "out")
+        assert tuned == []
+        (src / "big.bin").write_bytes(os.urandom(client_lib.SMALL_FILE + 1))
+        client.push(src, "/dataset/t")
+        client.pull("/dataset/t", tmp_path / "out")
+    assert tuned == [True, True] and tree(tmp_path / "out") == tree(src)
+
+
 def batch(client, ops):
     return client.call("share.batch", {"ops": ops})
 
