@@ -219,14 +219,34 @@ class _NoMeter:
         pass
 
 
-def _meter(what: str, total: int, enabled: bool):
-    """A progress bar on stderr for work that may take more than a second (tqdm shows it only after one)."""
-    if not enabled or total <= 0:
-        return _NoMeter()
-    from tqdm import tqdm  # only where progress is shown: the Ansible modules never need it
+class _Meter:
+    """A progress bar on stderr that costs nothing until the work has taken PROGRESS_DELAY seconds: only then is
+    tqdm imported (~25 ms, as much as pushing a thousand small files) and its bar shown, with what is done."""
 
-    return tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                delay=PROGRESS_DELAY, leave=False)  # fmt: skip
+    def __init__(self, what: str, total: int):
+        self.what, self.total, self.done = what, total, 0
+        self.started = time.monotonic()
+        self.bar = None
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        self.done += n
+        if time.monotonic() - self.started >= PROGRESS_DELAY:
+            from tqdm import tqdm  # only where progress is shown: the Ansible modules never need it
+
+            self.bar = tqdm(total=self.total, initial=self.done, desc=self.what, unit="B", unit_scale=True,
+                            unit_divisor=1024, file=sys.stderr, leave=False)  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _meter(what: str, total: int, enabled: bool):
+    """A progress bar on stderr for work that takes more than PROGRESS_DELAY seconds, if enabled."""
+    return _Meter(what, total) if enabled and total > 0 else _NoMeter()
 
 
 def _drain(pending: deque) -> None:

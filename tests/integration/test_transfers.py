@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -105,6 +106,19 @@ def test_push_with_progress_shows_it_on_stderr_and_the_cli_without_a_tty_does_no
         assert re.search(rf"\r{what} +\d+%\|.*/2\.\d\dM \[", err), (what, err)
     quiet = cli("push", str(src), "/dataset/q", "--expect-pcr0", enclave["pcr0"])
     assert "%" not in quiet.stderr and quiet.stdout.count("\n") == 1
+
+
+def test_progress_costs_nothing_before_it_is_shown(enclave, tmp_path, capsys, monkeypatch):
+    """A bar appears only after PROGRESS_DELAY seconds, and tqdm (~25 ms to import) is not imported before."""
+    src = tmp_path / "src"
+    make_source(src, files=10, big=2 * MIB)
+    monkeypatch.setattr(client_lib, "PROGRESS_DELAY", 3600)
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # an import of tqdm now raises ImportError
+    with EnclaveClient(enclave["endpoint"], expect_pcr0=enclave["pcr0"]) as client:
+        assert client.push(src, "/dataset/p", progress=True)["changed"]
+        client.push(src, "/dataset/p", progress=True)
+        client.pull("/dataset/p", tmp_path / "out", progress=True)
+    assert capsys.readouterr().err == "" and tree(tmp_path / "out") == tree(src)
 
 
 def test_only_a_transfer_that_streams_a_bigger_file_tunes_malloc(enclave, tmp_path, monkeypatch):
