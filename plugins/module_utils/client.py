@@ -36,9 +36,11 @@ IMPORT_ERROR = attestation.IMPORT_ERROR or wire.IMPORT_ERROR
 CHUNK = 1 << 20
 IN_FLIGHT = 8  # concurrent chunk requests per transfer: keeps the pipe full without a big buffer
 # Files up to SMALL_FILE travel whole, many to a share.batch request of at most BATCH_OPS operations (the
-# server takes 1024) and about BATCH_BYTES of data, BATCHES_IN_FLIGHT requests at a time.
+# server takes 1024) and about BATCH_BYTES of data, BATCHES_IN_FLIGHT requests at a time. 64, not 256: the
+# enclave starts on a batch only once it has all of it, so smaller ones overlap its work with the host's
+# (1,000 x 4 KiB, interleaved: push 59 against 186 ms, pull 193 against 331, best of 15 under load).
 SMALL_FILE = 1 << 20
-BATCH_OPS = 256
+BATCH_OPS = 64
 BATCH_BYTES = 1 << 20
 BATCHES_IN_FLIGHT = 4
 PROGRESS_DELAY = 1.0  # seconds before a progress bar appears: work that ends sooner shows none
