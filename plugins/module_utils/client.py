@@ -228,22 +228,22 @@ class _Meter:
     def __init__(self, what: str, total: int):
         self.what, self.total, self.done = what, total, 0
         self.started = time.monotonic()
-        self.bar = None
+        self.shown = None
 
     def update(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
+        if self.shown is not None:
+            self.shown.update(n)
             return
         self.done += n
         if time.monotonic() - self.started >= PROGRESS_DELAY:
             from tqdm import tqdm  # only where progress is shown: the Ansible modules never need it
 
-            self.bar = tqdm(total=self.total, initial=self.done, desc=self.what, unit="B", unit_scale=True,
-                            unit_divisor=1024, file=sys.stderr, leave=False)  # fmt: skip
+            self.shown = tqdm(total=self.total, initial=self.done, desc=self.what, unit="B", unit_scale=True,
+                              unit_divisor=1024, file=sys.stderr, leave=False)  # fmt: skip
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self.shown is not None:
+            self.shown.close()
 
 
 def _meter(what: str, total: int, enabled: bool):
