@@ -357,6 +357,45 @@ def test_a_dropped_connection_leaves_no_half_written_file(enclave, tmp_path, mon
     assert os.listdir(share) == ["big.bin"] and (share / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
 
 
+@pytest.mark.parametrize("change", ["rewritten", "removed"])
+def test_a_big_file_that_changes_while_it_is_pulled_is_refused(enclave, tmp_path, monkeypatch, change):
+    """Its first MiB arrives as it was, then the enclave's file changes: rewritten, the bytes received match
+    neither version; removed, the next reads fail. Either way the pull fails and leaves the host's file as it
+    was, no temporary file, and no thread still hashing."""
+    share_file = enclave["share"] / "output" / "big.bin"
+    share_file.write_bytes(os.urandom(3 * MIB))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "big.bin").write_bytes(b"the host's copy")
+    with EnclaveClient(enclave["endpoint"], expect_pcr0=enclave["pcr0"]) as client:
+        submit = client.connection.submit
+        reads = []
+
+        def change_after_the_first_read(op, args=None, **kw):
+            call = submit(op, args, **kw)
+            if op == "share.read":
+                reads.append(call)
+                if len(reads) == 1:
+                    call.result()  # the first MiB, as it was
+                    if change == "removed":
+                        share_file.unlink()
+                    else:
+                        with open(share_file, "r+b") as f:  # the same file, every byte replaced
+                            f.write(os.urandom(3 * MIB))
+            return call
+
+        monkeypatch.setattr(client.connection, "submit", change_after_the_first_read)
+        with pytest.raises(EnclaveError) as caught:
+            client.pull("/output", out)
+        if change == "rewritten":
+            assert "changed while it was being pulled" in str(caught.value)
+        else:
+            assert isinstance(caught.value, wire.RemoteError) and caught.value.errno == errno.ENOENT
+        assert len(reads) == 3
+    assert os.listdir(out) == ["big.bin"] and (out / "big.bin").read_bytes() == b"the host's copy"
+    assert not [t for t in threading.enumerate() if t.name == "pull-sha256"]
+
+
 def test_pull_never_writes_through_a_link_on_the_host(enclave, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
