@@ -108,6 +108,37 @@ def test_push_with_progress_shows_it_on_stderr_and_the_cli_without_a_tty_does_no
     assert "%" not in quiet.stderr and quiet.stdout.count("\n") == 1
 
 
+def test_a_small_file_that_grows_while_it_is_pushed_is_sent_whole_or_refused(enclave, tmp_path, monkeypatch):
+    """Between the listing and the read a file grows: still small, it goes as it is now; past what a batch
+    carries, the push stops before sending that batch and says to push again."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.csv").write_bytes(b"a" * 100)
+    (src / "b.csv").write_bytes(b"b" * 100)
+    listed = client_lib.local_manifest
+    growth = {}
+
+    def grow_after_listing(root, **kw):
+        out = listed(root, **kw)
+        for name, data in growth.items():
+            (src / name).write_bytes(data)
+        return out
+
+    monkeypatch.setattr(client_lib, "local_manifest", grow_after_listing)
+    share = enclave["share"] / "dataset"
+    with EnclaveClient(enclave["endpoint"], expect_pcr0=enclave["pcr0"]) as client:
+        growth = {"a.csv": b"A" * 5000}
+        assert client.push(src, "/dataset")["changed"] == ["a.csv", "b.csv"]
+        assert tree(share) == {"a.csv": b"A" * 5000, "b.csv": b"b" * 100}
+        growth = {"b.csv": os.urandom(client_lib.SMALL_FILE + 1), "a.csv": b"a" * 100}
+        with pytest.raises(EnclaveError, match=r"b\.csv grew while it was being pushed; push again"):
+            client.push(src, "/dataset")
+        assert tree(share) == {"a.csv": b"A" * 5000, "b.csv": b"b" * 100}  # that batch was not sent
+        growth = {}
+        client.push(src, "/dataset")
+    assert tree(share) == tree(src)
+
+
 def test_progress_costs_nothing_before_it_is_shown(enclave, tmp_path, capsys, monkeypatch):
     """A bar appears only after PROGRESS_DELAY seconds, and tqdm (~25 ms to import) is not imported before."""
     src = tmp_path / "src"
