@@ -1,6 +1,7 @@
 """`enclave push` and `enclave pull` beside their limits.
 
     python benchmarks/bench_transfer.py [--files 1000] [--file-kib 4] [--size-mib 200] [--repeat 3] [--json]
+                                        [--profile]
 
 Starts the enclave server as bench_fuse does (a subprocess on a unix socket, the share on a
 tmpfs, the simulated NSM beside it), mounts its share with `fusefs.mount`, and measures,
@@ -9,12 +10,24 @@ interleaved and each beside its limit (best of --repeat runs):
 - small files, --files of --file-kib KiB from /dev/shm: `cp -r` tmpfs to tmpfs (the limit);
   EnclaveClient.push into a folder that does not exist yet (the connection attested before
   the clock starts); the same push again, which must send nothing; the `enclave push` command
-  (a new process: interpreter, imports, connection and attestation included); the command's
-  fixed cost, `enclave push` of an empty folder (the floor of the command's ratio);
-  EnclaveClient.pull of the folder into an empty tmpfs directory.
+  (the venv's console script in a new process, as a user runs it: interpreter, imports,
+  connection and attestation included); the command's fixed cost, `enclave push` of an empty
+  folder (the floor of the command's ratio); EnclaveClient.pull of the folder into an empty
+  tmpfs directory.
 - one big file of --size-mib MiB: `cp` into the FUSE mount of the same share (the limit for
   push) and EnclaveClient.push of it; `cp` out of the mount (page cache dropped first; the
   limit for pull) and EnclaveClient.pull of it.
+
+The checkout's modules are compiled to bytecode first, as an installed copy has them (pip
+compiles on install; where PYTHONDONTWRITEBYTECODE is set, as on this machine, every command
+would compile the project's modules again, ~60 ms).
+
+--profile splits the command's time, each part measured in the same runs (fresh processes):
+`python -c pass` (the interpreter), the interpreter with the imports on push's path (the CLI's
+module, the client and the runtime), the empty push (adds connect, attestation, the listing),
+and the command with the files; the per-file part is the command less the empty push. Each is
+also given in CPU time (user + system of the process; the cp -r's too), which load on a shared
+machine inflates far less than wall time.
 
 Targets (issue 13): push and pull of the small files within 10x of the tmpfs `cp -r`; the big
 file's push and pull at least as fast as `cp` through the mount (ratio <= 1). Ratios are
@@ -26,6 +39,7 @@ push sends nothing (a benchmark that measured a transfer that did not happen wou
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -44,7 +58,15 @@ from ansible_collections.confidential_ml.nitro.plugins.module_utils.client impor
 MIB = 1 << 20
 TARGET_SMALL_RATIO = 10.0  # push/pull of small files at most this many times a tmpfs cp -r
 TARGET_BIG_RATIO = 1.0  # push/pull of one big file no slower than cp through the mount
-CLI = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
+# The console script a user runs (it imports this checkout: checkout.use() put it first on PYTHONPATH).
+CONSOLE_SCRIPT = Path(sys.executable).parent / "enclave"
+CLI = (
+    [sys.executable, str(CONSOLE_SCRIPT)]
+    if CONSOLE_SCRIPT.is_file()
+    else [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
+)
+LIB = "ansible_collections.confidential_ml.nitro"
+PUSH_IMPORTS = f"import {LIB}.cli.main, {LIB}.plugins.module_utils.client, {LIB}.plugins.module_utils.runtime"
 
 
 def timed(function, *args) -> tuple[float, object]:
@@ -53,12 +75,22 @@ def timed(function, *args) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+def child_cpu() -> float:
+    """CPU seconds (user + system) of the child processes this one has waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_cp(*argv: str) -> None:
     subprocess.run(["cp", *argv], check=True)
 
 
 def run_cli(cli: list[str], *args: str) -> None:
     subprocess.run([*cli, *args], check=True, capture_output=True)
+
+
+def run_python(*args: str) -> None:
+    subprocess.run([sys.executable, *args], check=True)
 
 
 def same_tree(a: Path, b: Path) -> bool:
@@ -80,10 +112,12 @@ def main(argv=None) -> int:
     parser.add_argument("--size-mib", type=int, default=200, help="size of the big file (default 200)")
     parser.add_argument("--repeat", type=int, default=3, help="keep the best of N runs of each measurement")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--profile", action="store_true", help="split the command's time: start-up, fixed, per file")
     opts = parser.parse_args(argv)
     if not os.path.isdir("/dev/shm"):
         raise SystemExit("bench_transfer: /dev/shm (a tmpfs) is needed for the sources and the share")
 
+    checkout.compile_bytecode()
     base = Path(tempfile.mkdtemp(prefix="bench-transfer-"))
     shm = Path(tempfile.mkdtemp(prefix="bench-transfer-", dir="/dev/shm"))
     os.environ["ENCLAVE_HOME"] = str(base / "home")
@@ -116,7 +150,10 @@ def main(argv=None) -> int:
             for rep in range(opts.repeat):
                 # Small files.
                 copy = shm / f"cp-{rep}"
+                cpu = child_cpu()
                 record("small_cp_tmpfs_s", timed(run_cp, "-r", str(small), str(copy))[0])
+                if opts.profile:
+                    record("small_cp_tmpfs_cpu_s", child_cpu() - cpu)
                 shutil.rmtree(copy)
                 seconds, result = timed(client.push, small, f"/dataset/small-{rep}")
                 record("small_push_s", seconds)
@@ -131,10 +168,20 @@ def main(argv=None) -> int:
                 check(same_tree(small, pulled), "pull did not copy every file")
                 shutil.rmtree(pulled)
                 shutil.rmtree(mounted / f"small-{rep}")
-                record("small_push_cli_s", timed(run_cli, cli, str(small), f"/dataset/cli-{rep}")[0])
+                commands = {
+                    "small_push_cli": (run_cli, cli, str(small), f"/dataset/cli-{rep}"),
+                    "cli_push_empty": (run_cli, cli, str(empty), "/dataset"),
+                }
+                if opts.profile:
+                    commands["python_pass"] = (run_python, "-c", "pass")
+                    commands["push_imports"] = (run_python, "-c", PUSH_IMPORTS)
+                for name, command in commands.items():
+                    cpu = child_cpu()
+                    record(f"{name}_s", timed(*command)[0])
+                    if opts.profile:  # CPU time: what a part costs whatever else the machine runs
+                        record(f"{name}_cpu_s", child_cpu() - cpu)
                 check(same_tree(small, share / f"cli-{rep}"), "enclave push did not copy every file")
                 shutil.rmtree(mounted / f"cli-{rep}")
-                record("cli_push_empty_s", timed(run_cli, cli, str(empty), "/dataset")[0])
 
                 # One big file: through the mount, then push and pull.
                 record("big_cp_mount_s", timed(run_cp, str(big), str(mounted / "big.bin"))[0])
@@ -166,6 +213,16 @@ def main(argv=None) -> int:
         "big_push_over_mount_cp": best["big_push_s"] / best["big_cp_mount_s"],
         "big_pull_over_mount_cp": best["big_pull_s"] / best["big_cp_from_mount_s"],
     }
+    if opts.profile:  # medians: the parts are fresh processes, each as noisy as the command
+        m = medians
+        ratios["profile_cli_per_file_over_cp"] = (m["small_push_cli_s"] - m["cli_push_empty_s"]) / m["small_cp_tmpfs_s"]
+        ratios["profile_cli_without_startup_over_cp"] = (m["small_push_cli_s"] - m["push_imports_s"]) / m[
+            "small_cp_tmpfs_s"
+        ]
+        ratios["profile_cli_cpu_over_cp_cpu"] = m["small_push_cli_cpu_s"] / m["small_cp_tmpfs_cpu_s"]
+        ratios["profile_cli_without_imports_over_cp"] = (
+            m["small_push_cli_s"] - m["push_imports_s"] + m["python_pass_s"]
+        ) / m["small_cp_tmpfs_s"]
     results = {
         "best_s": best,
         "median_s": medians,
@@ -203,6 +260,22 @@ def main(argv=None) -> int:
     print(f"one file of {opts.size_mib} MiB, time / cp through the mount (target <= {TARGET_BIG_RATIO:g}):")
     print(f"  push {ratios['big_push_over_mount_cp']:.2f} ({results['big_push_mbs']:.0f} MB/s), "
           f"pull {ratios['big_pull_over_mount_cp']:.2f} ({results['big_pull_mbs']:.0f} MB/s)")  # fmt: skip
+    if opts.profile:
+        m = {name: value * 1000 for name, value in medians.items()}
+        print(
+            f"the command's time, medians (ms): interpreter {m['python_pass_s']:.0f}, + imports on push's path "
+            f"{m['push_imports_s'] - m['python_pass_s']:.0f}, + parser, connect, attestation, listing "
+            f"{m['cli_push_empty_s'] - m['push_imports_s']:.0f}, + {opts.files} files "
+            f"{m['small_push_cli_s'] - m['cli_push_empty_s']:.0f} (EnclaveClient.push {m['small_push_s']:.0f})"
+        )
+        c = {name[: -len("_cpu_s")]: value * 1000 for name, value in medians.items() if name.endswith("_cpu_s")}
+        print(f"  its CPU time, medians (ms): interpreter {c['python_pass']:.0f}, + imports "
+              f"{c['push_imports'] - c['python_pass']:.0f}, + parser, connect, attestation, listing "
+              f"{c['cli_push_empty'] - c['push_imports']:.0f}, + {opts.files} files "
+              f"{c['small_push_cli'] - c['cli_push_empty']:.0f}; cp -r {c['small_cp_tmpfs']:.0f}")  # fmt: skip
+        print(f"  the command's ratio without its imports {ratios['profile_cli_without_imports_over_cp']:.1f}, "
+              f"without interpreter and imports {ratios['profile_cli_without_startup_over_cp']:.1f}, "
+              f"its per-file part alone {ratios['profile_cli_per_file_over_cp']:.1f}")  # fmt: skip
     print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in results["targets"].items()))
     return 0
 

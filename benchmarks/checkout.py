@@ -19,3 +19,14 @@ def use() -> None:
     if str(COLLECTIONS) not in sys.path:
         sys.path.insert(0, str(COLLECTIONS))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(COLLECTIONS), os.environ.get("PYTHONPATH")]))
+
+
+def compile_bytecode() -> None:
+    """Bytecode for the checkout's modules, as an installed copy has it (pip compiles on install). Without it a
+    command run where PYTHONDONTWRITEBYTECODE is set (this machine's environment) compiles the project's
+    modules again in every process: ~60 ms of a command's start, which no installed copy pays."""
+    import compileall
+
+    for folder in ("cli", "plugins", "enclave_server", "enclave_local", "nitro_api"):
+        if (ROOT / folder).is_dir():
+            compileall.compile_dir(ROOT / folder, quiet=1)

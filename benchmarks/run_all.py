@@ -30,7 +30,7 @@ BENCHMARKS = [
     ("bench_wire.py", [], ["--calls", "2000", "--bulk-mib", "128"]),
     ("bench_fuse.py", [], ["--size-mib", "128", "--files", "500"]),
     ("bench_runtime.py", [], ["--runs", "3"]),
-    ("bench_transfer.py", [], ["--size-mib", "64", "--repeat", "2"]),
+    ("bench_transfer.py", ["--profile"], ["--size-mib", "64", "--repeat", "2", "--profile"]),
 ]
 
 

@@ -462,6 +462,22 @@ def _add_run(commands) -> None:
     run.set_defaults(func=cmd_run)
 
 
+def _add_transfer(commands, name: str) -> None:
+    """`push` or `pull`."""
+    func, first, second, helptext = {
+        "push": (cmd_push, "local_dir", "remote_dir", "copy a local directory into the share (changed files only)"),
+        "pull": (cmd_pull, "remote_dir", "local_dir", "copy a share directory to the host (changed files only)"),
+    }[name]
+    transfer = commands.add_parser(name, help=helptext)
+    where = {"local_dir": "folder on this host", "remote_dir": "folder in the enclave's share, e.g. /dataset"}
+    transfer.add_argument(first, help=f"the {where[first]} to copy from")
+    transfer.add_argument(second, help=f"the {where[second]} to copy into (created if missing)")
+    transfer.add_argument("--dry-run", action="store_true", help="only list what would change")
+    transfer.add_argument("--json", action="store_true", help="print what changed as one JSON document")
+    _add_enclave_flags(transfer)
+    transfer.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser, commands = _top_parser()
 
@@ -564,18 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_enclave_flags(attest, attest=False)
     attest.set_defaults(func=cmd_attest)
 
-    for name, func, first, second, helptext in (
-        ("push", cmd_push, "local_dir", "remote_dir", "copy a local directory into the share (changed files only)"),
-        ("pull", cmd_pull, "remote_dir", "local_dir", "copy a share directory to the host (changed files only)"),
-    ):
-        transfer = commands.add_parser(name, help=helptext)
-        where = {"local_dir": "folder on this host", "remote_dir": "folder in the enclave's share, e.g. /dataset"}
-        transfer.add_argument(first, help=f"the {where[first]} to copy from")
-        transfer.add_argument(second, help=f"the {where[second]} to copy into (created if missing)")
-        transfer.add_argument("--dry-run", action="store_true", help="only list what would change")
-        transfer.add_argument("--json", action="store_true", help="print what changed as one JSON document")
-        _add_enclave_flags(transfer)
-        transfer.set_defaults(func=func)
+    for name in ("push", "pull"):
+        _add_transfer(commands, name)
 
     _add_run(commands)
     sync_cmd.add_parser(commands, _add_enclave_flags, _client)
@@ -642,15 +648,19 @@ def version() -> str:
 
 
 def _parser(argv: list[str]) -> argparse.ArgumentParser:
-    """build_parser(), or for `enclave [-v] run ...` the same parser holding `run` alone: building every
-    command's parser costs ~10 ms of a job's start. `run`'s help, errors and values are the same."""
+    """build_parser(), or for `enclave [-v] run|push|pull ...` the same parser holding that command alone:
+    building every command's parser costs ~10 ms of a job's start (or a push's). Help, errors and values are
+    the same."""
     rest = list(argv)
     while rest[:1] in (["-v"], ["--verbose"]):
         rest.pop(0)
-    if rest[:1] != ["run"]:
+    if rest[:1] not in (["run"], ["push"], ["pull"]):
         return build_parser()
     parser, commands = _top_parser()
-    _add_run(commands)
+    if rest[0] == "run":
+        _add_run(commands)
+    else:
+        _add_transfer(commands, rest[0])
     _verbose_everywhere(parser)
     return parser
 

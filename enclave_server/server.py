@@ -187,21 +187,22 @@ class EnclaveServer:
             raise OSError(errno.EINVAL, f"a batch's reads may ask for {BATCH_MAX_READ} bytes together, not {asked}")
         handlers = self._batch_handlers
         results = []
-        for op in ops:
-            try:
-                ctx.check_cancelled()
-                name = op.get("op") if isinstance(op, dict) else None
-                handler = handlers.get(name) if isinstance(name, str) else None
-                if handler is None:
-                    raise OSError(
-                        errno.EINVAL,
-                        f"a batch operation is a map whose 'op' is one of {', '.join(BATCH_OPS)}, not {name!r:.40}",
-                    )
-                results.append({"ok": handler(op, ctx)})
-            except Exception as err:  # noqa: BLE001 - mapped as a request's error is, bugs logged there
-                error = error_for(err, "share.batch")
-                error["message"] = error["message"][:BATCH_MAX_MESSAGE]
-                results.append({"error": error})
+        with self.share.batch_folder():  # many files in one folder: it is walked to once
+            for op in ops:
+                try:
+                    ctx.check_cancelled()
+                    name = op.get("op") if isinstance(op, dict) else None
+                    handler = handlers.get(name) if isinstance(name, str) else None
+                    if handler is None:
+                        raise OSError(
+                            errno.EINVAL,
+                            f"a batch operation is a map whose 'op' is one of {', '.join(BATCH_OPS)}, not {name!r:.40}",
+                        )
+                    results.append({"ok": handler(op, ctx)})
+                except Exception as err:  # noqa: BLE001 - mapped as a request's error is, bugs logged there
+                    error = error_for(err, "share.batch")
+                    error["message"] = error["message"][:BATCH_MAX_MESSAGE]
+                    results.append({"error": error})
         return results
 
     def health(self) -> dict:

@@ -15,6 +15,7 @@ import hashlib
 import os
 import secrets
 import stat
+import threading
 
 TOP_LEVEL = ("encrypted", "dataset", "model", "output")
 JOB_DIRS = ("dataset", "model", "output")  # what a running job reads and writes: the host may not change them
@@ -54,6 +55,7 @@ class Share:
     def __init__(self, root):
         self.root = os.fspath(root)
         self._held: tuple[str, tuple[int, int]] | None = None  # (job description, package (dev, inode))
+        self._batch = threading.local()  # .folder: [parts, fd] of the folder a batch last resolved, or None
         os.makedirs(self.root, mode=0o755, exist_ok=True)
         for name in TOP_LEVEL:
             os.makedirs(os.path.join(self.root, name), mode=0o755, exist_ok=True)
@@ -90,8 +92,41 @@ class Share:
 
     # -- resolution
 
+    @contextlib.contextmanager
+    def batch_folder(self):
+        """Within the block, on this thread, the folder the last path resolved to stays open: a batch of
+        operations in one folder walks it from the root once, not once each (a small file's put cost three
+        opens and closes of folders besides its own). rmdir and rename forget it, so no later path of the
+        batch reaches a folder that an earlier operation removed or moved. A folder another connection
+        renames meanwhile takes the batch's later files with it, as if they had come before the rename; one
+        it removes refuses them (ENOENT)."""
+        self._batch.folder = []
+        try:
+            yield
+        finally:
+            self._forget_folder()
+            self._batch.folder = None
+
+    def _forget_folder(self) -> None:
+        folder = getattr(self._batch, "folder", None)
+        if folder:
+            os.close(folder.pop())
+            folder.clear()
+
     def _open_dir(self, parts: list[str]) -> int:
-        """An fd for the directory at parts, walked one component at a time without following links."""
+        """An fd for the directory at parts, walked one component at a time without following links (or a copy
+        of the batch's folder, if that is the one)."""
+        folder = getattr(self._batch, "folder", None)
+        if folder is None:
+            return self._walk(parts)
+        if folder and folder[0] == parts:
+            return os.dup(folder[1])
+        fd = self._walk(parts)
+        self._forget_folder()
+        folder += [list(parts), os.dup(fd)]
+        return fd
+
+    def _walk(self, parts: list[str]) -> int:
         fd = os.open(self.root, _DIR_FLAGS)
         try:
             for part in parts:
@@ -181,6 +216,7 @@ class Share:
             os.close(dirfd)
 
     def rmdir(self, path: str) -> None:
+        self._forget_folder()
         self._check_top_level(path)
         self._check_held(path)
         dirfd, name = self._parent(path)
@@ -200,6 +236,7 @@ class Share:
             os.close(dirfd)
 
     def rename(self, old: str, new: str) -> None:
+        self._forget_folder()
         self._check_top_level(old)
         self._check_top_level(new)
         self._check_held(old)

@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -107,6 +108,66 @@ def test_push_with_progress_shows_it_on_stderr_and_the_cli_without_a_tty_does_no
     assert "%" not in quiet.stderr and quiet.stdout.count("\n") == 1
 
 
+def test_a_small_file_that_grows_while_it_is_pushed_is_sent_whole_or_refused(enclave, tmp_path, monkeypatch):
+    """Between the listing and the read a file grows: still small, it goes as it is now; past what a batch
+    carries, the push stops before sending that batch and says to push again."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.csv").write_bytes(b"a" * 100)
+    (src / "b.csv").write_bytes(b"b" * 100)
+    listed = client_lib.local_manifest
+    growth = {}
+
+    def grow_after_listing(root, **kw):
+        out = listed(root, **kw)
+        for name, data in growth.items():
+            (src / name).write_bytes(data)
+        return out
+
+    monkeypatch.setattr(client_lib, "local_manifest", grow_after_listing)
+    share = enclave["share"] / "dataset"
+    with EnclaveClient(enclave["endpoint"], expect_pcr0=enclave["pcr0"]) as client:
+        growth = {"a.csv": b"A" * 5000}
+        assert client.push(src, "/dataset")["changed"] == ["a.csv", "b.csv"]
+        assert tree(share) == {"a.csv": b"A" * 5000, "b.csv": b"b" * 100}
+        growth = {"b.csv": os.urandom(client_lib.SMALL_FILE + 1), "a.csv": b"a" * 100}
+        with pytest.raises(EnclaveError, match=r"b\.csv grew while it was being pushed; push again"):
+            client.push(src, "/dataset")
+        assert tree(share) == {"a.csv": b"A" * 5000, "b.csv": b"b" * 100}  # that batch was not sent
+        growth = {}
+        client.push(src, "/dataset")
+    assert tree(share) == tree(src)
+
+
+def test_progress_costs_nothing_before_it_is_shown(enclave, tmp_path, capsys, monkeypatch):
+    """A bar appears only after PROGRESS_DELAY seconds, and tqdm (~25 ms to import) is not imported before."""
+    src = tmp_path / "src"
+    make_source(src, files=10, big=2 * MIB)
+    monkeypatch.setattr(client_lib, "PROGRESS_DELAY", 3600)
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # an import of tqdm now raises ImportError
+    with EnclaveClient(enclave["endpoint"], expect_pcr0=enclave["pcr0"]) as client:
+        assert client.push(src, "/dataset/p", progress=True)["changed"]
+        client.push(src, "/dataset/p", progress=True)
+        client.pull("/dataset/p", tmp_path / "out", progress=True)
+    assert capsys.readouterr().err == "" and tree(tmp_path / "out") == tree(src)
+
+
+def test_only_a_transfer_that_streams_a_bigger_file_tunes_malloc(enclave, tmp_path, monkeypatch):
+    """keep_freed_memory looks libc up (ctypes.util runs ldconfig, ~10 ms): small files in batches skip it."""
+    tuned = []
+    monkeypatch.setattr(client_lib, "keep_freed_memory", lambda: tuned.append(True))
+    src = tmp_path / "src"
+    make_source(src, files=20)
+    with EnclaveClient(enclave["endpoint"], expect_pcr0=enclave["pcr0"]) as client:
+        client.push(src, "/dataset/t")
+        client.pull("/dataset/t", tmp_path / "out")
+        assert tuned == []
+        (src / "big.bin").write_bytes(os.urandom(client_lib.SMALL_FILE + 1))
+        client.push(src, "/dataset/t")
+        client.pull("/dataset/t", tmp_path / "out")
+    assert tuned == [True, True] and tree(tmp_path / "out") == tree(src)
+
+
 def batch(client, ops):
     return client.call("share.batch", {"ops": ops})
 
@@ -129,6 +190,54 @@ def test_batch_applies_operations_in_order_and_answers_each(enclave):
         assert results[5] == {"ok": None} and results[6]["ok"]["size"] == 5
         assert results[7]["error"]["name"] == "ENOENT"
     assert sorted(os.listdir(enclave["share"] / "dataset" / "b")) == ["z"]
+
+
+def test_a_batch_reaches_the_folder_its_paths_name_after_it_moved_or_removed_one(enclave):
+    """A batch keeps the folder its last path resolved to open (Share.batch_folder): an operation after a
+    rename or rmdir in the same batch must still land where its path names now, not in the old folder."""
+    with EnclaveClient(enclave["endpoint"], expect_pcr0=enclave["pcr0"]) as client:
+        results = batch(client, [
+            {"op": "mkdir", "path": "/dataset/a"},
+            {"op": "put", "path": "/dataset/a/1", "data": b"1"},  # /dataset/a is the batch's folder now
+            {"op": "rename", "old": "/dataset/a", "new": "/dataset/b"},
+            {"op": "mkdir", "path": "/dataset/a"},
+            {"op": "put", "path": "/dataset/a/2", "data": b"2"},  # the new /dataset/a, not /dataset/b
+            {"op": "put", "path": "/dataset/b/3", "data": b"3"},
+            {"op": "unlink", "path": "/dataset/a/2"},
+            {"op": "rmdir", "path": "/dataset/a"},
+            {"op": "put", "path": "/dataset/a/4", "data": b"4"},  # no such folder any more
+            {"op": "mkdir", "path": "/dataset/a"},
+            {"op": "put", "path": "/dataset/a/5", "data": b"5"},
+            {"op": "read", "path": "/dataset/a/5", "offset": 0, "size": 10},
+        ])  # fmt: skip
+        assert [next(iter(r)) for r in results] == ["ok"] * 8 + ["error", "ok", "ok", "ok"], results
+        assert results[8]["error"]["name"] == "ENOENT" and results[11] == {"ok": b"5"}
+    assert tree(enclave["share"] / "dataset") == {"a": None, "a/5": b"5", "b": None, "b/1": b"1", "b/3": b"3"}
+
+
+def test_batches_leave_no_descriptor_open_in_the_server(enclave):
+    """Whatever a batch holds open while it runs (its folder) is closed when it ends, failed operations and
+    refused batches included: the host cannot make the server run out of descriptors."""
+
+    def open_fds() -> int:
+        return len(os.listdir(f"/proc/{enclave['server'].pid}/fd"))
+
+    with EnclaveClient(enclave["endpoint"], expect_pcr0=enclave["pcr0"]) as client:
+        batch(client, [{"op": "put", "path": "/dataset/warm", "data": b""}])
+        before = open_fds()
+        for round_ in range(50):
+            results = batch(client, [
+                {"op": "mkdir", "path": f"/dataset/d{round_}"},
+                *({"op": "put", "path": f"/dataset/d{round_}/{i}", "data": b"x"} for i in range(20)),
+                {"op": "put", "path": f"/dataset/missing/{round_}", "data": b"x"},
+                {"op": "sha256", "path": f"/dataset/d{round_}"},  # a folder: EISDIR
+                {"op": "stat", "path": "/dataset/warm"},
+            ])  # fmt: skip
+            assert sum("error" in r for r in results) == 2
+            with pytest.raises(errors.RemoteError):
+                client.call("share.batch", {"ops": [{"op": "read", "path": "/dataset/warm", "offset": 0,
+                                                     "size": BATCH_MAX_READ + 1}]})  # fmt: skip
+        assert open_fds() == before
 
 
 def test_hostile_batches_are_refused_and_change_nothing_outside_the_share(enclave, tmp_path):
@@ -225,6 +334,7 @@ def test_a_full_share_fails_the_push_plainly_and_leaves_no_partial_file(enclave,
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.csv").write_bytes(b"a" * 1000)
+    (src / "folder").mkdir()
     if big:  # streamed under a temporary name
         (src / "big.bin").write_bytes(os.urandom(3 * MIB))
     else:  # small files in batches: the later ones do not fit
@@ -235,10 +345,12 @@ def test_a_full_share_fails_the_push_plainly_and_leaves_no_partial_file(enclave,
     message = result.stderr.strip().splitlines()[-1]
     assert "the enclave's share is full" in message and " free" in message and "push again" in message
     assert "Traceback" not in result.stderr and "ENOSPC" not in result.stderr
-    # Whatever is in the share is whole: each file there is the source's, and no temporary file is left.
+    # Whatever is in the share is whole: each file there is the source's, and no temporary file is left. The
+    # folders push made first stay (the user's tree, partly copied): the next push adds what is missing.
     left = tree(small_dataset)
+    assert left.pop("folder", "missing") is None
     assert left and all(left[name] == (src / name).read_bytes() for name in left), sorted(left)
-    assert len(left) < len(os.listdir(src))
+    assert len(left) < len(os.listdir(src)) - 1
 
 
 def test_a_dropped_connection_leaves_no_half_written_file(enclave, tmp_path, monkeypatch):
@@ -266,10 +378,53 @@ def test_a_dropped_connection_leaves_no_half_written_file(enclave, tmp_path, mon
     assert [n for n in os.listdir(share) if n != "big.bin"] and all(
         client_lib.PUSH_TEMP.fullmatch(n) for n in os.listdir(share) if n != "big.bin"
     )
+    # Until the next push removes it, a pull never copies that half file to the host.
+    with EnclaveClient(enclave["endpoint"], expect_pcr0=enclave["pcr0"]) as client:
+        assert client.pull("/dataset", tmp_path / "pulled")["changed"] == ["big.bin"]
+    assert tree(tmp_path / "pulled") == {"big.bin": b"the previous version"}
     # The next push sends the file (it is not taken for unchanged) and removes the leftover.
     pushed = json.loads(cli("push", str(src), "/dataset", "--expect-pcr0", enclave["pcr0"], "--json").stdout)
     assert pushed["changed"] == ["big.bin"]
     assert os.listdir(share) == ["big.bin"] and (share / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+
+
+@pytest.mark.parametrize("change", ["rewritten", "removed"])
+def test_a_big_file_that_changes_while_it_is_pulled_is_refused(enclave, tmp_path, monkeypatch, change):
+    """Its first MiB arrives as it was, then the enclave's file changes: rewritten, the bytes received match
+    neither version; removed, the next reads fail. Either way the pull fails and leaves the host's file as it
+    was, no temporary file, and no thread still hashing."""
+    share_file = enclave["share"] / "output" / "big.bin"
+    share_file.write_bytes(os.urandom(3 * MIB))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "big.bin").write_bytes(b"the host's copy")
+    with EnclaveClient(enclave["endpoint"], expect_pcr0=enclave["pcr0"]) as client:
+        submit = client.connection.submit
+        reads = []
+
+        def change_after_the_first_read(op, args=None, **kw):
+            call = submit(op, args, **kw)
+            if op == "share.read":
+                reads.append(call)
+                if len(reads) == 1:
+                    call.result()  # the first MiB, as it was
+                    if change == "removed":
+                        share_file.unlink()
+                    else:
+                        with open(share_file, "r+b") as f:  # the same file, every byte replaced
+                            f.write(os.urandom(3 * MIB))
+            return call
+
+        monkeypatch.setattr(client.connection, "submit", change_after_the_first_read)
+        with pytest.raises(EnclaveError) as caught:
+            client.pull("/output", out)
+        if change == "rewritten":
+            assert "changed while it was being pulled" in str(caught.value)
+        else:
+            assert isinstance(caught.value, errors.RemoteError) and caught.value.errno == errno.ENOENT
+        assert len(reads) == 3
+    assert os.listdir(out) == ["big.bin"] and (out / "big.bin").read_bytes() == b"the host's copy"
+    assert not [t for t in threading.enumerate() if t.name == "pull-sha256"]
 
 
 def test_pull_never_writes_through_a_link_on_the_host(enclave, tmp_path):
