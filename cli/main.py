@@ -12,10 +12,7 @@ import sys
 from pathlib import Path
 
 from ..plugins.module_utils.errors import EnclaveError
-from . import doctor as doctor_cmd
-from . import local as local_cmd
 from . import options
-from . import sync as sync_cmd
 
 LIB = "ansible_collections.confidential_ml.nitro.plugins.module_utils"
 
@@ -219,6 +216,8 @@ def expected_pcr0(args, *, required: bool = True) -> list | None:
 
 def _client(args, *, attest_first: bool = True):
     from importlib import import_module
+
+    from . import local as local_cmd
 
     client = import_module(f"{LIB}.client")
     runtime = import_module(f"{LIB}.runtime")
@@ -485,10 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
         transfer.set_defaults(func=func)
 
     _add_run(commands)
-    sync_cmd.add_parser(commands, _add_enclave_flags, _client)
     from . import completion as completion_cmd
+    from . import doctor as doctor_cmd
+    from . import local as local_cmd
     from . import share as share_cmd
     from . import status as status_cmd
+    from . import sync as sync_cmd
+
+    sync_cmd.add_parser(commands, _add_enclave_flags, _client)
 
     status_cmd.register(commands, _add_enclave_flags, _client)
     share_cmd.register(commands, _add_enclave_flags, _client)
