@@ -22,7 +22,11 @@ import json, sys
 from ansible_collections.confidential_ml.nitro.cli.main import main
 rc = main(sys.argv[1:])
 sdk = sorted(name for name in sys.modules if name.split(".")[0] in ("boto3", "botocore", "s3transfer"))
-print(json.dumps({"rc": rc, "sdk": sdk, "x509": "cryptography.x509" in sys.modules}), file=sys.stderr)
+cli = "ansible_collections.confidential_ml.nitro.cli."
+others = sorted(name.removeprefix(cli) for name in sys.modules if name.startswith(cli) and name[len(cli):] != "main")
+runtime = "ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime" in sys.modules
+report = {"rc": rc, "sdk": sdk, "x509": "cryptography.x509" in sys.modules, "cli": others, "runtime": runtime}
+print(json.dumps(report), file=sys.stderr)
 """
 
 
@@ -77,3 +81,12 @@ def test_a_second_enclave_run_checks_the_attestation_without_loading_x509(enclav
     refused, report = run_cli(enclave, tmp_path, "--expect-pcr0", "ab" * 48)
     assert report["rc"] == 1 and "failed attestation, nothing was sent" in refused.stderr
     assert not report["x509"]
+
+
+def test_enclave_run_imports_no_other_command_and_with_an_endpoint_no_runtime(enclave, tmp_path):
+    """`enclave run` builds its own parser alone, and an explicit --endpoint needs no discovery."""
+    push_app(enclave)
+    args = ["-a", "-m /model/model.h5 -d /dataset -o /output", "--expect-pcr0", enclave["pcr0"], "--clear-output"]
+    result, report = run_cli(enclave, tmp_path, *args, "--endpoint", enclave["endpoint"])
+    assert report.get("rc") == 0, result.stderr
+    assert report["cli"] == ["options"] and not report["runtime"], report
