@@ -511,7 +511,7 @@ def verify_document(
 
 class VerifiedChains:
     """A client's record of the certificate chains it has verified, so that its next process need not load
-    X.509 at all (~45 ms of CPU) to check a document from the same NSM leaf (AWS's live ~3 hours).
+    X.509 at all (~45 ms of CPU) to check a document from the same NSM leaf (AWS renews it every ~3 hours).
 
     An entry is named by the SHA-256 of roots_id (what identifies the pinned roots, e.g. their PEM text) and
     the DER of the document's certificate and cabundle, in order; it holds the span in which every
