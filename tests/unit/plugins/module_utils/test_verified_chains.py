@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ansible_collections.confidential_ml.nitro.enclave_local.nsm_sim import LocalCA, SimulatedNsm, cose_sign1
+from ansible_collections.confidential_ml.nitro.plugins.module_utils import client
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.attestation import (
     VerifiedChains,
     parse_document,
@@ -200,3 +201,20 @@ def test_a_cache_that_cannot_be_written_costs_only_a_full_verification(nsm, root
     verify(document, roots, cache)
     verify(document, roots, cache)
     assert roots.loads == 2
+
+
+def test_the_clients_cache_is_keyed_by_the_roots_it_would_load(ca, nsm, tmp_path, monkeypatch):
+    """A chain remembered under the local root of the time is not trusted once the user pins another one."""
+    monkeypatch.setenv("ENCLAVE_HOME", str(tmp_path / "home"))
+    pinned = tmp_path / "home" / "ca" / "root.pem"
+    pinned.parent.mkdir(parents=True)
+    pinned.write_bytes(ca.root_certificate.public_bytes(serialization.Encoding.PEM))
+    document = nsm.attest()
+    roots, cache = client._default_roots()
+    verify(document, roots, cache)
+    assert cache.lookup((parse_document(document).certificate, *ca.cabundle), parse_document(document).timestamp)
+    other = LocalCA.load_or_create(tmp_path / "other")
+    pinned.write_bytes(other.root_certificate.public_bytes(serialization.Encoding.PEM))
+    roots, cache = client._default_roots()
+    with pytest.raises(AttestationError, match="not a trusted root"):
+        verify(document, roots, cache)
