@@ -60,7 +60,7 @@ stderr_mode, root, script = sys.argv[1:4]
 sys.argv = sys.argv[3:]
 sys.path.insert(0, root)
 if stderr_mode != "full":
-    import threading, warnings
+    import _thread, warnings
     def _name(path):
         return os.path.relpath(path, root) if path.startswith(root + os.sep) else path
     def _where(kind, value, tb):
@@ -76,7 +76,12 @@ if stderr_mode != "full":
         sys.stderr.write("\n".join(lines) + "\n")
         sys.stderr.flush()
     sys.excepthook = _where
-    threading.excepthook = lambda a: _where(a.exc_type, a.exc_value, a.exc_traceback)
+    # threading takes its excepthook from _thread when it is imported: set there, it holds for the script's
+    # threads without importing threading here (a sixth of this interpreter's start); and if a .pth file
+    # imported threading already, on threading itself.
+    _thread._excepthook = lambda a: _where(a.exc_type, a.exc_value, a.exc_traceback)
+    if "threading" in sys.modules:
+        sys.modules["threading"].excepthook = _thread._excepthook
     warnings.formatwarning = lambda m, category, filename, lineno, line=None: (
         f"{_name(filename)}:{lineno}: {category.__name__} (message withheld)\n"
     )

@@ -18,29 +18,36 @@ parse_document checks structure only.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import hmac
 import io
-from collections.abc import Iterable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+# cryptography's X.509 modules are imported where a certificate is parsed, not here: they cost a fresh
+# process ~45 ms of CPU, which a client skips when its verified-chain cache knows the chain (VerifiedChains).
 try:
     import cbor2
-    from cryptography import x509
     from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-    from cryptography.x509 import verification
 except ImportError as exc:  # the modules report it: module_options.require_libraries
     IMPORT_ERROR = exc
 else:
     IMPORT_ERROR = None
 
 from .errors import AttestationError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.x509 import verification
 
 COSE_SIGN1_TAG = 18
 COSE_HEADER_ALG = 1
@@ -111,6 +118,8 @@ class AttestationDocument:
             ) from None
 
     def to_json(self) -> dict[str, Any]:
+        from cryptography import x509
+
         leaf = x509.load_der_x509_certificate(self.certificate)
         root = x509.load_der_x509_certificate(self.cabundle[0])
         return {
@@ -205,9 +214,16 @@ def _split(document: bytes) -> _Sign1:
     return _Sign1(protected, header, payload, signature)
 
 
-def _load_certificate(der: Any, what: str) -> x509.Certificate:
+def _certificate_bytes(der: Any, what: str) -> bytes:
     if not isinstance(der, bytes) or not der:
         raise AttestationError(f"{what} is not a non-empty byte string (DER certificate): the document is malformed")
+    return der
+
+
+def _load_certificate(der: Any, what: str) -> x509.Certificate:
+    from cryptography import x509
+
+    _certificate_bytes(der, what)
     try:
         cert = x509.load_der_x509_certificate(der)
         # Names and validity decode lazily; touch them now so later use cannot fail.
@@ -254,12 +270,14 @@ def _claims(payload: bytes) -> AttestationDocument:
             raise AttestationError(f"the document's PCR{index} is not {PCR_LENGTH} bytes (a SHA-384 digest)")
     if 0 not in pcrs:
         raise AttestationError("the document has no PCR0 (the enclave image measurement): it is not an NSM document")
-    _load_certificate(claims["certificate"], "the document's certificate")
+    # Whether the certificates parse is _load_certificates' part: verify_document skips it for a chain its
+    # cache knows (the same bytes parsed and verified before).
+    _certificate_bytes(claims["certificate"], "the document's certificate")
     cabundle = claims["cabundle"]
     if not isinstance(cabundle, list | tuple) or not cabundle:
         raise AttestationError("the document's cabundle is not a non-empty array: the document is malformed")
     for position, der in enumerate(cabundle):
-        _load_certificate(der, f"cabundle[{position}]")
+        _certificate_bytes(der, f"cabundle[{position}]")
     return AttestationDocument(
         module_id=module_id,
         digest=digest,
@@ -273,12 +291,23 @@ def _claims(payload: bytes) -> AttestationDocument:
     )
 
 
+def _load_certificates(doc: AttestationDocument) -> None:
+    _load_certificate(doc.certificate, "the document's certificate")
+    for position, der in enumerate(doc.cabundle):
+        _load_certificate(der, f"cabundle[{position}]")
+
+
 def parse_document(document: bytes) -> AttestationDocument:
     """Decode a document's claims, checking every field's type. No signature or trust check."""
-    return _claims(_split(document).payload)
+    doc = _claims(_split(document).payload)
+    _load_certificates(doc)
+    return doc
 
 
 def _leaf_policy() -> verification.ExtensionPolicy:
+    from cryptography import x509
+    from cryptography.x509 import verification
+
     # Nitro leaves carry neither SAN nor AKI; everything else keeps the WebPKI
     # end-entity rules (a CA leaf, a wrong EKU or unknown critical extensions fail).
     policy = verification.ExtensionPolicy.webpki_defaults_ee()
@@ -290,9 +319,13 @@ def _describe(cert: x509.Certificate) -> str:
     return f"{cert.subject.rfc4514_string()} (SHA-256 {cert.fingerprint(hashes.SHA256()).hex()})"
 
 
-def _verify_chain(doc: AttestationDocument, roots: Sequence[x509.Certificate]) -> x509.Certificate:
+def _verify_chain(doc: AttestationDocument, roots: Sequence[x509.Certificate]) -> list[x509.Certificate]:
+    """The chain from the document's leaf to a trusted root, verified at the document's time."""
     # Certificates compare (and hash) by their DER bytes: cryptography's serialization module, which
     # public_bytes would need, costs a CLI ~5 ms to import.
+    from cryptography import x509
+    from cryptography.x509 import verification
+
     trusted = list(dict.fromkeys(roots))
     bundle_root = x509.load_der_x509_certificate(doc.cabundle[0])
     if bundle_root not in trusted:
@@ -323,20 +356,24 @@ def _verify_chain(doc: AttestationDocument, roots: Sequence[x509.Certificate]) -
             f"the chain ends at {_describe(chain[-1])}, not at the document's own root {_describe(bundle_root)}: "
             "the cabundle is inconsistent"
         )
-    return leaf
+    return chain
 
 
-def _verify_signature(signed: _Sign1, leaf: x509.Certificate) -> None:
-    if len(signed.signature) != ES384_SIGNATURE_LENGTH:
-        raise AttestationError(
-            f"the signature is {len(signed.signature)} bytes; ES384 signatures are {ES384_SIGNATURE_LENGTH} (r||s)"
-        )
+def _leaf_key(leaf: x509.Certificate) -> ec.EllipticCurvePublicKey:
     try:
         key = leaf.public_key()
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise AttestationError(f"the signing certificate's public key is unusable ({exc})") from exc
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
         raise AttestationError("the signing certificate does not hold a P-384 key, which ES384 requires")
+    return key
+
+
+def _verify_signature(signed: _Sign1, key: ec.EllipticCurvePublicKey) -> None:
+    if len(signed.signature) != ES384_SIGNATURE_LENGTH:
+        raise AttestationError(
+            f"the signature is {len(signed.signature)} bytes; ES384 signatures are {ES384_SIGNATURE_LENGTH} (r||s)"
+        )
     half = ES384_SIGNATURE_LENGTH // 2
     r = int.from_bytes(signed.signature[:half], "big")
     s = int.from_bytes(signed.signature[half:], "big")
@@ -405,18 +442,21 @@ def _check_pcrs(doc: AttestationDocument, expected: Mapping[Any, Any]) -> None:
 def verify_document(
     document: bytes,
     *,
-    trusted_roots: Sequence[x509.Certificate],
+    trusted_roots: Sequence[x509.Certificate] | Callable[[], Sequence[x509.Certificate]],
     expected_pcrs: Mapping[int, str | bytes | Iterable[str | bytes]] | None = None,
     nonce: bytes | None = None,
     max_age_s: float | None = 300,
     allow_debug: bool = False,
     now: datetime | None = None,
+    chain_cache: VerifiedChains | None = None,
 ) -> AttestationDocument:
     """Verify a document end to end and return its claims; raise AttestationError on any doubt.
 
     expected_pcrs maps a PCR index to one value or several allowed values
     (hex, any case, or 48 raw bytes). max_age_s=None skips the freshness check;
-    certificates are always checked at the document's own timestamp.
+    certificates are always checked at the document's own timestamp. trusted_roots may be a function that
+    returns them, called only when the chain must be verified: chain_cache (whose roots_id must identify
+    those same roots) may know it already.
     """
     signed = _split(document)
     doc = _claims(signed.payload)
@@ -425,13 +465,20 @@ def verify_document(
         raise AttestationError(
             f"the COSE algorithm is {alg!r:.40}, expected {COSE_ALG_ES384} (ES384): it is not an NSM document"
         )
-    roots = list(trusted_roots)
-    if not roots:
-        raise AttestationError(
-            "no trusted roots to verify against: pass aws_nitro_root() on Nitro or the local CA's root on local"
-        )
-    leaf = _verify_chain(doc, roots)
-    _verify_signature(signed, leaf)
+    chain_der = (doc.certificate, *doc.cabundle)
+    key = chain_cache.lookup(chain_der, doc.timestamp) if chain_cache else None
+    if key is None:
+        _load_certificates(doc)
+        roots = list(trusted_roots() if callable(trusted_roots) else trusted_roots)
+        if not roots:
+            raise AttestationError(
+                "no trusted roots to verify against: pass aws_nitro_root() on Nitro or the local CA's root on local"
+            )
+        chain = _verify_chain(doc, roots)
+        key = _leaf_key(chain[0])
+        if chain_cache:
+            chain_cache.remember(chain_der, chain, key)
+    _verify_signature(signed, key)
     if doc.debug_mode and not allow_debug:
         raise AttestationError(
             "PCR0 is all zeros: the enclave runs in debug mode, where the host can read its memory and console. "
@@ -462,9 +509,130 @@ def verify_document(
     return doc
 
 
+class VerifiedChains:
+    """A client's record of the certificate chains it has verified, so that its next process need not load
+    X.509 at all (~45 ms of CPU) to check a document from the same NSM leaf (AWS renews it every ~3 hours).
+
+    An entry is named by the SHA-256 of roots_id (what identifies the pinned roots, e.g. their PEM text) and
+    the DER of the document's certificate and cabundle, in order; it holds the span in which every
+    certificate of that chain is valid and the leaf's P-384 key, under an HMAC keyed by a secret beside the
+    entries. A document whose chain has an entry carries the same bytes verified before against the same
+    roots, so only the span is checked, at the document's own time, as the full check would; its COSE
+    signature (with the remembered key), nonce, PCRs, age and debug mode are checked as always. The
+    directory must be the user's own, mode 0700 (their state, where the local root and KMS credentials are
+    kept too). Any doubt (no entry, an altered or truncated one, a span the time is outside, a directory or
+    secret others could write, an unreadable file) means a full verification; the cache never fails one."""
+
+    VERSION = b"confidential-ml-nitro verified chain 1\0"  # in every name: a changed check starts afresh
+    _SPAN, _POINT, _MAC = 16, 97, 32  # not_before and not_after in ms, the uncompressed P-384 point, HMAC-SHA256
+
+    def __init__(self, directory: os.PathLike | str, roots_id: bytes):
+        self.directory = Path(directory)
+        self.roots_id = bytes(roots_id)
+
+    def _name(self, chain_der: Sequence[bytes]) -> str:
+        digest = hashlib.sha256(self.VERSION + hashlib.sha256(self.roots_id).digest())
+        for der in chain_der:
+            digest.update(len(der).to_bytes(4, "big") + der)
+        return digest.hexdigest()
+
+    @staticmethod
+    def _private(path: Path, fd: int | None = None) -> bool:
+        """Whether path (or the open fd) is ours and nobody else may read, write or enter it."""
+        st = os.fstat(fd) if fd is not None else os.lstat(path)
+        return st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+    def _read(self, name: str, size: int | None = None) -> bytes | None:
+        try:
+            fd = os.open(self.directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            data = os.read(fd, 4096)
+            return data if self._private(self.directory / name, fd) and size in (None, len(data)) else None
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _mac(secret: bytes, name: str, body: bytes) -> bytes:
+        return hmac.new(secret, name.encode() + body, "sha256").digest()
+
+    def lookup(self, chain_der: Sequence[bytes], at_ms: int) -> ec.EllipticCurvePublicKey | None:
+        """The leaf's key if this chain was verified before and every certificate is valid at at_ms, else None."""
+        try:
+            if not self._private(self.directory):
+                return None
+        except OSError:
+            return None
+        name = self._name(chain_der)
+        secret, entry = self._read("secret", 32), self._read(name, self._SPAN + self._POINT + self._MAC)
+        if secret is None or entry is None:
+            return None
+        body, mac = entry[: -self._MAC], entry[-self._MAC :]
+        if not hmac.compare_digest(mac, self._mac(secret, name, body)):
+            return None
+        not_before, not_after = int.from_bytes(body[:8], "big"), int.from_bytes(body[8:16], "big")
+        if not not_before <= at_ms < not_after:
+            return None
+        try:
+            return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP384R1(), body[self._SPAN :])
+        except ValueError:
+            return None
+
+    def remember(self, chain_der: Sequence[bytes], chain: Sequence[x509.Certificate], key) -> None:
+        """Record a chain verify_document has just verified (chain: as the verifier built it, leaf first)."""
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        not_before = max(cert.not_valid_before_utc for cert in chain).timestamp()
+        not_after = min(cert.not_valid_after_utc for cert in chain).timestamp()
+        body = int(not_before * 1000).to_bytes(8, "big") + int(not_after * 1000).to_bytes(8, "big")
+        body += key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+        name = self._name(chain_der)
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self._private(self.directory):
+                return
+            secret = self._read("secret", 32) or self._new_secret()
+            if secret is not None:
+                self._write(name, body + self._mac(secret, name, body))
+                self._forget_expired()
+        except OSError:
+            pass  # a cache that cannot be written costs the next process a full verification, nothing more
+
+    def _write(self, name: str, data: bytes, *, replace: bool = True) -> None:
+        temp = self.directory / f".{name}.{os.getpid()}.{os.urandom(4).hex()}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            if replace:
+                os.replace(temp, self.directory / name)
+            else:
+                os.link(temp, self.directory / name)  # FileExistsError: another process made it first
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _new_secret(self) -> bytes | None:
+        with contextlib.suppress(FileExistsError):
+            self._write("secret", os.urandom(32), replace=False)
+        return self._read("secret", 32)
+
+    def _forget_expired(self) -> None:
+        now_ms = int(datetime.now(UTC).timestamp() * 1000)
+        for entry in self.directory.iterdir():
+            if len(entry.name) == 64:
+                data = self._read(entry.name)
+                if data is None or len(data) < self._SPAN or int.from_bytes(data[8:16], "big") <= now_ms:
+                    entry.unlink(missing_ok=True)
+
+
 @lru_cache(maxsize=1)
 def aws_nitro_root() -> x509.Certificate:
     """The AWS Nitro Enclaves root G1 shipped with the project, checked against its published fingerprint."""
+    from cryptography import x509
+
     try:
         cert = x509.load_pem_x509_certificate(AWS_NITRO_ROOT_PEM)
     except ValueError as exc:
@@ -480,11 +648,26 @@ def aws_nitro_root() -> x509.Certificate:
 
 def load_trusted_roots(pem_paths: Sequence[str] = (), *, include_aws: bool = True) -> list[x509.Certificate]:
     """The AWS Nitro root (unless include_aws=False) plus every CA certificate in the given PEM files."""
-    roots = [aws_nitro_root()] if include_aws else []
+    sources = {}
     for path in pem_paths:
         try:
-            certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
-        except (OSError, ValueError) as exc:
+            sources[str(path)] = Path(path).read_bytes()
+        except OSError as exc:
+            raise AttestationError(
+                f"cannot read a trusted root from {path} ({exc}): give a PEM file holding the root certificate"
+            ) from exc
+    return roots_from_pem(sources, include_aws=include_aws)
+
+
+def roots_from_pem(sources: Mapping[str, bytes], *, include_aws: bool = True) -> list[x509.Certificate]:
+    """load_trusted_roots of PEM text already read: {where it came from: its bytes}."""
+    from cryptography import x509
+
+    roots = [aws_nitro_root()] if include_aws else []
+    for path, data in sources.items():
+        try:
+            certs = x509.load_pem_x509_certificates(data)
+        except ValueError as exc:
             raise AttestationError(
                 f"cannot read a trusted root from {path} ({exc}): give a PEM file holding the root certificate"
             ) from exc

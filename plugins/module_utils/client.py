@@ -23,6 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from . import attestation, settings, wire_codec
@@ -50,8 +51,22 @@ PUSH_TEMP = re.compile(r"\.push-[0-9a-f]{16}\.part")  # a bigger file's name unt
 
 def default_trusted_roots() -> list:
     """AWS's Nitro root, plus the local backend's root when a local CA exists on this host."""
+    return _default_roots()[0]()
+
+
+def _default_roots() -> tuple[Callable[[], list], attestation.VerifiedChains | None]:
+    """default_trusted_roots, loaded only when called, and the user's verified-chain cache for exactly those
+    roots: its entries are keyed by the PEM text they are loaded from, read once here."""
     local_root = settings.state_home() / "ca" / "root.pem"
-    return attestation.load_trusted_roots([str(local_root)] if local_root.exists() else [])
+    try:
+        sources = {str(local_root): local_root.read_bytes()}
+    except FileNotFoundError:
+        sources = {}
+    except OSError:  # load_trusted_roots says what is wrong with it
+        return partial(attestation.load_trusted_roots, [str(local_root)]), None
+    roots_id = b"\0".join([attestation.AWS_NITRO_ROOT_PEM, *sources.values()])
+    cache = attestation.VerifiedChains(settings.state_home() / "verified-chains", roots_id)
+    return partial(attestation.roots_from_pem, sources), cache
 
 
 _PCR0 = re.compile(r"[0-9a-f]{96}")
@@ -311,11 +326,12 @@ class EnclaveClient:
         """A fresh document from the enclave, verified: signature, chain, nonce, age and PCR0 if given."""
         nonce = nonce if nonce is not None else os.urandom(32)
         document = self.call("attest", {"nonce": nonce})["document"]
-        roots = self.trusted_roots if self.trusted_roots is not None else default_trusted_roots()
+        roots, cache = (self.trusted_roots, None) if self.trusted_roots is not None else _default_roots()
         try:
             return attestation.verify_document(
                 document,
                 trusted_roots=roots,
+                chain_cache=cache,
                 expected_pcrs={0: expect_pcr0} if expect_pcr0 else None,
                 nonce=nonce,
                 allow_debug=self.allow_debug,

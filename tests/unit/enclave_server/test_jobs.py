@@ -289,6 +289,14 @@ PROBES = {
         import warnings
         warnings.warn("secret-warning-text")  # SECRET_WARNING_SOURCE
     """,
+    "thread_fail.py": """
+        import threading
+        def load(row):
+            SECRET_THREAD_LINE = int(row)  # the owner's code, in a thread
+        worker = threading.Thread(target=load, args=("secret-thread-value",))
+        worker.start()
+        worker.join()
+    """,
 }
 
 
@@ -395,6 +403,11 @@ def test_a_failing_script_shows_where_not_its_source_or_data(probes):
     err = output_of(events, "stderr")
     assert summary["rc"] == 0 and "warn.py:3: UserWarning" in err
     assert "secret-warning-text" not in err and "SECRET_WARNING_SOURCE" not in err
+    # The bootstrap does not import threading (it sets the hook threading takes when the script imports it).
+    summary, events = probe(runner, "thread_fail.py")
+    err = output_of(events, "stderr")
+    assert 'File "thread_fail.py", line 4, in load' in err and err.rstrip().endswith("ValueError"), err
+    assert "SECRET_THREAD_LINE" not in err and "secret-thread-value" not in err
 
 
 def test_the_owner_can_allow_full_stderr_in_the_package(env, tmp_path):
