@@ -159,7 +159,7 @@ def test_the_hosts_own_package_under_its_own_key_is_refused(bound, tmp_path):
     host = bound["client"]("enclave-host")
     host_key = host.create_key(Description="the host's own")["KeyMetadata"]["KeyId"]
     package_seal.seal(write_tree(tmp_path / "evil", EVIL), bound["encrypted"] / "evil.pkg", kms_client=host,
-                 key_id=host_key, name="evil", version="1")  # fmt: skip
+                      key_id=host_key, name="evil", version="1")  # fmt: skip
     owner_key = bound["identity"].keys[0]
     assert_refused_before_key_release(
         bound, "evil.pkg", "package 'evil' 1 is not signed (package format 1)", owner_key.key_id,
@@ -246,7 +246,7 @@ def test_a_local_image_carries_the_owner_identity_and_its_server_loads_it(bound,
     host = bound["client"]("enclave-host")
     host_key = host.create_key()["KeyMetadata"]["KeyId"]
     package_seal.seal(write_tree(tmp_path / "evil", EVIL), share / "encrypted" / "evil.pkg", kms_client=host,
-                 key_id=host_key, name="evil", version="1")  # fmt: skip
+                      key_id=host_key, name="evil", version="1")  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(root / "app"))
     server = subprocess.Popen(
         [sys.executable, "-s", "-P", "-m", "ansible_collections.confidential_ml.nitro.enclave_server",

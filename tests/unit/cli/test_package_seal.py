@@ -65,7 +65,7 @@ def test_a_changed_source_is_sealed_again(kms, app, tmp_path):
 
 
 def test_another_key_or_version_is_sealed_again(kms, app, tmp_path):
-    key, other = (kms.create_key()["KeyMetadata"] for _ in range(2))
+    key, other = (kms.create_key()["KeyMetadata"] for _i in range(2))
     out = tmp_path / "app.pkg"
     seal(app, out, key["KeyId"])
     moved = seal(app, out, other["KeyId"])
@@ -75,7 +75,7 @@ def test_another_key_or_version_is_sealed_again(kms, app, tmp_path):
 
 
 def test_an_alias_is_resolved_and_follows_its_key(kms, app, tmp_path):
-    key, other = (kms.create_key()["KeyMetadata"] for _ in range(2))
+    key, other = (kms.create_key()["KeyMetadata"] for _i in range(2))
     kms.create_alias(AliasName="alias/app", TargetKeyId=key["KeyId"])
     out = tmp_path / "app.pkg"
     assert seal(app, out, "alias/app")["key_id"] == key["Arn"]

@@ -16,7 +16,7 @@ PRIVATE = {("cli/doctor.py", "Skipped")}
 
 
 def _error_classes():
-    return [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, BaseException)]
+    return [c for _name, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, BaseException)]
 
 
 def test_every_error_in_errors_py_is_an_enclave_error_named_error():
