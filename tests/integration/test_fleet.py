@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.tests.fixtures.ssh_fleet import ADDRESSES, Fleet, running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +98,7 @@ def on_host(fleet: Fleet, host: str, command: str) -> subprocess.CompletedProces
     )  # fmt: skip
 
 
+@pytest.mark.timeout(1500)  # several playbooks on three hosts, beyond the default 600 s under load
 def test_fleet_over_ssh_runs_the_job_on_hosts_that_cannot_see_the_controllers_files(ssh_fleet):
     work, env, fleet = ssh_fleet
     inventory, release = fleet.inventory, work / "owner" / "release"
@@ -138,6 +141,7 @@ def test_fleet_over_ssh_runs_the_job_on_hosts_that_cannot_see_the_controllers_fi
     assert describe_enclaves(env).stdout.strip() in ("", "[]")
 
 
+@pytest.mark.timeout(1500)  # several playbooks on three hosts, beyond the default 600 s under load
 def test_a_failing_host_does_not_stop_the_others_and_a_rerun_finishes_it(session_fleet, tmp_path):
     """Failures are contained (issue 15): enclave-b's enclave cannot start (its image is not where its inventory
     says), yet enclave-a and enclave-c run their jobs to verified receipts; run_job.yml again, limited to the
@@ -169,3 +173,88 @@ def test_a_failing_host_does_not_stop_the_others_and_a_rerun_finishes_it(session
     assert verify_receipt(env, jobs / "enclave-b", release)["rc"] == 0
     assert json.loads((jobs / "enclave-b" / "output" / "metrics.json").read_text())["accuracy"] > 0.9
     assert {h: (jobs / h / "receipt.json").read_bytes() for h in receipts} == receipts
+
+
+@pytest.mark.timeout(1500)  # several playbooks on three hosts, beyond the default 600 s under load
+def test_an_ssh_drop_mid_job_is_contained_and_the_same_command_finishes_it(session_fleet, tmp_path):
+    """An SSH drop mid-run (issue 15): while enclave-b's enclave reports its job running, enclave-b's sshd and every
+    SSH session there are killed (the host and its enclave stay up). enclave-a and enclave-c finish with verified
+    receipts, the recap names enclave-b unreachable; once sshd is back, the same command again finishes the job on
+    enclave-b (a new receipt that verifies) and changes nothing on the others (changed=0, receipts untouched).
+
+    enclave-b's dataset is the example's rows many times over (the same labels, so the same accuracy), so that its
+    job runs long enough to be caught running; the drop is made when the enclave itself says a job runs."""
+    release, jobs, env, fleet = session_fleet
+    big = tmp_path / "big-dataset"
+    big.mkdir()
+    rows = []
+    for batch in sorted((ROOT / "examples" / "dataset").glob("*.csv")):
+        header, *more = batch.read_text().splitlines(keepends=True)
+        rows += more
+    for i in range(4):
+        (big / f"batch_{i}.csv").write_text(header + "".join(rows) * 20)
+    # Play vars win over inventory vars, so enclave-b's dataset is chosen per host in an extra var.
+    dataset = f"{{{{ '{big}' if inventory_hostname == 'enclave-b' else '{ROOT / 'examples' / 'dataset'}' }}}}"
+    command = [str(BIN / "ansible-playbook"), "-i", str(fleet.inventory), "playbooks/run_job.yml",
+               "--forks", "3", "-e", f"release_dir={release}", "-e", f"job_dir={jobs}/{{{{ inventory_hostname }}}}",
+               "-e", f"dataset_dir={dataset}", "-e", "clear_output=true"]  # fmt: skip
+    host_env = {**env, "AWS_PROFILE": "enclave-host"}
+
+    log = tmp_path / "first-run.log"
+    with log.open("w") as out:
+        first = subprocess.Popen(command, cwd=ROOT, env=host_env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        seen = wait_for_running_job(env, "confidential-ml-b", first, log)
+        fleet.drop("enclave-b")
+        first.wait(timeout=900)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    output = log.read_text()
+    assert seen["script"] == "ml_algorithm.py", seen
+    counters = recap(output)
+    assert first.returncode == 4 and counters["enclave-b"]["unreachable"] == 1, f"{counters}\n{output[-6000:]}"
+    for host in ("enclave-a", "enclave-c"):
+        assert counters[host]["failed"] == 0 and counters[host]["unreachable"] == 0, counters
+        assert verify_receipt(env, jobs / host, release)["rc"] == 0
+    assert not (jobs / "enclave-b" / "receipt.json").exists()
+    # The host is still up and its enclave runs: only SSH went.
+    enclaves = {e["EnclaveName"]: e for e in json.loads(describe_enclaves(env).stdout)}
+    assert enclaves["confidential-ml-b"]["State"] == "RUNNING", enclaves
+    assert fleet.processes("enclave-b") and fleet.sshd("enclave-b") is None
+    receipts = {h: (jobs / h / "receipt.json").read_bytes() for h in ("enclave-a", "enclave-c")}
+
+    fleet.restore("enclave-b")
+    again = subprocess.run(command, cwd=ROOT, env=host_env, capture_output=True, text=True, timeout=900, check=False)
+    counters = recap(again.stdout)
+    assert again.returncode == 0, f"{counters}\n{again.stdout[-6000:]}"
+    assert counters["enclave-b"]["changed"] > 0 and counters["enclave-b"]["failed"] == 0, counters
+    for host in ("enclave-a", "enclave-c"):
+        assert counters[host]["changed"] == 0 and counters[host]["failed"] == 0, f"{host}: {counters}"
+        assert (jobs / host / "receipt.json").read_bytes() == receipts[host]
+    assert again.stdout.count("ran on enclave-") == 2, again.stdout[-6000:]  # "ml_algorithm.py ran on X before"
+    proved = verify_receipt(env, jobs / "enclave-b", release)
+    assert proved["rc"] == 0 and proved["inputs"] == 4, proved
+    metrics = json.loads((jobs / "enclave-b" / "output" / "metrics.json").read_text())
+    assert metrics["rows"] == 4 * 20 * len(rows) and metrics["accuracy"] > 0.9, metrics
+
+
+def wait_for_running_job(env: dict, name: str, playbook: subprocess.Popen, log: Path) -> dict:
+    """The job enclave name's server reports running (job.status), asked as `enclave status` does, while the
+    playbook runs; fails when the playbook ends first."""
+    endpoint = None
+    while playbook.poll() is None:
+        if endpoint is None:
+            described = json.loads(describe_enclaves(env).stdout or "[]")
+            endpoint = next((e["Endpoint"] for e in described if e["EnclaveName"] == name), None)
+            continue
+        try:
+            with EnclaveClient(endpoint, timeout=10) as client:
+                job = client.call("job.status", timeout=10)["job"]
+        except (EnclaveError, OSError):
+            job = None  # the enclave is starting, or restarting
+        if job is not None:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"run_job.yml ended before {name}'s job was seen running:\n{log.read_text()[-6000:]}")
