@@ -149,9 +149,10 @@ def test_a_host_fetches_the_release_from_s3_and_a_tampered_image_in_s3_is_refuse
     enclave-a of the SSH test fleet (one host: the fetch is per host, and three cost three times the time), whose
     file system has neither the checkout nor the owner's release folder. The host fetches image and packages with
     its own credentials, the controller fetches release.json into a folder of its own; the job's receipt verifies
-    there. Then the host tries to run a tampered image: the owner's image in S3 with 512 bytes appended (still a
-    valid archive, so its enclave starts, with another PCR0); the job is refused by the PCR0 check before anything
-    is pushed, with a plain error naming both PCR0s, and the controller's release.json is unchanged."""
+    there. Then the job runs again (run_again: the first run's receipt would skip it) on a tampered image: the
+    owner's image in S3 with 512 bytes appended (still a valid archive, so its enclave starts, with another PCR0);
+    the job is refused by the PCR0 check before anything is pushed, with a plain error naming both PCR0s, and the
+    controller's release.json is unchanged."""
     work, env = local_cloud
     copy_enclave_sources(work / "src")
     owner_playbook({**env, "AWS_PROFILE": "owner"}, work, moto_s3)
@@ -187,7 +188,8 @@ def test_a_host_fetches_the_release_from_s3_and_a_tampered_image_in_s3_is_refuse
             tampered = s3.get_object(Bucket=BUCKET, Key=image_key)["Body"].read() + bytes(512)
             s3.put_object(Bucket=BUCKET, Key=image_key, Body=tampered)
             refused = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(fleet.inventory),
-                                      "playbooks/run_job.yml", *s3_vars, "-e", "clear_output=true"],
+                                      "playbooks/run_job.yml", *s3_vars, "-e", "clear_output=true",
+                                      "-e", "run_again=true"],
                                      cwd=ROOT, env=host_env, capture_output=True, text=True, timeout=900,
                                      check=False)  # fmt: skip
             assert refused.returncode == 2, refused.stdout[-6000:]
