@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.confidential_ml.nitro.tests.fixtures.served import BIN
+from ansible_collections.confidential_ml.nitro.tests.fixtures.ssh_fleet import build_wheel
 
 ROOT = Path(__file__).resolve().parents[2]
 CALLBACK_PLUGINS = Path(__file__).resolve().parent / "callback_plugins"
@@ -104,6 +105,12 @@ def owner_release():
         published = _digests(work / "owner" / "release")
         yield work, env
         assert _digests(work / "owner" / "release") == published, "a test changed the session's owner release"
+
+
+@pytest.fixture(scope="session")
+def fleet_wheel(tmp_path_factory) -> Path:
+    """The project's wheel for the SSH test fleet's hosts (tests/fixtures/ssh_fleet.py), built once a session."""
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 def _digests(directory: Path) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""owner.yml publishing the release to S3, against moto's server on 127.0.0.1 (a random port).
+"""owner.yml publishing the release to S3, and a host fetching it from there, against moto's server on 127.0.0.1
+(a random port).
 
 The first run must put release.json, the enclave image and every package in the bucket, byte for byte what
 it published locally (SHA-256), with the image's SHA-384 equal to the PCR0 the release names and the
@@ -26,6 +27,7 @@ import pytest
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import package_format
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import OwnerIdentity
 from ansible_collections.confidential_ml.nitro.tests.fixtures.sources import copy_enclave_sources
+from ansible_collections.confidential_ml.nitro.tests.fixtures.ssh_fleet import running
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -139,3 +141,65 @@ def test_owner_publishes_the_release_to_s3_and_a_second_run_uploads_nothing(moto
     assert after == before, f"the second run uploaded again: before {before}, after {after}"
     # the signing key was made once: the second run found it (changed=0 above) and bound the same key
     assert json.loads((published / "release.json").read_text())["signing_keys"] == [signing]
+
+
+@pytest.mark.timeout(1500)  # owner.yml and two runs of run_job.yml over SSH, beyond 600 s under load
+def test_a_host_fetches_the_release_from_s3_and_a_tampered_image_in_s3_is_refused(moto_s3, local_cloud, fleet_wheel):
+    """The release from S3 on the host (issue 15): owner.yml publishes to S3; run_job.yml with release_s3_bucket on
+    enclave-a of the SSH test fleet (one host: the fetch is per host, and three cost three times the time), whose
+    file system has neither the checkout nor the owner's release folder. The host fetches image and packages with
+    its own credentials, the controller fetches release.json into a folder of its own; the job's receipt verifies
+    there. Then the job runs again (run_again: the first run's receipt would skip it) on a tampered image: the
+    owner's image in S3 with 512 bytes appended (still a valid archive, so its enclave starts, with another PCR0);
+    the job is refused by the PCR0 check before anything is pushed, with a plain error naming both PCR0s, and the
+    controller's release.json is unchanged."""
+    work, env = local_cloud
+    copy_enclave_sources(work / "src")
+    owner_playbook({**env, "AWS_PROFILE": "owner"}, work, moto_s3)
+    published = json.loads((work / "owner" / "release" / "release.json").read_text())
+    controller_release, jobs = work / "s3-release", work / "jobs"
+    s3_vars = ["-e", f"release_s3_bucket={BUCKET}", "-e", f"release_s3_prefix={PREFIX}",
+               "-e", f"release_s3_endpoint_url={moto_s3}", "-e", f"release_dir={controller_release}",
+               "-e", f"job_dir={jobs}/{{{{ inventory_hostname }}}}", "--limit", "enclave-a"]  # fmt: skip
+    masked = [work / "owner", work / "src", jobs, controller_release]
+    with running(work / "hosts", env, fleet_wheel, masked) as (fleet, fleet_env):
+        host_env = {**fleet_env, "AWS_PROFILE": "enclave-host"}
+        try:
+            run = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(fleet.inventory), "playbooks/run_job.yml",
+                                  *s3_vars], cwd=ROOT, env=host_env, capture_output=True, text=True, timeout=900,
+                                 check=False)  # fmt: skip
+            assert run.returncode == 0, f"run_job.yml from S3 failed:\n{run.stdout[-6000:]}\n{run.stderr[-2000:]}"
+            assert "Fetch the release's image from S3 to the host" in run.stdout
+            assert json.loads((controller_release / "release.json").read_text()) == published
+            assert sorted(p.name for p in controller_release.iterdir()) == [
+                "release.json"
+            ]  # no image on the controller
+            verified = subprocess.run(
+                [str(BIN / "enclave"), "receipt", "verify", str(jobs / "enclave-a" / "receipt.json"), "--release",
+                 str(controller_release / "release.json"), "--outputs", str(jobs / "enclave-a" / "output"), "--json"],
+                env=env, capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert verified.returncode == 0, verified.stderr
+            assert json.loads(verified.stdout)["rc"] == 0
+
+            s3 = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1", aws_access_key_id="owner",
+                              aws_secret_access_key="x")  # fmt: skip
+            image_key = PREFIX + published["image"]["file"]
+            tampered = s3.get_object(Bucket=BUCKET, Key=image_key)["Body"].read() + bytes(512)
+            s3.put_object(Bucket=BUCKET, Key=image_key, Body=tampered)
+            refused = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(fleet.inventory),
+                                      "playbooks/run_job.yml", *s3_vars, "-e", "clear_output=true",
+                                      "-e", "run_again=true"],
+                                     cwd=ROOT, env=host_env, capture_output=True, text=True, timeout=900,
+                                     check=False)  # fmt: skip
+            assert refused.returncode == 2, refused.stdout[-6000:]
+            pcr0 = published["image"]["measurements"]["pcr0"]
+            message = f"PCR0 is {hashlib.sha384(tampered).hexdigest()}, expected one of {pcr0}"
+            assert message in refused.stdout, refused.stdout[-6000:]
+            assert "TASK [Copy the owner's packages into the enclave's /encrypted]" in refused.stdout.split(message)[0]
+            assert json.loads((controller_release / "release.json").read_text()) == published
+        finally:
+            cleanup = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(fleet.inventory),
+                                      "playbooks/cleanup.yml"], cwd=ROOT, env=host_env, capture_output=True,
+                                     text=True, timeout=600, check=False)  # fmt: skip
+            assert cleanup.returncode == 0, cleanup.stdout[-3000:]

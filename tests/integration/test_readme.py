@@ -99,6 +99,7 @@ def copy_checkout(destination: Path) -> None:
 
 
 @needs_root
+@pytest.mark.timeout(2400)  # the whole README, the SSH fleet's section included: beyond the default 600 s under load
 def test_every_readme_block_runs_as_written_from_a_deep_checkout():
     work = Path(tempfile.mkdtemp(prefix="readme-", dir="/tmp"))
     checkout = work / "home-alice-src"
@@ -139,7 +140,10 @@ def test_every_readme_block_runs_as_written_from_a_deep_checkout():
                                    env={**env, "ENCLAVE_HOME": str(checkout / "build" / "demo-home")},
                                    capture_output=True, text=True, check=True)  # fmt: skip
         assert described.stdout.strip() == "[]"
+        assert not (checkout / "build" / "fleet" / "fleet.json").exists(), "the README left its SSH fleet running"
     finally:
+        subprocess.run([str(checkout / ".venv" / "bin" / "python"), "tests/fixtures/ssh_fleet.py", "down"],
+                       cwd=checkout, env=env, capture_output=True, timeout=300, check=False)  # fmt: skip
         home_env = {**env, "ENCLAVE_HOME": str(checkout / "build" / "demo-home")}
         subprocess.run(["fusermount3", "-u", "-z", str(checkout / "build" / "synced_folder")], capture_output=True,
                        check=False)  # fmt: skip
