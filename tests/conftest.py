@@ -6,6 +6,7 @@ source, not a stale installed copy.
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +27,12 @@ os.environ.setdefault("ANSIBLE_COLLECTIONS_PATH", str(COLLECTIONS))
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+# Tests press Ctrl-C on the CLI (SIGINT). A shell starts a background job (`make test &`) with SIGINT ignored, which
+# every process the suite starts would inherit, and a Python started so never raises KeyboardInterrupt: the CLI
+# would ignore the test's Ctrl-C and the test would hang (three did, in a run started with &).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Hypothesis' deadline (200 ms per example) is a timed assertion: beside a second xdist worker (make test) or
 # another session on the same cores, correct code took 380 ms once and 77 ms on the replay, and the test failed.
