@@ -39,13 +39,17 @@ link:
 # The collection's gates before the tests: ansible-lint --profile production and ansible-test
 # sanity (scripts/ansible_checks.sh installs shellcheck from Debian when run as root; ansible-test
 # builds its own virtual environments from PyPI on the first run).
+# pytest-xdist spreads the tests over one worker per core (PYTEST_WORKERS=0: in this process); a file's tests stay
+# together, and so do the tests of the session's owner release (tests/conftest.py names their xdist groups).
+PYTEST_WORKERS ?= auto
+PARALLEL := -n $(PYTEST_WORKERS) --dist loadgroup
 test: venv ansible-checks
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/mypy
 	$(BIN)/antsibull-changelog lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PARALLEL)
 	$(MAKE) test-lowest
 
 # The fast tier, for a developer between edits: no enclave, local cloud, ansible-playbook or FUSE mount
@@ -67,7 +71,7 @@ $(LOWEST_VENV)/.installed: pyproject.toml
 test-lowest: link $(LOWEST_VENV)/.installed
 	$(LOWEST_VENV)/bin/uv pip list --python $(LOWEST_VENV)/bin/python 2>/dev/null \
 	  | grep -iE '^(asn1crypto|boto3|botocore|cbor2|cryptography|mfusepy|pyyaml|tink|tqdm) '
-	$(LOWEST_VENV)/bin/python -m pytest tests/unit -p no:cacheprovider
+	$(LOWEST_VENV)/bin/python -m pytest tests/unit -p no:cacheprovider $(PARALLEL)
 
 ansible-checks: venv
 	VENV=$(VENV) scripts/ansible_checks.sh

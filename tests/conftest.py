@@ -6,6 +6,7 @@ source, not a stale installed copy.
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -32,6 +33,12 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
+# Tests press Ctrl-C on the CLI (SIGINT). A shell starts a background job (`make test &`) with SIGINT ignored, which
+# every process the suite starts would inherit, and a Python started so never raises KeyboardInterrupt: the CLI
+# would ignore the test's Ctrl-C and the test would hang (three did, in a run started with &).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # Fixtures that start servers are plugins every test directory may use; tests import their helpers from them,
 # never from a conftest.
 pytest_plugins = ["ansible_collections.confidential_ml.nitro.tests.fixtures.served"]
@@ -42,8 +49,29 @@ pytest_plugins = ["ansible_collections.confidential_ml.nitro.tests.fixtures.serv
 _STARTS_SERVERS = {"enclave", "local_cloud", "owner_release", "ansible_playbook"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup, make test)
 def pytest_collection_modifyitems(items):
     integration = ROOT / "tests" / "integration"
     for item in items:
         if integration in Path(item.path).resolve().parents or _STARTS_SERVERS & set(item.fixturenames):
             item.add_marker(pytest.mark.integration)
+        group = _xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+_SHARED_SCOPES = {"class", "module", "package"}
+
+
+def _xdist_group(item) -> str | None:
+    """Where pytest-xdist must keep a test with others (make test: --dist loadgroup): the tests of the session's
+    owner release on one worker, so that owner.yml runs once; a file whose tests share a module fixture (an image
+    build, a KMS server) on one worker, so that it is built once. Any other test goes wherever a worker is free."""
+    if "owner_release" in item.fixturenames:
+        return "owner_release"
+    definitions = getattr(item, "_fixtureinfo", None)
+    for chain in definitions.name2fixturedefs.values() if definitions else ():
+        scope = chain[-1].scope
+        if getattr(scope, "value", scope) in _SHARED_SCOPES:
+            return item.location[0]
+    return None

@@ -18,16 +18,22 @@ def build(tmp_path, name):
     return out
 
 
-def test_training_is_deterministic_and_pickle_free(tmp_path):
-    first, second = build(tmp_path, "a"), build(tmp_path, "b")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One training for the tests that only run the app (each training is seconds of CPU)."""
+    return build(tmp_path_factory.mktemp("trained"), "app")
+
+
+def test_training_is_deterministic_and_pickle_free(tmp_path, trained):
+    first, second = trained, build(tmp_path, "b")
     model = (first / "model/digits.npz").read_bytes()
     assert model == (second / "model/digits.npz").read_bytes()
     assert b"pickle" not in model and b"\x80\x04" not in model[:64]  # arrays only, no pickle stream
     assert hashlib.sha256(model).hexdigest()
 
 
-def test_app_classifies_the_user_dataset(tmp_path):
-    app = build(tmp_path, "app")
+def test_app_classifies_the_user_dataset(tmp_path, trained):
+    app = trained
     out = tmp_path / "output"
     result = subprocess.run(
         [sys.executable, str(app / "ml_algorithm.py"), "-m", str(app / "model/digits.npz"),
@@ -42,8 +48,8 @@ def test_app_classifies_the_user_dataset(tmp_path):
     assert "180 rows classified" in result.stdout
 
 
-def test_empty_dataset_is_a_clear_error(tmp_path):
-    app = build(tmp_path, "app")
+def test_empty_dataset_is_a_clear_error(tmp_path, trained):
+    app = trained
     (tmp_path / "empty").mkdir()
     result = subprocess.run(
         [sys.executable, str(app / "ml_algorithm.py"), "-m", str(app / "model/digits.npz"),
