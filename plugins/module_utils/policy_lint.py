@@ -216,6 +216,7 @@ def lint(policy: dict | str, *, user_principals: Sequence[str] = (), allow_debug
             for action in probe.actions:
                 decision = decide(statements, action, principal, probe.context)
                 if decision.allowed:
+                    assert decision.statement is not None  # an Allow names the statement that allows
                     leaks.setdefault((decision.statement, action, probe.situation), []).append(principal)
     problems += [
         f'statement {label} lets {", ".join(who)} call {action} {situation}; add a Deny for Principal "*"'
