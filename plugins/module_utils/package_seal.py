@@ -26,7 +26,7 @@ try:
     from tink.proto import aes_gcm_hkdf_streaming_pb2, common_pb2, tink_pb2
     from tqdm import tqdm
 except ImportError as exc:  # the modules report it: module_options.require_libraries
-    IMPORT_ERROR = exc
+    IMPORT_ERROR: ImportError | None = exc
 else:
     IMPORT_ERROR = None
     streaming_aead.register()
@@ -455,7 +455,8 @@ def _tar_info(path: str, kind: bytes, mode: int, size: int) -> tarfile.TarInfo:
 
 
 def _write_tar(body: BinaryIO, root: Path, entries: list[ManifestEntry], manifest: bytes, meter: tqdm) -> None:
-    with tarfile.open(
+    # open() hands copybufsize to TarFile(), whose stub has it; typeshed's open() overloads leave it out
+    with tarfile.open(  # type: ignore[call-overload]
         fileobj=body, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8", bufsize=IO_BYTES, copybufsize=IO_BYTES
     ) as tar:
         tar.addfile(_tar_info(MANIFEST_NAME, tarfile.REGTYPE, 0o644, len(manifest)), io.BytesIO(manifest))
