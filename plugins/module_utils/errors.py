@@ -8,6 +8,8 @@ non-zero, modules pass it to fail_json. Where callers rely on a builtin family t
 Private control-flow exceptions that never leave their module stay there.
 """
 
+from __future__ import annotations
+
 import errno
 
 

@@ -117,10 +117,10 @@ class PackageHeader:
             "manifest_digest": self.manifest_digest.hex(),
         }
         if self.signature is not None:
-            assert self.signer_fingerprint is not None  # format 2: read and built with its signer's fields
+            fingerprint = self.signer_fingerprint  # format 2 carries it beside the signature
             data["signer"] = {
                 "key_id": self.signer_key_id,
-                "fingerprint": self.signer_fingerprint.hex(),
+                "fingerprint": None if fingerprint is None else fingerprint.hex(),
                 "signature": base64.b64encode(self.signature).decode("ascii"),
             }
         return data

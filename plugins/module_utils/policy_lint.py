@@ -210,13 +210,12 @@ def lint(policy: dict | str, *, user_principals: Sequence[str] = (), allow_debug
     probes = {principal: _probes(principal, statements, pinned, allow_debug) for principal in principals}
 
     # The whole policy: nobody gets the key outside an allowed enclave.
-    leaks: dict[tuple[str, str, str], list[str]] = {}
+    leaks: dict[tuple[str | None, str, str], list[str]] = {}  # (statement, action, situation): who
     for principal, cases in probes.items():
         for probe in cases:
             for action in probe.actions:
                 decision = decide(statements, action, principal, probe.context)
                 if decision.allowed:
-                    assert decision.statement is not None  # an Allow names the statement that allows
                     leaks.setdefault((decision.statement, action, probe.situation), []).append(principal)
     problems += [
         f'statement {label} lets {", ".join(who)} call {action} {situation}; add a Deny for Principal "*"'
