@@ -330,7 +330,12 @@ class EnclaveClient:
         """A fresh document from the enclave, verified: signature, chain, nonce, age and PCR0 if given."""
         nonce = nonce if nonce is not None else os.urandom(32)
         document = self.call("attest", {"nonce": nonce})["document"]
-        roots, cache = (self.trusted_roots, None) if self.trusted_roots is not None else _default_roots()
+        roots: Sequence | Callable[[], list]
+        cache: attestation.VerifiedChains | None
+        if self.trusted_roots is not None:  # not one conditional expression, whose two types mypy 1.11 joins to object
+            roots, cache = self.trusted_roots, None
+        else:
+            roots, cache = _default_roots()
         try:
             return attestation.verify_document(
                 document,

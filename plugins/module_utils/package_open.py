@@ -315,7 +315,7 @@ def _extract(
     # tarfile parses the member headers; member content is read past it, straight from the plaintext.
     # typeshed's fileobj protocol asks for write and close too; reading a fileobj it was given, tarfile calls neither
     with tarfile.TarFile(fileobj=plaintext, mode="r") as tar:  # type: ignore[arg-type]
-        entries = _read_manifest(tar, header, max_total_bytes)
+        entries = _read_manifest(tar, plaintext, header, max_total_bytes)
         for entry in entries:
             member = tar.next()
             if member is None:
@@ -337,7 +337,9 @@ def _extract(
     return entries
 
 
-def _read_manifest(tar: tarfile.TarFile, header: PackageHeader, max_total_bytes: int) -> list[ManifestEntry]:
+def _read_manifest(
+    tar: tarfile.TarFile, plaintext: _Plaintext, header: PackageHeader, max_total_bytes: int
+) -> list[ManifestEntry]:
     member = tar.next()
     if member is not None:
         _check_no_global_header(tar, member)
@@ -345,7 +347,7 @@ def _read_manifest(tar: tarfile.TarFile, header: PackageHeader, max_total_bytes:
         raise _Refused(f"its first member is {member.name if member else None!r}, not the manifest {MANIFEST_NAME!r}")
     if member.size > MAX_MANIFEST_BYTES:
         raise _Refused(f"its manifest claims {member.size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
-    data = tar.fileobj.read(member.size)  # the _Plaintext: content is read past tarfile
+    data = plaintext.read(member.size)  # tar's fileobj: content is read past tarfile
     if len(data) != member.size:
         raise tarfile.ReadError("unexpected end of data in the manifest")
     if hashlib.sha256(data).digest() != header.manifest_digest:

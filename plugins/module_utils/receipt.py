@@ -211,7 +211,7 @@ class Release:
     def accepted_pcr0(self) -> list[str]:
         """The PCR0 values a job of this release may have run under: those the key policy allows (the image's and
         the rotation window's), or the image's alone in a release that predates allowed_pcr0."""
-        values = [p.lower() for p in self.allowed_pcr0] if self.allowed_pcr0 else [self.image_pcr0]
+        values: list[str | None] = [p.lower() for p in self.allowed_pcr0] if self.allowed_pcr0 else [self.image_pcr0]
         accepted = [value for value in values if value]
         if len(accepted) != len(values):
             raise EnclaveError(
