@@ -61,9 +61,9 @@ def cmd_ls(args, make_client) -> int:
         _print_json({"path": path, "entries": shown})
         return 0
     for e in entries:
-        shown = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["mtime_ns"] / 1e9))
+        modified = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["mtime_ns"] / 1e9))
         folder = "/" if stat.S_ISDIR(e["mode"]) else ""
-        print(f"{stat.filemode(e['mode'])} {e['size']:>14} {shown} {e['name']}{folder}")
+        print(f"{stat.filemode(e['mode'])} {e['size']:>14} {modified} {e['name']}{folder}")
     if not entries:
         print(f"{path} is empty", file=sys.stderr)
     return 0
@@ -104,7 +104,7 @@ def _remove(client, path: str, st: dict, counts: dict) -> None:
 def cmd_rm(args, make_client) -> int:
     paths = [_share_path(p) for p in args.paths]
     counts = {"files": 0, "folders": 0, "bytes": 0}
-    removed = []
+    removed: list[str] = []
     with make_client(args, attest_first=_attesting(args)) as client:
         targets = []
         for path in paths:  # every path is checked before anything is removed: a typo removes nothing

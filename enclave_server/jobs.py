@@ -379,6 +379,7 @@ class JobRunner:
         """The job's directory (its package and TMPDIR) and /output become the job's; nothing else does."""
         os.makedirs(os.path.join(workdir, "tmp"), mode=0o700)
         if self.job_uid is not None:
+            assert self.job_gid is not None  # __init__ gives a job uid its gid
             self._chown_tree(workdir, self.job_uid, self.job_gid)
             os.chown(os.path.join(self.share.root, "output"), self.job_uid, self.job_gid)
 
@@ -406,6 +407,7 @@ class JobRunner:
         or not. Linux walks the task list under its lock, so a forking job cannot slip a child past it."""
         if self.job_uid is None:
             return
+        assert self.job_gid is not None  # __init__ gives a job uid its gid
         pid = os.fork()
         if pid == 0:  # only system calls until _exit: the server has threads
             try:

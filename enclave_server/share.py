@@ -71,24 +71,26 @@ class Share:
     def release(self) -> None:
         self._held = None
 
-    def _busy(self, what: str) -> OSError:
+    # The checks read self._held once: the job's thread may release it meanwhile (a second read gave None).
+    def _busy(self, job: str, what: str) -> OSError:
         return _fail(
             errno.EBUSY,
-            f"{what} is in use by {self._held[0]}: the host cannot change it until the job ends; wait for it or "
-            "cancel it",
+            f"{what} is in use by {job}: the host cannot change it until the job ends; wait for it or cancel it",
         )
 
     def _check_held(self, path: str) -> None:
-        if self._held is not None:
+        held = self._held
+        if held is not None:
             parts = split_path(path)
             if parts and parts[0] in JOB_DIRS:
-                raise self._busy(f"/{parts[0]}")
+                raise self._busy(held[0], f"/{parts[0]}")
 
     def _check_held_file(self, fd: int, path: str) -> None:
-        if self._held is not None:
+        held = self._held
+        if held is not None:
             st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) == self._held[1]:
-                raise self._busy(f"{path} (the package the job runs)")
+            if (st.st_dev, st.st_ino) == held[1]:
+                raise self._busy(held[0], f"{path} (the package the job runs)")
 
     # -- resolution
 
@@ -383,8 +385,9 @@ class Share:
                     raise _fail(errno.EISDIR, f"{path} is a directory")
                 if not stat.S_ISREG(st.st_mode):
                     raise _fail(errno.EPERM, f"{path} is not a regular file")
-                if self._held is not None and (st.st_dev, st.st_ino) == self._held[1]:
-                    raise self._busy(f"{path} (the package the job runs)")
+                held = self._held
+                if held is not None and (st.st_dev, st.st_ino) == held[1]:
+                    raise self._busy(held[0], f"{path} (the package the job runs)")
             temp = PUT_TEMP_PREFIX + secrets.token_hex(8)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(temp, flags, mode & _FILE_MODE_MASK, dir_fd=dirfd)

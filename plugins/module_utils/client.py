@@ -25,12 +25,16 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import attestation, settings, wire_codec
 from .endpoints import Endpoint
 from .errors import AttestationError, EnclaveError, ProtocolError, RemoteError, WireError
 from .wire_client import Call, Connection, _remote_error
 from .wire_frames import keep_freed_memory
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 # What the client needs (cbor2, cryptography) and could not import, or None; the modules report it.
 IMPORT_ERROR = attestation.IMPORT_ERROR or wire_codec.IMPORT_ERROR
@@ -244,7 +248,7 @@ class _Meter:
     def __init__(self, what: str, total: int):
         self.what, self.total, self.done = what, total, 0
         self.started = time.monotonic()
-        self.shown = None
+        self.shown: tqdm | None = None
 
     def update(self, n: int) -> None:
         if self.shown is not None:
@@ -326,7 +330,12 @@ class EnclaveClient:
         """A fresh document from the enclave, verified: signature, chain, nonce, age and PCR0 if given."""
         nonce = nonce if nonce is not None else os.urandom(32)
         document = self.call("attest", {"nonce": nonce})["document"]
-        roots, cache = (self.trusted_roots, None) if self.trusted_roots is not None else _default_roots()
+        roots: Sequence | Callable[[], list]
+        cache: attestation.VerifiedChains | None
+        if self.trusted_roots is not None:  # not one conditional expression, whose two types mypy 1.11 joins to object
+            roots, cache = self.trusted_roots, None
+        else:
+            roots, cache = _default_roots()
         try:
             return attestation.verify_document(
                 document,
@@ -663,7 +672,7 @@ class EnclaveClient:
                 small.append({**entry, "remote": f"{remote_root}/{entry['path']}", "target": target})
             else:
                 big.append((entry, target))
-        pending: deque = deque()
+        pending: deque[tuple[list[dict], Call]] = deque()
         try:
             for group in _groups(small, 2, min(BATCH_BYTES, self._chunk)):
                 ops = []
@@ -741,7 +750,7 @@ class EnclaveClient:
         """Run script from package in the enclave; stdout/stderr reach on_output live; returns the job summary.
 
         The enclave refuses to start over files left in /output unless clear_output (then it removes them)."""
-        request = {
+        request: dict[str, Any] = {
             "package": package if package.startswith("/") else f"/encrypted/{package}",
             "script": script,
             "args": args if isinstance(args, str) else list(args),

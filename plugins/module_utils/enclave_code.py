@@ -143,7 +143,8 @@ def collection_root() -> Path:
     AnsiballZ payload), the installed Python package's. ImageError, saying what to do, when neither holds it."""
     candidates = [Path(__file__).resolve().parents[2]]
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        candidates.append(Path(importlib.metadata.distribution(DISTRIBUTION).locate_file(PACKAGE_PATH)))
+        # locate_file gives a path-like object, a pathlib.Path for an installed wheel (a zipfile.Path from a zip)
+        candidates.append(Path(str(importlib.metadata.distribution(DISTRIBUTION).locate_file(PACKAGE_PATH))))
     for root in candidates:
         if (root / DOCKERFILE_PATH).is_file():
             return root

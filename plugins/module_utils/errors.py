@@ -77,6 +77,8 @@ class CallTimeoutError(WireError, TimeoutError):
 class RemoteError(EnclaveError, OSError):
     """The server answered a request with an error: .errno, .strerror (its message), .name, .op."""
 
+    errno: int  # always given, where OSError's may be None
+
     def __init__(self, code: int, message: str, *, name: str | None = None, op: str | None = None):
         super().__init__(code, message)
         self.name = name or errno.errorcode.get(code, "EIO")

@@ -121,7 +121,7 @@ def _deny_without(sid: str, key: str, values: list[str]) -> dict:
 
 def render_policy(
     *,
-    account_id: str,
+    account_id: str | None,
     user_principals: Sequence[str],
     pcr0: Sequence[str],
     pcr8: Sequence[str] = (),

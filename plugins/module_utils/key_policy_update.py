@@ -106,7 +106,8 @@ def apply_key_policy(
             return method(**kwargs)
         except _BOTO_ERRORS as err:
             code = (getattr(err, "response", None) or {}).get("Error", {}).get("Code") or None
-            advice = _KMS_ADVICE.get(code, _KMS_DEFAULT_ADVICE).format(**{**OPTION_NAMES, **names})
+            # code None: botocore failed before KMS answered
+            advice = _KMS_ADVICE.get(code or "", _KMS_DEFAULT_ADVICE).format(**{**OPTION_NAMES, **names})
             raise KmsCallError(
                 f"KMS {operation} on {target} failed: {err}; {advice}", code=code, operation=operation
             ) from err

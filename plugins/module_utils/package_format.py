@@ -18,12 +18,12 @@ import struct
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 try:
     import cbor2
 except ImportError as exc:  # the modules report it: module_options.require_libraries
-    IMPORT_ERROR = exc
+    IMPORT_ERROR: ImportError | None = exc
 else:
     IMPORT_ERROR = None
 
@@ -117,9 +117,10 @@ class PackageHeader:
             "manifest_digest": self.manifest_digest.hex(),
         }
         if self.signature is not None:
+            fingerprint = self.signer_fingerprint  # format 2 carries it beside the signature
             data["signer"] = {
                 "key_id": self.signer_key_id,
-                "fingerprint": self.signer_fingerprint.hex(),
+                "fingerprint": None if fingerprint is None else fingerprint.hex(),
                 "signature": base64.b64encode(self.signature).decode("ascii"),
             }
         return data
@@ -146,7 +147,9 @@ def decode_manifest(data: bytes) -> list[ManifestEntry]:
         raise ValueError(f"the manifest is not valid CBOR ({exc})") from None
     if not isinstance(items, list):
         raise ValueError("the manifest is not a CBOR array")
-    entries, dirs, previous = [], set(), ()
+    entries: list[ManifestEntry] = []
+    dirs: set[str] = set()
+    previous: tuple[str, ...] = ()
     for item in items:
         if not isinstance(item, dict) or set(item) != _ENTRY_KEYS:
             raise ValueError(f"manifest entry {item!r:.200} does not have exactly the keys {sorted(_ENTRY_KEYS)}")
@@ -215,7 +218,7 @@ def _make_header(
     manifest_digest: bytes,
     signer=None,
 ) -> PackageHeader:
-    fields = {
+    fields: dict[str, Any] = {
         "format_version": 1 if signer is None else FORMAT_VERSION,
         "name": name,
         "version": version,

@@ -20,9 +20,8 @@ import struct
 import sys
 import tarfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
 
 try:
     from cryptography.exceptions import InvalidTag
@@ -30,7 +29,7 @@ try:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 except ImportError as exc:  # the modules report it: module_options.require_libraries
-    IMPORT_ERROR = exc
+    IMPORT_ERROR: ImportError | None = exc
 else:
     IMPORT_ERROR = None
 
@@ -71,7 +70,7 @@ class _SegmentFailed(Exception):
         self.segment = segment
 
 
-def _decrypt_segments(package: BinaryIO, data_key: bytes, associated_data: bytes) -> Iterator[bytes]:
+def _decrypt_segments(package: io.BufferedReader, data_key: bytes, associated_data: bytes) -> Iterator[bytes]:
     """Tink's AES-GCM-HKDF streaming decryption (docs/PACKAGE_FORMAT.md section 3), one verified segment at a time.
 
     It accepts every ciphertext Tink writes and refuses every one Tink refuses (tests hold it to Tink and to the
@@ -89,6 +88,7 @@ def _decrypt_segments(package: BinaryIO, data_key: bytes, associated_data: bytes
     # Two ciphertext buffers, reused: the segment being decrypted and the one read ahead.
     buffer, spare = bytearray(SEGMENT_BYTES), bytearray(SEGMENT_BYTES)
     full = SEGMENT_BYTES - TINK_HEADER_BYTES  # segment 0 shares its room with Tink's header
+    segment: memoryview | bytes  # what _read_into filled, or following's b"" (nothing follows a short segment)
     segment, index = _read_into(package, memoryview(buffer)[:full]), 0
     while True:
         following = _read_into(package, spare) if len(segment) == full else b""
@@ -106,7 +106,7 @@ def _decrypt_segments(package: BinaryIO, data_key: bytes, associated_data: bytes
         buffer, spare = spare, buffer
 
 
-def _read_into(stream: BinaryIO, buffer) -> memoryview:
+def _read_into(stream: io.BufferedReader, buffer) -> memoryview:
     """Fill buffer from stream; the part filled, shorter only at the end of the file."""
     view, filled = memoryview(buffer), 0
     while filled < len(view) and (count := stream.readinto(view[filled:])):
@@ -200,7 +200,7 @@ def open_package(
 
 
 def _open_stream(
-    package: BinaryIO, path, target_dir, unwrap_key, max_total_bytes: int, check_header
+    package: io.BufferedReader, path, target_dir, unwrap_key, max_total_bytes: int, check_header
 ) -> list[ManifestEntry]:
     try:
         header = _read_header(package, path)
@@ -226,7 +226,7 @@ def _open_stream(
 
 
 def _open_body(
-    package: BinaryIO,
+    package: io.BufferedReader,
     target: Path,
     header: PackageHeader,
     where: str,
@@ -313,8 +313,9 @@ def _extract(
     hasher: ThreadPoolExecutor,
 ) -> list[ManifestEntry]:
     # tarfile parses the member headers; member content is read past it, straight from the plaintext.
-    with tarfile.TarFile(fileobj=plaintext, mode="r") as tar:
-        entries = _read_manifest(tar, header, max_total_bytes)
+    # typeshed's fileobj protocol asks for write and close too; reading a fileobj it was given, tarfile calls neither
+    with tarfile.TarFile(fileobj=plaintext, mode="r") as tar:  # type: ignore[arg-type]
+        entries = _read_manifest(tar, plaintext, header, max_total_bytes)
         for entry in entries:
             member = tar.next()
             if member is None:
@@ -327,7 +328,8 @@ def _extract(
                 os.chmod(target / entry.path, entry.mode)  # exact mode, whatever the umask
             else:
                 _write_file(plaintext, member, target / entry.path, entry, hasher)
-            tar.members.clear()  # tarfile remembers every member; a package may hold very many
+            # tarfile remembers every member; a package may hold very many (typeshed leaves TarFile.members out)
+            tar.members.clear()  # type: ignore[attr-defined]
         extra = tar.next()
         if extra is not None:
             raise _Refused(f"it holds {extra.name!r}, which its manifest does not list")
@@ -335,7 +337,9 @@ def _extract(
     return entries
 
 
-def _read_manifest(tar: tarfile.TarFile, header: PackageHeader, max_total_bytes: int) -> list[ManifestEntry]:
+def _read_manifest(
+    tar: tarfile.TarFile, plaintext: _Plaintext, header: PackageHeader, max_total_bytes: int
+) -> list[ManifestEntry]:
     member = tar.next()
     if member is not None:
         _check_no_global_header(tar, member)
@@ -343,7 +347,7 @@ def _read_manifest(tar: tarfile.TarFile, header: PackageHeader, max_total_bytes:
         raise _Refused(f"its first member is {member.name if member else None!r}, not the manifest {MANIFEST_NAME!r}")
     if member.size > MAX_MANIFEST_BYTES:
         raise _Refused(f"its manifest claims {member.size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
-    data = tar.fileobj.read(member.size)  # the _Plaintext: content is read past tarfile
+    data = plaintext.read(member.size)  # tar's fileobj: content is read past tarfile
     if len(data) != member.size:
         raise tarfile.ReadError("unexpected end of data in the manifest")
     if hashlib.sha256(data).digest() != header.manifest_digest:
@@ -397,7 +401,8 @@ def _write_file(
 ) -> None:
     # O_EXCL|O_NOFOLLOW: never write through something that already exists, least of all a link.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    sha, count, pending = hashlib.sha256(), 0, collections.deque()
+    sha, count = hashlib.sha256(), 0
+    pending: collections.deque[Future[None]] = collections.deque()  # hashes of large pieces, in order
     with os.fdopen(fd, "wb") as out:
         for piece in plaintext.pieces(member.size):
             # hashlib releases the GIL on large updates: a second thread hashes a piece while this one writes it.

@@ -26,7 +26,7 @@ try:
     from tink.proto import aes_gcm_hkdf_streaming_pb2, common_pb2, tink_pb2
     from tqdm import tqdm
 except ImportError as exc:  # the modules report it: module_options.require_libraries
-    IMPORT_ERROR = exc
+    IMPORT_ERROR: ImportError | None = exc
 else:
     IMPORT_ERROR = None
     streaming_aead.register()
@@ -455,7 +455,9 @@ def _tar_info(path: str, kind: bytes, mode: int, size: int) -> tarfile.TarInfo:
 
 
 def _write_tar(body: BinaryIO, root: Path, entries: list[ManifestEntry], manifest: bytes, meter: tqdm) -> None:
-    with tarfile.open(
+    # open() hands copybufsize to TarFile(), whose stub has it; typeshed's open() leaves it out (call-arg: the
+    # typeshed of mypy 1.11, the floor; call-overload: later ones)
+    with tarfile.open(  # type: ignore[call-overload, call-arg]
         fileobj=body, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8", bufsize=IO_BYTES, copybufsize=IO_BYTES
     ) as tar:
         tar.addfile(_tar_info(MANIFEST_NAME, tarfile.REGTYPE, 0o644, len(manifest)), io.BytesIO(manifest))
@@ -464,7 +466,8 @@ def _write_tar(body: BinaryIO, root: Path, entries: list[ManifestEntry], manifes
                 tar.addfile(_tar_info(entry.path, tarfile.DIRTYPE, entry.mode, 0))
             else:
                 _add_file(tar, root, entry, meter)
-            tar.members.clear()  # tarfile remembers every member; a package may hold very many
+            # tarfile remembers every member; a package may hold very many (typeshed leaves TarFile.members out)
+            tar.members.clear()  # type: ignore[attr-defined]
 
 
 def _add_file(tar: tarfile.TarFile, root: Path, entry: ManifestEntry, meter: tqdm) -> None:
@@ -481,7 +484,8 @@ def _add_file(tar: tarfile.TarFile, root: Path, entry: ManifestEntry, meter: tqd
     with source:
         reader = _HashingReader(source, meter)
         try:
-            tar.addfile(_tar_info(entry.path, tarfile.REGTYPE, entry.mode, entry.size), reader)
+            # addfile only reads from it; mypy 1.11's typeshed (the floor) asks for a whole IO[bytes]
+            tar.addfile(_tar_info(entry.path, tarfile.REGTYPE, entry.mode, entry.size), reader)  # type: ignore[arg-type]
         except OSError as exc:
             if reader.at_eof and reader.count < entry.size:  # tarfile's "unexpected end of data"
                 raise changed(f"it is now shorter than {entry.size} bytes") from exc

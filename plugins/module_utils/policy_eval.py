@@ -108,7 +108,8 @@ class Condition:
 
     def holds(self, request: Mapping[str, tuple[str, ...]]) -> bool:
         op, found = self.operator, request.get(self.key.lower())
-        if op.match is None:  # Null: "true" means the key must be absent
+        match = op.match  # a local, so that holds_for sees it is not None
+        if match is None:  # Null: "true" means the key must be absent
             return any((found is None) == (value == "true") for value in self.values)
         if found is None:
             if op.if_exists or op.qualifier == "ForAllValues":
@@ -118,14 +119,14 @@ class Condition:
             return op.negated  # absent: positive operators fail, negated ones hold
 
         def holds_for(item: str) -> bool:
-            return any(op.match(item, value) for value in self.values) != op.negated
+            return any(match(item, value) for value in self.values) != op.negated
 
         if op.qualifier == "ForAllValues":
             return all(holds_for(item) for item in found)
         if op.qualifier == "ForAnyValue":
             return any(holds_for(item) for item in found)
         # Unqualified on a multi-valued request value: it matches if any request value matches.
-        return any(op.match(item, value) for item in found for value in self.values) != op.negated
+        return any(match(item, value) for item in found for value in self.values) != op.negated
 
     def describe(self) -> str:
         return f"{self.operator.name} on {self.key}"
@@ -240,7 +241,8 @@ def _parse_conditions(block, where: str) -> tuple[Condition, ...]:
 def parse_statement(raw, index: int) -> Statement:
     if not isinstance(raw, dict):
         raise PolicyError(f"Statement[{index}] is not an object; every statement must be a JSON object.")
-    label = raw.get("Sid") if isinstance(raw.get("Sid"), str) and raw.get("Sid") else f"Statement[{index}]"
+    sid = raw.get("Sid")
+    label = sid if isinstance(sid, str) and sid else f"Statement[{index}]"
     where = f"statement {label}"
     unknown = sorted(set(raw) - _ELEMENTS)
     if unknown:  # a misspelt "Condition" would otherwise silently widen the statement

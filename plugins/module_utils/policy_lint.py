@@ -210,7 +210,7 @@ def lint(policy: dict | str, *, user_principals: Sequence[str] = (), allow_debug
     probes = {principal: _probes(principal, statements, pinned, allow_debug) for principal in principals}
 
     # The whole policy: nobody gets the key outside an allowed enclave.
-    leaks: dict[tuple[str, str, str], list[str]] = {}
+    leaks: dict[tuple[str | None, str, str], list[str]] = {}  # (statement, action, situation): who
     for principal, cases in probes.items():
         for probe in cases:
             for action in probe.actions:

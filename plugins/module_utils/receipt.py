@@ -31,7 +31,7 @@ from .errors import AttestationError, EnclaveError
 try:
     import cbor2
 except ImportError as exc:  # the modules report it: module_options.require_libraries
-    IMPORT_ERROR = exc
+    IMPORT_ERROR: ImportError | None = exc
 else:
     IMPORT_ERROR = attestation.IMPORT_ERROR  # and what attestation needs
 
@@ -115,10 +115,8 @@ class Receipt:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def _text(data: Mapping, key: str, where: str, *, required: bool = True) -> str | None:
+def _text(data: Mapping, key: str, where: str) -> str:
     value = data.get(key)
-    if value is None and not required:
-        return None
     if not isinstance(value, str) or not value:
         raise EnclaveError(f"{where} has no {key} (got {value!r:.60}): give the release.json the owner published")
     return value
@@ -138,9 +136,9 @@ class ReleasePackage:
     def from_dict(cls, data, where: str) -> ReleasePackage:
         if not isinstance(data, dict):
             raise EnclaveError(f"{where} is not an object: give the release.json the owner published")
-        text = {key: _text(data, key, where) for key in ("name", "version", "manifest_digest")}
-        optional = {key: _text(data, key, where, required=False) for key in ("file", "sha256")}
-        return cls(**text, **optional)
+        name, version, digest = (_text(data, key, where) for key in ("name", "version", "manifest_digest"))
+        file, sha256 = (None if data.get(key) is None else _text(data, key, where) for key in ("file", "sha256"))
+        return cls(name, version, digest, file, sha256)
 
     def to_dict(self) -> dict:
         data = {"name": self.name, "version": self.version, "manifest_digest": self.manifest_digest}
@@ -213,13 +211,14 @@ class Release:
     def accepted_pcr0(self) -> list[str]:
         """The PCR0 values a job of this release may have run under: those the key policy allows (the image's and
         the rotation window's), or the image's alone in a release that predates allowed_pcr0."""
-        values = [p.lower() for p in self.allowed_pcr0] if self.allowed_pcr0 else [self.image_pcr0]
-        if not all(values):
+        values: list[str | None] = [p.lower() for p in self.allowed_pcr0] if self.allowed_pcr0 else [self.image_pcr0]
+        accepted = [value for value in values if value]
+        if len(accepted) != len(values):
             raise EnclaveError(
                 f"{self.source} names no image PCR0 (neither allowed_pcr0 nor image.measurements.pcr0): give the "
                 "release.json the owner published"
             )
-        return values
+        return accepted
 
     def package(self, manifest_digest) -> ReleasePackage | None:
         return next((p for p in self.packages if p.manifest_digest == manifest_digest), None)

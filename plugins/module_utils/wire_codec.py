@@ -14,12 +14,13 @@ import io
 import ipaddress
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 try:
     import cbor2
 except ImportError as exc:  # the modules report it: module_options.require_libraries
-    IMPORT_ERROR = exc
+    IMPORT_ERROR: ImportError | None = exc
 else:
     IMPORT_ERROR = None
 
@@ -42,7 +43,7 @@ def _encode_memoryview(encoder, value):
 
 # Types cbor2 would otherwise send as CBOR tags, which the decoder refuses: failing
 # here keeps a handler's mistake to its own request instead of killing the connection.
-_ENCODERS = {
+_ENCODERS: dict[type, Callable[[Any, Any], None]] = {
     t: _refuse
     for t in (
         datetime.datetime,

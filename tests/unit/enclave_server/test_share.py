@@ -4,6 +4,7 @@ import errno
 import hashlib
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -192,6 +193,46 @@ def test_put_refuses_what_a_running_job_holds(share):
     finally:
         share.release()
         os.close(fd)
+    assert share.read("/encrypted/app.pkg", 0, 100) == b"package"
+
+
+def test_a_job_ending_during_a_hold_check_still_refuses_with_ebusy(share, monkeypatch):
+    """The job's thread releases the hold while a host call is between its check and its refusal (forced here at
+    the one call in between): the host gets EBUSY naming the job, as the check saw it, not a TypeError."""
+    from ansible_collections.confidential_ml.nitro.enclave_server import share as share_module
+
+    share.put("/dataset/x", 0o644, b"input")
+    share.put("/encrypted/app.pkg", 0o644, b"package")
+    fd = os.open(os.path.join(share.root, "encrypted", "app.pkg"), os.O_RDONLY)
+    real_split_path, real_fstat = share_module.split_path, os.fstat
+
+    def split_path_as_the_job_ends(path):
+        share.release()
+        return real_split_path(path)
+
+    def fstat_as_the_job_ends(fd):
+        if sys._getframe(1).f_code.co_name == "_check_held_file":  # not the fstat that opening the file does
+            share.release()
+        return real_fstat(fd)
+
+    try:
+        share.hold("job 1", fd)
+        with monkeypatch.context() as patch:
+            patch.setattr(share_module, "split_path", split_path_as_the_job_ends)
+            with pytest.raises(OSError) as caught:
+                share.unlink("/dataset/x")
+        assert (caught.value.errno, "job 1" in caught.value.strerror) == (errno.EBUSY, True)
+
+        share.hold("job 2", fd)
+        with monkeypatch.context() as patch:
+            patch.setattr(share_module.os, "fstat", fstat_as_the_job_ends)
+            with pytest.raises(OSError) as caught:
+                share.write("/encrypted/app.pkg", 0, b"changed")
+        assert (caught.value.errno, "job 2" in caught.value.strerror) == (errno.EBUSY, True)
+    finally:
+        share.release()
+        os.close(fd)
+    assert share.read("/dataset/x", 0, 100) == b"input"
     assert share.read("/encrypted/app.pkg", 0, 100) == b"package"
 
 
