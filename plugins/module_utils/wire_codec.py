@@ -7,13 +7,8 @@ would become a tag; the decoder refuses every tag but bignums.
 
 from __future__ import annotations
 
-import datetime
-import decimal
-import fractions
+import functools
 import io
-import ipaddress
-import re
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,31 +36,42 @@ def _encode_memoryview(encoder, value):
     encoder.encode_bytes(value.tobytes())
 
 
-# Types cbor2 would otherwise send as CBOR tags, which the decoder refuses: failing
-# here keeps a handler's mistake to its own request instead of killing the connection.
-_ENCODERS: dict[type, Callable[[Any, Any], None]] = {
-    t: _refuse
-    for t in (
-        datetime.datetime,
-        datetime.date,
-        decimal.Decimal,
-        fractions.Fraction,
-        uuid.UUID,
-        re.Pattern,
-        set,
-        frozenset,
-        complex,
-        ipaddress.IPv4Address,
-        ipaddress.IPv6Address,
-        ipaddress.IPv4Network,
-        ipaddress.IPv6Network,
-        ipaddress.IPv4Interface,
-        ipaddress.IPv6Interface,
-    )
-}
-_ENCODERS[memoryview] = _encode_memoryview
-if IMPORT_ERROR is None:  # cbor2's own tag type; without cbor2 nothing is encoded at all
-    _ENCODERS[cbor2.CBORTag] = _refuse
+@functools.cache
+def _encoders() -> dict[type, Callable[[Any, Any], None]]:
+    """Types cbor2 would otherwise send as CBOR tags, which the decoder refuses: failing here keeps a handler's
+    mistake to its own request instead of killing the connection. Built at the first message that is not plain
+    data: importing decimal, fractions, ipaddress and uuid only to name their types cost every command ~10 ms."""
+    import datetime
+    import decimal
+    import fractions
+    import ipaddress
+    import re
+    import uuid
+
+    encoders: dict[type, Callable[[Any, Any], None]] = {
+        t: _refuse
+        for t in (
+            datetime.datetime,
+            datetime.date,
+            decimal.Decimal,
+            fractions.Fraction,
+            uuid.UUID,
+            re.Pattern,
+            set,
+            frozenset,
+            complex,
+            ipaddress.IPv4Address,
+            ipaddress.IPv6Address,
+            ipaddress.IPv4Network,
+            ipaddress.IPv6Network,
+            ipaddress.IPv4Interface,
+            ipaddress.IPv6Interface,
+        )
+    }
+    encoders[memoryview] = _encode_memoryview
+    if IMPORT_ERROR is None:  # cbor2's own tag type; without cbor2 nothing is encoded at all
+        encoders[cbor2.CBORTag] = _refuse
+    return encoders
 
 
 def _refuse_tag(decoder, *_args):
@@ -91,7 +97,7 @@ _PLAIN = frozenset((str, bytes, int, float, bool, type(None)))
 def _plain(value, depth: int = 0) -> bool:
     """Whether value holds nothing but dicts, lists, tuples and the exact types in _PLAIN.
 
-    Such a message encodes to the same bytes with or without _ENCODERS (none of their types
+    Such a message encodes to the same bytes with or without _encoders() (none of their types
     is in it), and cbor2 encodes several times faster without them: it looks every value up
     in an encoders mapping, and each miss raises and catches a KeyError."""
     kind = type(value)
@@ -117,7 +123,7 @@ def encode(msg: Mapping) -> bytes:
     try:
         if _plain(msg):
             return cbor2.dumps(msg)
-        return cbor2.dumps(msg, encoders=_ENCODERS)
+        return cbor2.dumps(msg, encoders=_encoders())
     except (TypeError, ValueError, cbor2.CBOREncodeError) as e:
         raise WireError(f"cannot encode a message: {e}") from e
 

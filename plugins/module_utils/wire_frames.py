@@ -8,8 +8,6 @@ server (wire_server) and the client (wire_client) build on it; nothing else fram
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import io
 import socket
 import struct
@@ -47,10 +45,14 @@ def keep_freed_memory() -> bool:
     as GLIBC_TUNABLES=glibc.malloc.mmap_threshold=16777216:glibc.malloc.trim_threshold=268435456,
     for processes whose environment we do not choose (the enclave server). Called at
     start-up by the enclave server and the FUSE mount process. False where it is not
-    glibc (nothing changes then)."""
+    glibc (nothing changes then).
+
+    The process's own symbols (dlopen of NULL) hold libc's: ctypes.util.find_library("c") found the same
+    library by running ldconfig, ~10 ms per call. ctypes is imported here, not by every command."""
+    import ctypes
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD))

@@ -26,6 +26,7 @@ cli = "ansible_collections.confidential_ml.nitro.cli."
 others = sorted(name.removeprefix(cli) for name in sys.modules if name.startswith(cli) and name[len(cli):] != "main")
 runtime = "ansible_collections.confidential_ml.nitro.plugins.module_utils.runtime" in sys.modules
 report = {"rc": rc, "sdk": sdk, "x509": "cryptography.x509" in sys.modules, "cli": others, "runtime": runtime}
+report["refusals"] = sorted(set(sys.modules) & {"decimal", "fractions", "uuid", "ctypes"})
 print(json.dumps(report), file=sys.stderr)
 """
 
@@ -56,6 +57,9 @@ def test_enclave_run_attests_and_runs_without_the_aws_sdk(enclave, tmp_path):
     result, report = run_cli(enclave, tmp_path, *args)
     assert report.get("rc") == 0, result.stderr
     assert report["sdk"] == [], "`enclave run` imported the AWS SDK to read credentials from the environment"
+    # The wire imports these only to refuse their types in a message that is not plain data, and ctypes only
+    # to tune malloc for a transfer of big files: neither happens on run's path.
+    assert report["refusals"] == [], "`enclave run` imported modules it never uses"
     assert "done" in result.stderr  # the script ran, with the key KMS released for these credentials
 
 
