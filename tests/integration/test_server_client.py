@@ -326,7 +326,9 @@ def test_pull_of_a_name_of_255_bytes(enclave, tmp_path):
 
 
 def test_a_client_that_does_not_read_cannot_delay_attestation(enclave):
-    """16 x 1 MiB reads never read back: another client still attests within a second."""
+    """16 x 1 MiB reads never read back: another client still attests. The stalled client never reads, so a
+    server that made the other wait on it would wait for ever: the client's 10 s call timeout fails the test
+    then, without timing what is only a matter of correctness."""
     from ansible_collections.confidential_ml.nitro.plugins.module_utils import wire_frames
 
     sock_path = f"unix://{enclave['sock']}"
@@ -342,11 +344,8 @@ def test_a_client_that_does_not_read_cannot_delay_attestation(enclave):
         for rid in range(1, 17):
             wire_frames.send_frame(stalled, {"id": rid, "op": "share.read", "args": read})
         time.sleep(0.5)  # let the server take them in: today's server then has every worker stuck sending
-        started = time.monotonic()
-        with EnclaveClient(sock_path, expect_pcr0=enclave["pcr0"]) as other:
+        with EnclaveClient(sock_path, expect_pcr0=enclave["pcr0"], timeout=10) as other:
             assert other.attested.pcr_hex(0) == enclave["pcr0"]
-        elapsed = time.monotonic() - started
-        assert elapsed < 1.0, f"a client that does not read delayed another's attestation by {elapsed:.2f} s"
 
 
 def test_the_attestation_rule_every_front_end_follows(tmp_path):

@@ -939,10 +939,9 @@ def test_client_that_does_not_read_cannot_delay_another(serve):
         # The server takes in what its budget allows for one connection (half of the whole) and answers it.
         wait_until(lambda: server.budget.used >= server.budget.per_connection // 2, "the stalled requests")
         with Connection.open(endpoint) as other:
-            started = time.monotonic()
+            # The stalled client never reads: a server that made this call wait on it would wait for ever, and the
+            # call's timeout fails the test (no timing: it is a matter of correctness, not of speed).
             assert other.call("echo", {"attest": "me"}, timeout=WAIT) == {"attest": "me"}
-            elapsed = time.monotonic() - started
-            assert elapsed < 1.0, f"a client that does not read delayed another's call by {elapsed:.2f} s"
         # The other connection's reservation comes back just after its reply is out: wait for it, then only the
         # stalled connection's bytes are left, and they may not exceed its share (reading `used` at once raced
         # with that release: 577 bytes over, once).
