@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.confidential_ml.nitro.tests.fixtures.served import BIN
-from ansible_collections.confidential_ml.nitro.tests.fixtures.ssh_fleet import build_wheel
+from ansible_collections.confidential_ml.nitro.tests.fixtures.ssh_fleet import build_wheel, running
 
 ROOT = Path(__file__).resolve().parents[2]
 CALLBACK_PLUGINS = Path(__file__).resolve().parent / "callback_plugins"
@@ -111,6 +111,15 @@ def owner_release():
 def fleet_wheel(tmp_path_factory) -> Path:
     """The project's wheel for the SSH test fleet's hosts (tests/fixtures/ssh_fleet.py), built once a session."""
     return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture
+def ssh_fleet(local_cloud, fleet_wheel):
+    """(work, env, fleet): the SSH test fleet (tests/fixtures/ssh_fleet.py) in a local cloud of its own, where owner.yml
+    has not run yet; the hosts see neither the checkout nor work/owner (the owner's side) nor work/jobs."""
+    work, env = local_cloud
+    with running(work / "hosts", env, fleet_wheel, [work / "owner", work / "jobs"]) as (fleet, env):
+        yield work, env, fleet
 
 
 def _digests(directory: Path) -> dict[str, str]:

@@ -1,48 +1,33 @@
-"""playbooks/upgrade.yml (issue 15): after the owner publishes a new image (bound to a new signing key, so its PCR0
-differs; the key policy keeps the old PCR0 too), a job started in the old enclave before the upgrade completes with a
-valid receipt; the upgrade then replaces the host's enclave with one of the new image, checks it attests the new PCR0
-and pushes the packages and the dataset again, so that run_job.yml finds them there; a second upgrade changes
-nothing; once the owner drops the old PCR0, an enclave of the old image gets no package key."""
+"""playbooks/upgrade.yml (issue 15) on the SSH test fleet: three hosts (tests/fixtures/ssh_fleet.py) that see
+neither the checkout nor the owner's release on the controller. After the owner publishes a new image (bound to a
+new signing key, so its PCR0 differs; the key policy keeps the old PCR0 too), a job started over SSH on each host
+in its old enclave before the upgrade completes with a receipt that verifies on the controller against the old
+release; the upgrade replaces the enclaves upgrade_serial hosts at a time (one batch after the other, as its output
+shows), checks each new enclave attests the new PCR0 and pushes the packages and the dataset again, so that
+run_job.yml finds them there and its receipts name the new enclaves; a second upgrade changes nothing; once the
+owner drops the old PCR0 (window of one), an enclave of the old image gets no package key."""
 
 import json
 import re
 import shutil
 import subprocess
-import sys
 import time
-from pathlib import Path
+
+import pytest
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def play(env: dict, name: str, principal: str, *extra: str) -> str:
-    done = subprocess.run([str(BIN / "ansible-playbook"), f"playbooks/{name}", *extra], cwd=ROOT,
-                          env={**env, "AWS_PROFILE": principal}, capture_output=True, text=True, timeout=600,
-                          check=False)  # fmt: skip
-    assert done.returncode == 0, f"{name}: {done.stdout[-6000:]}{done.stderr[-2000:]}"
-    return done.stdout
-
-
-def enclave_cli(env: dict, *args: str, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
-    command = [str(BIN / "enclave"), *args]
-    env = {**env, "AWS_PROFILE": "enclave-host"}
-    if popen:
-        return subprocess.Popen(command, env=env, text=True, **popen)
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-
-
-def wait_for_job(endpoint: str) -> None:
-    """Until the enclave at endpoint runs a job (the test's own readiness wait, not a timing assertion)."""
-    for _attempt in range(600):
-        with EnclaveClient(endpoint) as client:
-            if client.call("health")["job"]:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"no job started in the enclave at {endpoint}")
-
+from ansible_collections.confidential_ml.nitro.tests.fixtures.ssh_fleet import (
+    ADDRESSES,
+    BIN,
+    ROOT,
+    describe_enclaves,
+    on_host,
+    recap,
+    run_playbook,
+    ssh_command,
+    timed_playbook,
+    verify_receipt,
+)
 
 # A second package beside the demo's: a job long enough to be running when the upgrade starts.
 SLEEPER = """\
@@ -54,98 +39,162 @@ print("slept")
 """
 
 
-def packages(tmp_path: Path) -> list[str]:
+def packages(owner) -> list[str]:
     """owner.yml's packages (its own list) plus the sleeper, as extra vars."""
-    (tmp_path / "sleeper").mkdir(exist_ok=True)
-    (tmp_path / "sleeper" / "sleep.py").write_text(SLEEPER)
-    app = f"{tmp_path / 'owner'}/app"
+    (owner / "sleeper").mkdir(parents=True, exist_ok=True)
+    (owner / "sleeper" / "sleep.py").write_text(SLEEPER)
+    app = f"{owner}/app"
     listed = [
         {"name": "digits-classifier", "version": "1.0.0", "src": app,
          "build": ["{{ ansible_playbook_python }}", str(ROOT / "examples" / "train_model.py"), app]},
-        {"name": "sleeper", "version": "1.0.0", "src": str(tmp_path / "sleeper")},
+        {"name": "sleeper", "version": "1.0.0", "src": str(owner / "sleeper")},
     ]  # fmt: skip
-    return ["-e", json.dumps({"owner_pipeline_packages": listed})]
+    return ["-e", f"owner_pipeline_workdir={owner}", "-e", json.dumps({"owner_pipeline_packages": listed})]
 
 
-def running(env: dict) -> list[dict]:
-    described = subprocess.run([str(BIN / "enclave"), "local", "describe-enclaves"], env=env, capture_output=True,
-                               text=True, timeout=60, check=True)  # fmt: skip
-    return json.loads(described.stdout)
+def enclaves(env: dict) -> dict[str, dict]:
+    """The local enclaves by name."""
+    described = describe_enclaves(env)
+    assert described.returncode == 0, described.stderr
+    return {e["EnclaveName"]: e for e in json.loads(described.stdout)}
 
 
-def test_upgrade_replaces_the_enclave_with_the_new_image_and_pushes_the_inputs_again(tmp_path, local_cloud):
-    work, env = local_cloud
-    release = tmp_path / "owner" / "release"
-    common = ["-e", f"owner_pipeline_workdir={tmp_path / 'owner'}", "-e", f"release_dir={release}",
-              "-e", f"job_dir={tmp_path / 'job'}", "-e", f"enclave_host_dir={tmp_path / 'host'}"]  # fmt: skip
+def wait_for_job(endpoint: str, job: subprocess.Popen) -> None:
+    """Until the enclave at endpoint runs a job (the test's own readiness wait, not a timing assertion)."""
+    while job.poll() is None:
+        with EnclaveClient(endpoint) as client:
+            if client.call("health")["job"]:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"the job over SSH ended before it was seen running at {endpoint}: {job.communicate()}")
+
+
+def batches(output: str) -> list[dict[str, str]]:
+    """Per play batch (serial prints PLAY once per batch): how its hosts' "Run the enclave" task ended."""
+    found = []
+    for batch in re.split(r"^PLAY \[", output, flags=re.M)[1:]:
+        task = re.search(r"TASK \[[^\]]*Run the enclave.*?(?=\nTASK |\nPLAY RECAP|\Z)", batch, re.S)
+        assert task, batch[-3000:]
+        found.append(dict((host, status) for status, host in re.findall(r"^(\w+): \[([\w-]+)\]", task[0], re.M)))
+    return found
+
+
+def task_statuses(output: str, task: str) -> dict[str, str]:
+    """How task ended on each host, over all batches."""
+    statuses = {}
+    for block in re.findall(rf"TASK \[[^\]]*{re.escape(task)}.*?(?=\nTASK |\nPLAY |\Z)", output, re.S):
+        statuses.update((host, status) for status, host in re.findall(r"^(\w+): \[([\w-]+)\]", block, re.M))
+    return statuses
+
+
+@pytest.mark.timeout(1800)  # owner.yml three times, run_job.yml and upgrade.yml twice each on three hosts, under load
+def test_upgrade_rolls_the_new_image_over_the_ssh_fleet_and_pushes_the_inputs_again(ssh_fleet):
+    work, env, fleet = ssh_fleet
+    inventory, owner, jobs = fleet.inventory, work / "owner", work / "jobs"
+    release, old_release = owner / "release", owner / "old-release"  # on the controller only (masked on the hosts)
+    common = ["--forks", "3", "-e", f"release_dir={release}", "-e", f"job_dir={jobs}/{{{{ inventory_hostname }}}}"]
     try:
-        play(env, "owner.yml", "owner", *common, *packages(tmp_path))
-        play(env, "run_job.yml", "enclave-host", *common)
-        (old,) = running(env)
+        timed_playbook(env, inventory, "playbooks/owner.yml", *packages(owner), principal="owner")
+        timed_playbook(env, inventory, "playbooks/run_job.yml", *common, principal="enclave-host")
+        old = enclaves(env)
+        assert len(old) == 3, old
         old_pcr0 = json.loads((release / "release.json").read_text())["image"]["measurements"]["pcr0"]
-        shutil.copytree(release, tmp_path / "old-release")
+        shutil.copytree(release, old_release)
 
-        play(env, "owner.yml", "owner", *common, *packages(tmp_path),
-             "-e", "owner_pipeline_signing_key_alias=alias/next-signing")  # fmt: skip
+        timed_playbook(env, inventory, "playbooks/owner.yml", *packages(owner),
+                       "-e", "owner_pipeline_signing_key_alias=alias/next-signing", principal="owner")  # fmt: skip
         manifest = json.loads((release / "release.json").read_text())
         new_pcr0 = manifest["image"]["measurements"]["pcr0"]
         assert new_pcr0 != old_pcr0 and manifest["allowed_pcr0"] == [new_pcr0, old_pcr0]
 
-        # A job in the old enclave, running when the upgrade starts: the upgrade waits for it.
-        inflight = enclave_cli(
-            env, "run", "-f", "sleeper.pkg", "-s", "sleep.py", "-a", "/output/", "--clear-output",
-            "--region", "us-east-1", "--receipt", str(tmp_path / "inflight.json"),
-            "--endpoint", old["Endpoint"], "--expect-pcr0", old_pcr0,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        wait_for_job(old["Endpoint"])
-        output = play(env, "upgrade.yml", "enclave-host", *common)
-        stdout, stderr = inflight.communicate(timeout=120)
-        assert inflight.returncode == 0 and stdout.strip() == "slept", stderr
-        verified = enclave_cli(env, "receipt", "verify", str(tmp_path / "inflight.json"),
-                               "--release", str(tmp_path / "old-release" / "release.json"), "--json")  # fmt: skip
-        assert verified.returncode == 0, verified.stderr
-        assert json.loads(verified.stdout)["module_id"] == old["EnclaveID"]
-        (new,) = running(env)
-        assert new["EnclaveID"] != old["EnclaveID"], "the enclave was not replaced"
-        for task in ("Run the enclave", "Push the owner's packages into the new enclave",
-                     "Push the user's dataset into the new enclave"):  # fmt: skip
-            block = re.search(rf"TASK \[[^\]]*{re.escape(task)}.*?(?=\nTASK |\nPLAY RECAP)", output, re.S)
-            assert block and "changed: [localhost]" in block[0], f"{task}: {output[-4000:]}"
-        assert "Check that the enclave attests the new image's PCR0" in output
+        # On each host, over SSH, a job in the old enclave, running when the upgrade starts: the upgrade waits for it.
+        inflight = {}
+        for host in ADDRESSES:
+            name = f"confidential-ml-{host[-1]}"
+            command = (f"enclave run -f sleeper.pkg -s sleep.py -a /output/ --clear-output --region us-east-1"
+                       f" --receipt /var/lib/confidential-ml/{name}/inflight.json"
+                       f" --endpoint {old[name]['Endpoint']} --expect-pcr0 {old_pcr0}")  # fmt: skip
+            inflight[host] = subprocess.Popen(ssh_command(fleet, host, command), stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for host, job in inflight.items():
+            wait_for_job(old[f"confidential-ml-{host[-1]}"]["Endpoint"], job)
 
-        # The new enclave has what the job needs: run_job.yml pushes nothing and its receipt names the new image.
-        output = play(env, "run_job.yml", "enclave-host", *common, "-e", "clear_output=true")
+        upgrade, _seconds = timed_playbook(env, inventory, "playbooks/upgrade.yml", "-e", f"release_dir={release}",
+                                           "-e", "upgrade_serial=2", principal="enclave-host")  # fmt: skip
+        for host, job in inflight.items():
+            stdout, stderr = job.communicate(timeout=300)
+            assert job.returncode == 0 and stdout.strip() == "slept", f"{host}: {stdout}{stderr}"
+            # The receipt comes back to the controller and verifies there against the release it ran under.
+            name = f"confidential-ml-{host[-1]}"
+            fetched = on_host(fleet, host, f"cat /var/lib/confidential-ml/{name}/inflight.json")
+            assert fetched.returncode == 0, fetched.stderr
+            (jobs / f"inflight-{host}").mkdir()
+            (jobs / f"inflight-{host}" / "receipt.json").write_text(fetched.stdout)
+            verified = subprocess.run(
+                [str(BIN / "enclave"), "receipt", "verify", str(jobs / f"inflight-{host}" / "receipt.json"),
+                 "--release", str(old_release / "release.json"), "--json"],
+                env=env, capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert verified.returncode == 0, f"{host}: {verified.stderr}"
+            assert json.loads(verified.stdout)["module_id"] == old[name]["EnclaveID"], verified.stdout
+
+        # upgrade_serial=2: a batch of two hosts, then one; each batch replaced its own enclaves, and Ansible starts
+        # a batch only once the one before it has ended, so at most two hosts were without an enclave at once.
+        assert batches(upgrade.stdout) == [{"enclave-a": "changed", "enclave-b": "changed"}, {"enclave-c": "changed"}]
+        for task in ("Check that the enclave attests the new image's PCR0",):
+            assert set(task_statuses(upgrade.stdout, task).values()) == {"ok"}, upgrade.stdout[-6000:]
+        for task in ("Push the owner's packages into the new enclave", "Push the user's dataset into the new enclave"):
+            statuses = task_statuses(upgrade.stdout, task)
+            assert statuses == dict.fromkeys(ADDRESSES, "changed"), f"{task}: {statuses}\n{upgrade.stdout[-6000:]}"
+        new = enclaves(env)
+        for name, enclave in new.items():
+            assert enclave["EnclaveID"] != old[name]["EnclaveID"], f"{name} was not replaced"
+            assert enclave["EnclaveCID"] == old[name]["EnclaveCID"] and enclave["State"] == "RUNNING", enclave
+        assert new.keys() == old.keys()
+
+        # The new enclaves have what the job needs: run_job.yml pushes nothing, and each host's receipt, back on the
+        # controller, verifies against the new release and names that host's new enclave.
+        rerun, _seconds = timed_playbook(env, inventory, "playbooks/run_job.yml", *common, "-e", "clear_output=true",
+                                         principal="enclave-host")  # fmt: skip
         for task in ("Copy the owner's packages into the enclave's /encrypted",
                      "Copy the user's dataset into the enclave's /dataset"):  # fmt: skip
-            block = re.search(rf"TASK \[{re.escape(task)}\].*?(?=\nTASK )", output, re.S)
-            assert block and "ok: [localhost]" in block[0], f"{task}: {output[-4000:]}"
-        receipt = subprocess.run(
-            [str(BIN / "enclave"), "receipt", "verify", str(tmp_path / "job" / "receipt.json"),
-             "--release", str(release / "release.json"), "--outputs", str(tmp_path / "job" / "output"), "--json"],
-            env=env, capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        assert receipt.returncode == 0, receipt.stderr
-        assert json.loads(receipt.stdout)["module_id"] == new["EnclaveID"]
+            statuses = task_statuses(rerun.stdout, task)
+            assert statuses == dict.fromkeys(ADDRESSES, "ok"), f"{task}: {statuses}\n{rerun.stdout[-6000:]}"
+        for host in ADDRESSES:
+            proved = verify_receipt(env, jobs / host, release)
+            assert proved["rc"] == 0 and proved["module_id"] == new[f"confidential-ml-{host[-1]}"]["EnclaveID"], proved
 
-        again = play(env, "upgrade.yml", "enclave-host", *common)
-        assert re.search(r"^localhost +: ok=\d+ +changed=0 ", again, re.M), again[-3000:]
-        assert running(env) == [new]
+        again = run_playbook(
+            env, inventory, "playbooks/upgrade.yml", "-e", f"release_dir={release}", principal="enclave-host"
+        )
+        counters = recap(again.stdout)
+        assert again.returncode == 0 and all(counters[host]["changed"] == 0 for host in ADDRESSES), again.stdout[-4000:]
+        assert enclaves(env) == new
 
         # The owner drops the old PCR0: an enclave of the old image gets no key for the old package any more.
-        play(env, "owner.yml", "owner", *common, *packages(tmp_path), "-e", "owner_pipeline_keep_pcr0=1",
-             "-e", "owner_pipeline_signing_key_alias=alias/next-signing")  # fmt: skip
+        timed_playbook(env, inventory, "playbooks/owner.yml", *packages(owner), "-e", "owner_pipeline_keep_pcr0=1",
+                       "-e", "owner_pipeline_signing_key_alias=alias/next-signing", principal="owner")  # fmt: skip
         assert json.loads((release / "release.json").read_text())["allowed_pcr0"] == [new_pcr0]
-        started = enclave_cli(env, "local", "run-enclave", "--eif-path", str(tmp_path / "old-release" / "enclave.img"),
-                              "--cpu-count", "1", "--memory", "128", "--enclave-name", "old-image")  # fmt: skip
+        host_env = {**env, "AWS_PROFILE": "enclave-host"}
+        started = subprocess.run(
+            [str(BIN / "enclave"), "local", "run-enclave", "--eif-path", str(old_release / "enclave.img"),
+             "--cpu-count", "1", "--memory", "128", "--enclave-name", "old-image"],
+            env=host_env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
         assert started.returncode == 0, started.stderr
         endpoint = json.loads(started.stdout)["Endpoint"]
-        pushed = enclave_cli(env, "push", str(tmp_path / "old-release" / "packages"), "/encrypted",
-                             "--endpoint", endpoint, "--expect-pcr0", old_pcr0)  # fmt: skip
+        pushed = subprocess.run(
+            [str(BIN / "enclave"), "push", str(old_release / "packages"), "/encrypted", "--endpoint", endpoint,
+             "--expect-pcr0", old_pcr0],
+            env=host_env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
         assert pushed.returncode == 0, pushed.stderr
-        refused = enclave_cli(env, "run", "-f", "sleeper.pkg", "-s", "sleep.py", "-a", "/output/",
-                              "--region", "us-east-1", "--endpoint", endpoint, "--expect-pcr0", old_pcr0)  # fmt: skip
+        refused = subprocess.run(
+            [str(BIN / "enclave"), "run", "-f", "sleeper.pkg", "-s", "sleep.py", "-a", "/output/",
+             "--region", "us-east-1", "--endpoint", endpoint, "--expect-pcr0", old_pcr0],
+            env=host_env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
         assert refused.returncode != 0, refused.stdout
         assert "AccessDenied" in refused.stderr or "not allowed" in refused.stderr, refused.stderr
     finally:
-        play(env, "cleanup.yml", "enclave-host", *common)
+        timed_playbook(env, inventory, "playbooks/cleanup.yml", principal="enclave-host")

@@ -10,7 +10,6 @@ rerun finishes it. cleanup.yml then leaves no enclave running, and stopping the 
 """
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -21,31 +20,19 @@ import yaml
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
-from ansible_collections.confidential_ml.nitro.tests.fixtures.ssh_fleet import ADDRESSES, Fleet, running
+from ansible_collections.confidential_ml.nitro.tests.fixtures.ssh_fleet import (
+    ADDRESSES,
+    describe_enclaves,
+    on_host,
+    recap,
+    run_playbook,
+    running,
+    timed_playbook,
+    verify_receipt,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def recap(output: str) -> dict[str, dict[str, int]]:
-    """The PLAY RECAP counters per host."""
-    return {
-        host: {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", counters)}
-        for host, counters in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", output, flags=re.MULTILINE)
-    }
-
-
-def describe_enclaves(env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "enclave"), "local", "describe-enclaves"], env=env, capture_output=True,
-                          text=True, timeout=60, check=False)  # fmt: skip
-
-
-@pytest.fixture
-def ssh_fleet(local_cloud, fleet_wheel):
-    """(work, env, fleet) in a local cloud of its own, where owner.yml has not run yet."""
-    work, env = local_cloud
-    with running(work / "hosts", env, fleet_wheel, [work / "owner", work / "jobs"]) as (fleet, env):
-        yield work, env, fleet
 
 
 @pytest.fixture
@@ -61,41 +48,6 @@ def session_fleet(owner_release, fleet_wheel, tmp_path):
             assert cleanup.returncode == 0, f"cleanup.yml failed:\n{cleanup.stdout[-3000:]}{cleanup.stderr[-2000:]}"
             left = describe_enclaves(env).stdout.strip()
             assert left in ("", "[]"), f"cleanup.yml left local enclaves running: {left}"
-
-
-def run_playbook(env: dict, inventory: Path, *args: str, principal: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", str(inventory), *args],
-        cwd=ROOT, env={**env, "AWS_PROFILE": principal}, capture_output=True, text=True, timeout=900, check=False,
-    )  # fmt: skip
-
-
-def timed_playbook(env: dict, inventory: Path, *args: str, principal: str) -> tuple[subprocess.CompletedProcess, float]:
-    start = time.monotonic()
-    proc = run_playbook(env, inventory, *args, principal=principal)
-    assert proc.returncode == 0, (
-        f"ansible-playbook {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-8000:]}\n{proc.stderr[-3000:]}"
-    )
-    return proc, time.monotonic() - start
-
-
-def verify_receipt(env: dict, job_dir: Path, release: Path) -> dict:
-    verified = subprocess.run(
-        [str(BIN / "enclave"), "receipt", "verify", str(job_dir / "receipt.json"),
-         "--release", str(release / "release.json"), "--outputs", str(job_dir / "output"), "--json"],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert verified.returncode == 0, f"{job_dir / 'receipt.json'}: {verified.stderr}"
-    return json.loads(verified.stdout)
-
-
-def on_host(fleet: Fleet, host: str, command: str) -> subprocess.CompletedProcess:
-    """command run over SSH on host (as root), as a user of the fleet would."""
-    return subprocess.run(
-        ["ssh", "-i", str(fleet.key), "-p", str(fleet.state()["port"]), "-o", "UserKnownHostsFile=/dev/null",
-         "-o", "StrictHostKeyChecking=no", "-o", "LogLevel=ERROR", f"root@{ADDRESSES[host]}", command],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
 
 
 @pytest.mark.timeout(1500)  # several playbooks on three hosts, beyond the default 600 s under load
