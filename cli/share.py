@@ -27,15 +27,6 @@ def _share_path(path: str) -> str:
     return "/" + "/".join(p for p in path.split("/") if p)
 
 
-def _stat(client, path: str) -> dict | None:
-    try:
-        return client.call("share.stat", {"path": path})
-    except RemoteError as err:
-        if err.errno in (errno.ENOENT, errno.ENOTDIR):
-            return None
-        raise
-
-
 def _missing(client, path: str, what: str) -> EnclaveError:
     # The client's own description of what the nearest folder holds, as push, pull and run give it.
     return EnclaveError(f"there is no {path} in the enclave's share ({client._what_is_there(path)}): {what}")
@@ -48,7 +39,7 @@ def _attesting(args) -> bool:
 def cmd_ls(args, make_client) -> int:
     path = _share_path(args.path)
     with make_client(args, attest_first=_attesting(args)) as client:
-        st = _stat(client, path)
+        st = client.stat(path)
         if st is None:
             raise _missing(client, path, "list a folder that is there, e.g. `enclave share ls /dataset`")
         if stat.S_ISDIR(st["mode"]):
@@ -109,7 +100,7 @@ def cmd_rm(args, make_client) -> int:
         targets = []
         for path in paths:  # every path is checked before anything is removed: a typo removes nothing
             _refuse_layout(client, path)
-            st = _stat(client, path)
+            st = client.stat(path)
             if st is None:
                 if args.force:
                     continue
