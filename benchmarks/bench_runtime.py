@@ -161,16 +161,21 @@ def cli_env(tmp: Path, *, profile: bool = False) -> dict:
     return dict(env, AWS_PROFILE="user", AWS_SHARED_CREDENTIALS_FILE=str(credentials))
 
 
-def cli_job_start(endpoint: str, pcr0: str, env: dict) -> float:
-    command = [*USER_CLI, "run", "-f", "hello.pkg", "-s", "hello.py", "--endpoint", endpoint, "--expect-pcr0", pcr0]
+def first_line(command: list[str], env: dict, what: str) -> float:
+    """Seconds from starting command to the hello-world script's first line; exits if it fails."""
     start = time.perf_counter()
     with subprocess.Popen(command, stdout=subprocess.PIPE, env=env) as proc:
         first = proc.stdout.readline()
         elapsed = time.perf_counter() - start
         proc.stdout.read()
     if proc.returncode != 0 or first != b"hello\n":
-        raise SystemExit("`enclave run` of the hello-world package failed")
+        raise SystemExit(f"{what} failed")
     return elapsed
+
+
+def cli_job_start(endpoint: str, pcr0: str, env: dict) -> float:
+    command = [*USER_CLI, "run", "-f", "hello.pkg", "-s", "hello.py", "--endpoint", endpoint, "--expect-pcr0", pcr0]
+    return first_line(command, env, "`enclave run` of the hello-world package")
 
 
 def cold_cli_job_start(endpoint: str, pcr0: str, env: dict) -> float:
@@ -220,14 +225,7 @@ class WarmAgent:
 def agent_job_start(agent: WarmAgent, env: dict) -> float:
     """The thin client's start to the script's first line."""
     command = [sys.executable, "-S", "-c", THIN_CLIENT, agent.path, "hello.pkg", "hello.py"]
-    start = time.perf_counter()
-    with subprocess.Popen(command, stdout=subprocess.PIPE, env=env) as proc:
-        first = proc.stdout.readline()
-        elapsed = time.perf_counter() - start
-        proc.stdout.read()
-    if proc.returncode != 0 or first != b"hello\n":
-        raise SystemExit("the warm agent's hello-world job failed")
-    return elapsed
+    return first_line(command, env, "the warm agent's hello-world job")
 
 
 def median_ms(samples: list[float]) -> float:
