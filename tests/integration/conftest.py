@@ -1,22 +1,20 @@
 """Fixtures of the integration tests that run the project's playbooks and CLI: ansible_playbook (a test's own
 playbook on localhost, its results recorded) and local_cloud (a fresh ENCLAVE_HOME for local enclaves).
-The served enclave and the helpers tests import live in tests/fixtures/served.py.
+The served enclave and the helpers tests import live in tests/fixtures/served.py; a fresh local cloud in
+tests/fixtures/cloud.py.
 """
 
-import contextlib
-import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from ansible_collections.confidential_ml.nitro.tests.fixtures.served import BIN
+from ansible_collections.confidential_ml.nitro.tests.fixtures.cloud import ENV_CREDENTIALS, fresh_cloud
+from ansible_collections.confidential_ml.nitro.tests.fixtures.served import BIN, file_digests
 from ansible_collections.confidential_ml.nitro.tests.fixtures.ssh_fleet import build_wheel, running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +37,7 @@ def ansible_playbook(tmp_path):
         # A profile given in env must not lose to the session's own environment credentials.
         profiled = env is not None and "AWS_PROFILE" in env
         environment = dict(
-            {k: v for k, v in os.environ.items() if not (profiled and k in _ENV_CREDENTIALS)},
+            {k: v for k, v in os.environ.items() if not (profiled and k in ENV_CREDENTIALS)},
             ANSIBLE_CALLBACK_PLUGINS=str(CALLBACK_PLUGINS),
             ANSIBLE_CALLBACKS_ENABLED="record_results",
             TEST_RESULTS_FILE=str(results),
@@ -67,20 +65,11 @@ def ansible_playbook(tmp_path):
     return run
 
 
-_ENV_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
-
-
 @pytest.fixture
 def local_cloud():
-    """(work, env) for running the project's playbooks and CLI against local enclaves of their own.
-
-    work is a fresh directory (its ENCLAVE_HOME's enclaves and their sockets live in the home's own short
-    runtime directory, settings.runtime_dir); env names it, puts this venv's tools first on PATH, sets a
-    region and points AWS_SHARED_CREDENTIALS_FILE at the credentials the local KMS issues on `enclave local
-    up` (each test chooses its principal with AWS_PROFILE). Afterwards whatever was started there is
-    stopped and the directory removed.
-    """
-    with _fresh_cloud() as cloud:
+    """(work, env) for running the project's playbooks and CLI against local enclaves of their own: a local cloud
+    of this test's own (tests/fixtures/cloud.py says what work and env hold), stopped and removed afterwards."""
+    with fresh_cloud() as cloud:
         yield cloud
 
 
@@ -94,7 +83,7 @@ def owner_release():
     owner's side (another image, key or policy) takes local_cloud and runs owner.yml itself. The release must
     be as published when the session ends.
     """
-    with _fresh_cloud() as (work, env):
+    with fresh_cloud() as (work, env):
         done = subprocess.run(
             [str(BIN / "ansible-playbook"), "playbooks/owner.yml", "-e", f"owner_pipeline_workdir={work / 'owner'}"],
             cwd=ROOT, env={**env, "AWS_PROFILE": "owner"}, capture_output=True, text=True, timeout=900, check=False,
@@ -102,9 +91,9 @@ def owner_release():
         assert done.returncode == 0, (
             f"owner.yml exited {done.returncode}:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
         )
-        published = _digests(work / "owner" / "release")
+        published = file_digests(work / "owner" / "release")
         yield work, env
-        assert _digests(work / "owner" / "release") == published, "a test changed the session's owner release"
+        assert file_digests(work / "owner" / "release") == published, "a test changed the session's owner release"
 
 
 @pytest.fixture(scope="session")
@@ -120,30 +109,3 @@ def ssh_fleet(local_cloud, fleet_wheel):
     work, env = local_cloud
     with running(work / "hosts", env, fleet_wheel, [work / "owner", work / "jobs"]) as (fleet, env):
         yield work, env, fleet
-
-
-def _digests(directory: Path) -> dict[str, str]:
-    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
-
-
-@contextlib.contextmanager
-def _fresh_cloud():
-    work = Path(tempfile.mkdtemp(prefix="cloud-", dir="/tmp"))
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in _ENV_CREDENTIALS},  # they would win over AWS_PROFILE
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "ENCLAVE_HOME": str(work / "home"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(work / "home" / "kms" / "credentials"),
-        "AWS_CONFIG_FILE": str(work / "no-aws-config"),
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_FORCE_COLOR": "0",
-    }
-    env.pop("ENCLAVE_ENDPOINT", None)  # each play finds its own enclave
-    try:
-        yield work, env
-    finally:
-        subprocess.run([str(BIN / "enclave"), "local", "down", "--json"], env=env, capture_output=True, timeout=120,
-                       check=False)  # fmt: skip
-        shutil.rmtree(work, ignore_errors=True)

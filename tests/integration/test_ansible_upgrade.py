@@ -2,7 +2,8 @@
 neither the checkout nor the owner's release on the controller. After the owner publishes a new image (bound to a
 new signing key, so its PCR0 differs; the key policy keeps the old PCR0 too), a job started over SSH on each host
 in its old enclave before the upgrade completes with a receipt that verifies on the controller against the old
-release; the upgrade replaces the enclaves upgrade_serial hosts at a time (one batch after the other, as its output
+release (before the upgrade, run_job.yml --check reports on each host the enclave it would restart and changes
+nothing); the upgrade replaces the enclaves upgrade_serial hosts at a time (one batch after the other, as its output
 shows), checks each new enclave attests the new PCR0 and pushes the packages and the dataset again, so that
 run_job.yml finds them there and its receipts name the new enclaves; a second upgrade changes nothing; once the
 owner drops the old PCR0 (window of one), an enclave of the old image gets no package key."""
@@ -16,6 +17,7 @@ import time
 import pytest
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
+from ansible_collections.confidential_ml.nitro.tests.fixtures.served import file_digests
 from ansible_collections.confidential_ml.nitro.tests.fixtures.ssh_fleet import (
     ADDRESSES,
     BIN,
@@ -87,7 +89,7 @@ def task_statuses(output: str, task: str) -> dict[str, str]:
     return statuses
 
 
-@pytest.mark.timeout(1800)  # owner.yml three times, run_job.yml and upgrade.yml twice each on three hosts, under load
+@pytest.mark.timeout(1800)  # owner.yml thrice, run_job.yml thrice, upgrade.yml twice, on three hosts, under load
 def test_upgrade_rolls_the_new_image_over_the_ssh_fleet_and_pushes_the_inputs_again(ssh_fleet):
     work, env, fleet = ssh_fleet
     inventory, owner, jobs = fleet.inventory, work / "owner", work / "jobs"
@@ -106,6 +108,20 @@ def test_upgrade_rolls_the_new_image_over_the_ssh_fleet_and_pushes_the_inputs_ag
         manifest = json.loads((release / "release.json").read_text())
         new_pcr0 = manifest["image"]["measurements"]["pcr0"]
         assert new_pcr0 != old_pcr0 and manifest["allowed_pcr0"] == [new_pcr0, old_pcr0]
+
+        # run_job.yml --check (issue 12) before the upgrade: each host reports the new image it would copy and the
+        # enclave it would restart from it as changed, skips what needs the new enclave, and changes nothing.
+        job_files = file_digests(jobs)
+        checked, _seconds = timed_playbook(env, inventory, "playbooks/run_job.yml", *common, "--check", "--diff",
+                                           principal="enclave-host")  # fmt: skip
+        for task in ("Copy the release's image from the controller", "Run the enclave"):
+            statuses = task_statuses(checked.stdout, task)
+            assert statuses == dict.fromkeys(ADDRESSES, "changed"), f"{task}: {statuses}\n{checked.stdout[-6000:]}"
+        restarts = checked.stdout.count("Check mode: the enclave would be restarted from enclave.img")
+        assert restarts == 3, checked.stdout[-6000:]
+        statuses = task_statuses(checked.stdout, "Copy the owner's packages into the enclave's /encrypted")
+        assert statuses == dict.fromkeys(ADDRESSES, "skipping"), f"{statuses}\n{checked.stdout[-6000:]}"
+        assert file_digests(jobs) == job_files and enclaves(env) == old
 
         # On each host, over SSH, a job in the old enclave, running when the upgrade starts: the upgrade waits for it.
         inflight = {}

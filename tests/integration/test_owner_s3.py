@@ -26,6 +26,7 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import package_format
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.owner_identity import OwnerIdentity
+from ansible_collections.confidential_ml.nitro.tests.fixtures.cloud import fresh_cloud
 from ansible_collections.confidential_ml.nitro.tests.fixtures.sources import copy_enclave_sources
 from ansible_collections.confidential_ml.nitro.tests.fixtures.ssh_fleet import running
 
@@ -42,9 +43,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def moto_s3(tmp_path):
+@pytest.fixture(scope="module")
+def moto_s3(tmp_path_factory):
     """moto's server on 127.0.0.1; its endpoint URL."""
+    tmp_path = tmp_path_factory.mktemp("moto")
     for _attempt in range(3):
         port = free_port()
         log = (tmp_path / "moto.log").open("w")
@@ -71,6 +73,7 @@ def moto_s3(tmp_path):
 
 
 def owner_playbook(env: dict, work: Path, endpoint: str) -> str:
+    """owner.yml's output, run as the owner (the local KMS's credentials; moto's S3 takes any)."""
     proc = subprocess.run(
         [str(BIN / "ansible-playbook"), "playbooks/owner.yml",
          "-e", f"owner_pipeline_workdir={work / 'owner'}",
@@ -79,7 +82,7 @@ def owner_playbook(env: dict, work: Path, endpoint: str) -> str:
          "-e", f"owner_pipeline_s3_bucket={BUCKET}",
          "-e", f"owner_pipeline_s3_prefix={PREFIX}",
          "-e", f"owner_pipeline_s3_endpoint_url={endpoint}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env={**env, "AWS_PROFILE": "owner"}, capture_output=True, text=True, timeout=600,
         check=False,
     )  # fmt: skip
     assert proc.returncode == 0, f"owner.yml exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
@@ -92,11 +95,18 @@ def changed_count(output: str) -> int:
     return int(found.group(1))
 
 
-def test_owner_publishes_the_release_to_s3_and_a_second_run_uploads_nothing(moto_s3, local_cloud):
-    work, env = local_cloud
-    env["AWS_PROFILE"] = "owner"  # the local KMS's credentials (moto's S3 takes any)
-    copy_enclave_sources(work / "src")
-    first = owner_playbook(env, work, moto_s3)
+@pytest.fixture(scope="module")
+def s3_release(moto_s3):
+    """(work, env, output): a local cloud of its own in which owner.yml published the release to moto's S3 once for
+    this module's tests (output is that run's); the image is built from a snapshot of the sources. The release in S3
+    must be as published when a test ends."""
+    with fresh_cloud() as (work, env):
+        copy_enclave_sources(work / "src")
+        yield work, env, owner_playbook(env, work, moto_s3)
+
+
+def test_owner_publishes_the_release_to_s3_and_a_second_run_uploads_nothing(moto_s3, s3_release):
+    work, env, first = s3_release
     assert changed_count(first) > 0
 
     published = work / "owner" / "release"
@@ -143,8 +153,8 @@ def test_owner_publishes_the_release_to_s3_and_a_second_run_uploads_nothing(moto
     assert json.loads((published / "release.json").read_text())["signing_keys"] == [signing]
 
 
-@pytest.mark.timeout(1500)  # owner.yml and two runs of run_job.yml over SSH, beyond 600 s under load
-def test_a_host_fetches_the_release_from_s3_and_a_tampered_image_in_s3_is_refused(moto_s3, local_cloud, fleet_wheel):
+@pytest.mark.timeout(1500)  # two runs of run_job.yml over SSH, beyond 600 s under load
+def test_a_host_fetches_the_release_from_s3_and_a_tampered_image_in_s3_is_refused(moto_s3, s3_release, fleet_wheel):
     """The release from S3 on the host (issue 15): owner.yml publishes to S3; run_job.yml with release_s3_bucket on
     enclave-a of the SSH test fleet (one host: the fetch is per host, and three cost three times the time), whose
     file system has neither the checkout nor the owner's release folder. The host fetches image and packages with
@@ -153,9 +163,7 @@ def test_a_host_fetches_the_release_from_s3_and_a_tampered_image_in_s3_is_refuse
     owner's image in S3 with 512 bytes appended (still a valid archive, so its enclave starts, with another PCR0);
     the job is refused by the PCR0 check before anything is pushed, with a plain error naming both PCR0s, and the
     controller's release.json is unchanged."""
-    work, env = local_cloud
-    copy_enclave_sources(work / "src")
-    owner_playbook({**env, "AWS_PROFILE": "owner"}, work, moto_s3)
+    work, env, _output = s3_release
     published = json.loads((work / "owner" / "release" / "release.json").read_text())
     controller_release, jobs = work / "s3-release", work / "jobs"
     s3_vars = ["-e", f"release_s3_bucket={BUCKET}", "-e", f"release_s3_prefix={PREFIX}",
@@ -164,6 +172,7 @@ def test_a_host_fetches_the_release_from_s3_and_a_tampered_image_in_s3_is_refuse
     masked = [work / "owner", work / "src", jobs, controller_release]
     with running(work / "hosts", env, fleet_wheel, masked) as (fleet, fleet_env):
         host_env = {**fleet_env, "AWS_PROFILE": "enclave-host"}
+        image = None  # the image as published, once the test tampers with it in S3
         try:
             run = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(fleet.inventory), "playbooks/run_job.yml",
                                   *s3_vars], cwd=ROOT, env=host_env, capture_output=True, text=True, timeout=900,
@@ -185,7 +194,8 @@ def test_a_host_fetches_the_release_from_s3_and_a_tampered_image_in_s3_is_refuse
             s3 = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1", aws_access_key_id="owner",
                               aws_secret_access_key="x")  # fmt: skip
             image_key = PREFIX + published["image"]["file"]
-            tampered = s3.get_object(Bucket=BUCKET, Key=image_key)["Body"].read() + bytes(512)
+            image = s3.get_object(Bucket=BUCKET, Key=image_key)["Body"].read()
+            tampered = image + bytes(512)
             s3.put_object(Bucket=BUCKET, Key=image_key, Body=tampered)
             refused = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(fleet.inventory),
                                       "playbooks/run_job.yml", *s3_vars, "-e", "clear_output=true",
@@ -199,6 +209,8 @@ def test_a_host_fetches_the_release_from_s3_and_a_tampered_image_in_s3_is_refuse
             assert "TASK [Copy the owner's packages into the enclave's /encrypted]" in refused.stdout.split(message)[0]
             assert json.loads((controller_release / "release.json").read_text()) == published
         finally:
+            if image is not None:  # the release in S3 as published, for the module's other tests
+                s3.put_object(Bucket=BUCKET, Key=image_key, Body=image)
             cleanup = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(fleet.inventory),
                                       "playbooks/cleanup.yml"], cwd=ROOT, env=host_env, capture_output=True,
                                      text=True, timeout=600, check=False)  # fmt: skip
