@@ -43,9 +43,12 @@ export ANSIBLE_COLLECTIONS_PATH=$ROOT/collections
 export ANSIBLE_LINT_SKIP_SCHEMA_UPDATE=1 ANSIBLE_LINT_NODEPS=0 ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 PY_COLORS=0
 
 link_collection() {
-    # The same link the Makefile and tests/conftest.py make, for ansible-lint's collection lookups.
-    mkdir -p "$ROOT/collections/ansible_collections/$NAMESPACE"
-    ln -sfn "$ROOT" "$ROOT/collections/ansible_collections/$NAMESPACE/$NAME"
+    # The same link the Makefile and tests/conftest.py make, for ansible-lint's collection lookups; one that is
+    # there is left alone (`make test` runs pytest beside this, and ln -sfn would remove it for a moment).
+    local link=$ROOT/collections/ansible_collections/$NAMESPACE/$NAME
+    [ "$(readlink "$link")" = "$ROOT" ] && return
+    mkdir -p "$(dirname "$link")"
+    ln -sfn "$ROOT" "$link"
 }
 
 run_lint() {

@@ -7,7 +7,8 @@ package's SHA-256 equal to the one release.json records. A second run must chang
 nothing (changed=0, every object left as it was).
 
 The enclave image is built from a snapshot of the enclave sources, so both runs measure the same code even
-while the checkout is being edited: the second run then has nothing to upload.
+while the checkout is being edited: the second run then has nothing to upload. The module's tests share the
+first run (s3_release): the host test fetches what it published.
 """
 
 import hashlib
