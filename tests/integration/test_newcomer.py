@@ -299,8 +299,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_installed_enclave_command_sees_edits_to_the_checkout(tmp_path):
     """Item 3: the venv's install is editable, so `enclave local build` measures the code as it is now.
 
-    A copy of this checkout is installed the Makefile's way (pip install -e, here without dependencies,
-    which come from this venv) into a fresh venv; an edit to enclave_server/ changes what it builds."""
+    A copy of this checkout is installed editable as the Makefile installs it (uv pip install -e; here pip
+    install -e without dependencies, which come from this venv) into a fresh venv; an edit to enclave_server/
+    changes what it builds."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.splitlines()  # fmt: skip
     checkout = tmp_path / "checkout"
@@ -311,7 +312,7 @@ def test_the_installed_enclave_command_sees_edits_to_the_checkout(tmp_path):
     venv = tmp_path / "venv"
     planned = subprocess.run(["make", "-n", "-B", "-C", str(checkout), f"VENV={venv}", f"{venv}/bin/enclave"],
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
-    (install,) = [line for line in planned.splitlines() if "pip install" in line and "--upgrade pip" not in line]
+    (install,) = [line for line in planned.splitlines() if "pip install" in line and ".[test,examples]" in line]
     assert " -e " in install, install
 
     subprocess.run(["make", "-C", str(checkout), "link"], check=True, capture_output=True)
