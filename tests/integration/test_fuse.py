@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -416,6 +417,46 @@ def test_unmount_leaves_no_process_and_no_mount(synced):
     assert os.listdir(mnt) == []
     second = cli("sync", "-d", mnt, "--unmount")  # a stop command with nothing to stop succeeds (issue 12)
     assert f"nothing was mounted at {mnt}" in second.stdout
+
+
+def test_unmount_ends_the_mount_process_though_another_namespace_holds_a_copy(synced):
+    """A mount namespace made while the share is mounted (unshare, a container, another test's enclave) holds a
+    private copy of the mount: the unmount here does not reach it, so the kernel keeps the FUSE connection and
+    the mount process served it until that namespace ended (the 30 s unmounts under a loaded test run)."""
+    mnt, pid = synced["mnt"], synced["state"]["pid"]
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", "echo up; exec sleep 600"],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "up\n"
+        assert str(mnt) in Path(f"/proc/{holder.pid}/mountinfo").read_text()
+        stats = unmount_and_stats(synced)
+        assert stats["ops"]  # the process ended as an unmount ends it: its report is written
+        assert gone(pid) and mounts.mount_state(mnt) is None
+        # The copy is dead too: the kernel's connection ended with the process (its namespace lives on).
+        inside = subprocess.run(["nsenter", "-t", str(holder.pid), "-m", "ls", str(mnt)], capture_output=True,
+                                text=True, timeout=30, check=False)  # fmt: skip
+        assert inside.returncode != 0 and "not connected" in inside.stderr, inside
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_sigterm_ends_the_mount_as_an_unmount_does(synced):
+    """SIGTERM to the mount process (kill, a service manager) ends its session: what was written stays, the
+    share is unmounted and the process reports and exits, rather than dying or calling it a failed mount."""
+    mnt, share, state = synced["mnt"], synced["share"], synced["state"]
+    sh(f"dd if=/dev/zero of='{mnt}/dataset/z' bs=1M count=3 status=none")
+    os.kill(state["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while not gone(state["pid"]):
+        assert time.monotonic() < deadline, "the mount process did not end its session on SIGTERM"
+        time.sleep(0.05)
+    assert not mounts.is_mounted(mnt) and mounts.mount_state(mnt) is None
+    assert json.loads(Path(state["stats"]).read_text())["write_sizes"] == {str(MIB): 3}
+    assert (share / "dataset" / "z").stat().st_size == 3 * MIB
+    log = Path(state["log"]).read_text()
+    assert "ending the session on request" in log and "could not mount" not in log, log
 
 
 def test_busy_mount_says_so_and_unmounts_once_free(synced):
