@@ -874,6 +874,7 @@ def _stopped_by_sigterm(ops):
     try:
         yield
     finally:
+        ops._loop_thread = None  # libfuse's loop is over: nothing to interrupt any more
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.set_wakeup_fd(previous)
         os.close(write_end)  # the watcher reads the end of the pipe and returns
