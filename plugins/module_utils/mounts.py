@@ -153,11 +153,12 @@ def unmount(mountpoint, *, lazy: bool = False) -> None:
                 os.kill(state["pid"], signal.SIGTERM)
         deadline = time.monotonic() + EXIT_TIMEOUT
         while alive(state):
-            if time.monotonic() > deadline:
-                os.kill(state["pid"], signal.SIGTERM)
+            if time.monotonic() > deadline:  # stuck: a second SIGTERM would change nothing
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(state["pid"], signal.SIGKILL)
                 raise EnclaveError(
-                    f"{mountpoint} is unmounted but its process {state['pid']} did not exit within "
-                    f"{EXIT_TIMEOUT:.0f} s; it was sent SIGTERM (log: {state.get('log')})"
+                    f"{mountpoint} is unmounted but its process {state['pid']} did not end its session within "
+                    f"{EXIT_TIMEOUT:.0f} s of SIGTERM; it was killed (log: {state.get('log')})"
                 )
             time.sleep(0.02)
         paths["state"].unlink(missing_ok=True)

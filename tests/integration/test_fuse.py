@@ -25,6 +25,7 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.cli import fusefs
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import mounts
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire_client import Connection
 
 ENCLAVE = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
@@ -457,6 +458,24 @@ def test_sigterm_ends_the_mount_as_an_unmount_does(synced):
     assert (share / "dataset" / "z").stat().st_size == 3 * MIB
     log = Path(state["log"]).read_text()
     assert "ending the session on request" in log and "could not mount" not in log, log
+
+
+def test_mount_process_that_does_not_end_its_session_is_killed_and_named(synced, monkeypatch):
+    """The last resort of an unmount: a process that has not exited EXIT_TIMEOUT after its SIGTERM (here a
+    stopped one) is killed, and the error says so and where its log is."""
+    mnt, pid = synced["mnt"], synced["state"]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    monkeypatch.setattr(mounts, "EXIT_TIMEOUT", 0.5)
+    with pytest.raises(EnclaveError) as stuck:
+        mounts.unmount(mnt)
+    assert f"its process {pid} did not end its session" in str(stuck.value) and "it was killed" in str(stuck.value)
+    assert synced["state"]["log"] in str(stuck.value)
+    assert not mounts.is_mounted(mnt)
+    for _attempt in range(500):
+        if gone(pid):
+            break
+        time.sleep(0.01)
+    assert gone(pid)
 
 
 def test_busy_mount_says_so_and_unmounts_once_free(synced):
