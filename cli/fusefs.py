@@ -37,6 +37,11 @@ mount, and never answers "no such file" under /output.
 Failure: a server error comes back as its errno; a lost connection makes
 every operation fail at once with ENOTCONN ("Transport endpoint is not
 connected"), never a hang; a server that stops answering gives ETIMEDOUT.
+
+End: the process exits when the kernel ends the FUSE connection (the last
+copy of the mount is gone) or on SIGTERM, which `enclave sync --unmount`
+sends after fusermount3: a mount namespace made meanwhile holds a copy of the
+mount that our unmount does not reach (see _stopped_by_sigterm).
 """
 
 from __future__ import annotations
