@@ -739,7 +739,7 @@ def operations(connection, mountpoint, **kwargs):
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self._destroyed = threading.Event()
+            self.destroyed = threading.Event()  # libfuse called destroy: the session ran and is over
 
         def init_with_config(self, conn, config):
             with self._deferred_lock:
@@ -775,7 +775,7 @@ def operations(connection, mountpoint, **kwargs):
             # Again until destroy has started, in case the first came just before the loop went back to sleep.
             while self._loop_thread is not None:
                 signal.pthread_kill(self._loop_thread, signal.SIGTERM)
-                if self._destroyed.wait(1.0):
+                if self.destroyed.wait(1.0):
                     break
 
         def _forget_in_kernel(self, path):
@@ -792,7 +792,7 @@ def operations(connection, mountpoint, **kwargs):
             thread.join(NOTIFY_WAIT)
 
         def destroy(self, path):
-            self._destroyed.set()
+            self.destroyed.set()
             with self._deferred_lock:
                 self._fuse = None  # libfuse frees it after destroy: no notification may start from now on
                 running, self._invalidating = self._invalidating, ()
@@ -897,10 +897,14 @@ def serve(connection, mountpoint, *, on_ready=None) -> dict:
         with _stopped_by_sigterm(ops):
             _fuse_class()(ops, os.fspath(mountpoint), foreground=True, **FUSE_OPTIONS)
     except RuntimeError as err:
-        raise EnclaveError(
-            f"libfuse could not mount {mountpoint} (error {err}): see the messages above or in the mount's log; "
-            "is /dev/fuse there and is fusermount3 installed?"
-        ) from None
+        if not ops.destroyed.is_set():
+            raise EnclaveError(
+                f"libfuse could not mount {mountpoint} (error {err}): see the messages above or in the mount's log; "
+                "is /dev/fuse there and is fusermount3 installed?"
+            ) from None
+        # The mount was up and libfuse has unmounted it: its own SIGINT/SIGHUP handler (Ctrl-C in the foreground)
+        # ends the loop with this status, as would a failed read of /dev/fuse.
+        log.info("libfuse ended the session with status %s (Ctrl-C, SIGHUP, or an error above)", err)
     return ops.report()
 
 

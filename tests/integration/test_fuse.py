@@ -545,6 +545,32 @@ def test_foreground_mount_serves_until_unmounted(enclave, tmp_path_factory):
             proc.wait()
 
 
+def test_ctrl_c_ends_a_foreground_mount(enclave, tmp_path_factory):
+    """Ctrl-C (SIGINT) in the terminal of a foreground mount unmounts it and ends the command without an error."""
+    mnt = tmp_path_factory.mktemp("host") / "fg"
+    proc = subprocess.Popen(
+        [*ENCLAVE, "sync", "-d", str(mnt), "--foreground", "--expect-pcr0", enclave["pcr0"]],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while mounts.mount_state(mnt) is None:  # written once the mount answers
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the foreground mount never came up"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr
+        assert "could not mount" not in stderr
+        assert not mounts.is_mounted(mnt) and mounts.mount_state(mnt) is None
+    finally:
+        force_unmount(mnt)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_new_files_are_created_with_their_data_in_one_request(synced):
     """A new small file's create waits for its first write (and carries the data) or its close; whatever
     touches the name in between sends the create first."""
