@@ -37,6 +37,11 @@ mount, and never answers "no such file" under /output.
 Failure: a server error comes back as its errno; a lost connection makes
 every operation fail at once with ENOTCONN ("Transport endpoint is not
 connected"), never a hang; a server that stops answering gives ETIMEDOUT.
+
+End: the process exits when the kernel ends the FUSE connection (the last
+copy of the mount is gone) or on SIGTERM, which `enclave sync --unmount`
+sends after fusermount3: a mount namespace made meanwhile holds a copy of the
+mount that our unmount does not reach (see _stopped_by_sigterm).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import json
 import logging
 import os
 import select
+import signal
 import stat
 import subprocess
 import sys
@@ -727,11 +733,50 @@ def operations(connection, mountpoint, **kwargs):
         fuse_error = mfusepy.FuseOSError
         _fuse = None
         _invalidating: tuple | list = ()  # threads notifying the kernel (a list of its own once mounted)
+        _stopping = False  # stop() was called: the session ends at init if it was not up yet
+        _device = -1  # the session's /dev/fuse descriptor, while _fuse is set
+        _loop_thread: int | None = None  # the thread in libfuse's loop (serve() sets it)
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.destroyed = threading.Event()  # libfuse called destroy: the session ran and is over
 
         def init_with_config(self, conn, config):
-            self._invalidating = []
-            self._fuse = ctypes.c_void_p(mfusepy._libfuse.fuse_get_context().contents.fuse)
+            with self._deferred_lock:
+                self._invalidating = []
+                self._fuse = ctypes.c_void_p(mfusepy._libfuse.fuse_get_context().contents.fuse)
+                self._device = _session_fd(mfusepy._libfuse, self._fuse)
+                if self._stopping:
+                    mfusepy._libfuse.fuse_exit(self._fuse)  # the worker running init ends the loop when it returns
             super().init_with_config(conn, config)
+
+        def stop(self) -> None:
+            """End the session from any thread, as the kernel ends it when the last copy of the mount goes:
+            libfuse's loop returns, destroy runs (in-flight writes land), and closing /dev/fuse ends the kernel's
+            connection. For a copy of the mount that another mount namespace keeps after our unmount."""
+            with self._deferred_lock:
+                self._stopping = True
+                if self._fuse is None:
+                    return  # not mounted yet (init ends it) or destroyed already
+                poller = select.poll()
+                poller.register(self._device, 0)  # /dev/fuse polls POLLERR once the kernel ended the connection
+                if poller.poll(0):
+                    return  # unmounted for good: the loop is ending on its own
+                mounted_here = self.mountpoint in mounts.mount_table()
+                mfusepy._libfuse.fuse_exit(self._fuse)
+            if mounted_here:
+                log.info("ending the session on request: libfuse unmounts %s", self.mountpoint)
+            else:
+                log.info("%s is unmounted here but the kernel keeps its connection (a copy of the mount in another "
+                         "mount namespace, or a lazily detached mount still in use): ending the session ends it, "
+                         "and libfuse finds nothing to unmount", self.mountpoint)  # fmt: skip
+            # fuse_exit only sets a flag that libfuse's loop checks when its sem_wait returns: a signal
+            # interrupts that wait (the workers sleep in read(/dev/fuse), which no request will end now).
+            # Again until destroy has started, in case the first came just before the loop went back to sleep.
+            while self._loop_thread is not None:
+                signal.pthread_kill(self._loop_thread, signal.SIGTERM)
+                if self.destroyed.wait(1.0):
+                    break
 
         def _forget_in_kernel(self, path):
             # From a thread of its own: libfuse must not notify the kernel inside a related request. Waited
@@ -747,6 +792,7 @@ def operations(connection, mountpoint, **kwargs):
             thread.join(NOTIFY_WAIT)
 
         def destroy(self, path):
+            self.destroyed.set()
             with self._deferred_lock:
                 self._fuse = None  # libfuse frees it after destroy: no notification may start from now on
                 running, self._invalidating = self._invalidating, ()
@@ -755,6 +801,14 @@ def operations(connection, mountpoint, **kwargs):
             super().destroy(path)
 
     return Ops(connection, mountpoint, **kwargs)
+
+
+def _session_fd(libfuse, fuse) -> int:
+    """The /dev/fuse descriptor of a mounted struct fuse (open until libfuse destroys the session)."""
+    get_session, session_fd = libfuse.fuse_get_session, libfuse.fuse_session_fd
+    get_session.restype, get_session.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    session_fd.restype, session_fd.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    return session_fd(get_session(fuse))
 
 
 def _fuse_class():
@@ -795,20 +849,62 @@ def raise_readahead(mountpoint: str) -> None:
         log.info("reads stay at the kernel's default readahead (could not raise it: %s)", err.strerror)
 
 
+@contextlib.contextmanager
+def _stopped_by_sigterm(ops):
+    """While serving, SIGTERM ends the session cleanly (ops.stop()) instead of killing the process mid-write.
+
+    `enclave sync --unmount` sends it once fusermount3 has unmounted the share (mounts.unmount): a mount namespace
+    made while the share was mounted (unshare, a container, an enclave started meanwhile) keeps a private copy
+    of the mount that our unmount does not reach, and the kernel keeps the FUSE connection, so the loop would
+    serve that copy until the namespace ends. Python runs handlers in the main thread only, which sits in
+    libfuse: the signal is read from the wakeup fd by a thread of its own. After the session SIGTERM is
+    ignored: the one unmount sends as the process ends on its own must not kill it while it writes its report
+    (or, in the foreground, turn its exit status into "Terminated"; Python restores handlers, not SIG_IGN, at exit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread: SIGTERM keeps its default there
+        return
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)  # set_wakeup_fd's requirement: the signal handler must never block
+    ops._loop_thread = threading.get_ident()  # the thread that will sit in libfuse's loop
+
+    def watch() -> None:
+        with open(read_end, "rb", buffering=0) as wakeups:
+            while chunk := wakeups.read(64):  # until serve closes the other end: no handler writes to a closed pipe
+                if signal.SIGTERM in chunk and not ops._stopping:
+                    ops.stop()
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    threading.Thread(target=watch, name="sigterm", daemon=True).start()
+    try:
+        yield
+    finally:
+        ops._loop_thread = None  # libfuse's loop is over: nothing to interrupt any more
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.set_wakeup_fd(previous)
+        os.close(write_end)  # the watcher reads the end of the pipe and returns
+
+
 def serve(connection, mountpoint, *, on_ready=None) -> dict:
-    """Mount the share at mountpoint over connection and serve it in this process until it is unmounted.
+    """Mount the share at mountpoint over connection and serve it in this process until it is unmounted
+    (or SIGTERM ends the session: _stopped_by_sigterm).
 
     on_ready(None) is called once the mount answers, on_ready(reason) if it does not.
     Returns what the mount did (ShareOperations.report())."""
     keep_freed_memory()  # 1 MiB frames without a page fault each (docs/PROTOCOL.md section 9)
     ops = operations(connection, os.fspath(mountpoint), on_ready=on_ready)
     try:
-        _fuse_class()(ops, os.fspath(mountpoint), foreground=True, **FUSE_OPTIONS)
+        with _stopped_by_sigterm(ops):
+            _fuse_class()(ops, os.fspath(mountpoint), foreground=True, **FUSE_OPTIONS)
     except RuntimeError as err:
-        raise EnclaveError(
-            f"libfuse could not mount {mountpoint} (error {err}): see the messages above or in the mount's log; "
-            "is /dev/fuse there and is fusermount3 installed?"
-        ) from None
+        if not ops.destroyed.is_set():
+            raise EnclaveError(
+                f"libfuse could not mount {mountpoint} (error {err}): see the messages above or in the mount's log; "
+                "is /dev/fuse there and is fusermount3 installed?"
+            ) from None
+        # The mount was up and libfuse has unmounted it: its own SIGINT/SIGHUP handler (Ctrl-C in the foreground)
+        # ends the loop with this status, as would a failed read of /dev/fuse.
+        log.info("libfuse ended the session with status %s (Ctrl-C, SIGHUP, or an error above)", err)
     return ops.report()
 
 

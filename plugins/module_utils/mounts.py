@@ -8,6 +8,7 @@ start through the installed `enclave sync` command (mount_with_cli), never by im
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -144,13 +145,20 @@ def unmount(mountpoint, *, lazy: bool = False) -> None:
         )
         raise EnclaveError(f"could not unmount {mountpoint}: {why}; {hint}")
     if state is not None and not lazy:  # lazily detached, the process serves what is still open, then exits
+        # A mount namespace made while the share was mounted (unshare, a container) keeps a copy of the mount that
+        # this unmount does not reach, and with it the kernel's connection: SIGTERM has the process end its
+        # session as the kernel would (cli/fusefs.py serve), which also ends that copy. Else it is exiting already.
+        if alive(state):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(state["pid"], signal.SIGTERM)
         deadline = time.monotonic() + EXIT_TIMEOUT
         while alive(state):
-            if time.monotonic() > deadline:
-                os.kill(state["pid"], signal.SIGTERM)
+            if time.monotonic() > deadline:  # stuck: a second SIGTERM would change nothing
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(state["pid"], signal.SIGKILL)
                 raise EnclaveError(
-                    f"{mountpoint} is unmounted but its process {state['pid']} did not exit within "
-                    f"{EXIT_TIMEOUT:.0f} s; it was sent SIGTERM (log: {state.get('log')})"
+                    f"{mountpoint} is unmounted but its process {state['pid']} did not end its session within "
+                    f"{EXIT_TIMEOUT:.0f} s of SIGTERM; it was killed (log: {state.get('log')})"
                 )
             time.sleep(0.02)
         paths["state"].unlink(missing_ok=True)

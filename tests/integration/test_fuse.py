@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ import pytest
 
 from ansible_collections.confidential_ml.nitro.cli import fusefs
 from ansible_collections.confidential_ml.nitro.plugins.module_utils import mounts
+from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.wire_client import Connection
 
 ENCLAVE = [sys.executable, "-m", "ansible_collections.confidential_ml.nitro.cli.main"]
@@ -418,6 +420,64 @@ def test_unmount_leaves_no_process_and_no_mount(synced):
     assert f"nothing was mounted at {mnt}" in second.stdout
 
 
+def test_unmount_ends_the_mount_process_though_another_namespace_holds_a_copy(synced):
+    """A mount namespace made while the share is mounted (unshare, a container, another test's enclave) holds a
+    private copy of the mount: the unmount here does not reach it, so the kernel keeps the FUSE connection and
+    the mount process served it until that namespace ended (the 30 s unmounts under a loaded test run)."""
+    mnt, pid = synced["mnt"], synced["state"]["pid"]
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", "echo up; exec sleep 600"],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "up\n"
+        assert str(mnt) in Path(f"/proc/{holder.pid}/mountinfo").read_text()
+        stats = unmount_and_stats(synced)
+        assert stats["ops"]  # the process ended as an unmount ends it: its report is written
+        assert gone(pid) and mounts.mount_state(mnt) is None
+        # The copy is dead too: the kernel's connection ended with the process (its namespace lives on).
+        inside = subprocess.run(["nsenter", "-t", str(holder.pid), "-m", "ls", str(mnt)], capture_output=True,
+                                text=True, timeout=30, check=False)  # fmt: skip
+        assert inside.returncode != 0 and "not connected" in inside.stderr, inside
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_sigterm_ends_the_mount_as_an_unmount_does(synced):
+    """SIGTERM to the mount process (kill, a service manager) ends its session: what was written stays, the
+    share is unmounted and the process reports and exits, rather than dying or calling it a failed mount."""
+    mnt, share, state = synced["mnt"], synced["share"], synced["state"]
+    sh(f"dd if=/dev/zero of='{mnt}/dataset/z' bs=1M count=3 status=none")
+    os.kill(state["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while not gone(state["pid"]):
+        assert time.monotonic() < deadline, "the mount process did not end its session on SIGTERM"
+        time.sleep(0.05)
+    assert not mounts.is_mounted(mnt) and mounts.mount_state(mnt) is None
+    assert json.loads(Path(state["stats"]).read_text())["write_sizes"] == {str(MIB): 3}
+    assert (share / "dataset" / "z").stat().st_size == 3 * MIB
+    log = Path(state["log"]).read_text()
+    assert "ending the session on request" in log and "could not mount" not in log, log
+
+
+def test_mount_process_that_does_not_end_its_session_is_killed_and_named(synced, monkeypatch):
+    """The last resort of an unmount: a process that has not exited EXIT_TIMEOUT after its SIGTERM (here a
+    stopped one) is killed, and the error says so and where its log is."""
+    mnt, pid = synced["mnt"], synced["state"]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    monkeypatch.setattr(mounts, "EXIT_TIMEOUT", 0.5)
+    with pytest.raises(EnclaveError) as stuck:
+        mounts.unmount(mnt)
+    assert f"its process {pid} did not end its session" in str(stuck.value) and "it was killed" in str(stuck.value)
+    assert synced["state"]["log"] in str(stuck.value)
+    assert not mounts.is_mounted(mnt)
+    for _attempt in range(500):
+        if gone(pid):
+            break
+        time.sleep(0.01)
+    assert gone(pid)
+
+
 def test_busy_mount_says_so_and_unmounts_once_free(synced):
     mnt = synced["mnt"]
     shell = subprocess.Popen(["sleep", "300"], cwd=mnt / "dataset")
@@ -478,6 +538,32 @@ def test_foreground_mount_serves_until_unmounted(enclave, tmp_path_factory):
         assert sh(f"ls '{mnt}'").stdout.split() == TOP_LEVEL
         cli("sync", "-d", mnt, "--unmount")
         assert proc.wait(timeout=30) == 0
+    finally:
+        force_unmount(mnt)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_ctrl_c_ends_a_foreground_mount(enclave, tmp_path_factory):
+    """Ctrl-C (SIGINT) in the terminal of a foreground mount unmounts it and ends the command without an error."""
+    mnt = tmp_path_factory.mktemp("host") / "fg"
+    proc = subprocess.Popen(
+        [*ENCLAVE, "sync", "-d", str(mnt), "--foreground", "--expect-pcr0", enclave["pcr0"]],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while mounts.mount_state(mnt) is None:  # written once the mount answers
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the foreground mount never came up"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr
+        assert "could not mount" not in stderr
+        assert not mounts.is_mounted(mnt) and mounts.mount_state(mnt) is None
     finally:
         force_unmount(mnt)
         if proc.poll() is None:
