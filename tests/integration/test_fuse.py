@@ -560,7 +560,7 @@ def test_ctrl_c_ends_a_foreground_mount(enclave, tmp_path_factory):
             assert time.monotonic() < deadline, "the foreground mount never came up"
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
+        stderr = proc.communicate(timeout=60)[1]
         assert proc.returncode == 0, stderr
         assert "could not mount" not in stderr
         assert not mounts.is_mounted(mnt) and mounts.mount_state(mnt) is None
