@@ -44,7 +44,7 @@ export ANSIBLE_LINT_SKIP_SCHEMA_UPDATE=1 ANSIBLE_LINT_NODEPS=0 ANSIBLE_NOCOLOR=1
 
 link_collection() {
     # The same link the Makefile and tests/conftest.py make, for ansible-lint's collection lookups; one that is
-    # there is left alone (`make test` runs pytest beside this, and ln -sfn would remove it for a moment).
+    # there is left alone (ln -sfn would remove it for a moment, under tests that may be importing through it).
     local link=$ROOT/collections/ansible_collections/$NAMESPACE/$NAME
     [ "$(readlink "$link")" = "$ROOT" ] && return
     mkdir -p "$(dirname "$link")"
