@@ -521,8 +521,9 @@ def test_unattested_enclave_gets_no_mount(enclave, tmp_path_factory):
         force_unmount(mnt)
 
 
-def test_foreground_mount_serves_until_unmounted(enclave, tmp_path_factory):
-    mnt = tmp_path_factory.mktemp("host") / "fg"
+@contextlib.contextmanager
+def foreground_mount(enclave, mnt: Path):
+    """`enclave sync --foreground` on mnt, once its mount answers; afterwards no mount and no process is left."""
     proc = subprocess.Popen(
         [*ENCLAVE, "sync", "-d", str(mnt), "--foreground", "--expect-pcr0", enclave["pcr0"]],
         stderr=subprocess.PIPE,
@@ -534,41 +535,32 @@ def test_foreground_mount_serves_until_unmounted(enclave, tmp_path_factory):
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline, "the foreground mount never came up"
             time.sleep(0.05)
-        assert mounts.mount_state(mnt)["pid"] == proc.pid
-        assert sh(f"ls '{mnt}'").stdout.split() == TOP_LEVEL
-        cli("sync", "-d", mnt, "--unmount")
-        assert proc.wait(timeout=30) == 0
+        yield proc
     finally:
         force_unmount(mnt)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_foreground_mount_serves_until_unmounted(enclave, tmp_path_factory):
+    mnt = tmp_path_factory.mktemp("host") / "fg"
+    with foreground_mount(enclave, mnt) as proc:
+        assert mounts.mount_state(mnt)["pid"] == proc.pid
+        assert sh(f"ls '{mnt}'").stdout.split() == TOP_LEVEL
+        cli("sync", "-d", mnt, "--unmount")
+        assert proc.wait(timeout=30) == 0
 
 
 def test_ctrl_c_ends_a_foreground_mount(enclave, tmp_path_factory):
     """Ctrl-C (SIGINT) in the terminal of a foreground mount unmounts it and ends the command without an error."""
     mnt = tmp_path_factory.mktemp("host") / "fg"
-    proc = subprocess.Popen(
-        [*ENCLAVE, "sync", "-d", str(mnt), "--foreground", "--expect-pcr0", enclave["pcr0"]],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while mounts.mount_state(mnt) is None:  # written once the mount answers
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "the foreground mount never came up"
-            time.sleep(0.05)
+    with foreground_mount(enclave, mnt) as proc:
         proc.send_signal(signal.SIGINT)
         stderr = proc.communicate(timeout=60)[1]
         assert proc.returncode == 0, stderr
         assert "could not mount" not in stderr
         assert not mounts.is_mounted(mnt) and mounts.mount_state(mnt) is None
-    finally:
-        force_unmount(mnt)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_new_files_are_created_with_their_data_in_one_request(synced):
