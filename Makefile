@@ -33,7 +33,10 @@ $(BIN)/enclave: pyproject.toml
 	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[test,examples]'
 	@touch $@
 
+# The checkout's own sources too (compileall writes only what is stale): they are not in site-packages, and every
+# process that imports them (the CLI, local enclaves, the local cloud, FUSE daemons) would compile them again.
 venv: deps link $(BIN)/enclave
+	@$(BIN)/python -m compileall -q -j 0 cli enclave_local enclave_server plugins tests
 
 # Made once and then left alone: ln -sfn would remove it for a moment, and running tests import through it.
 LINK := $(COLLECTIONS)/ansible_collections/confidential_ml/nitro
@@ -71,7 +74,7 @@ $(LOWEST_VENV)/.installed: pyproject.toml
 	rm -rf $(LOWEST_VENV)
 	$(PYTHON) -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/pip install -q 'uv>=0.4'
-	$(LOWEST_VENV)/bin/uv pip install -q --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
+	$(LOWEST_VENV)/bin/uv pip install -q --compile-bytecode --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
 	  -r pyproject.toml --extra test --extra examples
 	@touch $@
 
