@@ -45,8 +45,8 @@ link:
 	@[ "$$(readlink $(LINK))" = "$(CURDIR)" ] || ln -sfn $(CURDIR) $(LINK)
 
 # The collection's gates before the tests: ansible-lint --profile production and ansible-test
-# sanity (scripts/ansible_checks.sh installs shellcheck from Debian when run as root; ansible-test
-# builds its own virtual environments from PyPI on the first run).
+# sanity on the collection as built (scripts/ansible_checks.sh installs shellcheck from Debian when run as root;
+# ansible-test builds its own virtual environments from PyPI on the first run).
 # pytest-xdist spreads the tests over one worker per core (PYTEST_WORKERS=0: in this process); a file's tests stay
 # together, and so do the tests of the session's owner release (tests/conftest.py names their xdist groups).
 PYTEST_WORKERS ?= auto

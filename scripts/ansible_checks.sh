@@ -9,8 +9,8 @@
 # ansible-test insists on running from a directory whose real path ends in
 # ansible_collections/<namespace>/<name>, inside git, with tests/output/ ignored. The checkout's own
 # path does not end so (collections/ holds only a symbolic link to it, and ansible-test resolves
-# links), so the files git knows (tracked, or new and not ignored: what ansible-test itself would
-# check) are mirrored into a work directory of that shape that is its own git repository.
+# links), so the collection as `ansible-galaxy collection build` makes it (what Galaxy and
+# certification check) is unpacked into a work directory of that shape that is its own git repository.
 #
 # ansible-test --requirements bootstraps pip in each sanity virtual environment with a script it
 # downloads from a host that cannot be reached here; it uses a cached copy when there is one, so a
@@ -87,7 +87,10 @@ EOF
 }
 
 mirror_tree() {
-    # Mirror what git sees in the checkout (tracked and new files, without ignored ones) into $COPY.
+    # What the built collection ships (ansible-galaxy collection build: galaxy.yml's build_ignore), which is what
+    # Galaxy and certification run ansible-test sanity on, and tests/sanity/ (ansible-test's ignore file, which the
+    # tarball leaves out with the rest of tests/). The pytest suite and the benchmarks are not in the tarball: ruff
+    # checks them (make test).
     mkdir -p "$COPY"
     if [ ! -d "$COPY/.git" ]; then
         git -C "$COPY" init -q
@@ -96,16 +99,14 @@ mirror_tree() {
     if [ -d "$COPY/tests" ]; then
         find "$COPY/tests" -mindepth 1 -maxdepth 1 ! -name output -exec rm -rf {} +
     fi
-    (
-        cd "$ROOT"
-        git ls-files -z --cached --others --exclude-standard |
-            while IFS= read -r -d '' path; do
-                if [ -e "$path" ] || [ -L "$path" ]; then printf '%s\0' "$path"; fi
-            done |
-            tar --null --no-recursion --files-from=- -cf -
-    ) | tar -xf - -C "$COPY"
-    # ansible-test must not check its own work area, nor copies of the tree.
-    grep -qx 'tests/output/' "$COPY/.gitignore" 2>/dev/null || printf 'tests/output/\n' >>"$COPY/.gitignore"
+    local dist
+    dist=$(mktemp -d)
+    ansible-galaxy collection build "$ROOT" --output-path "$dist" >/dev/null || { rm -rf "$dist"; return 1; }
+    tar -xzf "$dist"/"$NAMESPACE-$NAME"-*.tar.gz -C "$COPY"
+    rm -rf "$dist"
+    cp -r "$ROOT/tests/sanity" "$COPY/tests/"
+    # ansible-test must not check its own work area.
+    printf 'tests/output/\n' >"$COPY/.gitignore"
 }
 
 install_shellcheck() {
