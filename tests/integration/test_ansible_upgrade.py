@@ -1,12 +1,15 @@
 """playbooks/upgrade.yml (issue 15) on the SSH test fleet: three hosts (tests/fixtures/ssh_fleet.py) that see
-neither the checkout nor the owner's release on the controller. After the owner publishes a new image (bound to a
-new signing key, so its PCR0 differs; the key policy keeps the old PCR0 too), a job started over SSH on each host
-in its old enclave before the upgrade completes with a receipt that verifies on the controller against the old
-release (before the upgrade, run_job.yml --check reports on each host the enclave it would restart and changes
-nothing); the upgrade replaces the enclaves upgrade_serial hosts at a time (one batch after the other, as its output
-shows), checks each new enclave attests the new PCR0 and pushes the packages and the dataset again, so that
-run_job.yml finds them there and its receipts name the new enclaves; a second upgrade changes nothing; once the
-owner drops the old PCR0 (window of one), an enclave of the old image gets no package key."""
+neither the checkout nor the owner's release on the controller. First run_job.yml runs the job on the fresh hosts
+(--forks 3): each installs the project from the wheel, gets the release, starts its own enclave, and its outputs and
+receipt, signed by that enclave, come back to the controller and verify there. After the owner publishes a new
+image (bound to a new signing key, so its PCR0 differs; the key policy keeps the old PCR0 too), a job started over
+SSH on each host in its old enclave before the upgrade completes with a receipt that verifies on the controller
+against the old release (before the upgrade, run_job.yml --check reports on each host the enclave it would restart
+and changes nothing); the upgrade replaces the enclaves upgrade_serial hosts at a time (one batch after the other,
+as its output shows), checks each new enclave attests the new PCR0 and pushes the packages and the dataset again,
+so that run_job.yml finds them there and its receipts name the new enclaves; a second upgrade changes nothing; once
+the owner drops the old PCR0 (window of one), an enclave of the old image gets no package key; cleanup.yml leaves
+no enclave running."""
 
 import json
 import re
@@ -61,6 +64,35 @@ def enclaves(env: dict) -> dict[str, dict]:
     return {e["EnclaveName"]: e for e in json.loads(described.stdout)}
 
 
+def assert_the_fleet_ran_the_job(run, env: dict, fleet, described: dict[str, dict], release, jobs) -> None:
+    """run_job.yml on fresh hosts over SSH (--forks 3): each host installed the project from the wheel, got the
+    release though it sees neither the checkout nor the controller's release, started its own enclave (the name and
+    CID the inventory gives it), and its outputs and receipt, signed by its own enclave, came back to the controller
+    and verify offline against the release."""
+    counters = recap(run.stdout)
+    assert len(described) == 3 and all(e["State"] == "RUNNING" for e in described.values()), described
+    module_ids = set()
+    for i, host in enumerate(ADDRESSES):
+        assert counters.get(host, {}).get("failed") == 0 and counters[host]["changed"] > 0, counters
+        seen = on_host(fleet, host, f"ls -A {ROOT}; test -e {release} || echo no-release-here;"
+                                    f" ls /var/lib/confidential-ml/confidential-ml-{host[-1]}/release")  # fmt: skip
+        assert seen.stdout.split() == [".venv", "no-release-here", "enclave.img", "packages", "release.json"], (
+            seen.stdout + seen.stderr
+        )
+        job_dir = jobs / host
+        metrics = json.loads((job_dir / "output" / "metrics.json").read_text())
+        assert metrics["accuracy"] > 0.9, f"{host}'s job reports {metrics}"
+        assert (job_dir / "output" / "results.csv").read_text().count("\n") == metrics["rows"] + 1
+        enclave = described[f"confidential-ml-{host[-1]}"]  # its own enclave, with the name and CID it was given
+        assert enclave["EnclaveCID"] == 16 + i
+        proved = verify_receipt(env, job_dir, release)
+        assert proved["rc"] == 0 and proved["script"] == "ml_algorithm.py", proved
+        assert proved["module_id"] == enclave["EnclaveID"], f"{host}'s receipt is not its own enclave's: {proved}"
+        module_ids.add(proved["module_id"])
+    assert len(module_ids) == 3 and len({e["Endpoint"] for e in described.values()}) == 3, described
+    assert run.stdout.count("Verify the receipt on the controller") == 1  # one task, three hosts
+
+
 def wait_for_job(endpoint: str, job: subprocess.Popen) -> None:
     """Until the enclave at endpoint runs a job (the test's own readiness wait, not a timing assertion)."""
     while job.poll() is None:
@@ -97,9 +129,9 @@ def test_upgrade_rolls_the_new_image_over_the_ssh_fleet_and_pushes_the_inputs_ag
     common = ["--forks", "3", "-e", f"release_dir={release}", "-e", f"job_dir={jobs}/{{{{ inventory_hostname }}}}"]
     try:
         timed_playbook(env, inventory, "playbooks/owner.yml", *packages(owner), principal="owner")
-        timed_playbook(env, inventory, "playbooks/run_job.yml", *common, principal="enclave-host")
+        run, _seconds = timed_playbook(env, inventory, "playbooks/run_job.yml", *common, principal="enclave-host")
         old = enclaves(env)
-        assert len(old) == 3, old
+        assert_the_fleet_ran_the_job(run, env, fleet, old, release, jobs)
         old_pcr0 = json.loads((release / "release.json").read_text())["image"]["measurements"]["pcr0"]
         shutil.copytree(release, old_release)
 
@@ -214,3 +246,5 @@ def test_upgrade_rolls_the_new_image_over_the_ssh_fleet_and_pushes_the_inputs_ag
         assert "AccessDenied" in refused.stderr or "not allowed" in refused.stderr, refused.stderr
     finally:
         timed_playbook(env, inventory, "playbooks/cleanup.yml", principal="enclave-host")
+    left = describe_enclaves(env).stdout.strip()
+    assert left in ("", "[]"), f"cleanup.yml left local enclaves running: {left}"

@@ -2,12 +2,13 @@
 
 tests/fixtures/ssh_fleet.py starts them (sshd on 127.0.0.2-4, each in its own mount namespace with the checkout
 and the controller's release and job folders masked), as the README's fleet section does. owner.yml runs on the
-controller (once for the session: the owner_release fixture), run_job.yml on the three hosts with --forks 3: each
-host must have installed the project from the wheel, got the release, started its own enclave (the name and CID
-the inventory gives it), and its outputs and receipt, signed by its own enclave (module_id = that enclave's ID),
-must have come back to the controller and verify offline against the release. Failures are contained: a host
-that fails does not stop the others, and a rerun finishes it. cleanup.yml then leaves no enclave running, and
-stopping the fleet no process of its hosts.
+controller (once for the session: the owner_release fixture), run_job.yml on the three hosts with --forks 3.
+Failures are contained: a host that fails does not stop the others, and a rerun finishes it; an SSH drop mid-job
+likewise. cleanup.yml then leaves no enclave running, and stopping the fleet no process of its hosts.
+
+That run_job.yml on fresh hosts installs the project from the wheel, brings the release to hosts that cannot see
+it, starts each host's own enclave and brings back receipts signed by it is checked where the rolling upgrade's
+test runs it on its own fleet (tests/integration/test_ansible_upgrade.py), so that it runs once per session.
 """
 
 import json
@@ -22,9 +23,7 @@ import yaml
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.tests.fixtures.ssh_fleet import (
-    ADDRESSES,
     describe_enclaves,
-    on_host,
     recap,
     run_playbook,
     running,
@@ -49,41 +48,6 @@ def session_fleet(owner_release, fleet_wheel, tmp_path):
             assert cleanup.returncode == 0, f"cleanup.yml failed:\n{cleanup.stdout[-3000:]}{cleanup.stderr[-2000:]}"
             left = describe_enclaves(env).stdout.strip()
             assert left in ("", "[]"), f"cleanup.yml left local enclaves running: {left}"
-
-
-@pytest.mark.timeout(1500)  # several playbooks on three hosts, beyond the default 600 s under load
-def test_fleet_over_ssh_runs_the_job_on_hosts_that_cannot_see_the_controllers_files(session_fleet):
-    release, jobs, env, fleet = session_fleet  # owner.yml ran once for the session, on the controller
-    run, seconds = timed_playbook(
-        env, fleet.inventory, "playbooks/run_job.yml", "--forks", "3", "-e", f"release_dir={release}",
-        "-e", f"job_dir={jobs}/{{{{ inventory_hostname }}}}", principal="enclave-host",
-    )  # fmt: skip
-    print(f"ssh fleet: run_job.yml {seconds:.1f} s")
-    counters = recap(run.stdout)
-    enclaves = {e["EnclaveName"]: e for e in json.loads(describe_enclaves(env).stdout)}
-    assert len(enclaves) == 3 and all(e["State"] == "RUNNING" for e in enclaves.values()), enclaves
-    module_ids = set()
-    for i, host in enumerate(ADDRESSES):
-        assert counters.get(host, {}).get("failed") == 0 and counters[host]["changed"] > 0, counters
-        # The host saw neither the checkout nor the release: the role copied the release there.
-        seen = on_host(fleet, host, f"ls -A {ROOT}; test -e {release} || echo no-release-here;"
-                                    f" ls /var/lib/confidential-ml/confidential-ml-{host[-1]}/release")  # fmt: skip
-        assert seen.stdout.split() == [".venv", "no-release-here", "enclave.img", "packages", "release.json"], (
-            seen.stdout + seen.stderr
-        )
-        job_dir = jobs / host
-        metrics = json.loads((job_dir / "output" / "metrics.json").read_text())
-        assert metrics["accuracy"] > 0.9, f"{host}'s job reports {metrics}"
-        assert (job_dir / "output" / "results.csv").read_text().count("\n") == metrics["rows"] + 1
-        enclave = enclaves[f"confidential-ml-{host[-1]}"]  # its own enclave, with the name and CID it was given
-        assert enclave["EnclaveCID"] == 16 + i
-        proved = verify_receipt(env, job_dir, release)
-        assert proved["rc"] == 0 and proved["script"] == "ml_algorithm.py", proved
-        assert proved["module_id"] == enclave["EnclaveID"], f"{host}'s receipt is not its own enclave's: {proved}"
-        module_ids.add(proved["module_id"])
-    assert len(module_ids) == 3 and len({e["Endpoint"] for e in enclaves.values()}) == 3, enclaves
-    assert run.stdout.count("Verify the receipt on the controller") == 1  # one task, three hosts
-    # session_fleet runs cleanup.yml afterwards and checks that it leaves no enclave running.
 
 
 @pytest.mark.timeout(1500)  # several playbooks on three hosts, beyond the default 600 s under load
