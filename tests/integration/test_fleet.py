@@ -157,6 +157,9 @@ def wait_for_running_job(env: dict, name: str, playbook: subprocess.Popen, log: 
         if endpoint is None:
             described = json.loads(describe_enclaves(env).stdout or "[]")
             endpoint = next((e["Endpoint"] for e in described if e["EnclaveName"] == name), None)
+            # Each look is a process (`enclave local describe-enclaves`); back to back they took a core from the
+            # playbook for the ~20 s the hosts take to start their enclaves.
+            time.sleep(0.25)
             continue
         try:
             with EnclaveClient(endpoint, timeout=10) as client:
