@@ -104,6 +104,7 @@ mirror_tree() {
     ansible-galaxy collection build "$ROOT" --output-path "$dist" >/dev/null || { rm -rf "$dist"; return 1; }
     tar -xzf "$dist"/"$NAMESPACE-$NAME"-*.tar.gz -C "$COPY"
     rm -rf "$dist"
+    mkdir -p "$COPY/tests"
     cp -r "$ROOT/tests/sanity" "$COPY/tests/"
     # ansible-test must not check its own work area.
     printf 'tests/output/\n' >"$COPY/.gitignore"
