@@ -69,12 +69,13 @@ test-fast: venv
 
 # The unit tests on the lowest versions pyproject.toml allows for each direct dependency (uv's
 # lowest-direct resolution; their own dependencies at the newest that fit), so the floors stay true.
+# Not byte-compiled at install, unlike .venv: here that took 27 s and saved the unit tests 9 s.
 LOWEST_VENV ?= .venv-lowest
 $(LOWEST_VENV)/.installed: pyproject.toml
 	rm -rf $(LOWEST_VENV)
 	$(PYTHON) -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/pip install -q 'uv>=0.4'
-	$(LOWEST_VENV)/bin/uv pip install -q --compile-bytecode --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
+	$(LOWEST_VENV)/bin/uv pip install -q --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
 	  -r pyproject.toml --extra test --extra examples
 	@touch $@
 
