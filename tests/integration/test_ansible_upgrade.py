@@ -25,6 +25,7 @@ from ansible_collections.confidential_ml.nitro.tests.fixtures.ssh_fleet import (
     ADDRESSES,
     BIN,
     ROOT,
+    assert_no_enclaves_left,
     describe_enclaves,
     on_host,
     recap,
@@ -246,5 +247,4 @@ def test_upgrade_rolls_the_new_image_over_the_ssh_fleet_and_pushes_the_inputs_ag
         assert "AccessDenied" in refused.stderr or "not allowed" in refused.stderr, refused.stderr
     finally:
         timed_playbook(env, inventory, "playbooks/cleanup.yml", principal="enclave-host")
-    left = describe_enclaves(env).stdout.strip()
-    assert left in ("", "[]"), f"cleanup.yml left local enclaves running: {left}"
+    assert_no_enclaves_left(env)

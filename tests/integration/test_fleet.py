@@ -23,6 +23,7 @@ import yaml
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.client import EnclaveClient
 from ansible_collections.confidential_ml.nitro.plugins.module_utils.errors import EnclaveError
 from ansible_collections.confidential_ml.nitro.tests.fixtures.ssh_fleet import (
+    assert_no_enclaves_left,
     describe_enclaves,
     recap,
     run_playbook,
@@ -46,8 +47,7 @@ def session_fleet(owner_release, fleet_wheel, tmp_path):
         finally:
             cleanup = run_playbook(env, fleet.inventory, "playbooks/cleanup.yml", principal="enclave-host")
             assert cleanup.returncode == 0, f"cleanup.yml failed:\n{cleanup.stdout[-3000:]}{cleanup.stderr[-2000:]}"
-            left = describe_enclaves(env).stdout.strip()
-            assert left in ("", "[]"), f"cleanup.yml left local enclaves running: {left}"
+            assert_no_enclaves_left(env)
 
 
 @pytest.mark.timeout(1500)  # several playbooks on three hosts, beyond the default 600 s under load
