@@ -36,7 +36,7 @@ $(BIN)/enclave: pyproject.toml
 # The checkout's own sources too (compileall writes only what is stale): they are not in site-packages, and every
 # process that imports them (the CLI, local enclaves, the local cloud, FUSE daemons) would compile them again.
 venv: deps link $(BIN)/enclave
-	@$(BIN)/python -m compileall -q -j 0 cli enclave_local enclave_server plugins tests
+	@$(BIN)/python -m compileall -q -j 0 cli enclave_local enclave_server plugins
 
 # Made once and then left alone: ln -sfn would remove it for a moment, and running tests import through it.
 LINK := $(COLLECTIONS)/ansible_collections/confidential_ml/nitro
