@@ -4,7 +4,9 @@ tests/fixtures/ssh_fleet.py starts them (sshd on 127.0.0.2-4, each in its own mo
 and the controller's release and job folders masked), as the README's fleet section does. owner.yml runs on the
 controller (once for the session: the owner_release fixture), run_job.yml on the three hosts with --forks 3.
 Failures are contained: a host that fails does not stop the others, and a rerun finishes it; an SSH drop mid-job
-likewise. cleanup.yml then leaves no enclave running, and stopping the fleet no process of its hosts.
+likewise. Both tests run on one fleet, one after the other (each with a job folder of its own, and clear_output so
+that either may come first); cleanup.yml then leaves no enclave running, and stopping the fleet no process of its
+hosts.
 
 That run_job.yml on fresh hosts installs the project from the wheel, brings the release to hosts that cannot see
 it, starts each host's own enclave and brings back receipts signed by it is checked where the rolling upgrade's
@@ -36,12 +38,15 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
-def session_fleet(owner_release, fleet_wheel, tmp_path):
-    """(release, jobs, env, fleet) beside the session's owner release; cleanup.yml runs on it afterwards."""
+@pytest.fixture(scope="module")
+def module_fleet(owner_release, fleet_wheel, tmp_path_factory):
+    """(release, jobs, env, fleet) beside the session's owner release, for this file's tests, one after the other
+    (starting three hosts and their enclaves once); cleanup.yml runs on it afterwards. Each test keeps its jobs in
+    a folder of its own under jobs (job_folder), hidden from the hosts as jobs is."""
     work, env = owner_release
-    release, jobs = work / "owner" / "release", tmp_path / "jobs"  # the session's work folder is shared
-    with running(tmp_path / "hosts", env, fleet_wheel, [work / "owner", jobs]) as (fleet, env):
+    base = tmp_path_factory.mktemp("fleet")
+    release, jobs = work / "owner" / "release", base / "jobs"  # the session's work folder is shared
+    with running(base / "hosts", env, fleet_wheel, [work / "owner", jobs]) as (fleet, env):
         try:
             yield release, jobs, env, fleet
         finally:
@@ -51,16 +56,19 @@ def session_fleet(owner_release, fleet_wheel, tmp_path):
 
 
 @pytest.mark.timeout(1500)  # several playbooks on three hosts, beyond the default 600 s under load
-def test_a_failing_host_does_not_stop_the_others_and_a_rerun_finishes_it(session_fleet, tmp_path):
+def test_a_failing_host_does_not_stop_the_others_and_a_rerun_finishes_it(module_fleet, tmp_path):
     """Failures are contained (issue 15): enclave-b's enclave cannot start (its image is not where its inventory
     says), yet enclave-a and enclave-c run their jobs to verified receipts; run_job.yml again, limited to the
     retry list Ansible wrote, with enclave-b fixed, finishes the job there and touches no other host."""
-    release, jobs, env, fleet = session_fleet
+    release, jobs, env, fleet = module_fleet
+    jobs = jobs / "failing-host"
     broken = yaml.safe_load(fleet.inventory.read_text())
     broken["all"]["children"]["enclave_hosts"]["hosts"]["enclave-b"]["enclave_host_image"] = str(tmp_path / "none.img")
     inventory = tmp_path / "broken.yml"
     inventory.write_text(yaml.safe_dump(broken))
-    common = ["--forks", "3", "-e", f"release_dir={release}", "-e", f"job_dir={jobs}/{{{{ inventory_hostname }}}}"]
+    # clear_output: the other test of this file may have run a job in these enclaves first.
+    common = ["--forks", "3", "-e", f"release_dir={release}", "-e", f"job_dir={jobs}/{{{{ inventory_hostname }}}}",
+              "-e", "clear_output=true"]  # fmt: skip
     retry = tmp_path / "retry"
     first = run_playbook({**env, "ANSIBLE_RETRY_FILES_ENABLED": "1", "ANSIBLE_RETRY_FILES_SAVE_PATH": str(retry)},
                          inventory, "playbooks/run_job.yml", *common, principal="enclave-host")  # fmt: skip
@@ -85,7 +93,7 @@ def test_a_failing_host_does_not_stop_the_others_and_a_rerun_finishes_it(session
 
 
 @pytest.mark.timeout(1500)  # several playbooks on three hosts, beyond the default 600 s under load
-def test_an_ssh_drop_mid_job_is_contained_and_the_same_command_finishes_it(session_fleet, tmp_path):
+def test_an_ssh_drop_mid_job_is_contained_and_the_same_command_finishes_it(module_fleet, tmp_path):
     """An SSH drop mid-run (issue 15): while enclave-b's enclave reports its job running, enclave-b's sshd and every
     SSH session there are killed (the host and its enclave stay up). enclave-a and enclave-c finish with verified
     receipts, the recap names enclave-b unreachable; once sshd is back, the same command again finishes the job on
@@ -93,7 +101,8 @@ def test_an_ssh_drop_mid_job_is_contained_and_the_same_command_finishes_it(sessi
 
     enclave-b's dataset is the example's rows many times over (the same labels, so the same accuracy), so that its
     job runs long enough to be caught running; the drop is made when the enclave itself says a job runs."""
-    release, jobs, env, fleet = session_fleet
+    release, jobs, env, fleet = module_fleet
+    jobs = jobs / "ssh-drop"
     big = tmp_path / "big-dataset"
     big.mkdir()
     rows = []
