@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import importlib.metadata
 import json
 import os
 import re
@@ -141,6 +140,8 @@ def collection_root() -> Path:
 
     The tree this file sits in (a checkout, an installed collection); else, where module_utils travels alone (an
     AnsiballZ payload), the installed Python package's. ImageError, saying what to do, when neither holds it."""
+    import importlib.metadata  # here: every module imports this file (through runtime), few build an image
+
     candidates = [Path(__file__).resolve().parents[2]]
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):
         # locate_file gives a path-like object, a pathlib.Path for an installed wheel (a zipfile.Path from a zip)
