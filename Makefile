@@ -77,14 +77,20 @@ test-fast: venv
 
 # The unit tests on the lowest versions pyproject.toml allows for each direct dependency (uv's
 # lowest-direct resolution; their own dependencies at the newest that fit), so the floors stay true.
-# Not byte-compiled at install, unlike .venv: here that took 27 s and saved the unit tests 9 s.
+# Byte-compiled only where the unit tests' processes (the CLI, modules run as scripts, the enclave server) spend
+# their imports: the whole venv took 27 s to compile and saved the unit tests 9 s; these libraries take 2 s and
+# save them 8 s (measured on one machine, idle: 68 s without, 60 s with).
 LOWEST_VENV ?= .venv-lowest
+LOWEST_COMPILED := ansible asn1crypto boto3 botocore cbor2 cryptography dateutil jinja2 jmespath markupsafe \
+  s3transfer tink tqdm urllib3 yaml
 $(LOWEST_VENV)/.installed: pyproject.toml
 	rm -rf $(LOWEST_VENV)
 	$(PYTHON) -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/pip install -q 'uv>=0.4'
 	$(LOWEST_VENV)/bin/uv pip install -q --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
 	  -r pyproject.toml --extra test --extra examples
+	site=$$($(LOWEST_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
+	  && $(LOWEST_VENV)/bin/python -m compileall -qq -j 0 $(addprefix "$$site"/,$(LOWEST_COMPILED)) || true
 	@touch $@
 
 test-lowest: link $(LOWEST_VENV)/.installed
