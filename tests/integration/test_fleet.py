@@ -42,7 +42,7 @@ BIN = Path(sys.executable).parent
 def module_fleet(owner_release, fleet_wheel, tmp_path_factory):
     """(release, jobs, env, fleet) beside the session's owner release, for this file's tests, one after the other
     (starting three hosts and their enclaves once); cleanup.yml runs on it afterwards. Each test keeps its jobs in
-    a folder of its own under jobs (job_folder), hidden from the hosts as jobs is."""
+    a folder of its own under jobs, hidden from the hosts as jobs is."""
     work, env = owner_release
     base = tmp_path_factory.mktemp("fleet")
     release, jobs = work / "owner" / "release", base / "jobs"  # the session's work folder is shared
