@@ -167,6 +167,35 @@ def test_without_instance_metadata_the_region_is_required(tmp_path, host, imds, 
     assert allowlist(host[1]) == [{"address": "kms.eu-north-1.amazonaws.com", "port": 443}]
 
 
+def test_the_enclave_is_sized_from_the_release_image_it_copied(ansible_playbook, host, tmp_path):
+    """With the release copied from the controller, the enclave is sized from the size the image's copy reports (no
+    stat on the host): memory at least 4x the image, in allocator.yaml and in nitro-cli's run-enclave call."""
+    release = tmp_path / "release"
+    (release / "packages").mkdir(parents=True)
+    with (release / "enclave.eif").open("wb") as image:
+        image.write(b"FAKE-EIF\0")
+        image.truncate(40 << 20)  # 40 MiB: 160 MiB of enclave memory, above enclave_host_memory_mib (128)
+    (release / "packages" / "app.pkg").write_bytes(b"sealed")
+    manifest = {"image": {"file": "enclave.eif"}, "packages": [{"file": "packages/app.pkg"}]}
+    (release / "release.json").write_text(json.dumps(manifest))
+    tasks = play(
+        ansible_playbook,
+        host,
+        enclave_host_image="",
+        enclave_host_release_src=str(release),
+        enclave_host_dir=str(tmp_path / "host"),
+        enclave_host_imds_url="",
+        enclave_host_region="eu-north-1",
+    )[1]
+    sized = tasks["Size the enclave from the image (memory at least 4x the image)"]
+    assert sized.get("skip_reason") == "Conditional result was False", sized  # no stat on the host
+    allocator = Path(host[1]["enclave_host_config_root"]) / "etc/nitro_enclaves/allocator.yaml"
+    assert yaml.safe_load(allocator.read_text())["memory_mib"] == 160
+    calls = (Path(host[2]["FAKE_NITRO_CLI_STATE"]) / "calls.jsonl").read_text().splitlines()
+    [run] = [json.loads(c)["argv"] for c in calls if json.loads(c)["argv"][:1] == ["run-enclave"]]
+    assert run[run.index("--memory") + 1] == "160" and run[run.index("--eif-path") + 1].endswith("/enclave.eif"), run
+
+
 @pytest.fixture
 def moto_iam():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
