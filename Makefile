@@ -32,13 +32,14 @@ deps:
 # brings (cfn-lint, sympy, networkx, mpmath), the test suites numpy, scipy and scikit-learn ship. Measured on one
 # machine: about 27 s for uv's, 20 s for this. A file left out only costs a process that imports it a compile; one
 # that does not compile is left to its importer, as pip and uv leave it.
+# The site-packages directory of the venv whose bin/ is $(1), for a recipe's shell.
+site_packages = "$$($(1)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
 NOT_IMPORTED := /ansible_collections/(?!amazon/aws/|ansible/posix/)|/site-packages/(sympy|networkx|cfnlint|mpmath)/|/site-packages/(numpy|scipy|sklearn)/(.*/)?tests/
 $(BIN)/enclave: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q 'uv>=0.4'
 	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[test,examples]'
-	$(BIN)/python -m compileall -qq -j 0 -x '$(NOT_IMPORTED)' \
-	  "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" || true
+	$(BIN)/python -m compileall -qq -j 0 -x '$(NOT_IMPORTED)' $(call site_packages,$(BIN)) || true
 	@touch $@
 
 # The checkout's own sources too (compileall writes only what is stale): they are not in site-packages, and every
@@ -89,7 +90,7 @@ $(LOWEST_VENV)/.installed: pyproject.toml
 	$(LOWEST_VENV)/bin/pip install -q 'uv>=0.4'
 	$(LOWEST_VENV)/bin/uv pip install -q --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
 	  -r pyproject.toml --extra test --extra examples
-	site=$$($(LOWEST_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
+	site=$(call site_packages,$(LOWEST_VENV)/bin) \
 	  && $(LOWEST_VENV)/bin/python -m compileall -qq -j 0 $(addprefix "$$site"/,$(LOWEST_COMPILED)) || true
 	@touch $@
 
