@@ -192,7 +192,7 @@ def test_the_enclave_is_sized_from_the_release_image_it_copied(ansible_playbook,
     allocator = Path(host[1]["enclave_host_config_root"]) / "etc/nitro_enclaves/allocator.yaml"
     assert yaml.safe_load(allocator.read_text())["memory_mib"] == 160
     calls = (Path(host[2]["FAKE_NITRO_CLI_STATE"]) / "calls.jsonl").read_text().splitlines()
-    [run] = [json.loads(c)["argv"] for c in calls if json.loads(c)["argv"][:1] == ["run-enclave"]]
+    [run] = [argv for argv in (json.loads(c)["argv"] for c in calls) if argv[:1] == ["run-enclave"]]
     assert run[run.index("--memory") + 1] == "160" and run[run.index("--eif-path") + 1].endswith("/enclave.eif"), run
 
 
