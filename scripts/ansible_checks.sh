@@ -76,8 +76,9 @@ write_get_pip_stand_in() {
 #   python get_pip_24_2.py --disable-pip-version-check pip==24.2 [--no-setuptools] [--no-wheel]
 # The requested packages are installed with uv when it is on PATH (the venv's bin/, which make venv installs): on a
 # fresh machine that took a fraction of a second per environment against 6 s for ensurepip and a pip upgrade, and
-# ansible-test makes nine. Without uv: bootstrap pip with ensurepip, then let that pip install the requested
-# versions from the index pip is configured with.
+# ansible-test makes nine. Without uv, or when uv cannot install them (its index unreachable where pip's is a local
+# mirror): bootstrap pip with ensurepip, then let that pip install the requested versions from the index pip is
+# configured with.
 # ansible-test runs this with only PATH, HOME and the locale from the environment, so uv is told to trust the
 # system's certificate store (--native-tls), where SSL_CERT_FILE would otherwise have pointed it.
 import os
@@ -88,7 +89,10 @@ import sys
 packages = [arg for arg in sys.argv[1:] if not arg.startswith("-")]
 uv = shutil.which("uv")
 if uv:
-    sys.exit(subprocess.run([uv, "pip", "install", "--quiet", "--native-tls", "--python", sys.executable, *packages]).returncode)
+    command = [uv, "pip", "install", "--quiet", "--native-tls", "--python", sys.executable, *packages]
+    if subprocess.run(command).returncode == 0:
+        sys.exit(0)
+    print("get-pip stand-in: uv could not install " + " ".join(packages) + "; trying ensurepip and pip", file=sys.stderr)
 subprocess.run([sys.executable, "-m", "ensurepip", "--upgrade", "--default-pip"], check=True, stdout=subprocess.DEVNULL)
 # ensurepip points PIP_CONFIG_FILE at /dev/null while it runs, which would hide this machine's index settings.
 env = {key: value for key, value in os.environ.items() if key != "PIP_CONFIG_FILE"}
